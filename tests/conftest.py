@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models per architecture, the fixture tokenizer, and a wgpu device (lavapipe in CI)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny import ARCHITECTURES, make_model, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """{arch: folder} for every supported architecture, built once per session."""
+    dirs = {}
+    for arch in ARCHITECTURES:
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        make_model(arch, path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_model_dir(request, tiny_model_dirs):
+    return tiny_model_dirs[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs):
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def gpu_device():
+    """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
+    from engine.gpu import GpuContext, NoAdapterError
+
+    try:
+        return GpuContext.create()
+    except NoAdapterError as exc:
+        pytest.skip(f"no wgpu adapter: {exc}")

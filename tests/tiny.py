@@ -1,0 +1,85 @@
+"""Tiny, seeded, hub-free models and tokenizer that every test builds from transformers configs.
+
+Sizes are deliberately awkward (hidden sizes not multiples of 64, GQA ratio 3, odd MLP widths) so kernels
+that assume tidy shapes fail here rather than on a user's model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# A few paragraphs to learn BPE merges from: enough that ordinary English becomes multi-byte tokens.
+_TRAINING_TEXT = """
+The quick brown fox jumps over the lazy dog. What is the capital of France? The capital of France is Paris.
+LoRA adapters add a low rank update to the frozen weights of a language model. Training only the adapter
+needs far less memory than training the whole model. A user asks a question and the assistant answers it.
+The loss falls as the model learns the corpus. Hello world! How are you today? I am fine, thank you.
+Instruction: summarise the text. Input: the cat sat on the mat. Output: a cat sat on a mat.
+""" * 4
+
+# Each architecture as its transformers config: small, seeded, with the features the engine must honour.
+TINY_CONFIGS = {
+    # GQA ratio 3, head_dim 24, tied embeddings like SmolLM2.
+    "llama": dict(model_type="llama", hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                  num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=256, tie_word_embeddings=True),
+    # q/k/v biases, untied LM head.
+    "qwen2": dict(model_type="qwen2", hidden_size=80, intermediate_size=152, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  max_position_embeddings=256, tie_word_embeddings=False),
+    # q_norm/k_norm and an explicit head_dim that is not hidden/heads.
+    "qwen3": dict(model_type="qwen3", hidden_size=88, intermediate_size=120, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=True),
+}
+ARCHITECTURES = tuple(TINY_CONFIGS)
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 384):
+    """Train a byte-level BPE on a fixed text (deterministic), with ChatML specials and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TRAINING_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHATML_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_model(arch: str, out_dir: Path, seed: int = 0, **overrides):
+    """Build a seeded random model of `arch`, save it (config, safetensors, tokenizer) and return it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = make_tokenizer(out_dir)
+    spec = dict(TINY_CONFIGS[arch], **overrides)
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                                  initializer_range=0.1, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def model_summary(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
