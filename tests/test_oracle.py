@@ -27,7 +27,7 @@ def test_zero_b_gives_base_logits(tiny_llama_dir):
     spec = load_model_spec(tiny_llama_dir)
     lora = LoraConfig(rank=4, alpha=8)
     model = peft_model(tiny_llama_dir, lora, init_lora_state(spec, lora))
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
     ids = np.arange(10, dtype=np.int64)[None]
     with torch.no_grad():
         np.testing.assert_allclose(model(torch.from_numpy(ids)).logits.numpy(),
