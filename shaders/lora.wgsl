@@ -3,8 +3,9 @@
 // so backward regenerates exactly the forward's mask instead of storing it, and a run is reproducible.
 // The same entry point is the backward: with `accumulate` it adds mask ⊙ g / (1 − p) to the input gradient.
 // (The branch's matrix products themselves run on linear.wgsl's GEMM: u = x·Aᵀ, y += s·u·Bᵀ and their grads.)
-struct Params { n: u32, row_stride: u32, salt: u32, accumulate: u32, p: f32, _pad1: f32, _pad2: f32, _pad3: f32 }
-struct Step { seed: u32, _pad0: u32, _pad1: u32, _pad2: u32 }
+struct Params { n: u32, row_stride: u32, salt: u32, accumulate: u32 }
+// Per step: the seed, and p (the backend sets p = 0 for evaluation, which makes dropout the identity).
+struct Step { seed: u32, p: f32, _pad0: u32, _pad1: u32 }
 
 @group(0) @binding(0) var<storage, read_write> out: array<f32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -28,7 +29,7 @@ fn lora_dropout(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.y * params.row_stride + gid.x;
     if (i >= params.n) { return; }
     var v = 0.0;
-    if (uniform01(i) >= params.p) { v = x[i] / (1.0 - params.p); }
+    if (uniform01(i) >= step.p) { v = x[i] / (1.0 - step.p); }
     if (params.accumulate != 0u) { v += out[i]; }
     out[i] = v;
 }

@@ -67,7 +67,7 @@ def test_lora_dropout_masks_consistently(gpu_device):
     ctx = gpu_device
     M, fin, fout, r, p = 64, 40, 24, 4, 0.25
     arrays, bufs = setup(ctx, M, fin, fout, r, 3)
-    step = uniform(ctx, "step", 1234, 0, 0, 0)
+    step = uniform(ctx, "step", 1234, p, 0, 0)
     dims = LoraDims(M, fin, fout, r, scaling=1.5)
     branch = make(ctx, dims, bufs, dropout=p, step=step)
     enc = ctx.encoder()
@@ -85,10 +85,15 @@ def test_lora_dropout_masks_consistently(gpu_device):
     np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), want["dx"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(read(ctx, bufs["gA"], (r, fin)), want["gA"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(read(ctx, bufs["gB"], (fout, r)), want["gB"], rtol=1e-4, atol=1e-5)
-    # A new seed draws a new mask; the same seed the same one.
+    # A new seed draws a new mask; the same seed the same one; p = 0 (evaluation) keeps x as it is.
     for seed, same in ((1234, True), (99, False)):
         ctx.write(step, np.array([seed], np.uint32))
         enc = ctx.encoder()
         branch.drop_fwd(enc)
         enc.submit()
         assert np.array_equal(read(ctx, bufs["xd"], (M, fin)) != 0, keep) == same
+    ctx.write(step, np.array([0.0], np.float32), offset=4)
+    enc = ctx.encoder()
+    branch.drop_fwd(enc)
+    enc.submit()
+    np.testing.assert_array_equal(read(ctx, bufs["xd"], (M, fin)), arrays["x"])

@@ -27,21 +27,22 @@ class LoraDims:
 class LoraDropout:
     """out = x ⊙ keep/(1−p) with keep from hash(seed, salt, index); backward adds the same mask ⊙ g to dx."""
 
-    def __init__(self, ctx: GpuContext, n: int, p: float, salt: int, step_uniform, label: str = "lora_dropout"):
-        self.ctx, self.n, self.p, self.salt, self.step_uniform, self.label = ctx, n, p, salt, step_uniform, label
+    def __init__(self, ctx: GpuContext, n: int, salt: int, step_uniform, label: str = "lora_dropout"):
+        """step_uniform: (seed u32, p f32) written per step; p = 0 turns dropout into a copy for evaluation."""
+        self.ctx, self.n, self.salt, self.step_uniform, self.label = ctx, n, salt, step_uniform, label
         x, y, self.stride = grid_1d(ctx, n)
         self.groups = (x, y)
         self.pipeline = ctx.pipeline("lora", "lora_dropout")
 
     def bound(self, out, x, accumulate: bool):
-        params = uniform(self.ctx, f"{self.label}.params", self.n, self.stride, self.salt, int(accumulate),
-                         float(self.p))
+        params = uniform(self.ctx, f"{self.label}.params", self.n, self.stride, self.salt, int(accumulate))
         bg = bind(self.ctx, self.pipeline, {0: out, 1: x, 2: params, 3: self.step_uniform}, self.label)
         return lambda enc: enc.dispatch(self.pipeline, bg, *self.groups)
 
 
 class LoraBranch:
-    """Bound once to its buffers. `x_drop` and `dx_drop` ([M, in] scratch) are needed only when dropout > 0."""
+    """Bound once to its buffers. With dropout > 0 the branch gets the dropout kernels (p itself comes from
+    step_uniform each step) and needs `x_drop`, `dx_drop` ([M, in] scratch)."""
 
     def __init__(self, ctx: GpuContext, dims: LoraDims, y, u, x, lora_a, lora_b, dy=None, dx=None, grad_a=None,
                  grad_b=None, du=None, dropout: float = 0.0, salt: int = 0, step_uniform=None, x_drop=None,
@@ -50,7 +51,7 @@ class LoraBranch:
         self.drop_fwd = self.drop_bwd = None
         x_branch = x
         if dropout > 0:
-            drop = LoraDropout(ctx, M * fin, dropout, salt, step_uniform, f"{label}.dropout")
+            drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
             self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
             x_branch = x_drop
         self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), label=f"{label}.u")
