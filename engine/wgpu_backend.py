@@ -184,9 +184,18 @@ class WgpuBackend(TrainingBackend):
     def lora_state(self) -> dict[str, np.ndarray]:
         return self._read_flat(self.scratch.lora_params)
 
-    def lora_grads(self) -> dict[str, np.ndarray]:
-        """The accumulated LoRA gradients under PEFT's names (tests; the optimizer zeroes them after a step)."""
-        return self._read_flat(self.scratch.lora_grads)
+    def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
+        """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
+        tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
+        self.encode_gradients(micro_batches)
+        self._enc.submit()
+        self._enc = None
+        loss = float(self.ctx.read(self.scratch.stats, count=1)[0])
+        grads = self._read_flat(self.scratch.lora_grads)
+        enc = self.ctx.encoder("zero_grads")
+        enc.encoder.clear_buffer(self.scratch.lora_grads)
+        enc.submit()
+        return loss, grads
 
     def load_lora_state(self, state: dict[str, np.ndarray]) -> None:
         missing = sorted(set(self.layout.offsets) - set(state))
@@ -216,6 +225,5 @@ class WgpuBackend(TrainingBackend):
             if pending is not None:
                 pending.result()
                 self._pending[slot] = None
-        self.ctx.device.queue.on_submitted_work_done_sync()
         self.ctx.bytes_allocated -= self._bytes
         self.model = self.acts = self.scratch = self.weights = self.optimizer = self.grad_norm = None
