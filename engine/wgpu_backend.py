@@ -17,7 +17,7 @@ from engine.gpu import GpuContext
 from engine.kernels.common import uniform
 from engine.kernels.lm_head import chunk_rows, shift_targets
 from engine.lora import LoraConfig, init_lora_state
-from engine.model_spec import ModelSpec, load_model_spec
+from engine.model_spec import ModelSpec, load_model_spec, load_weights
 from engine.wgpu_backward import model_backward
 from engine.wgpu_buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
                                  layer_activation_shapes, lora_layout, scratch_shapes)
@@ -27,13 +27,22 @@ from engine.wgpu_weights import upload_weights
 
 
 class WgpuBackend(TrainingBackend):
-    def __init__(self, model_dir: str | Path, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
-                 seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0):
+    def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
+                 seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
+                 tensors: dict[str, np.ndarray] | None = None):
+        """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
+        ({HF name: array}, e.g. engine.microbench.random_weights) for benchmarks without files."""
         from engine.kernels.optimizer import GradNorm, Optimizer
 
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
-        self.spec: ModelSpec = load_model_spec(model_dir)
+        if isinstance(model, ModelSpec):
+            if tensors is None:
+                raise ValueError("a ModelSpec without a folder needs its weights passed as tensors")
+            self.spec = model
+        else:
+            self.spec = load_model_spec(model)
+            tensors = tensors if tensors is not None else load_weights(model)
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
@@ -44,7 +53,7 @@ class WgpuBackend(TrainingBackend):
         limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes)
         self.layout = lora_layout(spec, lora)
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
-        self.weights = upload_weights(ctx, spec, model_dir, limit)
+        self.weights = upload_weights(ctx, spec, tensors, limit)
         self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
                               f"layers.{i}") for i in range(spec.layers)]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk),

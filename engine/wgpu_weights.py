@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
-from engine.model_spec import ModelSpec, load_weights
+from engine.model_spec import ModelSpec
 from engine.wgpu_buffers import LayerWeights, weight_shapes
 
 HF_LAYER_NAMES = {
@@ -26,8 +24,9 @@ class ModelWeights:
     layers: list                # [LayerWeights] × L
 
 
-def upload_weights(ctx, spec: ModelSpec, folder: str | Path, max_binding_bytes: int) -> ModelWeights:
-    tensors = load_weights(folder)
+def upload_weights(ctx, spec: ModelSpec, tensors: dict[str, np.ndarray], max_binding_bytes: int) -> ModelWeights:
+    """Upload {HF name: array} (engine.model_spec.load_weights) as the engine's weight buffers."""
+    folder = spec.source
     shapes = weight_shapes(spec, max_binding_bytes)
 
     def take(hf_name: str, shape: tuple, rows: slice | None = None):

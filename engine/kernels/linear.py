@@ -50,14 +50,6 @@ def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool
     return ints.tobytes() + floats.tobytes()
 
 
-def _no_bias(ctx: GpuContext):
-    """One 16-byte stand-in per context for the bias binding of bias-free products."""
-    dummy = getattr(ctx, "_linear_no_bias", None)
-    if dummy is None:
-        dummy = ctx._linear_no_bias = ctx.buffer(16, "linear.no_bias")
-    return dummy
-
-
 class Matmul:
     """One bound GEMM dispatch: c = alpha·op(a)·op(b) + bias + beta·c."""
 
@@ -69,8 +61,8 @@ class Matmul:
                                                           "TRANS_B": int(shape.trans_b)})
         params = np.frombuffer(pack_gemm_params(shape, alpha, beta, bias is not None), np.uint8)
         self.params = ctx.upload(params, f"{label}.params", UNIFORM)
-        # The layout always has a bias binding; without a bias any small buffer stands in (never read).
-        bias = bias if bias is not None else _no_bias(ctx)
+        # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
+        bias = bias if bias is not None else b
         self.bind_group = ctx.bind_group(self.pipeline, [c, a, b, bias, self.params], label)
         self.groups = (-(-shape.N // TILE_N), -(-shape.M // TILE_M))
 
