@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from engine.kernels.linear import SPLIT_PARTIAL_FLOATS
 from engine.lora import LoraConfig, peft_key
 from engine.model_spec import ModelSpec
 
@@ -122,6 +123,7 @@ class Scratch:
     d_up: object                # [BT, I]
     d_h: object                 # [BT, I]
     du: object                  # [BT, r] LoRA branch scratch
+    split_k: object             # [SPLIT_PARTIAL_FLOATS] partial products of split-K GEMMs (LoRA dA, dB)
     stats: object               # [16] see STATS_FLOATS
     history: object             # [HISTORY_SLOTS, 16] stats of finished steps
     lora_params: object         # [P] every LoRA tensor (LoraLayout)
@@ -173,7 +175,7 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "logits": (chunk, spec.vocab_size), "row_loss": (BT,), "ids": (BT,), "targets": (BT,),
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
-              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank), "stats": (STATS_FLOATS,),
+              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank), "split_k": (SPLIT_PARTIAL_FLOATS,), "stats": (STATS_FLOATS,),
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))

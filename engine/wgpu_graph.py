@@ -91,7 +91,8 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 layout.binding(s.lora_params, key_a), layout.binding(s.lora_params, key_b), dy=dy, dx=dx,
                 grad_a=layout.binding(s.lora_grads, key_a), grad_b=layout.binding(s.lora_grads, key_b), du=s.du,
                 dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),
-                step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, label=f"{name}.{target}.lora")
+                step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
+                label=f"{name}.{target}.lora")
     inv_freq = spec.rope.inv_freq(spec.head_dim)
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.linear import GemmShape, Linear, Matmul
+from engine.kernels.linear import GemmShape, Linear, Matmul, split_k
 
 pytestmark = pytest.mark.gpu
 
@@ -62,3 +62,30 @@ def test_linear_forward_and_input_gradient(gpu_device, M, fin, fout, bias):
     want = x @ w.T + (b if bias else 0)
     np.testing.assert_allclose(ctx.read(out, count=M * fout).reshape(M, fout), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ctx.read(dx, count=M * fin).reshape(M, fin), dx0 + dy @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_a,M,N,K,beta", [(True, 5, 70, 3000, 1.0), (True, 16, 24, 777, 0.0),
+                                                 (False, 3, 2, 1024, 1.0)])
+def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
+    """LoRA's dA/dB shape (small C, long K) is split over K and reduced; the sum equals the plain product."""
+    ctx = gpu_device
+    rng = np.random.default_rng(K)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    shape = GemmShape(M, N, K, trans_a=trans_a)
+    assert split_k(shape, 1 << 20) > 1
+    c, partials = ctx.upload(c0, "c"), ctx.buffer(4 << 20, "partials")
+    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, alpha=0.25, beta=beta,
+                partials=partials, partial_floats=1 << 20)
+    assert mm.splits > 1
+    run(ctx, mm.encode)
+    want = 0.25 * (a.T if trans_a else a) @ b + beta * c0
+    np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_respects_partial_capacity():
+    shape = GemmShape(16, 576, 16384, trans_a=True)
+    assert split_k(shape, 16 * 576 * 3) == 3
+    assert split_k(shape, 1 << 30) == min(-(-256 // 9), 16384 // 256)
+    assert split_k(GemmShape(4096, 4096, 4096), 1 << 30) == 1

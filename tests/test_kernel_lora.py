@@ -20,14 +20,15 @@ def setup(ctx, M, fin, fout, r, seed):
                 A=ctx.upload(arrays["A"], "A"), B=ctx.upload(arrays["B"], "B"), dy=ctx.upload(arrays["dy"], "dy"),
                 dx=ctx.upload(arrays["dx0"], "dx"), gA=ctx.upload(arrays["gA0"], "gA"),
                 gB=ctx.upload(arrays["gB0"], "gB"), du=ctx.buffer(4 * M * r, "du"),
-                xd=ctx.buffer(4 * M * fin, "xd"), dxd=ctx.buffer(4 * M * fin, "dxd"))
+                xd=ctx.buffer(4 * M * fin, "xd"), dxd=ctx.buffer(4 * M * fin, "dxd"),
+                partials=ctx.buffer(4 << 20, "partials"))
     return arrays, bufs
 
 
 def make(ctx, dims, bufs, dropout=0.0, step=None):
     return LoraBranch(ctx, dims, bufs["y"], bufs["u"], bufs["x"], bufs["A"], bufs["B"], dy=bufs["dy"],
                       dx=bufs["dx"], grad_a=bufs["gA"], grad_b=bufs["gB"], du=bufs["du"], dropout=dropout, salt=7,
-                      step_uniform=step, x_drop=bufs["xd"], dx_drop=bufs["dxd"])
+                      step_uniform=step, x_drop=bufs["xd"], dx_drop=bufs["dxd"], partials=bufs["partials"])
 
 
 def read(ctx, buf, shape):
@@ -46,7 +47,8 @@ def torch_reference(arrays, s, mask=None):
                 gB=arrays["gB0"] + B.grad.numpy())
 
 
-@pytest.mark.parametrize("M,fin,fout,r", [(1, 72, 24, 4), (7, 80, 136, 8), (70, 33, 65, 1), (5, 20, 20, 16)])
+@pytest.mark.parametrize("M,fin,fout,r", [(1, 72, 24, 4), (7, 80, 136, 8), (70, 33, 65, 1), (5, 20, 20, 16),
+                                          (600, 40, 30, 4)])
 def test_lora_branch_matches_autograd(gpu_device, M, fin, fout, r):
     ctx = gpu_device
     arrays, bufs = setup(ctx, M, fin, fout, r, M + fin)

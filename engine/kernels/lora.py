@@ -46,7 +46,7 @@ class LoraBranch:
 
     def __init__(self, ctx: GpuContext, dims: LoraDims, y, u, x, lora_a, lora_b, dy=None, dx=None, grad_a=None,
                  grad_b=None, du=None, dropout: float = 0.0, salt: int = 0, step_uniform=None, x_drop=None,
-                 dx_drop=None, label: str = "lora"):
+                 dx_drop=None, partials=None, label: str = "lora"):
         M, fin, fout, r, s = dims.M, dims.in_features, dims.out_features, dims.rank, dims.scaling
         self.drop_fwd = self.drop_bwd = None
         x_branch = x
@@ -60,11 +60,12 @@ class LoraBranch:
         self.backward = []
         if dy is None:
             return
+        # dA and dB contract over all M = B·T rows into small matrices: split over K given a partials scratch.
         grad_b_mm = Matmul(ctx, grad_b, dy, u, GemmShape(fout, r, M, trans_a=True), alpha=s, beta=1.0,
-                           label=f"{label}.dB")
+                           partials=partials, label=f"{label}.dB")
         du_mm = Matmul(ctx, du, dy, lora_b, GemmShape(M, r, fout), alpha=s, label=f"{label}.du")
         grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
-                           label=f"{label}.dA")
+                           partials=partials, label=f"{label}.dA")
         self.backward = [grad_b_mm.encode, du_mm.encode]
         if dropout > 0:
             # Regenerate drop(x) for dA, then route du·A back through the same mask.
