@@ -29,9 +29,10 @@ from engine.wgpu_weights import upload_weights
 class WgpuBackend(TrainingBackend):
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
-                 tensors: dict[str, np.ndarray] | None = None):
+                 tensors: dict[str, np.ndarray] | None = None, max_binding_bytes: int | None = None):
         """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
-        ({HF name: array}, e.g. engine.microbench.random_weights) for benchmarks without files."""
+        ({HF name: array}, e.g. engine.microbench.random_weights) for benchmarks without files.
+        `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
         from engine.kernels.optimizer import GradNorm, Optimizer
 
         if batch_size < 1 or seq_len < 1:
@@ -50,7 +51,7 @@ class WgpuBackend(TrainingBackend):
         self.name = f"wgpu: {self.ctx.label} ({self.ctx.adapter.info.get('backend_type', '?')})"
         self._bytes_before = self.ctx.bytes_allocated
         ctx, spec, BT = self.ctx, self.spec, batch_size * seq_len
-        limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes)
+        limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes, max_binding_bytes or ctx.max_binding_bytes)
         self.layout = lora_layout(spec, lora)
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
         self.weights = upload_weights(ctx, spec, tensors, limit)

@@ -58,8 +58,18 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
 
 
 def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
-    from engine.kernels.optimizer import optimizer_memory_bytes
-    return optimizer_memory_bytes(optim, P)
+    """engine.kernels.optimizer's buffers: GradNorm's partial sums, the update's uniform and its state."""
+    from engine.kernels.optimizer import HYPER_BYTES, MAX_PARTIALS, WORKGROUP
+
+    total = 2 * HYPER_BYTES + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),))
+    if optim.name == "adamw":
+        total += 2 * nbytes((P,))                                     # m, v
+    elif optim.name == "adamw8bit":
+        from engine.optim_host import SIGNED_MAP, UNSIGNED_MAP
+        total += 2 * nbytes((-(-P // 4),))                            # m, v codes, 4 per word
+        total += nbytes((2 * -(-P // optim.block_size),))             # per-block scales of m and v
+        total += nbytes((len(SIGNED_MAP) + len(UNSIGNED_MAP),))       # the two quantisation maps
+    return total
 
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
