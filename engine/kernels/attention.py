@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from engine.gpu import UNIFORM, GpuContext, StepEncoder
+from engine.kernels.binding import bind_numbered
 
 ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS)
 TILE_VEC4 = 256           # capacity of tile_a / tile_b in vec4
@@ -73,10 +74,7 @@ class Attention:
         for entry, bindings in BINDINGS.items():
             constants = {"HD4": self.constants["HD4"]} if entry == "attention_backward_dsum" else self.constants
             pipeline = ctx.pipeline("attention", entry, constants)
-            group = ctx.device.create_bind_group(
-                label=f"{label}.{entry}", layout=pipeline.get_bind_group_layout(0),
-                entries=[{"binding": i, "resource": {"buffer": resources[i], "offset": 0,
-                                                     "size": resources[i].size}} for i in bindings])
+            group = bind_numbered(ctx, pipeline, {i: resources[i] for i in bindings}, f"{label}.{entry}")
             self._kernels[entry] = (pipeline, group)
         self._grids = {
             "attention_forward": (blocks, n_heads, B),
