@@ -169,10 +169,10 @@ def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, 
             made = [*windower.feed(ids, labels, line), *windower.finish()]
         else:
             cut = max(len(ids) - seq_len, 0)
-            if cut:
+            if cut:  # copies, so the cut-off tail is freed rather than kept alive by a view
                 shared = labels is ids
-                ids = ids[:seq_len]
-                labels = ids if shared else labels[:seq_len]
+                ids = ids[:seq_len].copy()
+                labels = ids if shared else labels[:seq_len].copy()
             if not np.any(labels != IGNORE):
                 fs.skip(line, f"nothing left to train on after cutting to seq_len {seq_len} (the record has "
                               f"{len(ids) + cut} tokens; its prompt fills the sequence)" if cut else

@@ -185,7 +185,7 @@ class JsonArraySplitter:
                     self.too_deep, self.parts = True, []
             elif c in "]}" and self.depth > 0:
                 self.depth -= 1
-            elif c in ",]":  # at depth 0: the end of this element
+            elif c in ",]" and self.depth == 0:  # the end of this element
                 self._keep(chunk[start:at])
                 yield self._emit()
                 self.state = "element_or_end" if c == "," else "done"
