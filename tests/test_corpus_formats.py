@@ -228,9 +228,7 @@ def test_inconsistent_template_falls_back_to_generation_blocks(tmp_path, tiny_to
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tok.chat_template = COUNTING_TEMPLATE
     corpus = load_one(tmp_path, tok, MULTI_TURN)
-    out = tok.apply_chat_template([{"role": m["from"].replace("human", "user").replace("gpt", "assistant"),
-                                    "content": m["value"]} for m in MULTI_TURN["conversations"]],
-                                  return_dict=True, return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(corpus_messages(MULTI_TURN), return_dict=True, return_assistant_tokens_mask=True)
     ids, labels = seq_lists(corpus.train[0])
     assert ids == list(out["input_ids"])
     assert labels == [i if m else IGNORE for i, m in zip(out["input_ids"], out["assistant_masks"])]
@@ -277,3 +275,29 @@ def test_json_array_and_csv_give_the_same_examples_as_jsonl(tmp_path, tok):
     assert [s.segments[0].line for s in as_csv.train] == [2, 3]
     assert as_csv.stats.files[0].container == "csv" and as_json.stats.files[0].formats == {
         "prompt_completion": 2, "text": 1}
+
+
+QWEN3_LIKE_TEMPLATE = (  # like Qwen3: only the latest assistant turn carries an (empty) <think></think> block
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' and loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_template_that_rewrites_earlier_turns_still_masks_every_assistant_turn(tmp_path, tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    corpus = load_one(tmp_path, tok, MULTI_TURN)
+    assert corpus.preview(0) == [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>\n", True),
+        ("<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>\n\n</think>\n\nI am fine.<|im_end|>\n", True)]
+    ids, labels = seq_lists(corpus.train[0])
+    assert ids == tok(corpus.tokenizer.render(corpus_messages(MULTI_TURN)), add_special_tokens=False)["input_ids"]
+
+
+def corpus_messages(sharegpt: dict) -> list[dict]:
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    return [{"role": roles[m["from"]], "content": m["value"]} for m in sharegpt["conversations"]]
