@@ -35,8 +35,9 @@ const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
 
-var<workgroup> a_tile: array<f32, 1024>;  // [BK][BM]
-var<workgroup> b_tile: array<f32, 1024>;  // [BK][BN]
+// Tiles hold vec4s along M (a) and N (b), so the inner loop reads one vec4 of each per k: 2 loads, 16 FMAs.
+var<workgroup> a_tile: array<vec4<f32>, 256>;  // [BK][BM/4]
+var<workgroup> b_tile: array<vec4<f32>, 256>;  // [BK][BN/4]
 
 fn load_a(m: u32, k: u32, k_end: u32) -> f32 {
     if (m >= params.M || k >= k_end) { return 0.0; }
@@ -81,26 +82,26 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // 1024 values per tile, 256 invocations: four each, walking the stored layout's fast axis so that
-        // neighbouring invocations read neighbouring addresses.
-        for (var i = 0u; i < 4u; i++) {
-            let e = li + i * 256u;
-            var kk: u32; var mm: u32;
-            if (TRANS_A) { kk = e / BM; mm = e % BM; } else { mm = e / BK; kk = e % BK; }
-            a_tile[kk * BM + mm] = load_a(row0 + mm, k0 + kk, k_end);
-            var kb: u32; var nn: u32;
-            if (TRANS_B) { nn = e / BK; kb = e % BK; } else { kb = e / BN; nn = e % BN; }
-            b_tile[kb * BN + nn] = load_b(k0 + kb, col0 + nn, k_end);
-        }
+        // Each invocation fills one vec4 of each tile (4 values along M or N at one k), choosing which so that
+        // neighbouring invocations read neighbouring addresses of the stored layout.
+        var kk: u32; var m4: u32;
+        if (TRANS_A) { m4 = li % 16u; kk = li / 16u; } else { kk = li % 16u; m4 = li / 16u; }
+        let am = row0 + m4 * 4u;
+        a_tile[kk * 16u + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
+                                          load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
+        var kb: u32; var n4: u32;
+        if (TRANS_B) { kb = li % 16u; n4 = li / 16u; } else { n4 = li % 16u; kb = li / 16u; }
+        let bn = col0 + n4 * 4u;
+        b_tile[kb * 16u + n4] = vec4<f32>(load_b(k0 + kb, bn, k_end), load_b(k0 + kb, bn + 1u, k_end),
+                                          load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let bo = kk * BN + lid.x * 4u;
-            let bv = vec4<f32>(b_tile[bo], b_tile[bo + 1u], b_tile[bo + 2u], b_tile[bo + 3u]);
-            let ao = kk * BM + lid.y * 4u;
-            acc0 += a_tile[ao] * bv;
-            acc1 += a_tile[ao + 1u] * bv;
-            acc2 += a_tile[ao + 2u] * bv;
-            acc3 += a_tile[ao + 3u] * bv;
+        for (var k = 0u; k < BK; k++) {
+            let av = a_tile[k * 16u + lid.y];
+            let bv = b_tile[k * 16u + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
         }
         workgroupBarrier();
     }
