@@ -12,7 +12,8 @@
 // the real C with alpha, bias and beta. No atomics, so results are deterministic.
 //
 // Tiling: a 16×16 workgroup computes a 64×64 tile of C, each invocation a 4×4 block held in four vec4
-// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA). K advances in steps of
+// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA); WIDE doubles the tile to
+// 128×64 and the block to 8×4 (rows lid.y·4.. and 64 + lid.y·4..) for large products. K advances in steps of
 // 16 through workgroup memory. Edges are zero-padded on load and masked on store, so no size needs to be a
 // multiple of anything.
 struct Params {
@@ -24,6 +25,7 @@ struct Params {
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
+override WIDE: bool = false;      // 128-row tiles, 8×4 per invocation: twice the FMAs per load, half the tiles
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -31,12 +33,11 @@ override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 
-const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
 
 // Tiles hold vec4s along M (a) and N (b), so the inner loop reads one vec4 of each per k: 2 loads, 16 FMAs.
-var<workgroup> a_tile: array<vec4<f32>, 256>;  // [BK][BM/4]
+var<workgroup> a_tile: array<vec4<f32>, 512>;  // [BK][BM/4]
 var<workgroup> b_tile: array<vec4<f32>, 256>;  // [BK][BN/4]
 
 fn load_a(m: u32, k: u32, k_end: u32) -> f32 {
@@ -73,22 +74,30 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, split: u32) {
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
+    let BM = select(64u, 128u, WIDE);   // rows of the tile
+    let M4 = BM / 4u;                   // vec4s per k-row of a_tile
     let row0 = wg.y * BM;
     let col0 = wg.x * BN;
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // Each invocation fills one vec4 of each tile (4 values along M or N at one k), choosing which so that
+        // Each invocation fills vec4s of the tiles (4 values along M or N at one k), choosing which so that
         // neighbouring invocations read neighbouring addresses of the stored layout.
-        var kk: u32; var m4: u32;
-        if (TRANS_A) { m4 = li % 16u; kk = li / 16u; } else { kk = li % 16u; m4 = li / 16u; }
-        let am = row0 + m4 * 4u;
-        a_tile[kk * 16u + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
-                                          load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
+        for (var idx = li; idx < BK * M4; idx += 256u) {
+            var kk: u32; var m4: u32;
+            if (TRANS_A) { m4 = idx % M4; kk = idx / M4; } else { kk = idx % BK; m4 = idx / BK; }
+            let am = row0 + m4 * 4u;
+            a_tile[kk * M4 + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
+                                             load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
+        }
         var kb: u32; var n4: u32;
         if (TRANS_B) { kb = li % 16u; n4 = li / 16u; } else { n4 = li % 16u; kb = li / 16u; }
         let bn = col0 + n4 * 4u;
@@ -96,12 +105,19 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
                                           load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
         workgroupBarrier();
         for (var k = 0u; k < BK; k++) {
-            let av = a_tile[k * 16u + lid.y];
             let bv = b_tile[k * 16u + lid.x];
+            let av = a_tile[k * M4 + lid.y];
             acc0 += av.x * bv;
             acc1 += av.y * bv;
             acc2 += av.z * bv;
             acc3 += av.w * bv;
+            if (WIDE) {
+                let aw = a_tile[k * M4 + 16u + lid.y];
+                acc4 += aw.x * bv;
+                acc5 += aw.y * bv;
+                acc6 += aw.z * bv;
+                acc7 += aw.w * bv;
+            }
         }
         workgroupBarrier();
     }
@@ -111,6 +127,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     store_row(m + 1u, n, acc1, wg.z);
     store_row(m + 2u, n, acc2, wg.z);
     store_row(m + 3u, n, acc3, wg.z);
+    if (WIDE) {
+        store_row(m + 64u, n, acc4, wg.z);
+        store_row(m + 65u, n, acc5, wg.z);
+        store_row(m + 66u, n, acc6, wg.z);
+        store_row(m + 67u, n, acc7, wg.z);
+    }
 }
 
 // Split-K's second half: C = alpha · Σ_z partials[z] (+ bias) (+ beta · C); partials are bound as `a`.

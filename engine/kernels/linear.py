@@ -20,6 +20,8 @@ TILE_K = 16   # K step through workgroup memory (BK)
 SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
 SPLIT_MIN_K = 256               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = SPLIT_TARGET_WORKGROUPS * TILE_M * TILE_N   # scratch a backend shares for partials
+WIDE_TILE_M = 128               # the WIDE variant's rows per workgroup (8×4 per invocation)
+WIDE_MIN_WORKGROUPS = 512       # use WIDE only where it still leaves this many workgroups (a large GPU busy)
 
 
 @dataclass(frozen=True)
@@ -72,20 +74,24 @@ class Matmul:
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, partial_floats: int = SPLIT_PARTIAL_FLOATS, label: str = "matmul"):
+                 bias=None, partials=None, partial_floats: int = SPLIT_PARTIAL_FLOATS, wide: bool | None = None,
+                 label: str = "matmul"):
         self.ctx = ctx
         self.shape = shape
         self.splits = split_k(shape, partial_floats) if partials is not None else 1
+        if wide is None:
+            wide = self.splits == 1 and -(-shape.M // WIDE_TILE_M) * -(-shape.N // TILE_N) >= WIDE_MIN_WORKGROUPS
+        self.wide = wide
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear", "matmul", {"TRANS_A": int(shape.trans_a),
-                                                          "TRANS_B": int(shape.trans_b)})
+                                                          "TRANS_B": int(shape.trans_b), "WIDE": int(wide)})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
-        self.groups = (-(-shape.N // TILE_N), -(-shape.M // TILE_M), self.splits)
+        self.groups = (-(-shape.N // TILE_N), -(-shape.M // (WIDE_TILE_M if wide else TILE_M)), self.splits)
         self.reduce = None
         if self.splits == 1:
             self.bind_group = ctx.bind_group(self.pipeline, [c, a, b, bias, self.params], label)
