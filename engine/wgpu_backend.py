@@ -111,7 +111,8 @@ class WgpuBackend(TrainingBackend):
         if counted == 0:
             raise ValueError("the step's micro-batches have no counted tokens (every label is -100 after the shift)")
         self.model.lm_head.set_step(counted, with_grad=True)
-        self.ctx.write(self.dropout_step, np.array([self._seed * 1_000_003 + self._steps_submitted], np.uint32))
+        seed = (self._seed * 1_000_003 + self._steps_submitted) % (1 << 32)   # a new dropout mask every step
+        self.ctx.write(self.dropout_step, np.array([seed], np.uint32))
         self.ctx.write(self.dropout_step, np.array([self.lora.dropout], np.float32), offset=4)
         for g0 in range(0, len(batches), STAGE_SLOTS):
             group = batches[g0:g0 + STAGE_SLOTS]
