@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.backend import OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch, counted_tokens
-from engine.gpu import GpuContext
+from engine.gpu import GpuContext, StepEncoder
 from engine.kernels.common import uniform
 from engine.kernels.lm_head import chunk_rows, shift_targets
 from engine.lora import LoraConfig, init_lora_state
@@ -99,10 +99,11 @@ class WgpuBackend(TrainingBackend):
         return out
 
     # ---- training ------------------------------------------------------------------------------------------
-    def encode_gradients(self, micro_batches) -> None:
+    def encode_gradients(self, micro_batches) -> StepEncoder:
         """Forward, LM head and backward of every micro-batch, adding into lora_grads, and the loss into stats.
 
-        Submits once per STAGE_SLOTS micro-batches and leaves the last encoder open in self._enc for the caller.
+        Submits once per STAGE_SLOTS micro-batches (the staging rows are rewritten in between) and returns the
+        last encoder, still open, for the caller to finish the step in.
         """
         batches = self._checked(micro_batches)
         if not batches:
@@ -126,7 +127,7 @@ class WgpuBackend(TrainingBackend):
             if g0 + STAGE_SLOTS < len(batches):
                 enc.submit()
         self.model.lm_head.encode_reduce(enc)
-        self._enc = enc
+        return enc
 
     def train_step(self, micro_batches, lr: float, max_grad_norm: float) -> PendingStep:
         if not lr >= 0 or not max_grad_norm >= 0:
@@ -135,13 +136,11 @@ class WgpuBackend(TrainingBackend):
         if self._pending[slot] is not None:
             self._pending[slot].result()   # its stats are about to be overwritten: read them now
         self.optimizer.set_hyper(lr, max_grad_norm)
-        self.encode_gradients(micro_batches)
-        enc = self._enc
+        enc = self.encode_gradients(micro_batches)
         self.grad_norm.encode(enc)
         self.optimizer.encode(enc)
         enc.copy(self.scratch.stats, 0, self.scratch.history, slot * 4 * STATS_FLOATS, 4 * STATS_FLOATS)
         enc.submit()
-        self._enc = None
         self._steps_submitted += 1
         pending = PendingStep(lambda: self._read_result(slot))
         self._pending[slot] = pending
@@ -198,9 +197,7 @@ class WgpuBackend(TrainingBackend):
     def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
         """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
         tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
-        self.encode_gradients(micro_batches)
-        self._enc.submit()
-        self._enc = None
+        self.encode_gradients(micro_batches).submit()
         loss = float(self.ctx.read(self.scratch.stats, count=1)[0])
         grads = self._read_flat(self.scratch.lora_grads)
         enc = self.ctx.encoder("zero_grads")
