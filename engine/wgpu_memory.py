@@ -73,7 +73,9 @@ def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
 
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
-                max_binding_bytes: int, max_workgroups: int = 65535) -> MemoryPlan:
+                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
+    WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
     scratch = scratch_shapes(spec, lora, B, T, chunk)
     adapter = nbytes(scratch.pop("lora_params")) + nbytes(scratch.pop("lora_grads"))

@@ -41,7 +41,7 @@ def test_step_flops_is_dominated_by_dense_matmuls_for_smollm2():
 def test_train_throughput_bench_quick_prints_json():
     """Also the PyTorch + PEFT side, on the CPU here (the real comparison runs on CUDA)."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick", "--torch-device",
-                          "cpu", "--batch-sizes", "1"], capture_output=True, text=True, check=True, timeout=300)
+                          "cpu", "--batch-sizes", "1", "--steps", "1"], capture_output=True, text=True, check=True, timeout=300)
     report = json.loads(out.stdout)
     row = report["results"][0]
     assert report["machine"]["adapter"] and row["ours"]["tokens_per_s"] > 0
