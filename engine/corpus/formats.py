@@ -90,7 +90,8 @@ def _int_list(value, key: str, allow_ignore: bool) -> tuple[int, ...]:
 
 def detect_format(record) -> str:
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, found {'a list' if isinstance(record, list) else type(record).__name__}")
+        found = "a list" if isinstance(record, list) else type(record).__name__
+        raise RecordError(f"expected a JSON object, found {found}")
     if "input_ids" in record:
         return "input_ids"
     if "messages" in record:

@@ -14,8 +14,7 @@ import numpy as np
 
 from engine.corpus.config import CorpusConfig
 from engine.corpus.formats import RecordError, to_example
-from engine.corpus.readers import (container_of, read_csv, read_json_array, read_jsonl, read_text_blocks,
-                                   too_long)
+from engine.corpus.readers import container_of, read_csv, read_json_array, read_jsonl, read_text_blocks, too_long
 from engine.corpus.render import IGNORE, CorpusTokenizer, Rendered, load_tokenizer, render, tokenize
 from engine.corpus.sequences import Sequence, Unit, Windower, batches, choose_validation, to_sequences
 from engine.corpus.stats import CorpusStats, FileStats, SplitStats
