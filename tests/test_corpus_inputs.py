@@ -224,3 +224,24 @@ def test_text_blocks_stay_bounded_when_every_line_is_indented(tmp_path):
     assert max(len(t) for _, t in blocks) <= 16 * 256 + 26
     assert "".join(t for _, t in blocks) == "    indented line of code\n" * 2000
     assert [line for line, _ in blocks][:2] == [1, 1 + len(blocks[0][1]) // 26]
+
+
+def test_unpaired_surrogate_escapes_are_skipped_and_pairs_kept(tmp_path, tok):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "bad \\ud800 here"}\n{"text": "emoji \\ud83d\\ude00 ok"}\n{"text": "\\\\ud800 literal"}\n')
+    corpus = load_corpus([path], tok, CorpusConfig())
+    fs = corpus.stats.files[0]
+    assert [s.line for s in fs.skipped] == [1] and "unpaired UTF-16 surrogate" in fs.skipped[0].reason
+    assert fs.records == 2 and corpus.preview(0)[0][0].startswith("emoji \U0001F600 ok")
+
+
+def test_a_record_the_tokenizer_rejects_is_skipped_not_fatal(tok):
+    from engine.corpus.loader import _tokenize_each
+    from engine.corpus.render import CorpusTokenizer, Rendered
+    from engine.corpus.stats import FileStats
+
+    fs = FileStats("x.jsonl")
+    good, bad = Rendered([("The quick brown fox.", True)]), Rendered([("lone \ud800", True)])
+    out = _tokenize_each([(1, "text", good), (2, "text", bad), (3, "text", good)], fs, CorpusTokenizer(tok))
+    assert out[1] is None and out[0][0].tolist() == out[2][0].tolist() == tok("The quick brown fox.")["input_ids"]
+    assert [s.line for s in fs.skipped] == [2] and "the tokenizer failed on this record" in fs.skipped[0].reason

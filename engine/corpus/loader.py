@@ -167,7 +167,10 @@ def _read_file(path: Path, index: int, fs: FileStats, tok: CorpusTokenizer, conf
 def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, config: CorpusConfig) -> list[Unit]:
     units = []
     seq_len = config.seq_len
-    for (line, fmt, rendered), (ids, labels) in zip(pending, tokenize([r for _, _, r in pending], tok)):
+    for (line, fmt, rendered), tokens in zip(pending, _tokenize_each(pending, fs, tok)):
+        if tokens is None:
+            continue
+        ids, labels = tokens
         if rendered.splittable:
             windower = Windower(seq_len, index)
             made = [*windower.feed(ids, labels, line), *windower.finish()]
@@ -191,6 +194,22 @@ def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, 
         _count(fs, made)
         units += made
     return units
+
+
+def _tokenize_each(pending, fs: FileStats, tok: CorpusTokenizer) -> list:
+    """Tokenize the batch in one call; should the tokenizer fail on it, one record at a time, so the record it
+    cannot take is skipped with the tokenizer's reason instead of stopping the whole corpus."""
+    try:
+        return tokenize([r for _, _, r in pending], tok)
+    except Exception:
+        out = []
+        for line, _, rendered in pending:
+            try:
+                out += tokenize([rendered], tok)
+            except Exception as exc:
+                fs.skip(line, f"the tokenizer failed on this record: {type(exc).__name__}: {exc}")
+                out.append(None)
+        return out
 
 
 def _count(fs: FileStats, units: list[Unit]):

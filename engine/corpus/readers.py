@@ -23,6 +23,7 @@ _NON_SPACE = re.compile(r"\S")
 _IN_STRING = re.compile(r'["\\]')
 _STRUCTURE = re.compile(r'[\[\]{}",]')
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,17 @@ def parse_json(text: str, max_depth: int) -> tuple[object, str | None]:
     if json_depth_exceeds(text, max_depth):
         return None, f"JSON nested deeper than the limit of {max_depth} levels (max_json_depth)"
     try:
-        return json.loads(text), None
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
     except RecursionError:  # unreachable with a sane max_json_depth; kept so no input can crash the loader
         return None, "JSON nested too deeply to parse"
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" alone parses to a str that no tokenizer can encode
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "holds an unpaired UTF-16 surrogate escape (like \\ud800), which is not text"
+    return value, None
 
 
 def read_jsonl(stream: TextStream, max_line_bytes: int, max_depth: int) -> Iterator[RawRecord]:
