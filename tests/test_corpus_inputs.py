@@ -228,7 +228,8 @@ def test_text_blocks_stay_bounded_when_every_line_is_indented(tmp_path):
 
 def test_unpaired_surrogate_escapes_are_skipped_and_pairs_kept(tmp_path, tok):
     path = tmp_path / "s.jsonl"
-    path.write_text('{"text": "bad \\ud800 here"}\n{"text": "emoji \\ud83d\\ude00 ok"}\n{"text": "\\\\ud800 literal"}\n')
+    path.write_text('{"text": "bad \\ud800 here"}\n{"text": "emoji \\ud83d\\ude00 ok"}\n'
+                    '{"text": "\\\\ud800 literal"}\n')
     corpus = load_corpus([path], tok, CorpusConfig())
     fs = corpus.stats.files[0]
     assert [s.line for s in fs.skipped] == [1] and "unpaired UTF-16 surrogate" in fs.skipped[0].reason
