@@ -103,6 +103,9 @@ def test_hostile_nesting_is_skipped_without_parsing(tmp_path, tok):
         fs = load_corpus([tmp_path / name], tok, CorpusConfig(max_json_depth=32)).stats.files[0]
         assert fs.records == 1 and [s.line for s in fs.skipped] == [1]
         assert "deeper than the limit of 32 levels" in fs.skipped[0].reason
+    (tmp_path / "digits.jsonl").write_text('{"text": "a", "n": ' + "7" * 100_000 + "}\n")
+    fs = load_corpus([tmp_path / "digits.jsonl"], tok, CorpusConfig()).stats.files[0]
+    assert fs.records == 0 and "not usable JSON" in fs.skipped[0].reason
     text_inside = json.dumps({"text": "[[[[[[[[[[" * 10})  # brackets inside strings are not nesting
     assert not json_depth_exceeds(text_inside, 3) and json_depth_exceeds('{"a": [[[1]]]}', 3)
 

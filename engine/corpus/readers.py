@@ -69,6 +69,8 @@ def parse_json(text: str, max_depth: int) -> tuple[object, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
+    except ValueError as exc:  # an integer of more than sys.int_max_str_digits digits
+        return None, f"not usable JSON: {exc}"
     except RecursionError:  # unreachable with a sane max_json_depth; kept so no input can crash the loader
         return None, "JSON nested too deeply to parse"
     if _SURROGATE_ESCAPE.search(text):  # "\ud800" alone parses to a str that no tokenizer can encode
