@@ -249,3 +249,23 @@ def test_a_record_the_tokenizer_rejects_is_skipped_not_fatal(tok):
     out = _tokenize_each([(1, "text", good), (2, "text", bad), (3, "text", good)], fs, CorpusTokenizer(tok))
     assert out[1] is None and out[0][0].tolist() == out[2][0].tolist() == tok("The quick brown fox.")["input_ids"]
     assert [s.line for s in fs.skipped] == [2] and "the tokenizer failed on this record" in fs.skipped[0].reason
+
+
+_KEYS = ["text", "prompt", "completion", "instruction", "input", "output", "system", "messages", "conversations",
+         "input_ids", "labels", "role", "content", "from", "value", "type"]
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-200, 1 << 40) | st.floats(allow_nan=False) | st.sampled_from(
+        ["", "Hi", "user", "assistant", "system", "gpt", "human", "text", " "]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(records=st.lists(st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=4), min_size=1, max_size=6))
+def test_any_json_record_is_used_or_skipped_never_fatal(tmp_path_factory, tok, records):
+    path = write_jsonl(tmp_path_factory.mktemp("fuzz") / "f.jsonl", records)
+    corpus = load_corpus([path], tok, CorpusConfig(seq_len=16))
+    fs = corpus.stats.files[0]
+    assert fs.refused is None and fs.records + fs.skipped_count == len(records)
+    assert all(s.reason for s in fs.skipped)
+    assert sum(s.trainable_tokens for s in corpus.train) == fs.trainable_tokens

@@ -82,7 +82,7 @@ def _int_list(value, key: str, allow_ignore: bool) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise RecordError(f"field {key!r} must be a non-empty list of token ids")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or not (v >= 0 or (allow_ignore and v == -100)):
+        if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v < 1 << 31 or (allow_ignore and v == -100)):
             raise RecordError(f"field {key!r} holds {v!r}; expected token ids (integers >= 0"
                               f"{' or -100' if allow_ignore else ''})")
     return tuple(value)
