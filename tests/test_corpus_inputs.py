@@ -269,3 +269,12 @@ def test_any_json_record_is_used_or_skipped_never_fatal(tmp_path_factory, tok, r
     assert fs.refused is None and fs.records + fs.skipped_count == len(records)
     assert all(s.reason for s in fs.skipped)
     assert sum(s.trainable_tokens for s in corpus.train) == fs.trainable_tokens
+
+
+def test_csv_row_with_an_overlong_line_is_skipped_whole(tmp_path, tok):
+    (tmp_path / "l.csv").write_text('text\n"first\n' + "w" * 3000 + '\nlast"\nThe quick brown fox.\n' +
+                                    "v" * 3000 + "\nHello world!\n")
+    corpus = load_corpus([tmp_path / "l.csv"], tok, CorpusConfig(max_line_bytes=1000))
+    fs = corpus.stats.files[0]
+    assert [(s.line, s.reason.split(" longer")[0]) for s in fs.skipped] == [(2, "line 3"), (6, "line 6")]
+    assert [corpus.preview(i)[0][0] for i in range(2)] == ["The quick brown fox.<|im_end|>", "Hello world!<|im_end|>"]

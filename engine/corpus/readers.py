@@ -251,8 +251,10 @@ def read_csv(stream: TextStream, max_line_bytes: int) -> Iterator[RawRecord]:
             yield RawRecord(start, error=f"CSV error: {exc}")
             continue
         line = reader.line_num
-        while long_lines:
-            yield RawRecord(long_lines.pop(0), error=f"line {too_long(max_line_bytes)}")
+        if long_lines:  # the row held a line we dropped, so it is not what the file says: skip all of it
+            yield RawRecord(start, error=f"line {long_lines[0]} {too_long(max_line_bytes)}")
+            long_lines.clear()
+            continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(columns):
