@@ -99,7 +99,7 @@ def load_corpus(files: Iterable[str | Path], tokenizer, config: CorpusConfig | N
             fs.refuse(str(exc))
             on_bytes(fs.bytes - (done - before))   # the unread rest, so progress still reaches the total
     stats = CorpusStats(all_stats, config.seq_len, config.packing)
-    train_units, val_units = units["train"], units["val"]
+    train_units, val_units = units.pop("train"), units.pop("val")
     if config.val_fraction > 0:
         held = choose_validation(len(train_units), config.val_fraction, config.seed)
         val_units = [u for u, h in zip(train_units, held) if h]

@@ -84,8 +84,15 @@ class Windower:
 
 
 def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) -> list[Sequence]:
+    """Sequences from `units`, which are consumed (the list is left empty): each unit is freed once packed, so
+    packing does not need twice the corpus's memory."""
+    units.reverse()   # popping from the end is O(1); reversing first keeps the order
     if not packing:
-        return [Sequence(u.ids, u.labels, (Segment(0, u.file, u.line),)) for u in units]
+        out = []
+        while units:
+            u = units.pop()
+            out.append(Sequence(u.ids, u.labels, (Segment(0, u.file, u.line),)))
+        return out
     out: list[Sequence] = []
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -99,7 +106,8 @@ def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) ->
         ids, labels, segments, size = [], [], [], 0
 
     separator = np.array([eos_id], np.int32), np.array([IGNORE], np.int32)
-    for u in units:
+    while units:
+        u = units.pop()
         sep = bool(ids) and int(ids[-1][-1]) != eos_id
         if size + sep + len(u.ids) > seq_len:
             flush()
