@@ -58,16 +58,17 @@ def test_crlf_is_normalised_even_across_chunk_boundaries(tmp_path, tok):
 
 
 def test_latin1_file_is_refused_with_the_byte_offset(tmp_path, tok):
-    data = "The quick brown fox.\ncafé au lait\n".encode("latin-1")
-    (tmp_path / "latin1.txt").write_bytes(data)
+    data = '{"text": "The quick brown fox."}\n{"oops": 1}\n{"text": "café au lait"}\n'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(data)
     write_jsonl(tmp_path / "good.jsonl", RECORDS)
     for chunk in (16, 1 << 20):
-        corpus = load_corpus([tmp_path / "latin1.txt", tmp_path / "good.jsonl"], tok,
+        corpus = load_corpus([tmp_path / "latin1.jsonl", tmp_path / "good.jsonl"], tok,
                              CorpusConfig(read_chunk_bytes=chunk))
         bad, good = corpus.stats.files
         assert bad.refused is not None and f"byte offset {data.index(0xE9)}" in bad.refused
-        assert "0xE9" in bad.refused and "latin1.txt" in bad.refused and "UTF-8" in bad.refused
-        assert bad.records == bad.tokens == 0            # what was read before the bad byte is not used either
+        assert "0xE9" in bad.refused and "latin1.jsonl" in bad.refused and "UTF-8" in bad.refused
+        # What was read before the bad byte is not used or listed either: the file counts as a whole.
+        assert bad.records == bad.tokens == bad.skipped_count == 0 and bad.formats == {} and bad.skipped == []
         assert good.records == 2 and len(corpus.train) == 2
     assert "REFUSED" in corpus.stats.format_text()
 

@@ -41,7 +41,8 @@ class FileStats:
         """Forget what was read: a refused file contributes nothing."""
         self.refused = reason
         self.formats, self.records, self.tokens, self.trainable_tokens = {}, 0, 0, 0
-        self.truncated_records = self.truncated_tokens = 0
+        self.truncated_records = self.truncated_tokens = self.skipped_count = 0
+        self.skipped = []
 
     def to_dict(self) -> dict:
         out = asdict(self)
