@@ -6,6 +6,9 @@ truncated to `seq_len`. The validation split picks units, so even one long text 
 packing each unit is a sequence; with packing units are laid end to end, in order, without being cut, and a new
 sequence starts when the next unit does not fit. An EOS (label -100) separates two packed units unless the
 first already ends with EOS. `Sequence.segments` says where each unit starts, for block-diagonal attention.
+
+Labels follow the Hugging Face convention: aligned with input_ids, not shifted. The trainer predicts token t+1
+from position t and takes the loss against labels[t + 1] wherever it is not -100 (so labels[0] is never used).
 """
 from __future__ import annotations
 
