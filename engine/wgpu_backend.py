@@ -20,7 +20,7 @@ from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import ModelSpec, load_model_spec, load_weights
 from engine.wgpu_backward import model_backward
 from engine.wgpu_buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
-                                 layer_activation_shapes, lora_layout, scratch_shapes)
+                                 layer_activation_shapes, lora_layout, scratch_shapes, vocab_pieces)
 from engine.wgpu_forward import model_forward
 from engine.wgpu_graph import build_model
 from engine.wgpu_weights import upload_weights
@@ -57,8 +57,9 @@ class WgpuBackend(TrainingBackend):
         self.weights = upload_weights(ctx, spec, tensors, limit)
         self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
                               f"layers.{i}") for i in range(spec.layers)]
-        self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk),
-                                         "scratch")
+        piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]
+        self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
+                                                                      piece_rows), "scratch")
         self.dropout_step = uniform(ctx, "lora_dropout.step", 0, 0.0, 0, 0)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
                                  self.layout, self.chunk, self.dropout_step)

@@ -77,12 +77,12 @@ def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: in
     """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
     WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
-    scratch = scratch_shapes(spec, lora, B, T, chunk)
+    pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes)
+    scratch = scratch_shapes(spec, lora, B, T, chunk, pieces[0][1])
     adapter = nbytes(scratch.pop("lora_params")) + nbytes(scratch.pop("lora_grads"))
     logits = nbytes(scratch.pop("logits"))
-    pieces = len(vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes))
     return MemoryPlan(
         weights=shapes_bytes(weight_shapes(spec, max_binding_bytes)), adapter=adapter,
         optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
         activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
-        scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, pieces, pieces))
+        scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))

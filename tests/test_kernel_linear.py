@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.linear import GemmShape, Linear, Matmul, split_k
+from engine.kernels.linear import SPLIT_MIN_K, GemmShape, Linear, Matmul, split_k
 
 pytestmark = pytest.mark.gpu
 
@@ -78,8 +78,7 @@ def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
     shape = GemmShape(M, N, K, trans_a=trans_a)
     assert split_k(shape, 1 << 20) > 1
     c, partials = ctx.upload(c0, "c"), ctx.buffer(4 << 20, "partials")
-    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, alpha=0.25, beta=beta,
-                partials=partials, partial_floats=1 << 20)
+    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, alpha=0.25, beta=beta, partials=partials)
     assert mm.splits > 1
     run(ctx, mm.encode)
     want = 0.25 * (a.T if trans_a else a) @ b + beta * c0
@@ -89,7 +88,7 @@ def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
 def test_split_k_respects_partial_capacity():
     shape = GemmShape(16, 576, 16384, trans_a=True)
     assert split_k(shape, 16 * 576 * 3) == 3
-    assert split_k(shape, 1 << 30) == min(-(-256 // 9), 16384 // 256)
+    assert split_k(shape, 1 << 30) == min(-(-256 // 9), 16384 // SPLIT_MIN_K)
     assert split_k(GemmShape(4096, 4096, 4096), 1 << 30) == 1
 
 

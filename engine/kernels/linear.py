@@ -18,8 +18,8 @@ TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
 TILE_K = 16   # K step through workgroup memory (BK)
 SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
-SPLIT_MIN_K = 256               # never give a split less K than this
-SPLIT_PARTIAL_FLOATS = SPLIT_TARGET_WORKGROUPS * TILE_M * TILE_N   # scratch a backend shares for partials
+SPLIT_MIN_K = 128               # never give a split less K than this
+SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
 WIDE_TILE_M = 128               # the WIDE variant's rows per workgroup (8×4 per invocation)
 WIDE_MIN_WORKGROUPS = 512       # use WIDE only where it still leaves this many workgroups (a large GPU busy)
 
@@ -69,16 +69,15 @@ def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool
 class Matmul:
     """One bound GEMM: c = alpha·op(a)·op(b) + bias + beta·c.
 
-    Given `partials` (a scratch of `partial_floats` floats shared by many products), a product with few tiles
-    and a long K is split over K (split_k) and finished by a reduction dispatch.
+    Given `partials` (a scratch shared by many products), a product with few tiles and a long K is split over
+    K (split_k, never needing more floats than `partials` holds) and finished by a reduction dispatch.
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, partial_floats: int = SPLIT_PARTIAL_FLOATS, wide: bool | None = None,
-                 label: str = "matmul"):
+                 bias=None, partials=None, wide: bool | None = None, label: str = "matmul"):
         self.ctx = ctx
         self.shape = shape
-        self.splits = split_k(shape, partial_floats) if partials is not None else 1
+        self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
         if wide is None:
             wide = self.splits == 1 and -(-shape.M // WIDE_TILE_M) * -(-shape.N // TILE_N) >= WIDE_MIN_WORKGROUPS
         self.wide = wide
@@ -110,17 +109,18 @@ class Matmul:
 class Linear:
     """Frozen projection out = x·Wᵀ + b over M rows; backward writes (or with accumulate, adds) dx = dy·W.
 
-    x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in].
+    x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
+    of few rows (small batches) are split over K to keep a large GPU busy.
     """
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
-                 dy=None, dx=None, accumulate_dx: bool = False, label: str = "linear"):
+                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear"):
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              bias=bias, label=f"{label}.fwd")
+                              bias=bias, partials=partials, label=f"{label}.fwd")
         self.backward = None
         if dy is not None and dx is not None:
             self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features),
-                                   beta=1.0 if accumulate_dx else 0.0, label=f"{label}.bwd")
+                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd")
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)
