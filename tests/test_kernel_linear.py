@@ -96,4 +96,6 @@ def test_wide_tiles_only_for_products_large_enough_to_fill_a_gpu(gpu_device):
     ctx = gpu_device
     big, small = GemmShape(16384, 1536, 576, trans_b=True), GemmShape(512, 576, 576, trans_b=True)
     buf = ctx.buffer(16, "x")
-    assert Matmul(ctx, buf, buf, buf, big).wide and not Matmul(ctx, buf, buf, buf, small).wide
+    few_rows = GemmShape(16, 49152, 576, trans_b=True)     # many tiles, but a 128-row tile would be mostly padding
+    assert Matmul(ctx, buf, buf, buf, big).wide
+    assert not Matmul(ctx, buf, buf, buf, small).wide and not Matmul(ctx, buf, buf, buf, few_rows).wide

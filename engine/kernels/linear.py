@@ -79,7 +79,8 @@ class Matmul:
         self.shape = shape
         self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
         if wide is None:
-            wide = self.splits == 1 and -(-shape.M // WIDE_TILE_M) * -(-shape.N // TILE_N) >= WIDE_MIN_WORKGROUPS
+            wide = (self.splits == 1 and shape.M >= WIDE_TILE_M
+                    and -(-shape.M // WIDE_TILE_M) * -(-shape.N // TILE_N) >= WIDE_MIN_WORKGROUPS)
         self.wide = wide
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
