@@ -48,3 +48,17 @@ def test_train_throughput_bench_quick_prints_json():
     for mode in ("fp32", "bf16-autocast", "bf16"):
         assert row[f"peft_{mode}"]["tokens_per_s"] > 0
         assert row[f"ratio_vs_peft_{mode}"] == row["ours"]["tokens_per_s"] / row[f"peft_{mode}"]["tokens_per_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["matmul.py", "step_profile.py"])
+def test_tuning_benches_quick_print_json(script):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--batch-sizes", "1"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["machine"]["adapter"] and report["results"]
+    row = report["results"][0]
+    if script == "matmul.py":
+        assert all(row[v]["gflops"] > 0 for v in ("auto", "plain", "wide"))
+    else:
+        assert all(row[p]["ms"] > 0 and row[p]["dispatches"] > 0 for p in ("forward", "lm_head", "backward"))
