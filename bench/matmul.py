@@ -62,12 +62,12 @@ def time_product(ctx, shape: GemmShape, repeats: int, wide, partials) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T=16 instead of 512, few repeats (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="T=16, vocabulary 2048, few repeats (smoke test)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     seq = 16 if args.quick else 512
-    repeats = args.repeats or (2 if args.quick else 20)
+    repeats = args.repeats or (1 if args.quick else 20)
     ctx = GpuContext.create()
     partials = ctx.buffer(4 * SPLIT_PARTIAL_FLOATS, "partials")
     import wgpu
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
               "machine": {"adapter": ctx.label, "backend": ctx.adapter.info.get("backend_type"),
                           "platform": platform.platform(), "wgpu": wgpu.__version__}, "results": []}
     for batch in args.batch_sizes:
-        for name, shape in products(batch * seq).items():
+        for name, shape in products(batch * seq, vocab=2048 if args.quick else 49152).items():
             row = {"batch_size": batch, "product": name, "M": shape.M, "N": shape.N, "K": shape.K}
             for variant, wide, parts in (("auto", None, partials), ("plain", False, None), ("wide", True, None)):
                 row[variant] = time_product(ctx, shape, repeats, wide, parts)
