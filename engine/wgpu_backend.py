@@ -20,7 +20,8 @@ from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import ModelSpec, load_model_spec, load_weights
 from engine.wgpu_backward import model_backward
 from engine.wgpu_buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
-                                 layer_activation_shapes, lora_layout, scratch_shapes, vocab_pieces)
+                                 destroy, layer_activation_shapes, lora_layout, scratch_shapes,
+                                 vocab_pieces)
 from engine.wgpu_forward import model_forward
 from engine.wgpu_graph import build_model
 from engine.wgpu_weights import upload_weights
@@ -234,5 +235,10 @@ class WgpuBackend(TrainingBackend):
             if pending is not None:
                 pending.result()
                 self._pending[slot] = None
+        if self.scratch is None:
+            return
+        # The large buffers are freed now; kernels' parameter blocks go with their objects.
+        destroy([self.acts, self.scratch, self.weights.embed, self.weights.lm_head, self.weights.final_norm,
+                 self.weights.layers])
         self.ctx.bytes_allocated -= self._bytes
         self.model = self.acts = self.scratch = self.weights = self.optimizer = self.grad_norm = None

@@ -215,3 +215,16 @@ def allocate(ctx, cls, shapes: dict, label: str):
         return ctx.buffer(nbytes(shape), f"{label}.{name}")
 
     return cls(**{name: make(name, shape) for name, shape in shapes.items()})
+
+
+def destroy(group) -> None:
+    """Free the device memory of every buffer in a buffer dataclass (or list/dict of them) now, not at GC."""
+    if isinstance(group, (list, tuple)):
+        for item in group:
+            destroy(item)
+    elif isinstance(group, dict):
+        destroy(list(group.values()))
+    elif hasattr(group, "__dataclass_fields__"):
+        destroy([getattr(group, f.name) for f in fields(group)])
+    elif hasattr(group, "destroy"):
+        group.destroy()
