@@ -1,13 +1,14 @@
 // Linear layers as one tiled GEMM: C[M, N] = alpha · op(A)[M, K] · op(B)[K, N] (+ bias[N]) (+ beta · C).
 //
-// Every matrix product of the engine is this kernel with a different layout:
-//   linear_forward        y  = x · Wᵀ + b        A = x [M, K],  B = W [N, K] read transposed (TRANS_B)
-//   linear_backward_input dx = dy · W (+ dx)     A = dy [M, N], B = W [N, K] as stored
-//   weight-style grads    dW = dyᵀ · x (+ dW)    A = dy [M, N] read transposed (TRANS_A)  (LoRA dA, dB)
+// Every matrix product of the engine is the one entry point `matmul` with a different layout (Linear and
+// LoraBranch in the Python twin pick them):
+//   forward          y  = x · Wᵀ + b        A = x [M, K],  B = W [N, K] read transposed (TRANS_B)
+//   input gradient   dx = dy · W (+ dx)     A = dy [M, N], B = W [N, K] as stored
+//   weight gradient  dW = dyᵀ · x (+ dW)    A = dy [M, N] read transposed (TRANS_A)  (LoRA dA, dB)
 // Strides (lda/ldb/ldc) and element offsets let the chunked LM head address a column range of a wider matrix.
 //
-// Split-K: a weight-style gradient has a small C ([r, in] for LoRA's dA) and a huge K (B·T), so its few tiles
-// would leave most of a GPU idle. With splits > 1, workgroup z covers K range [z·k_chunk, (z+1)·k_chunk) and
+// Split-K: a weight gradient has a small C ([r, in] for LoRA's dA) and a huge K (B·T), and a small batch's
+// projections have few rows, so their few tiles would leave most of a GPU idle. With splits > 1, workgroup z covers K range [z·k_chunk, (z+1)·k_chunk) and
 // writes its raw partial product into c as partials [splits, M, N]; matmul_reduce then sums the partials into
 // the real C with alpha, bias and beta. No atomics, so results are deterministic.
 //
