@@ -48,7 +48,9 @@ def bench_wgsl(ctx, B, T, NH, NKV, HD, iters):
     attn = Attention(ctx, B, T, NH, NKV, HD, q, k, v, out, lse, dout, dq, dk, dv)
     fwd = time_encoded(ctx, attn.encode_forward, iters)
     bwd = time_encoded(ctx, attn.encode_backward, iters)
-    return fwd, bwd
+    parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn._dispatch(enc, e), iters)
+             for entry in attn.BACKWARD_ENTRIES}
+    return fwd, bwd, parts
 
 
 def bench_torch(B, T, NH, NKV, HD, iters):
@@ -93,10 +95,10 @@ def main():
               "python": platform.python_version(), "machine": platform.machine(), "results": []}
     for shape in args.shapes.split(","):
         B, T, NH, NKV, HD = (int(x) for x in shape.split("x"))
-        fwd, bwd = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters)
+        fwd, bwd, parts = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters)
         flops = 2.0 * B * NH * T * T * HD                 # causal: half of 2 matmuls of 2*T*T*HD
         row = {"B": B, "T": T, "NH": NH, "NKV": NKV, "HD": HD, "tiling": tiling(HD),
-               "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,
+               "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd, "backward_parts_ms": parts,
                "forward_gflops": flops / fwd / 1e9, "backward_gflops": 2.5 * flops / bwd / 1e9}
         if not args.no_torch:
             row.update(bench_torch(B, T, NH, NKV, HD, args.iters) or {})
