@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.attention import Attention, tiling  # noqa: E402
+from engine.kernels.attention import MAX_TILE_ROWS, Attention  # noqa: E402
 
 
 def time_encoded(ctx, record, iters: int) -> float:
@@ -36,7 +36,7 @@ def time_encoded(ctx, record, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_wgsl(ctx, B, T, NH, NKV, HD, iters):
+def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows):
     rng = np.random.default_rng(0)
     q = ctx.upload(rng.standard_normal(B * T * NH * HD).astype(np.float32), "q")
     k = ctx.upload(rng.standard_normal(B * T * NKV * HD).astype(np.float32), "k")
@@ -45,12 +45,13 @@ def bench_wgsl(ctx, B, T, NH, NKV, HD, iters):
     out, dq = ctx.buffer(4 * B * T * NH * HD, "out"), ctx.buffer(4 * B * T * NH * HD, "dq")
     dk, dv = ctx.buffer(4 * B * T * NKV * HD, "dk"), ctx.buffer(4 * B * T * NKV * HD, "dv")
     lse = ctx.buffer(4 * B * NH * T, "lse")
-    attn = Attention(ctx, B, T, NH, NKV, HD, q, k, v, out, lse, dout, dq, dk, dv)
+    attn = Attention(ctx, B, T, NH, NKV, HD, q, k, v, out, lse, dout, dq, dk, dv, workgroup_budget=budget,
+                     max_tile_rows=rows)
     fwd = time_encoded(ctx, attn.encode_forward, iters)
     bwd = time_encoded(ctx, attn.encode_backward, iters)
     parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn._dispatch(enc, e), iters)
              for entry in attn.BACKWARD_ENTRIES}
-    return fwd, bwd, parts
+    return fwd, bwd, parts, attn.constants
 
 
 def bench_torch(B, T, NH, NKV, HD, iters):
@@ -88,6 +89,9 @@ def main():
     parser.add_argument("--shapes", default="1x2048x32x8x64,1x2048x32x8x128,1x2048x16x4x256,4x512x14x2x64")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--workgroup-budget", type=int, default=None,
+                        help="workgroup memory budget in bytes (default: the adapter's limit)")
+    parser.add_argument("--tile-rows", default=str(MAX_TILE_ROWS), help="comma-separated maximum tile rows")
     args = parser.parse_args()
     ctx = GpuContext.create()
     import wgpu
@@ -95,15 +99,18 @@ def main():
               "python": platform.python_version(), "machine": platform.machine(), "results": []}
     for shape in args.shapes.split(","):
         B, T, NH, NKV, HD = (int(x) for x in shape.split("x"))
-        fwd, bwd, parts = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters)
-        flops = 2.0 * B * NH * T * T * HD                 # causal: half of 2 matmuls of 2*T*T*HD
-        row = {"B": B, "T": T, "NH": NH, "NKV": NKV, "HD": HD, "tiling": tiling(HD),
-               "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd, "backward_parts_ms": parts,
-               "forward_gflops": flops / fwd / 1e9, "backward_gflops": 2.5 * flops / bwd / 1e9}
+        budget = args.workgroup_budget
+        for rows in (int(r) for r in args.tile_rows.split(",")):
+            fwd, bwd, parts, constants = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters, budget, rows)
+            flops = 2.0 * B * NH * T * T * HD                 # causal: half of 2 matmuls of 2*T*T*HD
+            row = {"B": B, "T": T, "NH": NH, "NKV": NKV, "HD": HD, "workgroup_budget": budget,
+                   "tiling": constants, "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,
+                   "backward_parts_ms": parts, "forward_gflops": flops / fwd / 1e9,
+                   "backward_gflops": 2.5 * flops / bwd / 1e9}
+            report["results"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
         if not args.no_torch:
-            row.update(bench_torch(B, T, NH, NKV, HD, args.iters) or {})
-        report["results"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+            report["results"][-1].update(bench_torch(B, T, NH, NKV, HD, args.iters) or {})
     print(json.dumps(report, indent=1))
 
 

@@ -9,7 +9,8 @@
 // a register row and a tile row is summed in two steps: each thread's partial over its chunks goes to `red`,
 // then one thread per (row, tile row) adds the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory: 3 x 4 KiB + 2 KiB + 256 B = 14.25 KiB, under the 16 KiB WebGPU minimum.
+// Workgroup memory is BT * (32 HD4 + 64 TPR + 72) bytes; the twin picks BT to fit a budget (16 KiB, the WebGPU
+// minimum, unless told otherwise).
 struct Params {
     batch: u32,
     seq_len: u32,    // T
@@ -24,7 +25,7 @@ struct Params {
 const ROWS: u32 = 16u;          // register rows per workgroup
 override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
-override BT: u32 = 16u;         // rows per tile loaded into workgroup memory (<= 32, BT * HD4 <= 256)
+override BT: u32 = 16u;         // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -41,12 +42,12 @@ override WG: u32 = 64u;         // ROWS * TPR
 @group(0) @binding(11) var<storage, read_write> dk_heads: array<vec4<f32>>;  // [B, T, NH, HD] per query head
 @group(0) @binding(12) var<storage, read_write> dv_heads: array<vec4<f32>>;  // (GQA only; summed into dk, dv)
 
-var<workgroup> tile_a: array<vec4<f32>, 256>;   // [BT, HD4]: K (forward, dq) or Q (dkdv)
-var<workgroup> tile_b: array<vec4<f32>, 256>;   // [BT, HD4]: V (forward, dq) or dO (dkdv)
-var<workgroup> red: array<f32, 1024>;           // [ROWS, BT, TPR] partial dot products
-var<workgroup> prob: array<f32, 512>;           // [ROWS, BT] scores, then P, then dS
-var<workgroup> tile_lse: array<f32, 32>;        // [BT] lse of the tile's query rows (dkdv)
-var<workgroup> tile_d: array<f32, 32>;          // [BT] D of the tile's query rows (dkdv)
+var<workgroup> tile_a: array<vec4<f32>, BT * HD4>;      // K (forward, dq) or Q (dkdv) rows
+var<workgroup> tile_b: array<vec4<f32>, BT * HD4>;      // V (forward, dq) or dO (dkdv) rows
+var<workgroup> red: array<f32, ROWS * BT * TPR>;        // partial dot products
+var<workgroup> prob: array<f32, ROWS * BT>;             // scores, then P, then dS
+var<workgroup> tile_lse: array<f32, BT>;                // lse of the tile's query rows (dkdv)
+var<workgroup> tile_d: array<f32, BT>;                  // D of the tile's query rows (dkdv)
 
 // Row `t` of head `head` in a [B, T, heads, HD] tensor, as a vec4 index of chunk 0.
 fn row_base(b: u32, t: u32, head: u32, heads: u32) -> u32 {
@@ -339,7 +340,7 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
             let t0 = q_start + tile * BT;
             workgroupBarrier();
             load_tiles_qdo(b, t0, h, lid);
-            for (var i = lid; i < BT; i += WG) {          // WG may be smaller than BT (HD 16: 16 < 32)
+            for (var i = lid; i < BT; i += WG) {          // WG may be smaller than BT
                 let stat = (b * params.n_heads + h) * T + min(t0 + i, T - 1u);
                 tile_lse[i] = lse[stat];
                 tile_d[i] = dsum[stat];

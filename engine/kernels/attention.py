@@ -18,9 +18,11 @@ from engine.kernels.binding import bind_numbered
 from engine.kernels.residual import grid_1d
 
 ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS)
-TILE_VEC4 = 256           # capacity of tile_a / tile_b in vec4
-RED_FLOATS = 1024         # capacity of the partial-dot scratch
-MAX_TILE_ROWS = 32        # capacity of tile_lse / tile_d, and prob = ROWS * 32
+# Key/query rows per tile. Measured on an H100 (bench/attention.py, T 2048, HD 64/128/256): 6 beats 2, 4, 8,
+# 14, 19, 29 and 58 (fwd+bwd 1.3-3.5x faster than 58); more rows hold more workgroup memory per thread, so
+# fewer workgroups stay resident to hide memory latency, and fewer rows mean more barriers per key.
+MAX_TILE_ROWS = 6
+PORTABLE_WORKGROUP_BYTES = 16384   # WebGPU's guaranteed minimum of max-compute-workgroup-storage-size
 DSUM_WORKGROUP = 64
 
 # Bindings each entry point uses (shaders/attention.wgsl): 0 params, 1 q, 2 k, 3 v, 4 out, 5 lse, 6 dout,
@@ -36,11 +38,20 @@ BINDINGS = {
 ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-wide, need only HD4
 
 
-def tiling(head_dim: int) -> dict[str, int]:
-    """Override constants for a head size: chunks per row, threads per row, tile rows, workgroup size."""
+def workgroup_bytes(hd4: int, tpr: int, tile_rows: int) -> int:
+    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d."""
+    return tile_rows * (2 * 16 * hd4 + 4 * ROWS * tpr + 4 * ROWS + 2 * 4)
+
+
+def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES,
+           max_tile_rows: int = MAX_TILE_ROWS) -> dict[str, int]:
+    """Override constants for a head size: chunks per row, threads per row, tile rows, workgroup size.
+
+    Tile rows: max_tile_rows, or fewer if they would not fit `budget` bytes of workgroup memory.
+    """
     hd4 = head_dim // 4
     tpr = -(-hd4 // 4)
-    tile_rows = min(MAX_TILE_ROWS, TILE_VEC4 // hd4, RED_FLOATS // (ROWS * tpr))
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1)))
     return {"HD4": hd4, "TPR": tpr, "BT": tile_rows, "WG": ROWS * tpr}
 
 
@@ -52,7 +63,8 @@ class Attention:
     """
 
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention"):
+                 q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
+                 workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS):
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -72,7 +84,11 @@ class Attention:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
         self.ctx, self.label = ctx, label
         self.shape = (B, T, n_heads, n_kv_heads, head_dim)
-        self.constants = tiling(head_dim)
+        # The adapter's limit (16 KiB at least): only HD > 192 needs more than 16 KiB for MAX_TILE_ROWS rows.
+        budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
+        if workgroup_budget is not None:
+            budget = min(budget, workgroup_budget)
+        self.constants = tiling(head_dim, budget, max_tile_rows)
         ratio = n_heads // n_kv_heads
         # GQA: dk/dv are computed per query head (ratio times the workgroups) into scratch, then summed.
         self.BACKWARD_ENTRIES = ("attention_backward_dsum", "attention_backward_dq") + (
