@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.attention import MAX_TILE_ROWS, Attention  # noqa: E402
+from engine.kernels.attention import MAX_TILE_ROWS, ROWS, Attention  # noqa: E402
 
 
 def time_encoded(ctx, record, iters: int) -> float:
@@ -36,7 +36,7 @@ def time_encoded(ctx, record, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows):
+def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows, register_rows):
     rng = np.random.default_rng(0)
     q = ctx.upload(rng.standard_normal(B * T * NH * HD).astype(np.float32), "q")
     k = ctx.upload(rng.standard_normal(B * T * NKV * HD).astype(np.float32), "k")
@@ -46,7 +46,7 @@ def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows):
     dk, dv = ctx.buffer(4 * B * T * NKV * HD, "dk"), ctx.buffer(4 * B * T * NKV * HD, "dv")
     lse = ctx.buffer(4 * B * NH * T, "lse")
     attn = Attention(ctx, B, T, NH, NKV, HD, q, k, v, out, lse, dout, dq, dk, dv, workgroup_budget=budget,
-                     max_tile_rows=rows)
+                     max_tile_rows=rows, register_rows=register_rows)
     fwd = time_encoded(ctx, attn.encode_forward, iters)
     bwd = time_encoded(ctx, attn.encode_backward, iters)
     parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn._dispatch(enc, e), iters)
@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--workgroup-budget", type=int, default=None,
                         help="workgroup memory budget in bytes (default: the adapter's limit)")
     parser.add_argument("--tile-rows", default=str(MAX_TILE_ROWS), help="comma-separated maximum tile rows")
+    parser.add_argument("--register-rows", default=str(ROWS), help="comma-separated rows per workgroup")
     args = parser.parse_args()
     ctx = GpuContext.create()
     import wgpu
@@ -100,8 +101,10 @@ def main():
     for shape in args.shapes.split(","):
         B, T, NH, NKV, HD = (int(x) for x in shape.split("x"))
         budget = args.workgroup_budget
-        for rows in (int(r) for r in args.tile_rows.split(",")):
-            fwd, bwd, parts, constants = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters, budget, rows)
+        for rows, register_rows in ((int(r), int(rr)) for r in args.tile_rows.split(",")
+                                    for rr in args.register_rows.split(",")):
+            fwd, bwd, parts, constants = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters, budget, rows,
+                                                    register_rows)
             flops = 2.0 * B * NH * T * T * HD                 # causal: half of 2 matmuls of 2*T*T*HD
             row = {"B": B, "T": T, "NH": NH, "NKV": NKV, "HD": HD, "workgroup_budget": budget,
                    "tiling": constants, "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,

@@ -22,7 +22,7 @@ struct Params {
     sum_stride: u32,   // the same for attention_backward_dkdv_sum
 }
 
-const ROWS: u32 = 16u;          // register rows per workgroup
+override ROWS: u32 = 16u;       // register rows per workgroup
 override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
 override BT: u32 = 16u;         // rows per tile loaded into workgroup memory

@@ -17,7 +17,8 @@ from engine.gpu import UNIFORM, GpuContext, StepEncoder
 from engine.kernels.binding import bind_numbered
 from engine.kernels.residual import grid_1d
 
-ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS)
+ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS), at most 256 / TPR
+MAX_INVOCATIONS = 256     # WebGPU's guaranteed minimum of max-compute-invocations-per-workgroup
 # Key/query rows per tile. Measured on an H100 (bench/attention.py, T 2048, HD 64/128/256): 6 beats 2, 4, 8,
 # 14, 19, 29 and 58 (fwd+bwd 1.3-3.5x faster than 58); more rows hold more workgroup memory per thread, so
 # fewer workgroups stay resident to hide memory latency, and fewer rows mean more barriers per key.
@@ -38,21 +39,22 @@ BINDINGS = {
 ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-wide, need only HD4
 
 
-def workgroup_bytes(hd4: int, tpr: int, tile_rows: int) -> int:
+def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS) -> int:
     """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d."""
-    return tile_rows * (2 * 16 * hd4 + 4 * ROWS * tpr + 4 * ROWS + 2 * 4)
+    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows + 2 * 4)
 
 
-def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES,
-           max_tile_rows: int = MAX_TILE_ROWS) -> dict[str, int]:
-    """Override constants for a head size: chunks per row, threads per row, tile rows, workgroup size.
+def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows: int = MAX_TILE_ROWS,
+           register_rows: int = ROWS) -> dict[str, int]:
+    """Override constants for a head size: chunks per row, threads per row, rows, tile rows, workgroup size.
 
     Tile rows: max_tile_rows, or fewer if they would not fit `budget` bytes of workgroup memory.
     """
     hd4 = head_dim // 4
     tpr = -(-hd4 // 4)
-    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1)))
-    return {"HD4": hd4, "TPR": tpr, "BT": tile_rows, "WG": ROWS * tpr}
+    rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows)))
+    return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
 class Attention:
@@ -64,7 +66,8 @@ class Attention:
 
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
-                 workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS):
+                 workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
+                 register_rows: int = ROWS):
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -79,16 +82,16 @@ class Attention:
             if buf.size < need:
                 raise ValueError(f"attention buffer {name} ({buf.label!r}) holds {buf.size} bytes; "
                                  f"[B={B}, T={T}, NH={n_heads}, NKV={n_kv_heads}, HD={head_dim}] needs {need}")
-        blocks = -(-T // ROWS)
-        if max(blocks, n_heads, B) > ctx.max_workgroups:
-            raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
         self.ctx, self.label = ctx, label
         self.shape = (B, T, n_heads, n_kv_heads, head_dim)
         # The adapter's limit (16 KiB at least): only HD > 192 needs more than 16 KiB for MAX_TILE_ROWS rows.
         budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
         if workgroup_budget is not None:
             budget = min(budget, workgroup_budget)
-        self.constants = tiling(head_dim, budget, max_tile_rows)
+        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows)
+        blocks = -(-T // self.constants["ROWS"])
+        if max(blocks, n_heads, B) > ctx.max_workgroups:
+            raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
         ratio = n_heads // n_kv_heads
         # GQA: dk/dv are computed per query head (ratio times the workgroups) into scratch, then summed.
         self.BACKWARD_ENTRIES = ("attention_backward_dsum", "attention_backward_dq") + (
