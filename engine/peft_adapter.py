@@ -77,8 +77,8 @@ def _refusals(cfg: Mapping) -> list[str]:
     if cfg.get("peft_type", "LORA") != "LORA":
         reasons.append(f"it is a {cfg.get('peft_type')} adapter, only LoRA can be exported")
     if cfg.get("use_dora"):
-        reasons.append("it uses DoRA (use_dora=true): the magnitude vector has no llama.cpp/Ollama equivalent,"
-                       " and folding it is not supported; train without DoRA")
+        reasons.append("it uses DoRA (use_dora=true): llama.cpp and Ollama have no DoRA, and folding its"
+                       " magnitude vector is not supported here; train the adapter without DoRA")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         reasons.append(f"it trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r})")
     if cfg.get("modules_to_save"):
