@@ -6,6 +6,7 @@ was written).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,18 +40,36 @@ class ExportResult:
 
 
 def resolve_base(model: str) -> tuple[Path, str]:
-    """(local HF folder of the base, how the Modelfile's FROM should name it)."""
-    try:
-        from engine.models import resolve_model
-    except ImportError:  # engine.models lands separately; until then only local folders are accepted
-        resolve_model = None
+    """(local HF folder of the base, how the Modelfile's FROM and the note should name it).
+
+    llama.cpp and Ollama want the base as GGUF: a `.gguf` reference names itself, and a folder that
+    engine.models converted from a GGUF (the demo model among them) names the GGUF it came from.
+    """
+    from engine.models import resolve_model
+
+    base_dir = Path(resolve_model(model))
     path = Path(model).expanduser()
-    reference = str(path.resolve()) if path.exists() else model
-    if resolve_model is not None:
-        return Path(resolve_model(model)), reference
-    if not path.is_dir():
-        raise FileNotFoundError(f"base model {model!r} is not a local Hugging Face folder")
-    return path, reference
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return base_dir, str(path.resolve())
+    source = _source_gguf(base_dir)
+    if source is not None:
+        return base_dir, str(source)
+    return base_dir, str(path.resolve()) if path.exists() else model
+
+
+def _source_gguf(base_dir: Path) -> Path | None:
+    from engine.models import COMPLETE_MARKER
+
+    marker = base_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        name = json.loads(marker.read_text(encoding="utf-8")).get("gguf")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    # The demo's marker names its GGUF by file name; it lies beside the folder (engine.models.pull_demo).
+    candidate = Path(name) if name and Path(name).is_absolute() else base_dir.parent / (name or "")
+    return candidate.resolve() if name and candidate.is_file() else None
 
 
 def _gguf_target(out: Path, adapter: Path) -> Path:

@@ -1,12 +1,12 @@
 """Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter, with the `gguf` package only.
 
 What llama.cpp (src/llama-adapter.cpp, llama-graph.cpp) expects, and what this writes:
-- metadata `general.architecture` = the base's llama.cpp arch (`llama`, `qwen2`, `qwen3`; the loader refuses a
-  mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha` (float32).
+- metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`;
+  the loader refuses a mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha` (float32).
 - per adapted weight `blk.{i}.attn_q.weight` two tensors, `….lora_a` with torch shape (r, in) (ggml ne [in, r])
   and `….lora_b` with torch shape (out, r) (ggml ne [r, out]) — PEFT's own layouts, as convert_lora_to_gguf.py
   writes them. At run time llama.cpp adds `scale * B @ (A @ x)` with `scale = alpha / r`, r = lora_b's ne[0].
-- Llama-family GGUF bases store wq and wk with their rows permuted (convert_hf_to_gguf.py's LlamaModel.permute,
+- Llama-family GGUF bases (Llama, Mistral) store wq and wk with their rows permuted (convert_hf_to_gguf.py's LlamaModel.permute,
   which reorders each head's rotary halves into interleaved pairs). B's rows are output rows, so the same row
   permutation is applied to lora_b of q_proj and k_proj; A is untouched. Qwen2/Qwen3 bases are not permuted.
 
@@ -29,6 +29,7 @@ from engine.peft_adapter import LoraAdapter, LoraModule, check_fits_base, read_a
 # HF model_type -> (llama.cpp architecture name, whether its converter permutes Q/K rows).
 GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     "llama": ("llama", True),
+    "mistral": ("llama", True),  # llama.cpp converts MistralForCausalLM as a Llama (convert_hf_to_gguf.py)
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
 }

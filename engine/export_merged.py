@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.atomic import atomic_folder, check_free_space
+from engine.model_spec import SUPPORTED_MODEL_TYPES
 from engine.peft_adapter import check_fits_base, read_adapter, read_base_config
 
-_SUPPORTED = ("llama", "qwen2", "qwen3")
 # Weight files of the base that are replaced by the merged safetensors, not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _INDEX = "model.safetensors.index.json"
@@ -53,9 +53,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
         raise ValueError(f"--out {out_dir} is the base or adapter folder itself; choose a new folder")
     adapter = read_adapter(adapter_dir)
     base_config = read_base_config(base_dir)
-    if base_config.get("model_type") not in _SUPPORTED:
+    if base_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"cannot merge into base architecture {base_config.get('model_type')!r}"
-                         f" (supported: {', '.join(_SUPPORTED)})")
+                         f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     check_fits_base(adapter, base_config)
     shards = _weight_files(base_dir)
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,

@@ -7,6 +7,14 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PROBE_TOKENS = [5, 17, 42, 99, 120, 3, 77, 200, 31, 8]
 
 
+def make_mistral(out_dir: Path) -> Path:
+    """A tiny Mistral: the llama fixture's shapes under model_type "mistral" (llama.cpp exports it as llama)."""
+    from tests.tiny import make_model
+
+    make_model("llama", out_dir, seed=1, model_type="mistral")
+    return out_dir
+
+
 def load_base(base_dir: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM

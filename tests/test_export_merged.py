@@ -11,12 +11,20 @@ import pytest
 
 from engine.atomic import DiskFullError
 from engine.export_merged import export_merged
-from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
+from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, make_mistral, peft_logits
 
 
 @pytest.mark.parametrize("config", [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=4, use_rslora=True)],
                          ids=["plain", "rslora"])
 def test_merged_logits_equal_peft(tiny_model_dir, tmp_path, config):
+    _check_merged_logits(tiny_model_dir, tmp_path, config)
+
+
+def test_merged_mistral_logits_equal_peft(tmp_path):
+    _check_merged_logits(make_mistral(tmp_path / "mistral"), tmp_path, dict(r=4, lora_alpha=8))
+
+
+def _check_merged_logits(tiny_model_dir, tmp_path, config):
     import torch
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5, **config)
