@@ -29,6 +29,7 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, r: int = 4, lo
     from peft import LoraConfig, get_peft_model
 
     model = load_base(base_dir)
+    torch.manual_seed(seed)  # PEFT draws A from the global generator
     lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or ALL_PROJECTIONS,
                       task_type="CAUSAL_LM", **config)
     peft_model = get_peft_model(model, lora)
