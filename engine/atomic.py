@@ -126,9 +126,14 @@ def atomic_folder(dest: Path | str, overwrite: bool = False) -> Iterator[Path]:
                 os.chmod(child, file_mode)
         old = None
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(dest, old)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old, dest)  # put the previous export back
+            raise
         fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -92,15 +92,13 @@ def run_export(request: ExportRequest) -> ExportResult:
 
     from engine.export_gguf import export_gguf_adapter
     from engine.ollama import write_ollama_files
-    from engine.peft_adapter import read_adapter
 
     target = _gguf_target(Path(request.out), Path(request.adapter))
     if target.exists() and not request.overwrite:
         raise FileExistsError(f"{target} already exists; choose another --out or pass --force")
     written = export_gguf_adapter(request.adapter, base_dir, target, dtype=request.gguf_dtype)
-    ranks = [m.rank for m in read_adapter(request.adapter).modules]
     modelfile, note, conversion = write_ollama_files(target.parent, base_ref, base_dir, target, written.arch,
-                                                     written.alpha, ranks, Path(request.adapter))
+                                                     written.alpha, list(written.ranks), Path(request.adapter))
     lines = [f"wrote {written.path} ({written.n_tensors} tensors, {request.gguf_dtype}, arch {written.arch},"
              f" adapter.lora.alpha {written.alpha:g}, {written.size_bytes / 1024:.1f} KiB)"]
     if written.permuted:

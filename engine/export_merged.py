@@ -15,11 +15,14 @@ from pathlib import Path
 
 from engine.atomic import atomic_folder, check_free_space
 from engine.model_spec import SUPPORTED_MODEL_TYPES
+from engine.models import COMPLETE_MARKER
 from engine.peft_adapter import check_fits_base, read_adapter, read_base_config
 
 # Weight files of the base that are replaced by the merged safetensors, not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _INDEX = "model.safetensors.index.json"
+# Not copied: engine.models' marker says "converted from this GGUF / hub id", which is no longer true once merged.
+_NOT_COPIED = {COMPLETE_MARKER}
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
             missing = sorted(set(deltas) - _all_keys(base_dir, shards))
             raise ValueError(f"the base model in {base_dir} has no weights named {missing[:3]}; wrong base model?")
         for item in base_dir.iterdir():
-            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) or item.name == _INDEX:
+            if item.name in _NOT_COPIED or not item.is_file():
+                continue
+            if item.name == _INDEX or not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return MergedExport(path=out_dir, n_merged=merged, shards=tuple(shards), size_bytes=size)

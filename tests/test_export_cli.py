@@ -59,3 +59,23 @@ def test_missing_adapter_folder(tiny_llama_dir, tmp_path, capsys):
     code = main(["export", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "nope"), "--to", "merged",
                  "--out", str(tmp_path / "out")])
     assert code == 2 and "adapter folder" in capsys.readouterr().err
+
+
+def test_gguf_base_is_named_in_modelfile_and_note(tiny_llama_dir, adapter_dir, tmp_path, monkeypatch):
+    """--model base.gguf: engine.models converts it for reading; the Modelfile and the note name the GGUF."""
+    from tests.gguf_base import write_gguf_base
+
+    monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "home"))
+    base_gguf = write_gguf_base(tiny_llama_dir, tmp_path / "tiny-base.gguf")
+    out = tmp_path / "export"
+    assert main(["export", "--model", str(base_gguf), "--adapter", str(adapter_dir), "--to", "gguf",
+                 "--out", str(out)]) == 0
+    modelfile = (out / "Modelfile").read_text()
+    assert f"FROM {base_gguf.resolve()}\n" in modelfile and "needs the base model as GGUF" not in modelfile
+    note = (out / "README-llama.cpp-ollama.md").read_text()
+    assert f"llama-cli -m {base_gguf.resolve()} --lora my-adapter.gguf" in note
+    # A folder converted from that GGUF names it too (as the demo model's folder does).
+    converted = next((tmp_path / "home" / "models").iterdir())
+    assert main(["export", "--model", str(converted), "--adapter", str(adapter_dir), "--to", "gguf",
+                 "--out", str(tmp_path / "export2")]) == 0
+    assert f"FROM {base_gguf.resolve()}\n" in (tmp_path / "export2" / "Modelfile").read_text()

@@ -174,3 +174,19 @@ def test_full_disk_leaves_no_partial_file(tiny_llama_dir, adapters, tmp_path, mo
     with pytest.raises(DiskFullError, match="disk full while writing .*a.gguf"):
         export_gguf_adapter(adapters["llama"], tiny_llama_dir, out / "a.gguf")
     assert list(out.iterdir()) == []
+
+
+def test_permutation_is_what_transformers_gguf_loader_undoes(bases, tmp_path):
+    """Independent oracle: transformers' GGUF loader reverses llama.cpp's Q/K permutation on load, so a base
+    written with our permutation must load back with the original HF weights (llama and mistral alike)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_base import write_gguf_base
+
+    for arch in ("llama", "mistral"):  # the permuted ones (transformers cannot load a GGUF qwen3 whose head_dim
+        #                               is not hidden/heads, and qwen is not permuted anyway)
+        path = write_gguf_base(bases[arch], tmp_path / f"{arch}.gguf")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
+        original = load_base(bases[arch]).state_dict()
+        for key in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+            assert (loaded[key] == original[key]).all(), (arch, key)

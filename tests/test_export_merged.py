@@ -142,3 +142,16 @@ def test_dora_is_refused(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="DoRA"):
         export_merged(adapter_dir, tiny_llama_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_conversion_marker_is_not_copied(tiny_llama_dir, tmp_path):
+    """A base converted from a GGUF carries engine.models' marker; the merged model is no longer that GGUF."""
+    import shutil
+
+    from engine.models import COMPLETE_MARKER
+
+    base_dir = tmp_path / "converted"
+    shutil.copytree(tiny_llama_dir, base_dir)
+    (base_dir / COMPLETE_MARKER).write_text(json.dumps({"gguf": "/models/base.gguf", "converted_by": "lora-lab"}))
+    out = export_merged(make_adapter(base_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged").path
+    assert not (out / COMPLETE_MARKER).exists() and (out / "config.json").is_file()
