@@ -7,6 +7,7 @@ was written).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class ExportResult:
     lines: tuple[str, ...] = field(default=())
 
 
-def resolve_base(model: str) -> tuple[Path, str]:
+def resolve_base(model: str, log: Callable[[str], None] = lambda _msg: None) -> tuple[Path, str]:
     """(local HF folder of the base, how the Modelfile's FROM and the note should name it).
 
     llama.cpp and Ollama want the base as GGUF: a `.gguf` reference names itself, and a folder that
@@ -47,7 +48,7 @@ def resolve_base(model: str) -> tuple[Path, str]:
     """
     from engine.models import resolve_model
 
-    base_dir = Path(resolve_model(model))
+    base_dir = Path(resolve_model(model, log=log))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return base_dir, str(path.resolve())
@@ -80,8 +81,9 @@ def _gguf_target(out: Path, adapter: Path) -> Path:
     return out / f"{ollama_model_name(adapter)}.gguf"
 
 
-def run_export(request: ExportRequest) -> ExportResult:
-    base_dir, base_ref = resolve_base(request.model)
+def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg: None) -> ExportResult:
+    """Write the export; `log` gets progress lines (model download or GGUF conversion) as they happen."""
+    base_dir, base_ref = resolve_base(request.model, log=log)
     if request.to == "merged":
         from engine.export_merged import export_merged
 

@@ -79,3 +79,20 @@ def test_gguf_base_is_named_in_modelfile_and_note(tiny_llama_dir, adapter_dir, t
     assert main(["export", "--model", str(converted), "--adapter", str(adapter_dir), "--to", "gguf",
                  "--out", str(tmp_path / "export2")]) == 0
     assert f"FROM {base_gguf.resolve()}\n" in (tmp_path / "export2" / "Modelfile").read_text()
+
+
+def test_demo_style_marker_names_the_gguf_beside_the_folder(tiny_llama_dir, tmp_path):
+    """The demo's marker names its GGUF by file name only; it lies beside the converted folder."""
+    import json
+    import shutil
+
+    from engine.export import resolve_base
+    from engine.models import COMPLETE_MARKER
+
+    folder = tmp_path / "models" / "Tiny-Instruct"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"gguf": "Tiny-Instruct.Q4_1.gguf", "hub_id": "org/tiny"}))
+    assert resolve_base(str(folder)) == (folder.resolve(), str(folder.resolve()))  # GGUF not there (yet)
+    (tmp_path / "models" / "Tiny-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    assert resolve_base(str(folder)) == (folder.resolve(), str((tmp_path / "models" / "Tiny-Instruct.Q4_1.gguf")
+                                                                .resolve()))

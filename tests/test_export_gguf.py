@@ -10,7 +10,7 @@ import pytest
 from engine.atomic import DiskFullError
 from engine.export_gguf import GGUF_ARCHS, GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
 from engine.peft_adapter import read_base_config
-from tests.peft_adapters import load_base, make_adapter, make_mistral
+from tests.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from tests.tiny import ARCHITECTURES
 
 MODEL_TYPES = (*ARCHITECTURES, "mistral")
@@ -39,7 +39,8 @@ def _peft_lora(base_dir, adapter_dir) -> dict:
     """{gguf base name: (A, B, PEFT delta)} from PEFT's own loaded layers."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
     out = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from engine.peft_adapter import check_fits_base, pattern_key, read_adapter, read_base_config
-from tests.peft_adapters import load_base, make_adapter
+from tests.peft_adapters import load_base, make_adapter, quiet_peft
 
 
 def _peft_layers(base_dir, adapter_dir):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
     return {name.removeprefix("base_model.model."): module for name, module in model.named_modules()
             if hasattr(module, "lora_A") and "default" in module.lora_A}
 

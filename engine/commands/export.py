@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -25,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     request = ExportRequest(model=args.model, adapter=args.adapter, to=args.to, out=args.out,
                             gguf_dtype=args.gguf_dtype, overwrite=args.force)
-    for line in run_export(request).lines:
+    for line in run_export(request, log=lambda msg: print(msg, file=sys.stderr, flush=True)).lines:
         print(line)
     return 0
