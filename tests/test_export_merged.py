@@ -155,3 +155,14 @@ def test_conversion_marker_is_not_copied(tiny_llama_dir, tmp_path):
     (base_dir / COMPLETE_MARKER).write_text(json.dumps({"gguf": "/models/base.gguf", "converted_by": "lora-lab"}))
     out = export_merged(make_adapter(base_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged").path
     assert not (out / COMPLETE_MARKER).exists() and (out / "config.json").is_file()
+
+
+def test_base_without_safetensors_is_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    base_dir = tmp_path / "bin-base"
+    shutil.copytree(tiny_llama_dir, base_dir)
+    (base_dir / "model.safetensors").rename(base_dir / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="merging needs safetensors weights"):
+        export_merged(make_adapter(tiny_llama_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
