@@ -83,6 +83,9 @@ def _gguf_target(out: Path, adapter: Path) -> Path:
 
 def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg: None) -> ExportResult:
     """Write the export; `log` gets progress lines (model download or GGUF conversion) as they happen."""
+    from engine.peft_adapter import read_adapter
+
+    read_adapter(request.adapter)  # refuse DoRA & co. before a possibly slow download or GGUF conversion
     base_dir, base_ref = resolve_base(request.model, log=log)
     if request.to == "merged":
         from engine.export_merged import export_merged

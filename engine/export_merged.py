@@ -77,6 +77,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
                     if mod is not None:
                         update = torch.from_numpy(mod.delta())
                         t = (t.to(torch.float32) + update).to(t.dtype)
+                        if not torch.isfinite(t).all():
+                            raise ValueError(f"merging overflows {t.dtype} in {key}: the adapter's update is too"
+                                             " large for the base's dtype; this adapter cannot be merged")
                         merged += 1
                     tensors[key] = t.contiguous()
             save_file(tensors, tmp / shard, metadata={**metadata, "format": "pt"})

@@ -166,3 +166,14 @@ def test_base_without_safetensors_is_refused(tiny_llama_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="merging needs safetensors weights"):
         export_merged(make_adapter(tiny_llama_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_overflowing_the_base_dtype_is_refused(tiny_model_dirs, tmp_path):
+    import torch
+
+    base_dir = tmp_path / "base-f16"
+    load_base(tiny_model_dirs["qwen2"]).to(torch.float16).save_pretrained(base_dir)
+    adapter_dir = make_adapter(tiny_model_dirs["qwen2"], tmp_path / "adapter", b_std=1e5)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        export_merged(adapter_dir, base_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
