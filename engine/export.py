@@ -20,7 +20,7 @@ class ExportRequest:
     adapter: Path              # PEFT adapter folder
     to: str                    # "gguf" | "merged"
     out: Path                  # gguf: a folder, or a file name ending in .gguf; merged: a new folder
-    gguf_dtype: str = "f16"    # "f16" | "f32"
+    gguf_dtype: str = "f32"    # "f32" (exact, llama.cpp's converter default) | "f16" (half the size)
     overwrite: bool = False
 
     def __post_init__(self):

@@ -109,7 +109,7 @@ def _b_for_llama_cpp(mod: LoraModule, alpha: float) -> np.ndarray:
 
 
 def export_gguf_adapter(adapter_dir: Path | str, base_dir: Path | str, out_path: Path | str,
-                        dtype: str = "f16") -> GgufExport:
+                        dtype: str = "f32") -> GgufExport:
     """Write `adapter_dir` (PEFT) as a llama.cpp LoRA GGUF for the base model in `base_dir`, atomically."""
     import gguf
 

@@ -20,13 +20,13 @@ def test_export_gguf_writes_adapter_modelfile_and_note(tiny_llama_dir, adapter_d
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README-llama.cpp-ollama.md", "my-adapter.gguf"]
-    assert "28 tensors, f16, arch llama" in printed and "Q/K row permutation to 4 lora_b tensors" in printed
+    assert "28 tensors, f32, arch llama" in printed and "Q/K row permutation to 4 lora_b tensors" in printed
     assert gguf.GGUFReader(out / "my-adapter.gguf").fields["general.type"].contents() == "adapter"
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM {tiny_llama_dir.resolve()}" in modelfile and "ADAPTER ./my-adapter.gguf" in modelfile
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
-    assert main([*argv, "--force", "--gguf-dtype", "f32"]) == 0
-    assert "f32" in capsys.readouterr().out
+    assert main([*argv, "--force", "--gguf-dtype", "f16"]) == 0
+    assert "28 tensors, f16" in capsys.readouterr().out
 
 
 def test_export_to_named_gguf_file(tiny_llama_dir, adapter_dir, tmp_path):
