@@ -96,11 +96,12 @@ def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg:
             f" {len(merged.shards)} safetensors file(s)); load it with AutoModelForCausalLM.from_pretrained",))
 
     from engine.export_gguf import export_gguf_adapter
-    from engine.ollama import write_ollama_files
+    from engine.ollama import MODELFILE, NOTE, write_ollama_files
 
     target = _gguf_target(Path(request.out), Path(request.adapter))
-    if target.exists() and not request.overwrite:
-        raise FileExistsError(f"{target} already exists; choose another --out or pass --force")
+    for existing in (target, target.parent / MODELFILE, target.parent / NOTE):
+        if existing.exists() and not request.overwrite:
+            raise FileExistsError(f"{existing} already exists; choose another --out or pass --force")
     written = export_gguf_adapter(request.adapter, base_dir, target, dtype=request.gguf_dtype)
     modelfile, note, conversion = write_ollama_files(target.parent, base_ref, base_dir, target, written.arch,
                                                      written.alpha, list(written.ranks), Path(request.adapter))

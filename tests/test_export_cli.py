@@ -96,3 +96,18 @@ def test_demo_style_marker_names_the_gguf_beside_the_folder(tiny_llama_dir, tmp_
     (tmp_path / "models" / "Tiny-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     assert resolve_base(str(folder)) == (folder.resolve(), str((tmp_path / "models" / "Tiny-Instruct.Q4_1.gguf")
                                                                 .resolve()))
+
+
+def test_second_adapter_into_the_same_folder_needs_force(tiny_llama_dir, adapter_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "export"
+    assert main(["export", "--model", str(tiny_llama_dir), "--adapter", str(adapter_dir), "--to", "gguf",
+                 "--out", str(out)]) == 0
+    other = tmp_path / "other-adapter"
+    shutil.copytree(adapter_dir, other)
+    capsys.readouterr()
+    assert main(["export", "--model", str(tiny_llama_dir), "--adapter", str(other), "--to", "gguf",
+                 "--out", str(out)]) == 2
+    assert "Modelfile already exists" in capsys.readouterr().err
+    assert not (out / "other-adapter.gguf").exists() and "my-adapter.gguf" in (out / "Modelfile").read_text()
