@@ -255,7 +255,8 @@ class ChatEngine:
         """Reload what `snapshot` had, add `new_adapter` and make it active (else the snapshot's active one).
 
         The handover's way back after training: it works while chat requests are locked out. Returns the name
-        of the new adapter. An adapter folder that vanished meanwhile is skipped rather than blocking the chat.
+        of the new adapter. An adapter folder that vanished meanwhile is skipped rather than blocking the chat;
+        a new adapter that does not load raises AdapterError with the rest restored.
         """
         with self._lock:
             if self._model is not None:
@@ -268,10 +269,11 @@ class ChatEngine:
                     self._load_adapter(path, name)
                     if path == new_path:  # retrained into the same folder: the files there are the new ones
                         new_name = name
+            self._active = snapshot.active if snapshot.active in self._adapters else None
             if new_path is not None and new_name is None:
-                new_name = self._load_adapter(new_path, None)
-            active = new_name if new_name is not None else snapshot.active
-            self._active = active if active in self._adapters else None
+                new_name = self._load_adapter(new_path, None)  # if it does not fit, chat stays as it was
+            if new_name is not None:
+                self._active = new_name
             return new_name
 
     # -- adapters ----------------------------------------------------------------------------------------------
