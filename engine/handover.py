@@ -75,6 +75,11 @@ class Handover:
         self._cancelled = False
         chat.generation_listeners.append(self._on_generation)
 
+    def close(self):
+        """Stop following the chat engine's answers (a coordinator that is no longer used)."""
+        if self._on_generation in self.chat.generation_listeners:
+            self.chat.generation_listeners.remove(self._on_generation)
+
     @property
     def state(self) -> HandoverState:
         return self._state

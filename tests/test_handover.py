@@ -46,7 +46,8 @@ def chat(tiny_llama_dir, adapters):
 def handover(chat):
     coordinator = Handover(chat)
     yield coordinator
-    chat.generation_listeners.clear()
+    coordinator.close()
+    assert chat.generation_listeners == []
 
 
 def assert_logits_of(chat, model_dir, adapter_dir):
