@@ -78,7 +78,7 @@ def build_model(shape: dict, out_dir: Path) -> int:
         if "norm" in k:
             tensors[k] = torch.ones_like(tensors[k])
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     config.save_pretrained(out_dir)
     return sum(t.numel() for t in tensors.values())
 

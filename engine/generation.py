@@ -32,16 +32,19 @@ class GenerationSettings:
         def bad(name, value, rule):
             raise ValueError(f"generation setting {name}={value!r} is invalid: {rule}")
 
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or not 1 <= self.max_new_tokens <= 32768:
             bad("max_new_tokens", self.max_new_tokens, "use a whole number from 1 to 32768")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 10.0:
+        if not number(self.temperature) or not 0.0 <= self.temperature <= 10.0:
             bad("temperature", self.temperature, "use a number from 0 (greedy) to 10")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             bad("top_p", self.top_p, "use a number above 0 and at most 1 (1 disables it)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "use a whole number >= 0 (0 disables it)")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
+        if not number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
             bad("repetition_penalty", self.repetition_penalty, "use a number above 0 and at most 10 (1 disables it)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):

@@ -8,7 +8,9 @@ with peft and switched per answer, so switching (or answering with the base alon
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -64,6 +66,7 @@ class ChatSnapshot:
     """What the chat had loaded, so the handover can bring exactly this back after training."""
 
     model_ref: str
+    model_path: Path  # the local folder model_ref resolved to, so coming back needs no download or conversion
     adapters: tuple[tuple[str, Path], ...]  # (name, folder) in load order
     active: str | None
 
@@ -95,13 +98,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def trim_process_heap():
+    """Return freed heap memory to the OS (glibc keeps freed blocks, even large ones, for reuse)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def release_cached_memory(device: torch.device):
-    """Hand the framework's cached blocks back to the driver, so another GPU user can have them."""
+    """Hand the framework's cached blocks back to the driver (or the OS), so another user can have them."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+    trim_process_heap()  # a model loaded on the CPU (or staged there) lived on the heap
 
 
 def torch_memory(device: torch.device) -> dict | None:
@@ -144,6 +157,9 @@ class ChatEngine:
 
     def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else best_device()
+        if self.device.type == "cuda" and self.device.index is None:
+            # An explicit index keeps device_map, memory queries and synchronize on the same GPU.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self._lock = threading.RLock()
         self._model = None  # a transformers PreTrainedModel, or a peft PeftModel around it once adapters exist
@@ -189,9 +205,13 @@ class ChatEngine:
         """Refuse chat requests with `reason` (the handover sets TrainingInProgress); None lets them in again."""
         self._lockout = reason
 
+    def _check_lockout(self):
+        reason = self._lockout
+        if reason is not None:
+            raise type(reason)(*reason.args)  # a fresh exception per request, not one traceback piling up
+
     def _require_model(self):
-        if self._lockout is not None:
-            raise self._lockout
+        self._check_lockout()
         if self._model is None:
             raise ModelNotLoaded("no chat model is loaded; load a model first")
 
@@ -200,15 +220,14 @@ class ChatEngine:
             raise ChatBusy(f"cannot {doing} while an answer is being generated; stop it or wait for it to end")
 
     # -- model -------------------------------------------------------------------------------------------------
-    def load(self, model_ref: str | Path, path: Path | None = None):
+    def load(self, model_ref: str | Path):
         """Load a model (local folder, .gguf, hub id) on this engine's device, replacing any loaded one."""
-        if self._lockout is not None:
-            raise self._lockout
+        self._check_lockout()
         with self._lock:
             self._require_idle("load a model")
             if self._model is not None:
                 self.unload()
-            self._load(str(model_ref), path if path is not None else resolve_model_folder(model_ref))
+            self._load(str(model_ref), resolve_model_folder(model_ref))
 
     def _load(self, model_ref: str, path: Path):
         if self._tokenizer_cache is not None and self._tokenizer_cache[0] == path:
@@ -253,7 +272,7 @@ class ChatEngine:
         with self._lock:
             if self._model is None:
                 return None
-            return ChatSnapshot(self._model_ref, tuple(self._adapters.items()), self._active)
+            return ChatSnapshot(self._model_ref, self._model_path, tuple(self._adapters.items()), self._active)
 
     def restore(self, snapshot: ChatSnapshot, new_adapter: Path | None = None) -> str | None:
         """Reload what `snapshot` had, add `new_adapter` and make it active (else the snapshot's active one).
@@ -265,7 +284,7 @@ class ChatEngine:
         with self._lock:
             if self._model is not None:
                 self.unload()
-            self._load(snapshot.model_ref, resolve_model_folder(snapshot.model_ref))
+            self._load(snapshot.model_ref, snapshot.model_path)
             new_path = Path(new_adapter).resolve() if new_adapter is not None else None
             new_name = None
             for name, path in snapshot.adapters:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 import threading
 import time
 import weakref
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from engine.generation import GenerationSettings
-from engine.inference import (ACTIVE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded, TrainingInProgress,
-                              best_device)
+from engine.inference import (ACTIVE, FALLBACK_CHAT_TEMPLATE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
+                              TrainingInProgress, best_device, trim_process_heap)
 from tests.chat_helpers import make_adapter, make_weighty_llama, peft_reference
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -42,6 +44,7 @@ def engine(tiny_llama_dir):
 # -- settings and device ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
     ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("max_new_tokens", True), ("temperature", -0.1),
+    ("temperature", True),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0.0), ("seed", -3), ("seed", "7"),
 ])
 def test_settings_reject_bad_values(field, value):
@@ -74,6 +77,27 @@ def test_prompt_goes_through_chat_template(engine):
     expected = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
     assert expected.endswith("<|im_start|>assistant\n")
     assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_a_model_without_chat_template_gets_chatml(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = ChatEngine(device="cpu")
+    chat.load(folder)
+    assert chat._tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    prompt = chat._tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+                      "<|im_end|>\n<|im_start|>assistant\n")
+    chat.unload()
+
+
+def test_loading_something_that_is_not_a_model_says_so(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="nothing-here"):
+        ChatEngine(device="cpu").load(tmp_path / "nothing-here")
 
 
 @pytest.mark.parametrize("messages,match", [
@@ -249,6 +273,7 @@ def test_unload_frees_every_tensor_and_the_memory(tiny_llama_dir, tmp_path, adap
     process = psutil.Process()
     chat = ChatEngine(device="cpu")
     gc.collect()
+    trim_process_heap()  # so the load cannot reuse heap that earlier tests freed without the RSS moving
     before = process.memory_info().rss
     chat.load(tmp_path / "weighty")
     chat.logits(TEXT)  # touch every weight: safetensors maps them lazily
