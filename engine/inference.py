@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
 from engine.generation import ChatStream, GenerationSettings
@@ -185,6 +186,10 @@ class ChatEngine:
         return self._model_ref
 
     @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._adapters)
 
@@ -236,8 +241,11 @@ class ChatEngine:
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.chat_template is None:
                 tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-        # device_map puts the weights straight onto the device instead of staging a CPU copy first.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)
+        try:
+            # device_map puts the weights straight onto the device instead of staging a CPU copy first.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ValueError(f"could not load chat model {model_ref} from {path}: {exc}") from exc
         model.eval()
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \

@@ -52,7 +52,7 @@ def handover(chat):
 
 def assert_logits_of(chat, model_dir, adapter_dir):
     reference = peft_reference(model_dir, adapter_dir)
-    ids = chat._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = chat.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = reference(input_ids=ids).logits[0]
     torch.testing.assert_close(chat.logits(TEXT), expected, rtol=1e-4, atol=1e-5)

@@ -73,7 +73,7 @@ def test_best_device_prefers_cuda_then_mps(monkeypatch):
 # -- chat and streaming ----------------------------------------------------------------------------------------
 def test_prompt_goes_through_chat_template(engine):
     ids = engine.prompt_inputs(HELLO)["input_ids"][0].tolist()
-    tokenizer = engine._tokenizer
+    tokenizer = engine.tokenizer
     expected = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
     assert expected.endswith("<|im_start|>assistant\n")
     assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
@@ -88,8 +88,8 @@ def test_a_model_without_chat_template_gets_chatml(tiny_llama_dir, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     chat = ChatEngine(device="cpu")
     chat.load(folder)
-    assert chat._tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
-    prompt = chat._tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
+    assert chat.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    prompt = chat.tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
                       "<|im_end|>\n<|im_start|>assistant\n")
     chat.unload()
@@ -123,7 +123,7 @@ def test_streaming_yields_the_same_text_as_generate(tiny_model_dirs):
         new_ids = out[0, inputs["input_ids"].shape[1]:]
         assert stream.tokens == len(new_ids)
         assert len(pieces) > 1, "the answer must arrive in several pieces, not at the end"
-        assert "".join(pieces) == chat._tokenizer.decode(new_ids, skip_special_tokens=True)
+        assert "".join(pieces) == chat.tokenizer.decode(new_ids, skip_special_tokens=True)
         chat.unload()
 
 
@@ -198,7 +198,7 @@ def _close(actual, model, text_ids):
 
 
 def test_adapters_switch_without_reloading_the_base(engine, adapters, tiny_llama_dir):
-    ids = engine._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = engine.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     base_logits = engine.logits(TEXT)
     _close(base_logits, peft_reference(tiny_llama_dir, None), ids)
     embed = engine._model.get_input_embeddings().weight
@@ -233,7 +233,7 @@ def test_compare_mode_answers_with_base_and_adapter(engine, adapters, tiny_llama
     for adapter, reference in [(None, None), (ACTIVE, adapters["b"])]:
         answer = "".join(engine.stream_chat(HELLO, settings, adapter=adapter))
         out = peft_reference(tiny_llama_dir, reference).generate(**inputs, max_new_tokens=16, do_sample=False)
-        assert answer == engine._tokenizer.decode(out[0, n:], skip_special_tokens=True)
+        assert answer == engine.tokenizer.decode(out[0, n:], skip_special_tokens=True)
 
 
 def test_adapter_errors_are_clear_and_leave_the_engine_working(engine, adapters, tiny_model_dirs, tmp_path):
@@ -260,7 +260,7 @@ def test_remove_adapter(engine, adapters, tiny_llama_dir):
     engine.load_adapter(adapters["a"])
     engine.set_active_adapter(engine.load_adapter(adapters["b"]))
     engine.remove_adapter("a")
-    ids = engine._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = engine.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     _close(engine.logits(TEXT), peft_reference(tiny_llama_dir, adapters["b"]), ids)
     engine.remove_adapter("b")
     assert engine.adapters == () and engine.active_adapter is None
@@ -309,3 +309,11 @@ def test_unload_reports_a_tensor_someone_still_holds(engine):
     report = engine.unload()
     assert report.tensors_still_referenced == 1
     del kept
+
+
+def test_a_broken_model_folder_is_a_clear_error(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="could not load chat model"):
+        ChatEngine(device="cpu").load(folder)
