@@ -129,13 +129,8 @@ def torch_memory(device: torch.device) -> dict | None:
 
 def resolve_model_folder(model_ref: str | Path) -> Path:
     """A local Hugging Face folder for `model_ref` (folder, .gguf file or hub id), via engine.models."""
-    try:
-        from engine.models import resolve_model
-    except ImportError:  # engine/models.py is landing separately; until then only local folders load
-        path = Path(model_ref).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)") from None
-        return path
+    from engine.models import resolve_model
+
     return Path(resolve_model(model_ref))
 
 

@@ -95,9 +95,31 @@ def test_a_model_without_chat_template_gets_chatml(tiny_llama_dir, tmp_path):
     chat.unload()
 
 
-def test_loading_something_that_is_not_a_model_says_so(tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError), match="nothing-here"):
+def test_loading_something_that_is_not_a_model_says_so(tmp_path, tiny_llama_dir, adapters):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
         ChatEngine(device="cpu").load(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a base model"):
+        ChatEngine(device="cpu").load(adapters["a"])
+
+
+def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_path, monkeypatch):
+    """References go through engine.models (the conversion itself is tested there); the snapshot keeps both."""
+    import engine.models
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    converted = []
+    monkeypatch.setattr(engine.models, "convert_gguf_cached",
+                        lambda path, log: converted.append(path) or tiny_llama_dir)
+    chat = ChatEngine(device="cpu")
+    chat.load(gguf)
+    assert converted == [gguf] and chat.model_ref == str(gguf)
+    snapshot = chat.snapshot()
+    assert snapshot.model_path == tiny_llama_dir
+    chat.unload()
+    chat.restore(snapshot)  # straight from the converted folder: no second conversion
+    assert converted == [gguf] and chat.loaded
+    chat.unload()
 
 
 @pytest.mark.parametrize("messages,match", [
