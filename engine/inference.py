@@ -112,6 +112,11 @@ def release_cached_memory(device: torch.device):
     """Hand the framework's cached blocks back to the driver (or the OS), so another user can have them."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+        # cuBLAS keeps its matmul workspaces in torch's allocator for the life of its handles; empty_cache alone
+        # leaves them allocated (torch's own CUDA leak check clears them the same way before counting).
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
