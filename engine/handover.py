@@ -139,8 +139,8 @@ class Handover:
 
     async def _train(self, run, release):
         self.chat.lock_out(TrainingInProgress(TRAINING_MESSAGE))
-        snapshot = self.chat.snapshot()
         self._enter(HandoverState.UNLOADING)
+        snapshot = await self._in_thread(self.chat.snapshot)  # waits for the engine lock off the event loop
         report = await self._in_thread(self.chat.unload)
         if report.tensors_still_referenced:
             self._enter(HandoverState.RELOADING)
