@@ -15,6 +15,7 @@ pre-made random LoRA adapter (r=16 on every projection): the JSON says so under 
 should call ready() once its device and buffers exist, then save the adapter into adapter_dir and return it
 (or an object with .adapter_dir). A `--train-cmd` runs in a subprocess ({adapter_dir} is substituted).
 
+Also measured once: decode speed of a sampled answer and how long a stop takes to end the stream mid-answer.
 Figures per repeat: torch memory with chat loaded / during training / after reload, the time from the start
 of the handover until training may start (unload), until the hook said ready, and from training done until
 chat is ready (release + reload + new adapter active), plus the time to the first answer after the reload.
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -119,6 +121,28 @@ def first_answer_seconds(chat: ChatEngine) -> tuple[float, int]:
     for _ in stream:
         pass
     return time.perf_counter() - started, stream.tokens
+
+
+def answer_speed_and_stop(chat: ChatEngine) -> dict:
+    """Decode speed of a sampled answer, and the time from a stop request to the stream's end mid-answer."""
+    settings = GenerationSettings(max_new_tokens=64, temperature=1.0, top_k=0, seed=0)
+    started = time.perf_counter()
+    stream = chat.stream_chat(PROMPT, settings)
+    for _ in stream:
+        pass
+    decode_s = time.perf_counter() - started
+    tokens = stream.tokens
+    cancel = threading.Event()
+    stream = chat.stream_chat(PROMPT, GenerationSettings(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0),
+                              cancel_event=cancel)
+    while stream.tokens < 16:  # counted, not read: this tokenizer decodes most of the model's ids to nothing
+        time.sleep(0.001)
+    stopped = time.perf_counter()
+    cancel.set()
+    for _ in stream:
+        pass
+    return {"tokens": tokens, "tokens_per_s": tokens / decode_s, "stop_latency_s": time.perf_counter() - stopped,
+            "tokens_before_stop_took_effect": stream.tokens}
 
 
 def make_training(args, premade_adapter: Path, device: torch.device, marks: dict):
@@ -215,6 +239,7 @@ def main(argv=None) -> int:
         cold_load_s = time.perf_counter() - started
         chat.set_active_adapter(chat.load_adapter(adapter_dir, name="previous"))
         first_answer_seconds(chat)  # warm up kernels so the first repeat is not penalised
+        answer = answer_speed_and_stop(chat)
         repeats = [one_repeat(chat, args, adapter_dir) for _ in range(args.repeats)]
         chat.unload()
 
@@ -234,6 +259,7 @@ def main(argv=None) -> int:
         },
         "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": params, "dtype": str(chat.dtype)},
         "cold_load_s": cold_load_s,
+        "answer": answer,
         "median": {k: median(k) for k in ("unload_to_training_start_s", "unload_to_training_ready_s",
                                           "training_done_to_chat_ready_s", "first_answer_after_reload_s")},
         "goal_s": 2.0,
