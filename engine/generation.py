@@ -1,8 +1,9 @@
 """Generation settings and the streaming machinery of one chat answer (no Qt, no model loading).
 
-`ChatStream` runs `model.generate` in its own thread and hands the answer over piece by piece. Stopping goes
-through a StoppingCriteria that `generate` checks after every token, so a stop takes effect as soon as the
-forward pass in flight ends (milliseconds for small models), and the stream always ends through the same path.
+`ChatStream` runs `model.generate` in its own thread and hands the answer over piece by piece. A stop ends
+the iteration within one poll interval (10 ms), whatever the model's speed; generation itself ends through a
+StoppingCriteria that `generate` checks after every token, so it lets go of the model once the forward pass in
+flight is done. `cancel()` (what unloading uses) waits for that too.
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ class _PieceStreamer(BaseStreamer):
 
 
 _END = object()
+_POLL_S = 0.01  # how often an iterating thread looks at the stop events while waiting for the next piece
 
 
 class ChatStream:
@@ -163,10 +165,29 @@ class ChatStream:
     def __iter__(self):
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested (the model may still be finishing the token in flight)."""
+        return any(e.is_set() for e in self._criteria.events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until generate() has returned; True if it has."""
+        return self.finished.wait(timeout)
+
     def __next__(self) -> str:
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        # Poll so that a stop ends the iteration at once, without waiting for the forward pass in flight (a
+        # token can take longer than 100 ms on a CPU); generation itself lets go of the model after that token.
+        while True:
+            if self.stopping:
+                self._done, self._error = True, None
+                raise StopIteration
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                continue
         if item is _END:
             self._done = True
             self._thread.join()

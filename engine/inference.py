@@ -221,6 +221,11 @@ class ChatEngine:
             raise ModelNotLoaded("no chat model is loaded; load a model first")
 
     def _require_idle(self, doing: str):
+        stream = self._stream
+        if stream is not None and stream.stopping:
+            # A stopped answer ends its iteration at once but lets go of the model only after the token in
+            # flight: wait for that rather than refuse the next request.
+            stream.wait(timeout=30)
         if self.generating:
             raise ChatBusy(f"cannot {doing} while an answer is being generated; stop it or wait for it to end")
 
