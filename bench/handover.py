@@ -16,7 +16,8 @@ Callable[[], None]) and should call ready() once its device and buffers exist, t
 model_dir, save the adapter into adapter_dir and return it (or an object with .adapter_dir). A `--train-cmd`
 runs in a subprocess ({model_dir} and {adapter_dir} are substituted).
 
-Also measured once: decode speed of a sampled answer and how long a stop takes to end the stream mid-answer.
+Also measured once: decode speed of a sampled answer, how long a stop takes to end the stream mid-answer, and
+until generation has let go of the model (the token in flight finishes first).
 Figures per repeat: torch memory with chat loaded / during training / after reload, the time from the start
 of the handover until training may start (unload), until the hook said ready, and from training done until
 chat is ready (release + reload + new adapter active), plus the time to the first answer after the reload.
@@ -142,7 +143,10 @@ def answer_speed_and_stop(chat: ChatEngine) -> dict:
     cancel.set()
     for _ in stream:
         pass
-    return {"tokens": tokens, "tokens_per_s": tokens / decode_s, "stop_latency_s": time.perf_counter() - stopped,
+    stream_ended_s = time.perf_counter() - stopped
+    stream.wait()
+    return {"tokens": tokens, "tokens_per_s": tokens / decode_s, "stop_latency_s": stream_ended_s,
+            "model_released_after_stop_s": time.perf_counter() - stopped,
             "tokens_before_stop_took_effect": stream.tokens}
 
 
