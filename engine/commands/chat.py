@@ -1,6 +1,6 @@
-"""`lora-lab chat MODEL [--adapter DIR]... [PROMPT]`: stream answers in the terminal.
+"""`lora-lab chat --model M [--adapter DIR]... [--prompt TEXT]`: stream answers in the terminal.
 
-With a PROMPT it answers once; without, it reads one user turn per line from stdin and keeps the history.
+With --prompt it answers once; without, it reads one user turn per line from stdin and keeps the history.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from engine.generation import GenerationSettings
 
 def register(sub) -> None:
     parser = sub.add_parser("chat", help="chat with a model (and LoRA adapters) through transformers + peft")
-    parser.add_argument("model", help="model folder, .gguf file or hub id")
-    parser.add_argument("prompt", nargs="?", help="answer this once; without it, read turns from stdin")
+    parser.add_argument("--model", required=True, help="model folder, .gguf file, hub id or 'demo'")
+    parser.add_argument("--prompt", help="answer this once; without it, read turns from stdin")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="PEFT adapter folder to load (repeatable; the last one is active)")
     parser.add_argument("--base", action="store_true", help="answer with the base model, adapters loaded but off")
