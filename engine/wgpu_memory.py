@@ -49,6 +49,8 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
     per_layer += nbytes((B, spec.heads, T)) + NORM_PARAMS            # attention: D = rowsum(dO·O) + params
+    if spec.heads > spec.kv_heads:                                   # GQA: per-query-head dk, dv before the sum
+        per_layer += 2 * nbytes((B * T, spec.q_dim))
     per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
     chunks = -(-(B * T) // chunk)
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
