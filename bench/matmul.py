@@ -1,7 +1,7 @@
 """GFLOP/s of the engine's GEMM (shaders/linear.wgsl) at the products a SmolLM2-135M training step runs.
 
-For the lead's tuning runs on real GPUs: each product as the engine would dispatch it (auto: WIDE and split-K
-chosen as in training), and forced plain 64×64 / WIDE 128×64 tiles. Prints one JSON object.
+For the lead's tuning runs on real GPUs: each product as the engine would dispatch it (auto: tile and split-K
+chosen as in training), and with each tile (64×64, 128×64, 128×128) forced. Prints one JSON object.
     python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--repeats 20]
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, Matmul  # noqa: E402
+from engine.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul  # noqa: E402
 
 
 def products(bt: int, hidden: int = 576, kv: int = 192, mlp: int = 1536, rank: int = 16, vocab_chunk: int = 341,
@@ -38,14 +38,14 @@ def products(bt: int, hidden: int = 576, kv: int = 192, mlp: int = 1536, rank: i
     }
 
 
-def time_product(ctx, shape: GemmShape, repeats: int, wide, partials) -> dict:
+def time_product(ctx, shape: GemmShape, repeats: int, tile, partials) -> dict:
     rng = np.random.default_rng(0)
     a_rows = shape.K if shape.trans_a else shape.M
     b_rows = shape.N if shape.trans_b else shape.K
     a = ctx.upload(rng.standard_normal(a_rows * (shape.M if shape.trans_a else shape.K), np.float32), "a")
     b = ctx.upload(rng.standard_normal(b_rows * (shape.K if shape.trans_b else shape.N), np.float32), "b")
     c = ctx.buffer(4 * shape.M * shape.N, "c")
-    mm = Matmul(ctx, c, a, b, shape, wide=wide, partials=partials)
+    mm = Matmul(ctx, c, a, b, shape, tile=tile, partials=partials)
     for n in (1, repeats):
         enc = ctx.encoder("bench")
         for _ in range(n):
@@ -57,7 +57,7 @@ def time_product(ctx, shape: GemmShape, repeats: int, wide, partials) -> dict:
     for buf in (a, b, c):
         buf.destroy()
     flops = 2.0 * shape.M * shape.N * shape.K * repeats
-    return {"gflops": flops / elapsed / 1e9, "us": 1e6 * elapsed / repeats, "wide": mm.wide, "splits": mm.splits}
+    return {"gflops": flops / elapsed / 1e9, "us": 1e6 * elapsed / repeats, "tile": mm.tile, "splits": mm.splits}
 
 
 def main(argv=None) -> int:
@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     for batch in args.batch_sizes:
         for name, shape in products(batch * seq, vocab=2048 if args.quick else 49152).items():
             row = {"batch_size": batch, "product": name, "M": shape.M, "N": shape.N, "K": shape.K}
-            for variant, wide, parts in (("auto", None, partials), ("plain", False, None), ("wide", True, None)):
-                row[variant] = time_product(ctx, shape, repeats, wide, parts)
+            row["auto"] = time_product(ctx, shape, repeats, None, partials)
+            for rows, cols in TILES:
+                row[f"{rows}x{cols}"] = time_product(ctx, shape, repeats, (rows, cols), None)
             report["results"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))

@@ -13,8 +13,9 @@
 // the real C with alpha, bias and beta. No atomics, so results are deterministic.
 //
 // Tiling: a 16×16 workgroup computes a 64×64 tile of C, each invocation a 4×4 block held in four vec4
-// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA); WIDE doubles the tile to
-// 128×64 and the block to 8×4 (rows lid.y·4.. and 64 + lid.y·4..) for large products. K advances in steps of
+// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA); WIDE doubles the tile's
+// rows (the invocation also takes rows 64 + lid.y·4..), WIDE_N its columns (columns 64 + lid.x·4..), up to a
+// 128×128 tile with an 8×8 block in sixteen vec4s, for large products. K advances in steps of
 // 16 through workgroup memory. Edges are zero-padded on load and masked on store, so no size needs to be a
 // multiple of anything.
 struct Params {
@@ -26,7 +27,8 @@ struct Params {
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
-override WIDE: bool = false;      // 128-row tiles, 8×4 per invocation: twice the FMAs per load, half the tiles
+override WIDE: bool = false;      // 128-row tiles (8 rows per invocation): more FMAs per load, fewer tiles
+override WIDE_N: bool = false;    // 128-column tiles (8 columns per invocation)
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -34,12 +36,12 @@ override WIDE: bool = false;      // 128-row tiles, 8×4 per invocation: twice t
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 
-const BN: u32 = 64u;
 const BK: u32 = 16u;
 
 // Tiles hold vec4s along M (a) and N (b), so the inner loop reads one vec4 of each per k: 2 loads, 16 FMAs.
+// 16 KiB together at the widest (WebGPU's portable workgroup-memory minimum).
 var<workgroup> a_tile: array<vec4<f32>, 512>;  // [BK][BM/4]
-var<workgroup> b_tile: array<vec4<f32>, 256>;  // [BK][BN/4]
+var<workgroup> b_tile: array<vec4<f32>, 512>;  // [BK][BN/4]
 
 fn load_a(m: u32, k: u32, k_end: u32) -> f32 {
     if (m >= params.M || k >= k_end) { return 0.0; }
@@ -75,10 +77,13 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, split: u32) {
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let BM = select(64u, 128u, WIDE);   // rows of the tile
-    let M4 = BM / 4u;                   // vec4s per k-row of a_tile
+    let BM = select(64u, 128u, WIDE);     // rows of the tile
+    let BN = select(64u, 128u, WIDE_N);   // columns of the tile
+    let M4 = BM / 4u;                     // vec4s per k-row of a_tile
+    let N4 = BN / 4u;                     // vec4s per k-row of b_tile
     let row0 = wg.y * BM;
     let col0 = wg.x * BN;
+    // acc: columns lid.x·4.., bcc: columns 64 + lid.x·4.. (WIDE_N); 0-3 rows lid.y·4.., 4-7 rows 64 + .. (WIDE).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
@@ -87,6 +92,14 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var acc5 = vec4<f32>(0.0);
     var acc6 = vec4<f32>(0.0);
     var acc7 = vec4<f32>(0.0);
+    var bcc0 = vec4<f32>(0.0);
+    var bcc1 = vec4<f32>(0.0);
+    var bcc2 = vec4<f32>(0.0);
+    var bcc3 = vec4<f32>(0.0);
+    var bcc4 = vec4<f32>(0.0);
+    var bcc5 = vec4<f32>(0.0);
+    var bcc6 = vec4<f32>(0.0);
+    var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
@@ -99,19 +112,35 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
             a_tile[kk * M4 + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
                                              load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
         }
-        var kb: u32; var n4: u32;
-        if (TRANS_B) { kb = li % 16u; n4 = li / 16u; } else { n4 = li % 16u; kb = li / 16u; }
-        let bn = col0 + n4 * 4u;
-        b_tile[kb * 16u + n4] = vec4<f32>(load_b(k0 + kb, bn, k_end), load_b(k0 + kb, bn + 1u, k_end),
-                                          load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
+        for (var idx = li; idx < BK * N4; idx += 256u) {
+            var kb: u32; var n4: u32;
+            if (TRANS_B) { kb = idx % BK; n4 = idx / BK; } else { n4 = idx % N4; kb = idx / N4; }
+            let bn = col0 + n4 * 4u;
+            b_tile[kb * N4 + n4] = vec4<f32>(load_b(k0 + kb, bn, k_end), load_b(k0 + kb, bn + 1u, k_end),
+                                             load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
+        }
         workgroupBarrier();
         for (var k = 0u; k < BK; k++) {
-            let bv = b_tile[k * 16u + lid.x];
+            let bv = b_tile[k * N4 + lid.x];
             let av = a_tile[k * M4 + lid.y];
             acc0 += av.x * bv;
             acc1 += av.y * bv;
             acc2 += av.z * bv;
             acc3 += av.w * bv;
+            if (WIDE_N) {
+                let bw = b_tile[k * N4 + 16u + lid.x];
+                bcc0 += av.x * bw;
+                bcc1 += av.y * bw;
+                bcc2 += av.z * bw;
+                bcc3 += av.w * bw;
+                if (WIDE) {
+                    let aw = a_tile[k * M4 + 16u + lid.y];
+                    bcc4 += aw.x * bw;
+                    bcc5 += aw.y * bw;
+                    bcc6 += aw.z * bw;
+                    bcc7 += aw.w * bw;
+                }
+            }
             if (WIDE) {
                 let aw = a_tile[k * M4 + 16u + lid.y];
                 acc4 += aw.x * bv;
@@ -133,6 +162,18 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
         store_row(m + 65u, n, acc5, wg.z);
         store_row(m + 66u, n, acc6, wg.z);
         store_row(m + 67u, n, acc7, wg.z);
+    }
+    if (WIDE_N) {
+        store_row(m, n + 64u, bcc0, wg.z);
+        store_row(m + 1u, n + 64u, bcc1, wg.z);
+        store_row(m + 2u, n + 64u, bcc2, wg.z);
+        store_row(m + 3u, n + 64u, bcc3, wg.z);
+        if (WIDE) {
+            store_row(m + 64u, n + 64u, bcc4, wg.z);
+            store_row(m + 65u, n + 64u, bcc5, wg.z);
+            store_row(m + 66u, n + 64u, bcc6, wg.z);
+            store_row(m + 67u, n + 64u, bcc7, wg.z);
+        }
     }
 }
 

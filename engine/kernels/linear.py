@@ -20,8 +20,8 @@ TILE_K = 16   # K step through workgroup memory (BK)
 SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
 SPLIT_MIN_K = 128               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
-WIDE_TILE_M = 128               # the WIDE variant's rows per workgroup (8×4 per invocation)
-WIDE_MIN_WORKGROUPS = 512       # use WIDE only where it still leaves this many workgroups (a large GPU busy)
+TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
+WIDE_MIN_WORKGROUPS = 512       # a larger tile only where it still leaves this many workgroups (a large GPU busy)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,15 @@ def split_k(shape: GemmShape, partial_floats: int) -> int:
     return max(1, splits)
 
 
+def choose_tile(shape: GemmShape) -> tuple[int, int]:
+    """The largest tile that the product fills and that still leaves WIDE_MIN_WORKGROUPS workgroups."""
+    for rows, cols in TILES[:-1]:
+        if shape.M >= rows and shape.N >= cols and \
+                -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
+            return rows, cols
+    return TILES[-1]
+
+
 def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool, k_chunk: int = 0,
                      splits: int = 1, row_stride: int = 0) -> bytes:
     """The shader's Params struct: 13 u32, alpha, beta, padding (64 bytes, WGSL uniform layout)."""
@@ -74,24 +83,24 @@ class Matmul:
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, wide: bool | None = None, label: str = "matmul"):
+                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul"):
         self.ctx = ctx
         self.shape = shape
         self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
-        if wide is None:
-            wide = (self.splits == 1 and shape.M >= WIDE_TILE_M
-                    and -(-shape.M // WIDE_TILE_M) * -(-shape.N // TILE_N) >= WIDE_MIN_WORKGROUPS)
-        self.wide = wide
+        self.tile = tile or choose_tile(shape) if self.splits == 1 else (TILE_M, TILE_N)
+        if self.tile not in TILES:
+            raise ValueError(f"matmul tile {tile} is not one of {TILES}")
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
-        self.pipeline = ctx.pipeline("linear", "matmul", {"TRANS_A": int(shape.trans_a),
-                                                          "TRANS_B": int(shape.trans_b), "WIDE": int(wide)})
+        self.pipeline = ctx.pipeline("linear", "matmul", {
+            "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
+            "WIDE_N": int(self.tile[1] == 128)})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
-        self.groups = (-(-shape.N // TILE_N), -(-shape.M // (WIDE_TILE_M if wide else TILE_M)), self.splits)
+        self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
         if self.splits == 1:
             self.bind_group = ctx.bind_group(self.pipeline, [c, a, b, bias, self.params], label)
