@@ -16,6 +16,7 @@ from engine.backend import OptimizerConfig, PendingStep, StepResult, TrainingBac
 from engine.gpu import GpuContext, StepEncoder
 from engine.kernels.common import uniform
 from engine.kernels.lm_head import chunk_rows, shift_targets
+from engine.kernels.optimizer import GradNorm, Optimizer
 from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import ModelSpec, load_model_spec, load_weights
 from engine.wgpu_backward import model_backward
@@ -28,14 +29,17 @@ from engine.wgpu_weights import upload_weights
 
 
 class WgpuBackend(TrainingBackend):
+    """Sized once for [batch_size, seq_len]; smaller micro-batches are padded (padding never counts).
+
+    Memory: engine.wgpu_memory.memory_plan(spec, lora, optim, B, T) says beforehand what this allocates.
+    """
+
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
                  tensors: dict[str, np.ndarray] | None = None, max_binding_bytes: int | None = None):
         """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
         ({HF name: array}, e.g. engine.microbench.random_weights) for benchmarks without files.
         `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
-        from engine.kernels.optimizer import GradNorm, Optimizer
-
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
         if isinstance(model, ModelSpec):
