@@ -3,14 +3,15 @@
 //   q, out, dout, dq: [B, T, NH, HD]    k, v, dk, dv: [B, T, NKV, HD]    lse, dsum: [B, NH, T]
 // Query head h reads KV head h / (NH / NKV). Scores are scaled by 1/sqrt(HD).
 //
-// Work split (all four entry points share it): a workgroup owns ROWS rows (query rows, or key rows in
-// attention_backward_dkdv) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in
-// registers (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). A dot product between
-// a register row and a tile row is summed in two steps: each thread's partial over its chunks goes to `red`,
-// then one thread per (row, tile row) adds the TPR partials in a fixed order (deterministic, no atomics).
+// Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
+// the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
+// (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). The other operand streams
+// through workgroup memory BT rows at a time. A dot product between a register row and a tile row is summed
+// in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
+// the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 64 TPR + 72) bytes; the twin picks BT to fit a budget (16 KiB, the WebGPU
-// minimum, unless told otherwise).
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/kernels/attention.py)
+// picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
     seq_len: u32,    // T
@@ -25,7 +26,7 @@ struct Params {
 override ROWS: u32 = 16u;       // register rows per workgroup
 override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
-override BT: u32 = 16u;         // rows per tile loaded into workgroup memory
+override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 
 @group(0) @binding(0) var<uniform> params: Params;

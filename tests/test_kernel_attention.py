@@ -133,3 +133,15 @@ def test_attention_refuses_bad_shapes(gpu_device):
         Attention(ctx, 1, 2, 3, 2, 16, *[b] * 9)
     with pytest.raises(ValueError, match="buffer q"):
         Attention(ctx, 1, 64, 2, 1, 16, ctx.buffer(16, "tiny"), *[b] * 8)
+
+
+def test_params_uniform_follows_the_wgsl_struct():
+    import re
+
+    from engine.gpu import shader_source
+    body = re.search(r"struct Params \{(.*?)\}", shader_source("attention"), re.S).group(1)
+    names = re.findall(r"(\w+):\s*(?:f32|u32)", body)
+    assert names == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale", "dsum_stride", "sum_stride"]
+    raw = Attention.pack_params(2, 7, 6, 2, 64, 128, 256)
+    assert raw.nbytes == 32 and list(raw[:5]) == [2, 7, 6, 2, 3] and list(raw[6:]) == [128, 256]
+    assert raw[5:6].view(np.float32)[0] == np.float32(0.125)
