@@ -53,7 +53,8 @@ def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows:
     hd4 = head_dim // 4
     tpr = -(-hd4 // 4)
     rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
-    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows)))
+    # Each thread prefetches at most two vec4 of a tile row set (shaders/attention.wgsl Fetch).
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows), 2 * rows * tpr // hd4))
     return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
