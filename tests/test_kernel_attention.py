@@ -1,6 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 
+from engine.gpu import shader_source
 from engine.kernels.attention import Attention, tiling, workgroup_bytes
 
 
@@ -137,9 +140,6 @@ def test_attention_refuses_bad_shapes(gpu_device):
 
 
 def test_params_uniform_follows_the_wgsl_struct():
-    import re
-
-    from engine.gpu import shader_source
     body = re.search(r"struct Params \{(.*?)\}", shader_source("attention"), re.S).group(1)
     names = re.findall(r"(\w+):\s*(?:f32|u32)", body)
     assert names == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale", "dsum_stride", "sum_stride"]
