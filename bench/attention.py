@@ -49,9 +49,38 @@ def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows, register_rows):
                      max_tile_rows=rows, register_rows=register_rows)
     fwd = time_encoded(ctx, attn.encode_forward, iters)
     bwd = time_encoded(ctx, attn.encode_backward, iters)
-    parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn._dispatch(enc, e), iters)
-             for entry in attn.BACKWARD_ENTRIES}
+    parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn.encode_entry(enc, e), iters)
+             for entry in attn.backward_entries}
     return fwd, bwd, parts, attn.constants
+
+
+def check_against_torch(ctx, B, T, NH, NKV, HD) -> dict:
+    """Max abs error of out/dq/dk/dv against torch SDPA in float64 (CUDA if present), at full size."""
+    import torch
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(1)
+    arrays = {n: rng.standard_normal(s).astype(np.float32) for n, s in (
+        ("q", (B, T, NH, HD)), ("k", (B, T, NKV, HD)), ("v", (B, T, NKV, HD)), ("dout", (B, T, NH, HD)))}
+    bufs = {n: ctx.upload(a, n) for n, a in arrays.items()}
+    for n, size in (("out", B * T * NH * HD), ("dq", B * T * NH * HD), ("dk", B * T * NKV * HD),
+                    ("dv", B * T * NKV * HD), ("lse", B * NH * T)):
+        bufs[n] = ctx.buffer(4 * size, n)
+    attn = Attention(ctx, B, T, NH, NKV, HD, bufs["q"], bufs["k"], bufs["v"], bufs["out"], bufs["lse"],
+                     bufs["dout"], bufs["dq"], bufs["dk"], bufs["dv"])
+    enc = ctx.encoder()
+    attn.encode_forward(enc)
+    attn.encode_backward(enc)
+    enc.submit()
+    t = {n: torch.from_numpy(a).to(dev, torch.float64).transpose(1, 2).requires_grad_() for n, a in arrays.items()}
+    ref = torch.nn.functional.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True, enable_gqa=True)
+    ref.backward(t["dout"])
+    errors = {}
+    for name, want in (("out", ref), ("dq", t["q"].grad), ("dk", t["k"].grad), ("dv", t["v"].grad)):
+        want = want.detach().transpose(1, 2).cpu().numpy()
+        got = ctx.read(bufs[name], count=want.size).reshape(want.shape)
+        errors[f"max_abs_err_{name}"] = float(np.abs(got - want).max())
+        errors[f"max_abs_{name}"] = float(np.abs(want).max())
+    return errors
 
 
 def bench_torch(B, T, NH, NKV, HD, iters):
@@ -89,6 +118,7 @@ def main():
     parser.add_argument("--shapes", default="1x2048x32x8x64,1x2048x32x8x128,1x2048x16x4x256,4x512x14x2x64")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--check", action="store_true", help="also compare with torch SDPA in float64")
     parser.add_argument("--workgroup-budget", type=int, default=None,
                         help="workgroup memory budget in bytes (default: the adapter's limit)")
     parser.add_argument("--tile-rows", default=str(MAX_TILE_ROWS), help="comma-separated maximum tile rows")
@@ -114,6 +144,9 @@ def main():
             print(json.dumps(row), file=sys.stderr, flush=True)
         if not args.no_torch:
             report["results"][-1].update(bench_torch(B, T, NH, NKV, HD, args.iters) or {})
+        if args.check:
+            report["results"][-1].update(check_against_torch(ctx, B, T, NH, NKV, HD))
+            print(json.dumps(report["results"][-1]), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
 
 

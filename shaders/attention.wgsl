@@ -3,14 +3,15 @@
 //   q, out, dout, dq: [B, T, NH, HD]    k, v, dk, dv: [B, T, NKV, HD]    lse, dsum: [B, NH, T]
 // Query head h reads KV head h / (NH / NKV). Scores are scaled by 1/sqrt(HD).
 //
-// Work split (all four entry points share it): a workgroup owns ROWS rows (query rows, or key rows in
-// attention_backward_dkdv) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in
-// registers (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). A dot product between
-// a register row and a tile row is summed in two steps: each thread's partial over its chunks goes to `red`,
-// then one thread per (row, tile row) adds the TPR partials in a fixed order (deterministic, no atomics).
+// Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
+// the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
+// (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). The other operand streams
+// through workgroup memory BT rows at a time. A dot product between a register row and a tile row is summed
+// in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
+// the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 64 TPR + 72) bytes; the twin picks BT to fit a budget (16 KiB, the WebGPU
-// minimum, unless told otherwise).
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/kernels/attention.py)
+// picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
     seq_len: u32,    // T
@@ -25,7 +26,7 @@ struct Params {
 override ROWS: u32 = 16u;       // register rows per workgroup
 override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
-override BT: u32 = 16u;         // rows per tile loaded into workgroup memory
+override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -144,35 +145,54 @@ fn reduce_partials(r: u32, j: u32) -> f32 {
     return s;
 }
 
-// Rows t0 .. t0+BT-1 of one head into tile_a / tile_b, zero past T. (One function per tensor pair: a shared
-// helper taking "which tensor" would make every entry point use every binding, past the 8-buffer limit.)
-fn load_tiles_kv(b: u32, t0: u32, head: u32, lid: u32) {
-    for (var i = lid; i < BT * HD4; i += WG) {
-        let t = t0 + i / HD4;
-        var a = vec4<f32>(0.0);
-        var bb = vec4<f32>(0.0);
-        if (t < params.seq_len) {
-            let src = row_base(b, t, head, params.n_kv) + i % HD4;
-            a = k[src];
-            bb = v[src];
-        }
-        tile_a[i] = a;
-        tile_b[i] = bb;
+// Rows t0 .. t0+BT-1 of one head, fetched into registers one tile ahead (so the global loads of the next tile
+// overlap this tile's arithmetic) and then stored to tile_a / tile_b. Each thread carries at most two vec4 of
+// each tensor: the twin keeps BT * HD4 <= 2 * WG. Rows past T read as zero. (One fetch function per tensor
+// pair: a shared one taking "which tensor" would make every entry point use every binding, past the limit of 8.)
+struct Fetch { a0: vec4<f32>, a1: vec4<f32>, b0: vec4<f32>, b1: vec4<f32> }
+
+fn fetch_kv(b: u32, t0: u32, head: u32, lid: u32) -> Fetch {
+    var f = Fetch(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let i0 = lid;
+    let i1 = lid + WG;
+    if (i0 < BT * HD4 && t0 + i0 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i0 / HD4, head, params.n_kv) + i0 % HD4;
+        f.a0 = k[src];
+        f.b0 = v[src];
     }
+    if (i1 < BT * HD4 && t0 + i1 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i1 / HD4, head, params.n_kv) + i1 % HD4;
+        f.a1 = k[src];
+        f.b1 = v[src];
+    }
+    return f;
 }
 
-fn load_tiles_qdo(b: u32, t0: u32, head: u32, lid: u32) {
-    for (var i = lid; i < BT * HD4; i += WG) {
-        let t = t0 + i / HD4;
-        var a = vec4<f32>(0.0);
-        var bb = vec4<f32>(0.0);
-        if (t < params.seq_len) {
-            let src = row_base(b, t, head, params.n_heads) + i % HD4;
-            a = q[src];
-            bb = dout[src];
-        }
-        tile_a[i] = a;
-        tile_b[i] = bb;
+fn fetch_qdo(b: u32, t0: u32, head: u32, lid: u32) -> Fetch {
+    var f = Fetch(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let i0 = lid;
+    let i1 = lid + WG;
+    if (i0 < BT * HD4 && t0 + i0 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i0 / HD4, head, params.n_heads) + i0 % HD4;
+        f.a0 = q[src];
+        f.b0 = dout[src];
+    }
+    if (i1 < BT * HD4 && t0 + i1 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i1 / HD4, head, params.n_heads) + i1 % HD4;
+        f.a1 = q[src];
+        f.b1 = dout[src];
+    }
+    return f;
+}
+
+fn store_tiles(f: Fetch, lid: u32) {
+    if (lid < BT * HD4) {
+        tile_a[lid] = f.a0;
+        tile_b[lid] = f.b0;
+    }
+    if (lid + WG < BT * HD4) {
+        tile_a[lid + WG] = f.a1;
+        tile_b[lid + WG] = f.b1;
     }
 }
 
@@ -221,11 +241,13 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     var acc = zero_row();
     let keys = min(blk * ROWS + ROWS, T);          // causal: this block needs keys 0 .. keys-1
     let n_tiles = (keys + BT - 1u) / BT;
+    var next = fetch_kv(b, 0u, g, lid);
     for (var tile = 0u; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();                          // the previous tile is no longer read
-        load_tiles_kv(b, t0, g, lid);
+        store_tiles(next, lid);
         workgroupBarrier();
+        if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = reduce_partials(r, j); }
@@ -293,11 +315,13 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
     var acc = zero_row();
     let keys = min(blk * ROWS + ROWS, T);
     let n_tiles = (keys + BT - 1u) / BT;
+    var next = fetch_kv(b, 0u, g, lid);
     for (var tile = 0u; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();
-        load_tiles_kv(b, t0, g, lid);
+        store_tiles(next, lid);
         workgroupBarrier();
+        if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) {
@@ -335,17 +359,23 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
     var dv_acc = zero_row();
     let q_start = blk * ROWS;                         // earlier queries cannot see these keys
     let n_tiles = (T - q_start + BT - 1u) / BT;
+    var next = fetch_qdo(b, q_start, h_first, lid);
     for (var h = h_first; h < h_end; h++) {
         for (var tile = 0u; tile < n_tiles; tile++) {
             let t0 = q_start + tile * BT;
             workgroupBarrier();
-            load_tiles_qdo(b, t0, h, lid);
+            store_tiles(next, lid);
             for (var i = lid; i < BT; i += WG) {          // WG may be smaller than BT
                 let stat = (b * params.n_heads + h) * T + min(t0 + i, T - 1u);
                 tile_lse[i] = lse[stat];
                 tile_d[i] = dsum[stat];
             }
             workgroupBarrier();
+            if (tile + 1u < n_tiles) {
+                next = fetch_qdo(b, t0 + BT, h, lid);
+            } else if (h + 1u < h_end) {
+                next = fetch_qdo(b, q_start, h + 1u, lid);
+            }
             for (var i = 0u; i < BT; i++) { red[(r * BT + i) * TPR + c] = dot_a(i, c, kr); }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {

@@ -1,6 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 
+from engine.gpu import shader_source
 from engine.kernels.attention import Attention, tiling, workgroup_bytes
 
 
@@ -108,6 +111,7 @@ def test_tiling_fits_workgroup_memory():
             c = tiling(hd, budget, max_tile_rows=64)
             assert c["TPR"] * 4 >= c["HD4"] and 1 <= c["BT"] <= 64 and c["WG"] <= 256
             assert workgroup_bytes(c["HD4"], c["TPR"], c["BT"]) <= budget
+            assert c["BT"] * c["HD4"] <= 2 * c["WG"]          # two prefetched vec4 per thread and tensor
     assert tiling(64)["BT"] == 6 and tiling(256)["BT"] == 5 and tiling(256, 32768)["BT"] == 6
 
 
@@ -115,7 +119,7 @@ def test_tiling_fits_workgroup_memory():
 @pytest.mark.parametrize("options", [dict(max_tile_rows=64), dict(workgroup_budget=4096, max_tile_rows=64),
                                      dict(register_rows=8), dict(register_rows=32, max_tile_rows=3)])
 def test_attention_tiling_variants_agree(gpu_device, options):
-    """Tiles longer than T (62 rows at HD 16), budget-limited tiles, and 8 or 32 rows per workgroup."""
+    """Tiles longer than T (32 rows at HD 16), budget-limited tiles, and 8 or 32 rows per workgroup."""
     q, k, v, dout = random_inputs(1, 45, 3, 1, 16, seed=9)
     got = run_attention(gpu_device, q, k, v, dout, **options)
     want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))
@@ -133,3 +137,12 @@ def test_attention_refuses_bad_shapes(gpu_device):
         Attention(ctx, 1, 2, 3, 2, 16, *[b] * 9)
     with pytest.raises(ValueError, match="buffer q"):
         Attention(ctx, 1, 64, 2, 1, 16, ctx.buffer(16, "tiny"), *[b] * 8)
+
+
+def test_params_uniform_follows_the_wgsl_struct():
+    body = re.search(r"struct Params \{(.*?)\}", shader_source("attention"), re.S).group(1)
+    names = re.findall(r"(\w+):\s*(?:f32|u32)", body)
+    assert names == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale", "dsum_stride", "sum_stride"]
+    raw = Attention.pack_params(2, 7, 6, 2, 64, 128, 256)
+    assert raw.nbytes == 32 and list(raw[:5]) == [2, 7, 6, 2, 3] and list(raw[6:]) == [128, 256]
+    assert raw[5:6].view(np.float32)[0] == np.float32(0.125)

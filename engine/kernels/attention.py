@@ -53,7 +53,8 @@ def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows:
     hd4 = head_dim // 4
     tpr = -(-hd4 // 4)
     rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
-    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows)))
+    # Each thread prefetches at most two vec4 of a tile row set (shaders/attention.wgsl Fetch).
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows), 2 * rows * tpr // hd4))
     return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
@@ -84,7 +85,7 @@ class Attention:
                                  f"[B={B}, T={T}, NH={n_heads}, NKV={n_kv_heads}, HD={head_dim}] needs {need}")
         self.ctx, self.label = ctx, label
         self.shape = (B, T, n_heads, n_kv_heads, head_dim)
-        # The adapter's limit (16 KiB at least): only HD > 192 needs more than 16 KiB for MAX_TILE_ROWS rows.
+        # The adapter's limit (16 KiB at least); only HD >= 224 needs more than 16 KiB for 6-row tiles.
         budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
         if workgroup_budget is not None:
             budget = min(budget, workgroup_budget)
@@ -94,7 +95,7 @@ class Attention:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
         ratio = n_heads // n_kv_heads
         # GQA: dk/dv are computed per query head (ratio times the workgroups) into scratch, then summed.
-        self.BACKWARD_ENTRIES = ("attention_backward_dsum", "attention_backward_dq") + (
+        self.backward_entries = ("attention_backward_dsum", "attention_backward_dq") + (
             ("attention_backward_dkdv_heads", "attention_backward_dkdv_sum") if ratio > 1
             else ("attention_backward_dkdv",))
         self.dsum = ctx.buffer(stat_bytes, f"{label}.dsum")       # [B, NH, T] rowsum(dout * out)
@@ -108,7 +109,7 @@ class Attention:
             resources[12] = ctx.buffer(q_bytes, f"{label}.dv_heads")
         self.scratch_bytes = self.dsum.size + (2 * resources[11].size if ratio > 1 else 0)
         self._kernels = {}
-        for entry in ("attention_forward",) + self.BACKWARD_ENTRIES:
+        for entry in ("attention_forward",) + self.backward_entries:
             constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants
             pipeline = ctx.pipeline("attention", entry, constants)
             group = bind_numbered(ctx, pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
@@ -130,13 +131,13 @@ class Attention:
         raw[5:6] = np.array([1.0 / math.sqrt(head_dim)], np.float32).view(np.uint32)
         return raw
 
-    def _dispatch(self, enc: StepEncoder, entry: str) -> None:
+    def encode_entry(self, enc: StepEncoder, entry: str) -> None:
         pipeline, group = self._kernels[entry]
         enc.dispatch(pipeline, group, *self._grids[entry])
 
     def encode_forward(self, enc: StepEncoder) -> None:
-        self._dispatch(enc, "attention_forward")
+        self.encode_entry(enc, "attention_forward")
 
     def encode_backward(self, enc: StepEncoder) -> None:
-        for entry in self.BACKWARD_ENTRIES:
-            self._dispatch(enc, entry)
+        for entry in self.backward_entries:
+            self.encode_entry(enc, entry)
