@@ -17,8 +17,9 @@ class BatchSource(Protocol):
     batches_per_epoch: int
     fingerprint: str          # changes when the data changes, so a resume on other data is refused
 
-    def epoch_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
-        """The epoch's batches in the order `seed` fixes; the same arguments give the same batches."""
+    def epoch_batches(self, epoch: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from index `start` on, in the order `seed` fixes; the same arguments give the
+        same batches."""
 
 
 def fingerprint_arrays(arrays) -> str:
@@ -41,8 +42,37 @@ class ArrayBatches:
         self.batches_per_epoch = len(self._batches)
         self.fingerprint = fingerprint_arrays(a for pair in self._batches for a in pair)
 
-    def epoch_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+    def epoch_batches(self, epoch: int, seed: int, start: int = 0) -> Iterator[Batch]:
         order = (np.random.default_rng([seed, epoch]).permutation(self.batches_per_epoch) if self.shuffle
                  else np.arange(self.batches_per_epoch))
-        for index in order:
+        for index in order[start:]:
             yield self._batches[index]
+
+
+class CorpusBatches:
+    """The training split of an engine.corpus Corpus, batched by engine.corpus.batches (shuffled per epoch)."""
+
+    def __init__(self, sequences, batch_size: int, seq_len: int, pad_id: int, shuffle: bool = True):
+        from engine.corpus import batch_count
+
+        if not sequences:
+            raise ValueError("no training sequences: nothing in the data files was usable for training")
+        self._sequences, self._batch_size, self._seq_len, self._pad_id = sequences, batch_size, seq_len, pad_id
+        self.shuffle = shuffle
+        self.batches_per_epoch = batch_count(len(sequences), batch_size)
+        self.fingerprint = fingerprint_arrays(
+            [np.array([batch_size, seq_len, pad_id, int(shuffle)])]
+            + [a for s in sequences for a in (s.input_ids, s.labels)])
+
+    def epoch_batches(self, epoch: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        from engine.corpus import batches
+
+        return batches(self._sequences, self._batch_size, self._seq_len, self._pad_id, self.shuffle, seed, epoch,
+                       start)
+
+
+def corpus_val_batches(sequences, batch_size: int, seq_len: int, pad_id: int) -> list[Batch]:
+    """The validation split as fixed, unshuffled batches."""
+    from engine.corpus import batches
+
+    return list(batches(sequences, batch_size, seq_len, pad_id, shuffle=False)) if sequences else []

@@ -81,6 +81,7 @@ class TrainSummary:
     adapter_dir: Path
     checkpoint: Path | None
     stopped: bool                  # stopped on request before the end
+    backend: str                   # the backend's name, e.g. "cpu: onnxruntime"
     lora_state: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict:
@@ -89,7 +90,7 @@ class TrainSummary:
                 "first_loss": self.first_loss, "final_loss": self.final_loss, "eval_loss": self.eval_loss,
                 "eval_perplexity": self.eval_perplexity, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
                 "adapter_dir": str(self.adapter_dir), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "backend": self.backend}
 
 
 class TrainerCallback:
@@ -124,12 +125,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, backend_factory: BackendFactory, train: BatchSource,
                  out_dir: str | Path, base_model: str, val: Sequence[Batch] = (),
                  callback: TrainerCallback | None = None, init_state: dict[str, np.ndarray] | None = None,
-                 resume: Checkpoint | None = None, card: dict | None = None):
+                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None):
         self.config = config
         self.train, self.val = train, list(val)
         self.out_dir, self.base_model = Path(out_dir), base_model
         self.callback = callback or TrainerCallback()
         self.card = dict(card or {})
+        self.inputs = dict(inputs or {})     # what the run was made from (files, data settings), for resuming
         steps_per_epoch = math.ceil(train.batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or config.epochs * steps_per_epoch
         self.schedule = Schedule(lr=config.lr, total_steps=self.total_steps, kind=config.schedule,
@@ -179,6 +181,7 @@ class Trainer:
             c = self.config
             self.backend = self._factory(c.lora, c.optim, c.batch_size, c.seq_len, seed=c.seed,
                                          init_state=self._init_state)
+            self.card.setdefault("backend", self.backend.name)
             if self._resume is not None:
                 self.backend.load_optimizer_state(self._resume.optimizer_state)
             summary = self._loop()
@@ -207,10 +210,9 @@ class Trainer:
                 if self._stop.is_set():
                     stopped = True
                     break
+                self._last_done = time.perf_counter()     # a pause is not step time
             if batches is None:
-                batches = self.train.epoch_batches(self._pos.epoch, self._pos.epoch_seed)
-                for _ in range(self._pos.batch):
-                    next(batches)
+                batches = iter(self.train.epoch_batches(self._pos.epoch, self._pos.epoch_seed, self._pos.batch))
             micro, epoch = [], self._pos.epoch
             while len(micro) < c.grad_accum and self._pos.batch < self.train.batches_per_epoch:
                 micro.append(next(batches))
@@ -229,9 +231,11 @@ class Trainer:
             if c.eval_every and step % c.eval_every == 0 and step < self.total_steps and self.val:
                 self._drain(pending)
                 self._evaluate()
+                self._last_done = time.perf_counter()     # nor is evaluating
             if c.save_every and step % c.save_every == 0 and step < self.total_steps:
                 self._drain(pending)
                 self._checkpoint()
+                self._last_done = time.perf_counter()
         self._drain(pending)
         if self.val and (self._last_eval is None or self._last_eval[0] != self._pos.step):
             self._evaluate()
@@ -304,7 +308,7 @@ class Trainer:
             "progress": {"step": self._pos.step, "skipped_steps": self._skipped, "in_a_row": self._in_a_row,
                          "losses": self._losses, "tokens": self._tokens, "elapsed_s": self._elapsed(),
                          "last_eval": self._last_eval},
-            "card": self.card,
+            "card": self.card, "inputs": self.inputs,
         }
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -343,7 +347,7 @@ class Trainer:
             eval_loss=self._last_eval[1] if self._last_eval else None,
             eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700 else None,
             tokens=self._tokens, elapsed_s=self._elapsed(), adapter_dir=self.out_dir, checkpoint=checkpoint,
-            stopped=stopped, lora_state=self.backend.lora_state())
+            stopped=stopped, backend=self.backend.name, lora_state=self.backend.lora_state())
 
     def _card(self, summary: TrainSummary) -> dict:
         c = self.config
