@@ -143,7 +143,7 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    if not (path / MANIFEST).exists():
+    if not (path / MANIFEST).exists() and not path.name.startswith(PREFIX):
         newest = latest_checkpoint(path) or latest_checkpoint(checkpoint_root(path))
         if newest is None:
             raise CheckpointError(f"{path}: neither a checkpoint nor a folder holding complete checkpoints")
