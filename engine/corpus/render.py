@@ -166,14 +166,13 @@ def _locate_answer(tok: CorpusTokenizer, messages: list[dict], i: int, full: str
     if full.startswith(upto) and len(prompt) >= pos:
         return len(prompt), answer
     content = messages[i]["content"]
-    k = answer.rfind(content) if content else -1
-    if k < 0:
-        raise _Inconsistent
-    answer = answer[k:]
-    start = full.find(answer, pos)
-    if start < 0:
-        raise _Inconsistent
-    return start, answer
+    k = answer.find(content) if content else -1
+    while k >= 0:  # the longest tail of the answer that starts with the content and is in the full render
+        start = full.find(answer[k:], pos)
+        if start >= 0:
+            return start, answer[k:]
+        k = answer.find(content, k + 1)
+    raise _Inconsistent
 
 
 class _Inconsistent(Exception):
@@ -185,8 +184,11 @@ def _render_chat_generation_blocks(messages, tok: CorpusTokenizer, train_from: i
         raise RecordError("cannot tell the assistant's tokens apart: the chat template renders earlier turns "
                           "differently once later ones are added, and has no {% generation %} blocks; "
                           "turn prompt masking off to train on the whole conversation")
-    out = tok.tokenizer.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+    try:
+        out = tok.tokenizer.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+    except Exception as exc:  # the template refuses this conversation
+        raise RecordError(f"the chat template refused this conversation: {exc}") from None
     ids = np.asarray(out["input_ids"], np.int32)
     trained = np.asarray(out["assistant_masks"], bool)
     if not trained.any():
