@@ -50,3 +50,12 @@ def gpu_device():
         return GpuContext.create()
     except NoAdapterError as exc:
         pytest.skip(f"no wgpu adapter: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def _join_qt_workers(request):
+    """GUI tests: let worker threads end before the next test tears widgets down."""
+    yield
+    if "qtbot" in request.fixturenames:
+        from app.workers import wait_for_workers
+        wait_for_workers()

@@ -1,0 +1,46 @@
+"""The main window opens on a model, shows the hardware, remembers its geometry, quits cleanly."""
+import pytest
+from PySide6.QtCore import QSettings
+
+from app.main_window import MainWindow
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path, qapp):
+    QSettings.setDefaultFormat(QSettings.IniFormat)
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path))
+    qapp.setOrganizationName("LoRA-Lab-test")
+    yield
+
+
+def test_window_shows_model_and_hardware(qtbot, tiny_llama_dir, tmp_path):
+    window = MainWindow(str(tiny_llama_dir))
+    qtbot.addWidget(window)
+    window.show()
+    with qtbot.waitSignal(window.model_loaded, timeout=30000):
+        pass
+    qtbot.waitUntil(lambda: window.hardware is not None, timeout=30000)
+    assert window.findChild(object, "model-layers").text() == "2"
+    assert "GiB RAM" in window.hardware_label.text()
+    shot = tmp_path / "main-window.png"
+    assert window.grab().save(str(shot)) and shot.stat().st_size > 1000
+
+
+def test_bad_model_is_reported_in_window(qtbot, tmp_path):
+    window = MainWindow(str(tmp_path / "missing"))
+    qtbot.addWidget(window)
+    qtbot.waitUntil(lambda: "not loaded" in window.findChild(object, "model-name").text(), timeout=30000)
+    assert "not found" in window.log.toPlainText()
+
+
+def test_geometry_is_remembered(qtbot):
+    window = MainWindow()
+    qtbot.addWidget(window)
+    window.setGeometry(40, 50, 700, 480)
+    window.show()
+    window.close()
+    again = MainWindow()
+    qtbot.addWidget(again)
+    assert (again.width(), again.height()) == (700, 480)
