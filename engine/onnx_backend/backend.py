@@ -49,6 +49,10 @@ class OnnxBackend(TrainingBackend):
         if init_state is not None:
             self.load_lora_state(init_state)
         self._optimizer = make_host_optimizer(optim)
+        # Size the optimizer state now (it would otherwise size itself on the first step), so that
+        # optimizer_state() already works for a checkpoint taken before any step.
+        self._optimizer.size = sum(v.size for v in self._state.values())
+        self._optimizer._init_state(self._optimizer.size)
         self._session("train")
         self._held_bytes = max(0, _rss_bytes() - self._rss_before)
 
