@@ -58,7 +58,7 @@ def test_auto_measures_and_returns_a_fresh_cpu_backend(tiny_llama_dir, monkeypat
         expected = init_lora_state(load_model_spec(tiny_llama_dir), LORA, 3)
         assert all(np.array_equal(v, expected[k]) for k, v in backend.lora_state().items())
         text = "\n".join(choice.lines())
-        assert "* cpu" in text and "tokens/s" in text and "skipped: software adapter" in text
+        assert "* onnxruntime" in text and "tokens/s" in text and "skipped: software adapter" in text
 
 
 def test_auto_picks_the_fastest_measured_candidate(tiny_llama_dir, monkeypatch):
