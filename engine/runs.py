@@ -5,16 +5,12 @@ checkpoint to resume, and picks the backend; everything it refuses, it refuses b
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from engine.train_config import TrainConfig
 from engine.trainer import BackendFactory, Trainer, TrainerCallback
-
-BACKENDS = ("auto", "wgpu", "cpu")
-
 
 @dataclass(frozen=True)
 class RunInputs:
@@ -25,13 +21,13 @@ class RunInputs:
     mask_prompt: bool | None = field(default=None, metadata={"help": "None: per-format default; False: all"})
     packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
     init_adapter: str | None = field(default=None, metadata={"help": "PEFT adapter to continue training"})
-    backend: str = field(default="auto", metadata={"help": "auto | wgpu | cpu"})
+    backend: str = field(default="auto", metadata={"help": "auto | cpu | wgpu | wgpu:<adapter name>"})
 
     def __post_init__(self):
         if not self.data:
             raise ValueError("no training data: pass at least one --data file")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend {self.backend!r} is unknown; choose from {', '.join(BACKENDS)}")
+        from engine.backends import parse_backend_kind
+        parse_backend_kind(self.backend)
         if self.val_data and self.val_split:
             raise ValueError("choose either --val-split or --val-data, not both")
         object.__setattr__(self, "data", tuple(str(d) for d in self.data))
@@ -54,13 +50,21 @@ def resolve_base(ref: str, log: Callable[[str], None] = lambda _m: None) -> tupl
     return folder, base_model_reference(folder)
 
 
-def backend_factory(kind: str, model_dir: Path) -> BackendFactory:
-    """create_backend(kind, model_dir, ...) bound to one model; the trainer supplies the rest."""
-    try:
-        from engine.backends import create_backend
-    except ImportError:
-        raise RuntimeError("this build has no training backend (engine.backends is missing)") from None
-    return functools.partial(create_backend, kind, model_dir)
+def backend_factory(kind: str, model_dir: Path,
+                    on_choice: Callable[[object], None] = lambda _choice: None) -> BackendFactory:
+    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=): the backend
+    `kind` names (auto | cpu | wgpu | wgpu:<adapter>); for auto, `on_choice` gets the measured BackendChoice."""
+    from engine.backends import create_backend, parse_backend_kind
+
+    parse_backend_kind(kind)          # refuse a bad name before any model is read
+
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
+        backend, choice = create_backend(kind, model_dir, lora, optim, batch_size, seq_len, seed=seed,
+                                         init_state=init_state)
+        if choice is not None:
+            on_choice(choice)
+        return backend
+    return factory
 
 
 @dataclass
@@ -118,7 +122,8 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
     card = {"training data": ", ".join(Path(p).name for p in inputs.data),
             "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
-    trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir), train, out_dir,
+    on_choice = lambda choice: [log(line) for line in choice.lines()]   # noqa: E731
+    trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
                       resume=checkpoint, card=card, inputs=inputs.to_dict())
     return PreparedRun(trainer, corpus.stats, model_dir, base_model)

@@ -15,7 +15,8 @@ def register(subparsers):
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default seq-len/2)")
     p.add_argument("--no-mask-prompt", action="store_true", help="score prompts too in chat/instruction data")
-    p.add_argument("--backend", choices=("auto", "wgpu", "cpu"), default="auto", help="(default %(default)s)")
+    p.add_argument("--backend", default="auto", metavar="auto|cpu|wgpu|wgpu:NAME",
+                   help="training backend; auto measures the candidates and takes the fastest (default auto)")
     p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"}')
     p.set_defaults(func=run_eval)
 

@@ -55,7 +55,8 @@ def register(subparsers):
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
     p.add_argument("--resume", metavar="CHECKPOINT_DIR",
                    help="continue an interrupted run (its settings come from the checkpoint)")
-    p.add_argument("--backend", choices=("auto", "wgpu", "cpu"), default="auto", help="(default %(default)s)")
+    p.add_argument("--backend", default="auto", metavar="auto|cpu|wgpu|wgpu:NAME",
+                   help="training backend; auto measures the candidates and takes the fastest (default auto)")
     p.add_argument("--json", action="store_true", help="one JSON object per step and evaluation, then a summary")
     p.set_defaults(func=run_train)
 
@@ -95,8 +96,8 @@ def _duration(seconds: float) -> str:
 class ProgressBar(TrainerCallback):
     """One redrawn line on a terminal (stderr); evaluations and checkpoints get lines of their own."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24):
-        self.stream, self.width, self._last = stream, width, 0.0
+    def __init__(self, stream=None, width: int = 24):
+        self.stream, self.width, self._last = stream or sys.stderr, width, 0.0
 
     def on_step(self, e):
         now = time.monotonic()
@@ -125,8 +126,8 @@ class ProgressBar(TrainerCallback):
 
 
 class JsonLines(TrainerCallback):
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
 
     def _emit(self, obj):
         self.stream.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
