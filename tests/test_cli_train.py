@@ -124,3 +124,41 @@ def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, cap
     from engine.commands.chat import generate_reply
     assert capsys.readouterr().out == generate_reply(str(tiny_llama_dir), "What is the capital of France?",
                                                      str(tmp_path / "a"), 6) + "\n"
+
+
+def test_init_adapter_continues_training(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    first = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
+                              str(tmp_path / "a"), "--steps", "8", *TRAIN])
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(tmp_path / "b"),
+            "--init-adapter", str(tmp_path / "a"), "--steps", "1", "--seq-len", "32", "--batch-size", "4",
+            "--backend", "cpu", "--json"]
+    second = run_json(capsys, args)
+    # Same data order (seed 0), so step 1 of the continued run sees step 1's batch with the trained adapter.
+    assert second[0]["loss"] < first[0]["loss"] - 0.3
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 4
+    assert main(args[:-1] + ["--rank", "8"]) == 2
+    assert "brings its own rank" in capsys.readouterr().err
+
+
+def test_non_finite_run_stops_with_one_line_and_keeps_last_good(tiny_model_dirs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import save_file
+    model = tmp_path / "poisoned"
+    shutil.copytree(tiny_model_dirs["qwen2"], model)          # untied: only inputs holding the token are hit
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][:] = np.inf            # every sequence: a NaN loss
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 4, encoding="utf-8")
+    code = main(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "6",
+                 *TRAIN])
+    captured = capsys.readouterr()
+    steps = [json.loads(line) for line in captured.out.splitlines()]
+    err = captured.err.strip().splitlines()
+    # The third skip is seen while step 4 is already in flight (results are read one step late): it counts too.
+    assert code == 2 and len(err) == 1 and "NaN/inf at steps 1, 2, 3, 4 in a row" in err[0]
+    assert [s["skipped"] for s in steps] == [True] * 4 and steps[0]["loss"] is None
+    kept = load_file(tmp_path / "o" / "checkpoints" / "checkpoint-00000004" / "adapter_model.safetensors")
+    assert all(np.isfinite(v).all() for v in kept.values())
+    assert all(not v.any() for k, v in kept.items() if "lora_B" in k)     # never updated: B still zero
