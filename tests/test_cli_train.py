@@ -75,6 +75,8 @@ def test_cli_resume_continues_to_the_same_adapter(tiny_llama_dir, corpus_file, t
     lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--json",
                               "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000003")])
     assert [x["step"] for x in lines if x["event"] == "step"] == [4, 5, 6]
+    assert main(["train", "--out", str(tmp_path / "a"), *args]) == 2     # a fresh run never mixes into an old one
+    assert "already holds checkpoints" in capsys.readouterr().err
     resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
     for key, value in straight.items():
         np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
@@ -162,3 +164,24 @@ def test_non_finite_run_stops_with_one_line_and_keeps_last_good(tiny_model_dirs,
     kept = load_file(tmp_path / "o" / "checkpoints" / "checkpoint-00000004" / "adapter_model.safetensors")
     assert all(np.isfinite(v).all() for v in kept.values())
     assert all(not v.any() for k, v in kept.items() if "lora_B" in k)     # never updated: B still zero
+
+
+def test_progress_bar_and_json_lines_render_steps():
+    import io
+
+    from engine.commands.train import JsonLines, ProgressBar
+    from engine.trainer import EvalEvent, StepEvent
+
+    event = StepEvent(step=3, total=3, epoch=0, loss=float("nan"), lr=1e-4, grad_norm=float("inf"), tokens=10,
+                      tokens_per_s=1234.0, elapsed_s=61.0, eta_s=0.0, memory_bytes=3 * 2**20, skipped=True)
+    bar = io.StringIO()
+    ProgressBar(bar, width=10).on_step(event)
+    assert bar.getvalue() == ("\r[##########] 3/3 skipped (non-finite) lr 1.00e-04 1,234 tok/s 1:01 ETA 0:00 "
+                              "mem 3 MiB ")
+    lines = io.StringIO()
+    JsonLines(lines).on_step(event)
+    JsonLines(lines).on_eval(EvalEvent(step=3, loss=2.0, perplexity=float(np.exp(2.0)), tokens=5, elapsed_s=1.0))
+    step, evaluation = map(json.loads, lines.getvalue().splitlines())      # strict JSON: no NaN
+    assert step["loss"] is None and step["grad_norm"] is None and step["skipped"] is True
+    assert evaluation == {"event": "eval", "step": 3, "loss": 2.0, "perplexity": pytest.approx(np.exp(2.0)),
+                          "tokens": 5}
