@@ -119,13 +119,21 @@ def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path
 
 
 def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    from engine.generation import GenerationSettings
+    from engine.inference import ChatEngine
+
     run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
                       str(tmp_path / "a"), "--steps", "2", *TRAIN])
-    assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt",
-                 "What is the capital of France?", "--max-new-tokens", "6"]) == 0
-    from engine.commands.chat import generate_reply
-    assert capsys.readouterr().out == generate_reply(str(tiny_llama_dir), "What is the capital of France?",
-                                                     str(tmp_path / "a"), 6) + "\n"
+    prompt = "What is the capital of France?"
+    assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt", prompt,
+                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    chat = ChatEngine(device="cpu")
+    chat.load(tiny_llama_dir)
+    chat.set_active_adapter(chat.load_adapter(tmp_path / "a"))
+    expected = "".join(chat.stream_chat([{"role": "user", "content": prompt}],
+                                        GenerationSettings(max_new_tokens=6, temperature=0)))   # the CLI's defaults
+    chat.unload()
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_init_adapter_continues_training(tiny_llama_dir, corpus_file, tmp_path, capsys):
