@@ -98,19 +98,25 @@ def test_bad_arguments_end_with_one_line(tiny_llama_dir, corpus_file, tmp_path, 
     assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("lora-lab train: error:")
 
 
-def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path):
+def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path, capsys):
     bad_adapter = tmp_path / "dora"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4,
                                                                  "lora_alpha": 8, "target_modules": ["q_proj"]}))
-    cases = [
-        ["train", "--model", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o")],
+    in_process = [
         ["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
          "--backend", "cpu"],
-        ["eval", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--data", "x.txt"],
-        ["chat", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--prompt", "hi"],
+        ["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"],
     ]
-    for argv in cases:
+    for argv in in_process:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lora-lab {argv[0]}: error:"), err
+    in_a_process = [
+        ["train", "--model", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o")],
+        ["eval", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--data", "x.txt"],
+    ]
+    for argv in in_a_process:
         proc = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
