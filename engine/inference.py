@@ -291,25 +291,33 @@ class ChatEngine:
         """Reload what `snapshot` had, add `new_adapter` and make it active (else the snapshot's active one).
 
         The handover's way back after training: it works while chat requests are locked out. Returns the name
-        of the new adapter. An adapter folder that vanished meanwhile is skipped rather than blocking the chat;
-        a new adapter that does not load raises AdapterError with the rest restored.
+        of the new adapter. An adapter that no longer loads (folder gone, files replaced by something that does
+        not fit) does not keep the chat away: everything else is restored first, then AdapterError names it.
         """
         with self._lock:
             if self._model is not None:
                 self.unload()
             self._load(snapshot.model_ref, snapshot.model_path)
             new_path = Path(new_adapter).resolve() if new_adapter is not None else None
-            new_name = None
+            new_name, problems = None, []
             for name, path in snapshot.adapters:
-                if (path / "adapter_config.json").is_file():
+                try:
                     self._load_adapter(path, name)
-                    if path == new_path:  # retrained into the same folder: the files there are the new ones
-                        new_name = name
+                except AdapterError as exc:
+                    problems.append(str(exc))
+                    continue
+                if path == new_path:  # retrained into the same folder: the files there are the new ones
+                    new_name = name
             self._active = snapshot.active if snapshot.active in self._adapters else None
             if new_path is not None and new_name is None:
-                new_name = self._load_adapter(new_path, None)  # if it does not fit, chat stays as it was
+                try:
+                    new_name = self._load_adapter(new_path, None)
+                except AdapterError as exc:
+                    problems.append(str(exc))
             if new_name is not None:
                 self._active = new_name
+            if problems:
+                raise AdapterError("the chat model is back, but not every adapter: " + "; ".join(problems))
             return new_name
 
     # -- adapters ----------------------------------------------------------------------------------------------
@@ -390,19 +398,26 @@ class ChatEngine:
         if name not in self._adapters:
             raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(self._adapters) or 'none'}")
 
-    @contextlib.contextmanager
-    def _adapter_applied(self, adapter):
-        """Make the model compute with `adapter` (ACTIVE, a name, or None for the base) for one call."""
+    def _adapter_for_call(self, adapter) -> str | None:
+        """The adapter one call computes with: `adapter` (ACTIVE: the active one; None: the base alone)."""
         name = self._active if adapter is ACTIVE else adapter
         if name is not None:
             self._check_adapter(name)
-        if not self._adapters:
+        return name
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _adapter_applied(model, name: str | None):
+        """Make `model` compute with adapter `name` (None: the base) for one call."""
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
             yield
         elif name is None:
-            with self._model.disable_adapter():
+            with model.disable_adapter():
                 yield
         else:
-            self._model.set_adapter(name, inference_mode=True)
+            model.set_adapter(name, inference_mode=True)
             yield
 
     # -- chat --------------------------------------------------------------------------------------------------
@@ -426,12 +441,11 @@ class ChatEngine:
             self._require_model()
             self._require_idle("start another answer")
             inputs = self.prompt_inputs(messages)
-            if adapter is not ACTIVE and adapter is not None:
-                self._check_adapter(adapter)
+            name = self._adapter_for_call(adapter)  # fixed now: a later switch applies to the next answer
             model = self._model
 
             def generate(criteria, streamer):
-                with self._adapter_applied(adapter), torch.no_grad():
+                with self._adapter_applied(model, name), torch.no_grad():
                     if settings.seed is not None:
                         # generate() samples from torch's global generator; seeding it makes answers repeatable.
                         torch.manual_seed(settings.seed)
@@ -458,5 +472,5 @@ class ChatEngine:
             self._require_model()
             self._require_idle("compute logits")
             ids = self._tokenizer(text, return_tensors="pt")["input_ids"].to(self.device)
-            with self._adapter_applied(adapter), torch.no_grad():
+            with self._adapter_applied(self._model, self._adapter_for_call(adapter)), torch.no_grad():
                 return self._model(input_ids=ids).logits[0].float().cpu()

@@ -133,12 +133,12 @@ def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, cap
                       str(tmp_path / "a"), "--steps", "2", *TRAIN])
     prompt = "What is the capital of France?"
     assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt", prompt,
-                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+                 "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]) == 0
     chat = ChatEngine(device="cpu")
     chat.load(tiny_llama_dir)
     chat.set_active_adapter(chat.load_adapter(tmp_path / "a"))
     expected = "".join(chat.stream_chat([{"role": "user", "content": prompt}],
-                                        GenerationSettings(max_new_tokens=6, temperature=0)))   # the CLI's defaults
+                                        GenerationSettings(max_new_tokens=6, temperature=0)))
     chat.unload()
     assert capsys.readouterr().out == expected + "\n"
 

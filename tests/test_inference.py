@@ -282,6 +282,17 @@ def test_compare_mode_answers_with_base_and_adapter(engine, adapters, tiny_llama
         assert answer == engine.tokenizer.decode(out[0, n:], skip_special_tokens=True)
 
 
+def test_switching_during_an_answer_applies_to_the_next_one(engine, adapters):
+    engine.set_active_adapter(engine.load_adapter(adapters["b"]))
+    settings = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
+    with_b = "".join(engine.stream_chat(HELLO, settings))
+    stream = engine.stream_chat(HELLO, settings)
+    engine.set_active_adapter(None)
+    assert "".join(stream) == with_b
+    base = "".join(engine.stream_chat(HELLO, settings))
+    assert base != with_b and base == "".join(engine.stream_chat(HELLO, settings, adapter=None))
+
+
 def test_adapter_errors_are_clear_and_leave_the_engine_working(engine, adapters, tiny_model_dirs, tmp_path):
     base_logits = engine.logits(TEXT)
     with pytest.raises(AdapterError, match="no adapter_config.json"):

@@ -1,7 +1,6 @@
 """`lora-lab chat --model M [--adapter DIR]... [--prompt TEXT]`: stream answers in the terminal.
 
-With a prompt it answers once; without, it reads one user turn per line from stdin and keeps the history.
-The model and prompt may also be given positionally: `lora-lab chat M "Hello"`.
+With --prompt it answers once; without, it reads one user turn per line from stdin and keeps the history.
 """
 from __future__ import annotations
 
@@ -12,18 +11,16 @@ from engine.generation import GenerationSettings
 
 def register(sub) -> None:
     parser = sub.add_parser("chat", help="chat with a model (and LoRA adapters) through transformers + peft")
-    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="the model (same as --model)")
-    parser.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (same as --prompt)")
-    parser.add_argument("--model", metavar="M", help="model folder, .gguf file, hub id or 'demo'")
-    parser.add_argument("--prompt", metavar="TEXT", help="answer this once; without it, read turns from stdin")
+    parser.add_argument("--model", required=True, help="model folder, .gguf file, hub id or 'demo'")
+    parser.add_argument("--prompt", help="answer this once; without it, read turns from stdin")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="PEFT adapter folder to load (repeatable; the last one is active)")
     parser.add_argument("--base", action="store_true", help="answer with the base model, adapters loaded but off")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
     defaults = GenerationSettings()
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="(default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables it")
     parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
@@ -31,24 +28,14 @@ def register(sub) -> None:
     parser.set_defaults(func=_chat)
 
 
-def _one(flag: str, positional, named):
-    if positional is not None and named is not None:
-        raise ValueError(f"give the {flag} once: either as --{flag} or positionally, not both")
-    return named if named is not None else positional
-
-
 def _chat(args) -> int:
     from engine.inference import ChatEngine
 
-    model = _one("model", args.model_pos, args.model)
-    prompt = _one("prompt", args.prompt_pos, args.prompt)
-    if model is None:
-        raise ValueError("no model given: pass --model M (a model folder, .gguf file, hub id or 'demo')")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k,
                                   repetition_penalty=args.repetition_penalty, seed=args.seed)
     engine = ChatEngine(device=args.device)
-    engine.load(model)
+    engine.load(args.model)
     name = None
     for folder in args.adapter:
         name = engine.load_adapter(folder)
@@ -57,7 +44,7 @@ def _chat(args) -> int:
           file=sys.stderr)
 
     history = [{"role": "system", "content": args.system}] if args.system else []
-    turns = [prompt] if prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    turns = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for turn in turns:
         if not turn.strip():
             continue
