@@ -200,3 +200,11 @@ def test_progress_bar_and_json_lines_render_steps():
     assert step["loss"] is None and step["grad_norm"] is None and step["skipped"] is True
     assert evaluation == {"event": "eval", "step": 3, "loss": 2.0, "perplexity": pytest.approx(np.exp(2.0)),
                           "tokens": 5}
+
+
+def test_plain_output_without_a_terminal(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(tmp_path / "a"),
+                 "--steps", "2", *TRAIN[:-1]]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "training " in captured.err and "done: 2/2 steps, loss " in captured.err

@@ -184,7 +184,8 @@ def run_train(args) -> int:
     if args.json:
         JsonLines()._emit(summary.to_json())
     else:
-        losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}" if summary.first_loss is not None \
+        losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f} (mean of the last 10 steps)" \
+            if summary.first_loss is not None \
             else "no step applied"
         evals = f", eval perplexity {summary.eval_perplexity:.3f}" if summary.eval_perplexity else ""
         print(f"{'stopped' if summary.stopped else 'done'}: {summary.steps}/{summary.total_steps} steps, {losses}"
