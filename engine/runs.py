@@ -123,7 +123,10 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
     card = {"training data": ", ".join(Path(p).name for p in inputs.data),
             "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
-    on_choice = lambda choice: [log(line) for line in choice.lines()]   # noqa: E731
+    def on_choice(choice):            # what `--backend auto` measured, and why it chose
+        for line in choice.lines():
+            log(line)
+
     trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
                       resume=checkpoint, card=card, inputs=inputs.to_dict())
