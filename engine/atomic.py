@@ -144,3 +144,21 @@ def atomic_folder(dest: Path | str, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file that no reader sees yet (inside a folder being built, e.g. a checkpoint)."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        _reraise_if_disk_full(exc, Path(path))
+        raise
+
+
+def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
+    """Replace `dest` with `data` in one rename: readers see the old file or the new one, never a part."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)

@@ -19,8 +19,9 @@ def register(sub) -> None:
     parser.add_argument("--system", help="system message")
     parser.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
     defaults = GenerationSettings()
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    # The CLI defaults are the scriptable ones issue 5 fixes (128 tokens, greedy), not the chat panel's.
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables it")
     parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
