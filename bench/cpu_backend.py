@@ -35,6 +35,24 @@ TINY = dict(SMOLLM2_135M, vocab_size=512, hidden_size=64, intermediate_size=128,
             num_attention_heads=4, num_key_value_heads=2)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (not through engine.hardware, which needs wgpu: this bench runs without it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+        return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except (OSError, StopIteration):
+        return []
+
+
 def write_random_model(config: dict, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -99,7 +117,6 @@ def main() -> None:
     import torch
     import transformers
 
-    from engine.hardware import cpu_model
     from engine.onnx_backend.session import cpu_threads
 
     threads = args.threads or cpu_threads()
@@ -126,7 +143,7 @@ def main() -> None:
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lora": {"rank": lora.rank, "alpha": lora.alpha,
                                                                         "targets": list(lora.targets)},
         "threads": threads, "steps": args.steps * args.rounds,
-        "machine": {"cpu": cpu_model(), "logical_cores": cpu_threads(), "os": platform.platform(),
+        "machine": {"cpu": cpu_model(), "usable_cores": cpu_threads(), "simd": cpu_flags(), "os": platform.platform(),
                     "python": platform.python_version()},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,

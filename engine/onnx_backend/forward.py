@@ -30,25 +30,47 @@ class LinearGroup:
 @dataclass
 class LinearSaved:
     x: str                          # input [N, in]
-    u: dict[int, str]               # member index -> scaled LoRA activation s·(x Aᵀ) [N, r]
-    a_cat: str | None               # concatenated LoRA A [R·m, in]
+    u: str | None = None            # s·(x A_catᵀ) [N, R·m]: the LoRA activations of every member side by side
+    a_cat: str | None = None        # LoRA A of the members, stacked [R·m, in]
+    b_blk: str | None = None        # LoRA B block-diagonal [Σ outs, R·m] (zero rows for members without LoRA)
 
 
-def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[list[str], LinearSaved]:
-    """y_m = x W_mᵀ (+ b_m) + s·(x A_mᵀ) B_mᵀ for each member m."""
-    args = [x, group.weight] + ([group.bias] if group.bias else [])
-    y = g.op("Gemm", *args, transB=1, hint="lin")
-    ys = g.split(y, group.outs, axis=1)
-    lora_members = [i for i, spec in enumerate(group.lora) if spec is not None]
-    saved = LinearSaved(x=x, u={}, a_cat=None)
-    if lora_members:
-        saved.a_cat = g.concat([group.lora[i][0] for i in lora_members], axis=0)
-        u_cat = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
-        us = g.split(u_cat, [group.rank] * len(lora_members), axis=1)
-        for i, u in zip(lora_members, us):
-            saved.u[i] = u
-            ys[i] = g.op("Gemm", u, group.lora[i][1], ys[i], transB=1, hint="lora_y")
-    return ys, saved
+def _lora_members(group: LinearGroup) -> list[int]:
+    return [i for i, spec in enumerate(group.lora) if spec is not None]
+
+
+def lora_block_diagonal(g: Graph, group: LinearGroup) -> str:
+    """B_1 … B_m placed block-diagonally: one [Σ outs, R·m] GEMM operand instead of m thin GEMMs."""
+    members = _lora_members(group)
+    width = group.rank * len(members)
+    blocks = []
+    for i, out_f in enumerate(group.outs):
+        if group.lora[i] is None:
+            blocks.append(g.const(np.zeros((out_f, width), np.float32), np.float32))
+            continue
+        j = members.index(i)
+        b = group.lora[i][1]
+        if len(members) > 1:
+            b = g.op("Pad", b, g.const([0, j * group.rank, 0, (len(members) - 1 - j) * group.rank]))
+        blocks.append(b)
+    return g.concat(blocks, axis=0)
+
+
+def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[str, LinearSaved]:
+    """[y_1 … y_m] = x W_catᵀ (+ b) + s·(x A_catᵀ) B_blkᵀ, as [N, Σ outs].
+
+    The LoRA part is computed first (it is small) and accumulated by the big GEMM itself (Gemm's C input).
+    """
+    saved = LinearSaved(x=x)
+    members = _lora_members(group)
+    if not members:
+        args = [x, group.weight] + ([group.bias] if group.bias else [])
+        return g.op("Gemm", *args, transB=1, hint="lin"), saved
+    saved.a_cat = g.concat([group.lora[i][0] for i in members], axis=0)
+    saved.u = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
+    saved.b_blk = lora_block_diagonal(g, group)
+    lora = g.op("Gemm", saved.u, saved.b_blk, *([group.bias] if group.bias else []), transB=1, hint="lora_y")
+    return g.op("Gemm", x, group.weight, lora, transB=1, beta=1.0, hint="lin"), saved
 
 
 def rmsnorm_forward(g: Graph, x: str, weight: str, eps: float, axis: int = -1) -> tuple[str, tuple[str, str]]:
@@ -67,15 +89,18 @@ def rope_tables(inv_freq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
     return np.cos(emb)[:, None, :].astype(np.float32), np.sin(emb)[:, None, :].astype(np.float32)
 
 
-def rotate_half(g: Graph, x: str, head_dim: int) -> str:
-    """[-x2, x1] along the last axis."""
-    x1, x2 = g.split(x, [head_dim // 2, head_dim // 2], axis=-1)
-    return g.concat([g.op("Neg", x2), x1], axis=-1)
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R with x @ R = rotate_half(x) = [-x2, x1]: one small MatMul instead of split, negate and concat."""
+    h = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(h) + h, np.arange(h)] = -1.0
+    r[np.arange(h), np.arange(h) + h] = 1.0
+    return r
 
 
-def rope_forward(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+def rope_forward(g: Graph, x: str, cos: str, sin: str, rot: str) -> str:
     """x·cos + rotate_half(x)·sin on [B, T, heads, HD]."""
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotate_half(g, x, head_dim), sin))
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", g.op("MatMul", x, rot), sin))
 
 
 @dataclass(frozen=True)
