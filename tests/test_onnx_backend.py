@@ -160,3 +160,11 @@ def test_bad_input_is_refused_clearly(tiny_llama_dir):
             backend.load_lora_state({})
     with pytest.raises(ValueError, match="dropout"):
         make_backend(tiny_llama_dir, lora=LoraConfig(rank=4, dropout=0.1))
+
+
+def test_flush_to_zero_stays_inside_onnxruntime(tiny_llama_dir):
+    """The sessions flush denormals for speed; the caller's thread must keep IEEE arithmetic."""
+    tiny = np.array([1e-39], np.float32)
+    with make_backend(tiny_llama_dir) as backend:
+        backend.logits(np.zeros((1, 4), np.int32))
+        assert (tiny * np.float32(2.0))[0] == np.float32(2e-39)
