@@ -62,13 +62,11 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
 
 
-def swiglu_backward(g: Graph, da: str, gate: str, up: str, sig: str) -> tuple[str, str]:
-    """d(gate), d(up) of silu(gate)·up, with silu'(x) = σ(x)·(1 + x·(1 − σ(x)))."""
-    silu = g.op("Mul", gate, sig)
-    dup = g.op("Mul", da, silu)
-    one = g.scalar(1.0)
-    dsilu = g.op("Mul", sig, g.op("Add", one, g.op("Mul", gate, g.op("Sub", one, sig))))
-    return g.op("Mul", g.op("Mul", da, up), dsilu), dup
+def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, str]) -> tuple[str, str]:
+    """d(gate), d(up) of silu(gate)·up, with silu'(x) = σ(x)·(1 + x·(1 − σ(x))) = σ + silu − silu·σ."""
+    sig, silu = saved
+    dsilu = g.op("Add", sig, g.op("Sub", silu, g.op("Mul", silu, sig)))
+    return g.op("Mul", g.op("Mul", da, up), dsilu), g.op("Mul", da, silu)
 
 
 def lm_head_cross_entropy_backward(g: Graph, logp: str, lm_weight: str, targets_flat: str, mask: str) -> str:

@@ -157,16 +157,17 @@ def attention_forward(g: Graph, q: str, k: str, v: str, mask: str, s: AttentionS
     return groups_to_rows(g, o, s), AttentionSaved(q=qg, k=kh, v=vh, p=p, o=o)
 
 
-def swiglu_forward(g: Graph, gate: str, up: str) -> tuple[str, str]:
-    """silu(gate)·up; saves sigmoid(gate)."""
+def swiglu_forward(g: Graph, gate: str, up: str) -> tuple[str, tuple[str, str]]:
+    """silu(gate)·up; saves (sigmoid(gate), silu(gate))."""
     sig = g.op("Sigmoid", gate)
-    return g.op("Mul", g.op("Mul", gate, sig), up), sig
+    silu = g.op("Mul", gate, sig)
+    return g.op("Mul", silu, up), (sig, silu)
 
 
 def cross_entropy_forward(g: Graph, logits: str, targets: str, mask: str) -> tuple[str, tuple[str, str]]:
     """Sum over rows of mask·(−log softmax(logits)[target]); logits [N, V], targets int64 [N, 1], mask [N, 1].
 
-    Saves the softmax and the target probability for the backward pass.
+    Saves the log-softmax (the backward pass exponentiates it) and the picked log-probabilities.
     """
     logp = g.op("LogSoftmax", logits, axis=1)
     picked = g.op("GatherElements", logp, targets, axis=1)

@@ -74,7 +74,7 @@ class DecoderGraph:
         self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim)
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def _group(self, g: Graph, layer: int, name: str, targets: tuple[str, ...], train: bool) -> fw.LinearGroup:
+    def _group(self, g: Graph, layer: int, name: str, targets: tuple[str, ...]) -> fw.LinearGroup:
         weight = g.weight(f"{layer}.{name}", self.weights[f"{layer}.{name}"])
         bias = (g.weight(f"{layer}.qkv_bias", self.weights[f"{layer}.qkv_bias"])
                 if name == "qkv" and self.spec.qkv_bias else None)
@@ -114,9 +114,9 @@ class DecoderGraph:
         layers = []
         for i in range(spec.layers):
             w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-            st = {"qkv": self._group(g, i, "qkv", QKV, train), "o": self._group(g, i, "o", ("o_proj",), train),
-                  "gu": self._group(g, i, "gate_up", GATE_UP, train),
-                  "down": self._group(g, i, "down", ("down_proj",), train)}
+            st = {"qkv": self._group(g, i, "qkv", QKV), "o": self._group(g, i, "o", ("o_proj",)),
+                  "gu": self._group(g, i, "gate_up", GATE_UP),
+                  "down": self._group(g, i, "down", ("down_proj",))}
             h1, st["n1"] = fw.rmsnorm_forward(g, x, w("ln1"), eps)
             qkv, st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
             qk, v = g.split(g.reshape(qkv, [s.batch, s.seq, sum(heads), spec.head_dim]), heads, axis=2)
@@ -130,8 +130,8 @@ class DecoderGraph:
             h2, st["n2"] = fw.rmsnorm_forward(g, x, w("ln2"), eps)
             gu, st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
             gate, up = g.split(gu, [spec.intermediate, spec.intermediate], axis=1)
-            act, st["sig"] = fw.swiglu_forward(g, gate, up)
-            st["gate"], st["up"] = gate, up
+            act, st["swiglu"] = fw.swiglu_forward(g, gate, up)
+            st["up"] = up
             m, st["l_down"] = fw.linear_forward(g, act, st["down"])
             x = g.op("Add", x, m)
             layers.append(st)
@@ -155,7 +155,7 @@ class DecoderGraph:
             st = layers[i]
             w = lambda name: f"{i}.{name}"  # noqa: E731  (already registered in the forward pass)
             da = bw.linear_backward(g, dx, st["l_down"], st["down"])
-            dgate, dup = bw.swiglu_backward(g, da, st["gate"], st["up"], st["sig"])
+            dgate, dup = bw.swiglu_backward(g, da, st["up"], st["swiglu"])
             dh2 = bw.linear_backward(g, g.concat([dgate, dup], axis=1), st["l_gu"], st["gu"])
             dx = g.op("Add", dx, bw.rmsnorm_backward(g, dh2, st["n2"], w("ln2")))
             datt = bw.linear_backward(g, dx, st["l_o"], st["o"])
