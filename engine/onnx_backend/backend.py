@@ -49,7 +49,7 @@ class OnnxBackend(TrainingBackend):
                     f"{self.threads} threads)"
         self._weights = prepare_weights(self.spec, load_weights(model_dir))
         self._values = ort_values(self._weights)
-        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len))
+        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed)
         self._sessions: dict[str, GraphSession] = {}
         self._state = init_lora_state(self.spec, lora, seed)
         if init_state is not None:

@@ -17,8 +17,13 @@ def linear_backward(g: Graph, dy: str, saved: LinearSaved, group: LinearGroup,
     if not members:
         return g.op("MatMul", dy, group.weight, hint="dx") if need_dx else None
     du = g.op("MatMul", dy, saved.b_blk, hint="dU")                    # [N, R·m], gradient w.r.t. u / s
-    da_cat = g.op("Gemm", du, saved.x, transA=1, alpha=group.scaling, hint="dA")
-    for i, da in zip(members, g.split(da_cat, [group.rank] * len(members), axis=0)):
+    if saved.x_drop is None:
+        da_cat = g.op("Gemm", du, saved.x, transA=1, alpha=group.scaling, hint="dA")
+        das = g.split(da_cat, [group.rank] * len(members), axis=0)
+    else:   # each member saw its own dropped-out input
+        dus = g.split(du, [group.rank] * len(members), axis=1)
+        das = [g.op("Gemm", d, xd, transA=1, alpha=group.scaling, hint="dA") for d, xd in zip(dus, saved.x_drop)]
+    for i, da in zip(members, das):
         g.output(da, group.lora[i][2], shape=None)
     db_all = g.op("Gemm", dy, saved.u, transA=1, hint="dB")            # [Σ outs, R·m]
     starts = np.cumsum((0,) + group.outs)
@@ -31,7 +36,12 @@ def linear_backward(g: Graph, dy: str, saved: LinearSaved, group: LinearGroup,
         g.output(db, group.lora[i][3], shape=None)
     if not need_dx:
         return None
-    dx_lora = g.op("Gemm", du, saved.a_cat, alpha=group.scaling, hint="dx_lora")
+    if saved.x_drop is None:
+        dx_lora = g.op("Gemm", du, saved.a_cat, alpha=group.scaling, hint="dx_lora")
+    else:
+        dx_lora = None
+        for d, i, keep in zip(dus, members, saved.keep):
+            dx_lora = g.add(dx_lora, g.op("Mul", g.op("Gemm", d, group.lora[i][0], alpha=group.scaling), keep))
     return g.op("Gemm", dy, group.weight, dx_lora, beta=1.0, hint="dx")
 
 

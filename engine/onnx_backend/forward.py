@@ -25,11 +25,16 @@ class LinearGroup:
     lora: tuple[tuple[str, str, str, str] | None, ...]   # per target: (A input, B input, dA out, dB out) or None
     scaling: float
     rank: int
+    dropout: float = 0.0            # LoRA dropout on the branch input (train graph only)
+    dropout_masks: tuple[str, ...] = ()   # per LoRA member: graph output name for its scaled mask, or ()
+    seed: int = 0                   # first Dropout seed of this group (one distinct seed per member)
 
 
 @dataclass
 class LinearSaved:
     x: str                          # input [N, in]
+    x_drop: list[str] | None = None  # per LoRA member: dropout(x) [N, in] (PEFT: one dropout per module)
+    keep: list[str] | None = None   # per LoRA member: mask / (1 − p) [N, in]
     u: str | None = None            # s·(x A_catᵀ) [N, R·m]: the LoRA activations of every member side by side
     a_cat: str | None = None        # LoRA A of the members, stacked [R·m, in]
     b_blk: str | None = None        # LoRA B block-diagonal [Σ outs, R·m] (zero rows for members without LoRA)
@@ -56,6 +61,20 @@ def lora_block_diagonal(g: Graph, group: LinearGroup) -> str:
     return g.concat(blocks, axis=0)
 
 
+def lora_dropout_forward(g: Graph, x: str, group: LinearGroup, saved: LinearSaved) -> None:
+    """One Dropout per LoRA member, as PEFT has one per module. Each node gets its own seed; onnxruntime
+    advances a node's generator on every run, so masks differ from step to step yet repeat for a seed."""
+    ratio, training = g.scalar(group.dropout), g.const(np.array(True), np.bool_)
+    saved.x_drop, saved.keep = [], []
+    for j, _ in enumerate(_lora_members(group)):
+        xd, mask = g.op("Dropout", x, ratio, training, outputs=2, seed=group.seed + j, hint="lora_drop")
+        keep = g.op("Mul", g.op("Cast", mask, to=1), g.scalar(1.0 / (1.0 - group.dropout)))
+        if group.dropout_masks:
+            g.output(keep, group.dropout_masks[j], shape=None)
+        saved.x_drop.append(xd)
+        saved.keep.append(keep)
+
+
 def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[str, LinearSaved]:
     """[y_1 … y_m] = x W_catᵀ (+ b) + s·(x A_catᵀ) B_blkᵀ, as [N, Σ outs].
 
@@ -67,7 +86,12 @@ def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[str, LinearSav
         args = [x, group.weight] + ([group.bias] if group.bias else [])
         return g.op("Gemm", *args, transB=1, hint="lin"), saved
     saved.a_cat = g.concat([group.lora[i][0] for i in members], axis=0)
-    saved.u = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
+    if group.dropout > 0:
+        lora_dropout_forward(g, x, group, saved)
+        saved.u = g.concat([g.op("Gemm", xd, group.lora[i][0], transB=1, alpha=group.scaling, hint="lora_u")
+                            for i, xd in zip(members, saved.x_drop)], axis=1)
+    else:
+        saved.u = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
     saved.b_blk = lora_block_diagonal(g, group)
     lora = g.op("Gemm", saved.u, saved.b_blk, *([group.bias] if group.bias else []), transB=1, hint="lora_y")
     return g.op("Gemm", x, group.weight, lora, transB=1, beta=1.0, hint="lin"), saved

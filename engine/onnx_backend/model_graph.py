@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.lora import LoraConfig, peft_key
-from engine.model_spec import ModelSpec
+from engine.model_spec import LORA_TARGETS, ModelSpec
 from engine.onnx_backend import backward as bw
 from engine.onnx_backend import forward as fw
 from engine.onnx_backend.graph import Graph
@@ -25,6 +25,10 @@ GATE_UP = ("gate_proj", "up_proj")
 
 def grad_name(key: str) -> str:
     return f"grad:{key}"
+
+
+def dropout_mask_name(layer: int, target: str) -> str:
+    return f"dropout:{ModelSpec.module_path(layer, target)}"
 
 
 def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,14 +71,15 @@ class GraphShape:
 class DecoderGraph:
     """Emits one graph; `build(mode)` is the llm.c-style layer loop forwards, then backwards."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], lora: LoraConfig, shape: GraphShape):
-        if lora.dropout > 0:
-            raise ValueError(f"LoRA dropout {lora.dropout} is not supported by the cpu backend yet; use dropout 0")
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], lora: LoraConfig, shape: GraphShape,
+                 seed: int = 0, expose_dropout_masks: bool = False):
+        """`seed` seeds the LoRA dropout masks; `expose_dropout_masks` adds them as outputs (for tests)."""
         self.spec, self.weights, self.lora, self.shape = spec, weights, lora, shape
+        self.seed, self.expose_dropout_masks = seed, expose_dropout_masks
         self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim)
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def _group(self, g: Graph, layer: int, name: str, targets: tuple[str, ...]) -> fw.LinearGroup:
+    def _group(self, g: Graph, layer: int, name: str, targets: tuple[str, ...], train: bool) -> fw.LinearGroup:
         weight = g.weight(f"{layer}.{name}", self.weights[f"{layer}.{name}"])
         bias = (g.weight(f"{layer}.qkv_bias", self.weights[f"{layer}.qkv_bias"])
                 if name == "qkv" and self.spec.qkv_bias else None)
@@ -88,9 +93,14 @@ class DecoderGraph:
             g.input(a, np.float32, [self.lora.rank, in_f])
             g.input(b, np.float32, [out_f, self.lora.rank])
             lora.append((a, b, grad_name(a), grad_name(b)))
+        dropout = self.lora.dropout if train else 0.0     # evaluation and logits never drop out
+        lora_targets = [t for t, spec in zip(targets, lora) if spec is not None]
+        masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         return fw.LinearGroup(weight=weight, bias=bias, targets=targets,
                               outs=tuple(self.spec.projection_shape(t)[0] for t in targets),
-                              lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank)
+                              lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank,
+                              dropout=dropout, dropout_masks=masks,
+                              seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
     def build(self, mode: str) -> Graph:
         if mode not in MODES:
@@ -114,9 +124,9 @@ class DecoderGraph:
         layers = []
         for i in range(spec.layers):
             w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-            st = {"qkv": self._group(g, i, "qkv", QKV), "o": self._group(g, i, "o", ("o_proj",)),
-                  "gu": self._group(g, i, "gate_up", GATE_UP),
-                  "down": self._group(g, i, "down", ("down_proj",))}
+            st = {"qkv": self._group(g, i, "qkv", QKV, train), "o": self._group(g, i, "o", ("o_proj",), train),
+                  "gu": self._group(g, i, "gate_up", GATE_UP, train),
+                  "down": self._group(g, i, "down", ("down_proj",), train)}
             h1, st["n1"] = fw.rmsnorm_forward(g, x, w("ln1"), eps)
             qkv, st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
             qk, v = g.split(g.reshape(qkv, [s.batch, s.seq, sum(heads), spec.head_dim]), heads, axis=2)
