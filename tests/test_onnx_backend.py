@@ -233,3 +233,22 @@ def test_lora_dropout_draws_new_masks_each_step_and_repeats_for_a_seed(tiny_llam
     assert first[0][0] == second[0][0] and np.array_equal(first[1][2][key], second[1][2][key])
     with make_backend(tiny_llama_dir, lora=LoraConfig(rank=4, alpha=8), state=state) as plain:
         assert plain.eval_loss(*batch) == (eval_sum, tokens)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}], ids=["llama3", "linear"])
+def test_scaled_rope_matches_peft(tmp_path, rope):
+    from tests.tiny import make_model
+
+    make_model("llama", tmp_path, rope_parameters=rope)
+    spec = load_model_spec(tmp_path)
+    assert spec.rope.scaling_type == rope["rope_type"]
+    state = random_lora_state(spec, LORA, seed=1)
+    ids, labels = random_batch(spec.vocab_size, 1, 40, seed=2)
+    want = loss_and_grads(peft_model(tmp_path, LORA, state), ids, labels)
+    with make_backend(tmp_path, batch=1, seq=40, state=state) as backend:
+        loss, _, grads = backend.gradients([(ids, labels)])
+    assert abs(loss - want.loss) <= 1e-3 * want.loss
+    assert max(rel_err(grads[k], want.grads[k]) for k in want.grads) < 1e-3
