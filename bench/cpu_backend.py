@@ -2,8 +2,9 @@
 
 A SmolLM2-135M-shaped model with random weights (hidden 576, 30 layers, 9 heads / 3 KV, MLP 1536, vocab 49152,
 tied), LoRA r=16 alpha=32 on all seven projections, AdamW, clipping at 1.0, B=1, T=256 by default. Each side
-runs one warm-up step, then `--steps` timed steps; the two are measured in alternating rounds so that a noisy
-(shared) machine penalises both alike, and the median step time of each is reported.
+runs in its own process (so neither's idle worker threads spin on the other's cores) for one warm-up step and
+`--steps` timed steps; the two alternate for `--rounds` rounds so that a noisy (shared) machine penalises both
+alike, and the median step time of each is reported.
 
 Prints one JSON object: machine, versions, threads, both tokens/s and ours/PEFT.
     python bench/cpu_backend.py [--steps 5] [--rounds 2] [--threads N] [--batch-size 1] [--seq-len 256]
@@ -16,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,24 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     max_position_embeddings=8192, tie_word_embeddings=True)
 TINY = dict(SMOLLM2_135M, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (not through engine.hardware, which needs wgpu: this bench runs without it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+        return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except (OSError, StopIteration):
+        return []
 
 
 def write_random_model(config: dict, folder: Path) -> Path:
@@ -83,6 +103,34 @@ def timed(step, n: int) -> list[float]:
     return times
 
 
+def run_side(side: str, model_dir: Path, batch_size: int, seq_len: int, steps: int, threads: int,
+             vocab: int) -> dict:
+    """One side in this process: build, warm up, time `steps` steps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    lora = LoraConfig(rank=16, alpha=32.0)
+    ids = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len)).astype(np.int64)
+    if side == "ours":
+        backend, step = ours_stepper(model_dir, lora, ids, threads)
+        first = step()
+        memory = backend.memory_bytes()
+    else:
+        step, memory = peft_stepper(model_dir, lora, ids), None
+        first = step()
+    return {"first_loss": first, "times": timed(step, steps), "memory_bytes": memory}
+
+
+def spawn_side(side: str, model_dir: Path, args, threads: int, vocab: int) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--model", str(model_dir), "--steps", str(args.steps),
+           "--threads", str(threads), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--vocab", str(vocab)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -92,50 +140,54 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--model", type=Path, default=None, help="a HF folder instead of the random model")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--side", choices=("ours", "peft"), help=argparse.SUPPRESS)   # internal: one side
+    parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    from engine.onnx_backend.session import cpu_threads
+
+    threads = args.threads or cpu_threads()
+    if args.side:
+        print(json.dumps(run_side(args.side, args.model, args.batch_size, args.seq_len, args.steps, threads,
+                                  args.vocab)))
+        return
 
     import onnxruntime
     import peft
     import torch
     import transformers
 
-    from engine.hardware import cpu_model
-    from engine.onnx_backend.session import cpu_threads
-
-    threads = args.threads or cpu_threads()
-    torch.set_num_threads(threads)
-    lora = LoraConfig(rank=16, alpha=32.0)
-    ids = np.random.default_rng(0).integers(0, 512 if args.quick else 49152,
-                                            (args.batch_size, args.seq_len)).astype(np.int64)
+    config = TINY if args.quick else SMOLLM2_135M
+    times = {"ours": [], "peft": []}
+    first, memory = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or write_random_model(TINY if args.quick else SMOLLM2_135M, Path(tmp) / "model")
-        backend, ours = ours_stepper(model_dir, lora, ids, threads)
-        theirs = peft_stepper(model_dir, lora, ids)
-        first = {"ours": ours(), "peft": theirs()}      # warm-up; also the same loss on both sides
-        times = {"ours": [], "peft": []}
+        model_dir = args.model or write_random_model(config, Path(tmp) / "model")
+        vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         for _ in range(args.rounds):
-            times["ours"] += timed(ours, args.steps)
-            times["peft"] += timed(theirs, args.steps)
-        memory = backend.memory_bytes()
-        backend.close()
+            for side in ("ours", "peft"):
+                result = spawn_side(side, Path(model_dir), args, threads, vocab)
+                times[side] += result["times"]
+                first[side] = result["first_loss"]
+                memory = result["memory_bytes"] if side == "ours" else memory
     tokens = args.batch_size * args.seq_len
     median = {k: statistics.median(v) for k, v in times.items()}
+    lora = LoraConfig(rank=16, alpha=32.0)
     result = {
         "benchmark": "cpu_backend", "model": str(args.model) if args.model else
         ("tiny random llama" if args.quick else "SmolLM2-135M shape, random weights"),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lora": {"rank": lora.rank, "alpha": lora.alpha,
                                                                         "targets": list(lora.targets)},
-        "threads": threads, "steps": args.steps * args.rounds,
-        "machine": {"cpu": cpu_model(), "logical_cores": cpu_threads(), "os": platform.platform(),
-                    "python": platform.python_version()},
+        "threads": threads, "steps_per_side": args.steps * args.rounds,
+        "machine": {"cpu": cpu_model(), "usable_cores": cpu_threads(), "simd": cpu_flags(),
+                    "os": platform.platform(), "python": platform.python_version()},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "numpy": np.__version__},
         "first_step_loss": first,
         "ours": {"tokens_per_s": tokens / median["ours"], "s_per_step_median": median["ours"],
-                 "s_per_step_all": times["ours"], "memory_bytes": memory},
+                 "s_per_step_all": [round(t, 4) for t in times["ours"]], "memory_bytes": memory},
         "peft_fp32": {"tokens_per_s": tokens / median["peft"], "s_per_step_median": median["peft"],
-                      "s_per_step_all": times["peft"]},
+                      "s_per_step_all": [round(t, 4) for t in times["peft"]]},
         "ratio_ours_over_peft": median["peft"] / median["ours"],
         "goal_ratio": 1.5,
     }

@@ -119,3 +119,13 @@ def test_real_adapters_software_ones_are_only_skipped():
     infos = {f"wgpu:{i['device']}": i for i in backends._adapters()}
     assert not any(adapter_is_software(infos[c.kind]) for c in todo if c.kind in infos)
     assert all("software adapter" in c.skipped for c in skipped if c.kind in infos)
+
+
+def test_backends_command_auto_reports_every_candidate(tiny_llama_dir, capsys, monkeypatch):
+    from engine.cli import main
+
+    fake_adapters(monkeypatch, [LAVAPIPE])
+    assert main(["backends", str(tiny_llama_dir), "--seq-len", "8", "--rank", "2", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backend: cpu (measured on [1, 8], 1 steps each)")
+    assert "tokens/s" in out and "skipped: software adapter" in out

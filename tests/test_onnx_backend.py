@@ -158,5 +158,97 @@ def test_bad_input_is_refused_clearly(tiny_llama_dir):
             backend.load_lora_state(state)
         with pytest.raises(ValueError, match="missing"):
             backend.load_lora_state({})
-    with pytest.raises(ValueError, match="dropout"):
-        make_backend(tiny_llama_dir, lora=LoraConfig(rank=4, dropout=0.1))
+
+
+def test_flush_to_zero_stays_inside_onnxruntime(tiny_llama_dir):
+    """The sessions flush denormals for speed; the caller's thread must keep IEEE arithmetic."""
+    tiny = np.array([1e-39], np.float32)
+    with make_backend(tiny_llama_dir) as backend:
+        backend.logits(np.zeros((1, 4), np.int32))
+        assert (tiny * np.float32(2.0))[0] == np.float32(2e-39)
+
+
+DROPOUT = LoraConfig(rank=4, alpha=8, dropout=0.25)
+
+
+def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
+    """Run the train graph with its dropout masks as outputs, then PEFT with those masks in place of its
+    nn.Dropout modules: loss and every gradient must agree."""
+    import torch
+
+    from engine.model_spec import load_weights
+    from engine.onnx_backend.model_graph import (DecoderGraph, GraphShape, dropout_mask_name, grad_name,
+                                                 prepare_weights)
+    from engine.onnx_backend.session import GraphSession, ort_values
+
+    spec = load_model_spec(tiny_model_dir)
+    state = random_lora_state(spec, DROPOUT, seed=3)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=4)
+    weights = prepare_weights(spec, load_weights(tiny_model_dir))
+    graph = DecoderGraph(spec, weights, DROPOUT, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
+    with make_backend(tiny_model_dir, lora=DROPOUT, state=state) as backend:
+        feeds = backend._feeds(ids, labels)
+    out = GraphSession(graph.build("train"), ort_values(weights), 1, ["CPUExecutionProvider"]).run(feeds)
+
+    class FixedMask(torch.nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.keep = torch.from_numpy(keep.reshape(2, 9, -1))
+
+        def forward(self, x):
+            return x * self.keep
+
+    model = peft_model(tiny_model_dir, DROPOUT, state)
+    masks = []
+    for layer in range(spec.layers):
+        for target in DROPOUT.targets:
+            keep = out[dropout_mask_name(layer, target)]
+            masks.append(keep)
+            module = model.get_submodule(f"base_model.model.{spec.module_path(layer, target)}")
+            module.lora_dropout["default"] = FixedMask(keep)
+    want = loss_and_grads(model, ids, labels)
+    kept = np.mean([(m > 0).mean() for m in masks])
+    assert 0.65 < kept < 0.85, f"about 75% of inputs should be kept, got {kept:.2f}"
+    assert len({m.tobytes() for m in masks}) == len(masks), "every module must draw its own mask"
+    tokens = int((labels[:, 1:] != -100).sum())
+    assert abs(float(out["loss_sum"]) / tokens - want.loss) <= 1e-3 * want.loss
+    for key, grad in want.grads.items():
+        assert rel_err(out[grad_name(key)] / tokens, grad) < 1e-3, key
+
+
+def test_lora_dropout_draws_new_masks_each_step_and_repeats_for_a_seed(tiny_llama_dir):
+    spec = load_model_spec(tiny_llama_dir)
+    state = random_lora_state(spec, DROPOUT, seed=3)
+    batch = random_batch(spec.vocab_size, 2, 9, seed=5)
+    runs = []
+    for _ in range(2):
+        with make_backend(tiny_llama_dir, lora=DROPOUT, state=state, seed=11) as backend:
+            runs.append([backend.gradients([batch]) for _ in range(2)])
+            ids = batch[0]
+            np.testing.assert_array_equal(backend.logits(ids), backend.logits(ids))   # no dropout at eval
+            eval_sum, tokens = backend.eval_loss(*batch)
+    first, second = runs
+    key = peft_key(0, "q_proj", "A")
+    assert not np.array_equal(first[0][2][key], first[1][2][key]), "masks must change between steps"
+    assert first[0][0] == second[0][0] and np.array_equal(first[1][2][key], second[1][2][key])
+    with make_backend(tiny_llama_dir, lora=LoraConfig(rank=4, alpha=8), state=state) as plain:
+        assert plain.eval_loss(*batch) == (eval_sum, tokens)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}], ids=["llama3", "linear"])
+def test_scaled_rope_matches_peft(tmp_path, rope):
+    from tests.tiny import make_model
+
+    make_model("llama", tmp_path, rope_parameters=rope)
+    spec = load_model_spec(tmp_path)
+    assert spec.rope.scaling_type == rope["rope_type"]
+    state = random_lora_state(spec, LORA, seed=1)
+    ids, labels = random_batch(spec.vocab_size, 1, 40, seed=2)
+    want = loss_and_grads(peft_model(tmp_path, LORA, state), ids, labels)
+    with make_backend(tmp_path, batch=1, seq=40, state=state) as backend:
+        loss, _, grads = backend.gradients([(ids, labels)])
+    assert abs(loss - want.loss) <= 1e-3 * want.loss
+    assert max(rel_err(grads[k], want.grads[k]) for k in want.grads) < 1e-3

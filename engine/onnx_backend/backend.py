@@ -2,6 +2,7 @@
 execution provider, or another one where installed), with the host optimizers of engine.optim_host."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +14,12 @@ from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import load_model_spec, load_weights
 from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, grad_name, prepare_weights
 from engine.onnx_backend.session import GraphSession, available_providers, cpu_threads, ort_values
-from engine.optim_host import clip_scale, global_grad_norm, make_host_optimizer
+from engine.optim_host import clip_scale, make_host_optimizer
+
+
+def grad_norm(grads) -> float:
+    """Global L2 norm (float32 dot products summed in float64; inf/nan when any entry is)."""
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
 
 
 def _rss_bytes() -> int:
@@ -43,7 +49,7 @@ class OnnxBackend(TrainingBackend):
                     f"{self.threads} threads)"
         self._weights = prepare_weights(self.spec, load_weights(model_dir))
         self._values = ort_values(self._weights)
-        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len))
+        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed)
         self._sessions: dict[str, GraphSession] = {}
         self._state = init_lora_state(self.spec, lora, seed)
         if init_state is not None:
@@ -91,15 +97,18 @@ class OnnxBackend(TrainingBackend):
         if not micro_batches:
             raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
         session = self._session("train")
-        grads = {n: np.zeros_like(v) for n, v in self._state.items()}
+        grads: dict[str, np.ndarray] | None = None
         loss_sum, tokens = 0.0, 0
         for input_ids, labels in micro_batches:
             self._check(input_ids, labels)
             out = session.run(self._feeds(np.asarray(input_ids), np.asarray(labels)))
             loss_sum += float(out["loss_sum"])
             tokens += counted_tokens(labels)
-            for n, g in grads.items():
-                g += out[grad_name(n)]
+            if grads is None:       # the first micro-batch's outputs are fresh arrays: accumulate into them
+                grads = {n: out[grad_name(n)] for n in self._state}
+            else:
+                for n, g in grads.items():
+                    g += out[grad_name(n)]
         self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
         if tokens == 0:
             return float("nan"), 0, grads
@@ -110,7 +119,7 @@ class OnnxBackend(TrainingBackend):
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
         loss, tokens, grads = self.gradients(micro_batches)
-        norm = global_grad_norm(grads.values())
+        norm = grad_norm(grads.values())
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
         self._optimizer.step(self._state, grads, lr, grad_scale=clip_scale(norm, max_grad_norm))

@@ -2,30 +2,47 @@
 gradient, but the gradient flows through every frozen layer to the LoRA tensors below it."""
 from __future__ import annotations
 
+import numpy as np
+
 from engine.onnx_backend.forward import (AttentionSaved, AttentionShape, LinearGroup, LinearSaved,
-                                         groups_to_rows, heads_to_groups, rotate_half)
+                                         groups_to_rows, heads_to_groups)
 from engine.onnx_backend.graph import Graph
 
 
-def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearGroup,
+def linear_backward(g: Graph, dy: str, saved: LinearSaved, group: LinearGroup,
                     need_dx: bool = True) -> str | None:
-    """LoRA gradients of each member (emitted as graph outputs) and dx = Σ_m dy_m W_m + s·(dy_m B_m) A_m."""
-    lora_members = [i for i, spec in enumerate(group.lora) if spec is not None]
-    dx = g.op("MatMul", g.concat(dys, axis=1), group.weight, hint="dx") if need_dx else None
-    if not lora_members:
-        return dx
-    dus = []
-    for i in lora_members:
-        a_in, b_in, da_out, db_out = group.lora[i]
-        g.output(g.op("Gemm", dys[i], saved.u[i], transA=1, hint="dB"), db_out, shape=None)
-        dus.append(g.op("MatMul", dys[i], b_in, hint="dU"))      # [N, r], gradient w.r.t. u / s
-    du_cat = g.concat(dus, axis=1)
-    da_cat = g.op("Gemm", du_cat, saved.x, transA=1, alpha=group.scaling, hint="dA")
-    for i, da in zip(lora_members, g.split(da_cat, [group.rank] * len(lora_members), axis=0)):
+    """LoRA gradients of every member (emitted as graph outputs) and dx = dy W_cat + s·(dy B_blk) A_cat, from
+    dy [N, Σ outs]. dB comes from one GEMM over all members (dyᵀ u) whose diagonal blocks are the dB_m."""
+    members = [i for i, spec in enumerate(group.lora) if spec is not None]
+    if not members:
+        return g.op("MatMul", dy, group.weight, hint="dx") if need_dx else None
+    du = g.op("MatMul", dy, saved.b_blk, hint="dU")                    # [N, R·m], gradient w.r.t. u / s
+    if saved.x_drop is None:
+        da_cat = g.op("Gemm", du, saved.x, transA=1, alpha=group.scaling, hint="dA")
+        das = g.split(da_cat, [group.rank] * len(members), axis=0)
+    else:   # each member saw its own dropped-out input
+        dus = g.split(du, [group.rank] * len(members), axis=1)
+        das = [g.op("Gemm", d, xd, transA=1, alpha=group.scaling, hint="dA") for d, xd in zip(dus, saved.x_drop)]
+    for i, da in zip(members, das):
         g.output(da, group.lora[i][2], shape=None)
-    if need_dx:
-        dx = g.op("Gemm", du_cat, saved.a_cat, dx, alpha=group.scaling, beta=1.0, hint="dx")
-    return dx
+    db_all = g.op("Gemm", dy, saved.u, transA=1, hint="dB")            # [Σ outs, R·m]
+    starts = np.cumsum((0,) + group.outs)
+    for j, i in enumerate(members):
+        if len(group.outs) == 1:
+            db = db_all
+        else:
+            db = g.op("Slice", db_all, g.const([starts[i], j * group.rank]),
+                      g.const([starts[i + 1], (j + 1) * group.rank]), g.const([0, 1]))
+        g.output(db, group.lora[i][3], shape=None)
+    if not need_dx:
+        return None
+    if saved.x_drop is None:
+        dx_lora = g.op("Gemm", du, saved.a_cat, alpha=group.scaling, hint="dx_lora")
+    else:
+        dx_lora = None
+        for d, i, keep in zip(dus, members, saved.keep):
+            dx_lora = g.add(dx_lora, g.op("Mul", g.op("Gemm", d, group.lora[i][0], alpha=group.scaling), keep))
+    return g.op("Gemm", dy, group.weight, dx_lora, beta=1.0, hint="dx")
 
 
 def rmsnorm_backward(g: Graph, dy: str, saved: tuple[str, str], weight: str, axis: int = -1) -> str:
@@ -36,9 +53,9 @@ def rmsnorm_backward(g: Graph, dy: str, saved: tuple[str, str], weight: str, axi
     return g.op("Mul", g.op("Sub", gw, g.op("Mul", xn, proj)), rstd)
 
 
-def rope_backward(g: Graph, dy: str, cos: str, sin: str, head_dim: int) -> str:
-    """The transpose of a rotation: dy·cos − rotate_half(dy)·sin."""
-    return g.op("Sub", g.op("Mul", dy, cos), g.op("Mul", rotate_half(g, dy, head_dim), sin))
+def rope_backward(g: Graph, dy: str, cos: str, sin: str, rot: str) -> str:
+    """The transpose of a rotation: dy·cos − rotate_half(dy)·sin (R is antisymmetric: Rᵀ = −R)."""
+    return g.op("Sub", g.op("Mul", dy, cos), g.op("Mul", g.op("MatMul", dy, rot), sin))
 
 
 def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionShape) -> tuple[str, str, str]:
@@ -55,13 +72,11 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
 
 
-def swiglu_backward(g: Graph, da: str, gate: str, up: str, sig: str) -> tuple[str, str]:
-    """d(gate), d(up) of silu(gate)·up, with silu'(x) = σ(x)·(1 + x·(1 − σ(x)))."""
-    silu = g.op("Mul", gate, sig)
-    dup = g.op("Mul", da, silu)
-    one = g.scalar(1.0)
-    dsilu = g.op("Mul", sig, g.op("Add", one, g.op("Mul", gate, g.op("Sub", one, sig))))
-    return g.op("Mul", g.op("Mul", da, up), dsilu), dup
+def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, str]) -> tuple[str, str]:
+    """d(gate), d(up) of silu(gate)·up, with silu'(x) = σ(x)·(1 + x·(1 − σ(x))) = σ + silu − silu·σ."""
+    sig, silu = saved
+    dsilu = g.op("Add", sig, g.op("Sub", silu, g.op("Mul", silu, sig)))
+    return g.op("Mul", g.op("Mul", da, up), dsilu), g.op("Mul", da, silu)
 
 
 def lm_head_cross_entropy_backward(g: Graph, logp: str, lm_weight: str, targets_flat: str, mask: str) -> str:

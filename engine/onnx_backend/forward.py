@@ -25,30 +25,76 @@ class LinearGroup:
     lora: tuple[tuple[str, str, str, str] | None, ...]   # per target: (A input, B input, dA out, dB out) or None
     scaling: float
     rank: int
+    dropout: float = 0.0            # LoRA dropout on the branch input (train graph only)
+    dropout_masks: tuple[str, ...] = ()   # per LoRA member: graph output name for its scaled mask, or ()
+    seed: int = 0                   # first Dropout seed of this group (one distinct seed per member)
 
 
 @dataclass
 class LinearSaved:
     x: str                          # input [N, in]
-    u: dict[int, str]               # member index -> scaled LoRA activation s·(x Aᵀ) [N, r]
-    a_cat: str | None               # concatenated LoRA A [R·m, in]
+    x_drop: list[str] | None = None  # per LoRA member: dropout(x) [N, in] (PEFT: one dropout per module)
+    keep: list[str] | None = None   # per LoRA member: mask / (1 − p) [N, in]
+    u: str | None = None            # s·(x A_catᵀ) [N, R·m]: the LoRA activations of every member side by side
+    a_cat: str | None = None        # LoRA A of the members, stacked [R·m, in]
+    b_blk: str | None = None        # LoRA B block-diagonal [Σ outs, R·m] (zero rows for members without LoRA)
 
 
-def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[list[str], LinearSaved]:
-    """y_m = x W_mᵀ (+ b_m) + s·(x A_mᵀ) B_mᵀ for each member m."""
-    args = [x, group.weight] + ([group.bias] if group.bias else [])
-    y = g.op("Gemm", *args, transB=1, hint="lin")
-    ys = g.split(y, group.outs, axis=1)
-    lora_members = [i for i, spec in enumerate(group.lora) if spec is not None]
-    saved = LinearSaved(x=x, u={}, a_cat=None)
-    if lora_members:
-        saved.a_cat = g.concat([group.lora[i][0] for i in lora_members], axis=0)
-        u_cat = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
-        us = g.split(u_cat, [group.rank] * len(lora_members), axis=1)
-        for i, u in zip(lora_members, us):
-            saved.u[i] = u
-            ys[i] = g.op("Gemm", u, group.lora[i][1], ys[i], transB=1, hint="lora_y")
-    return ys, saved
+def _lora_members(group: LinearGroup) -> list[int]:
+    return [i for i, spec in enumerate(group.lora) if spec is not None]
+
+
+def lora_block_diagonal(g: Graph, group: LinearGroup) -> str:
+    """B_1 … B_m placed block-diagonally: one [Σ outs, R·m] GEMM operand instead of m thin GEMMs."""
+    members = _lora_members(group)
+    width = group.rank * len(members)
+    blocks = []
+    for i, out_f in enumerate(group.outs):
+        if group.lora[i] is None:
+            blocks.append(g.const(np.zeros((out_f, width), np.float32), np.float32))
+            continue
+        j = members.index(i)
+        b = group.lora[i][1]
+        if len(members) > 1:
+            b = g.op("Pad", b, g.const([0, j * group.rank, 0, (len(members) - 1 - j) * group.rank]))
+        blocks.append(b)
+    return g.concat(blocks, axis=0)
+
+
+def lora_dropout_forward(g: Graph, x: str, group: LinearGroup, saved: LinearSaved) -> None:
+    """One Dropout per LoRA member, as PEFT has one per module. Each node gets its own seed; onnxruntime
+    advances a node's generator on every run, so masks differ from step to step yet repeat for a seed."""
+    ratio, training = g.scalar(group.dropout), g.const(np.array(True), np.bool_)
+    saved.x_drop, saved.keep = [], []
+    for j, _ in enumerate(_lora_members(group)):
+        xd, mask = g.op("Dropout", x, ratio, training, outputs=2, seed=group.seed + j, hint="lora_drop")
+        keep = g.op("Mul", g.op("Cast", mask, to=1), g.scalar(1.0 / (1.0 - group.dropout)))
+        if group.dropout_masks:
+            g.output(keep, group.dropout_masks[j], shape=None)
+        saved.x_drop.append(xd)
+        saved.keep.append(keep)
+
+
+def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[str, LinearSaved]:
+    """[y_1 … y_m] = x W_catᵀ (+ b) + s·(x A_catᵀ) B_blkᵀ, as [N, Σ outs].
+
+    The LoRA part is computed first (it is small) and accumulated by the big GEMM itself (Gemm's C input).
+    """
+    saved = LinearSaved(x=x)
+    members = _lora_members(group)
+    if not members:
+        args = [x, group.weight] + ([group.bias] if group.bias else [])
+        return g.op("Gemm", *args, transB=1, hint="lin"), saved
+    saved.a_cat = g.concat([group.lora[i][0] for i in members], axis=0)
+    if group.dropout > 0:
+        lora_dropout_forward(g, x, group, saved)
+        saved.u = g.concat([g.op("Gemm", xd, group.lora[i][0], transB=1, alpha=group.scaling, hint="lora_u")
+                            for i, xd in zip(members, saved.x_drop)], axis=1)
+    else:
+        saved.u = g.op("Gemm", x, saved.a_cat, transB=1, alpha=group.scaling, hint="lora_u")
+    saved.b_blk = lora_block_diagonal(g, group)
+    lora = g.op("Gemm", saved.u, saved.b_blk, *([group.bias] if group.bias else []), transB=1, hint="lora_y")
+    return g.op("Gemm", x, group.weight, lora, transB=1, beta=1.0, hint="lin"), saved
 
 
 def rmsnorm_forward(g: Graph, x: str, weight: str, eps: float, axis: int = -1) -> tuple[str, tuple[str, str]]:
@@ -67,15 +113,18 @@ def rope_tables(inv_freq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
     return np.cos(emb)[:, None, :].astype(np.float32), np.sin(emb)[:, None, :].astype(np.float32)
 
 
-def rotate_half(g: Graph, x: str, head_dim: int) -> str:
-    """[-x2, x1] along the last axis."""
-    x1, x2 = g.split(x, [head_dim // 2, head_dim // 2], axis=-1)
-    return g.concat([g.op("Neg", x2), x1], axis=-1)
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R with x @ R = rotate_half(x) = [-x2, x1]: one small MatMul instead of split, negate and concat."""
+    h = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(h) + h, np.arange(h)] = -1.0
+    r[np.arange(h), np.arange(h) + h] = 1.0
+    return r
 
 
-def rope_forward(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+def rope_forward(g: Graph, x: str, cos: str, sin: str, rot: str) -> str:
     """x·cos + rotate_half(x)·sin on [B, T, heads, HD]."""
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotate_half(g, x, head_dim), sin))
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", g.op("MatMul", x, rot), sin))
 
 
 @dataclass(frozen=True)
@@ -132,16 +181,17 @@ def attention_forward(g: Graph, q: str, k: str, v: str, mask: str, s: AttentionS
     return groups_to_rows(g, o, s), AttentionSaved(q=qg, k=kh, v=vh, p=p, o=o)
 
 
-def swiglu_forward(g: Graph, gate: str, up: str) -> tuple[str, str]:
-    """silu(gate)·up; saves sigmoid(gate)."""
+def swiglu_forward(g: Graph, gate: str, up: str) -> tuple[str, tuple[str, str]]:
+    """silu(gate)·up; saves (sigmoid(gate), silu(gate))."""
     sig = g.op("Sigmoid", gate)
-    return g.op("Mul", g.op("Mul", gate, sig), up), sig
+    silu = g.op("Mul", gate, sig)
+    return g.op("Mul", silu, up), (sig, silu)
 
 
 def cross_entropy_forward(g: Graph, logits: str, targets: str, mask: str) -> tuple[str, tuple[str, str]]:
     """Sum over rows of mask·(−log softmax(logits)[target]); logits [N, V], targets int64 [N, 1], mask [N, 1].
 
-    Saves the softmax and the target probability for the backward pass.
+    Saves the log-softmax (the backward pass exponentiates it) and the picked log-probabilities.
     """
     logp = g.op("LogSoftmax", logits, axis=1)
     picked = g.op("GatherElements", logp, targets, axis=1)

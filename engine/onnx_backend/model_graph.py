@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.lora import LoraConfig, peft_key
-from engine.model_spec import ModelSpec
+from engine.model_spec import LORA_TARGETS, ModelSpec
 from engine.onnx_backend import backward as bw
 from engine.onnx_backend import forward as fw
 from engine.onnx_backend.graph import Graph
@@ -25,6 +25,10 @@ GATE_UP = ("gate_proj", "up_proj")
 
 def grad_name(key: str) -> str:
     return f"grad:{key}"
+
+
+def dropout_mask_name(layer: int, target: str) -> str:
+    return f"dropout:{ModelSpec.module_path(layer, target)}"
 
 
 def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,8 +48,10 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
         if spec.qkv_bias:
             out[f"{i}.qkv_bias"] = np.concatenate([take(f"{p}.self_attn.{t}.bias") for t in QKV], axis=0)
         if spec.qk_norm:
-            out[f"{i}.q_norm"] = take(f"{p}.self_attn.q_norm.weight")
-            out[f"{i}.k_norm"] = take(f"{p}.self_attn.k_norm.weight")
+            # q and k heads are normalised (and rotated) as one [B, T, NH + NKV, HD] tensor.
+            out[f"{i}.qk_norm"] = np.concatenate(
+                [np.tile(take(f"{p}.self_attn.q_norm.weight"), (spec.heads, 1)),
+                 np.tile(take(f"{p}.self_attn.k_norm.weight"), (spec.kv_heads, 1))], axis=0)
         out[f"{i}.o"] = take(f"{p}.self_attn.o_proj.weight")
         out[f"{i}.gate_up"] = np.concatenate([take(f"{p}.mlp.{t}.weight") for t in GATE_UP], axis=0)
         out[f"{i}.down"] = take(f"{p}.mlp.down_proj.weight")
@@ -65,10 +71,11 @@ class GraphShape:
 class DecoderGraph:
     """Emits one graph; `build(mode)` is the llm.c-style layer loop forwards, then backwards."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], lora: LoraConfig, shape: GraphShape):
-        if lora.dropout > 0:
-            raise ValueError(f"LoRA dropout {lora.dropout} is not supported by the cpu backend yet; use dropout 0")
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], lora: LoraConfig, shape: GraphShape,
+                 seed: int = 0, expose_dropout_masks: bool = False):
+        """`seed` seeds the LoRA dropout masks; `expose_dropout_masks` adds them as outputs (for tests)."""
         self.spec, self.weights, self.lora, self.shape = spec, weights, lora, shape
+        self.seed, self.expose_dropout_masks = seed, expose_dropout_masks
         self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim)
 
     # ---- pieces ----------------------------------------------------------------------------------------
@@ -86,9 +93,14 @@ class DecoderGraph:
             g.input(a, np.float32, [self.lora.rank, in_f])
             g.input(b, np.float32, [out_f, self.lora.rank])
             lora.append((a, b, grad_name(a), grad_name(b)))
+        dropout = self.lora.dropout if train else 0.0     # evaluation and logits never drop out
+        lora_targets = [t for t, spec in zip(targets, lora) if spec is not None]
+        masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         return fw.LinearGroup(weight=weight, bias=bias, targets=targets,
                               outs=tuple(self.spec.projection_shape(t)[0] for t in targets),
-                              lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank)
+                              lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank,
+                              dropout=dropout, dropout_masks=masks,
+                              seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
     def build(self, mode: str) -> Graph:
         if mode not in MODES:
@@ -105,6 +117,8 @@ class DecoderGraph:
         causal = g.const(fw.causal_mask(a), np.float32)
         eps = spec.rms_eps
 
+        rot = g.const(fw.rotate_half_matrix(spec.head_dim), np.float32)
+        heads = [spec.heads + spec.kv_heads, spec.kv_heads]          # (q and k), v
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
         layers = []
@@ -114,23 +128,21 @@ class DecoderGraph:
                   "gu": self._group(g, i, "gate_up", GATE_UP, train),
                   "down": self._group(g, i, "down", ("down_proj",), train)}
             h1, st["n1"] = fw.rmsnorm_forward(g, x, w("ln1"), eps)
-            (q, k, v), st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
-            q = g.reshape(q, [s.batch, s.seq, spec.heads, spec.head_dim])
-            k = g.reshape(k, [s.batch, s.seq, spec.kv_heads, spec.head_dim])
-            v = g.reshape(v, [s.batch, s.seq, spec.kv_heads, spec.head_dim])
+            qkv, st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
+            qk, v = g.split(g.reshape(qkv, [s.batch, s.seq, sum(heads), spec.head_dim]), heads, axis=2)
             if spec.qk_norm:
-                q, st["nq"] = fw.rmsnorm_forward(g, q, w("q_norm"), eps)
-                k, st["nk"] = fw.rmsnorm_forward(g, k, w("k_norm"), eps)
-            q = fw.rope_forward(g, q, cos, sin, spec.head_dim)
-            k = fw.rope_forward(g, k, cos, sin, spec.head_dim)
+                qk, st["nqk"] = fw.rmsnorm_forward(g, qk, w("qk_norm"), eps)
+            qk = fw.rope_forward(g, qk, cos, sin, rot)
+            q, k = g.split(qk, [spec.heads, spec.kv_heads], axis=2)
             att, st["att"] = fw.attention_forward(g, q, k, v, causal, a)
-            (o,), st["l_o"] = fw.linear_forward(g, att, st["o"])
+            o, st["l_o"] = fw.linear_forward(g, att, st["o"])
             x = g.op("Add", x, o)
             h2, st["n2"] = fw.rmsnorm_forward(g, x, w("ln2"), eps)
-            (gate, up), st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
-            act, st["sig"] = fw.swiglu_forward(g, gate, up)
-            st["gate"], st["up"] = gate, up
-            (m,), st["l_down"] = fw.linear_forward(g, act, st["down"])
+            gu, st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
+            gate, up = g.split(gu, [spec.intermediate, spec.intermediate], axis=1)
+            act, st["swiglu"] = fw.swiglu_forward(g, gate, up)
+            st["up"] = up
+            m, st["l_down"] = fw.linear_forward(g, act, st["down"])
             x = g.op("Add", x, m)
             layers.append(st)
 
@@ -152,19 +164,16 @@ class DecoderGraph:
         for i in reversed(range(spec.layers)):
             st = layers[i]
             w = lambda name: f"{i}.{name}"  # noqa: E731  (already registered in the forward pass)
-            (da) = bw.linear_backward(g, [dx], st["l_down"], st["down"])
-            dgate, dup = bw.swiglu_backward(g, da, st["gate"], st["up"], st["sig"])
-            dh2 = bw.linear_backward(g, [dgate, dup], st["l_gu"], st["gu"])
+            da = bw.linear_backward(g, dx, st["l_down"], st["down"])
+            dgate, dup = bw.swiglu_backward(g, da, st["up"], st["swiglu"])
+            dh2 = bw.linear_backward(g, g.concat([dgate, dup], axis=1), st["l_gu"], st["gu"])
             dx = g.op("Add", dx, bw.rmsnorm_backward(g, dh2, st["n2"], w("ln2")))
-            datt = bw.linear_backward(g, [dx], st["l_o"], st["o"])
+            datt = bw.linear_backward(g, dx, st["l_o"], st["o"])
             dq, dk, dv = bw.attention_backward(g, datt, st["att"], a)
-            dq = bw.rope_backward(g, dq, cos, sin, spec.head_dim)
-            dk = bw.rope_backward(g, dk, cos, sin, spec.head_dim)
+            dqk = bw.rope_backward(g, g.concat([dq, dk], axis=2), cos, sin, rot)
             if spec.qk_norm:
-                dq = bw.rmsnorm_backward(g, dq, st["nq"], w("q_norm"))
-                dk = bw.rmsnorm_backward(g, dk, st["nk"], w("k_norm"))
-            dqkv = [g.reshape(dq, [s.rows, spec.q_dim]), g.reshape(dk, [s.rows, spec.kv_dim]),
-                    g.reshape(dv, [s.rows, spec.kv_dim])]
+                dqk = bw.rmsnorm_backward(g, dqk, st["nqk"], w("qk_norm"))
+            dqkv = g.reshape(g.concat([dqk, dv], axis=2), [s.rows, spec.q_dim + 2 * spec.kv_dim])
             # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
             dh1 = bw.linear_backward(g, dqkv, st["l_qkv"], st["qkv"], need_dx=i > 0)
             if i > 0:
