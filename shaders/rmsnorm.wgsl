@@ -1,4 +1,5 @@
 // RMSNorm over the last axis: out = w ⊙ x · rstd, rstd = 1/sqrt(mean(x²) + eps), one workgroup per row.
+// A row whose mean square is not finite gets NaN outputs and rstd (see rmsnorm_forward).
 // Used for the block norms ([B·T, C]) and, per head, for Qwen3's q_norm/k_norm ([B·T·heads, head_dim]).
 // Backward (input gradient only; the norm weights are frozen):
 //   dx = rstd · (w ⊙ dy) − x · rstd³ / n · Σ(w ⊙ dy ⊙ x),  written or, with `accumulate`, added to dx
@@ -28,6 +29,11 @@ fn workgroup_sum(v: f32, lid: u32) -> f32 {
     return total;
 }
 
+// Inf and NaN have every exponent bit set; a bit test cannot be optimised away as x != x or x <= MAX can.
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
 @compute @workgroup_size(128)
 fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wg.y * params.groups_x + wg.x;
@@ -35,7 +41,11 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     let base = row * params.dim;
     var ss = 0.0;
     for (var i = lid; i < params.dim; i += WG) { let v = x[base + i]; ss += v * v; }
-    let r = inverseSqrt(workgroup_sum(ss, lid) / f32(params.dim) + params.eps);
+    let ms = workgroup_sum(ss, lid) / f32(params.dim);
+    // A row whose mean square overflowed (inf) or is NaN would give inverseSqrt(inf) = 0: every later layer
+    // would see zeros and the loss would settle, finite, at ln(vocab), hiding the divergence from the
+    // non-finite guard. Propagate it as NaN instead, so the step's loss is NaN and the step is skipped.
+    let r = select(inverseSqrt(ms + params.eps), bitcast<f32>(0x7fc00000u), !is_finite(ms));
     for (var i = lid; i < params.dim; i += WG) { out[base + i] = w[i] * (x[base + i] * r); }
     if (lid == 0u) { rstd[row] = r; }
 }

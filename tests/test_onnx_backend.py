@@ -100,6 +100,46 @@ def test_non_finite_step_is_skipped_and_changes_nothing(tiny_llama_dir):
         assert all(np.array_equal(moments[k], v) for k, v in backend.optimizer_state().items())
 
 
+def test_rmsnorm_row_that_overflows_is_nan_not_zero():
+    """x² of 1e20 overflows float32; 1/sqrt(inf) = 0 would silently zero the row, so that row must be NaN."""
+    from engine.onnx_backend import forward as fw
+    from engine.onnx_backend.graph import Graph
+    from engine.onnx_backend.session import GraphSession, available_providers, ort_values
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 130)).astype(np.float32)
+    x[1, 7], x[2, 100] = 1e20, np.nan
+    x[3] *= 5e17                       # mean square ~3e35: finite, normalised as usual
+    w = rng.standard_normal(130).astype(np.float32)
+    g = Graph("rmsnorm")
+    y, (_, rstd) = fw.rmsnorm_forward(g, g.input("x", np.float32, [4, 130]), g.weight("w", w), 1e-6)
+    g.output(y, "y")
+    g.output(rstd, "rstd")
+    got = GraphSession(g, ort_values(g.weights), 1, available_providers()).run({"x": x})
+    assert np.isnan(got["y"][1:3]).all() and np.isnan(got["rstd"][1:3]).all()
+    ok = x[[0, 3]].astype(np.float64)
+    want_rstd = 1.0 / np.sqrt((ok ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got["rstd"][[0, 3]], want_rstd, rtol=1e-5)
+    np.testing.assert_allclose(got["y"][[0, 3]], w * ok * want_rstd, rtol=1e-5, atol=1e-6)
+
+
+def test_overflowed_hidden_state_makes_the_loss_nan_and_skips_the_step(tiny_llama_dir):
+    """A huge (finite) LoRA B overflows the residual stream's mean square in the next norm: the loss must be
+    NaN (not the ln(vocab) of an all-zero hidden state) and the step skipped, leaving everything untouched."""
+    spec = load_model_spec(tiny_llama_dir)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=12)
+    state = random_lora_state(spec, LORA, seed=9)
+    state[peft_key(0, "down_proj", "B")] *= np.float32(1e25)
+    assert all(np.isfinite(v).all() for v in state.values())
+    with make_backend(tiny_llama_dir, state=state) as backend:
+        loss_sum, tokens = backend.eval_loss(ids, labels)
+        assert tokens > 0 and np.isnan(loss_sum)
+        before, moments = backend.lora_state(), backend.optimizer_state()
+        result = backend.train_step([(ids, labels)], lr=1e-3, max_grad_norm=1.0).result()
+        assert result.skipped and result.step == 0 and np.isnan(result.loss)
+        assert all(np.array_equal(before[k], v) for k, v in backend.lora_state().items())
+        assert all(np.array_equal(moments[k], v) for k, v in backend.optimizer_state().items())
+
+
 def test_step_without_counted_tokens_is_skipped(tiny_llama_dir):
     """All labels masked: the mean loss is 0/0, so the step is non-finite and must not move anything."""
     spec = load_model_spec(tiny_llama_dir)

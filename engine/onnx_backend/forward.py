@@ -98,9 +98,16 @@ def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[str, LinearSav
 
 
 def rmsnorm_forward(g: Graph, x: str, weight: str, eps: float, axis: int = -1) -> tuple[str, tuple[str, str]]:
-    """y = x / sqrt(mean(x²) + eps) · w; saves (x·rstd, rstd)."""
+    """y = x / sqrt(mean(x²) + eps) · w; saves (x·rstd, rstd).
+
+    A row whose mean square overflowed to inf would get rstd = 1/sqrt(inf) = 0: every later layer would see
+    zeros and the loss would settle, finite, at ln(vocab), hiding the divergence from the non-finite guard.
+    Such a row gets rstd NaN instead (a NaN mean square gives NaN by itself), so the loss is NaN and the step
+    is skipped. The test runs on the [N, 1] mean squares only, so it costs nothing next to the norm.
+    """
     ms = g.reduce_mean(g.op("Mul", x, x), [axis])
     rstd = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.scalar(eps))))
+    rstd = g.op("Where", g.op("IsInf", ms), g.scalar(float("nan")), rstd)
     xn = g.op("Mul", x, rstd)
     return g.op("Mul", xn, weight), (xn, rstd)
 
