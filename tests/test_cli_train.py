@@ -181,6 +181,33 @@ def test_non_finite_run_stops_with_one_line_and_keeps_last_good(tiny_model_dirs,
     assert all(not v.any() for k, v in kept.items() if "lora_B" in k)     # never updated: B still zero
 
 
+def test_learning_rate_1e6_trips_the_guard_and_keeps_the_last_good_adapter(tiny_llama_dir, corpus_file, tmp_path,
+                                                                           capsys):
+    # Issue 5. Step 1 (LoRA B still zero) applies; its ~1e6 weights then overflow the residual stream, whose
+    # RMSNorm makes the loss NaN (not the finite ln(vocab) of a zeroed hidden state), so steps are skipped
+    # until the consecutive-skip limit (3) stops the run.
+    out = tmp_path / "o"
+    code = main(["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out),
+                 "--steps", "8", "--save-every", "1", "--keep-checkpoints", "10", *TRAIN, "--lr", "1e6"])
+    captured = capsys.readouterr()
+    steps = [x for x in map(json.loads, captured.out.splitlines()) if x["event"] == "step"]
+    err = captured.err.strip().splitlines()
+    applied = [s["step"] for s in steps if not s["skipped"]]
+    skipped = [s["step"] for s in steps if s["skipped"]]
+    assert applied == [1] and skipped == [2, 3, 4] and steps[0]["loss"] > 0
+    assert all(s["loss"] is None and s["grad_norm"] is None for s in steps[1:])
+    assert code == 2 and len(err) == 1
+    assert "NaN/inf at steps 2, 3, 4 in a row (learning rate" in err[0] and "(after step 1)" in err[0]
+    assert not (out / "adapter_model.safetensors").exists()
+    checkpoints = out / "checkpoints"
+    kept = load_file(checkpoints / "checkpoint-00000004" / "adapter_model.safetensors")   # written on stopping
+    assert str(checkpoints / "checkpoint-00000004") in err[0]
+    last_good = load_file(checkpoints / "checkpoint-00000001" / "adapter_model.safetensors")
+    assert kept.keys() == last_good.keys()
+    assert all(np.isfinite(v).all() and np.array_equal(v, last_good[k]) for k, v in kept.items())
+    assert all(np.abs(v).max() > 1e5 for k, v in kept.items() if "lora_B" in k)    # step 1 did apply, at lr 1e6
+
+
 def test_progress_bar_and_json_lines_render_steps():
     import io
 
