@@ -1,0 +1,26 @@
+"""The corpus pipeline: whatever files the user has, turned into training sequences, with an exact account of
+what was used and what was not.
+
+    corpus = load_corpus(["chats.jsonl", "notes.txt"], tokenizer, CorpusConfig(seq_len=512, packing=True))
+    corpus.stats.format_text()          # per file: formats, records, tokens, trained tokens, skipped lines
+    for input_ids, labels in corpus.batches(batch_size=8, epoch=0):   # [B, T] int32, -100 = not trained
+        ...
+
+Modules, in the order data flows: `textstream` (bytes -> text: encodings, binary refusal, CRLF, bounded lines),
+`readers` (text -> raw records per container), `formats` (record -> Example), `render` (Example -> ids and
+labels with the model's chat template and prompt masking), `sequences` (windows, truncation, packing,
+validation split, batches), `stats`, and `loader` which drives them. Nothing here imports Qt.
+"""
+from engine.corpus.config import CorpusConfig
+from engine.corpus.formats import FORMATS, Example, RecordError
+from engine.corpus.loader import Corpus, CorpusCancelled, load_corpus
+from engine.corpus.readers import CONTAINERS
+from engine.corpus.render import DEFAULT_CHAT_TEMPLATE, IGNORE, CorpusTokenizer, load_tokenizer
+from engine.corpus.sequences import Segment, Sequence, batch_count, batch_order, batches
+from engine.corpus.stats import CorpusStats, FileStats, SkippedRecord, SplitStats
+from engine.corpus.textstream import RefusedFile
+
+__all__ = ["CONTAINERS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE", "Corpus", "CorpusCancelled",
+           "CorpusConfig", "CorpusStats", "CorpusTokenizer", "Example", "FileStats", "RecordError", "RefusedFile",
+           "Segment", "Sequence", "SkippedRecord", "SplitStats", "batch_count", "batch_order", "batches",
+           "load_corpus", "load_tokenizer"]
