@@ -1,0 +1,30 @@
+"""`lora-lab export`: a trained adapter as a llama.cpp/Ollama GGUF adapter, or merged into a plain HF model."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export an adapter for llama.cpp/Ollama (gguf) or as a merged model",
+        description="Export a PEFT LoRA adapter. --to gguf writes a llama.cpp LoRA GGUF plus an Ollama Modelfile"
+                    " and a how-to note; --to merged folds the adapter into the base (safetensors, base dtype).")
+    p.add_argument("--model", required=True, help="base model: local HF folder, .gguf file or hub id")
+    p.add_argument("--adapter", required=True, type=Path, help="PEFT adapter folder (adapter_config.json + weights)")
+    p.add_argument("--to", required=True, choices=("gguf", "merged"), help="what to write")
+    p.add_argument("--out", required=True, type=Path,
+                   help="gguf: a folder (or a name ending in .gguf); merged: a new folder")
+    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"), help="GGUF tensor type (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.export import ExportRequest, run_export
+
+    request = ExportRequest(model=args.model, adapter=args.adapter, to=args.to, out=args.out,
+                            gguf_dtype=args.gguf_dtype, overwrite=args.force)
+    for line in run_export(request).lines:
+        print(line)
+    return 0

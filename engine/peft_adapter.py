@@ -1,0 +1,188 @@
+"""Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) without loading peft.
+
+The result is a validated `LoraAdapter`: one `LoraModule` per adapted Linear, holding A [r, in] and B [out, r]
+as float32 numpy arrays and the scale PEFT applies (alpha/r, or alpha/sqrt(r) for rsLoRA, per-module alpha and
+rank from `alpha_pattern` / `rank_pattern`). Everything the exports cannot express is refused here, with the
+reason: DoRA, LoRA biases, modules_to_save, trained tokens, layer replication, targets outside the seven
+projections of a decoder block.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# The Linear layers of a llama/qwen2/qwen3 decoder block that an adapter may target (module path suffixes).
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+# base_model.model.model.layers.{i}.{projection}.lora_{A|B}.weight, as PEFT's save_pretrained writes them.
+_KEY = re.compile(r"^base_model\.model\.(?P<module>model\.layers\.(?P<layer>\d+)\.(?P<proj>"
+                  + "|".join(re.escape(p) for p in PROJECTIONS) + r"))\.lora_(?P<ab>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    name: str          # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    layer: int
+    projection: str    # one of PROJECTIONS
+    a: np.ndarray      # (r, in_features) float32
+    b: np.ndarray      # (out_features, r) float32
+    alpha: float       # this module's lora_alpha (after alpha_pattern)
+    scale: float       # what PEFT multiplies B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self) -> np.ndarray:
+        """scale * B @ A: the (out, in) update PEFT adds to the base weight, in float32."""
+        return (self.scale * (self.b @ self.a)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    path: Path
+    config: Mapping            # adapter_config.json as read (for provenance only; everything used is validated)
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    base_model_name_or_path: str | None
+    modules: tuple[LoraModule, ...]  # sorted by (layer, projection order)
+
+
+def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str:
+    """The rank_pattern/alpha_pattern key that applies to `module_name`, matched as PEFT's get_pattern_key does."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return module_name
+
+
+_OTHER_VARIANTS = ("alora_invocation_tokens", "velora_config", "monteclora_config", "use_bdlora", "arrow_config",
+                   "kasa_config")
+
+
+def _refusals(cfg: Mapping) -> list[str]:
+    """Reasons this adapter cannot be exported (empty when it can)."""
+    reasons = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        reasons.append(f"it is a {cfg.get('peft_type')} adapter, only LoRA can be exported")
+    if cfg.get("use_dora"):
+        reasons.append("it uses DoRA (use_dora=true): llama.cpp and Ollama have no DoRA, and folding its"
+                       " magnitude vector is not supported here; train the adapter without DoRA")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        reasons.append(f"it trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r})")
+    if cfg.get("modules_to_save"):
+        reasons.append(f"it fully trains modules_to_save={cfg['modules_to_save']!r}, which a LoRA file cannot carry")
+    if cfg.get("trainable_token_indices"):
+        reasons.append("it trains token embeddings (trainable_token_indices)")
+    if cfg.get("layer_replication"):
+        reasons.append("it uses layer_replication, which changes the base model's layer count")
+    if cfg.get("target_parameters"):
+        reasons.append(f"it targets parameters directly (target_parameters={cfg['target_parameters']!r})")
+    if cfg.get("fan_in_fan_out"):
+        reasons.append("fan_in_fan_out=true is for Conv1D (GPT-2) models, not llama/qwen Linear layers")
+    # PEFT's other LoRA variants (fields tagged is_lora_variant in peft 0.21) change the forward pass itself.
+    variants = [f for f in _OTHER_VARIANTS if cfg.get(f)]
+    if cfg.get("init_lora_weights") == "mica":
+        variants.append("init_lora_weights='mica'")
+    if variants:
+        reasons.append(f"it is a LoRA variant ({', '.join(variants)}) whose forward pass plain LoRA cannot express")
+    return reasons
+
+
+def read_adapter(path: Path | str) -> LoraAdapter:
+    """Load and validate a PEFT LoRA adapter folder; raise ValueError naming what cannot be exported."""
+    import torch  # noqa: F401  (safetensors.torch needs it; bf16 tensors have no numpy dtype)
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (a .bin adapter? re-save it with safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    reasons = _refusals(cfg)
+    if reasons:
+        raise ValueError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
+
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    use_rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    tensors = load_file(weights_path)
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight of"
+                             f" a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+        entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
+        entry[m["ab"]] = value.float().numpy()
+    if not pairs:
+        raise ValueError(f"{weights_path} holds no LoRA tensors")
+
+    modules = []
+    for name, entry in pairs.items():
+        if "A" not in entry or "B" not in entry:
+            raise ValueError(f"{weights_path}: {name} has lora_{'A' if 'A' not in entry else 'B'} missing")
+        a, b = entry["A"], entry["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)},"
+                             " expected A (r, in) and B (out, r)")
+        rank = a.shape[0]
+        expected_rank = int(rank_pattern.get(pattern_key(rank_pattern, name), r))
+        if rank != expected_rank:
+            raise ValueError(f"{weights_path}: {name} has rank {rank} but adapter_config.json says {expected_rank}")
+        module_alpha = float(alpha_pattern.get(pattern_key(alpha_pattern, name), alpha))
+        scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
+        modules.append(LoraModule(name=name, layer=entry["layer"], projection=entry["proj"], a=a, b=b,
+                                  alpha=module_alpha, scale=scale))
+    modules.sort(key=lambda mod: (mod.layer, PROJECTIONS.index(mod.projection)))
+    return LoraAdapter(path=path, config=cfg, r=r, lora_alpha=alpha, use_rslora=use_rslora,
+                       base_model_name_or_path=cfg.get("base_model_name_or_path"), modules=tuple(modules))
+
+
+def read_base_config(base_dir: Path | str) -> dict:
+    """The base model's config.json as a dict (the exports need its architecture and head counts)."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{base_dir} is not a Hugging Face model folder: config.json is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_fits_base(adapter: LoraAdapter, base_config: Mapping) -> None:
+    """Refuse an adapter whose layer indices or shapes cannot belong to this base model."""
+    n_layers = int(base_config["num_hidden_layers"])
+    hidden = int(base_config["hidden_size"])
+    n_head = int(base_config["num_attention_heads"])
+    n_kv = int(base_config.get("num_key_value_heads") or n_head)
+    head_dim = int(base_config.get("head_dim") or hidden // n_head)
+    inter = int(base_config["intermediate_size"])
+    shapes = {  # projection -> (out, in)
+        "self_attn.q_proj": (n_head * head_dim, hidden), "self_attn.k_proj": (n_kv * head_dim, hidden),
+        "self_attn.v_proj": (n_kv * head_dim, hidden), "self_attn.o_proj": (hidden, n_head * head_dim),
+        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+    }
+    for mod in adapter.modules:
+        if mod.layer >= n_layers:
+            raise ValueError(f"adapter targets {mod.name} but the base model has {n_layers} layers; wrong base model?")
+        got = (mod.b.shape[0], mod.a.shape[1])
+        if got != shapes[mod.projection]:
+            raise ValueError(f"adapter's {mod.name} is {got[0]}x{got[1]} but the base model's is"
+                             f" {shapes[mod.projection][0]}x{shapes[mod.projection][1]}; wrong base model?")

@@ -1,0 +1,45 @@
+"""PEFT adapters for the export tests, made by peft itself on the tiny models, with non-zero random B."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROBE_TOKENS = [5, 17, 42, 99, 120, 3, 77, 200, 31, 8]
+
+
+def load_base(base_dir: Path, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or torch.float32).eval()
+
+
+def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, r: int = 4, lora_alpha: float = 8,
+                 target_modules=None, b_std: float = 0.2, **config) -> Path:
+    """get_peft_model on the base, B drawn from N(0, b_std) (PEFT starts it at zero), save_pretrained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base(base_dir)
+    lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or ALL_PROJECTIONS,
+                      task_type="CAUSAL_LM", **config)
+    peft_model = get_peft_model(model, lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_std)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path | None, tokens=PROBE_TOKENS):
+    """Logits (T, vocab) of the base, or of base + adapter loaded through PeftModel.from_pretrained."""
+    import torch
+    from peft import PeftModel
+
+    model = load_base(base_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

@@ -1,0 +1,136 @@
+"""Merged export: logits equal PEFT's base + adapter, base dtype kept, tied head not duplicated, no peft needed."""
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.atomic import DiskFullError
+from engine.export_merged import export_merged
+from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
+
+
+@pytest.mark.parametrize("config", [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=4, use_rslora=True)],
+                         ids=["plain", "rslora"])
+def test_merged_logits_equal_peft(tiny_model_dir, tmp_path, config):
+    import torch
+
+    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5, **config)
+    result = export_merged(adapter_dir, tiny_model_dir, tmp_path / "merged")
+    assert result.n_merged == 7 * 2
+    merged = load_base(result.path)
+    with torch.no_grad():
+        got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
+    want = peft_logits(tiny_model_dir, adapter_dir)
+    base = peft_logits(tiny_model_dir, None)
+    assert np.abs(want - base).max() > 0.1  # the adapter really moves the logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_merged_folder_is_a_complete_plain_model(tiny_model_dirs, tmp_path):
+    from safetensors import safe_open
+
+    base_dir = tiny_model_dirs["llama"]  # tied embeddings
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter")
+    out = export_merged(adapter_dir, base_dir, tmp_path / "merged").path
+    base_files = {p.name for p in base_dir.iterdir()}
+    assert {p.name for p in out.iterdir()} == base_files
+    assert json.loads((out / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as merged, safe_open(base_dir / "model.safetensors", "pt") as base:
+        assert set(merged.keys()) == set(base.keys()) and "lm_head.weight" not in merged.keys()
+        assert merged.metadata()["format"] == "pt"
+        for key in base.keys():
+            same = bool((merged.get_tensor(key) == base.get_tensor(key)).all())
+            assert same == ("_proj." not in key), key  # only the adapted projections change
+
+
+def test_merged_loads_without_peft(tiny_model_dirs, tmp_path):
+    base_dir = tiny_model_dirs["qwen2"]
+    out = export_merged(make_adapter(base_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged").path
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['peft'] = None  # as if not installed: find_spec says None, import raises\n"
+        "assert importlib.util.find_spec('peft') is None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        "print(type(m).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "Qwen2ForCausalLM"
+
+
+def test_bf16_base_stays_bf16(tiny_model_dirs, tmp_path):
+    import torch
+
+    base_dir = tmp_path / "base-bf16"
+    load_base(tiny_model_dirs["qwen3"]).to(torch.bfloat16).save_pretrained(base_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (base_dir / name).write_bytes((tiny_model_dirs["qwen3"] / name).read_bytes())
+    adapter_dir = make_adapter(tiny_model_dirs["qwen3"], tmp_path / "adapter")
+    out = export_merged(adapter_dir, base_dir, tmp_path / "merged").path
+    merged = load_base(out, dtype=torch.bfloat16)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    # The merged weight is W + scale * B @ A rounded once to bf16.
+    from engine.peft_adapter import read_adapter
+
+    mod = read_adapter(adapter_dir).modules[0]
+    base_w = load_base(base_dir, dtype=torch.bfloat16).get_submodule(mod.name).weight.float()
+    want = (base_w + torch.from_numpy(mod.delta())).to(torch.bfloat16)
+    assert torch.equal(merged.get_submodule(mod.name).weight, want)
+
+
+def test_sharded_base_keeps_its_shards(tiny_model_dirs, tmp_path):
+    import torch
+
+    base_dir = tmp_path / "base-sharded"
+    load_base(tiny_model_dirs["qwen2"]).save_pretrained(base_dir, max_shard_size="200KB")
+    shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
+    assert len(shards) > 1
+    adapter_dir = make_adapter(tiny_model_dirs["qwen2"], tmp_path / "adapter", seed=2)
+    result = export_merged(adapter_dir, base_dir, tmp_path / "merged")
+    assert sorted(result.shards) == shards and (result.path / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        got = load_base(result.path)(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
+    np.testing.assert_allclose(got, peft_logits(tiny_model_dirs["qwen2"], adapter_dir), atol=1e-4, rtol=0)
+
+
+def test_existing_output_is_kept_unless_forced(tiny_llama_dir, tmp_path):
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_merged(adapter_dir, tiny_llama_dir, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_merged(adapter_dir, tiny_llama_dir, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_full_disk_leaves_previous_export_and_no_temp(tiny_llama_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    out = export_merged(adapter_dir, tiny_llama_dir, tmp_path / "merged").path
+    before = (out / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(DiskFullError, match="disk full while writing"):
+        export_merged(adapter_dir, tiny_llama_dir, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_dora_is_refused(tiny_llama_dir, tmp_path):
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter", use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        export_merged(adapter_dir, tiny_llama_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
