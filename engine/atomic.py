@@ -126,9 +126,14 @@ def atomic_folder(dest: Path | str, overwrite: bool = False) -> Iterator[Path]:
                 os.chmod(child, file_mode)
         old = None
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(dest, old)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old, dest)  # put the previous export back
+            raise
         fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -139,3 +144,28 @@ def atomic_folder(dest: Path | str, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file that is not yet visible to readers (inside a temporary folder)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

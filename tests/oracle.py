@@ -56,7 +56,7 @@ def loss_and_grads(model, input_ids: np.ndarray, labels: np.ndarray) -> OracleSt
     out.loss.backward()
     grads = {name.replace(".default.weight", ".weight"): p.grad.detach().numpy().copy()
              for name, p in model.named_parameters() if p.requires_grad}
-    return OracleStep(float(out.loss), out.logits.detach().numpy(), grads)
+    return OracleStep(float(out.loss.detach()), out.logits.detach().numpy(), grads)
 
 
 def adamw_trajectory(model, batches, lr: float, steps: int, weight_decay: float = 0.0,
@@ -76,7 +76,7 @@ def adamw_trajectory(model, batches, lr: float, steps: int, weight_decay: float 
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     return losses
 
 

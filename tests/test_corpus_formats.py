@@ -40,11 +40,19 @@ CASES = {
     "text": (TEXT, [("The quick brown fox.", True)], True),
 }
 
-# Literal ids and labels produced with the fixture tokenizer (checked against CASES by the test below).
+# Literal ids produced with the fixture tokenizer and the [start, end) ranges of trained tokens (the rest -100).
+# Checked against CASES by the first test, so a change here is a change in what the model sees.
+_HEADER = [1, 86, 92, 86, 87, 348, 202, 37, 72, 224, 340, 76, 72, 73, 17, 2, 202, 1, 88, 375, 202]  # system + user
 GOLDEN = {
-    "openai": ([1, 86, 92, 86, 87, 348, 202, 37, 72, 224, 340, 76, 72, 73, 17, 2, 202, 1, 88, 375, 202, 43, 76, 2,
-                202, 1, 68, 286, 271, 377, 87, 202, 43, 276, 360, 288, 282, 358, 4, 2, 202],
-               [IGNORE] * 32 + [43, 276, 360, 288, 282, 358, 4, 2, 202]),
+    "openai": (_HEADER + [43, 76, 2, 202, 1, 68, 286, 271, 377, 87, 202, 43, 276, 360, 288, 282, 358, 4, 2, 202],
+               [(32, 41)]),
+    "sharegpt": (_HEADER + [43, 76, 2, 202, 1, 68, 286, 271, 377, 87, 202, 43, 276, 360, 2, 202, 1, 88, 375, 202,
+                            43, 283, 261, 372, 312, 34, 2, 202, 1, 68, 286, 271, 377, 87, 202, 44, 261, 80, 273, 270,
+                            72, 17, 2, 202], [(32, 37), (56, 65)]),
+    "alpaca": (_HEADER + [86, 304, 363, 72, 263, 260, 351, 87, 17, 202, 202, 87, 262, 318, 324, 291, 263, 316, 17, 2,
+                          202, 1, 68, 286, 271, 377, 87, 202, 68, 318, 324, 17, 2, 202], [(49, 55)]),
+    "prompt_completion": ([336, 264, 309, 263, 329, 290, 328, 34, 224, 333, 17, 2], [(8, 12)]),
+    "text": ([278, 311, 355, 224, 340, 283, 81, 273, 367, 17, 2], [(0, 11)]),
 }
 
 
@@ -72,10 +80,13 @@ def test_format_ids_and_masks_match_the_hand_written_pieces(tmp_path, tok, fmt):
     assert fs.tokens == len(ids) and fs.trainable_tokens == sum(x != IGNORE for x in labels)
 
 
-def test_golden_literal_ids(tmp_path, tok):
-    for fmt, (ids, labels) in GOLDEN.items():
-        corpus = load_one(tmp_path, tok, CASES[fmt][0])
-        assert seq_lists(corpus.train[0]) == (ids, labels)
+@pytest.mark.parametrize("fmt", list(GOLDEN))
+def test_golden_literal_ids_and_masks(tmp_path, tok, fmt):
+    ids, trained = GOLDEN[fmt]
+    labels = [IGNORE] * len(ids)
+    for a, b in trained:
+        labels[a:b] = ids[a:b]
+    assert seq_lists(load_one(tmp_path, tok, CASES[fmt][0]).train[0]) == (ids, labels)
 
 
 def test_preview_shows_trained_and_masked_text(tmp_path, tok):
@@ -158,9 +169,10 @@ def test_bos_is_prepended_masked_to_text_and_completions(tmp_path, tiny_tokenize
 
 
 # --- TRL-style completion-only masking ------------------------------------------------------------------------
-# TRL is not a dependency (its current release needs datasets, accelerate, pandas and pyarrow), so this is an
-# independent re-implementation of TRL 0.19's DataCollatorForCompletionOnlyLM.torch_call for one example:
-# search the token ids for the response template, mask everything before each response and every instruction.
+# TRL is not a dependency (TRL 1.16, the release that resolves here, needs datasets, accelerate, pandas and
+# pyarrow, none installed), so this re-implements, for one example, the instruction-template branch of
+# DataCollatorForCompletionOnlyLM.torch_call from trl 0.19.1 (trl/trainer/utils.py, its last release): find the
+# response template's token ids, mask everything up to each response and from each instruction template on.
 
 def trl_completion_only_labels(ids: list[int], response: list[int], instruction: list[int]) -> list[int]:
     labels = list(ids)
@@ -228,9 +240,7 @@ def test_inconsistent_template_falls_back_to_generation_blocks(tmp_path, tiny_to
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tok.chat_template = COUNTING_TEMPLATE
     corpus = load_one(tmp_path, tok, MULTI_TURN)
-    out = tok.apply_chat_template([{"role": m["from"].replace("human", "user").replace("gpt", "assistant"),
-                                    "content": m["value"]} for m in MULTI_TURN["conversations"]],
-                                  return_dict=True, return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(corpus_messages(MULTI_TURN), return_dict=True, return_assistant_tokens_mask=True)
     ids, labels = seq_lists(corpus.train[0])
     assert ids == list(out["input_ids"])
     assert labels == [i if m else IGNORE for i, m in zip(out["input_ids"], out["assistant_masks"])]
@@ -277,3 +287,29 @@ def test_json_array_and_csv_give_the_same_examples_as_jsonl(tmp_path, tok):
     assert [s.segments[0].line for s in as_csv.train] == [2, 3]
     assert as_csv.stats.files[0].container == "csv" and as_json.stats.files[0].formats == {
         "prompt_completion": 2, "text": 1}
+
+
+QWEN3_LIKE_TEMPLATE = (  # like Qwen3: only the latest assistant turn carries an (empty) <think></think> block
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' and loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_template_that_rewrites_earlier_turns_still_masks_every_assistant_turn(tmp_path, tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    corpus = load_one(tmp_path, tok, MULTI_TURN)
+    assert corpus.preview(0) == [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>\n", True),
+        ("<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>\n\n</think>\n\nI am fine.<|im_end|>\n", True)]
+    ids, labels = seq_lists(corpus.train[0])
+    assert ids == tok(corpus.tokenizer.render(corpus_messages(MULTI_TURN)), add_special_tokens=False)["input_ids"]
+
+
+def corpus_messages(sharegpt: dict) -> list[dict]:
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    return [{"role": roles[m["from"]], "content": m["value"]} for m in sharegpt["conversations"]]

@@ -214,3 +214,13 @@ def test_stream_lines_report_line_numbers(tmp_path):
     (tmp_path / "x.txt").write_bytes(b"a\r\n\r\nbbbbbbbbbb\nc")
     lines = list(TextStream(tmp_path / "x.txt", 3).lines(5))
     assert [(x.number, x.text) for x in lines] == [(1, "a"), (2, ""), (3, None), (4, "c")]
+
+
+def test_text_blocks_stay_bounded_when_every_line_is_indented(tmp_path):
+    from engine.corpus.readers import read_text_blocks
+
+    (tmp_path / "code.txt").write_text("    indented line of code\n" * 2000)   # 52 KB, never a clean boundary
+    blocks = list(read_text_blocks(TextStream(tmp_path / "code.txt", 4096), 1 << 20, block_chars=256))
+    assert max(len(t) for _, t in blocks) <= 16 * 256 + 26
+    assert "".join(t for _, t in blocks) == "    indented line of code\n" * 2000
+    assert [line for line, _ in blocks][:2] == [1, 1 + len(blocks[0][1]) // 26]

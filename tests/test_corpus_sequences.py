@@ -103,6 +103,7 @@ def test_validation_files_go_only_to_validation(tmp_path, tok):
     assert len(corpus.train) == 2 and len(corpus.val) == 1
     assert [f.split for f in corpus.stats.files] == ["train", "val"]
     assert corpus.val[0].segments[0].file == 1
+    assert corpus.sequences_of(0) == [0, 1] and corpus.sequences_of(1) == [] and corpus.sequences_of(1, "val") == [0]
     with pytest.raises(ValueError, match="given twice"):
         load_corpus([train], tok, CorpusConfig(val_files=(train,)))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):

@@ -47,6 +47,10 @@ class Corpus:
         return [(self.tokenizer.decode(seq.input_ids[a:b]), bool(trained[a])) for a, b in zip(bounds, bounds[1:])
                 if b > a]
 
+    def sequences_of(self, file: int, split: str = "train") -> list[int]:
+        """Indices of the sequences of `split` holding examples from `stats.files[file]`, for a per-file preview."""
+        return [i for i, s in enumerate(self._split(split)) if any(g.file == file for g in s.segments)]
+
     def batches(self, batch_size: int, split: str = "train", shuffle: bool = True, epoch: int = 0,
                 start_batch: int = 0):
         """`sequences.batches` over a split, with this corpus's seq_len, pad id and seed."""
@@ -156,6 +160,7 @@ def _read_file(path: Path, index: int, fs: FileStats, tok: CorpusTokenizer, conf
         if len(pending) >= RENDER_BATCH:
             units += _tokenize_pending(pending, index, fs, tok, config)
             pending = []
+            on_bytes(0)   # a chance to cancel between chunks: a megabyte of chats takes seconds to render
     units += _tokenize_pending(pending, index, fs, tok, config)
     return units
 

@@ -255,15 +255,17 @@ def read_csv(stream: TextStream, max_line_bytes: int) -> Iterator[RawRecord]:
 def read_text_blocks(stream: TextStream, max_line_bytes: int, block_chars: int = 1 << 16
                      ) -> Iterator[tuple[int, str | None]]:
     """A raw text file as (first line, text) blocks of about `block_chars`, ending in a newline; a too-long line
-    comes as (line, None). Blocks end only before a line that starts with a non-space character, where
-    byte-level BPE pre-tokenizers split anyway, so tokenizing block by block gives the same ids as the whole."""
+    comes as (line, None). Blocks end before a line that starts with a non-space character, where byte-level BPE
+    pre-tokenizers split anyway, so tokenizing block by block gives the same ids as tokenizing the whole."""
     parts: list[str] = []
     size, first = 0, 1
     for line in stream.lines(max_line_bytes):
         if line.text is None:
             yield line.number, None
             continue
-        if size >= block_chars and line.text[:1].strip():
+        # A text whose lines all start with spaces gets cut anyway at 16 blocks: bounded memory beats an exact
+        # pre-tokenizer boundary there.
+        if size >= block_chars and (line.text[:1].strip() or size >= 16 * block_chars):
             yield first, "".join(parts)
             parts, size = [], 0
         if not parts:

@@ -7,8 +7,10 @@ How each kind becomes tokens:
   prompt masking only the assistant turns are trained. Which characters those are is found by rendering prefix
   by prefix: turn i is what `render(messages[:i+1])` adds to `render(messages[:i], add_generation_prompt=True)`,
   so the assistant header is masked and the turn's content, end-of-turn token and what follows it up to the next
-  turn are trained (exactly TRL's completion-only masking). Templates whose prefixes are not prefixes of the full
-  render (some rewrite earlier turns) fall back to their `{% generation %}` blocks, or the record is skipped.
+  turn are trained (exactly TRL's completion-only masking). Where a template renders a turn differently once
+  later turns follow (Qwen3 drops the empty <think></think> of earlier turns), the turn's content and end-of-turn
+  text are looked up in the full render; failing that, the template's `{% generation %}` blocks decide, or the
+  record is skipped with the reason.
 - tokens: `input_ids` and `labels` exactly as given (labels default to input_ids); nothing is added.
 
 Token ids always come from tokenizing the whole rendered text at once, so they are exactly what the model sees
@@ -140,16 +142,37 @@ def _render_chat(example: Example, tok: CorpusTokenizer, mask: bool) -> Rendered
     pieces, pos = [], 0
     try:
         for i in turns:
-            prompt = tok.render(messages[:i], add_generation_prompt=True)
-            upto = tok.render(messages[:i + 1])
-            if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= pos):
-                raise _Inconsistent
-            pieces += [(full[pos:len(prompt)], False), (full[len(prompt):len(upto)], True)]
-            pos = len(upto)
+            start, answer = _locate_answer(tok, messages, i, full, pos)
+            pieces += [(full[pos:start], False), (answer, True)]
+            pos = start + len(answer)
     except Exception:  # an inconsistent prefix, or a template that cannot render a prefix on its own
         return _render_chat_generation_blocks(messages, tok, example.train_from)
     pieces.append((full[pos:], False))
     return Rendered(pieces)
+
+
+def _locate_answer(tok: CorpusTokenizer, messages: list[dict], i: int, full: str, pos: int) -> tuple[int, str]:
+    """Where assistant turn i's trained text starts in the full render, and that text.
+
+    Usually the prefix render is a prefix of the full render and the answer starts right after it. Some
+    templates (Qwen3) render the latest assistant turn differently (an empty <think></think>), so an earlier
+    turn looks different once later turns follow; then the answer is the turn's content plus the end-of-turn
+    text the template put after it, found in the full render after `pos`."""
+    prompt = tok.render(messages[:i], add_generation_prompt=True)
+    upto = tok.render(messages[:i + 1])
+    if not upto.startswith(prompt):
+        raise _Inconsistent
+    answer = upto[len(prompt):]
+    if full.startswith(upto) and len(prompt) >= pos:
+        return len(prompt), answer
+    content = messages[i]["content"]
+    k = answer.find(content) if content else -1
+    while k >= 0:  # the longest tail of the answer that starts with the content and is in the full render
+        start = full.find(answer[k:], pos)
+        if start >= 0:
+            return start, answer[k:]
+        k = answer.find(content, k + 1)
+    raise _Inconsistent
 
 
 class _Inconsistent(Exception):
@@ -161,8 +184,11 @@ def _render_chat_generation_blocks(messages, tok: CorpusTokenizer, train_from: i
         raise RecordError("cannot tell the assistant's tokens apart: the chat template renders earlier turns "
                           "differently once later ones are added, and has no {% generation %} blocks; "
                           "turn prompt masking off to train on the whole conversation")
-    out = tok.tokenizer.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+    try:
+        out = tok.tokenizer.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+    except Exception as exc:  # the template refuses this conversation
+        raise RecordError(f"the chat template refused this conversation: {exc}") from None
     ids = np.asarray(out["input_ids"], np.int32)
     trained = np.asarray(out["assistant_masks"], bool)
     if not trained.any():

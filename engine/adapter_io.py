@@ -1,0 +1,220 @@
+"""LoRA adapters in exactly the layout PEFT writes, and PEFT adapters read back for training or evaluation.
+
+Files: adapter_model.safetensors (PEFT names, A [r, in], B [out, r], float32, metadata {"format": "pt"}),
+adapter_config.json (the full field set PEFT 0.21.2 writes) and README.md (a model card). Anything an engine
+cannot honour — DoRA, modules_to_save, per-module ranks, a different base shape — is refused with the reason.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.atomic import atomic_write_bytes, write_bytes_synced
+from engine.lora import LoraConfig, peft_key
+from engine.model_spec import LORA_TARGETS, ModelSpec
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
+PEFT_FORMAT_VERSION = "0.21.2"   # the PEFT release whose adapter_config.json field set we write
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read or honoured; the message says why and what to do."""
+
+
+def expected_shapes(spec: ModelSpec, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for layer in range(spec.layers):
+        for target in lora.targets:
+            out_f, in_f = spec.projection_shape(target)
+            shapes[peft_key(layer, target, "A")] = (lora.rank, in_f)
+            shapes[peft_key(layer, target, "B")] = (out_f, lora.rank)
+    return shapes
+
+
+def check_finite(state: dict[str, np.ndarray]) -> None:
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save an adapter with non-finite values in {len(bad)} tensor(s), "
+                         f"e.g. {bad[0]}")
+
+
+def peft_config(lora: LoraConfig, base_model: str) -> dict:
+    """adapter_config.json as PEFT 0.21.2's save_pretrained writes it (same keys, sorted)."""
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    config = {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+        "base_model_name_or_path": base_model, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+        "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
+        "lora_dropout": lora.dropout, "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+        "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": lora.rank, "rank_pattern": {},
+        "revision": None, "target_modules": list(lora.targets), "target_parameters": None,
+        "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+        "use_qalora": False, "use_rslora": lora.use_rslora, "velora_config": None,
+    }
+    return dict(sorted(config.items()))
+
+
+def model_card(lora: LoraConfig, base_model: str, summary: dict | None) -> str:
+    """A README in PEFT's front-matter convention plus what this adapter is and how it was trained."""
+    lines = ["---", f"base_model: {base_model}", "library_name: peft", "pipeline_tag: text-generation", "tags:",
+             f"- base_model:adapter:{base_model}", "- lora", "- transformers", "- lora-lab", "---", "",
+             f"# LoRA adapter for {base_model}", "",
+             "Trained with LoRA-Lab. Load it with PEFT:", "", "```python",
+             "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+             f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
+             "model = PeftModel.from_pretrained(base, 'path/to/this/folder')", "```", "",
+             "## Adapter", "",
+             f"- rank r: {lora.rank}, lora_alpha: {lora.alpha:g}, scaling: {lora.scaling:g}"
+             f"{' (rsLoRA)' if lora.use_rslora else ''}",
+             f"- target modules: {', '.join(lora.targets)}", f"- lora_dropout: {lora.dropout:g}", ""]
+    if summary:
+        lines += ["## Training", ""]
+        lines += [f"- {key}: {_card_value(value)}" for key, value in summary.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _card_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _adapter_files(state: dict[str, np.ndarray], lora: LoraConfig, base_model: str,
+                   summary: dict | None) -> dict[str, bytes]:
+    from safetensors.numpy import save
+
+    check_finite(state)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    return {
+        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(peft_config(lora, base_model), indent=2) + "\n").encode(),
+        CARD_NAME: model_card(lora, base_model, summary).encode(),
+    }
+
+
+def export_adapter(folder: str | Path, state: dict[str, np.ndarray], lora: LoraConfig, base_model: str,
+                   summary: dict | None = None) -> Path:
+    """Write a PEFT adapter into `folder` (which may hold other things, e.g. checkpoints/), each file replaced
+    atomically; weights first and config after, so a config never names weights that are not there yet."""
+    folder = Path(folder)
+    for name, data in _adapter_files(state, lora, base_model, summary).items():
+        atomic_write_bytes(folder / name, data)
+    return folder
+
+
+def write_adapter_files(folder: Path, state: dict[str, np.ndarray], lora: LoraConfig, base_model: str,
+                        summary: dict | None = None) -> list[str]:
+    """Write the adapter into a folder nobody reads yet (a checkpoint being built); files fsynced."""
+    files = _adapter_files(state, lora, base_model, summary)
+    for name, data in files.items():
+        write_bytes_synced(folder / name, data)
+    return list(files)
+
+
+def _refuse(folder: Path, why: str) -> AdapterError:
+    return AdapterError(f"{folder}: cannot use this adapter: {why}")
+
+
+def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
+    """The LoraConfig of a PEFT adapter folder, refusing every setting the engines cannot honour."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} — expected a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _refuse(folder, f"{CONFIG_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _refuse(folder, f"{CONFIG_NAME} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise _refuse(folder, f"peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    problems = {
+        "use_dora": "DoRA (use_dora) needs a magnitude vector the engines do not train",
+        "modules_to_save": "modules_to_save trains full copies of modules, not LoRA",
+        "rank_pattern": "per-module ranks (rank_pattern) are not supported",
+        "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
+        "layers_to_transform": "an adapter on only some layers (layers_to_transform) is not supported",
+        "trainable_token_indices": "trainable token embeddings are not supported",
+        "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+        "lora_bias": "LoRA biases (lora_bias) are not supported",
+        "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not apply to the supported models",
+        "use_qalora": "QA-LoRA is not supported",
+    }
+    for key, why in problems.items():
+        if config.get(key):
+            raise _refuse(folder, why)
+    if config.get("bias", "none") != "none":
+        raise _refuse(folder, f"bias={config['bias']!r} trains biases; only bias 'none' is supported")
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        targets = list(LORA_TARGETS)
+    if isinstance(targets, str):
+        raise _refuse(folder, f"target_modules is the pattern {targets!r}; list module names instead")
+    targets = [t.rsplit(".", 1)[-1] for t in targets or []]
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown:
+        raise _refuse(folder, f"it adapts {', '.join(unknown)}; only {', '.join(LORA_TARGETS)} can be trained")
+    try:
+        lora = LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(targets),
+                          use_rslora=bool(config.get("use_rslora", False)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _refuse(folder, f"bad LoRA settings ({exc})") from None
+    return lora, config
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        from safetensors import safe_open
+        # framework="pt": numpy cannot hold bfloat16 adapters.
+        with safe_open(weights, framework="pt") as handle:
+            return {k: handle.get_tensor(k).to(torch.float32).numpy() for k in handle.keys()}
+    legacy = folder / "adapter_model.bin"
+    if legacy.is_file():
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (or adapter_model.bin) beside {CONFIG_NAME}")
+
+
+def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dict[str, np.ndarray], dict]:
+    """(LoraConfig, PEFT-named float32 tensors, raw config) of an adapter, checked against the base's shapes."""
+    folder = Path(folder)
+    lora, config = read_adapter_config(folder)
+    raw = _read_tensors(folder)
+    # Older PEFT versions and some tools keep the adapter name in the key; drop it.
+    state = {k.replace(".default.weight", ".weight"): v for k, v in raw.items()}
+    expected = expected_shapes(spec, lora)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and unexpected else "") + \
+                 (f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
+        raise _refuse(folder, f"its tensors do not match a {spec.layers}-layer {spec.model_type} base: {detail}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise _refuse(folder, f"{key} is {list(state[key].shape)} but this base needs {list(shape)} — "
+                                  "it was trained for a different base model")
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        raise _refuse(folder, f"{bad[0]} holds non-finite values")
+    return lora, {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, config
+
+
+def adapter_base_model(config: dict) -> str | None:
+    value = config.get("base_model_name_or_path")
+    return value if isinstance(value, str) and value else None

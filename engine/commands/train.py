@@ -1,0 +1,214 @@
+"""`lora-lab train`: a LoRA training run from the command line, with a progress bar or JSON lines."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+
+from engine.backend import OPTIMIZERS, OptimizerConfig
+from engine.lora import LoraConfig
+from engine.model_spec import LORA_TARGETS
+from engine.schedule import SCHEDULES
+from engine.train_config import TrainConfig
+from engine.trainer import TrainerCallback, TrainingError
+
+
+def register(subparsers):
+    p = subparsers.add_parser("train", help="train a LoRA adapter on your data",
+                              description="Train a LoRA adapter and write it, in PEFT's layout, to --out "
+                                          "(checkpoints in --out/checkpoints).")
+    p.add_argument("--model", required=True, metavar="M", help="model folder, .gguf file, hub id or 'demo'")
+    p.add_argument("--data", action="append", default=[], metavar="F",
+                   help="training file (.txt .md .jsonl .json .csv); repeat for several")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the adapter (and checkpoints/) go")
+    lora = p.add_argument_group("adapter")
+    lora.add_argument("--rank", type=int, default=None, help="LoRA rank r (default 16)")
+    lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 32)")
+    lora.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default 0.0)")
+    lora.add_argument("--targets", default=None, metavar="all|q_proj,v_proj,...",
+                      help=f"projections to adapt (default all: {','.join(LORA_TARGETS)})")
+    lora.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
+    lora.add_argument("--init-adapter", metavar="DIR", help="continue training this PEFT adapter")
+    run = p.add_argument_group("training")
+    run.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s)")
+    run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default %(default)s)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
+    run.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
+    run.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="(default %(default)s)")
+    run.add_argument("--warmup", type=int, default=0, help="warmup steps (default %(default)s)")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default %(default)s)")
+    run.add_argument("--weight-decay", type=float, default=0.0, help="(default %(default)s)")
+    run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    run.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    data = p.add_argument_group("data and evaluation")
+    data.add_argument("--val-split", type=float, default=0.0, help="fraction of the data held out")
+    data.add_argument("--val-data", action="append", default=[], metavar="F", help="validation-only file")
+    data.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    data.add_argument("--no-mask-prompt", action="store_true", help="train on prompts too, not only answers")
+    data.add_argument("--packing", action="store_true", help="pack several examples per sequence")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                   help="continue an interrupted run (its settings come from the checkpoint)")
+    p.add_argument("--backend", default="auto", metavar="auto|cpu|wgpu|wgpu:NAME",
+                   help="training backend; auto measures the candidates and takes the fastest (default auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object per step and evaluation, then a summary")
+    p.set_defaults(func=run_train)
+
+
+def _targets(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return LORA_TARGETS
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def lora_from_args(args) -> LoraConfig:
+    chosen = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "targets": _targets(args.targets),
+              "use_rslora": args.rslora}
+    return LoraConfig(**{k: v for k, v in chosen.items() if v is not None})
+
+
+def config_from_args(args) -> TrainConfig:
+    return TrainConfig(
+        lora=lora_from_args(args),
+        optim=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        epochs=args.epochs or 1, max_steps=args.steps or 0, lr=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBar(TrainerCallback):
+    """One redrawn line on a terminal (stderr); evaluations and checkpoints get lines of their own."""
+
+    def __init__(self, stream=None, width: int = 24):
+        self.stream, self.width, self._last = stream or sys.stderr, width, 0.0
+
+    def on_step(self, e):
+        now = time.monotonic()
+        if now - self._last < 0.1 and e.step != e.total:
+            return
+        self._last = now
+        filled = int(self.width * e.step / e.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        loss = "skipped (non-finite)" if e.skipped else f"loss {e.loss:.4f}"
+        self.stream.write(f"\r[{bar}] {e.step}/{e.total} {loss} lr {e.lr:.2e} {e.tokens_per_s:,.0f} tok/s "
+                          f"{_duration(e.elapsed_s)} ETA {_duration(e.eta_s)} mem {e.memory_bytes / 2**20:,.0f} MiB ")
+        self.stream.flush()
+
+    def on_eval(self, e):
+        self.stream.write(f"\n  eval at step {e.step}: loss {e.loss:.4f}, perplexity {e.perplexity:.3f} "
+                          f"({e.tokens} tokens)\n")
+
+    def on_checkpoint(self, e):
+        self.stream.write(f"\n  checkpoint: {e.path}\n")
+
+    def on_finish(self, summary):
+        self.stream.write("\n")
+
+    def on_failure(self, step, message):
+        self.stream.write("\n")
+
+
+class JsonLines(TrainerCallback):
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def _emit(self, obj):
+        self.stream.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
+        self.stream.flush()
+
+    def on_step(self, e):
+        self._emit({"event": "step", "step": e.step, "total": e.total, "epoch": e.epoch,
+                    "loss": e.loss if math.isfinite(e.loss) else None, "lr": e.lr,
+                    "grad_norm": e.grad_norm if math.isfinite(e.grad_norm) else None, "tokens": e.tokens,
+                    "tokens_per_s": e.tokens_per_s, "elapsed_s": e.elapsed_s, "eta_s": e.eta_s,
+                    "memory_bytes": e.memory_bytes, "skipped": e.skipped})
+
+    def on_eval(self, e):
+        self._emit({"event": "eval", "step": e.step, "loss": e.loss,
+                    "perplexity": e.perplexity if math.isfinite(e.perplexity) else None, "tokens": e.tokens})
+
+
+def run_train(args) -> int:
+    from engine.cli import UserError
+    from engine.runs import RunInputs, prepare_run
+
+    if not args.data and not args.resume:
+        raise UserError("no training data: pass --data FILE (repeat it for several files)")
+    if args.resume and args.init_adapter:
+        raise UserError("--resume continues a run with its own adapter; drop --init-adapter")
+    config = config_from_args(args)
+    if args.init_adapter and any(v is not None for v in (args.rank, args.alpha, args.targets, args.rslora)):
+        raise UserError("--init-adapter brings its own rank, alpha and targets; drop --rank/--alpha/--targets/"
+                        "--rslora")
+    data, val_data = tuple(args.data), tuple(args.val_data)
+    if args.resume and not data:
+        data, val_data = _files_from_checkpoint(args.resume)
+    inputs = RunInputs(model=args.model, data=data, val_data=val_data, val_split=args.val_split,
+                       mask_prompt=False if args.no_mask_prompt else None, packing=args.packing,
+                       init_adapter=args.init_adapter, backend=args.backend)
+    callback = JsonLines() if args.json else (ProgressBar() if sys.stderr.isatty() else TrainerCallback())
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    prepared = prepare_run(config, inputs, args.out, callback=callback, resume=args.resume, log=log)
+    trainer = prepared.trainer
+    if not args.json:
+        t = prepared.corpus_stats.train
+        print(f"training {prepared.base_model}: {t.sequences} sequences, {t.trainable_tokens} trained tokens, "
+              f"{trainer.total_steps} steps", file=sys.stderr)
+    previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(trainer, previous))
+    try:
+        summary = trainer.run()
+    except TrainingError as exc:
+        raise UserError(str(exc)) from None
+    except RuntimeError as exc:
+        raise UserError(f"training failed: {exc}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if args.json:
+        JsonLines()._emit(summary.to_json())
+    else:
+        losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}" if summary.first_loss is not None \
+            else "no step applied"
+        evals = f", eval perplexity {summary.eval_perplexity:.3f}" if summary.eval_perplexity else ""
+        print(f"{'stopped' if summary.stopped else 'done'}: {summary.steps}/{summary.total_steps} steps, {losses}"
+              f"{evals}, {summary.elapsed_s:.1f} s; adapter in {summary.adapter_dir}", file=sys.stderr)
+    return 0
+
+
+def _interrupt(trainer, previous):
+    """First Ctrl-C: stop after this step, checkpoint and write the adapter. A second one aborts."""
+    print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+    trainer.stop()
+    signal.signal(signal.SIGINT, previous)
+
+
+def _files_from_checkpoint(resume) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The data and validation files an interrupted run was started with."""
+    from pathlib import Path
+
+    from engine.checkpoint import STATE, checkpoint_root, latest_checkpoint, verify_checkpoint
+
+    path = Path(resume)
+    if not (path / "manifest.json").exists():
+        path = latest_checkpoint(path) or latest_checkpoint(checkpoint_root(path)) or path
+    verify_checkpoint(path)
+    saved = json.loads((path / STATE).read_text(encoding="utf-8")).get("inputs") or {}
+    if not saved.get("data"):
+        raise ValueError(f"{path}: the checkpoint does not name its data files; pass --data again")
+    return tuple(saved["data"]), tuple(saved.get("val_data") or ())

@@ -1,0 +1,161 @@
+"""`OnnxBackend`: the TrainingBackend that runs the LoRA training step as an ONNX graph on onnxruntime (CPU
+execution provider, or another one where installed), with the host optimizers of engine.optim_host."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.backend import (OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
+                            counted_tokens)
+from engine.lora import LoraConfig, init_lora_state
+from engine.model_spec import load_model_spec, load_weights
+from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, grad_name, prepare_weights
+from engine.onnx_backend.session import GraphSession, available_providers, cpu_threads, ort_values
+from engine.optim_host import clip_scale, global_grad_norm, make_host_optimizer
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class OnnxBackend(TrainingBackend):
+    """One model + LoRA + optimizer in onnxruntime, sized for (batch_size, seq_len); smaller batches are padded."""
+
+    def __init__(self, model_dir: str | Path, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
+                 seq_len: int, seed: int = 0, init_state: dict[str, np.ndarray] | None = None,
+                 threads: int | None = None, providers: tuple[str, ...] | None = None):
+        if batch_size < 1 or seq_len < 2:
+            raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
+        self._rss_before = _rss_bytes()
+        self.spec = load_model_spec(model_dir)
+        if seq_len > self.spec.max_positions:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                             f"{self.spec.max_positions}")
+        self.lora, self.optim = lora, optim
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.threads = threads or cpu_threads()
+        self.providers = available_providers(providers)
+        self.name = f"cpu: onnxruntime ({self.providers[0].removesuffix('ExecutionProvider')}, " \
+                    f"{self.threads} threads)"
+        self._weights = prepare_weights(self.spec, load_weights(model_dir))
+        self._values = ort_values(self._weights)
+        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len))
+        self._sessions: dict[str, GraphSession] = {}
+        self._state = init_lora_state(self.spec, lora, seed)
+        if init_state is not None:
+            self.load_lora_state(init_state)
+        self._optimizer = make_host_optimizer(optim)
+        # Size the optimizer state now (it would otherwise size itself on the first step), so that
+        # optimizer_state() already works for a checkpoint taken before any step.
+        self._optimizer.size = sum(v.size for v in self._state.values())
+        self._optimizer._init_state(self._optimizer.size)
+        self._session("train")
+        self._held_bytes = max(0, _rss_bytes() - self._rss_before)
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+    def _session(self, mode: str) -> GraphSession:
+        if mode not in self._sessions:
+            self._sessions[mode] = GraphSession(self._graphs.build(mode), self._values, self.threads,
+                                                self.providers, prepack=mode == "train")
+        return self._sessions[mode]
+
+    def _feeds(self, input_ids: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Pad to the built shape: padded positions and rows have mask 0 (causal attention keeps the real
+        positions unaffected by padding after them)."""
+        b, t = input_ids.shape
+        ids = np.zeros((self.batch_size, self.seq_len), np.int64)
+        ids[:b, :t] = input_ids
+        feeds = {"input_ids": ids, **self._state}
+        if labels is not None:
+            shifted = np.full((self.batch_size, self.seq_len), -100, np.int64)
+            shifted[:b, :t - 1] = labels[:, 1:]
+            feeds["mask"] = (shifted != -100).astype(np.float32).reshape(-1, 1)
+            feeds["targets"] = np.where(shifted == -100, 0, shifted).reshape(-1, 1)
+            if (feeds["targets"] >= self.spec.vocab_size).any():
+                raise ValueError(f"label out of range 0..{self.spec.vocab_size - 1}: {int(labels.max())}")
+        return feeds
+
+    def _check(self, input_ids, labels=None):
+        input_ids = np.asarray(input_ids)
+        check_batch(input_ids, input_ids if labels is None else np.asarray(labels), self.batch_size,
+                    self.seq_len, self.spec.vocab_size)
+
+    # ---- the contract -----------------------------------------------------------------------------------
+    def gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]
+                  ) -> tuple[float, int, dict[str, np.ndarray]]:
+        """(mean token CE, counted tokens, LoRA gradients of that mean) over the micro-batches; no update."""
+        if not micro_batches:
+            raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
+        session = self._session("train")
+        grads = {n: np.zeros_like(v) for n, v in self._state.items()}
+        loss_sum, tokens = 0.0, 0
+        for input_ids, labels in micro_batches:
+            self._check(input_ids, labels)
+            out = session.run(self._feeds(np.asarray(input_ids), np.asarray(labels)))
+            loss_sum += float(out["loss_sum"])
+            tokens += counted_tokens(labels)
+            for n, g in grads.items():
+                g += out[grad_name(n)]
+        self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
+        if tokens == 0:
+            return float("nan"), 0, grads
+        for g in grads.values():
+            g *= np.float32(1.0 / tokens)
+        return loss_sum / tokens, tokens, grads
+
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
+                   max_grad_norm: float) -> PendingStep:
+        loss, tokens, grads = self.gradients(micro_batches)
+        norm = global_grad_norm(grads.values())
+        if not (np.isfinite(loss) and np.isfinite(norm)):
+            return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
+        self._optimizer.step(self._state, grads, lr, grad_scale=clip_scale(norm, max_grad_norm))
+        return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, False))
+
+    def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        self._check(input_ids, labels)
+        out = self._session("eval").run(self._feeds(np.asarray(input_ids), np.asarray(labels)), ["loss_sum"])
+        return float(out["loss_sum"]), counted_tokens(labels)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        self._check(input_ids)
+        b, t = np.asarray(input_ids).shape
+        out = self._session("logits").run(self._feeds(np.asarray(input_ids), None), ["logits"])
+        return np.ascontiguousarray(out["logits"][:b, :t])
+
+    def lora_state(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def load_lora_state(self, state: dict[str, np.ndarray]) -> None:
+        missing, extra = self._state.keys() - state.keys(), state.keys() - self._state.keys()
+        if missing or extra:
+            raise ValueError(f"LoRA state does not match this model/config: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]}")
+        for key, value in state.items():
+            value = np.asarray(value)
+            if value.shape != self._state[key].shape:
+                raise ValueError(f"LoRA tensor {key} has shape {list(value.shape)}; expected "
+                                 f"{list(self._state[key].shape)}")
+        # Copy into the existing arrays: the optimizer updates them in place.
+        for key, value in state.items():
+            self._state[key][...] = np.asarray(value, np.float32)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return self._optimizer.state()
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self._optimizer.load_state(state)
+
+    def memory_bytes(self) -> int:
+        """Growth of this process's resident memory since construction began, largest seen after a training
+        step: weights, packed weights, sessions, activation arenas, LoRA and optimizer state (measured)."""
+        return int(max(self._held_bytes, _rss_bytes() - self._rss_before))
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._values = {}
+        self._weights = {}

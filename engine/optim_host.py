@@ -1,0 +1,230 @@
+"""Numpy optimizers for the CPU backend, and the twins the WGSL optimizer kernels are tested against.
+
+All three work on one flat float32 vector: the parameters of a step are concatenated in the dict's order, so
+their state (`m`, `v`, codes and scales) has exactly the layout of shaders/optimizer.wgsl's buffers and a
+checkpoint moves between backends unchanged. Arithmetic follows torch.optim (single-tensor path) in float32:
+  AdamW  p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;
+         p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+  SGD    p *= 1 - lr*wd;  p -= lr g        (decay decoupled like AdamW's, unlike torch.optim.SGD's)
+  AdamW 8-bit: as AdamW, but between steps m and sqrt(v) are kept as 8-bit codes into bitsandbytes' dynamic
+         maps with one absmax scale per block of `block_size` values (see `dynamic_map`, HostAdamW8bit).
+Clipping and the non-finite guard are the caller's: `global_grad_norm`, `clip_scale`, then `step(...,
+grad_scale=clip)`, or no step at all when the loss or the norm is not finite.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from engine.backend import OptimizerConfig
+
+F32 = np.float32
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """bitsandbytes' dynamic (tree) quantisation map, 256 sorted float32 values in [-1, 1] or [0, 1].
+
+    Why this map and not a linear one: v spans many decades inside a block, and a linear 8-bit v rounds every
+    value below absmax/510 to 0, after which m / (sqrt(0) + eps) makes a huge step. This map keeps 7 decades:
+    decade i (scale 10^(i-6)) holds 2^i (signed, per sign) or 2^(i+1) (unsigned) evenly spaced midpoints of
+    [0.1, 1], plus 0 and 1. Re-derived from bitsandbytes.functional.create_dynamic_map(signed, 7, 8).
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        items = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = np.linspace(0.1, 1.0, items)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += list(10.0 ** (i - 6) * means)
+        if signed:
+            values += list(-(10.0 ** (i - 6)) * means)
+    assert len(values) == 256
+    return np.sort(np.array(values, np.float32))
+
+
+SIGNED_MAP = dynamic_map(signed=True)
+UNSIGNED_MAP = dynamic_map(signed=False)
+
+
+def quantise(x: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+    """uint8 code of the nearest map entry (ties to the lower code), exactly as optimizer.wgsl's `quantise`."""
+    lo = np.clip(np.searchsorted(qmap, x, side="right") - 1, 0, 255)
+    up = np.minimum(lo + 1, 255)
+    return np.where(x - qmap[lo] > qmap[up] - x, up, lo).astype(np.uint8)
+
+
+def global_grad_norm(grads) -> float:
+    """L2 norm over every gradient array (inf or nan when any entry is)."""
+    return math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
+                         for g in grads))
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)); 1 when max_norm is 0."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    return 1.0 - beta1 ** step, 1.0 - beta2 ** step
+
+
+class HostOptimizer(ABC):
+    """Updates float32 parameter arrays in place from same-shaped gradients; state is flat as on the GPU."""
+
+    size_key: str | None        # the state entry whose length is P
+
+    def __init__(self, config: OptimizerConfig):
+        self.config = config
+        self.step_count = 0
+        self.size: int | None = None        # P, fixed by the first step or load_state
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float,
+             grad_scale: float = 1.0) -> None:
+        if params.keys() != grads.keys():
+            raise ValueError(f"params and grads name different tensors: {sorted(params.keys() ^ grads.keys())}")
+        for name, p in params.items():
+            if p.dtype != F32 or grads[name].shape != p.shape:
+                raise ValueError(f"{name}: expected float32 params and grads of one shape, got {p.dtype} "
+                                 f"{p.shape} and {grads[name].shape}")
+        flat_p = np.concatenate([p.ravel() for p in params.values()]) if params else np.zeros(0, F32)
+        flat_g = np.concatenate([grads[n].ravel().astype(F32) for n in params]) if params else np.zeros(0, F32)
+        if self.size is None:
+            self.size = flat_p.size
+            self._init_state(flat_p.size)
+        elif flat_p.size != self.size:
+            raise ValueError(f"this optimizer holds state for {self.size} values; the step passed {flat_p.size}")
+        self.step_count += 1
+        self._update(flat_p, flat_g * F32(grad_scale), float(lr))
+        offset = 0
+        for p in params.values():
+            p[...] = flat_p[offset:offset + p.size].reshape(p.shape)
+            offset += p.size
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"step": np.array(self.step_count, np.int64), **{k: v.copy() for k, v in self._state().items()}}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        expected = {"step", *self._state_shapes(0)}
+        if set(state) != expected:
+            raise ValueError(f"optimizer state has keys {sorted(state)}; expected {sorted(expected)}")
+        if self.size_key is not None:           # SGD has no state to size itself by
+            self.size = int(np.asarray(state[self.size_key]).size)
+            self._init_state(self.size)
+            for key, (shape, dtype) in self._state_shapes(self.size).items():
+                value = np.asarray(state[key])
+                if value.shape != shape or value.dtype != dtype:
+                    raise ValueError(f"optimizer state {key!r} is {value.dtype}{list(value.shape)}; "
+                                     f"expected {np.dtype(dtype)}{list(shape)}")
+                self._state()[key][...] = value
+        self.step_count = int(state["step"])
+
+    @abstractmethod
+    def _init_state(self, size: int) -> None: ...
+
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _state_shapes(self, size: int) -> dict[str, tuple[tuple[int, ...], type]]: ...
+
+    @abstractmethod
+    def _update(self, p: np.ndarray, g: np.ndarray, lr: float) -> None: ...
+
+
+class HostAdamW(HostOptimizer):
+    size_key = "m"
+
+    def _init_state(self, size):
+        self.m, self.v = np.zeros(size, F32), np.zeros(size, F32)
+
+    def _state(self):
+        return {"m": self.m, "v": self.v}
+
+    def _state_shapes(self, size):
+        return {"m": ((size,), F32), "v": ((size,), F32)}
+
+    def _update(self, p, g, lr):
+        c = self.config
+        p *= F32(1.0 - lr * c.weight_decay)
+        self.m += F32(1.0 - c.beta1) * (g - self.m)
+        self.v[...] = self.v * F32(c.beta2) + F32(1.0 - c.beta2) * (g * g)
+        bc1, bc2 = bias_corrections(c.beta1, c.beta2, self.step_count)
+        denom = np.sqrt(self.v) / F32(math.sqrt(bc2)) + F32(c.eps)
+        p -= F32(lr / bc1) * (self.m / denom)
+
+
+class HostSGD(HostOptimizer):
+    size_key = None
+
+    def _init_state(self, size):
+        pass
+
+    def _state(self):
+        return {}
+
+    def _state_shapes(self, size):
+        return {}
+
+    def _update(self, p, g, lr):
+        p *= F32(1.0 - lr * self.config.weight_decay)
+        p -= F32(lr) * g
+
+
+class HostAdamW8bit(HostOptimizer):
+    """Block-wise 8-bit AdamW: the numpy twin of optimizer.wgsl's adamw8bit_update, value for value.
+
+    As bitsandbytes: dequantise, update the moments and the parameters in f32, requantise with the blocks' new
+    absmax. Unlike bitsandbytes, the second moment is stored as sqrt(v) (codes of sqrt(v) / max sqrt(v)):
+    the map's 7 decades then cover 14 decades of v. Storing v itself rounded v to 0 for values with gradients
+    ~4 decades below the block's largest while m stayed non-zero, and m / (0 + eps) steps made a toy quadratic
+    diverge (tests/test_optim_host.py); with sqrt(v) it tracks f32 AdamW to a few percent.
+    """
+
+    size_key = "m_codes"
+
+    def _blocks(self, size):
+        return -(-size // self.config.block_size)
+
+    def _init_state(self, size):
+        nb = self._blocks(size)
+        # Codes 0 with scale 0 dequantise to 0: a fresh state is all zeros whatever code 0 means.
+        self.m_codes, self.v_codes = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+        self.m_scale, self.v_scale = np.zeros(nb, F32), np.zeros(nb, F32)
+
+    def _state(self):
+        return {"m_codes": self.m_codes, "v_codes": self.v_codes, "m_scale": self.m_scale, "v_scale": self.v_scale}
+
+    def _state_shapes(self, size):
+        nb = self._blocks(size)
+        return {"m_codes": ((size,), np.uint8), "v_codes": ((size,), np.uint8),
+                "m_scale": ((nb,), F32), "v_scale": ((nb,), F32)}
+
+    def _update(self, p, g, lr):
+        c, n, bs = self.config, p.size, self.config.block_size
+        nb = self._blocks(n)
+        pad = nb * bs - n
+
+        def blocks(x):
+            return np.concatenate([x, np.zeros(pad, x.dtype)]).reshape(nb, bs)
+
+        gb = blocks(g)
+        m_old = SIGNED_MAP[blocks(self.m_codes)] * self.m_scale[:, None]
+        r_old = UNSIGNED_MAP[blocks(self.v_codes)] * self.v_scale[:, None]     # sqrt(v), see class doc
+        v_old = r_old * r_old
+        m = m_old + F32(1.0 - c.beta1) * (gb - m_old)
+        v = F32(c.beta2) * v_old + F32(1.0 - c.beta2) * gb * gb
+        bc1, bc2 = bias_corrections(c.beta1, c.beta2, self.step_count)
+        upd = F32(F32(lr) / F32(bc1)) * m / (np.sqrt(v) / np.sqrt(F32(bc2)) + F32(c.eps))
+        p[...] = p * F32(1.0 - lr * c.weight_decay) - upd.ravel()[:n]
+        r = np.sqrt(v)
+        m_scale, v_scale = np.abs(m).max(axis=1), r.max(axis=1)
+        m_inv = np.where(m_scale > 0, F32(1.0) / np.where(m_scale > 0, m_scale, F32(1.0)), F32(0.0))
+        v_inv = np.where(v_scale > 0, F32(1.0) / np.where(v_scale > 0, v_scale, F32(1.0)), F32(0.0))
+        self.m_codes[...] = quantise(m * m_inv[:, None], SIGNED_MAP).ravel()[:n]
+        self.v_codes[...] = quantise(r * v_inv[:, None], UNSIGNED_MAP).ravel()[:n]
+        self.m_scale[...], self.v_scale[...] = m_scale, v_scale
+
+
+def make_host_optimizer(config: OptimizerConfig) -> HostOptimizer:
+    return {"adamw": HostAdamW, "adamw8bit": HostAdamW8bit, "sgd": HostSGD}[config.name](config)

@@ -1,0 +1,121 @@
+"""--backend auto|cpu|wgpu|wgpu:<name>: parsing, candidates (software adapters only when named), the measured
+choice, and the `lora-lab backends` command."""
+import json
+
+import numpy as np
+import pytest
+
+import engine.backends as backends
+from engine.backend import OptimizerConfig
+from engine.backends import BuildArgs, choose_backend, create_backend, parse_backend_kind
+from engine.lora import LoraConfig, init_lora_state
+from engine.model_spec import load_model_spec
+
+LORA = LoraConfig(rank=4, alpha=8)
+
+
+def test_parse_backend_kind():
+    assert parse_backend_kind("auto") == ("auto", None)
+    assert parse_backend_kind("cpu") == ("cpu", None)
+    assert parse_backend_kind("wgpu") == ("wgpu", None)
+    assert parse_backend_kind("wgpu: RTX 4090") == ("wgpu", "RTX 4090")
+    for bad in ("gpu", "wgpu:", "", "cuda"):
+        with pytest.raises(ValueError, match="auto, cpu, wgpu"):
+            parse_backend_kind(bad)
+
+
+def fake_adapters(monkeypatch, infos):
+    monkeypatch.setattr(backends, "_adapters", lambda: infos)
+
+
+LAVAPIPE = {"device": "llvmpipe (LLVM 15.0.7, 256 bits)", "adapter_type": "CPU", "backend_type": "Vulkan"}
+GHOST_GPU = {"device": "Ghost GPU 9000", "adapter_type": "DiscreteGPU", "backend_type": "Vulkan"}
+
+
+def test_software_adapters_are_never_candidates(monkeypatch):
+    fake_adapters(monkeypatch, [LAVAPIPE, GHOST_GPU, dict(GHOST_GPU, backend_type="OpenGL")])
+    todo, skipped = backends.candidates()
+    assert [c.kind for c in todo] == ["wgpu:Ghost GPU 9000", "cpu"]
+    assert [c.kind for c in skipped] == [f"wgpu:{LAVAPIPE['device']}"]
+    assert "software adapter" in skipped[0].skipped and "--backend wgpu:llvmpipe" in skipped[0].skipped
+
+
+def test_auto_measures_and_returns_a_fresh_cpu_backend(tiny_llama_dir, monkeypatch):
+    """Here the only hardware 'adapter' cannot be opened: it is reported unavailable, the CPU is measured."""
+    fake_adapters(monkeypatch, [LAVAPIPE, GHOST_GPU])
+    args = BuildArgs(tiny_llama_dir, LORA, OptimizerConfig(), 2, 8, seed=3)
+    backend, choice = choose_backend(args, measure_steps=1)
+    with backend:
+        assert choice.chosen == "cpu" and backend.name.startswith("cpu: onnxruntime")
+        by_kind = {c.kind: c for c in choice.candidates}
+        assert by_kind["cpu"].tokens_per_s > 0 and by_kind["cpu"].skipped is None
+        assert by_kind["cpu"].tokens_per_s == pytest.approx(16 / by_kind["cpu"].seconds_per_step)
+        assert by_kind["wgpu:Ghost GPU 9000"].skipped.startswith("unavailable")
+        assert by_kind["wgpu:Ghost GPU 9000"].tokens_per_s is None
+        assert "software adapter" in by_kind[f"wgpu:{LAVAPIPE['device']}"].skipped
+        # The measured steps happened on a throwaway instance: the chosen one starts untouched.
+        assert int(backend.optimizer_state()["step"]) == 0 and not backend.optimizer_state()["m"].any()
+        expected = init_lora_state(load_model_spec(tiny_llama_dir), LORA, 3)
+        assert all(np.array_equal(v, expected[k]) for k, v in backend.lora_state().items())
+        text = "\n".join(choice.lines())
+        assert "* onnxruntime" in text and "tokens/s" in text and "skipped: software adapter" in text
+
+
+def test_auto_picks_the_fastest_measured_candidate(tiny_llama_dir, monkeypatch):
+    """Selection logic alone: two openable candidates with known step times."""
+    fake_adapters(monkeypatch, [GHOST_GPU])
+    built = []
+
+    def fake_wgpu(args, adapter, allow_software):
+        assert adapter == "Ghost GPU 9000" and not allow_software
+        built.append(adapter)
+        return backends.build_cpu(args)
+
+    times = iter([0.5, 2.0])        # the GPU candidate is measured first
+    monkeypatch.setattr(backends, "build_wgpu", fake_wgpu)
+    monkeypatch.setattr(backends, "measure", lambda backend, steps: next(times))
+    backend, choice = choose_backend(BuildArgs(tiny_llama_dir, LORA, OptimizerConfig(), 1, 8), measure_steps=1)
+    backend.close()
+    assert choice.chosen == "wgpu:Ghost GPU 9000" and built == ["Ghost GPU 9000"] * 2
+    assert [c.tokens_per_s for c in choice.candidates] == [16.0, 4.0]
+
+
+def test_plain_wgpu_refuses_a_software_adapter(tiny_llama_dir, monkeypatch):
+    from engine.gpu import GpuContext, NoAdapterError
+
+    def only_software(adapter_name=None, allow_software=True):
+        assert not allow_software
+        raise NoAdapterError("only a software adapter is present (llvmpipe)")
+
+    monkeypatch.setattr(GpuContext, "create", staticmethod(only_software))
+    with pytest.raises(ValueError, match="--backend wgpu:<name>.*--backend cpu"):
+        create_backend("wgpu", tiny_llama_dir, LORA, OptimizerConfig(), 1, 8)
+
+
+def test_cpu_kind_builds_the_onnx_backend(tiny_llama_dir):
+    backend, choice = create_backend("cpu", tiny_llama_dir, LORA, OptimizerConfig(), 1, 8)
+    with backend:
+        assert choice is None and backend.name.startswith("cpu: onnxruntime")
+
+
+def test_backends_command(tiny_llama_dir, capsys):
+    from engine.cli import main
+
+    assert main(["backends", str(tiny_llama_dir), "--backend", "cpu", "--seq-len", "8", "--rank", "2",
+                 "--steps", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens_per_s"] > 0 and report["name"].startswith("cpu: onnxruntime")
+    with pytest.raises(SystemExit) as exc:
+        main(["backends", str(tiny_llama_dir), "--backend", "tpu"])
+    assert exc.value.code == 2
+    assert "auto, cpu, wgpu" in capsys.readouterr().err
+
+
+def test_real_adapters_software_ones_are_only_skipped():
+    from engine.gpu import adapter_is_software
+
+    todo, skipped = backends.candidates()
+    assert todo[-1].kind == "cpu"
+    infos = {f"wgpu:{i['device']}": i for i in backends._adapters()}
+    assert not any(adapter_is_software(infos[c.kind]) for c in todo if c.kind in infos)
+    assert all("software adapter" in c.skipped for c in skipped if c.kind in infos)

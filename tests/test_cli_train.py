@@ -1,0 +1,126 @@
+"""`lora-lab train/eval/chat` end to end on the tiny models with the real CPU backend (onnxruntime)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from engine.cli import main
+from tests.perplexity_reference import hf_guide_perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("The quick brown fox jumps over the lazy dog. What is the capital of France? The capital of France is "
+        "Paris.\nLoRA adapters add a low rank update to the frozen weights of a language model.\n")
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT * 12, encoding="utf-8")
+    return path
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+TRAIN = ["--rank", "4", "--alpha", "8", "--seq-len", "32", "--batch-size", "4", "--lr", "5e-3",
+         "--backend", "cpu", "--json"]
+
+
+def test_train_then_eval_beats_base_and_matches_peft(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out),
+                              "--steps", "16", "--val-split", "0.2", "--eval-every", "8", *TRAIN])
+    steps = [x for x in lines if x["event"] == "step"]
+    evals = [x for x in lines if x["event"] == "eval"]
+    summary = lines[-1]
+    assert summary["event"] == "summary" and summary["steps"] == 16 and summary["backend"].startswith("cpu")
+    assert [s["step"] for s in steps] == list(range(1, 17)) and [e["step"] for e in evals] == [8, 16]
+    assert np.mean([s["loss"] for s in steps[-4:]]) < steps[0]["loss"] - 0.3      # the loss falls
+    assert evals[-1]["loss"] < evals[0]["loss"] + 1e-9
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(tiny_llama_dir).resolve()) and config["r"] == 4
+    assert all(np.isfinite(v).all() for v in load_file(out / "adapter_model.safetensors").values())
+
+    evaluate = ["eval", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--seq-len", "32",
+                "--backend", "cpu", "--json"]
+    (base,) = run_json(capsys, evaluate)
+    (tuned,) = run_json(capsys, evaluate + ["--adapter", str(out)])
+    assert set(tuned) == {"loss", "perplexity", "tokens"} and tuned["tokens"] == base["tokens"]
+    assert tuned["perplexity"] < base["perplexity"]
+
+    from engine.runs import eval_stream
+    ids, labels = eval_stream([corpus_file], Path(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
+    peft_ppl, tokens = hf_guide_perplexity(PeftModel.from_pretrained(model, out).eval(), ids, labels, 32, 16)
+    assert tokens == tuned["tokens"]
+    assert tuned["perplexity"] == pytest.approx(peft_ppl, rel=1e-4)
+
+
+def test_cli_resume_continues_to_the_same_adapter(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    args = ["--model", str(tiny_llama_dir), "--data", str(corpus_file), "--steps", "6", "--save-every", "3",
+            "--keep-checkpoints", "3", *TRAIN]
+    run_json(capsys, ["train", "--out", str(tmp_path / "a"), *args])
+    straight = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    # Continue from step 3 with the files and settings the checkpoint names (no --data).
+    lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--json",
+                              "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000003")])
+    assert [x["step"] for x in lines if x["event"] == "step"] == [4, 5, 6]
+    resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for key, value in straight.items():
+        np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--targets", "q_proj,lm_head"], "unknown LoRA targets"),
+    (["--lr", "-1"], "learning rate must be a positive"),
+    (["--rank", "0"], "rank must be an integer"),
+    (["--seq-len", "100000"], "exceeds the model's"),
+    (["--backend", "tpu"], "backend 'tpu' is unknown"),
+    (["--val-split", "0.5", "--val-data", "x.txt"], "not both"),
+])
+def test_bad_arguments_end_with_one_line(tiny_llama_dir, corpus_file, tmp_path, capsys, extra, message):
+    backend = [] if "--backend" in extra else ["--backend", "cpu"]
+    code = main(["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(tmp_path / "o"),
+                 *backend, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("lora-lab train: error:")
+
+
+def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path):
+    bad_adapter = tmp_path / "dora"
+    bad_adapter.mkdir()
+    (bad_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4,
+                                                                 "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    cases = [
+        ["train", "--model", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o")],
+        ["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
+         "--backend", "cpu"],
+        ["eval", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--data", "x.txt"],
+        ["chat", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--prompt", "hi"],
+    ]
+    for argv in cases:
+        proc = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-1500:]
+
+
+def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
+                      str(tmp_path / "a"), "--steps", "2", *TRAIN])
+    assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt",
+                 "What is the capital of France?", "--max-new-tokens", "6"]) == 0
+    from engine.commands.chat import generate_reply
+    assert capsys.readouterr().out == generate_reply(str(tiny_llama_dir), "What is the capital of France?",
+                                                     str(tmp_path / "a"), 6) + "\n"

@@ -1,0 +1,101 @@
+"""The LoRA branch (forward, dA, dB, dx) against torch autograd; the hash dropout's mask is reproducible and its
+backward uses the forward's mask."""
+import numpy as np
+import pytest
+
+from engine.kernels.common import uniform
+from engine.kernels.lora import LoraBranch, LoraDims
+
+pytestmark = pytest.mark.gpu
+
+
+def setup(ctx, M, fin, fout, r, seed):
+    rng = np.random.default_rng(seed)
+    arrays = dict(x=rng.standard_normal((M, fin)), A=rng.standard_normal((r, fin)) * 0.3,
+                  B=rng.standard_normal((fout, r)) * 0.3, y0=rng.standard_normal((M, fout)),
+                  dy=rng.standard_normal((M, fout)), dx0=rng.standard_normal((M, fin)),
+                  gA0=rng.standard_normal((r, fin)), gB0=rng.standard_normal((fout, r)))
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    bufs = dict(y=ctx.upload(arrays["y0"], "y"), u=ctx.buffer(4 * M * r, "u"), x=ctx.upload(arrays["x"], "x"),
+                A=ctx.upload(arrays["A"], "A"), B=ctx.upload(arrays["B"], "B"), dy=ctx.upload(arrays["dy"], "dy"),
+                dx=ctx.upload(arrays["dx0"], "dx"), gA=ctx.upload(arrays["gA0"], "gA"),
+                gB=ctx.upload(arrays["gB0"], "gB"), du=ctx.buffer(4 * M * r, "du"),
+                xd=ctx.buffer(4 * M * fin, "xd"), dxd=ctx.buffer(4 * M * fin, "dxd"),
+                partials=ctx.buffer(4 << 20, "partials"))
+    return arrays, bufs
+
+
+def make(ctx, dims, bufs, dropout=0.0, step=None):
+    return LoraBranch(ctx, dims, bufs["y"], bufs["u"], bufs["x"], bufs["A"], bufs["B"], dy=bufs["dy"],
+                      dx=bufs["dx"], grad_a=bufs["gA"], grad_b=bufs["gB"], du=bufs["du"], dropout=dropout, salt=7,
+                      step_uniform=step, x_drop=bufs["xd"], dx_drop=bufs["dxd"], partials=bufs["partials"])
+
+
+def read(ctx, buf, shape):
+    return ctx.read(buf, count=int(np.prod(shape))).reshape(shape)
+
+
+def torch_reference(arrays, s, mask=None):
+    import torch
+    t = {k: torch.from_numpy(v).double() for k, v in arrays.items()}
+    x = t["x"].requires_grad_()
+    A, B = t["A"].requires_grad_(), t["B"].requires_grad_()
+    xb = x * torch.from_numpy(mask).double() if mask is not None else x
+    y = t["y0"] + s * (xb @ A.T) @ B.T
+    y.backward(t["dy"])
+    return dict(y=y.detach().numpy(), dx=arrays["dx0"] + x.grad.numpy(), gA=arrays["gA0"] + A.grad.numpy(),
+                gB=arrays["gB0"] + B.grad.numpy())
+
+
+@pytest.mark.parametrize("M,fin,fout,r", [(1, 72, 24, 4), (7, 80, 136, 8), (70, 33, 65, 1), (5, 20, 20, 16),
+                                          (600, 40, 30, 4)])
+def test_lora_branch_matches_autograd(gpu_device, M, fin, fout, r):
+    ctx = gpu_device
+    arrays, bufs = setup(ctx, M, fin, fout, r, M + fin)
+    dims = LoraDims(M, fin, fout, r, scaling=2.0 / r)
+    branch = make(ctx, dims, bufs)
+    enc = ctx.encoder()
+    branch.encode_forward(enc)
+    branch.encode_backward(enc)
+    enc.submit()
+    want = torch_reference(arrays, dims.scaling)
+    np.testing.assert_allclose(read(ctx, bufs["y"], (M, fout)), want["y"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), want["dx"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["gA"], (r, fin)), want["gA"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["gB"], (fout, r)), want["gB"], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_dropout_masks_consistently(gpu_device):
+    ctx = gpu_device
+    M, fin, fout, r, p = 64, 40, 24, 4, 0.25
+    arrays, bufs = setup(ctx, M, fin, fout, r, 3)
+    step = uniform(ctx, "step", 1234, p, 0, 0)
+    dims = LoraDims(M, fin, fout, r, scaling=1.5)
+    branch = make(ctx, dims, bufs, dropout=p, step=step)
+    enc = ctx.encoder()
+    branch.encode_forward(enc)
+    branch.encode_backward(enc)
+    enc.submit()
+    dropped = read(ctx, bufs["xd"], (M, fin))
+    keep = dropped != 0
+    # Kept values are scaled by 1/(1-p); the drop rate is near p; the mask (recovered from the forward's output)
+    # explains every gradient.
+    np.testing.assert_allclose(dropped[keep], arrays["x"][keep] / (1 - p), rtol=1e-6)
+    assert abs((~keep).mean() - p) < 0.05
+    want = torch_reference(arrays, dims.scaling, mask=keep / (1 - p))
+    np.testing.assert_allclose(read(ctx, bufs["y"], (M, fout)), want["y"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), want["dx"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["gA"], (r, fin)), want["gA"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read(ctx, bufs["gB"], (fout, r)), want["gB"], rtol=1e-4, atol=1e-5)
+    # A new seed draws a new mask; the same seed the same one; p = 0 (evaluation) keeps x as it is.
+    for seed, same in ((1234, True), (99, False)):
+        ctx.write(step, np.array([seed], np.uint32))
+        enc = ctx.encoder()
+        branch.drop_fwd(enc)
+        enc.submit()
+        assert np.array_equal(read(ctx, bufs["xd"], (M, fin)) != 0, keep) == same
+    ctx.write(step, np.array([0.0], np.float32), offset=4)
+    enc = ctx.encoder()
+    branch.drop_fwd(enc)
+    enc.submit()
+    np.testing.assert_array_equal(read(ctx, bufs["xd"], (M, fin)), arrays["x"])

@@ -1,0 +1,53 @@
+"""RMSNorm forward and input gradient against numpy (and the gradient against torch autograd)."""
+import numpy as np
+import pytest
+
+from engine.kernels.rmsnorm import RmsNorm
+
+pytestmark = pytest.mark.gpu
+
+
+def rmsnorm_ref(x, w, eps):
+    rstd = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)
+    return (w * x * rstd).astype(np.float32), rstd[:, 0]
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 1), (1, 72), (7, 24), (33, 130), (3, 300)])
+def test_rmsnorm_forward_backward(gpu_device, rows, dim):
+    import torch
+    ctx = gpu_device
+    rng = np.random.default_rng(rows * dim)
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    dy = rng.standard_normal((rows, dim)).astype(np.float32)
+    dx0 = rng.standard_normal((rows, dim)).astype(np.float32)
+    out, rstd, dx = ctx.buffer(4 * x.size, "out"), ctx.buffer(4 * rows, "rstd"), ctx.upload(dx0, "dx")
+    norm = RmsNorm(ctx, out, rstd, ctx.upload(x, "x"), ctx.upload(w, "w"), rows, dim, 1e-5,
+                   dx=dx, dy=ctx.upload(dy, "dy"), accumulate_dx=True)
+    enc = ctx.encoder()
+    norm.encode_forward(enc)
+    norm.encode_backward(enc)
+    enc.submit()
+    want, want_rstd = rmsnorm_ref(x, w, 1e-5)
+    np.testing.assert_allclose(ctx.read(out, count=x.size).reshape(rows, dim), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ctx.read(rstd, count=rows), want_rstd, rtol=1e-5)
+    xt = torch.from_numpy(x).double().requires_grad_()
+    yt = torch.from_numpy(w).double() * xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-5)
+    yt.backward(torch.from_numpy(dy).double())
+    np.testing.assert_allclose(ctx.read(dx, count=x.size).reshape(rows, dim), dx0 + xt.grad.numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_backward_overwrites_without_accumulate(gpu_device):
+    ctx = gpu_device
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((2, 5)).astype(np.float32), rng.standard_normal((2, 5)).astype(np.float32)
+    w = np.ones(5, np.float32)
+    out, rstd = ctx.buffer(40, "out"), ctx.buffer(8, "rstd")
+    dx = ctx.upload(np.full((2, 5), 1e6, np.float32), "dx")
+    norm = RmsNorm(ctx, out, rstd, ctx.upload(x, "x"), ctx.upload(w, "w"), 2, 5, 1e-6, dx=dx, dy=ctx.upload(dy, "dy"))
+    enc = ctx.encoder()
+    norm.encode_forward(enc)
+    norm.encode_backward(enc)
+    enc.submit()
+    assert np.abs(ctx.read(dx, count=10)).max() < 100

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from engine.kernels.rope import Rope
+from engine.model_spec import RopeSpec
+
+
+def rope_reference(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """transformers' apply_rotary_pos_emb on [B, T, NH, HD] in float64: x*cos + rotate_half(x)*sin."""
+    T, hd = x.shape[1], x.shape[3]
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+    emb = np.concatenate([angle, angle], axis=-1)               # [T, HD]
+    cos, sin = np.cos(emb)[None, :, None, :], np.sin(emb)[None, :, None, :]
+    rotated = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], axis=-1)
+    return x * cos + rotated * sin
+
+
+SHAPES = [  # (B, T, NH, HD, rope)
+    (1, 1, 1, 2, RopeSpec(theta=10000.0)),
+    (2, 7, 3, 48, RopeSpec(theta=10000.0)),
+    (1, 33, 5, 24, RopeSpec(theta=1e6, scaling_type="linear", factor=4.0)),
+    (2, 5, 2, 256, RopeSpec(theta=500000.0, scaling_type="llama3", factor=8.0, original_max_position=8192)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,NH,HD,spec", SHAPES)
+def test_rope_forward_and_backward_match_reference(gpu_device, B, T, NH, HD, spec):
+    rng = np.random.default_rng(HD + T)
+    x = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    dy = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    inv_freq = spec.inv_freq(HD)
+    ctx = gpu_device
+    x_buf, dx_buf = ctx.upload(x, "x"), ctx.upload(dy, "dx")
+    rope = Rope(ctx, x_buf, B, T, NH, HD, inv_freq)
+    enc = ctx.encoder()
+    rope.encode_forward(enc)
+    rope.encode_backward(enc, dx_buf)
+    enc.submit()
+    y = ctx.read(x_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(y, rope_reference(x.astype(np.float64), inv_freq), rtol=1e-5, atol=1e-5)
+    # Backward is the transpose of the forward map: <R x, dy> == <x, R^T dy> for every x, dy.
+    dx = ctx.read(dx_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(np.vdot(y.astype(np.float64), dy), np.vdot(x.astype(np.float64), dx),
+                               rtol=1e-5, atol=1e-4)
+    # And the inverse rotation of the rotated x gives x back.
+    y_buf = ctx.upload(y, "y")
+    enc = ctx.encoder()
+    Rope(ctx, y_buf, B, T, NH, HD, inv_freq).encode_backward(enc, y_buf)
+    enc.submit()
+    np.testing.assert_allclose(ctx.read(y_buf, count=x.size).reshape(x.shape), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_rope_matches_transformers(gpu_device):
+    torch = pytest.importorskip("torch")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    B, T, NH, HD = 1, 9, 2, 16
+    inv_freq = RopeSpec(theta=10000.0).inv_freq(HD)
+    x = np.random.default_rng(0).standard_normal((B, T, NH, HD)).astype(np.float32)
+    freqs = torch.arange(T, dtype=torch.float32)[:, None] * torch.from_numpy(inv_freq)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)[None]
+    xt = torch.from_numpy(x).transpose(1, 2)                    # HF wants [B, NH, T, HD]
+    expected, _ = apply_rotary_pos_emb(xt, xt, emb.cos(), emb.sin())
+    ctx = gpu_device
+    buf = ctx.upload(x, "x")
+    enc = ctx.encoder()
+    Rope(ctx, buf, B, T, NH, HD, inv_freq).encode_forward(enc)
+    enc.submit()
+    got = ctx.read(buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(got, expected.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_rope_refuses_bad_shapes(gpu_device):
+    ctx = gpu_device
+    with pytest.raises(ValueError, match="even head_dim"):
+        Rope(ctx, ctx.buffer(4 * 30, "x"), 1, 2, 1, 15, np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="inv_freq has shape"):
+        Rope(ctx, ctx.buffer(4 * 32, "x"), 1, 2, 1, 16, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="holds 64 bytes"):
+        Rope(ctx, ctx.buffer(64, "x"), 1, 2, 1, 16, np.zeros(8, np.float32))

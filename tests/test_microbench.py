@@ -1,0 +1,45 @@
+"""The micro-benchmark measures (does not estimate) and the throughput bench runs end to end with --quick."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.lora import LoraConfig
+from engine.microbench import measure, random_weights, smollm2_135m_spec, step_flops, tiny_spec
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_measure_reports_positive_measured_rates(gpu_device):
+    report = measure(gpu_device, quick=True)
+    assert report["adapter"] == gpu_device.label
+    assert report["matmul_gflops"] > 0
+    training = report["training"]
+    assert training["tokens_per_s"] > 0 and training["ms_per_step"] > 0
+    assert np.isfinite(training["last_loss"]) and training["engine_bytes"] > 0
+
+
+def test_random_weights_cover_every_uploaded_tensor():
+    spec = tiny_spec()
+    tensors = random_weights(spec)
+    assert len(tensors) == 2 + 9 * spec.layers
+    assert tensors["model.norm.weight"].tolist() == [1.0] * spec.hidden
+
+
+def test_step_flops_is_dominated_by_dense_matmuls_for_smollm2():
+    spec = smollm2_135m_spec()
+    flops = step_flops(spec, LoraConfig(rank=16, alpha=32), tokens=512, seq_len=512)
+    dense_params = spec.parameter_count() - spec.vocab_size * spec.hidden
+    assert 4 * dense_params * 512 < flops < 12 * spec.parameter_count() * 512
+
+
+@pytest.mark.slow
+def test_train_throughput_bench_quick_prints_json():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick", "--no-torch",
+                          "--batch-sizes", "1"], capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["machine"]["adapter"] and report["results"][0]["ours"]["tokens_per_s"] > 0

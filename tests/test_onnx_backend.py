@@ -1,0 +1,162 @@
+"""The CPU (onnxruntime) backend against PyTorch autograd + PEFT on the tiny Llama, Qwen2 and Qwen3 models."""
+import numpy as np
+import pytest
+
+from engine.backend import OptimizerConfig
+from engine.lora import LoraConfig, peft_key
+from engine.model_spec import load_model_spec
+from engine.onnx_backend import OnnxBackend
+from tests.oracle import adamw_trajectory, loss_and_grads, peft_model, random_batch, random_lora_state
+
+LORA = LoraConfig(rank=4, alpha=8)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def make_backend(model_dir, lora=LORA, batch=2, seq=9, state=None, seed=0, **optim):
+    return OnnxBackend(model_dir, lora, OptimizerConfig(**optim), batch, seq, seed=seed, init_state=state,
+                       threads=1)
+
+
+@pytest.mark.parametrize("lora", [LORA, LoraConfig(rank=3, alpha=5, use_rslora=True,
+                                                   targets=("q_proj", "v_proj", "up_proj", "down_proj"))],
+                         ids=["all-targets", "rslora-subset"])
+def test_loss_and_every_grad_match_peft(tiny_model_dir, lora):
+    spec = load_model_spec(tiny_model_dir)
+    state = random_lora_state(spec, lora, seed=1)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=2)
+    want = loss_and_grads(peft_model(tiny_model_dir, lora, state), ids, labels)
+    with make_backend(tiny_model_dir, lora, state=state) as backend:
+        loss, tokens, grads = backend.gradients([(ids, labels)])
+    assert tokens == int((labels[:, 1:] != -100).sum())
+    assert abs(loss - want.loss) <= 1e-3 * abs(want.loss)
+    assert grads.keys() == want.grads.keys()
+    assert len(grads) == 2 * spec.layers * len(lora.targets)
+    for key in want.grads:
+        assert rel_err(grads[key], want.grads[key]) < 1e-3, key
+
+
+def test_smaller_batch_is_padded_without_changing_numbers(tiny_llama_dir):
+    """A [1, 6] batch in a backend built for [2, 9]: padding must not leak into loss or gradients."""
+    spec = load_model_spec(tiny_llama_dir)
+    state = random_lora_state(spec, LORA, seed=4)
+    ids, labels = random_batch(spec.vocab_size, 1, 6, seed=5)
+    want = loss_and_grads(peft_model(tiny_llama_dir, LORA, state), ids, labels)
+    with make_backend(tiny_llama_dir, state=state) as backend:
+        loss, _, grads = backend.gradients([(ids, labels)])
+        logits = backend.logits(ids)
+        loss_sum, tokens = backend.eval_loss(ids, labels)
+    assert abs(loss - want.loss) <= 1e-3 * want.loss
+    assert max(rel_err(grads[k], want.grads[k]) for k in want.grads) < 1e-3
+    assert logits.shape == want.logits.shape
+    np.testing.assert_allclose(logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert tokens == int((labels[:, 1:] != -100).sum())
+    assert abs(loss_sum / tokens - want.loss) <= 1e-4 * want.loss
+
+
+def test_micro_batches_accumulate_like_one_batch(tiny_llama_dir):
+    spec = load_model_spec(tiny_llama_dir)
+    state = random_lora_state(spec, LORA, seed=6)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=7)
+    labels[0, 1:6] = -100   # unequal token counts per row, so a mean of means would differ
+    with make_backend(tiny_llama_dir, state=state) as backend:
+        whole = backend.gradients([(ids, labels)])
+        split = backend.gradients([(ids[:1], labels[:1]), (ids[1:], labels[1:])])
+    assert whole[1] == split[1]
+    assert abs(whole[0] - split[0]) < 1e-5
+    assert max(rel_err(split[2][k], whole[2][k]) for k in whole[2]) < 1e-4
+
+
+def test_training_trajectory_matches_torch_adamw(tiny_model_dir):
+    spec = load_model_spec(tiny_model_dir)
+    state = random_lora_state(spec, LORA, seed=8)
+    batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in (10, 11)]
+    want = adamw_trajectory(peft_model(tiny_model_dir, LORA, state), batches, lr=3e-3, steps=6,
+                            weight_decay=0.01, max_grad_norm=0.5)
+    with make_backend(tiny_model_dir, state=state, weight_decay=0.01) as backend:
+        got = [backend.train_step([batches[i % 2]], lr=3e-3, max_grad_norm=0.5).result() for i in range(6)]
+    assert [r.step for r in got] == list(range(1, 7))
+    assert not any(r.skipped for r in got)
+    assert got[0].grad_norm > 0.5, "the clipping path must be exercised"
+    np.testing.assert_allclose([r.loss for r in got], want, rtol=1e-3)
+    assert got[-1].loss < got[0].loss
+
+
+def test_non_finite_step_is_skipped_and_changes_nothing(tiny_llama_dir):
+    spec = load_model_spec(tiny_llama_dir)
+    batch = random_batch(spec.vocab_size, 2, 9, seed=12)
+    with make_backend(tiny_llama_dir, state=random_lora_state(spec, LORA, seed=9)) as backend:
+        assert not backend.train_step([batch], lr=1e-3, max_grad_norm=1.0).result().skipped
+        state = backend.lora_state()
+        state[peft_key(1, "up_proj", "B")][0, 0] = np.inf
+        backend.load_lora_state(state)
+        before, moments = backend.lora_state(), backend.optimizer_state()
+        result = backend.train_step([batch], lr=1e-3, max_grad_norm=1.0).result()
+        assert result.skipped and result.step == 1 and not np.isfinite(result.loss)
+        after = backend.lora_state()
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+        assert all(np.array_equal(moments[k], v) for k, v in backend.optimizer_state().items())
+
+
+def test_step_without_counted_tokens_is_skipped(tiny_llama_dir):
+    """All labels masked: the mean loss is 0/0, so the step is non-finite and must not move anything."""
+    spec = load_model_spec(tiny_llama_dir)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=13)
+    labels[:] = -100
+    with make_backend(tiny_llama_dir, state=random_lora_state(spec, LORA, seed=9)) as backend:
+        before = backend.lora_state()
+        result = backend.train_step([(ids, labels)], lr=1e-3, max_grad_norm=1.0).result()
+        assert result.skipped and result.tokens == 0 and result.step == 0
+        assert all(np.array_equal(before[k], v) for k, v in backend.lora_state().items())
+
+
+def test_lora_and_optimizer_state_round_trip(tiny_model_dirs):
+    model_dir = tiny_model_dirs["qwen2"]
+    spec = load_model_spec(model_dir)
+    batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in (20, 21, 22)]
+    with make_backend(model_dir, seed=3, name="adamw8bit") as first:
+        for b in batches[:2]:
+            first.train_step([b], lr=1e-2, max_grad_norm=1.0)
+        lora_state, optim_state = first.lora_state(), first.optimizer_state()
+        expected = first.train_step([batches[2]], lr=1e-2, max_grad_norm=1.0).result()
+        expected_state = first.lora_state()
+    with make_backend(model_dir, seed=99, name="adamw8bit") as second:
+        second.load_lora_state(lora_state)
+        second.load_optimizer_state(optim_state)
+        assert int(second.optimizer_state()["step"]) == 2
+        got = second.train_step([batches[2]], lr=1e-2, max_grad_norm=1.0).result()
+        assert got == expected
+        assert all(np.array_equal(expected_state[k], v) for k, v in second.lora_state().items())
+
+
+def test_initial_adapter_is_peft_init_and_leaves_the_base_model(tiny_llama_dir):
+    from engine.lora import init_lora_state
+    spec = load_model_spec(tiny_llama_dir)
+    with make_backend(tiny_llama_dir, seed=5) as backend:
+        state = backend.lora_state()
+        ids = random_batch(spec.vocab_size, 1, 9, seed=1)[0]
+        logits = backend.logits(ids)
+    expected = init_lora_state(spec, LORA, 5)
+    assert all(np.array_equal(state[k], expected[k]) for k in expected)
+    want = peft_model(tiny_llama_dir, LORA, expected)
+    import torch
+    with torch.no_grad():
+        ref = want(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_is_refused_clearly(tiny_llama_dir):
+    spec = load_model_spec(tiny_llama_dir)
+    with make_backend(tiny_llama_dir) as backend:
+        with pytest.raises(ValueError, match="exceeds"):
+            backend.gradients([random_batch(spec.vocab_size, 3, 9)])
+        with pytest.raises(ValueError, match="shape"):
+            state = backend.lora_state()
+            state[peft_key(0, "q_proj", "A")] = np.zeros((5, 5), np.float32)
+            backend.load_lora_state(state)
+        with pytest.raises(ValueError, match="missing"):
+            backend.load_lora_state({})
+    with pytest.raises(ValueError, match="dropout"):
+        make_backend(tiny_llama_dir, lora=LoraConfig(rank=4, dropout=0.1))

@@ -1,0 +1,163 @@
+"""The trainer on a real PyTorch+PEFT backend: learning, exact resume, pause/stop, and the non-finite guard."""
+import threading
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from engine.backend import OptimizerConfig
+from engine.checkpoint import checkpoint_root, list_checkpoints, load_checkpoint
+from engine.lora import LoraConfig
+from engine.model_spec import load_model_spec
+from engine.train_config import TrainConfig
+from engine.trainer import NonFiniteError, Trainer, TrainingError
+from tests.torch_backend import torch_backend_factory
+from tests.train_helpers import Recorder, pattern_batches, pattern_source
+
+LORA = LoraConfig(rank=4, alpha=8)
+
+
+def config(**kw):
+    base = dict(lora=LORA, batch_size=2, seq_len=12, lr=1e-2, schedule="cosine", warmup_steps=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_falls_events_and_adapter(tiny_llama_dir, tmp_path):
+    source = pattern_source(384, n_batches=3)
+    rec = Recorder()
+    trainer = Trainer(config(epochs=3, eval_every=2, save_every=4), torch_backend_factory(tiny_llama_dir), source,
+                      tmp_path, base_model=str(tiny_llama_dir), val=pattern_batches(384, 1, 2, 12, seed=1),
+                      callback=rec)
+    summary = trainer.run()
+    assert [e.step for e in rec.steps] == list(range(1, 10)) and summary.total_steps == 9
+    assert rec.steps[0].lr == 0.0 and rec.steps[1].lr == pytest.approx(1e-2)   # warmup then cosine
+    assert all(e.tokens == 20 and e.tokens_per_s > 0 and e.memory_bytes > 0 for e in rec.steps)
+    assert [e.step for e in rec.evals] == [2, 4, 6, 8, 9] and rec.evals[-1].loss < rec.evals[0].loss
+    assert rec.evals[-1].perplexity == pytest.approx(np.exp(rec.evals[-1].loss))
+    assert [e.step for e in rec.checkpoints] == [4, 8, 9]
+    assert [p.name for p in list_checkpoints(checkpoint_root(tmp_path))] == ["checkpoint-00000008",
+                                                                             "checkpoint-00000009"]
+    assert summary.final_loss < summary.first_loss - 0.5
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert set(saved) == set(summary.lora_state)
+    assert all(np.array_equal(saved[k], summary.lora_state[k]) for k in saved)
+    assert rec.finished == [summary] and not rec.failures
+    assert "training loss" in (tmp_path / "README.md").read_text()
+
+
+def run_to_end(model_dir, out, cfg, source, stop_at=None, resume=None):
+    rec = Recorder()
+    trainer = Trainer(cfg, torch_backend_factory(model_dir), source, out, base_model=str(model_dir),
+                      callback=rec, resume=resume)
+    if stop_at is not None:
+        rec.on_step = lambda e: (rec.steps.append(e), e.step == stop_at and trainer.stop())
+    return trainer.run(), rec
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path):
+    # 3 batches, accumulation 2 -> steps of 2 then 1 micro-batches; 7 steps cross epoch boundaries mid-way.
+    cfg = config(grad_accum=2, max_steps=7, save_every=3, keep_checkpoints=3,
+                 optim=OptimizerConfig(weight_decay=0.01))
+    source = pattern_source(384, n_batches=3)
+    full, _ = run_to_end(tiny_llama_dir, tmp_path / "full", cfg, source)
+    spec = load_model_spec(tiny_llama_dir)
+
+    stopped, rec = run_to_end(tiny_llama_dir, tmp_path / "cut", cfg, source, stop_at=4)
+    assert stopped.stopped and stopped.steps == 5    # a step already in flight when stop() came finishes too
+    resumed, rec2 = run_to_end(tiny_llama_dir, tmp_path / "cut", cfg, source,
+                               resume=load_checkpoint(stopped.checkpoint, spec))
+    assert [e.step for e in rec2.steps] == [6, 7] and not resumed.stopped
+    # From the periodic checkpoint at step 3 of the uninterrupted run, in a fresh folder.
+    periodic = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint-00000003", spec)
+    again, _ = run_to_end(tiny_llama_dir, tmp_path / "full", cfg, source, resume=periodic)
+    for key, value in full.lora_state.items():
+        np.testing.assert_allclose(resumed.lora_state[key], value, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(again.lora_state[key], value, atol=1e-6, rtol=0)
+    assert not np.array_equal(full.lora_state[key], periodic.lora_state[key])  # the tail did train
+
+
+def test_resume_refuses_other_data_and_fresh_run_refuses_used_folder(tiny_llama_dir, tmp_path):
+    cfg = config(max_steps=2)
+    summary, _ = run_to_end(tiny_llama_dir, tmp_path, cfg, pattern_source(384))
+    checkpoint = load_checkpoint(summary.checkpoint, load_model_spec(tiny_llama_dir))
+    with pytest.raises(TrainingError, match="training data differs"):
+        Trainer(cfg, torch_backend_factory(tiny_llama_dir), pattern_source(384, seed=5), tmp_path,
+                base_model="m", resume=checkpoint)
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        Trainer(cfg, torch_backend_factory(tiny_llama_dir), pattern_source(384), tmp_path, base_model="m")
+
+
+def test_pause_holds_between_steps_and_resume_continues(tiny_llama_dir, tmp_path):
+    rec = Recorder()
+    trainer = Trainer(config(max_steps=4), torch_backend_factory(tiny_llama_dir), pattern_source(384), tmp_path,
+                      base_model="m", callback=rec)
+    seen_while_paused = []
+
+    def on_step(event):
+        rec.steps.append(event)
+        if event.step == 1:
+            trainer.pause()
+
+    rec.on_step = on_step
+    thread = threading.Thread(target=trainer.run)
+    thread.start()
+    for _ in range(600):
+        if trainer.paused and len(rec.steps) == 2:
+            break
+        threading.Event().wait(0.05)
+    threading.Event().wait(0.5)
+    seen_while_paused.append(len(rec.steps))
+    trainer.resume()
+    thread.join(60)
+    assert seen_while_paused == [2]      # step 2 was in flight when pause came; nothing after it ran
+    assert [e.step for e in rec.steps] == [1, 2, 3, 4] and len(rec.finished) == 1
+
+
+def _poisoned_model(model_dir, tmp_path, token):
+    """A copy of a tiny untied model whose input embedding row `token` is inf: a sequence holding it has a NaN
+    loss, others are unaffected (tied embeddings would poison every logit)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+    folder = tmp_path / "poisoned"
+    shutil.copytree(model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = np.inf
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_non_finite_steps_are_skipped_reported_and_stop_the_run(tiny_model_dirs, tmp_path):
+    good = pattern_batches(384, 2, 2, 12, seed=0)
+    bad = [(ids.copy(), labels) for ids, labels in pattern_batches(384, 3, 2, 12, seed=2)]
+    for ids, _ in bad:
+        ids[0, 5] = 3      # the poisoned token
+    from engine.train_data import ArrayBatches
+    model = _poisoned_model(tiny_model_dirs["qwen2"], tmp_path, token=3)
+    rec = Recorder()
+    trainer = Trainer(config(max_steps=5, warmup_steps=0, save_every=1, keep_checkpoints=10),
+                      torch_backend_factory(model), ArrayBatches(good + bad, shuffle=False), tmp_path / "out",
+                      base_model="m", callback=rec)
+    with pytest.raises(NonFiniteError, match=r"steps 3, 4, 5 in a row.*after step 2"):
+        trainer.run()
+    assert [e.skipped for e in rec.steps] == [False, False, True, True, True]
+    assert not np.isfinite(rec.steps[2].loss)
+    assert rec.failures and "steps 3, 4, 5" in rec.failures[0][1]
+    spec = load_model_spec(model)
+    kept = load_checkpoint(tmp_path / "out", spec)     # the newest: written when the run stopped
+    after_two = load_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint-00000002", spec)
+    assert kept.step == 5 and not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    for key in kept.lora_state:
+        assert np.array_equal(kept.lora_state[key], after_two.lora_state[key])   # NaN never reached the weights
+        assert np.isfinite(kept.lora_state[key]).all()
+    assert all(np.isfinite(v).all() for v in kept.optimizer_state.values())
+
+
+def test_learning_rate_1e6_never_saves_non_finite_values(tiny_llama_dir, tmp_path):
+    summary, rec = run_to_end(tiny_llama_dir, tmp_path, config(lr=1e6, max_steps=4, save_every=2,
+                                                               warmup_steps=0), pattern_source(384))
+    for folder in [tmp_path, *list_checkpoints(checkpoint_root(tmp_path))]:
+        for value in load_file(folder / "adapter_model.safetensors").values():
+            assert np.isfinite(value).all()
+    # Diverged: in float32 the residual stream overflows RMSNorm's x² and the model saturates to uniform logits.
+    assert rec.steps[-1].loss == pytest.approx(np.log(384), abs=1e-3)

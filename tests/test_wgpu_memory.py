@@ -1,0 +1,56 @@
+"""The memory plan equals what the engine allocates, and it scales the way the sizing function says."""
+import pytest
+
+from engine.backend import OptimizerConfig
+from engine.lora import LoraConfig
+from engine.microbench import random_weights, smollm2_135m_spec, tiny_spec
+from engine.model_spec import load_model_spec
+from engine.wgpu_memory import memory_plan
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "sgd"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_plan_equals_allocated_bytes(tiny_model_dir, gpu_device, optim, dropout):
+    from engine.wgpu_backend import WgpuBackend
+    spec = load_model_spec(tiny_model_dir)
+    lora = LoraConfig(rank=3, alpha=6, dropout=dropout, targets=("q_proj", "o_proj", "up_proj"))
+    config = OptimizerConfig(name=optim)
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(tiny_model_dir, lora, config, 2, 5, ctx=gpu_device) as backend:
+        allocated = gpu_device.bytes_allocated - before
+        plan = memory_plan(spec, lora, config, 2, 5, gpu_device.max_binding_bytes, gpu_device.max_workgroups)
+        assert backend.memory_bytes() == allocated == plan.total, plan.as_dict()
+    assert gpu_device.bytes_allocated == before, "close() gives the bytes back"
+
+
+def test_binding_limit_splits_the_vocabulary(gpu_device):
+    """A small binding limit splits the embedding/LM head into pieces: same logits, and the plan still holds."""
+    import numpy as np
+    from engine.wgpu_backend import WgpuBackend
+    spec = tiny_spec()
+    lora = LoraConfig(rank=2, alpha=4)
+    tensors = random_weights(spec, std=0.2)
+    ids = np.array([[0, 250, 450, 511]], np.int32)
+    with WgpuBackend(spec, lora, OptimizerConfig(), 1, 4, ctx=gpu_device, tensors=tensors) as whole:
+        assert len(whole.weights.embed) == 1
+        want = whole.logits(ids)
+    limit = 4 * spec.hidden * 200          # 200 rows per piece: 512 tokens → 3 pieces
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(spec, lora, OptimizerConfig(), 1, 4, ctx=gpu_device, tensors=tensors,
+                     max_binding_bytes=limit) as split:
+        assert len(split.weights.embed) == 3
+        plan = memory_plan(spec, lora, OptimizerConfig(), 1, 4, limit, gpu_device.max_workgroups)
+        assert gpu_device.bytes_allocated - before == plan.total
+        np.testing.assert_allclose(split.logits(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_plan_is_plausible():
+    """SmolLM2-135M at B=8, T=512: weights ≈ 135M floats; activations dominate; the logits stay one chunk."""
+    spec = smollm2_135m_spec()
+    plan = memory_plan(spec, LoraConfig(rank=16, alpha=32), OptimizerConfig(), 8, 512, 128 << 20)
+    assert 0.5e9 < plan.weights < 0.6e9
+    assert plan.activations > plan.weights
+    assert plan.logits <= 64 << 20
+    assert plan.adapter == 2 * 4 * LoraConfig(rank=16).trainable_parameters(spec)
