@@ -73,6 +73,12 @@ class ChatController(QObject):
     def _fail(self, message: str, detail: str) -> None:
         self.error.emit(message, detail)
 
+    def refresh(self) -> None:
+        """Show what the engine holds now (after the handover brought chat back with a new adapter)."""
+        self.state_changed.emit(self.handover.state.value if self.engine.loaded else "no model")
+        self._publish_adapters()
+        self.busy_changed.emit(self._busy)
+
     def _publish_adapters(self) -> None:
         self._reset_columns()
         self.adapters_changed.emit(self.adapter_names, self.active_adapter)

@@ -38,9 +38,9 @@ def test_bad_model_is_reported_in_window(qtbot, tmp_path):
 def test_geometry_is_remembered(qtbot):
     window = MainWindow()
     qtbot.addWidget(window)
-    window.setGeometry(40, 50, 700, 480)
+    window.setGeometry(40, 50, 1100, 700)
     window.show()
     window.close()
     again = MainWindow()
     qtbot.addWidget(again)
-    assert (again.width(), again.height()) == (700, 480)
+    assert (again.width(), again.height()) == (1100, 700)
