@@ -96,7 +96,13 @@ class ChatController(QObject):
             self.state_changed.emit("no model")
             self._fail(message, detail)
 
-        run_in_thread(self, self.engine.load, ref, on_result=done, on_error=failed)
+        def work():
+            self.engine.load(ref)
+            # peft's first import takes a few hundred ms of the GIL; doing it now, while the user waits for the
+            # model anyway, keeps it out of the reload after training (when the window must stay live).
+            import peft  # noqa: F401
+
+        run_in_thread(self, work, on_result=done, on_error=failed)
 
     def load_adapter(self, path: str | Path, activate: bool = True) -> None:
         path = Path(path)

@@ -100,6 +100,10 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.backend_label)
         self.statusBar().addPermanentWidget(self.state_label)
 
+        # The console's first layout and paint (pyqtgraph's fonts and axes above all) takes ~100 ms; paying it at
+        # startup keeps it out of the moment a run starts and the console comes to the front.
+        self.console.resize(980, 700)
+        self.console.grab()
         self._connect()
         self._restore_settings()
         self._update_actions()

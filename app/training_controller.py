@@ -1,9 +1,9 @@
 """One training run from the window, without widgets: prepare, hand the GPU over from chat, train, report.
 
-The run goes through the same `engine.runs.prepare_run` as `lora-lab train`, inside `Handover.train`, so the chat
-model is unloaded while training holds the device and comes back with the new adapter active. The coroutine runs
-on its own asyncio loop in a worker thread: the window's event loop only ever receives signals, so it never
-waits on training (and tests need no special event loop).
+The run goes through the same `engine.runs.prepare_run` as `lora-lab train`, in a child process
+(app.training_process), inside `Handover.train`, so the chat model is unloaded while training holds the device and
+comes back with the new adapter active. The coroutine runs on its own asyncio loop in a worker thread: the window's
+event loop only ever receives signals, so it never waits on training (and tests need no special event loop).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
+from app.training_process import TrainingProcess
 from app.workers import run_in_thread
 from engine.handover import Handover
 from engine.train_config import TrainConfig
-from engine.trainer import TrainerCallback, eval_loss
 
 
 @dataclass(frozen=True)
@@ -42,30 +42,14 @@ class Perplexities:
 
 
 class _Bridge(QObject):
-    """Trainer callbacks arrive on the training thread; these signals carry them to the GUI thread."""
+    """Events arrive on the worker thread that waits for the training process; these signals carry them to the
+    GUI thread."""
 
     step = Signal(object)
     evaluated = Signal(object)
     checkpointed = Signal(object)
     log = Signal(str)
     before = Signal(float, int)
-
-
-class _Callback(TrainerCallback):
-    def __init__(self, bridge: _Bridge):
-        self.bridge = bridge
-
-    def on_step(self, event):
-        self.bridge.step.emit(event)
-
-    def on_eval(self, event):
-        self.bridge.evaluated.emit(event)
-
-    def on_checkpoint(self, event):
-        self.bridge.checkpointed.emit(event)
-
-    def on_failure(self, step, message):
-        self.bridge.log.emit(f"training failed at step {step}: {message}")
 
 
 class TrainingController(QObject):
@@ -83,8 +67,9 @@ class TrainingController(QObject):
         self.handover = handover
         self.request: RunRequest | None = None
         self.summary = None
-        self._trainer = None
+        self._process: TrainingProcess | None = None
         self._running = False
+        self._paused = False
         self._before: tuple[float, int] | None = None
         self._bridge = _Bridge()
         self._bridge.step.connect(self.step)
@@ -107,63 +92,47 @@ class TrainingController(QObject):
         if self._running:
             self.failed.emit("a training run is already in progress; stop it first", "")
             return
-        self.request, self.summary, self._before, self._trainer = request, None, None, None
+        self.request, self.summary, self._before, self._paused = request, None, None, False
+        self._process = TrainingProcess(request, self._relay)
         self._running = True
         self.running_changed.emit(True)
         self.started.emit(request)
         self.log.emit(f"training {request.model} on {len(request.files)} file(s) into {request.out_dir}")
-        run_in_thread(self, self._work, request, on_result=self._on_finished, on_error=self._on_failed,
+        run_in_thread(self, self._work, self._process, on_result=self._on_finished, on_error=self._on_failed,
                       on_done=self._on_done)
 
     def pause(self) -> None:
-        if self._trainer is not None:
-            self._trainer.pause()
+        if self._process is not None and not self._paused:
+            self._process.send("pause")
+            self._paused = True
             self.log.emit("paused (after the step in flight)")
 
     def resume(self) -> None:
-        if self._trainer is not None:
-            self._trainer.resume()
+        if self._process is not None and self._paused:
+            self._process.send("resume")
+            self._paused = False
             self.log.emit("resumed")
 
     def stop(self) -> None:
-        if self._trainer is not None:
-            self._trainer.stop()
+        if self._process is not None:
+            self._process.send("stop")
+            self._paused = False
             self.log.emit("stopping after the step in flight; the adapter so far is saved")
 
     @property
     def paused(self) -> bool:
-        return self._trainer is not None and self._trainer.paused
+        return self._paused
 
     # -- the run (worker thread) ----------------------------------------------------------------------------------
-    def _work(self, request: RunRequest):
-        return asyncio.run(self.handover.train(lambda: self._train(request)))
+    def _work(self, process: TrainingProcess):
+        # The chat unloads, the child process trains (and frees its device when it exits), chat comes back.
+        return asyncio.run(self.handover.train(process.run))
 
-    def _train(self, request: RunRequest):
-        from engine.runs import RunInputs, backend_factory, prepare_run, resolve_base
-
+    def _relay(self, kind: str, *payload) -> None:
+        """Events from the training process (worker thread) become signals (queued to the GUI thread)."""
         bridge = self._bridge
-        model_dir, _ = resolve_base(request.model, log=bridge.log.emit)
-        inner = backend_factory(request.backend, model_dir,
-                                on_choice=lambda choice: [bridge.log.emit(line) for line in choice.lines()])
-        holder = {}
-
-        def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
-            backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
-            bridge.log.emit(f"training backend: {backend.name}")
-            val = holder.get("val")
-            if init_state is None and val:
-                # A fresh adapter starts with B = 0, so this is exactly the base model on the validation data.
-                loss, tokens = eval_loss(backend, val)
-                bridge.before.emit(loss, tokens)
-            return backend
-
-        inputs = RunInputs(model=request.model, data=request.files, val_split=request.val_split,
-                           mask_prompt=request.mask_prompt, packing=request.packing, backend=request.backend)
-        prepared = prepare_run(request.config, inputs, request.out_dir, callback=_Callback(bridge), factory=factory,
-                               log=bridge.log.emit)
-        holder["val"] = prepared.trainer.val
-        self._trainer = prepared.trainer
-        return prepared.trainer.run()
+        {"step": bridge.step, "eval": bridge.evaluated, "checkpoint": bridge.checkpointed, "log": bridge.log,
+         "before": bridge.before}[kind].emit(*payload)
 
     # -- results (GUI thread) --------------------------------------------------------------------------------------
     def _on_finished(self, summary) -> None:
@@ -180,7 +149,8 @@ class TrainingController(QObject):
 
     def _on_done(self) -> None:
         self._running = False
-        self._trainer = None
+        self._paused = False
+        self._process = None
         self.running_changed.emit(False)
 
 

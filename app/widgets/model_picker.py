@@ -25,7 +25,8 @@ class ModelPicker(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.combo = QComboBox(objectName="model-combo", editable=True)
-        self.combo.setMinimumWidth(320)
+        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(16)
         self.combo.setToolTip("The demo model, a recent model, a local folder or .gguf file, or a hub id "
                               "(owner/name) — type one and press Enter")
         self.combo.lineEdit().setPlaceholderText("model folder, .gguf, hub id or 'demo'")

@@ -3,9 +3,9 @@ and the perplexity before and after when the run ends. It shows the TrainingCont
 from __future__ import annotations
 
 import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (QGridLayout, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QProgressBar,
                                QPushButton, QSplitter, QVBoxLayout, QWidget)
-from PySide6.QtCore import Qt
 
 from app.training_controller import TrainingController
 
@@ -31,6 +31,9 @@ class LossPlot(pg.PlotWidget):
         self.smooth = self.plot([], [], name="smoothed", pen=pg.mkPen("#08519c", width=2))
         self.val = self.plot([], [], name="validation loss", pen=pg.mkPen("#e6550d", width=2), symbol="o",
                              symbolSize=7, symbolBrush="#e6550d")
+        # Fast runs deliver steps in bursts; redrawing at most every 100 ms keeps the event loop free.
+        self._redraw_timer = QTimer(self, singleShot=True, interval=100)
+        self._redraw_timer.timeout.connect(self._redraw)
         self.clear_data()
 
     def clear_data(self):
@@ -43,12 +46,14 @@ class LossPlot(pg.PlotWidget):
         self.steps.append(step)
         self.losses.append(loss)
         self.smoothed.append(self._ema / (1 - SMOOTHING ** self._n))
-        self._redraw()
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
 
     def add_val(self, step: int, loss: float):
         self.val_steps.append(step)
         self.val_losses.append(loss)
-        self._redraw()
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
 
     def _redraw(self):
         self.raw.setData(self.steps, self.losses)
