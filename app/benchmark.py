@@ -64,4 +64,13 @@ def benchmark_cpu(model_dir: Path | None, progress=None) -> Benchmark:
 
 
 def run_benchmarks(hardware, model_dir: Path | None, progress=None) -> list[Benchmark]:
-    return [*benchmark_adapters(hardware, progress), benchmark_cpu(model_dir, progress)]
+    """Every measurement, each in a child process: building backends holds the GIL in long native calls, which
+    would freeze the window if done in one of its threads."""
+    from app.training_process import run_in_child
+
+    if progress is not None:
+        progress("measuring the wgpu adapters")
+    adapters = run_in_child(benchmark_adapters, hardware)
+    if progress is not None:
+        progress("measuring the CPU backend on the model")
+    return [*adapters, run_in_child(benchmark_cpu, model_dir)]

@@ -17,6 +17,7 @@ from app.chat_controller import ChatController
 from app.corpus_controller import CorpusController
 from app.plan import summarize_corpus
 from app.training_controller import TrainingController
+from app.training_process import run_in_child
 from app.widgets.chat_panel import ChatPanel
 from app.widgets.generation_settings import settings_from_dict, settings_to_dict
 from app.widgets.model_info import ModelInfo
@@ -228,30 +229,24 @@ class MainWindow(QMainWindow):
 
     # ---- evaluate -----------------------------------------------------------------------------------------
     def evaluate(self) -> None:
-        from engine.commands.evaluate import evaluate
-
         files = list(summarize_corpus(self.corpus).files)
         adapter = self._active_adapter_dir()
         backend = QSettings().value("train/backend", "auto")
-        seq_len = self.corpus.config.seq_len
         self.append_log(f"evaluating on {len(files)} file(s) ({backend} backend)…")
         self.buttons["Evaluate"].setEnabled(False)
-
-        def work():
-            base = evaluate(str(self.model_dir), files, None, seq_len, backend=backend)
-            tuned = evaluate(str(self.model_dir), files, str(adapter), seq_len, backend=backend) if adapter else None
-            return {"base": base, "adapter": tuned}
+        args = (str(self.model_dir), files, str(adapter) if adapter else None, self.corpus.config.seq_len, backend)
 
         def done(result):
-            base, tuned = result["base"], result["adapter"]
+            base, tuned = result
             text = f"perplexity on the corpus: base {base.perplexity:.3f} ({base.tokens} tokens)"
             if tuned is not None:
                 text += f", with {adapter.name} {tuned.perplexity:.3f}"
             self.append_log(text)
             self.statusBar().showMessage(text, 30000)
-            self.evaluated.emit(result)
+            self.evaluated.emit({"base": base, "adapter": tuned})
 
-        run_in_thread(self, work, on_result=done, on_error=self._on_error, on_done=self._update_actions)
+        run_in_thread(self, run_in_child, evaluate_pair, *args, on_result=done, on_error=self._on_error,
+                      on_done=self._update_actions)
 
     # ---- save ---------------------------------------------------------------------------------------------
     def _active_adapter_dir(self) -> Path | None:
@@ -332,6 +327,14 @@ class MainWindow(QMainWindow):
         self.chat.stop()
         self.training.stop()
         super().closeEvent(event)
+
+
+def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len: int, backend: str):
+    """(base, adapter or None) perplexities; runs in a child process (see app.training_process.run_in_child)."""
+    from engine.commands.evaluate import evaluate
+
+    base = evaluate(model_dir, files, None, seq_len, backend=backend)
+    return base, (evaluate(model_dir, files, adapter, seq_len, backend=backend) if adapter else None)
 
 
 def _resolve_and_read(ref: str):

@@ -141,3 +141,12 @@ class TrainingProcess:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def run_in_child(fn: Callable, *args):
+    """fn(*args) in a fresh process, for engine work that holds the GIL in long native calls (building an
+    onnxruntime backend, say); call it from a worker thread. fn and its result must pickle."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=CONTEXT) as pool:
+        return pool.submit(fn, *args).result()

@@ -109,6 +109,14 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     name = window.chat.active_adapter
     assert window.chat_panel.adapter.currentText() == name
 
+    # Evaluate: perplexity of the base and the new adapter on the corpus, computed in a child process.
+    QSettings().setValue("train/backend", "cpu")
+    with qtbot.waitSignal(window.evaluated, timeout=60000) as evaluated:
+        qtbot.mouseClick(window.buttons["Evaluate"], Qt.LeftButton)
+    base, tuned = evaluated.args[0]["base"], evaluated.args[0]["adapter"]
+    assert base.tokens == tuned.tokens > 0 and tuned.perplexity != base.perplexity
+    assert f"{tuned.perplexity:.3f}" in window.log.toPlainText()
+
     # Save through the dialog: PEFT and GGUF + Modelfile.
     qtbot.mouseClick(window.buttons["Save Adapter"], Qt.LeftButton)
     save = window.dialogs["save"]
