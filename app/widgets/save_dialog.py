@@ -63,7 +63,7 @@ class SaveDialog(QDialog):
         def done(lines):
             self.written = lines
             self.summary.setPlainText("\n".join(lines))
-            self.status.setText(f"saved: {len(lines)} item(s) written")
+            self.status.setText(f"saved into {request.folder}")
 
         def failed(message, _detail):
             self.status.setText(f"<b>save failed:</b> {html.escape(message)}")

@@ -73,7 +73,7 @@ class TrainingConsole(QWidget):
         for i, name in enumerate(self.FIELDS):
             label = QLabel("—", objectName=f"console-{name.replace(' ', '-').replace('/', '-per-')}")
             self.values[name] = label
-            grid.addWidget(QLabel(name.capitalize() + ":"), i // 4, 2 * (i % 4))
+            grid.addWidget(QLabel(name[0].upper() + name[1:] + ":"), i // 4, 2 * (i % 4))
             grid.addWidget(label, i // 4, 2 * (i % 4) + 1)
         self.progress = QProgressBar(objectName="console-progress")
         self.pause = QPushButton("Pause", objectName="console-pause")
