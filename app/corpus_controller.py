@@ -82,19 +82,22 @@ class CorpusController(QObject):
                                progress=lambda done, total: progress(int(100 * done / max(total, 1))),
                                cancel=cancel.is_set)
 
+        def done():
+            if self._running:
+                self._running = False
+                self.running_changed.emit(False)
+
         def finished(corpus):
+            done()     # not running any more by the time listeners hear about the result
             self.corpus = corpus
             remember_corpora(self.files)
             self.loaded.emit(corpus)
 
         def errored(message, detail):
+            done()
             if message.startswith(CorpusCancelled.__name__):
                 message = "corpus loading cancelled"
             self.failed.emit(message, detail)
-
-        def done():
-            self._running = False
-            self.running_changed.emit(False)
 
         run_in_thread(self, work, on_result=finished, on_error=errored, on_progress=self.progress.emit, on_done=done)
 

@@ -136,6 +136,7 @@ class TrainingController(QObject):
 
     # -- results (GUI thread) --------------------------------------------------------------------------------------
     def _on_finished(self, summary) -> None:
+        self._on_done()     # not running any more by the time listeners hear about the result
         self.summary = summary
         before = self._before
         perplexities = Perplexities(_perplexity(before[0]) if before else None, summary.eval_perplexity,
@@ -145,9 +146,12 @@ class TrainingController(QObject):
         self.finished.emit(summary, perplexities)
 
     def _on_failed(self, message: str, detail: str) -> None:
+        self._on_done()
         self.failed.emit(message, detail)
 
     def _on_done(self) -> None:
+        if not self._running:
+            return
         self._running = False
         self._paused = False
         self._process = None

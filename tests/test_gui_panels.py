@@ -81,8 +81,8 @@ def test_dropping_an_adapter_loads_it_into_chat(qtbot, tiny_llama_dir, tmp_path)
     qtbot.addWidget(window)
     qtbot.waitUntil(lambda: window.chat.engine.loaded, timeout=30000)
     window.drop_path(adapter / "adapter_model.safetensors")
-    qtbot.waitUntil(lambda: window.chat.active_adapter == "my-adapter", timeout=30000)
-    assert window.chat_panel.adapter.currentText() == "my-adapter"
+    qtbot.waitUntil(lambda: window.chat_panel.adapter.currentText() == "my-adapter", timeout=30000)
+    assert window.chat.active_adapter == "my-adapter"
     assert window.buttons["Save Adapter"].isEnabled()
     window.drop_path(tmp_path)        # not an adapter: a readable message in the log
     assert "is not a PEFT adapter" in window.log.toPlainText()
@@ -102,6 +102,11 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
     with qtbot.waitSignal(controller.loaded, timeout=30000):
         qtbot.mouseClick(dialog.read, Qt.LeftButton)
     assert dialog.progress.value() == 100
+    # The files just read are offered again next time (QSettings).
+    again = CorpusDialog(CorpusController(), tiny_llama_dir)
+    qtbot.addWidget(again)
+    again._fill_recent()
+    assert [a.text() for a in again.recent.menu().actions()] == [str(data), str(pasted)]
     stats = controller.corpus.stats.files[0]
     assert dialog.table.item(0, 5).text().startswith("2") and stats.skipped_count == 2
     assert "prompt_completion (3)" in dialog.table.item(0, 1).text() or "(3)" in dialog.table.item(0, 1).text()
@@ -111,6 +116,7 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
     assert [table.item(r, 0).text() for r in range(table.rowCount())] == ["2", "4"]
     assert table.item(0, 1).text() == stats.skipped[0].reason
     # Cancelling: a 3 MiB file is read in 1 MiB chunks and cancellation is checked at each, so it always lands.
+    qtbot.waitUntil(lambda: not controller.running, timeout=5000)   # `done` follows `loaded`
     before = controller.corpus
     big = tmp_path / "big.txt"
     big.write_text("a line of plain text to read\n" * 110_000, encoding="utf-8")
@@ -118,7 +124,7 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
     errors = []
     controller.failed.connect(lambda m, d: errors.append(m))
     controller.load(tiny_llama_dir, 64, 0.0)
-    assert dialog.cancel.isEnabled()
+    assert controller.running and dialog.cancel.isEnabled()
     qtbot.mouseClick(dialog.cancel, Qt.LeftButton)
     assert controller._cancel.is_set()
     qtbot.waitUntil(lambda: not controller.running, timeout=30000)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                               QLabel, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
-                               QTableWidget, QTableWidgetItem, QTextBrowser, QVBoxLayout, QWidget)
+                               QLabel, QMenu, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
+                               QSplitter, QTableWidget, QTableWidgetItem, QTextBrowser, QToolButton, QVBoxLayout,
+                               QWidget)
 
-from app.corpus_controller import CorpusController, save_pasted
+from app.corpus_controller import CorpusController, recent_corpora, save_pasted
 
 COLUMNS = ["File", "Format", "Records", "Tokens", "Trainable", "Skipped"]
 SKIPPED_COLUMN = 5
@@ -45,6 +46,10 @@ class CorpusDialog(QDialog):
 
         self.add_files = QPushButton("Add files…", objectName="corpus-add-files")
         self.add_folder = QPushButton("Add folder…", objectName="corpus-add-folder")
+        self.recent = QToolButton(objectName="corpus-recent", text="Recent")
+        self.recent.setPopupMode(QToolButton.InstantPopup)
+        self.recent.setMenu(QMenu(self.recent))
+        self.recent.menu().aboutToShow.connect(self._fill_recent)
         self.drop_hint = QLabel("…or drop files and folders here", objectName="drop-hint")
         self.paste = QPlainTextEdit(objectName="corpus-paste", placeholderText="Paste text or JSONL records here")
         self.paste.setMaximumHeight(80)
@@ -70,6 +75,7 @@ class CorpusDialog(QDialog):
         sources = QHBoxLayout()
         sources.addWidget(self.add_files)
         sources.addWidget(self.add_folder)
+        sources.addWidget(self.recent)
         sources.addWidget(self.drop_hint, 1)
         paste_row = QHBoxLayout()
         paste_row.addWidget(self.paste, 1)
@@ -141,6 +147,15 @@ class CorpusDialog(QDialog):
         folder = QFileDialog.getExistingDirectory(self, "Add a folder of corpus files")
         if folder:
             self.controller.add([folder])
+
+    def _fill_recent(self):
+        menu = self.recent.menu()
+        menu.clear()
+        for path in recent_corpora():
+            if Path(path).is_file():
+                menu.addAction(path, lambda p=path: self.controller.add([p]))
+        if menu.isEmpty():
+            menu.addAction("no recent corpus files").setEnabled(False)
 
     def _add_paste(self):
         text = self.paste.toPlainText()
