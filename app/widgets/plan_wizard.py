@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QStandardPaths, Signal
+from PySide6.QtCore import QSettings, QStandardPaths, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QSpinBox, QVBoxLayout, QWizard, QWizardPage)
 
@@ -112,6 +112,8 @@ class PlanWizard(QWizard):
             if a.backend != "OpenGL":
                 self.backend.addItem(f"{a.name} ({a.backend})" + (" — software" if a.software else ""),
                                      f"wgpu:{a.name}")
+        chosen = self.backend.findData(QSettings().value("train/backend", "auto"))
+        self.backend.setCurrentIndex(max(0, chosen))
         self._eval_every = c.eval_every
         for label, w in (("Epochs:", self.epochs), ("Or steps:", self.max_steps), ("Learning rate:", self.lr),
                          ("Schedule:", self.schedule), ("Warmup steps:", self.warmup), ("Batch size:", self.batch),
@@ -178,5 +180,6 @@ class PlanWizard(QWizard):
         out = self.out_dir.text().strip()
         if not out:
             raise ValueError("choose a folder for the adapter")
+        QSettings().setValue("train/backend", self.backend.currentData())   # Evaluate uses the same backend
         return RunRequest(model=self.model_ref, files=self.summary.files, val_split=self.val_split.value(),
                           config=self.config(), out_dir=Path(out), backend=self.backend.currentData())
