@@ -22,7 +22,8 @@ from tests.tiny import make_tokenizer  # noqa: E402
 RECORDS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of "
                   "France?"}, {"role": "assistant", "content": "The capital of France is Paris."},
-                  {"role": "user", "content": "Thank you."}, {"role": "assistant", "content": "I am fine, thank you."}]},
+                  {"role": "user", "content": "Thank you."},
+                  {"role": "assistant", "content": "I am fine, thank you."}]},
     {"prompt": "Instruction: summarise the text. Input: the cat sat on the mat.", "completion": " a cat sat on a mat."},
     {"text": "LoRA adapters add a low rank update to the frozen weights of a language model. " * 8},
     {"instruction": "summarise the text.", "input": "The loss falls as the model learns the corpus.",

@@ -2,7 +2,7 @@
 
     python bench/handover.py                       # CUDA if present, else MPS, else CPU
     python bench/handover.py --train-callable pkg.module:function
-    python bench/handover.py --train-cmd "python train.py --out {adapter_dir}"
+    python bench/handover.py --train-cmd "lora-lab train {model_dir} --out {adapter_dir} ..."
 
 The model has SmolLM2-135M's shape (Llama, hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, vocab 49152,
 tied embeddings) with random weights saved as bfloat16 like the published checkpoint: nothing is downloaded.
@@ -11,10 +11,13 @@ change what is measured: load, unload and memory depend on the weights.
 
 The training phase is pluggable. Without a hook it is a placeholder that trains nothing and hands back a
 pre-made random LoRA adapter (r=16 on every projection): the JSON says so under "training". A
-`--train-callable module:function` is called as function(adapter_dir: Path, ready: Callable[[], None]) and
-should call ready() once its device and buffers exist, then save the adapter into adapter_dir and return it
-(or an object with .adapter_dir). A `--train-cmd` runs in a subprocess ({adapter_dir} is substituted).
+`--train-callable module:function` is called as function(model_dir: Path, adapter_dir: Path, ready:
+Callable[[], None]) and should call ready() once its device and buffers exist, train on the model in
+model_dir, save the adapter into adapter_dir and return it (or an object with .adapter_dir). A `--train-cmd`
+runs in a subprocess ({model_dir} and {adapter_dir} are substituted).
 
+Also measured once: decode speed of a sampled answer, how long a stop takes to end the stream mid-answer, and
+until generation has let go of the model (the token in flight finishes first).
 Figures per repeat: torch memory with chat loaded / during training / after reload, the time from the start
 of the handover until training may start (unload), until the hook said ready, and from training done until
 chat is ready (release + reload + new adapter active), plus the time to the first answer after the reload.
@@ -33,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,7 +82,7 @@ def build_model(shape: dict, out_dir: Path) -> int:
         if "norm" in k:
             tensors[k] = torch.ones_like(tensors[k])
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     config.save_pretrained(out_dir)
     return sum(t.numel() for t in tensors.values())
 
@@ -121,7 +125,32 @@ def first_answer_seconds(chat: ChatEngine) -> tuple[float, int]:
     return time.perf_counter() - started, stream.tokens
 
 
-def make_training(args, premade_adapter: Path, device: torch.device, marks: dict):
+def answer_speed_and_stop(chat: ChatEngine) -> dict:
+    """Decode speed of a sampled answer, and the time from a stop request to the stream's end mid-answer."""
+    settings = GenerationSettings(max_new_tokens=64, temperature=1.0, top_k=0, seed=0)
+    started = time.perf_counter()
+    stream = chat.stream_chat(PROMPT, settings)
+    for _ in stream:
+        pass
+    decode_s = time.perf_counter() - started
+    tokens = stream.tokens
+    cancel = threading.Event()
+    stream = chat.stream_chat(PROMPT, GenerationSettings(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0),
+                              cancel_event=cancel)
+    while stream.tokens < 16:  # counted, not read: this tokenizer decodes most of the model's ids to nothing
+        time.sleep(0.001)
+    stopped = time.perf_counter()
+    cancel.set()
+    for _ in stream:
+        pass
+    stream_ended_s = time.perf_counter() - stopped
+    stream.wait()
+    return {"tokens": tokens, "tokens_per_s": tokens / decode_s, "stop_latency_s": stream_ended_s,
+            "model_released_after_stop_s": time.perf_counter() - stopped,
+            "tokens_before_stop_took_effect": stream.tokens}
+
+
+def make_training(args, model_dir: Path, premade_adapter: Path, device: torch.device, marks: dict):
     """The blocking training callable for one repeat, and a description of what it is."""
     def ready():
         marks["ready"] = time.perf_counter()
@@ -134,7 +163,7 @@ def make_training(args, premade_adapter: Path, device: torch.device, marks: dict
         def run():
             marks["run_started"] = time.perf_counter()
             out = Path(tempfile.mkdtemp(prefix="lora-lab-bench-adapter-"))
-            result = function(out, ready)
+            result = function(model_dir, out, ready)
             marks.setdefault("memory_during_training", memory(device))
             return result
         return run, f"callable {args.train_callable}"
@@ -144,7 +173,8 @@ def make_training(args, premade_adapter: Path, device: torch.device, marks: dict
             marks["run_started"] = time.perf_counter()
             out = Path(tempfile.mkdtemp(prefix="lora-lab-bench-adapter-"))
             ready()  # the subprocess's own readiness is not visible from here
-            subprocess.run(args.train_cmd.format(adapter_dir=shlex.quote(str(out))), shell=True, check=True)
+            command = args.train_cmd.format(model_dir=shlex.quote(str(model_dir)), adapter_dir=shlex.quote(str(out)))
+            subprocess.run(command, shell=True, check=True)
             return out if (out / "adapter_config.json").is_file() else None
         return run, f"subprocess {args.train_cmd!r} (ready = when it was started)"
 
@@ -157,7 +187,7 @@ def make_training(args, premade_adapter: Path, device: torch.device, marks: dict
     return run, "placeholder: no training ran; the handover returns a copy of a pre-made random LoRA adapter (r=16)"
 
 
-def one_repeat(chat: ChatEngine, args, premade_adapter: Path) -> dict:
+def one_repeat(chat: ChatEngine, args, model_dir: Path, premade_adapter: Path) -> dict:
     # Every repeat starts from the same chat: the base with the "previous" adapter active.
     for name in chat.adapters:
         if name != "previous":
@@ -165,7 +195,7 @@ def one_repeat(chat: ChatEngine, args, premade_adapter: Path) -> dict:
     chat.set_active_adapter("previous")
     handover = Handover(chat)
     marks: dict = {}
-    run, training = make_training(args, premade_adapter, chat.device, marks)
+    run, training = make_training(args, model_dir, premade_adapter, chat.device, marks)
     loaded = memory(chat.device)
     started = time.perf_counter()
     asyncio.run(handover.train(run))
@@ -198,8 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     parser.add_argument("--repeats", type=int, default=3)
     hook = parser.add_mutually_exclusive_group()
-    hook.add_argument("--train-callable", help="module:function called as function(adapter_dir, ready)")
-    hook.add_argument("--train-cmd", help="shell command run as the training phase; {adapter_dir} substituted")
+    hook.add_argument("--train-callable",
+                      help="module:function called as function(model_dir, adapter_dir, ready)")
+    hook.add_argument("--train-cmd",
+                      help="shell command run as the training phase; {model_dir} and {adapter_dir} substituted")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -215,7 +247,8 @@ def main(argv=None) -> int:
         cold_load_s = time.perf_counter() - started
         chat.set_active_adapter(chat.load_adapter(adapter_dir, name="previous"))
         first_answer_seconds(chat)  # warm up kernels so the first repeat is not penalised
-        repeats = [one_repeat(chat, args, adapter_dir) for _ in range(args.repeats)]
+        answer = answer_speed_and_stop(chat)
+        repeats = [one_repeat(chat, args, model_dir, adapter_dir) for _ in range(args.repeats)]
         chat.unload()
 
     def median(key):
@@ -234,6 +267,7 @@ def main(argv=None) -> int:
         },
         "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": params, "dtype": str(chat.dtype)},
         "cold_load_s": cold_load_s,
+        "answer": answer,
         "median": {k: median(k) for k in ("unload_to_training_start_s", "unload_to_training_ready_s",
                                           "training_done_to_chat_ready_s", "first_answer_after_reload_s")},
         "goal_s": 2.0,

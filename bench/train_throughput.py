@@ -4,6 +4,7 @@ model with random weights: LoRA r=16 on all seven projections, T=512, B in {1, 8
 Prints one JSON object: the machine and versions, then per batch size our tokens/s, ms/step and peak engine
 memory, PEFT's in fp32, bf16 autocast and bf16, and our/their ratios.
     python bench/train_throughput.py [--quick] [--steps N] [--batch-sizes 1 8 32] [--seq-len 512]
+                                     [--no-torch | --torch-device cpu]
 `--quick` uses a tiny model and sizes so it runs in seconds on a software adapter (a smoke test).
 """
 from __future__ import annotations
@@ -33,23 +34,25 @@ def hf_config(spec):
                        tie_word_embeddings=spec.tied_embeddings)
 
 
-def peft_throughput(spec, lora: LoraConfig, batch_size: int, seq_len: int, steps: int, mode: str) -> dict:
-    """PyTorch + PEFT on CUDA: mode fp32 | bf16-autocast | bf16 (weights in bf16). AdamW, same step shape."""
+def peft_throughput(spec, lora: LoraConfig, batch_size: int, seq_len: int, steps: int, mode: str,
+                    device: str = "cuda") -> dict:
+    """PyTorch + PEFT: mode fp32 | bf16-autocast | bf16 (weights in bf16). AdamW, same step shape."""
     import torch
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype, attn_implementation="sdpa").cuda()
+    cuda = device == "cuda"
+    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype, attn_implementation="sdpa").to(device)
     model = get_peft_model(model, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha,
                                                  target_modules=list(lora.targets)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), device="cuda")
+    ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -57,17 +60,20 @@ def peft_throughput(spec, lora: LoraConfig, batch_size: int, seq_len: int, steps
         opt.zero_grad(set_to_none=True)
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     out = {"tokens_per_s": batch_size * seq_len * steps / elapsed, "ms_per_step": 1000 * elapsed / steps,
-           "peak_bytes": torch.cuda.max_memory_allocated()}
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
     del model, opt
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -78,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT comparison")
+    parser.add_argument("--torch-device", default=None,
+                        help="compare with PyTorch on this device (default: cuda when available, else none)")
     args = parser.parse_args(argv)
     spec = tiny_spec() if args.quick else smollm2_135m_spec()
     batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8, 32])
@@ -92,23 +100,23 @@ def main(argv=None) -> int:
               "machine": {"adapter": ctx.label, "backend": ctx.adapter.info.get("backend_type"),
                           "platform": platform.platform(), "python": platform.python_version(),
                           "wgpu": wgpu.__version__, "numpy": np.__version__}, "results": []}
-    torch_cuda = False
+    torch_device = None
     if not args.no_torch:
         try:
+            import peft
             import torch
-            torch_cuda = torch.cuda.is_available()
-            report["machine"]["torch"] = torch.__version__
-            if torch_cuda:
-                import peft
-                report["machine"].update(cuda_device=torch.cuda.get_device_name(), peft=peft.__version__)
+            torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else None)
+            report["machine"].update(torch=torch.__version__, peft=peft.__version__, torch_device=torch_device)
+            if torch_device == "cuda":
+                report["machine"]["cuda_device"] = torch.cuda.get_device_name()
         except ImportError:
             pass
     for batch_size in batch_sizes:
         ours = training_throughput(ctx, spec, lora, batch_size, seq_len, steps=steps)
         row = {"batch_size": batch_size, "ours": ours}
-        if torch_cuda:
+        if torch_device:
             for mode in ("fp32", "bf16-autocast", "bf16"):
-                theirs = peft_throughput(spec, lora, batch_size, seq_len, steps, mode)
+                theirs = peft_throughput(spec, lora, batch_size, seq_len, steps, mode, torch_device)
                 row[f"peft_{mode}"] = theirs
                 row[f"ratio_vs_peft_{mode}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
         report["results"].append(row)

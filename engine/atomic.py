@@ -11,7 +11,6 @@ import errno
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,25 +147,18 @@ def atomic_folder(dest: Path | str, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_bytes_synced(path: Path, data: bytes) -> None:
-    """Write and fsync a file that is not yet visible to readers (inside a temporary folder)."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write and fsync a file that no reader sees yet (inside a folder being built, e.g. a checkpoint)."""
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(path, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        _reraise_if_disk_full(exc, Path(path))
         raise
-    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
+    """Replace `dest` with `data` in one rename: readers see the old file or the new one, never a part."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)

@@ -6,6 +6,8 @@ was written).
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ class ExportRequest:
     adapter: Path              # PEFT adapter folder
     to: str                    # "gguf" | "merged"
     out: Path                  # gguf: a folder, or a file name ending in .gguf; merged: a new folder
-    gguf_dtype: str = "f16"    # "f16" | "f32"
+    gguf_dtype: str = "f32"    # "f32" (exact, llama.cpp's converter default) | "f16" (half the size)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -38,19 +40,37 @@ class ExportResult:
     lines: tuple[str, ...] = field(default=())
 
 
-def resolve_base(model: str) -> tuple[Path, str]:
-    """(local HF folder of the base, how the Modelfile's FROM should name it)."""
-    try:
-        from engine.models import resolve_model
-    except ImportError:  # engine.models lands separately; until then only local folders are accepted
-        resolve_model = None
+def resolve_base(model: str, log: Callable[[str], None] = lambda _msg: None) -> tuple[Path, str]:
+    """(local HF folder of the base, how the Modelfile's FROM and the note should name it).
+
+    llama.cpp and Ollama want the base as GGUF: a `.gguf` reference names itself, and a folder that
+    engine.models converted from a GGUF (the demo model among them) names the GGUF it came from.
+    """
+    from engine.models import resolve_model
+
+    base_dir = Path(resolve_model(model, log=log))
     path = Path(model).expanduser()
-    reference = str(path.resolve()) if path.exists() else model
-    if resolve_model is not None:
-        return Path(resolve_model(model)), reference
-    if not path.is_dir():
-        raise FileNotFoundError(f"base model {model!r} is not a local Hugging Face folder")
-    return path, reference
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return base_dir, str(path.resolve())
+    source = _source_gguf(base_dir)
+    if source is not None:
+        return base_dir, str(source)
+    return base_dir, str(path.resolve()) if path.exists() else model
+
+
+def _source_gguf(base_dir: Path) -> Path | None:
+    from engine.models import COMPLETE_MARKER
+
+    marker = base_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        name = json.loads(marker.read_text(encoding="utf-8")).get("gguf")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    # The demo's marker names its GGUF by file name; it lies beside the folder (engine.models.pull_demo).
+    candidate = Path(name) if name and Path(name).is_absolute() else base_dir.parent / (name or "")
+    return candidate.resolve() if name and candidate.is_file() else None
 
 
 def _gguf_target(out: Path, adapter: Path) -> Path:
@@ -61,8 +81,12 @@ def _gguf_target(out: Path, adapter: Path) -> Path:
     return out / f"{ollama_model_name(adapter)}.gguf"
 
 
-def run_export(request: ExportRequest) -> ExportResult:
-    base_dir, base_ref = resolve_base(request.model)
+def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg: None) -> ExportResult:
+    """Write the export; `log` gets progress lines (model download or GGUF conversion) as they happen."""
+    from engine.peft_adapter import read_adapter
+
+    read_adapter(request.adapter)  # refuse DoRA & co. before a possibly slow download or GGUF conversion
+    base_dir, base_ref = resolve_base(request.model, log=log)
     if request.to == "merged":
         from engine.export_merged import export_merged
 
@@ -72,16 +96,15 @@ def run_export(request: ExportRequest) -> ExportResult:
             f" {len(merged.shards)} safetensors file(s)); load it with AutoModelForCausalLM.from_pretrained",))
 
     from engine.export_gguf import export_gguf_adapter
-    from engine.ollama import write_ollama_files
-    from engine.peft_adapter import read_adapter
+    from engine.ollama import MODELFILE, NOTE, write_ollama_files
 
     target = _gguf_target(Path(request.out), Path(request.adapter))
-    if target.exists() and not request.overwrite:
-        raise FileExistsError(f"{target} already exists; choose another --out or pass --force")
+    for existing in (target, target.parent / MODELFILE, target.parent / NOTE):
+        if existing.exists() and not request.overwrite:
+            raise FileExistsError(f"{existing} already exists; choose another --out or pass --force")
     written = export_gguf_adapter(request.adapter, base_dir, target, dtype=request.gguf_dtype)
-    ranks = [m.rank for m in read_adapter(request.adapter).modules]
     modelfile, note, conversion = write_ollama_files(target.parent, base_ref, base_dir, target, written.arch,
-                                                     written.alpha, ranks, Path(request.adapter))
+                                                     written.alpha, list(written.ranks), Path(request.adapter))
     lines = [f"wrote {written.path} ({written.n_tensors} tensors, {request.gguf_dtype}, arch {written.arch},"
              f" adapter.lora.alpha {written.alpha:g}, {written.size_bytes / 1024:.1f} KiB)"]
     if written.permuted:

@@ -1,14 +1,16 @@
 """Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter, with the `gguf` package only.
 
 What llama.cpp (src/llama-adapter.cpp, llama-graph.cpp) expects, and what this writes:
-- metadata `general.architecture` = the base's llama.cpp arch (`llama`, `qwen2`, `qwen3`; the loader refuses a
-  mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha` (float32).
+- metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`;
+  the loader refuses a mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha`
+  (float32).
 - per adapted weight `blk.{i}.attn_q.weight` two tensors, `….lora_a` with torch shape (r, in) (ggml ne [in, r])
   and `….lora_b` with torch shape (out, r) (ggml ne [r, out]) — PEFT's own layouts, as convert_lora_to_gguf.py
   writes them. At run time llama.cpp adds `scale * B @ (A @ x)` with `scale = alpha / r`, r = lora_b's ne[0].
-- Llama-family GGUF bases store wq and wk with their rows permuted (convert_hf_to_gguf.py's LlamaModel.permute,
-  which reorders each head's rotary halves into interleaved pairs). B's rows are output rows, so the same row
-  permutation is applied to lora_b of q_proj and k_proj; A is untouched. Qwen2/Qwen3 bases are not permuted.
+- Llama-family GGUF bases (Llama, Mistral) store wq and wk with their rows permuted (convert_hf_to_gguf.py's
+  LlamaModel.permute, which reorders each head's rotary halves into interleaved pairs). B's rows are output
+  rows, so the same row permutation is applied to lora_b of q_proj and k_proj; A is untouched. Qwen2/Qwen3 bases
+  are not permuted.
 
 Scaling. llama.cpp has one alpha per file and divides by each tensor's rank. We write
 `alpha' = scale_0 * r_0` taken from the first module, so `alpha' / r` reproduces PEFT's scale exactly: for plain
@@ -29,6 +31,7 @@ from engine.peft_adapter import LoraAdapter, LoraModule, check_fits_base, read_a
 # HF model_type -> (llama.cpp architecture name, whether its converter permutes Q/K rows).
 GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     "llama": ("llama", True),
+    "mistral": ("llama", True),  # llama.cpp converts MistralForCausalLM as a Llama (convert_hf_to_gguf.py)
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
 }
@@ -52,6 +55,7 @@ class GgufExport:
     n_tensors: int
     permuted: tuple[str, ...]  # tensor names whose lora_b rows were permuted
     rescaled: tuple[str, ...]  # tensor names whose lora_b carries a folded scale factor
+    ranks: tuple[int, ...]     # rank of each adapted weight, in file order
     size_bytes: int
 
 
@@ -105,7 +109,7 @@ def _b_for_llama_cpp(mod: LoraModule, alpha: float) -> np.ndarray:
 
 
 def export_gguf_adapter(adapter_dir: Path | str, base_dir: Path | str, out_path: Path | str,
-                        dtype: str = "f16") -> GgufExport:
+                        dtype: str = "f32") -> GgufExport:
     """Write `adapter_dir` (PEFT) as a llama.cpp LoRA GGUF for the base model in `base_dir`, atomically."""
     import gguf
 
@@ -140,4 +144,5 @@ def export_gguf_adapter(adapter_dir: Path | str, base_dir: Path | str, out_path:
         writer.write_tensors_to_file()
         writer.close()
     return GgufExport(path=out_path, arch=arch, alpha=float(alpha), n_tensors=len(tensors),
-                      permuted=tuple(permuted), rescaled=tuple(rescaled), size_bytes=out_path.stat().st_size)
+                      permuted=tuple(permuted), rescaled=tuple(rescaled),
+                      ranks=tuple(m.rank for m in adapter.modules), size_bytes=out_path.stat().st_size)

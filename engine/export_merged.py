@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.atomic import atomic_folder, check_free_space
+from engine.model_spec import SUPPORTED_MODEL_TYPES
+from engine.models import COMPLETE_MARKER
 from engine.peft_adapter import check_fits_base, read_adapter, read_base_config
 
-_SUPPORTED = ("llama", "qwen2", "qwen3")
 # Weight files of the base that are replaced by the merged safetensors, not copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _INDEX = "model.safetensors.index.json"
+# Not copied: engine.models' marker says "converted from this GGUF / hub id", which is no longer true once merged.
+_NOT_COPIED = {COMPLETE_MARKER}
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
         raise ValueError(f"--out {out_dir} is the base or adapter folder itself; choose a new folder")
     adapter = read_adapter(adapter_dir)
     base_config = read_base_config(base_dir)
-    if base_config.get("model_type") not in _SUPPORTED:
+    if base_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"cannot merge into base architecture {base_config.get('model_type')!r}"
-                         f" (supported: {', '.join(_SUPPORTED)})")
+                         f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     check_fits_base(adapter, base_config)
     shards = _weight_files(base_dir)
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
@@ -74,6 +77,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
                     if mod is not None:
                         update = torch.from_numpy(mod.delta())
                         t = (t.to(torch.float32) + update).to(t.dtype)
+                        if not torch.isfinite(t).all():
+                            raise ValueError(f"merging overflows {t.dtype} in {key}: the adapter's update is too"
+                                             " large for the base's dtype; this adapter cannot be merged")
                         merged += 1
                     tensors[key] = t.contiguous()
             save_file(tensors, tmp / shard, metadata={**metadata, "format": "pt"})
@@ -82,7 +88,9 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
             missing = sorted(set(deltas) - _all_keys(base_dir, shards))
             raise ValueError(f"the base model in {base_dir} has no weights named {missing[:3]}; wrong base model?")
         for item in base_dir.iterdir():
-            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) or item.name == _INDEX:
+            if item.name in _NOT_COPIED or not item.is_file():
+                continue
+            if item.name == _INDEX or not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return MergedExport(path=out_dir, n_merged=merged, shards=tuple(shards), size_bytes=size)

@@ -1,8 +1,9 @@
 """Generation settings and the streaming machinery of one chat answer (no Qt, no model loading).
 
-`ChatStream` runs `model.generate` in its own thread and hands the answer over piece by piece. Stopping goes
-through a StoppingCriteria that `generate` checks after every token, so a stop takes effect as soon as the
-forward pass in flight ends (milliseconds for small models), and the stream always ends through the same path.
+`ChatStream` runs `model.generate` in its own thread and hands the answer over piece by piece. A stop ends
+the iteration within one poll interval (10 ms), whatever the model's speed; generation itself ends through a
+StoppingCriteria that `generate` checks after every token, so it lets go of the model once the forward pass in
+flight is done. `cancel()` (what unloading uses) waits for that too.
 """
 from __future__ import annotations
 
@@ -32,16 +33,19 @@ class GenerationSettings:
         def bad(name, value, rule):
             raise ValueError(f"generation setting {name}={value!r} is invalid: {rule}")
 
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or not 1 <= self.max_new_tokens <= 32768:
             bad("max_new_tokens", self.max_new_tokens, "use a whole number from 1 to 32768")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 10.0:
+        if not number(self.temperature) or not 0.0 <= self.temperature <= 10.0:
             bad("temperature", self.temperature, "use a number from 0 (greedy) to 10")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             bad("top_p", self.top_p, "use a number above 0 and at most 1 (1 disables it)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "use a whole number >= 0 (0 disables it)")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
+        if not number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
             bad("repetition_penalty", self.repetition_penalty, "use a number above 0 and at most 10 (1 disables it)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
@@ -114,6 +118,7 @@ class _PieceStreamer(BaseStreamer):
 
 
 _END = object()
+_POLL_S = 0.01  # how often an iterating thread looks at the stop events while waiting for the next piece
 
 
 class ChatStream:
@@ -160,10 +165,29 @@ class ChatStream:
     def __iter__(self):
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested (the model may still be finishing the token in flight)."""
+        return any(e.is_set() for e in self._criteria.events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until generate() has returned; True if it has."""
+        return self.finished.wait(timeout)
+
     def __next__(self) -> str:
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        # Poll so that a stop ends the iteration at once, without waiting for the forward pass in flight (a
+        # token can take longer than 100 ms on a CPU); generation itself lets go of the model after that token.
+        while True:
+            if self.stopping:
+                self._done, self._error = True, None
+                raise StopIteration
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                continue
         if item is _END:
             self._done = True
             self._thread.join()

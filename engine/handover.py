@@ -84,8 +84,10 @@ class Handover:
     def state(self) -> HandoverState:
         return self._state
 
-    def _enter(self, state: HandoverState):
+    def _enter(self, state: HandoverState, only_from: tuple[HandoverState, ...] | None = None):
         with self._lock:
+            if only_from is not None and self._state not in only_from:
+                return
             now = time.perf_counter()
             transition = Transition(self._state, state, now - self._since, torch_memory(self.chat.device))
             self._state, self._since = state, now
@@ -95,8 +97,8 @@ class Handover:
 
     def _on_generation(self, generating: bool):
         # Answers only move idle <-> generating; the end of an answer cancelled by unloading is not "idle".
-        if self._state in (HandoverState.IDLE, HandoverState.GENERATING):
-            self._enter(HandoverState.GENERATING if generating else HandoverState.IDLE)
+        self._enter(HandoverState.GENERATING if generating else HandoverState.IDLE,
+                    only_from=(HandoverState.IDLE, HandoverState.GENERATING))
 
     async def _in_thread(self, fn: Callable, *args):
         """Run `fn` in a worker thread and wait for it even if our task is cancelled meanwhile.
@@ -137,8 +139,8 @@ class Handover:
 
     async def _train(self, run, release):
         self.chat.lock_out(TrainingInProgress(TRAINING_MESSAGE))
-        snapshot = self.chat.snapshot()
         self._enter(HandoverState.UNLOADING)
+        snapshot = await self._in_thread(self.chat.snapshot)  # waits for the engine lock off the event loop
         report = await self._in_thread(self.chat.unload)
         if report.tensors_still_referenced:
             self._enter(HandoverState.RELOADING)

@@ -8,7 +8,9 @@ with peft and switched per answer, so switching (or answering with the base alon
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
 from engine.generation import ChatStream, GenerationSettings
@@ -64,6 +67,7 @@ class ChatSnapshot:
     """What the chat had loaded, so the handover can bring exactly this back after training."""
 
     model_ref: str
+    model_path: Path  # the local folder model_ref resolved to, so coming back needs no download or conversion
     adapters: tuple[tuple[str, Path], ...]  # (name, folder) in load order
     active: str | None
 
@@ -95,13 +99,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def trim_process_heap():
+    """Return freed heap memory to the OS (glibc keeps freed blocks, even large ones, for reuse)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def release_cached_memory(device: torch.device):
-    """Hand the framework's cached blocks back to the driver, so another GPU user can have them."""
+    """Hand the framework's cached blocks back to the driver (or the OS), so another user can have them."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+        # cuBLAS keeps its matmul workspaces in torch's allocator for the life of its handles; empty_cache alone
+        # leaves them allocated (torch's own CUDA leak check clears them the same way before counting).
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+    trim_process_heap()  # a model loaded on the CPU (or staged there) lived on the heap
 
 
 def torch_memory(device: torch.device) -> dict | None:
@@ -115,13 +134,8 @@ def torch_memory(device: torch.device) -> dict | None:
 
 def resolve_model_folder(model_ref: str | Path) -> Path:
     """A local Hugging Face folder for `model_ref` (folder, .gguf file or hub id), via engine.models."""
-    try:
-        from engine.models import resolve_model
-    except ImportError:  # engine/models.py is landing separately; until then only local folders load
-        path = Path(model_ref).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)") from None
-        return path
+    from engine.models import resolve_model
+
     return Path(resolve_model(model_ref))
 
 
@@ -144,6 +158,9 @@ class ChatEngine:
 
     def __init__(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else best_device()
+        if self.device.type == "cuda" and self.device.index is None:
+            # An explicit index keeps device_map, memory queries and synchronize on the same GPU.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self._lock = threading.RLock()
         self._model = None  # a transformers PreTrainedModel, or a peft PeftModel around it once adapters exist
@@ -169,6 +186,10 @@ class ChatEngine:
         return self._model_ref
 
     @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._adapters)
 
@@ -189,26 +210,34 @@ class ChatEngine:
         """Refuse chat requests with `reason` (the handover sets TrainingInProgress); None lets them in again."""
         self._lockout = reason
 
+    def _check_lockout(self):
+        reason = self._lockout
+        if reason is not None:
+            raise type(reason)(*reason.args)  # a fresh exception per request, not one traceback piling up
+
     def _require_model(self):
-        if self._lockout is not None:
-            raise self._lockout
+        self._check_lockout()
         if self._model is None:
             raise ModelNotLoaded("no chat model is loaded; load a model first")
 
     def _require_idle(self, doing: str):
+        stream = self._stream
+        if stream is not None and stream.stopping:
+            # A stopped answer ends its iteration at once but lets go of the model only after the token in
+            # flight: wait for that rather than refuse the next request.
+            stream.wait(timeout=30)
         if self.generating:
             raise ChatBusy(f"cannot {doing} while an answer is being generated; stop it or wait for it to end")
 
     # -- model -------------------------------------------------------------------------------------------------
-    def load(self, model_ref: str | Path, path: Path | None = None):
+    def load(self, model_ref: str | Path):
         """Load a model (local folder, .gguf, hub id) on this engine's device, replacing any loaded one."""
-        if self._lockout is not None:
-            raise self._lockout
+        self._check_lockout()
         with self._lock:
             self._require_idle("load a model")
             if self._model is not None:
                 self.unload()
-            self._load(str(model_ref), path if path is not None else resolve_model_folder(model_ref))
+            self._load(str(model_ref), resolve_model_folder(model_ref))
 
     def _load(self, model_ref: str, path: Path):
         if self._tokenizer_cache is not None and self._tokenizer_cache[0] == path:
@@ -217,8 +246,11 @@ class ChatEngine:
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.chat_template is None:
                 tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-        # device_map puts the weights straight onto the device instead of staging a CPU copy first.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)
+        try:
+            # device_map puts the weights straight onto the device instead of staging a CPU copy first.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ValueError(f"could not load chat model {model_ref} from {path}: {exc}") from exc
         model.eval()
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
@@ -253,31 +285,39 @@ class ChatEngine:
         with self._lock:
             if self._model is None:
                 return None
-            return ChatSnapshot(self._model_ref, tuple(self._adapters.items()), self._active)
+            return ChatSnapshot(self._model_ref, self._model_path, tuple(self._adapters.items()), self._active)
 
     def restore(self, snapshot: ChatSnapshot, new_adapter: Path | None = None) -> str | None:
         """Reload what `snapshot` had, add `new_adapter` and make it active (else the snapshot's active one).
 
         The handover's way back after training: it works while chat requests are locked out. Returns the name
-        of the new adapter. An adapter folder that vanished meanwhile is skipped rather than blocking the chat;
-        a new adapter that does not load raises AdapterError with the rest restored.
+        of the new adapter. An adapter that no longer loads (folder gone, files replaced by something that does
+        not fit) does not keep the chat away: everything else is restored first, then AdapterError names it.
         """
         with self._lock:
             if self._model is not None:
                 self.unload()
-            self._load(snapshot.model_ref, resolve_model_folder(snapshot.model_ref))
+            self._load(snapshot.model_ref, snapshot.model_path)
             new_path = Path(new_adapter).resolve() if new_adapter is not None else None
-            new_name = None
+            new_name, problems = None, []
             for name, path in snapshot.adapters:
-                if (path / "adapter_config.json").is_file():
+                try:
                     self._load_adapter(path, name)
-                    if path == new_path:  # retrained into the same folder: the files there are the new ones
-                        new_name = name
+                except AdapterError as exc:
+                    problems.append(str(exc))
+                    continue
+                if path == new_path:  # retrained into the same folder: the files there are the new ones
+                    new_name = name
             self._active = snapshot.active if snapshot.active in self._adapters else None
             if new_path is not None and new_name is None:
-                new_name = self._load_adapter(new_path, None)  # if it does not fit, chat stays as it was
+                try:
+                    new_name = self._load_adapter(new_path, None)
+                except AdapterError as exc:
+                    problems.append(str(exc))
             if new_name is not None:
                 self._active = new_name
+            if problems:
+                raise AdapterError("the chat model is back, but not every adapter: " + "; ".join(problems))
             return new_name
 
     # -- adapters ----------------------------------------------------------------------------------------------
@@ -358,19 +398,26 @@ class ChatEngine:
         if name not in self._adapters:
             raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(self._adapters) or 'none'}")
 
-    @contextlib.contextmanager
-    def _adapter_applied(self, adapter):
-        """Make the model compute with `adapter` (ACTIVE, a name, or None for the base) for one call."""
+    def _adapter_for_call(self, adapter) -> str | None:
+        """The adapter one call computes with: `adapter` (ACTIVE: the active one; None: the base alone)."""
         name = self._active if adapter is ACTIVE else adapter
         if name is not None:
             self._check_adapter(name)
-        if not self._adapters:
+        return name
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _adapter_applied(model, name: str | None):
+        """Make `model` compute with adapter `name` (None: the base) for one call."""
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
             yield
         elif name is None:
-            with self._model.disable_adapter():
+            with model.disable_adapter():
                 yield
         else:
-            self._model.set_adapter(name, inference_mode=True)
+            model.set_adapter(name, inference_mode=True)
             yield
 
     # -- chat --------------------------------------------------------------------------------------------------
@@ -394,12 +441,11 @@ class ChatEngine:
             self._require_model()
             self._require_idle("start another answer")
             inputs = self.prompt_inputs(messages)
-            if adapter is not ACTIVE and adapter is not None:
-                self._check_adapter(adapter)
+            name = self._adapter_for_call(adapter)  # fixed now: a later switch applies to the next answer
             model = self._model
 
             def generate(criteria, streamer):
-                with self._adapter_applied(adapter), torch.no_grad():
+                with self._adapter_applied(model, name), torch.no_grad():
                     if settings.seed is not None:
                         # generate() samples from torch's global generator; seeding it makes answers repeatable.
                         torch.manual_seed(settings.seed)
@@ -426,5 +472,5 @@ class ChatEngine:
             self._require_model()
             self._require_idle("compute logits")
             ids = self._tokenizer(text, return_tensors="pt")["input_ids"].to(self.device)
-            with self._adapter_applied(adapter), torch.no_grad():
+            with self._adapter_applied(self._model, self._adapter_for_call(adapter)), torch.no_grad():
                 return self._model(input_ids=ids).logits[0].float().cpu()

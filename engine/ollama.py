@@ -28,6 +28,7 @@ OLLAMA_CHATML_TEMPLATE = """\
 {{- end }}"""
 
 CHATML_STOPS = ("<|im_start|>", "<|im_end|>")
+MODELFILE, NOTE = "Modelfile", "README-llama.cpp-ollama.md"
 
 _PROBE_SYSTEM, _PROBE_USER_1 = "probe-system-7f3a", "probe-user-1-7f3a"
 _PROBE_ASSISTANT, _PROBE_USER_2 = "probe-assistant-7f3a", "probe-user-2-7f3a"
@@ -153,10 +154,10 @@ def note_text(base_ref: str, gguf_name: str, model_name: str, arch: str, alpha: 
 
 def write_ollama_files(out_dir: Path, base_ref: str, base_dir: Path, gguf_path: Path, arch: str, alpha: float,
                        r_values: list[int], adapter_dir: Path) -> tuple[Path, Path, TemplateConversion]:
-    """Write `Modelfile` and `README-llama.cpp-ollama.md` into `out_dir`; return their paths and the conversion."""
+    """Write MODELFILE and NOTE into `out_dir`; return their paths and the conversion."""
     conversion = convert_chat_template(base_dir)
     adapter_ref = "./" + gguf_path.name if gguf_path.parent.resolve() == out_dir.resolve() else str(gguf_path)
-    modelfile, note = out_dir / "Modelfile", out_dir / "README-llama.cpp-ollama.md"
+    modelfile, note = out_dir / MODELFILE, out_dir / NOTE
     write_text_atomic(modelfile, modelfile_text(base_ref, adapter_ref, conversion))
     write_text_atomic(note, note_text(base_ref, gguf_path.name, ollama_model_name(adapter_dir), arch, alpha,
                                       r_values, conversion))

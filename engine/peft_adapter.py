@@ -102,8 +102,7 @@ def _refusals(cfg: Mapping) -> list[str]:
 
 def read_adapter(path: Path | str) -> LoraAdapter:
     """Load and validate a PEFT LoRA adapter folder; raise ValueError naming what cannot be exported."""
-    import torch  # noqa: F401  (safetensors.torch needs it; bf16 tensors have no numpy dtype)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch, not numpy: bf16 adapters have no numpy dtype
 
     path = Path(path)
     cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS

@@ -78,7 +78,8 @@ class PreparedRun:
 def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
                 callback: TrainerCallback | None = None, resume: str | Path | None = None,
                 factory: BackendFactory | None = None, log: Callable[[str], None] = lambda _m: None,
-                corpus_progress: Callable[[int, int], None] | None = None) -> PreparedRun:
+                corpus_progress: Callable[[int, int], None] | None = None,
+                corpus_cancel: Callable[[], bool] | None = None) -> PreparedRun:
     """Everything up to the first step. With `resume`, the run's settings come from the checkpoint."""
     from engine.adapter_io import adapter_base_model, import_adapter
     from engine.checkpoint import load_checkpoint
@@ -110,7 +111,7 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     corpus = load_corpus(inputs.data, tokenizer, CorpusConfig(
         seq_len=config.seq_len, mask_prompt=inputs.mask_prompt, packing=inputs.packing,
         val_fraction=inputs.val_split, val_files=tuple(Path(p) for p in inputs.val_data), seed=config.seed),
-        progress=corpus_progress)
+        progress=corpus_progress, cancel=corpus_cancel)
     if not corpus.train:
         raise ValueError("no usable training data in " + ", ".join(inputs.data) + " (run `lora-lab corpus` to "
                          "see why each record was skipped)")
@@ -122,7 +123,10 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
     card = {"training data": ", ".join(Path(p).name for p in inputs.data),
             "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
-    on_choice = lambda choice: [log(line) for line in choice.lines()]   # noqa: E731
+    def on_choice(choice):            # what `--backend auto` measured, and why it chose
+        for line in choice.lines():
+            log(line)
+
     trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
                       resume=checkpoint, card=card, inputs=inputs.to_dict())

@@ -13,28 +13,33 @@ from typing import Sequence
 import numpy as np
 
 from engine.backend import OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch, counted_tokens
-from engine.gpu import GpuContext
+from engine.gpu import GpuContext, StepEncoder
 from engine.kernels.common import uniform
 from engine.kernels.lm_head import chunk_rows, shift_targets
+from engine.kernels.optimizer import GradNorm, Optimizer
 from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import ModelSpec, load_model_spec, load_weights
 from engine.wgpu_backward import model_backward
 from engine.wgpu_buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
-                                 layer_activation_shapes, lora_layout, scratch_shapes)
+                                 destroy, layer_activation_shapes, lora_layout, scratch_shapes,
+                                 vocab_pieces)
 from engine.wgpu_forward import model_forward
 from engine.wgpu_graph import build_model
 from engine.wgpu_weights import upload_weights
 
 
 class WgpuBackend(TrainingBackend):
+    """Sized once for [batch_size, seq_len]; smaller micro-batches are padded (padding never counts).
+
+    Memory: engine.wgpu_memory.memory_plan(spec, lora, optim, B, T) says beforehand what this allocates.
+    """
+
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
                  tensors: dict[str, np.ndarray] | None = None, max_binding_bytes: int | None = None):
         """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
         ({HF name: array}, e.g. engine.microbench.random_weights) for benchmarks without files.
         `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
-        from engine.kernels.optimizer import GradNorm, Optimizer
-
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
         if isinstance(model, ModelSpec):
@@ -57,8 +62,9 @@ class WgpuBackend(TrainingBackend):
         self.weights = upload_weights(ctx, spec, tensors, limit)
         self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
                               f"layers.{i}") for i in range(spec.layers)]
-        self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk),
-                                         "scratch")
+        piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]
+        self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
+                                                                      piece_rows), "scratch")
         self.dropout_step = uniform(ctx, "lora_dropout.step", 0, 0.0, 0, 0)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
                                  self.layout, self.chunk, self.dropout_step)
@@ -99,10 +105,11 @@ class WgpuBackend(TrainingBackend):
         return out
 
     # ---- training ------------------------------------------------------------------------------------------
-    def encode_gradients(self, micro_batches) -> None:
+    def encode_gradients(self, micro_batches) -> StepEncoder:
         """Forward, LM head and backward of every micro-batch, adding into lora_grads, and the loss into stats.
 
-        Submits once per STAGE_SLOTS micro-batches and leaves the last encoder open in self._enc for the caller.
+        Submits once per STAGE_SLOTS micro-batches (the staging rows are rewritten in between) and returns the
+        last encoder, still open, for the caller to finish the step in.
         """
         batches = self._checked(micro_batches)
         if not batches:
@@ -111,7 +118,8 @@ class WgpuBackend(TrainingBackend):
         if counted == 0:
             raise ValueError("the step's micro-batches have no counted tokens (every label is -100 after the shift)")
         self.model.lm_head.set_step(counted, with_grad=True)
-        self.ctx.write(self.dropout_step, np.array([self._seed * 1_000_003 + self._steps_submitted], np.uint32))
+        seed = (self._seed * 1_000_003 + self._steps_submitted) % (1 << 32)   # a new dropout mask every step
+        self.ctx.write(self.dropout_step, np.array([seed], np.uint32))
         self.ctx.write(self.dropout_step, np.array([self.lora.dropout], np.float32), offset=4)
         for g0 in range(0, len(batches), STAGE_SLOTS):
             group = batches[g0:g0 + STAGE_SLOTS]
@@ -125,7 +133,7 @@ class WgpuBackend(TrainingBackend):
             if g0 + STAGE_SLOTS < len(batches):
                 enc.submit()
         self.model.lm_head.encode_reduce(enc)
-        self._enc = enc
+        return enc
 
     def train_step(self, micro_batches, lr: float, max_grad_norm: float) -> PendingStep:
         if not lr >= 0 or not max_grad_norm >= 0:
@@ -134,13 +142,11 @@ class WgpuBackend(TrainingBackend):
         if self._pending[slot] is not None:
             self._pending[slot].result()   # its stats are about to be overwritten: read them now
         self.optimizer.set_hyper(lr, max_grad_norm)
-        self.encode_gradients(micro_batches)
-        enc = self._enc
+        enc = self.encode_gradients(micro_batches)
         self.grad_norm.encode(enc)
         self.optimizer.encode(enc)
         enc.copy(self.scratch.stats, 0, self.scratch.history, slot * 4 * STATS_FLOATS, 4 * STATS_FLOATS)
         enc.submit()
-        self._enc = None
         self._steps_submitted += 1
         pending = PendingStep(lambda: self._read_result(slot))
         self._pending[slot] = pending
@@ -197,9 +203,7 @@ class WgpuBackend(TrainingBackend):
     def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
         """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
         tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
-        self.encode_gradients(micro_batches)
-        self._enc.submit()
-        self._enc = None
+        self.encode_gradients(micro_batches).submit()
         loss = float(self.ctx.read(self.scratch.stats, count=1)[0])
         grads = self._read_flat(self.scratch.lora_grads)
         enc = self.ctx.encoder("zero_grads")
@@ -235,5 +239,10 @@ class WgpuBackend(TrainingBackend):
             if pending is not None:
                 pending.result()
                 self._pending[slot] = None
+        if self.scratch is None:
+            return
+        # The large buffers are freed now; kernels' parameter blocks go with their objects.
+        destroy([self.acts, self.scratch, self.weights.embed, self.weights.lm_head, self.weights.final_norm,
+                 self.weights.layers])
         self.ctx.bytes_allocated -= self._bytes
         self.model = self.acts = self.scratch = self.weights = self.optimizer = self.grad_norm = None

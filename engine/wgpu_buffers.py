@@ -10,9 +10,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine.kernels.linear import SPLIT_PARTIAL_FLOATS
+from engine.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
 from engine.lora import LoraConfig, peft_key
-from engine.model_spec import ModelSpec
+from engine.model_spec import LORA_TARGETS, ModelSpec
 
 LORA_ALIGN = 64        # floats: each LoRA tensor starts on a 256-byte boundary so it can be bound as a sub-range
 STATS_FLOATS = 16      # stats[0] loss, [1] grad norm, [2] clip scale, [3] skipped, [4] updates, [5] tokens
@@ -123,7 +123,7 @@ class Scratch:
     d_up: object                # [BT, I]
     d_h: object                 # [BT, I]
     du: object                  # [BT, r] LoRA branch scratch
-    split_k: object             # [SPLIT_PARTIAL_FLOATS] partial products of split-K GEMMs (LoRA dA, dB)
+    split_k: object             # [split_k_floats] partial products of split-K GEMMs
     stats: object               # [16] see STATS_FLOATS
     history: object             # [HISTORY_SLOTS, 16] stats of finished steps
     lora_params: object         # [P] every LoRA tensor (LoraLayout)
@@ -168,14 +168,29 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
     return shapes
 
 
-def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int) -> dict:
+def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, vocab_piece_rows: int) -> int:
+    """Partial-product floats the largest split-K GEMM of the model needs (capped at SPLIT_PARTIAL_FLOATS)."""
+    BT = B * T
+    products = []
+    for target in LORA_TARGETS:
+        out_f, in_f = spec.projection_shape(target)
+        products += [GemmShape(BT, out_f, in_f), GemmShape(BT, in_f, out_f)]          # forward, input grad
+        if target in lora.targets:
+            products += [GemmShape(lora.rank, in_f, BT), GemmShape(out_f, lora.rank, BT)]   # dA, dB
+    products.append(GemmShape(min(chunk, BT), spec.hidden, vocab_piece_rows))      # LM head d(hidden)
+    need = [split_k(p, SPLIT_PARTIAL_FLOATS) * p.M * p.N for p in products if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
+    return max(need, default=4)
+
+
+def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, vocab_piece_rows: int) -> dict:
     BT, C, I = B * T, spec.hidden, spec.intermediate
     P = lora_layout(spec, lora).total
     shapes = {"embedded": (BT, C), "proj": (BT, C), "ln_f": (BT, C), "ln_f_rstd": (BT,),
               "logits": (chunk, spec.vocab_size), "row_loss": (BT,), "ids": (BT,), "targets": (BT,),
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
-              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank), "split_k": (SPLIT_PARTIAL_FLOATS,), "stats": (STATS_FLOATS,),
+              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),
+              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "stats": (STATS_FLOATS,),
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
@@ -200,3 +215,16 @@ def allocate(ctx, cls, shapes: dict, label: str):
         return ctx.buffer(nbytes(shape), f"{label}.{name}")
 
     return cls(**{name: make(name, shape) for name, shape in shapes.items()})
+
+
+def destroy(group) -> None:
+    """Free the device memory of every buffer in a buffer dataclass (or list/dict of them) now, not at GC."""
+    if isinstance(group, (list, tuple)):
+        for item in group:
+            destroy(item)
+    elif isinstance(group, dict):
+        destroy(list(group.values()))
+    elif hasattr(group, "__dataclass_fields__"):
+        destroy([getattr(group, f.name) for f in fields(group)])
+    elif hasattr(group, "destroy"):
+        group.destroy()

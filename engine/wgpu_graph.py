@@ -53,7 +53,7 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
-                  spec.vocab_size, chunk)
+                  spec.vocab_size, chunk, partials=s.split_k)
     return ModelKernels(embedding, layers, final_norm, head)
 
 
@@ -83,7 +83,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         x, y, dy, dx, accumulate = io[target]
         out_f, in_f = spec.projection_shape(target)
         proj[target] = Linear(ctx, y, x, weight[target], bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
-                              accumulate_dx=accumulate, label=f"{name}.{target}")
+                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}")
         if target in lora.targets:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(

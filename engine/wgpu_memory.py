@@ -49,6 +49,8 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
     per_layer += nbytes((B, spec.heads, T)) + NORM_PARAMS            # attention: D = rowsum(dO·O) + params
+    if spec.heads > spec.kv_heads:                                   # GQA: per-query-head dk, dv before the sum
+        per_layer += 2 * nbytes((B * T, spec.q_dim))
     per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
     chunks = -(-(B * T) // chunk)
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
@@ -73,14 +75,16 @@ def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
 
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
-                max_binding_bytes: int, max_workgroups: int = 65535) -> MemoryPlan:
+                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
+    WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
-    scratch = scratch_shapes(spec, lora, B, T, chunk)
+    pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes)
+    scratch = scratch_shapes(spec, lora, B, T, chunk, pieces[0][1])
     adapter = nbytes(scratch.pop("lora_params")) + nbytes(scratch.pop("lora_grads"))
     logits = nbytes(scratch.pop("logits"))
-    pieces = len(vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes))
     return MemoryPlan(
         weights=shapes_bytes(weight_shapes(spec, max_binding_bytes)), adapter=adapter,
         optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
         activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
-        scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, pieces, pieces))
+        scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))

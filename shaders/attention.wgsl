@@ -3,13 +3,15 @@
 //   q, out, dout, dq: [B, T, NH, HD]    k, v, dk, dv: [B, T, NKV, HD]    lse, dsum: [B, NH, T]
 // Query head h reads KV head h / (NH / NKV). Scores are scaled by 1/sqrt(HD).
 //
-// Work split (all four entry points share it): a workgroup owns ROWS rows (query rows, or key rows in
-// attention_backward_dkdv) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in
-// registers (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). A dot product between
-// a register row and a tile row is summed in two steps: each thread's partial over its chunks goes to `red`,
-// then one thread per (row, tile row) adds the TPR partials in a fixed order (deterministic, no atomics).
+// Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
+// the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
+// (chunks c, c + TPR, c + 2 TPR, c + 3 TPR of the HD/4 chunks, so HD <= 256). The other operand streams
+// through workgroup memory BT rows at a time. A dot product between a register row and a tile row is summed
+// in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
+// the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory: 3 x 4 KiB + 2 KiB + 256 B = 14.25 KiB, under the 16 KiB WebGPU minimum.
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/kernels/attention.py)
+// picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
     seq_len: u32,    // T
@@ -17,13 +19,14 @@ struct Params {
     n_kv: u32,       // NKV
     ratio: u32,      // NH / NKV
     scale: f32,      // 1 / sqrt(HD)
-    _pad0: u32, _pad1: u32,
+    dsum_stride: u32,  // invocations per dispatch row of attention_backward_dsum (grid folded into y)
+    sum_stride: u32,   // the same for attention_backward_dkdv_sum
 }
 
-const ROWS: u32 = 16u;          // register rows per workgroup
+override ROWS: u32 = 16u;       // register rows per workgroup
 override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
-override BT: u32 = 16u;         // rows per tile loaded into workgroup memory (<= 32, BT * HD4 <= 256)
+override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -37,13 +40,15 @@ override WG: u32 = 64u;         // ROWS * TPR
 @group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read_write> dk: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read_write> dk_heads: array<vec4<f32>>;  // [B, T, NH, HD] per query head
+@group(0) @binding(12) var<storage, read_write> dv_heads: array<vec4<f32>>;  // (GQA only; summed into dk, dv)
 
-var<workgroup> tile_a: array<vec4<f32>, 256>;   // [BT, HD4]: K (forward, dq) or Q (dkdv)
-var<workgroup> tile_b: array<vec4<f32>, 256>;   // [BT, HD4]: V (forward, dq) or dO (dkdv)
-var<workgroup> red: array<f32, 1024>;           // [ROWS, BT, TPR] partial dot products
-var<workgroup> prob: array<f32, 512>;           // [ROWS, BT] scores, then P, then dS
-var<workgroup> tile_lse: array<f32, 32>;        // [BT] lse of the tile's query rows (dkdv)
-var<workgroup> tile_d: array<f32, 32>;          // [BT] D of the tile's query rows (dkdv)
+var<workgroup> tile_a: array<vec4<f32>, BT * HD4>;      // K (forward, dq) or Q (dkdv) rows
+var<workgroup> tile_b: array<vec4<f32>, BT * HD4>;      // V (forward, dq) or dO (dkdv) rows
+var<workgroup> red: array<f32, ROWS * BT * TPR>;        // partial dot products
+var<workgroup> prob: array<f32, ROWS * BT>;             // scores, then P, then dS
+var<workgroup> tile_lse: array<f32, BT>;                // lse of the tile's query rows (dkdv)
+var<workgroup> tile_d: array<f32, BT>;                  // D of the tile's query rows (dkdv)
 
 // Row `t` of head `head` in a [B, T, heads, HD] tensor, as a vec4 index of chunk 0.
 fn row_base(b: u32, t: u32, head: u32, heads: u32) -> u32 {
@@ -140,35 +145,54 @@ fn reduce_partials(r: u32, j: u32) -> f32 {
     return s;
 }
 
-// Rows t0 .. t0+BT-1 of one head into tile_a / tile_b, zero past T. (One function per tensor pair: a shared
-// helper taking "which tensor" would make every entry point use every binding, past the 8-buffer limit.)
-fn load_tiles_kv(b: u32, t0: u32, head: u32, lid: u32) {
-    for (var i = lid; i < BT * HD4; i += WG) {
-        let t = t0 + i / HD4;
-        var a = vec4<f32>(0.0);
-        var bb = vec4<f32>(0.0);
-        if (t < params.seq_len) {
-            let src = row_base(b, t, head, params.n_kv) + i % HD4;
-            a = k[src];
-            bb = v[src];
-        }
-        tile_a[i] = a;
-        tile_b[i] = bb;
+// Rows t0 .. t0+BT-1 of one head, fetched into registers one tile ahead (so the global loads of the next tile
+// overlap this tile's arithmetic) and then stored to tile_a / tile_b. Each thread carries at most two vec4 of
+// each tensor: the twin keeps BT * HD4 <= 2 * WG. Rows past T read as zero. (One fetch function per tensor
+// pair: a shared one taking "which tensor" would make every entry point use every binding, past the limit of 8.)
+struct Fetch { a0: vec4<f32>, a1: vec4<f32>, b0: vec4<f32>, b1: vec4<f32> }
+
+fn fetch_kv(b: u32, t0: u32, head: u32, lid: u32) -> Fetch {
+    var f = Fetch(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let i0 = lid;
+    let i1 = lid + WG;
+    if (i0 < BT * HD4 && t0 + i0 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i0 / HD4, head, params.n_kv) + i0 % HD4;
+        f.a0 = k[src];
+        f.b0 = v[src];
     }
+    if (i1 < BT * HD4 && t0 + i1 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i1 / HD4, head, params.n_kv) + i1 % HD4;
+        f.a1 = k[src];
+        f.b1 = v[src];
+    }
+    return f;
 }
 
-fn load_tiles_qdo(b: u32, t0: u32, head: u32, lid: u32) {
-    for (var i = lid; i < BT * HD4; i += WG) {
-        let t = t0 + i / HD4;
-        var a = vec4<f32>(0.0);
-        var bb = vec4<f32>(0.0);
-        if (t < params.seq_len) {
-            let src = row_base(b, t, head, params.n_heads) + i % HD4;
-            a = q[src];
-            bb = dout[src];
-        }
-        tile_a[i] = a;
-        tile_b[i] = bb;
+fn fetch_qdo(b: u32, t0: u32, head: u32, lid: u32) -> Fetch {
+    var f = Fetch(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let i0 = lid;
+    let i1 = lid + WG;
+    if (i0 < BT * HD4 && t0 + i0 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i0 / HD4, head, params.n_heads) + i0 % HD4;
+        f.a0 = q[src];
+        f.b0 = dout[src];
+    }
+    if (i1 < BT * HD4 && t0 + i1 / HD4 < params.seq_len) {
+        let src = row_base(b, t0 + i1 / HD4, head, params.n_heads) + i1 % HD4;
+        f.a1 = q[src];
+        f.b1 = dout[src];
+    }
+    return f;
+}
+
+fn store_tiles(f: Fetch, lid: u32) {
+    if (lid < BT * HD4) {
+        tile_a[lid] = f.a0;
+        tile_b[lid] = f.b0;
+    }
+    if (lid + WG < BT * HD4) {
+        tile_a[lid + WG] = f.a1;
+        tile_b[lid + WG] = f.b1;
     }
 }
 
@@ -197,14 +221,17 @@ fn store_dv(base: u32, c: u32, x: Row4) {
 
 // Grid: (ceil(T / ROWS), NH, B). Writes out and lse = log-sum-exp of the scaled scores of each query row.
 @compute @workgroup_size(WG)
-fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    // Causal work grows with the block index: hand out the longest blocks first so the tail is short.
+    let blk = nwg.x - 1u - wid.x;
     let b = wid.z;
     let h = wid.y;
     let g = h / params.ratio;
     let T = params.seq_len;
     let r = lid / TPR;
     let c = lid % TPR;
-    let t_q = wid.x * ROWS + r;
+    let t_q = blk * ROWS + r;
     let row_ok = t_q < T;
     let q_base = row_base(b, min(t_q, T - 1u), h, params.n_heads);
     let qr = scaled(load_q(q_base, c), params.scale);
@@ -212,13 +239,15 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     var m = -1e30;              // finite sentinel: exp(m_old - m_new) stays 0, never NaN
     var l = 0.0;
     var acc = zero_row();
-    let keys = min(wid.x * ROWS + ROWS, T);          // causal: this block needs keys 0 .. keys-1
+    let keys = min(blk * ROWS + ROWS, T);          // causal: this block needs keys 0 .. keys-1
     let n_tiles = (keys + BT - 1u) / BT;
+    var next = fetch_kv(b, 0u, g, lid);
     for (var tile = 0u; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();                          // the previous tile is no longer read
-        load_tiles_kv(b, t0, g, lid);
+        store_tiles(next, lid);
         workgroupBarrier();
+        if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = reduce_partials(r, j); }
@@ -245,10 +274,10 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     }
 }
 
-// Grid: ceil(B * NH * T / 64) workgroups. D[b, h, t] = sum_d dout * out, used by both backward kernels.
+// Grid: ceil(B * NH * T / 64) workgroups, folded into y. D[b, h, t] = sum_d dout * out, used by both backward kernels.
 @compute @workgroup_size(64)
 fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n = gid.x;
+    let n = gid.y * params.dsum_stride + gid.x;
     let T = params.seq_len;
     if (n >= params.batch * params.n_heads * T) { return; }
     let t = n % T;
@@ -263,14 +292,17 @@ fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>) {
 // Grid: (ceil(T / ROWS), NH, B). dq = scale * sum_j dS_ij k_j with P recomputed from lse and
 // dS = P * (dO . v_j - D). Walks the key tiles like the forward.
 @compute @workgroup_size(WG)
-fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    // Causal work grows with the block index: hand out the longest blocks first so the tail is short.
+    let blk = nwg.x - 1u - wid.x;
     let b = wid.z;
     let h = wid.y;
     let g = h / params.ratio;
     let T = params.seq_len;
     let r = lid / TPR;
     let c = lid % TPR;
-    let t_q = wid.x * ROWS + r;
+    let t_q = blk * ROWS + r;
     let row_ok = t_q < T;
     let t_row = min(t_q, T - 1u);
     let base = row_base(b, t_row, h, params.n_heads);
@@ -281,13 +313,15 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
     let d_r = dsum[stat];
 
     var acc = zero_row();
-    let keys = min(wid.x * ROWS + ROWS, T);
+    let keys = min(blk * ROWS + ROWS, T);
     let n_tiles = (keys + BT - 1u) / BT;
+    var next = fetch_kv(b, 0u, g, lid);
     for (var tile = 0u; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();
-        load_tiles_kv(b, t0, g, lid);
+        store_tiles(next, lid);
         workgroupBarrier();
+        if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) {
@@ -307,37 +341,41 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
     if (row_ok) { store_dq(base, c, scaled(acc, params.scale)); }
 }
 
-// Grid: (ceil(T / ROWS), NKV, B). A workgroup owns ROWS key rows of one KV head and walks every query head of
-// its group and every query tile at or after its first key: dv = sum_i P_ij dO_i, dk = scale * sum_i dS_ij q_i.
-// Summing the group's query heads here (not with atomics) keeps dk/dv deterministic and overwritten.
-@compute @workgroup_size(WG)
-fn attention_backward_dkdv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let b = wid.z;
-    let g = wid.y;
+// dk, dv of ROWS key rows of KV head g, summed over the query heads h_first .. h_end-1 (all of them or one):
+// walks every query tile at or after the block's first key. dv = sum_i P_ij dO_i, dk = scale sum_i dS_ij q_i.
+struct KeyGrads { dk: Row4, dv: Row4, base: u32, ok: bool }
+
+fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> KeyGrads {
     let T = params.seq_len;
     let r = lid / TPR;
     let c = lid % TPR;
-    let t_k = wid.x * ROWS + r;
+    let t_k = blk * ROWS + r;
     let key_ok = t_k < T;
     let base = row_base(b, min(t_k, T - 1u), g, params.n_kv);
     let kr = load_k(base, c);
     let vr = load_v(base, c);
 
     var dk_acc = zero_row();
-    let q_start = wid.x * ROWS;                       // earlier queries cannot see these keys
-    let n_tiles = (T - q_start + BT - 1u) / BT;
     var dv_acc = zero_row();
-    for (var h = g * params.ratio; h < (g + 1u) * params.ratio; h++) {
+    let q_start = blk * ROWS;                         // earlier queries cannot see these keys
+    let n_tiles = (T - q_start + BT - 1u) / BT;
+    var next = fetch_qdo(b, q_start, h_first, lid);
+    for (var h = h_first; h < h_end; h++) {
         for (var tile = 0u; tile < n_tiles; tile++) {
             let t0 = q_start + tile * BT;
             workgroupBarrier();
-            load_tiles_qdo(b, t0, h, lid);
-            for (var i = lid; i < BT; i += WG) {          // WG may be smaller than BT (HD 16: 16 < 32)
+            store_tiles(next, lid);
+            for (var i = lid; i < BT; i += WG) {          // WG may be smaller than BT
                 let stat = (b * params.n_heads + h) * T + min(t0 + i, T - 1u);
                 tile_lse[i] = lse[stat];
                 tile_d[i] = dsum[stat];
             }
             workgroupBarrier();
+            if (tile + 1u < n_tiles) {
+                next = fetch_qdo(b, t0 + BT, h, lid);
+            } else if (h + 1u < h_end) {
+                next = fetch_qdo(b, q_start, h + 1u, lid);
+            }
             for (var i = 0u; i < BT; i++) { red[(r * BT + i) * TPR + c] = dot_a(i, c, kr); }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {
@@ -359,8 +397,56 @@ fn attention_backward_dkdv(@builtin(local_invocation_index) lid: u32, @builtin(w
             for (var i = 0u; i < BT; i++) { dk_acc = axpy_a(dk_acc, prob[r * BT + i], i, c); }
         }
     }
-    if (key_ok) {
-        store_dk(base, c, scaled(dk_acc, params.scale));
-        store_dv(base, c, dv_acc);
+    return KeyGrads(scaled(dk_acc, params.scale), dv_acc, base, key_ok);
+}
+
+// Grid: (ceil(T / ROWS), NKV, B), for NH == NKV: a workgroup owns ROWS key rows of one head.
+@compute @workgroup_size(WG)
+fn attention_backward_dkdv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let g = wid.y;
+    let grads = dkdv_walk(lid, wid.z, wid.x, g, g * params.ratio, (g + 1u) * params.ratio);
+    if (grads.ok) {
+        store_dk(grads.base, lid % TPR, grads.dk);
+        store_dv(grads.base, lid % TPR, grads.dv);
     }
+}
+
+// Grid: (ceil(T / ROWS), NH, B), for GQA: one query head per workgroup (NH / NKV times the workgroups of
+// walking the whole group in one), written per head; attention_backward_dkdv_sum then adds each group's heads
+// in a fixed order, so dk/dv stay deterministic and are overwritten, with no atomics.
+@compute @workgroup_size(WG)
+fn attention_backward_dkdv_heads(@builtin(local_invocation_index) lid: u32,
+                                 @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.y;
+    let grads = dkdv_walk(lid, wid.z, wid.x, h / params.ratio, h, h + 1u);
+    if (grads.ok) {
+        let c = lid % TPR;
+        let t = wid.x * ROWS + lid / TPR;
+        let base = row_base(wid.z, t, h, params.n_heads);
+        for (var i = 0u; i < 4u; i++) {
+            if (chunk_ok(c, i)) {
+                dk_heads[base + chunk(c, i)] = part(grads.dk, i);
+                dv_heads[base + chunk(c, i)] = part(grads.dv, i);
+            }
+        }
+    }
+}
+
+// Grid: ceil(B * T * NKV * HD4 / 64) workgroups, folded into y: dk[b, t, g] = sum over the group's heads of dk_heads.
+@compute @workgroup_size(64)
+fn attention_backward_dkdv_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.y * params.sum_stride + gid.x;        // vec4 index into dk [B, T, NKV, HD4]
+    if (n >= params.batch * params.seq_len * params.n_kv * HD4) { return; }
+    let ch = n % HD4;
+    let g = (n / HD4) % params.n_kv;
+    let bt = n / (HD4 * params.n_kv);                 // b * T + t
+    let first = (bt * params.n_heads + g * params.ratio) * HD4 + ch;
+    var sk = vec4<f32>(0.0);
+    var sv = vec4<f32>(0.0);
+    for (var i = 0u; i < params.ratio; i++) {
+        sk += dk_heads[first + i * HD4];
+        sv += dv_heads[first + i * HD4];
+    }
+    dk[n] = sk;
+    dv[n] = sv;
 }

@@ -1,18 +1,21 @@
 // Linear layers as one tiled GEMM: C[M, N] = alpha · op(A)[M, K] · op(B)[K, N] (+ bias[N]) (+ beta · C).
 //
-// Every matrix product of the engine is this kernel with a different layout:
-//   linear_forward        y  = x · Wᵀ + b        A = x [M, K],  B = W [N, K] read transposed (TRANS_B)
-//   linear_backward_input dx = dy · W (+ dx)     A = dy [M, N], B = W [N, K] as stored
-//   weight-style grads    dW = dyᵀ · x (+ dW)    A = dy [M, N] read transposed (TRANS_A)  (LoRA dA, dB)
+// Every matrix product of the engine is the one entry point `matmul` with a different layout (Linear and
+// LoraBranch in the Python twin pick them):
+//   forward          y  = x · Wᵀ + b        A = x [M, K],  B = W [N, K] read transposed (TRANS_B)
+//   input gradient   dx = dy · W (+ dx)     A = dy [M, N], B = W [N, K] as stored
+//   weight gradient  dW = dyᵀ · x (+ dW)    A = dy [M, N] read transposed (TRANS_A)  (LoRA dA, dB)
 // Strides (lda/ldb/ldc) and element offsets let the chunked LM head address a column range of a wider matrix.
 //
-// Split-K: a weight-style gradient has a small C ([r, in] for LoRA's dA) and a huge K (B·T), so its few tiles
-// would leave most of a GPU idle. With splits > 1, workgroup z covers K range [z·k_chunk, (z+1)·k_chunk) and
+// Split-K: a weight gradient has a small C ([r, in] for LoRA's dA) and a huge K (B·T), and a small batch's
+// projections have few rows, so their few tiles would leave most of a GPU idle. With splits > 1, workgroup z covers K range [z·k_chunk, (z+1)·k_chunk) and
 // writes its raw partial product into c as partials [splits, M, N]; matmul_reduce then sums the partials into
 // the real C with alpha, bias and beta. No atomics, so results are deterministic.
 //
 // Tiling: a 16×16 workgroup computes a 64×64 tile of C, each invocation a 4×4 block held in four vec4
-// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA). K advances in steps of
+// accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA); WIDE doubles the tile's
+// rows (the invocation also takes rows 64 + lid.y·4..), WIDE_N its columns (columns 64 + lid.x·4..), up to a
+// 128×128 tile with an 8×8 block in sixteen vec4s, for large products. K advances in steps of
 // 16 through workgroup memory. Edges are zero-padded on load and masked on store, so no size needs to be a
 // multiple of anything.
 struct Params {
@@ -24,6 +27,8 @@ struct Params {
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
+override WIDE: bool = false;      // 128-row tiles (8 rows per invocation): more FMAs per load, fewer tiles
+override WIDE_N: bool = false;    // 128-column tiles (8 columns per invocation)
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -31,12 +36,12 @@ override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
 const BK: u32 = 16u;
 
-var<workgroup> a_tile: array<f32, 1024>;  // [BK][BM]
-var<workgroup> b_tile: array<f32, 1024>;  // [BK][BN]
+// Tiles hold vec4s along M (a) and N (b), so the inner loop reads one vec4 of each per k: 2 loads, 16 FMAs.
+// 16 KiB together at the widest (WebGPU's portable workgroup-memory minimum).
+var<workgroup> a_tile: array<vec4<f32>, 512>;  // [BK][BM/4]
+var<workgroup> b_tile: array<vec4<f32>, 512>;  // [BK][BN/4]
 
 fn load_a(m: u32, k: u32, k_end: u32) -> f32 {
     if (m >= params.M || k >= k_end) { return 0.0; }
@@ -72,35 +77,77 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, split: u32) {
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
+    let BM = select(64u, 128u, WIDE);     // rows of the tile
+    let BN = select(64u, 128u, WIDE_N);   // columns of the tile
+    let M4 = BM / 4u;                     // vec4s per k-row of a_tile
+    let N4 = BN / 4u;                     // vec4s per k-row of b_tile
     let row0 = wg.y * BM;
     let col0 = wg.x * BN;
+    // acc: columns lid.x·4.., bcc: columns 64 + lid.x·4.. (WIDE_N); 0-3 rows lid.y·4.., 4-7 rows 64 + .. (WIDE).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    var bcc0 = vec4<f32>(0.0);
+    var bcc1 = vec4<f32>(0.0);
+    var bcc2 = vec4<f32>(0.0);
+    var bcc3 = vec4<f32>(0.0);
+    var bcc4 = vec4<f32>(0.0);
+    var bcc5 = vec4<f32>(0.0);
+    var bcc6 = vec4<f32>(0.0);
+    var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // 1024 values per tile, 256 invocations: four each, walking the stored layout's fast axis so that
-        // neighbouring invocations read neighbouring addresses.
-        for (var i = 0u; i < 4u; i++) {
-            let e = li + i * 256u;
-            var kk: u32; var mm: u32;
-            if (TRANS_A) { kk = e / BM; mm = e % BM; } else { mm = e / BK; kk = e % BK; }
-            a_tile[kk * BM + mm] = load_a(row0 + mm, k0 + kk, k_end);
-            var kb: u32; var nn: u32;
-            if (TRANS_B) { nn = e / BK; kb = e % BK; } else { kb = e / BN; nn = e % BN; }
-            b_tile[kb * BN + nn] = load_b(k0 + kb, col0 + nn, k_end);
+        // Each invocation fills vec4s of the tiles (4 values along M or N at one k), choosing which so that
+        // neighbouring invocations read neighbouring addresses of the stored layout.
+        for (var idx = li; idx < BK * M4; idx += 256u) {
+            var kk: u32; var m4: u32;
+            if (TRANS_A) { m4 = idx % M4; kk = idx / M4; } else { kk = idx % BK; m4 = idx / BK; }
+            let am = row0 + m4 * 4u;
+            a_tile[kk * M4 + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
+                                             load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
+        }
+        for (var idx = li; idx < BK * N4; idx += 256u) {
+            var kb: u32; var n4: u32;
+            if (TRANS_B) { kb = idx % BK; n4 = idx / BK; } else { n4 = idx % N4; kb = idx / N4; }
+            let bn = col0 + n4 * 4u;
+            b_tile[kb * N4 + n4] = vec4<f32>(load_b(k0 + kb, bn, k_end), load_b(k0 + kb, bn + 1u, k_end),
+                                             load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let bo = kk * BN + lid.x * 4u;
-            let bv = vec4<f32>(b_tile[bo], b_tile[bo + 1u], b_tile[bo + 2u], b_tile[bo + 3u]);
-            let ao = kk * BM + lid.y * 4u;
-            acc0 += a_tile[ao] * bv;
-            acc1 += a_tile[ao + 1u] * bv;
-            acc2 += a_tile[ao + 2u] * bv;
-            acc3 += a_tile[ao + 3u] * bv;
+        for (var k = 0u; k < BK; k++) {
+            let bv = b_tile[k * N4 + lid.x];
+            let av = a_tile[k * M4 + lid.y];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+            if (WIDE_N) {
+                let bw = b_tile[k * N4 + 16u + lid.x];
+                bcc0 += av.x * bw;
+                bcc1 += av.y * bw;
+                bcc2 += av.z * bw;
+                bcc3 += av.w * bw;
+                if (WIDE) {
+                    let aw = a_tile[k * M4 + 16u + lid.y];
+                    bcc4 += aw.x * bw;
+                    bcc5 += aw.y * bw;
+                    bcc6 += aw.z * bw;
+                    bcc7 += aw.w * bw;
+                }
+            }
+            if (WIDE) {
+                let aw = a_tile[k * M4 + 16u + lid.y];
+                acc4 += aw.x * bv;
+                acc5 += aw.y * bv;
+                acc6 += aw.z * bv;
+                acc7 += aw.w * bv;
+            }
         }
         workgroupBarrier();
     }
@@ -110,6 +157,24 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     store_row(m + 1u, n, acc1, wg.z);
     store_row(m + 2u, n, acc2, wg.z);
     store_row(m + 3u, n, acc3, wg.z);
+    if (WIDE) {
+        store_row(m + 64u, n, acc4, wg.z);
+        store_row(m + 65u, n, acc5, wg.z);
+        store_row(m + 66u, n, acc6, wg.z);
+        store_row(m + 67u, n, acc7, wg.z);
+    }
+    if (WIDE_N) {
+        store_row(m, n + 64u, bcc0, wg.z);
+        store_row(m + 1u, n + 64u, bcc1, wg.z);
+        store_row(m + 2u, n + 64u, bcc2, wg.z);
+        store_row(m + 3u, n + 64u, bcc3, wg.z);
+        if (WIDE) {
+            store_row(m + 64u, n + 64u, bcc4, wg.z);
+            store_row(m + 65u, n + 64u, bcc5, wg.z);
+            store_row(m + 66u, n + 64u, bcc6, wg.z);
+            store_row(m + 67u, n + 64u, bcc7, wg.z);
+        }
+    }
 }
 
 // Split-K's second half: C = alpha · Σ_z partials[z] (+ bias) (+ beta · C); partials are bound as `a`.

@@ -1,10 +1,28 @@
 """PEFT adapters for the export tests, made by peft itself on the tiny models, with non-zero random B."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROBE_TOKENS = [5, 17, 42, 99, 120, 3, 77, 200, 31, 8]
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 calls transformers' deprecated is_gradient_checkpointing: noise, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def make_mistral(out_dir: Path) -> Path:
+    """A tiny Mistral: the llama fixture's shapes under model_type "mistral" (llama.cpp exports it as llama)."""
+    from tests.tiny import make_model
+
+    make_model("llama", out_dir, seed=1, model_type="mistral")
+    return out_dir
 
 
 def load_base(base_dir: Path, dtype=None):
@@ -21,9 +39,11 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, r: int = 4, lo
     from peft import LoraConfig, get_peft_model
 
     model = load_base(base_dir)
+    torch.manual_seed(seed)  # PEFT draws A from the global generator
     lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules or ALL_PROJECTIONS,
                       task_type="CAUSAL_LM", **config)
-    peft_model = get_peft_model(model, lora)
+    with quiet_peft():
+        peft_model = get_peft_model(model, lora)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -40,6 +60,7 @@ def peft_logits(base_dir: Path, adapter_dir: Path | None, tokens=PROBE_TOKENS):
 
     model = load_base(base_dir)
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()

@@ -75,6 +75,8 @@ def test_cli_resume_continues_to_the_same_adapter(tiny_llama_dir, corpus_file, t
     lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--json",
                               "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000003")])
     assert [x["step"] for x in lines if x["event"] == "step"] == [4, 5, 6]
+    assert main(["train", "--out", str(tmp_path / "a"), *args]) == 2     # a fresh run never mixes into an old one
+    assert "already holds checkpoints" in capsys.readouterr().err
     resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
     for key, value in straight.items():
         np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
@@ -96,19 +98,26 @@ def test_bad_arguments_end_with_one_line(tiny_llama_dir, corpus_file, tmp_path, 
     assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("lora-lab train: error:")
 
 
-def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path):
+def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path, capsys):
     bad_adapter = tmp_path / "dora"
     bad_adapter.mkdir()
     (bad_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4,
                                                                  "lora_alpha": 8, "target_modules": ["q_proj"]}))
-    cases = [
-        ["train", "--model", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o")],
+    in_process = [
         ["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
          "--backend", "cpu"],
-        ["eval", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--data", "x.txt"],
-        ["chat", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--prompt", "hi"],
+        ["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"],
     ]
-    for argv in cases:
+    for argv in in_process:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()     # (transformers may draw its loading bar first)
+        assert [line for line in err if "error" in line] == err[-1:], err
+        assert err[-1].startswith(f"lora-lab {argv[0]}: error:"), err
+    in_a_process = [
+        ["train", "--model", str(tmp_path / "missing"), "--data", "x.txt", "--out", str(tmp_path / "o")],
+        ["eval", "--model", str(tiny_llama_dir), "--adapter", str(bad_adapter), "--data", "x.txt"],
+    ]
+    for argv in in_a_process:
         proc = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -117,10 +126,85 @@ def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path
 
 
 def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    from engine.generation import GenerationSettings
+    from engine.inference import ChatEngine
+
     run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
                       str(tmp_path / "a"), "--steps", "2", *TRAIN])
-    assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt",
-                 "What is the capital of France?", "--max-new-tokens", "6"]) == 0
-    from engine.commands.chat import generate_reply
-    assert capsys.readouterr().out == generate_reply(str(tiny_llama_dir), "What is the capital of France?",
-                                                     str(tmp_path / "a"), 6) + "\n"
+    prompt = "What is the capital of France?"
+    assert main(["chat", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "a"), "--prompt", prompt,
+                 "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]) == 0
+    chat = ChatEngine(device="cpu")
+    chat.load(tiny_llama_dir)
+    chat.set_active_adapter(chat.load_adapter(tmp_path / "a"))
+    expected = "".join(chat.stream_chat([{"role": "user", "content": prompt}],
+                                        GenerationSettings(max_new_tokens=6, temperature=0)))
+    chat.unload()
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_init_adapter_continues_training(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    first = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
+                              str(tmp_path / "a"), "--steps", "8", *TRAIN])
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(tmp_path / "b"),
+            "--init-adapter", str(tmp_path / "a"), "--steps", "1", "--seq-len", "32", "--batch-size", "4",
+            "--backend", "cpu", "--json"]
+    second = run_json(capsys, args)
+    # Same data order (seed 0), so step 1 of the continued run sees step 1's batch with the trained adapter.
+    assert second[0]["loss"] < first[0]["loss"] - 0.3
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 4
+    assert main(args[:-1] + ["--rank", "8"]) == 2
+    assert "brings its own rank" in capsys.readouterr().err
+
+
+def test_non_finite_run_stops_with_one_line_and_keeps_last_good(tiny_model_dirs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import save_file
+    model = tmp_path / "poisoned"
+    shutil.copytree(tiny_model_dirs["qwen2"], model)          # untied: only inputs holding the token are hit
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][:] = np.inf            # every sequence: a NaN loss
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 4, encoding="utf-8")
+    code = main(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "6",
+                 *TRAIN])
+    captured = capsys.readouterr()
+    steps = [json.loads(line) for line in captured.out.splitlines()]
+    err = captured.err.strip().splitlines()
+    # The third skip is seen while step 4 is already in flight (results are read one step late): it counts too.
+    assert code == 2 and len(err) == 1 and "NaN/inf at steps 1, 2, 3, 4 in a row" in err[0]
+    assert [s["skipped"] for s in steps] == [True] * 4 and steps[0]["loss"] is None
+    kept = load_file(tmp_path / "o" / "checkpoints" / "checkpoint-00000004" / "adapter_model.safetensors")
+    assert all(np.isfinite(v).all() for v in kept.values())
+    assert all(not v.any() for k, v in kept.items() if "lora_B" in k)     # never updated: B still zero
+
+
+def test_progress_bar_and_json_lines_render_steps():
+    import io
+
+    from engine.commands.train import JsonLines, ProgressBar
+    from engine.trainer import EvalEvent, StepEvent
+
+    event = StepEvent(step=3, total=3, epoch=0, loss=float("nan"), lr=1e-4, grad_norm=float("inf"), tokens=10,
+                      tokens_per_s=1234.0, elapsed_s=61.0, eta_s=0.0, memory_bytes=3 * 2**20, skipped=True)
+    bar = io.StringIO()
+    ProgressBar(bar, width=10).on_step(event)
+    assert bar.getvalue() == ("\r[##########] 3/3 skipped (non-finite) lr 1.00e-04 1,234 tok/s 1:01 ETA 0:00 "
+                              "mem 3 MiB ")
+    lines = io.StringIO()
+    JsonLines(lines).on_step(event)
+    JsonLines(lines).on_eval(EvalEvent(step=3, loss=2.0, perplexity=float(np.exp(2.0)), tokens=5, elapsed_s=1.0))
+    step, evaluation = map(json.loads, lines.getvalue().splitlines())      # strict JSON: no NaN
+    assert step["loss"] is None and step["grad_norm"] is None and step["skipped"] is True
+    assert evaluation == {"event": "eval", "step": 3, "loss": 2.0, "perplexity": pytest.approx(np.exp(2.0)),
+                          "tokens": 5}
+
+
+def test_plain_output_without_a_terminal(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(tmp_path / "a"),
+                 "--steps", "2", *TRAIN[:-1]]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "training " in captured.err and "done: 2/2 steps, loss " in captured.err

@@ -313,3 +313,11 @@ def test_template_that_rewrites_earlier_turns_still_masks_every_assistant_turn(t
 def corpus_messages(sharegpt: dict) -> list[dict]:
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     return [{"role": roles[m["from"]], "content": m["value"]} for m in sharegpt["conversations"]]
+
+
+def test_openai_roles_are_case_insensitive_and_developer_is_system(tmp_path, tok):
+    record = {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "User", "content": "Hi"},
+                           {"role": "assistant", "content": [{"type": "text", "text": "Hello "},
+                                                             {"type": "text", "text": "world!"}]}]}
+    corpus = load_one(tmp_path, tok, record)
+    assert seq_lists(corpus.train[0]) == expected_from_pieces(tok, CASES["openai"][1])

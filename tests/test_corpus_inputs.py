@@ -58,16 +58,17 @@ def test_crlf_is_normalised_even_across_chunk_boundaries(tmp_path, tok):
 
 
 def test_latin1_file_is_refused_with_the_byte_offset(tmp_path, tok):
-    data = "The quick brown fox.\ncafé au lait\n".encode("latin-1")
-    (tmp_path / "latin1.txt").write_bytes(data)
+    data = '{"text": "The quick brown fox."}\n{"oops": 1}\n{"text": "café au lait"}\n'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(data)
     write_jsonl(tmp_path / "good.jsonl", RECORDS)
     for chunk in (16, 1 << 20):
-        corpus = load_corpus([tmp_path / "latin1.txt", tmp_path / "good.jsonl"], tok,
+        corpus = load_corpus([tmp_path / "latin1.jsonl", tmp_path / "good.jsonl"], tok,
                              CorpusConfig(read_chunk_bytes=chunk))
         bad, good = corpus.stats.files
         assert bad.refused is not None and f"byte offset {data.index(0xE9)}" in bad.refused
-        assert "0xE9" in bad.refused and "latin1.txt" in bad.refused and "UTF-8" in bad.refused
-        assert bad.records == bad.tokens == 0            # what was read before the bad byte is not used either
+        assert "0xE9" in bad.refused and "latin1.jsonl" in bad.refused and "UTF-8" in bad.refused
+        # What was read before the bad byte is not used or listed either: the file counts as a whole.
+        assert bad.records == bad.tokens == bad.skipped_count == 0 and bad.formats == {} and bad.skipped == []
         assert good.records == 2 and len(corpus.train) == 2
     assert "REFUSED" in corpus.stats.format_text()
 
@@ -103,6 +104,9 @@ def test_hostile_nesting_is_skipped_without_parsing(tmp_path, tok):
         fs = load_corpus([tmp_path / name], tok, CorpusConfig(max_json_depth=32)).stats.files[0]
         assert fs.records == 1 and [s.line for s in fs.skipped] == [1]
         assert "deeper than the limit of 32 levels" in fs.skipped[0].reason
+    (tmp_path / "digits.jsonl").write_text('{"text": "a", "n": ' + "7" * 100_000 + "}\n")
+    fs = load_corpus([tmp_path / "digits.jsonl"], tok, CorpusConfig()).stats.files[0]
+    assert fs.records == 0 and "not usable JSON" in fs.skipped[0].reason
     text_inside = json.dumps({"text": "[[[[[[[[[[" * 10})  # brackets inside strings are not nesting
     assert not json_depth_exceeds(text_inside, 3) and json_depth_exceeds('{"a": [[[1]]]}', 3)
 
@@ -224,3 +228,54 @@ def test_text_blocks_stay_bounded_when_every_line_is_indented(tmp_path):
     assert max(len(t) for _, t in blocks) <= 16 * 256 + 26
     assert "".join(t for _, t in blocks) == "    indented line of code\n" * 2000
     assert [line for line, _ in blocks][:2] == [1, 1 + len(blocks[0][1]) // 26]
+
+
+def test_unpaired_surrogate_escapes_are_skipped_and_pairs_kept(tmp_path, tok):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "bad \\ud800 here"}\n{"text": "emoji \\ud83d\\ude00 ok"}\n'
+                    '{"text": "\\\\ud800 literal"}\n')
+    corpus = load_corpus([path], tok, CorpusConfig())
+    fs = corpus.stats.files[0]
+    assert [s.line for s in fs.skipped] == [1] and "unpaired UTF-16 surrogate" in fs.skipped[0].reason
+    assert fs.records == 2 and corpus.preview(0)[0][0].startswith("emoji \U0001F600 ok")
+
+
+def test_a_record_the_tokenizer_rejects_is_skipped_not_fatal(tok):
+    from engine.corpus.loader import _tokenize_each
+    from engine.corpus.render import CorpusTokenizer, Rendered
+    from engine.corpus.stats import FileStats
+
+    fs = FileStats("x.jsonl")
+    good, bad = Rendered([("The quick brown fox.", True)]), Rendered([("lone \ud800", True)])
+    out = _tokenize_each([(1, "text", good), (2, "text", bad), (3, "text", good)], fs, CorpusTokenizer(tok))
+    assert out[1] is None and out[0][0].tolist() == out[2][0].tolist() == tok("The quick brown fox.")["input_ids"]
+    assert [s.line for s in fs.skipped] == [2] and "the tokenizer failed on this record" in fs.skipped[0].reason
+
+
+_KEYS = ["text", "prompt", "completion", "instruction", "input", "output", "system", "messages", "conversations",
+         "input_ids", "labels", "role", "content", "from", "value", "type"]
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-200, 1 << 40) | st.floats(allow_nan=False) | st.sampled_from(
+        ["", "Hi", "user", "assistant", "system", "gpt", "human", "text", " "]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(records=st.lists(st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=4), min_size=1, max_size=6))
+def test_any_json_record_is_used_or_skipped_never_fatal(tmp_path_factory, tok, records):
+    path = write_jsonl(tmp_path_factory.mktemp("fuzz") / "f.jsonl", records)
+    corpus = load_corpus([path], tok, CorpusConfig(seq_len=16))
+    fs = corpus.stats.files[0]
+    assert fs.refused is None and fs.records + fs.skipped_count == len(records)
+    assert all(s.reason for s in fs.skipped)
+    assert sum(s.trainable_tokens for s in corpus.train) == fs.trainable_tokens
+
+
+def test_csv_row_with_an_overlong_line_is_skipped_whole(tmp_path, tok):
+    (tmp_path / "l.csv").write_text('text\n"first\n' + "w" * 3000 + '\nlast"\nThe quick brown fox.\n' +
+                                    "v" * 3000 + "\nHello world!\n")
+    corpus = load_corpus([tmp_path / "l.csv"], tok, CorpusConfig(max_line_bytes=1000))
+    fs = corpus.stats.files[0]
+    assert [(s.line, s.reason.split(" longer")[0]) for s in fs.skipped] == [(2, "line 3"), (6, "line 6")]
+    assert [corpus.preview(i)[0][0] for i in range(2)] == ["The quick brown fox.<|im_end|>", "Hello world!<|im_end|>"]

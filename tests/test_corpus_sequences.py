@@ -61,8 +61,9 @@ def test_packing_keeps_every_example_whole_and_separates_them(tmp_path, tok):
         assert starts[0] == 0
         for a, b in zip(starts, starts[1:]):
             unit = (ids[a:b], labels[a:b])
-            if b < len(s) and unit[0][-1] == eos and labels[b - 1] == IGNORE and (ids[a:b - 1], labels[a:b - 1]) in units:
-                unit = (ids[a:b - 1], labels[a:b - 1])   # an EOS separator, masked, after a unit not ending in EOS
+            bare = (ids[a:b - 1], labels[a:b - 1])
+            if b < len(s) and unit[0][-1] == eos and labels[b - 1] == IGNORE and bare in units:
+                unit = bare   # an EOS separator, masked, after a unit that does not end in EOS
             rebuilt.append(unit)
     assert rebuilt == units
     origins = [(g.file, g.line) for s in packed.train for g in s.segments]

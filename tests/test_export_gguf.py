@@ -8,16 +8,23 @@ import numpy as np
 import pytest
 
 from engine.atomic import DiskFullError
-from engine.export_gguf import GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
+from engine.export_gguf import GGUF_ARCHS, GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
 from engine.peft_adapter import read_base_config
-from tests.peft_adapters import load_base, make_adapter
+from tests.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from tests.tiny import ARCHITECTURES
+
+MODEL_TYPES = (*ARCHITECTURES, "mistral")
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dirs, tmp_path_factory):
-    return {arch: make_adapter(tiny_model_dirs[arch], tmp_path_factory.mktemp(f"adapter-{arch}"), seed=3)
-            for arch in ARCHITECTURES}
+def bases(tiny_model_dirs, tmp_path_factory):
+    return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral"))}
+
+
+@pytest.fixture(scope="module")
+def adapters(bases, tmp_path_factory):
+    return {arch: make_adapter(bases[arch], tmp_path_factory.mktemp(f"adapter-{arch}"), seed=3)
+            for arch in MODEL_TYPES}
 
 
 def _fields(reader) -> dict:
@@ -32,7 +39,8 @@ def _peft_lora(base_dir, adapter_dir) -> dict:
     """{gguf base name: (A, B, PEFT delta)} from PEFT's own loaded layers."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
     out = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -71,15 +79,16 @@ def test_tensor_names_are_llama_cpps():
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_gguf_reads_back_as_peft(arch, dtype, tiny_model_dirs, adapters, tmp_path):
+@pytest.mark.parametrize("arch", MODEL_TYPES)
+def test_gguf_reads_back_as_peft(arch, dtype, bases, adapters, tmp_path):
     import gguf
 
-    base_dir = tiny_model_dirs[arch]
+    base_dir = bases[arch]
+    permuted = arch in ("llama", "mistral")
     result = export_gguf_adapter(adapters[arch], base_dir, tmp_path / "a.gguf", dtype=dtype)
     reader = gguf.GGUFReader(result.path)
     fields = _fields(reader)
-    assert fields["general.architecture"] == arch
+    assert fields["general.architecture"] == GGUF_ARCHS[arch][0] == ("llama" if permuted else arch)
     assert fields["general.type"] == "adapter"
     assert fields["adapter.type"] == "lora"
     assert fields["adapter.lora.alpha"] == pytest.approx(8.0)
@@ -95,11 +104,11 @@ def test_gguf_reads_back_as_peft(arch, dtype, tiny_model_dirs, adapters, tmp_pat
         (shape_a, got_a), (shape_b, got_b) = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
         assert shape_a == (a.shape[1], a.shape[0]) and shape_b == (b.shape[1], b.shape[0])  # ggml ne order
         assert got_a.dtype == np_dtype and got_b.dtype == np_dtype
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if permuted and (".attn_q." in name or ".attn_k." in name):
             b = b[_reference_permutation(b.shape[0], n_head if ".attn_q." in name else n_kv)]
         np.testing.assert_array_equal(got_a, a.astype(np_dtype))
         np.testing.assert_array_equal(got_b, b.astype(np_dtype))
-    if arch == "llama":
+    if permuted:
         assert sorted(result.permuted) == sorted(n for n in peft if ".attn_q." in n or ".attn_k." in n)
     else:
         assert result.permuted == ()
@@ -166,3 +175,19 @@ def test_full_disk_leaves_no_partial_file(tiny_llama_dir, adapters, tmp_path, mo
     with pytest.raises(DiskFullError, match="disk full while writing .*a.gguf"):
         export_gguf_adapter(adapters["llama"], tiny_llama_dir, out / "a.gguf")
     assert list(out.iterdir()) == []
+
+
+def test_permutation_is_what_transformers_gguf_loader_undoes(bases, tmp_path):
+    """Independent oracle: transformers' GGUF loader reverses llama.cpp's Q/K permutation on load, so a base
+    written with our permutation must load back with the original HF weights (llama and mistral alike)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_base import write_gguf_base
+
+    for arch in ("llama", "mistral"):  # the permuted ones (transformers cannot load a GGUF qwen3 whose head_dim
+        #                               is not hidden/heads, and qwen is not permuted anyway)
+        path = write_gguf_base(bases[arch], tmp_path / f"{arch}.gguf")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
+        original = load_base(bases[arch]).state_dict()
+        for key in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+            assert (loaded[key] == original[key]).all(), (arch, key)

@@ -2,6 +2,10 @@
 
 llama-cpp-python builds llama.cpp from source, so it is not a CI dependency: the module skips without it.
 The base GGUF is written by tests/gguf_base.py; its own logits are checked against transformers first.
+To run it (about 4 minutes of compiling on 2 cores, llama-cpp-python 0.3.36):
+
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+      -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from engine.export_gguf import GGUF_ARCHS, export_gguf_adapter  # noqa: E402
 from tests.gguf_base import write_gguf_base  # noqa: E402
-from tests.peft_adapters import PROBE_TOKENS, make_adapter, peft_logits  # noqa: E402
+from tests.peft_adapters import PROBE_TOKENS, make_adapter, make_mistral, peft_logits  # noqa: E402
 from tests.tiny import ARCHITECTURES  # noqa: E402
 
 F32 = 0  # GGML_TYPE_F32: an f32 KV cache, so the comparison is not limited by llama.cpp's default f16 cache
@@ -28,25 +32,34 @@ def _llama_cpp_logits(base_gguf, lora_gguf=None) -> np.ndarray:
         llm.close()
 
 
+MODEL_TYPES = (*ARCHITECTURES, "mistral")
+
+
 @pytest.fixture(scope="module")
-def gguf_bases(tiny_model_dirs, tmp_path_factory):
+def bases(tiny_model_dirs, tmp_path_factory):
+    return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral"))}
+
+
+@pytest.fixture(scope="module")
+def gguf_bases(bases, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf-bases")
-    return {arch: write_gguf_base(tiny_model_dirs[arch], folder / f"{arch}.gguf") for arch in ARCHITECTURES}
+    return {arch: write_gguf_base(bases[arch], folder / f"{arch}.gguf") for arch in MODEL_TYPES}
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_llama_cpp_base_matches_transformers(arch, tiny_model_dirs, gguf_bases):
-    np.testing.assert_allclose(_llama_cpp_logits(gguf_bases[arch]), peft_logits(tiny_model_dirs[arch], None),
+@pytest.mark.parametrize("arch", MODEL_TYPES)
+def test_llama_cpp_base_matches_transformers(arch, bases, gguf_bases):
+    np.testing.assert_allclose(_llama_cpp_logits(gguf_bases[arch]), peft_logits(bases[arch], None),
                                atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch, config", [
     ("llama", dict(r=4, lora_alpha=8)), ("qwen2", dict(r=4, lora_alpha=8)), ("qwen3", dict(r=4, lora_alpha=8)),
+    ("mistral", dict(r=4, lora_alpha=8)),
     ("llama", dict(r=8, lora_alpha=4, use_rslora=True)),
     ("qwen3", dict(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3.0})),
-], ids=["llama", "qwen2", "qwen3", "llama-rslora", "qwen3-patterns"])
-def test_llama_cpp_lora_moves_logits_as_peft(arch, config, tiny_model_dirs, gguf_bases, tmp_path):
-    base_dir = tiny_model_dirs[arch]
+], ids=["llama", "qwen2", "qwen3", "mistral", "llama-rslora", "qwen3-patterns"])
+def test_llama_cpp_lora_moves_logits_as_peft(arch, config, bases, gguf_bases, tmp_path):
+    base_dir = bases[arch]
     adapter_dir = make_adapter(base_dir, tmp_path / "adapter", seed=7, **config)
     want, base = peft_logits(base_dir, adapter_dir), peft_logits(base_dir, None)
     assert np.abs(want - base).max() > 0.5  # the adapter moves the logits well beyond the tolerance

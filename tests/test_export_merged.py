@@ -11,12 +11,20 @@ import pytest
 
 from engine.atomic import DiskFullError
 from engine.export_merged import export_merged
-from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
+from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, make_mistral, peft_logits
 
 
 @pytest.mark.parametrize("config", [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=4, use_rslora=True)],
                          ids=["plain", "rslora"])
 def test_merged_logits_equal_peft(tiny_model_dir, tmp_path, config):
+    _check_merged_logits(tiny_model_dir, tmp_path, config)
+
+
+def test_merged_mistral_logits_equal_peft(tmp_path):
+    _check_merged_logits(make_mistral(tmp_path / "mistral"), tmp_path, dict(r=4, lora_alpha=8))
+
+
+def _check_merged_logits(tiny_model_dir, tmp_path, config):
     import torch
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5, **config)
@@ -133,4 +141,39 @@ def test_dora_is_refused(tiny_llama_dir, tmp_path):
     adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter", use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         export_merged(adapter_dir, tiny_llama_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_conversion_marker_is_not_copied(tiny_llama_dir, tmp_path):
+    """A base converted from a GGUF carries engine.models' marker; the merged model is no longer that GGUF."""
+    import shutil
+
+    from engine.models import COMPLETE_MARKER
+
+    base_dir = tmp_path / "converted"
+    shutil.copytree(tiny_llama_dir, base_dir)
+    (base_dir / COMPLETE_MARKER).write_text(json.dumps({"gguf": "/models/base.gguf", "converted_by": "lora-lab"}))
+    out = export_merged(make_adapter(base_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged").path
+    assert not (out / COMPLETE_MARKER).exists() and (out / "config.json").is_file()
+
+
+def test_base_without_safetensors_is_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    base_dir = tmp_path / "bin-base"
+    shutil.copytree(tiny_llama_dir, base_dir)
+    (base_dir / "model.safetensors").rename(base_dir / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="merging needs safetensors weights"):
+        export_merged(make_adapter(tiny_llama_dir, tmp_path / "adapter"), base_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_overflowing_the_base_dtype_is_refused(tiny_model_dirs, tmp_path):
+    import torch
+
+    base_dir = tmp_path / "base-f16"
+    load_base(tiny_model_dirs["qwen2"]).to(torch.float16).save_pretrained(base_dir)
+    adapter_dir = make_adapter(tiny_model_dirs["qwen2"], tmp_path / "adapter", b_std=1e5)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        export_merged(adapter_dir, base_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

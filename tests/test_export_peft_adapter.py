@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from engine.peft_adapter import check_fits_base, pattern_key, read_adapter, read_base_config
-from tests.peft_adapters import load_base, make_adapter
+from tests.peft_adapters import load_base, make_adapter, quiet_peft
 
 
 def _peft_layers(base_dir, adapter_dir):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
     return {name.removeprefix("base_model.model."): module for name, module in model.named_modules()
             if hasattr(module, "lora_A") and "default" in module.lora_A}
 
@@ -89,3 +90,18 @@ def test_adapter_for_another_base_is_refused(tiny_model_dirs, tmp_path):
     adapter = read_adapter(make_adapter(tiny_model_dirs["llama"], tmp_path / "adapter"))
     with pytest.raises(ValueError, match="wrong base model"):
         check_fits_base(adapter, read_base_config(tiny_model_dirs["qwen2"]))
+
+
+def test_bf16_adapter_is_read_exactly(tiny_llama_dir, tmp_path):
+    """Adapters trained in bf16 are saved in bf16, which numpy cannot hold: read through torch, widened exactly."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    weights = adapter_dir / "adapter_model.safetensors"
+    bf16 = {k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}
+    save_file(bf16, weights)
+    mod = read_adapter(adapter_dir).modules[0]
+    key = f"base_model.model.{mod.name}.lora_B.weight"
+    assert mod.b.dtype == np.float32
+    np.testing.assert_array_equal(mod.b, bf16[key].float().numpy())

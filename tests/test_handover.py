@@ -52,7 +52,7 @@ def handover(chat):
 
 def assert_logits_of(chat, model_dir, adapter_dir):
     reference = peft_reference(model_dir, adapter_dir)
-    ids = chat._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = chat.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = reference(input_ids=ids).logits[0]
     torch.testing.assert_close(chat.logits(TEXT), expected, rtol=1e-4, atol=1e-5)
@@ -212,3 +212,20 @@ def test_training_without_a_chat_model(tiny_llama_dir, adapters):
     handover = Handover(chat)
     assert asyncio.run(handover.train(lambda: Outcome(adapters["new"]))) == Outcome(adapters["new"])
     assert not chat.loaded and handover.state is S.IDLE
+
+
+def test_an_adapter_deleted_during_training_does_not_keep_chat_away(chat, handover, adapters, tiny_llama_dir,
+                                                                     tmp_path):
+    doomed = tmp_path / "doomed"
+    shutil.copytree(adapters["previous"], doomed)
+    chat.load_adapter(doomed)
+
+    def run():
+        shutil.rmtree(doomed)
+        return Outcome(adapters["new"])
+
+    with pytest.raises(AdapterError, match="chat model is back.*doomed"):
+        asyncio.run(handover.train(run))
+    assert chat.adapters == ("previous", "new") and chat.active_adapter == "new"
+    assert_logits_of(chat, tiny_llama_dir, adapters["new"])
+    assert handover.state is S.IDLE

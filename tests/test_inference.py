@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 import threading
 import time
 import weakref
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from engine.generation import GenerationSettings
-from engine.inference import (ACTIVE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded, TrainingInProgress,
-                              best_device)
+from engine.inference import (ACTIVE, FALLBACK_CHAT_TEMPLATE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
+                              TrainingInProgress, best_device, trim_process_heap)
 from tests.chat_helpers import make_adapter, make_weighty_llama, peft_reference
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -42,6 +44,7 @@ def engine(tiny_llama_dir):
 # -- settings and device ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
     ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("max_new_tokens", True), ("temperature", -0.1),
+    ("temperature", True),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0.0), ("seed", -3), ("seed", "7"),
 ])
 def test_settings_reject_bad_values(field, value):
@@ -70,10 +73,53 @@ def test_best_device_prefers_cuda_then_mps(monkeypatch):
 # -- chat and streaming ----------------------------------------------------------------------------------------
 def test_prompt_goes_through_chat_template(engine):
     ids = engine.prompt_inputs(HELLO)["input_ids"][0].tolist()
-    tokenizer = engine._tokenizer
+    tokenizer = engine.tokenizer
     expected = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
     assert expected.endswith("<|im_start|>assistant\n")
     assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_a_model_without_chat_template_gets_chatml(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = ChatEngine(device="cpu")
+    chat.load(folder)
+    assert chat.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    prompt = chat.tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+                      "<|im_end|>\n<|im_start|>assistant\n")
+    chat.unload()
+
+
+def test_loading_something_that_is_not_a_model_says_so(tmp_path, tiny_llama_dir, adapters):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        ChatEngine(device="cpu").load(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a base model"):
+        ChatEngine(device="cpu").load(adapters["a"])
+
+
+def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_path, monkeypatch):
+    """References go through engine.models (the conversion itself is tested there); the snapshot keeps both."""
+    import engine.models
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    converted = []
+    monkeypatch.setattr(engine.models, "convert_gguf_cached",
+                        lambda path, log: converted.append(path) or tiny_llama_dir)
+    chat = ChatEngine(device="cpu")
+    chat.load(gguf)
+    assert converted == [gguf] and chat.model_ref == str(gguf)
+    snapshot = chat.snapshot()
+    assert snapshot.model_path == tiny_llama_dir
+    chat.unload()
+    chat.restore(snapshot)  # straight from the converted folder: no second conversion
+    assert converted == [gguf] and chat.loaded
+    chat.unload()
 
 
 @pytest.mark.parametrize("messages,match", [
@@ -99,7 +145,7 @@ def test_streaming_yields_the_same_text_as_generate(tiny_model_dirs):
         new_ids = out[0, inputs["input_ids"].shape[1]:]
         assert stream.tokens == len(new_ids)
         assert len(pieces) > 1, "the answer must arrive in several pieces, not at the end"
-        assert "".join(pieces) == chat._tokenizer.decode(new_ids, skip_special_tokens=True)
+        assert "".join(pieces) == chat.tokenizer.decode(new_ids, skip_special_tokens=True)
         chat.unload()
 
 
@@ -123,9 +169,33 @@ def test_stop_ends_the_stream_within_100_ms(engine):
     rest = list(stream)
     latency = time.perf_counter() - stopped
     assert latency < 0.1, f"stop took {latency * 1000:.0f} ms"
-    assert stream.tokens < 2000 and len(rest) < 50
-    assert not engine.generating
+    assert rest == []  # nothing after a stop
+    assert stream.wait(timeout=1) and not engine.generating  # generation let go of the model a token later
+    assert stream.tokens < 2000
     assert "".join(engine.stream_chat(HELLO, GenerationSettings(max_new_tokens=3, temperature=0)))  # usable again
+
+
+def test_stop_is_quick_even_when_a_token_takes_longer_than_100_ms(engine):
+    """On a slow device the stream ends at once; the engine waits for the token in flight before the next answer."""
+    layer = engine._model.model.layers[0]
+    handle = layer.register_forward_hook(lambda *_: time.sleep(0.3))  # a device that needs 300 ms per token
+    try:
+        cancel = threading.Event()
+        stream = engine.stream_chat(HELLO, GenerationSettings(max_new_tokens=50, temperature=1.0, top_k=0, seed=3),
+                                    cancel_event=cancel)
+        while stream.tokens < 1:
+            time.sleep(0.005)
+        stopped = time.perf_counter()
+        cancel.set()
+        list(stream)
+        assert time.perf_counter() - stopped < 0.1
+        assert engine.generating  # the token in flight is still being computed
+    finally:
+        handle.remove()
+    answer = engine.stream_chat(HELLO, GenerationSettings(max_new_tokens=3, temperature=0))  # waits, not ChatBusy
+    assert stream.tokens < 50
+    list(answer)
+    assert not engine.generating
 
 
 def test_cancel_and_close_stop_generation(engine):
@@ -174,7 +244,7 @@ def _close(actual, model, text_ids):
 
 
 def test_adapters_switch_without_reloading_the_base(engine, adapters, tiny_llama_dir):
-    ids = engine._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = engine.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     base_logits = engine.logits(TEXT)
     _close(base_logits, peft_reference(tiny_llama_dir, None), ids)
     embed = engine._model.get_input_embeddings().weight
@@ -209,7 +279,18 @@ def test_compare_mode_answers_with_base_and_adapter(engine, adapters, tiny_llama
     for adapter, reference in [(None, None), (ACTIVE, adapters["b"])]:
         answer = "".join(engine.stream_chat(HELLO, settings, adapter=adapter))
         out = peft_reference(tiny_llama_dir, reference).generate(**inputs, max_new_tokens=16, do_sample=False)
-        assert answer == engine._tokenizer.decode(out[0, n:], skip_special_tokens=True)
+        assert answer == engine.tokenizer.decode(out[0, n:], skip_special_tokens=True)
+
+
+def test_switching_during_an_answer_applies_to_the_next_one(engine, adapters):
+    engine.set_active_adapter(engine.load_adapter(adapters["b"]))
+    settings = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
+    with_b = "".join(engine.stream_chat(HELLO, settings))
+    stream = engine.stream_chat(HELLO, settings)
+    engine.set_active_adapter(None)
+    assert "".join(stream) == with_b
+    base = "".join(engine.stream_chat(HELLO, settings))
+    assert base != with_b and base == "".join(engine.stream_chat(HELLO, settings, adapter=None))
 
 
 def test_adapter_errors_are_clear_and_leave_the_engine_working(engine, adapters, tiny_model_dirs, tmp_path):
@@ -236,7 +317,7 @@ def test_remove_adapter(engine, adapters, tiny_llama_dir):
     engine.load_adapter(adapters["a"])
     engine.set_active_adapter(engine.load_adapter(adapters["b"]))
     engine.remove_adapter("a")
-    ids = engine._tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    ids = engine.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     _close(engine.logits(TEXT), peft_reference(tiny_llama_dir, adapters["b"]), ids)
     engine.remove_adapter("b")
     assert engine.adapters == () and engine.active_adapter is None
@@ -249,6 +330,7 @@ def test_unload_frees_every_tensor_and_the_memory(tiny_llama_dir, tmp_path, adap
     process = psutil.Process()
     chat = ChatEngine(device="cpu")
     gc.collect()
+    trim_process_heap()  # so the load cannot reuse heap that earlier tests freed without the RSS moving
     before = process.memory_info().rss
     chat.load(tmp_path / "weighty")
     chat.logits(TEXT)  # touch every weight: safetensors maps them lazily
@@ -284,3 +366,11 @@ def test_unload_reports_a_tensor_someone_still_holds(engine):
     report = engine.unload()
     assert report.tensors_still_referenced == 1
     del kept
+
+
+def test_a_broken_model_folder_is_a_clear_error(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="could not load chat model"):
+        ChatEngine(device="cpu").load(folder)

@@ -1,7 +1,10 @@
+import re
+
 import numpy as np
 import pytest
 
-from engine.kernels.attention import Attention, tiling
+from engine.gpu import shader_source
+from engine.kernels.attention import Attention, tiling, workgroup_bytes
 
 
 def attention_reference(q, k, v, dout):
@@ -26,7 +29,7 @@ def attention_reference(q, k, v, dout):
     return out, lse, dq, fold(dkh), fold(dvh)
 
 
-def run_attention(ctx, q, k, v, dout, backward=True):
+def run_attention(ctx, q, k, v, dout, backward=True, **options):
     B, T, NH, HD = q.shape
     NKV = k.shape[2]
     bufs = {name: ctx.upload(x, name) for name, x in (("q", q), ("k", k), ("v", v), ("dout", dout))}
@@ -36,7 +39,7 @@ def run_attention(ctx, q, k, v, dout, backward=True):
     for name in ("dq", "dk", "dv"):
         ctx.write(bufs[name], np.full(bufs[name].size // 4, 7.0, np.float32))
     attn = Attention(ctx, B, T, NH, NKV, HD, bufs["q"], bufs["k"], bufs["v"], bufs["out"], bufs["lse"],
-                     bufs["dout"], bufs["dq"], bufs["dk"], bufs["dv"])
+                     bufs["dout"], bufs["dq"], bufs["dk"], bufs["dv"], **options)
     enc = ctx.encoder()
     attn.encode_forward(enc)
     if backward:
@@ -55,7 +58,7 @@ SHAPES = [  # (B, T, NH, NKV, HD): T not a multiple of 16 or of the tile, T = 1,
     (1, 21, 2, 2, 256),
     (1, 40, 6, 2, 64),
     (1, 9, 2, 1, 128),
-    (1, 37, 2, 1, 16),     # 16 threads per workgroup, 32-row tiles
+    (1, 37, 2, 1, 16),     # 16 threads per workgroup
 ]
 
 
@@ -103,10 +106,25 @@ def test_attention_is_stable_for_large_scores(gpu_device):
 
 
 def test_tiling_fits_workgroup_memory():
-    for hd in range(4, 257, 4):
-        c = tiling(hd)
-        assert c["TPR"] * 4 >= c["HD4"] and 1 <= c["BT"] <= 32
-        assert c["BT"] * c["HD4"] <= 256 and 16 * c["TPR"] * c["BT"] <= 1024 and c["WG"] <= 256
+    for budget in (8192, 16384, 49152):
+        for hd in range(4, 257, 4):
+            c = tiling(hd, budget, max_tile_rows=64)
+            assert c["TPR"] * 4 >= c["HD4"] and 1 <= c["BT"] <= 64 and c["WG"] <= 256
+            assert workgroup_bytes(c["HD4"], c["TPR"], c["BT"]) <= budget
+            assert c["BT"] * c["HD4"] <= 2 * c["WG"]          # two prefetched vec4 per thread and tensor
+    assert tiling(64)["BT"] == 6 and tiling(256)["BT"] == 5 and tiling(256, 32768)["BT"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(max_tile_rows=64), dict(workgroup_budget=4096, max_tile_rows=64),
+                                     dict(register_rows=8), dict(register_rows=32, max_tile_rows=3)])
+def test_attention_tiling_variants_agree(gpu_device, options):
+    """Tiles longer than T (32 rows at HD 16), budget-limited tiles, and 8 or 32 rows per workgroup."""
+    q, k, v, dout = random_inputs(1, 45, 3, 1, 16, seed=9)
+    got = run_attention(gpu_device, q, k, v, dout, **options)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
 
 
 @pytest.mark.gpu
@@ -119,3 +137,12 @@ def test_attention_refuses_bad_shapes(gpu_device):
         Attention(ctx, 1, 2, 3, 2, 16, *[b] * 9)
     with pytest.raises(ValueError, match="buffer q"):
         Attention(ctx, 1, 64, 2, 1, 16, ctx.buffer(16, "tiny"), *[b] * 8)
+
+
+def test_params_uniform_follows_the_wgsl_struct():
+    body = re.search(r"struct Params \{(.*?)\}", shader_source("attention"), re.S).group(1)
+    names = re.findall(r"(\w+):\s*(?:f32|u32)", body)
+    assert names == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale", "dsum_stride", "sum_stride"]
+    raw = Attention.pack_params(2, 7, 6, 2, 64, 128, 256)
+    assert raw.nbytes == 32 and list(raw[:5]) == [2, 7, 6, 2, 3] and list(raw[6:]) == [128, 256]
+    assert raw[5:6].view(np.float32)[0] == np.float32(0.125)

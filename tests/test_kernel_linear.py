@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.linear import GemmShape, Linear, Matmul, split_k
+from engine.kernels.linear import SPLIT_MIN_K, TILES, GemmShape, Linear, Matmul, split_k
 
 pytestmark = pytest.mark.gpu
 
@@ -14,9 +14,10 @@ def run(ctx, *kernels):
     enc.submit()
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 67, 19), (65, 3, 130), (70, 129, 17)])
-def test_matmul_layouts_alpha_beta(gpu_device, trans_a, trans_b, M, N, K):
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 67, 19), (65, 3, 130), (70, 129, 17), (131, 133, 33)])
+def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K):
     ctx = gpu_device
     rng = np.random.default_rng(M * 1000 + N * 10 + K)
     a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
@@ -24,7 +25,8 @@ def test_matmul_layouts_alpha_beta(gpu_device, trans_a, trans_b, M, N, K):
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     c = ctx.upload(c0, "c")
     mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), GemmShape(M, N, K, trans_a, trans_b),
-                alpha=0.5, beta=1.0)
+                alpha=0.5, beta=1.0, tile=tile)
+    assert mm.tile == tile
     run(ctx, mm.encode)
     want = 0.5 * (a.T if trans_a else a) @ (b.T if trans_b else b) + c0
     np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-5, atol=1e-5)
@@ -76,8 +78,7 @@ def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
     shape = GemmShape(M, N, K, trans_a=trans_a)
     assert split_k(shape, 1 << 20) > 1
     c, partials = ctx.upload(c0, "c"), ctx.buffer(4 << 20, "partials")
-    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, alpha=0.25, beta=beta,
-                partials=partials, partial_floats=1 << 20)
+    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, alpha=0.25, beta=beta, partials=partials)
     assert mm.splits > 1
     run(ctx, mm.encode)
     want = 0.25 * (a.T if trans_a else a) @ b + beta * c0
@@ -87,5 +88,20 @@ def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
 def test_split_k_respects_partial_capacity():
     shape = GemmShape(16, 576, 16384, trans_a=True)
     assert split_k(shape, 16 * 576 * 3) == 3
-    assert split_k(shape, 1 << 30) == min(-(-256 // 9), 16384 // 256)
+    assert split_k(shape, 1 << 30) == min(-(-256 // 9), 16384 // SPLIT_MIN_K)
     assert split_k(GemmShape(4096, 4096, 4096), 1 << 30) == 1
+
+
+def test_large_tiles_only_for_products_large_enough_to_fill_a_gpu(gpu_device):
+    ctx = gpu_device
+    buf = ctx.buffer(16, "x")
+
+    def tile(*shape, **kw):
+        return Matmul(ctx, buf, buf, buf, GemmShape(*shape, **kw)).tile
+
+    assert tile(16384, 1536, 576, trans_b=True) == (128, 128)
+    assert tile(4096, 576, 576, trans_b=True) == (64, 64)          # 128×128: 160 tiles, too few
+    assert tile(16384, 192, 576, trans_b=True) == (64, 64)         # k/v at B=32: 384 tiles of 128×64, too few
+    assert tile(65536, 100, 576, trans_b=True) == (128, 64)        # N under 128 columns
+    assert tile(16, 49152, 576, trans_b=True) == (64, 64)          # many tiles, but 16 rows: mostly padding
+    assert tile(512, 576, 576, trans_b=True) == (64, 64)

@@ -39,7 +39,26 @@ def test_step_flops_is_dominated_by_dense_matmuls_for_smollm2():
 
 @pytest.mark.slow
 def test_train_throughput_bench_quick_prints_json():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick", "--no-torch",
-                          "--batch-sizes", "1"], capture_output=True, text=True, check=True, timeout=300)
+    """Also the PyTorch + PEFT side, on the CPU here (the real comparison runs on CUDA)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick", "--torch-device",
+                          "cpu", "--batch-sizes", "1", "--steps", "1"], capture_output=True, text=True, check=True, timeout=300)
     report = json.loads(out.stdout)
-    assert report["machine"]["adapter"] and report["results"][0]["ours"]["tokens_per_s"] > 0
+    row = report["results"][0]
+    assert report["machine"]["adapter"] and row["ours"]["tokens_per_s"] > 0
+    for mode in ("fp32", "bf16-autocast", "bf16"):
+        assert row[f"peft_{mode}"]["tokens_per_s"] > 0
+        assert row[f"ratio_vs_peft_{mode}"] == row["ours"]["tokens_per_s"] / row[f"peft_{mode}"]["tokens_per_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["matmul.py", "step_profile.py"])
+def test_tuning_benches_quick_print_json(script):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--batch-sizes", "1"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["machine"]["adapter"] and report["results"]
+    row = report["results"][0]
+    if script == "matmul.py":
+        assert all(row[v]["gflops"] > 0 for v in ("auto", "64x64", "128x64", "128x128"))
+    else:
+        assert all(row[p]["ms"] > 0 and row[p]["dispatches"] > 0 for p in ("forward", "lm_head", "backward"))

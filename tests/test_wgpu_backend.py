@@ -33,6 +33,8 @@ def test_logits_loss_and_every_lora_gradient_match_peft(tiny_model_dir, gpu_devi
     ids, labels = random_batch(spec.vocab_size, B, T, seed=2, masked_fraction=masked_fraction)
     ref = loss_and_grads(peft_model(tiny_model_dir, lora, state), ids, labels)
     with backend(tiny_model_dir, gpu_device, lora, state) as be:
+        # The LM head's d(hidden) (K = vocabulary) takes the split-K path here, so the model tests cover it.
+        assert any(mm.splits > 1 for *_, bwd in be.model.lm_head.chunks for mm in bwd)
         np.testing.assert_allclose(be.logits(ids), ref.logits, atol=1e-4, rtol=0)
         loss, grads = be.gradients([(ids, labels)])
         assert loss == pytest.approx(ref.loss, rel=1e-5)
@@ -40,14 +42,15 @@ def test_logits_loss_and_every_lora_gradient_match_peft(tiny_model_dir, gpu_devi
 
 
 def test_accumulated_padded_micro_batches_equal_one_batch(tiny_llama_dir, gpu_device):
-    """Micro-batches smaller than [B, T] are padded (padding never counts); their sum equals the joint batch."""
+    """Micro-batches smaller than [B, T] are padded (padding never counts); their sum equals the joint batch,
+    also past the micro-batches one submit stages (STAGE_SLOTS = 4)."""
     spec = load_model_spec(tiny_llama_dir)
     lora = LoraConfig(rank=3, alpha=6, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)
     state = random_lora_state(spec, lora, seed=4)
-    ids, labels = random_batch(spec.vocab_size, 3, 5, seed=5)
+    ids, labels = random_batch(spec.vocab_size, 7, 5, seed=5)
     ref = loss_and_grads(peft_model(tiny_llama_dir, lora, state), ids, labels)
     with backend(tiny_llama_dir, gpu_device, lora, state) as be:
-        loss, grads = be.gradients([(ids[:2], labels[:2]), (ids[2:], labels[2:])])
+        loss, grads = be.gradients([(ids[:2], labels[:2])] + [(ids[i:i + 1], labels[i:i + 1]) for i in range(2, 7)])
         assert loss == pytest.approx(ref.loss, rel=1e-5)
         assert_grads_match(grads, ref.grads)
         np.testing.assert_allclose(be.logits(ids[:1, :4]), ref.logits[:1, :4], atol=1e-4, rtol=0)
@@ -81,3 +84,17 @@ def test_lora_state_round_trips_and_mismatches_are_named(tiny_llama_dir, gpu_dev
             be.load_lora_state({k: v for k, v in state.items() if k != key})
         with pytest.raises(ValueError, match="exceeds"):
             be.eval_loss(*random_batch(spec.vocab_size, B + 1, T))
+
+
+def test_single_position_sequences(tiny_model_dirs, gpu_device):
+    """T = 1: every kernel sees one position per sequence (attention to itself only)."""
+    model_dir = tiny_model_dirs["qwen2"]
+    spec = load_model_spec(model_dir)
+    lora = LoraConfig(rank=2, alpha=4)
+    state = random_lora_state(spec, lora, seed=9)
+    ids = np.array([[5], [77], [300]], np.int32)
+    import torch
+    with torch.no_grad():
+        want = peft_model(model_dir, lora, state)(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    with backend(model_dir, gpu_device, lora, state, batch_size=3, seq_len=1) as be:
+        np.testing.assert_allclose(be.logits(ids), want, atol=1e-4, rtol=0)

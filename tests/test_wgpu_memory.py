@@ -25,11 +25,13 @@ def test_plan_equals_allocated_bytes(tiny_model_dir, gpu_device, optim, dropout)
     assert gpu_device.bytes_allocated == before, "close() gives the bytes back"
 
 
-def test_binding_limit_splits_the_vocabulary(gpu_device):
+@pytest.mark.parametrize("tied", [True, False])
+def test_binding_limit_splits_the_vocabulary(gpu_device, tied):
     """A small binding limit splits the embedding/LM head into pieces: same logits, and the plan still holds."""
+    import dataclasses
     import numpy as np
     from engine.wgpu_backend import WgpuBackend
-    spec = tiny_spec()
+    spec = dataclasses.replace(tiny_spec(), tied_embeddings=tied)
     lora = LoraConfig(rank=2, alpha=4)
     tensors = random_weights(spec, std=0.2)
     ids = np.array([[0, 250, 450, 511]], np.int32)
@@ -40,7 +42,8 @@ def test_binding_limit_splits_the_vocabulary(gpu_device):
     before = gpu_device.bytes_allocated
     with WgpuBackend(spec, lora, OptimizerConfig(), 1, 4, ctx=gpu_device, tensors=tensors,
                      max_binding_bytes=limit) as split:
-        assert len(split.weights.embed) == 3
+        assert len(split.weights.embed) == len(split.weights.lm_head) == 3
+        assert (split.weights.lm_head is split.weights.embed) == tied
         plan = memory_plan(spec, lora, OptimizerConfig(), 1, 4, limit, gpu_device.max_workgroups)
         assert gpu_device.bytes_allocated - before == plan.total
         np.testing.assert_allclose(split.logits(ids), want, rtol=1e-5, atol=1e-5)

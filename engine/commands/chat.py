@@ -1,57 +1,64 @@
-"""`lora-lab chat`: one reply from a model (and adapter) to a prompt, through transformers + peft."""
+"""`lora-lab chat --model M [--adapter DIR]... [--prompt TEXT]`: stream answers in the terminal.
+
+With --prompt it answers once; without, it reads one user turn per line from stdin and keeps the history.
+"""
 from __future__ import annotations
 
 import sys
 
-
-def register(subparsers):
-    p = subparsers.add_parser("chat", help="generate a reply to one prompt",
-                              description="Generate one reply with the model's chat template (if it has one), "
-                                          "optionally with a PEFT LoRA adapter.")
-    p.add_argument("--model", required=True, metavar="M", help="model folder, .gguf file, hub id or 'demo'")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder to apply")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's message")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0")
-    p.set_defaults(func=run_chat)
+from engine.generation import GenerationSettings
 
 
-def generate_reply(model: str, prompt: str, adapter: str | None = None, max_new_tokens: int = 128,
-                   temperature: float = 0.0, seed: int = 0) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from engine.adapter_io import read_adapter_config
-    from engine.runs import resolve_base
-
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    folder, _ = resolve_base(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    if adapter:
-        from peft import PeftModel
-        read_adapter_config(adapter)          # refuse what cannot be honoured, with the reason
-        lm = PeftModel.from_pretrained(lm, adapter)
-    lm.eval()
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                          else tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def register(sub) -> None:
+    parser = sub.add_parser("chat", help="chat with a model (and LoRA adapters) through transformers + peft")
+    parser.add_argument("--model", required=True, help="model folder, .gguf file, hub id or 'demo'")
+    parser.add_argument("--prompt", help="answer this once; without it, read turns from stdin")
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="PEFT adapter folder to load (repeatable; the last one is active)")
+    parser.add_argument("--base", action="store_true", help="answer with the base model, adapters loaded but off")
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
+    defaults = GenerationSettings()
+    # The CLI defaults are the scriptable ones issue 5 fixes (128 tokens, greedy), not the chat panel's.
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables it")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.set_defaults(func=_chat)
 
 
-def run_chat(args) -> int:
-    reply = generate_reply(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.seed)
-    sys.stdout.write(reply + "\n")
+def _chat(args) -> int:
+    from engine.inference import ChatEngine
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k,
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
+    engine = ChatEngine(device=args.device)
+    engine.load(args.model)
+    name = None
+    for folder in args.adapter:
+        name = engine.load_adapter(folder)
+    engine.set_active_adapter(None if args.base else name)
+    print(f"{engine.model_ref} on {engine.device}, adapter: {engine.active_adapter or 'none (base)'}",
+          file=sys.stderr)
+
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    for turn in turns:
+        if not turn.strip():
+            continue
+        history.append({"role": "user", "content": turn})
+        stream = engine.stream_chat(history, settings)
+        pieces = []
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        finally:
+            stream.close()  # Ctrl-C: stop generating before the interpreter unwinds
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+    engine.unload()
     return 0

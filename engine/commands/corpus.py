@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+from engine import models
 from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
 
 
@@ -13,9 +13,11 @@ def register(subparsers):
                               description="Read corpus files with the model's tokenizer and print per-file "
                                           "statistics, totals and every skipped record with its line and reason.")
     p.add_argument("files", nargs="+", metavar="FILE", help=".txt .md .jsonl .json .csv files")
-    p.add_argument("--model", required=True, metavar="M", help="model folder (or reference) whose tokenizer counts")
+    p.add_argument("--model", required=True, metavar="M",
+                   help="model whose tokenizer counts: a folder, a .gguf file, a hub id or 'demo'")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.add_argument("--seq-len", type=int, default=CorpusConfig.seq_len, help="tokens per sequence (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=CorpusConfig.seq_len,
+                   help="tokens per sequence (default %(default)s)")
     p.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     p.add_argument("--no-mask-prompt", action="store_true", help="train on prompts too, not only on answers")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction held out for validation")
@@ -24,22 +26,13 @@ def register(subparsers):
     p.set_defaults(func=run)
 
 
-def _model_folder(ref: str) -> Path:
-    # engine.models resolves hub ids and .gguf files too; until it is there, a local folder is what we read.
-    try:
-        from engine.models import resolve_model
-    except ImportError:
-        return Path(ref)
-    return resolve_model(ref)
-
-
 def run(args) -> int:
     from engine.cli import UserError
 
     config = CorpusConfig(seq_len=args.seq_len, packing=args.packing,
                           mask_prompt=False if args.no_mask_prompt else None, val_fraction=args.val_fraction,
                           val_files=tuple(args.val_file), seed=args.seed)
-    tokenizer = load_tokenizer(_model_folder(args.model))
+    tokenizer = load_tokenizer(models.resolve_model(args.model, log=lambda msg: print(msg, file=sys.stderr)))
     show = sys.stderr.isatty() and not args.json
 
     def progress(done: int, total: int):

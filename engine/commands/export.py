@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -15,7 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--to", required=True, choices=("gguf", "merged"), help="what to write")
     p.add_argument("--out", required=True, type=Path,
                    help="gguf: a folder (or a name ending in .gguf); merged: a new folder")
-    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"), help="GGUF tensor type (default f16)")
+    p.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"),
+                   help="GGUF tensor type: f32 is exact (default, as llama.cpp's converter), f16 half the size")
     p.add_argument("--force", action="store_true", help="replace an existing export at --out")
     p.set_defaults(func=run)
 
@@ -25,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
     request = ExportRequest(model=args.model, adapter=args.adapter, to=args.to, out=args.out,
                             gguf_dtype=args.gguf_dtype, overwrite=args.force)
-    for line in run_export(request).lines:
+    for line in run_export(request, log=lambda msg: print(msg, file=sys.stderr, flush=True)).lines:
         print(line)
     return 0

@@ -165,25 +165,27 @@ def run_train(args) -> int:
                        init_adapter=args.init_adapter, backend=args.backend)
     callback = JsonLines() if args.json else (ProgressBar() if sys.stderr.isatty() else TrainerCallback())
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    prepared = prepare_run(config, inputs, args.out, callback=callback, resume=args.resume, log=log)
-    trainer = prepared.trainer
-    if not args.json:
-        t = prepared.corpus_stats.train
-        print(f"training {prepared.base_model}: {t.sequences} sequences, {t.trainable_tokens} trained tokens, "
-              f"{trainer.total_steps} steps", file=sys.stderr)
-    previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(trainer, previous))
     try:
-        summary = trainer.run()
+        prepared = prepare_run(config, inputs, args.out, callback=callback, resume=args.resume, log=log)
+        trainer = prepared.trainer
+        if not args.json:
+            t = prepared.corpus_stats.train
+            print(f"training {prepared.base_model}: {t.sequences} sequences, {t.trainable_tokens} trained tokens, "
+                  f"{trainer.total_steps} steps", file=sys.stderr)
+        previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(trainer, previous))
+        try:
+            summary = trainer.run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     except TrainingError as exc:
         raise UserError(str(exc)) from None
-    except RuntimeError as exc:
+    except RuntimeError as exc:       # a backend that cannot run here (no device, out of device memory, ...)
         raise UserError(f"training failed: {exc}") from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if args.json:
         JsonLines()._emit(summary.to_json())
     else:
-        losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}" if summary.first_loss is not None \
+        losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f} (mean of the last 10 steps)" \
+            if summary.first_loss is not None \
             else "no step applied"
         evals = f", eval perplexity {summary.eval_perplexity:.3f}" if summary.eval_perplexity else ""
         print(f"{'stopped' if summary.stopped else 'done'}: {summary.steps}/{summary.total_steps} steps, {losses}"

@@ -1,10 +1,16 @@
 """The corpus pipeline: whatever files the user has, turned into training sequences, with an exact account of
 what was used and what was not.
 
-    corpus = load_corpus(["chats.jsonl", "notes.txt"], tokenizer, CorpusConfig(seq_len=512, packing=True))
+    corpus = load_corpus(["chats.jsonl", "notes.txt"], tokenizer, CorpusConfig(seq_len=512, packing=True),
+                         progress=lambda done, total: ..., cancel=lambda: False)
     corpus.stats.format_text()          # per file: formats, records, tokens, trained tokens, skipped lines
-    for input_ids, labels in corpus.batches(batch_size=8, epoch=0):   # [B, T] int32, -100 = not trained
-        ...
+    corpus.stats.to_dict()              # the same as JSON-ready data (the CLI's --json)
+    corpus.preview(0)                   # [(text, trained), ...] of train sequence 0, for the GUI
+    steps = batch_count(len(corpus.train), 8)
+    for input_ids, labels in corpus.batches(8, epoch=e, start_batch=b):   # [B, T] int32, -100 = not trained
+        ...                             # (e, b) is the exact data position to resume from
+
+`tokenizer` is a transformers tokenizer (`load_tokenizer(folder)` loads one) or a model folder.
 
 Modules, in the order data flows: `textstream` (bytes -> text: encodings, binary refusal, CRLF, bounded lines),
 `readers` (text -> raw records per container), `formats` (record -> Example), `render` (Example -> ids and

@@ -9,7 +9,8 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    seq_len: int = field(default=512, metadata={"help": "tokens per training sequence (truncate / window / pack to this)"})
+    seq_len: int = field(default=512, metadata={
+        "help": "tokens per training sequence (truncate / window / pack to this)"})
     mask_prompt: bool | None = field(default=None, metadata={
         "help": "train only on assistant/completion tokens. None: on for chat, prompt/completion and alpaca "
                 "records, off for raw text; False: train on every token. Pre-tokenized records keep their labels."})
@@ -27,7 +28,8 @@ class CorpusConfig:
         "help": "deepest JSON nesting accepted in a record; deeper records are skipped before parsing"})
     max_skipped_listed: int = field(default=10_000, metadata={
         "help": "skipped records listed per file (all are counted); bounds memory on a file of garbage"})
-    read_chunk_bytes: int = field(default=1 * MIB, metadata={"help": "bytes read per step; progress is reported per chunk"})
+    read_chunk_bytes: int = field(default=1 * MIB, metadata={
+        "help": "bytes read per step; progress is reported per chunk"})
 
     def __post_init__(self):
         def need_int(name, lo, hi=None):

@@ -5,7 +5,7 @@ Detected per record, so a file may mix formats (the stats count each). The field
 | format              | fields                                              | becomes                         |
 |---------------------|-----------------------------------------------------|---------------------------------|
 | `input_ids`         | `input_ids` (+ optional `labels`)                   | tokens used exactly as given    |
-| `openai`            | `messages: [{role, content}]`                       | chat                            |
+| `openai`            | `messages: [{role, content}]` (developer = system)  | chat                            |
 | `sharegpt`          | `conversations: [{from, value}]` human/gpt/system   | chat                            |
 | `alpaca`            | `instruction`, `output` (+ `input`, `system`)       | chat: system?, user, assistant  |
 | `prompt_completion` | `prompt`, `completion` (strings, or message lists)  | prompt + completion (or chat)   |
@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMATS = ("input_ids", "openai", "sharegpt", "alpaca", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant", "tool")
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
@@ -59,7 +60,7 @@ def _content(value, where: str) -> str:
     raise RecordError(f"{where}: content must be a string, found {type(value).__name__}")
 
 
-def _messages(items, key: str, role_key: str, text_key: str, role_map: dict | None) -> tuple[dict, ...]:
+def _messages(items, key: str, role_key: str, text_key: str, role_map: dict) -> tuple[dict, ...]:
     if not isinstance(items, list) or not items:
         raise RecordError(f"field {key!r} must be a non-empty list of messages")
     out = []
@@ -70,10 +71,9 @@ def _messages(items, key: str, role_key: str, text_key: str, role_map: dict | No
         role = m[role_key]
         if not isinstance(role, str):
             raise RecordError(f"{where}: {role_key!r} must be a string")
-        mapped = role_map.get(role.lower()) if role_map is not None else (role if role in ROLES else None)
+        mapped = role_map.get(role.lower())
         if mapped is None:
-            known = sorted(role_map) if role_map is not None else ROLES
-            raise RecordError(f"{where}: unknown {role_key} {role!r}; expected one of {', '.join(known)}")
+            raise RecordError(f"{where}: unknown {role_key} {role!r}; expected one of {', '.join(role_map)}")
         out.append({"role": mapped, "content": _content(m[text_key], where)})
     return tuple(out)
 
@@ -82,7 +82,7 @@ def _int_list(value, key: str, allow_ignore: bool) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise RecordError(f"field {key!r} must be a non-empty list of token ids")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or not (v >= 0 or (allow_ignore and v == -100)):
+        if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v < 1 << 31 or (allow_ignore and v == -100)):
             raise RecordError(f"field {key!r} holds {v!r}; expected token ids (integers >= 0"
                               f"{' or -100' if allow_ignore else ''})")
     return tuple(value)
@@ -90,7 +90,8 @@ def _int_list(value, key: str, allow_ignore: bool) -> tuple[int, ...]:
 
 def detect_format(record) -> str:
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, found {'a list' if isinstance(record, list) else type(record).__name__}")
+        found = "a list" if isinstance(record, list) else type(record).__name__
+        raise RecordError(f"expected a JSON object, found {found}")
     if "input_ids" in record:
         return "input_ids"
     if "messages" in record:
@@ -119,7 +120,8 @@ def to_example(record) -> Example:
                 raise RecordError(f"'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}")
         return Example(fmt, "tokens", input_ids=ids, labels=labels)
     if fmt == "openai":
-        return Example(fmt, "chat", messages=_messages(record["messages"], "messages", "role", "content", None))
+        return Example(fmt, "chat", messages=_messages(record["messages"], "messages", "role", "content",
+                                                       OPENAI_ROLES))
     if fmt == "sharegpt":
         return Example(fmt, "chat", messages=_messages(record["conversations"], "conversations", "from", "value",
                                                        SHAREGPT_ROLES))
@@ -134,8 +136,8 @@ def to_example(record) -> Example:
     if fmt == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
-            head = _messages(prompt, "prompt", "role", "content", None)
-            tail = _messages(completion, "completion", "role", "content", None)
+            head = _messages(prompt, "prompt", "role", "content", OPENAI_ROLES)
+            tail = _messages(completion, "completion", "role", "content", OPENAI_ROLES)
             return Example(fmt, "chat", messages=head + tail, train_from=len(head))
         prompt, completion = _string(record, "prompt"), _string(record, "completion")
         if not completion:

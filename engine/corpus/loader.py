@@ -14,8 +14,7 @@ import numpy as np
 
 from engine.corpus.config import CorpusConfig
 from engine.corpus.formats import RecordError, to_example
-from engine.corpus.readers import (container_of, read_csv, read_json_array, read_jsonl, read_text_blocks,
-                                   too_long)
+from engine.corpus.readers import container_of, read_csv, read_json_array, read_jsonl, read_text_blocks, too_long
 from engine.corpus.render import IGNORE, CorpusTokenizer, Rendered, load_tokenizer, render, tokenize
 from engine.corpus.sequences import Sequence, Unit, Windower, batches, choose_validation, to_sequences
 from engine.corpus.stats import CorpusStats, FileStats, SplitStats
@@ -100,7 +99,7 @@ def load_corpus(files: Iterable[str | Path], tokenizer, config: CorpusConfig | N
             fs.refuse(str(exc))
             on_bytes(fs.bytes - (done - before))   # the unread rest, so progress still reaches the total
     stats = CorpusStats(all_stats, config.seq_len, config.packing)
-    train_units, val_units = units["train"], units["val"]
+    train_units, val_units = units.pop("train"), units.pop("val")
     if config.val_fraction > 0:
         held = choose_validation(len(train_units), config.val_fraction, config.seed)
         val_units = [u for u, h in zip(train_units, held) if h]
@@ -168,7 +167,10 @@ def _read_file(path: Path, index: int, fs: FileStats, tok: CorpusTokenizer, conf
 def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, config: CorpusConfig) -> list[Unit]:
     units = []
     seq_len = config.seq_len
-    for (line, fmt, rendered), (ids, labels) in zip(pending, tokenize([r for _, _, r in pending], tok)):
+    for (line, fmt, rendered), tokens in zip(pending, _tokenize_each(pending, fs, tok)):
+        if tokens is None:
+            continue
+        ids, labels = tokens
         if rendered.splittable:
             windower = Windower(seq_len, index)
             made = [*windower.feed(ids, labels, line), *windower.finish()]
@@ -192,6 +194,22 @@ def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, 
         _count(fs, made)
         units += made
     return units
+
+
+def _tokenize_each(pending, fs: FileStats, tok: CorpusTokenizer) -> list:
+    """Tokenize the batch in one call; should the tokenizer fail on it, one record at a time, so the record it
+    cannot take is skipped with the tokenizer's reason instead of stopping the whole corpus."""
+    try:
+        return tokenize([r for _, _, r in pending], tok)
+    except Exception:
+        out = []
+        for line, _, rendered in pending:
+            try:
+                out += tokenize([rendered], tok)
+            except Exception as exc:
+                fs.skip(line, f"the tokenizer failed on this record: {type(exc).__name__}: {exc}")
+                out.append(None)
+        return out
 
 
 def _count(fs: FileStats, units: list[Unit]):

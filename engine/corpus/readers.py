@@ -23,6 +23,7 @@ _NON_SPACE = re.compile(r"\S")
 _IN_STRING = re.compile(r'["\\]')
 _STRUCTURE = re.compile(r'[\[\]{}",]')
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,19 @@ def parse_json(text: str, max_depth: int) -> tuple[object, str | None]:
     if json_depth_exceeds(text, max_depth):
         return None, f"JSON nested deeper than the limit of {max_depth} levels (max_json_depth)"
     try:
-        return json.loads(text), None
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
+    except ValueError as exc:  # an integer of more than sys.int_max_str_digits digits
+        return None, f"not usable JSON: {exc}"
     except RecursionError:  # unreachable with a sane max_json_depth; kept so no input can crash the loader
         return None, "JSON nested too deeply to parse"
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" alone parses to a str that no tokenizer can encode
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "holds an unpaired UTF-16 surrogate escape (like \\ud800), which is not text"
+    return value, None
 
 
 def read_jsonl(stream: TextStream, max_line_bytes: int, max_depth: int) -> Iterator[RawRecord]:
@@ -242,8 +251,10 @@ def read_csv(stream: TextStream, max_line_bytes: int) -> Iterator[RawRecord]:
             yield RawRecord(start, error=f"CSV error: {exc}")
             continue
         line = reader.line_num
-        while long_lines:
-            yield RawRecord(long_lines.pop(0), error=f"line {too_long(max_line_bytes)}")
+        if long_lines:  # the row held a line we dropped, so it is not what the file says: skip all of it
+            yield RawRecord(start, error=f"line {long_lines[0]} {too_long(max_line_bytes)}")
+            long_lines.clear()
+            continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(columns):

@@ -6,6 +6,9 @@ truncated to `seq_len`. The validation split picks units, so even one long text 
 packing each unit is a sequence; with packing units are laid end to end, in order, without being cut, and a new
 sequence starts when the next unit does not fit. An EOS (label -100) separates two packed units unless the
 first already ends with EOS. `Sequence.segments` says where each unit starts, for block-diagonal attention.
+
+Labels follow the Hugging Face convention: aligned with input_ids, not shifted. The trainer predicts token t+1
+from position t and takes the loss against labels[t + 1] wherever it is not -100 (so labels[0] is never used).
 """
 from __future__ import annotations
 
@@ -84,8 +87,15 @@ class Windower:
 
 
 def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) -> list[Sequence]:
+    """Sequences from `units`, which are consumed (the list is left empty): each unit is freed once packed, so
+    packing does not need twice the corpus's memory."""
+    units.reverse()   # popping from the end is O(1); reversing first keeps the order
     if not packing:
-        return [Sequence(u.ids, u.labels, (Segment(0, u.file, u.line),)) for u in units]
+        out = []
+        while units:
+            u = units.pop()
+            out.append(Sequence(u.ids, u.labels, (Segment(0, u.file, u.line),)))
+        return out
     out: list[Sequence] = []
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -99,7 +109,8 @@ def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) ->
         ids, labels, segments, size = [], [], [], 0
 
     separator = np.array([eos_id], np.int32), np.array([IGNORE], np.int32)
-    for u in units:
+    while units:
+        u = units.pop()
         sep = bool(ids) and int(ids[-1][-1]) != eos_id
         if size + sep + len(u.ids) > seq_len:
             flush()

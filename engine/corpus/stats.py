@@ -1,7 +1,8 @@
 """What was used and what was not: per-file and corpus statistics, as a dict (JSON) and as text (CLI).
 
 Tokens are counted with the model's real tokenizer after truncation, exactly as they enter the sequences;
-trainable tokens are those whose label is not -100. Packing separators are counted in the split totals only.
+trainable tokens are those whose label is not -100 (the loss uses each of them except one that opens a
+sequence, which nothing precedes). Packing separators are counted in the split totals only.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class FileStats:
         """Forget what was read: a refused file contributes nothing."""
         self.refused = reason
         self.formats, self.records, self.tokens, self.trainable_tokens = {}, 0, 0, 0
-        self.truncated_records = self.truncated_tokens = 0
+        self.truncated_records = self.truncated_tokens = self.skipped_count = 0
+        self.skipped = []
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -3,7 +3,9 @@
 Layouts (f32): q, out, dout, dq [B, T, NH, HD]; k, v, dk, dv [B, T, NKV, HD]; lse [B, NH, T] (saved by the
 forward for the backward). The backward is flash-attention-2's: P is recomputed from lse, D = rowsum(dout*out)
 goes to a scratch buffer this class owns, then one kernel writes dq (walking key tiles) and one writes dk and
-dv (walking the query tiles of every query head of the KV group), so nothing is accumulated with atomics.
+dv (walking query tiles). With GQA the dk/dv kernel runs per query head into scratch [B, T, NH, HD] x 2 and a
+last kernel sums each group's heads in a fixed order: deterministic, overwritten, no atomics, and NH/NKV times
+the workgroups of walking a whole group in one (measured: see bench/attention.py).
 """
 from __future__ import annotations
 
@@ -13,29 +15,47 @@ import numpy as np
 
 from engine.gpu import UNIFORM, GpuContext, StepEncoder
 from engine.kernels.binding import bind_numbered
+from engine.kernels.residual import grid_1d
 
-ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS)
-TILE_VEC4 = 256           # capacity of tile_a / tile_b in vec4
-RED_FLOATS = 1024         # capacity of the partial-dot scratch
-MAX_TILE_ROWS = 32        # capacity of tile_lse / tile_d, and prob = ROWS * 32
+ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS), at most 256 / TPR
+MAX_INVOCATIONS = 256     # WebGPU's guaranteed minimum of max-compute-invocations-per-workgroup
+# Key/query rows per tile. Measured on an H100 (bench/attention.py, T 2048, HD 64/128/256): 6 beats 2, 4, 8,
+# 14, 19, 29 and 58 (fwd+bwd 1.3-3.5x faster than 58); more rows hold more workgroup memory per thread, so
+# fewer workgroups stay resident to hide memory latency, and fewer rows mean more barriers per key.
+MAX_TILE_ROWS = 6
+PORTABLE_WORKGROUP_BYTES = 16384   # WebGPU's guaranteed minimum of max-compute-workgroup-storage-size
 DSUM_WORKGROUP = 64
 
 # Bindings each entry point uses (shaders/attention.wgsl): 0 params, 1 q, 2 k, 3 v, 4 out, 5 lse, 6 dout,
-# 7 dsum, 8 dq, 9 dk, 10 dv.
+# 7 dsum, 8 dq, 9 dk, 10 dv, 11 dk_heads, 12 dv_heads.
 BINDINGS = {
     "attention_forward": (0, 1, 2, 3, 4, 5),
     "attention_backward_dsum": (0, 4, 6, 7),
     "attention_backward_dq": (0, 1, 2, 3, 5, 6, 7, 8),
     "attention_backward_dkdv": (0, 1, 2, 3, 5, 6, 7, 9, 10),
+    "attention_backward_dkdv_heads": (0, 1, 2, 3, 5, 6, 7, 11, 12),
+    "attention_backward_dkdv_sum": (0, 9, 10, 11, 12),
 }
+ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-wide, need only HD4
 
 
-def tiling(head_dim: int) -> dict[str, int]:
-    """Override constants for a head size: chunks per row, threads per row, tile rows, workgroup size."""
+def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS) -> int:
+    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d."""
+    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows + 2 * 4)
+
+
+def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows: int = MAX_TILE_ROWS,
+           register_rows: int = ROWS) -> dict[str, int]:
+    """Override constants for a head size: chunks per row, threads per row, rows, tile rows, workgroup size.
+
+    Tile rows: max_tile_rows, or fewer if they would not fit `budget` bytes of workgroup memory.
+    """
     hd4 = head_dim // 4
     tpr = -(-hd4 // 4)
-    tile_rows = min(MAX_TILE_ROWS, TILE_VEC4 // hd4, RED_FLOATS // (ROWS * tpr))
-    return {"HD4": hd4, "TPR": tpr, "BT": tile_rows, "WG": ROWS * tpr}
+    rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
+    # Each thread prefetches at most two vec4 of a tile row set (shaders/attention.wgsl Fetch).
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows), 2 * rows * tpr // hd4))
+    return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
 class Attention:
@@ -46,7 +66,9 @@ class Attention:
     """
 
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention"):
+                 q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
+                 workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
+                 register_rows: int = ROWS):
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -61,43 +83,61 @@ class Attention:
             if buf.size < need:
                 raise ValueError(f"attention buffer {name} ({buf.label!r}) holds {buf.size} bytes; "
                                  f"[B={B}, T={T}, NH={n_heads}, NKV={n_kv_heads}, HD={head_dim}] needs {need}")
-        blocks = -(-T // ROWS)
-        if max(blocks, n_heads, B) > ctx.max_workgroups:
-            raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
         self.ctx, self.label = ctx, label
         self.shape = (B, T, n_heads, n_kv_heads, head_dim)
-        self.constants = tiling(head_dim)
+        # The adapter's limit (16 KiB at least); only HD >= 224 needs more than 16 KiB for 6-row tiles.
+        budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
+        if workgroup_budget is not None:
+            budget = min(budget, workgroup_budget)
+        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows)
+        blocks = -(-T // self.constants["ROWS"])
+        if max(blocks, n_heads, B) > ctx.max_workgroups:
+            raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
+        ratio = n_heads // n_kv_heads
+        # GQA: dk/dv are computed per query head (ratio times the workgroups) into scratch, then summed.
+        self.backward_entries = ("attention_backward_dsum", "attention_backward_dq") + (
+            ("attention_backward_dkdv_heads", "attention_backward_dkdv_sum") if ratio > 1
+            else ("attention_backward_dkdv",))
         self.dsum = ctx.buffer(stat_bytes, f"{label}.dsum")       # [B, NH, T] rowsum(dout * out)
-        self.params = ctx.upload(self.pack_params(B, T, n_heads, n_kv_heads, head_dim), f"{label}.params", UNIFORM)
+        dsum_x, dsum_y, dsum_stride = grid_1d(ctx, B * n_heads * T, DSUM_WORKGROUP)
+        sum_x, sum_y, sum_stride = grid_1d(ctx, B * T * n_kv_heads * head_dim // 4, DSUM_WORKGROUP)
+        self.params = ctx.upload(self.pack_params(B, T, n_heads, n_kv_heads, head_dim, dsum_stride, sum_stride),
+                                 f"{label}.params", UNIFORM)
         resources = {0: self.params, 1: q, 2: k, 3: v, 4: out, 5: lse, 6: dout, 7: self.dsum, 8: dq, 9: dk, 10: dv}
+        if ratio > 1:
+            resources[11] = ctx.buffer(q_bytes, f"{label}.dk_heads")  # [B, T, NH, HD]
+            resources[12] = ctx.buffer(q_bytes, f"{label}.dv_heads")
+        self.scratch_bytes = self.dsum.size + (2 * resources[11].size if ratio > 1 else 0)
         self._kernels = {}
-        for entry, bindings in BINDINGS.items():
-            constants = {"HD4": self.constants["HD4"]} if entry == "attention_backward_dsum" else self.constants
+        for entry in ("attention_forward",) + self.backward_entries:
+            constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants
             pipeline = ctx.pipeline("attention", entry, constants)
-            group = bind_numbered(ctx, pipeline, {i: resources[i] for i in bindings}, f"{label}.{entry}")
+            group = bind_numbered(ctx, pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
             self._kernels[entry] = (pipeline, group)
         self._grids = {
             "attention_forward": (blocks, n_heads, B),
-            "attention_backward_dsum": (-(-B * n_heads * T // DSUM_WORKGROUP), 1, 1),
+            "attention_backward_dsum": (dsum_x, dsum_y, 1),
             "attention_backward_dq": (blocks, n_heads, B),
             "attention_backward_dkdv": (blocks, n_kv_heads, B),
+            "attention_backward_dkdv_heads": (blocks, n_heads, B),
+            "attention_backward_dkdv_sum": (sum_x, sum_y, 1),
         }
 
     @staticmethod
-    def pack_params(B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
-        """The Params uniform: 6 u32/f32 fields padded to 32 bytes (WGSL struct alignment 4, size 32)."""
-        raw = np.zeros(8, np.uint32)
-        raw[:5] = (B, T, n_heads, n_kv_heads, n_heads // n_kv_heads)
+    def pack_params(B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int, dsum_stride: int,
+                    sum_stride: int) -> np.ndarray:
+        """The Params uniform: 8 four-byte fields, 32 bytes (WGSL struct alignment 4, size 32)."""
+        raw = np.array([B, T, n_heads, n_kv_heads, n_heads // n_kv_heads, 0, dsum_stride, sum_stride], np.uint32)
         raw[5:6] = np.array([1.0 / math.sqrt(head_dim)], np.float32).view(np.uint32)
         return raw
 
-    def _dispatch(self, enc: StepEncoder, entry: str) -> None:
+    def encode_entry(self, enc: StepEncoder, entry: str) -> None:
         pipeline, group = self._kernels[entry]
         enc.dispatch(pipeline, group, *self._grids[entry])
 
     def encode_forward(self, enc: StepEncoder) -> None:
-        self._dispatch(enc, "attention_forward")
+        self.encode_entry(enc, "attention_forward")
 
     def encode_backward(self, enc: StepEncoder) -> None:
-        for entry in ("attention_backward_dsum", "attention_backward_dq", "attention_backward_dkdv"):
-            self._dispatch(enc, entry)
+        for entry in self.backward_entries:
+            self.encode_entry(enc, entry)

@@ -18,8 +18,10 @@ TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
 TILE_K = 16   # K step through workgroup memory (BK)
 SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
-SPLIT_MIN_K = 256               # never give a split less K than this
-SPLIT_PARTIAL_FLOATS = SPLIT_TARGET_WORKGROUPS * TILE_M * TILE_N   # scratch a backend shares for partials
+SPLIT_MIN_K = 128               # never give a split less K than this
+SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
+TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
+WIDE_MIN_WORKGROUPS = 512       # a larger tile only where it still leaves this many workgroups (a large GPU busy)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,15 @@ def split_k(shape: GemmShape, partial_floats: int) -> int:
     return max(1, splits)
 
 
+def choose_tile(shape: GemmShape) -> tuple[int, int]:
+    """The largest tile that the product fills and that still leaves WIDE_MIN_WORKGROUPS workgroups."""
+    for rows, cols in TILES[:-1]:
+        if shape.M >= rows and shape.N >= cols and \
+                -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
+            return rows, cols
+    return TILES[-1]
+
+
 def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool, k_chunk: int = 0,
                      splits: int = 1, row_stride: int = 0) -> bytes:
     """The shader's Params struct: 13 u32, alpha, beta, padding (64 bytes, WGSL uniform layout)."""
@@ -67,25 +78,29 @@ def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool
 class Matmul:
     """One bound GEMM: c = alpha·op(a)·op(b) + bias + beta·c.
 
-    Given `partials` (a scratch of `partial_floats` floats shared by many products), a product with few tiles
-    and a long K is split over K (split_k) and finished by a reduction dispatch.
+    Given `partials` (a scratch shared by many products), a product with few tiles and a long K is split over
+    K (split_k, never needing more floats than `partials` holds) and finished by a reduction dispatch.
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, partial_floats: int = SPLIT_PARTIAL_FLOATS, label: str = "matmul"):
+                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul"):
         self.ctx = ctx
         self.shape = shape
-        self.splits = split_k(shape, partial_floats) if partials is not None else 1
+        self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
+        self.tile = tile or choose_tile(shape) if self.splits == 1 else (TILE_M, TILE_N)
+        if self.tile not in TILES:
+            raise ValueError(f"matmul tile {tile} is not one of {TILES}")
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
-        self.pipeline = ctx.pipeline("linear", "matmul", {"TRANS_A": int(shape.trans_a),
-                                                          "TRANS_B": int(shape.trans_b)})
+        self.pipeline = ctx.pipeline("linear", "matmul", {
+            "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
+            "WIDE_N": int(self.tile[1] == 128)})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
-        self.groups = (-(-shape.N // TILE_N), -(-shape.M // TILE_M), self.splits)
+        self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
         if self.splits == 1:
             self.bind_group = ctx.bind_group(self.pipeline, [c, a, b, bias, self.params], label)
@@ -104,17 +119,18 @@ class Matmul:
 class Linear:
     """Frozen projection out = x·Wᵀ + b over M rows; backward writes (or with accumulate, adds) dx = dy·W.
 
-    x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in].
+    x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
+    of few rows (small batches) are split over K to keep a large GPU busy.
     """
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
-                 dy=None, dx=None, accumulate_dx: bool = False, label: str = "linear"):
+                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear"):
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              bias=bias, label=f"{label}.fwd")
+                              bias=bias, partials=partials, label=f"{label}.fwd")
         self.backward = None
         if dy is not None and dx is not None:
             self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features),
-                                   beta=1.0 if accumulate_dx else 0.0, label=f"{label}.bwd")
+                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd")
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)

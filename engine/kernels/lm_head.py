@@ -39,10 +39,11 @@ class LmHead:
 
     pieces: [(W buffer [piece_rows, C], first_id, piece_rows)] covering the vocabulary in order.
     stats: the step's f32[16]; loss_reduce writes stats[0] (loss) and stats[5] (counted tokens).
+    partials: optional split-K scratch (engine.kernels.linear.SPLIT_PARTIAL_FLOATS floats).
     """
 
     def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, pieces: list,
-                 rows: int, dim: int, vocab: int, chunk: int, label: str = "lm_head"):
+                 rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head"):
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
         self.step = uniform(ctx, f"{label}.step", 1.0, 0.0, 0, 0)
         self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
@@ -55,9 +56,10 @@ class LmHead:
                 fwd.append(Matmul(ctx, logits, hidden, w, GemmShape(n, vp, dim, trans_b=True, ldc=vocab, c_off=v0,
                                                                    a_off=r0 * dim), label=f"{label}.{c}.{p}.fwd"))
                 if dhidden is not None:
+                    # [n, C] from K = a whole vocabulary piece: few tiles, long K, so split given partials.
                     bwd.append(Matmul(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
                                                                          c_off=r0 * dim),
-                                      beta=1.0 if p else 0.0, label=f"{label}.{c}.{p}.bwd"))
+                                      beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd"))
             geometry = uniform(ctx, f"{label}.{c}.chunk", n, vocab, r0, rows)
             ce_bg = bind(ctx, self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
             self.chunks.append((n, fwd, ce_bg, bwd))
