@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QSpinBox, QVBoxLayout, QWizard, QWizardPage)
+                               QSpinBox, QWizard, QWizardPage)
 
 from app.plan import CorpusSummary, recommend, review
 from app.training_controller import RunRequest
