@@ -122,11 +122,13 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     save = window.dialogs["save"]
     save.folder.setText(str(tmp_path / "saved"))
     save.gguf.setChecked(True)
+    save.merged.setChecked(True)
     qtbot.mouseClick(save.buttons.button(QDialogButtonBox.Save), Qt.LeftButton)
     qtbot.waitUntil(lambda: bool(save.written), timeout=60000)
     assert (tmp_path / "saved" / out.name / "adapter_model.safetensors").is_file()
     assert any(p.suffix == ".gguf" for p in (tmp_path / "saved").rglob("*"))
-    assert "GGUF" in save.summary.toPlainText()
+    assert "GGUF" in save.summary.toPlainText() and "merged" in save.summary.toPlainText()
+    assert (tmp_path / "saved" / f"{out.name}-merged" / "config.json").is_file()
 
     # Chat with the adapter active.
     panel = window.chat_panel

@@ -103,6 +103,8 @@ class ChatPanel(QWidget):
         controller.conversations_changed.connect(self._render_timer.start)
         controller.busy_changed.connect(self._on_busy)
         controller.model_ready.connect(lambda _: self._on_busy(controller.busy))
+        # While training holds the device the chat model is unloaded: Send waits for it to come back.
+        controller.state_changed.connect(lambda _: self._on_busy(controller.busy))
         self._on_busy(False)
         self._render()
 
