@@ -5,9 +5,10 @@ is emitted in the GUI thread, then `done()` always.
 """
 from __future__ import annotations
 
+import gc
 import traceback
 
-from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, Qt, QThread, QTimer, Signal, Slot
 
 
 class Worker(QObject):
@@ -77,6 +78,59 @@ class _Relay(QObject):
         self.deleteLater()
 
 
+class GuiThreadCollector(QObject):
+    """Python's cyclic garbage collector, run only in the GUI thread.
+
+    Automatic collection runs in whichever thread happens to allocate, and a cycle holding a Qt widget (a dialog
+    whose lambda slot refers to it, say) destroyed from a worker thread crashes the process. So automatic
+    collection is switched off and this timer collects, generation by generation, as CPython would, but here.
+    """
+
+    INTERVAL_MS = 500
+
+    def __init__(self):
+        super().__init__()
+        self.thresholds = gc.get_threshold()
+        gc.disable()
+        gc.freeze()   # what exists now (imported modules) is never garbage: keeps full collections short
+        self.timer = QTimer(self, interval=self.INTERVAL_MS)
+        self.timer.timeout.connect(self.check)
+        self.timer.start()
+
+    @Slot()
+    def check(self) -> None:
+        count0, count1, count2 = gc.get_count()
+        if count0 > self.thresholds[0]:
+            gc.collect(0)
+            if count1 > self.thresholds[1]:
+                gc.collect(1)
+                if count2 > self.thresholds[2]:
+                    gc.collect(2)
+
+
+_collector: GuiThreadCollector | None = None
+
+
+def collect_garbage_in_gui_thread() -> None:
+    """Install the GuiThreadCollector once, from the GUI thread, before any worker starts."""
+    global _collector
+    app = QCoreApplication.instance()
+    if _collector is None and app is not None and QThread.currentThread() == app.thread():
+        _collector = GuiThreadCollector()
+
+
+def stop_collecting_in_gui_thread() -> None:
+    """Back to CPython's automatic collection (after a final collection here); for tests that end a window."""
+    global _collector
+    if _collector is not None:
+        _collector.timer.stop()
+        _collector.deleteLater()
+        _collector = None
+        gc.unfreeze()
+        gc.enable()
+    gc.collect()
+
+
 def run_in_thread(parent: QObject | None, fn, *args, on_result=None, on_error=None, on_progress=None,
                   on_done=None, **kwargs) -> Worker:
     """Run fn(*args, **kwargs) in a new thread; `parent` only documents who asked.
@@ -84,6 +138,7 @@ def run_in_thread(parent: QObject | None, fn, *args, on_result=None, on_error=No
     Callbacks run in the calling thread (the GUI thread): on_result(value) or on_error(message, detail), then
     on_done(). With `on_progress`, fn also gets `progress=<callable>`; each call reaches on_progress(value).
     """
+    collect_garbage_in_gui_thread()
     thread = QThread()
     worker = Worker(fn, *args, **kwargs)
     relay = _Relay(on_result, on_error, on_progress, on_done)

@@ -1,18 +1,10 @@
 """The main window opens on a model, shows the hardware, remembers its geometry, quits cleanly."""
 import pytest
-from PySide6.QtCore import QSettings
 
 from app.main_window import MainWindow
+from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.IniFormat)
-    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path))
-    qapp.setOrganizationName("LoRA-Lab-test")
-    yield
 
 
 def test_window_shows_model_and_hardware(qtbot, tiny_llama_dir, tmp_path):

@@ -8,19 +8,14 @@ from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QDialogButtonBox, QWizard
 
 from app.main_window import MainWindow
+from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
+
 
 TEXT = ("The quick brown fox jumps over the lazy dog. What is the capital of France? The capital of France is "
         "Paris.\nLoRA adapters add a low rank update to the frozen weights of a language model.\n")
 
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.IniFormat)
-    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path / "settings"))
-    qapp.setOrganizationName("LoRA-Lab-test")
-    yield
 
 
 def drop(widget, paths):

@@ -13,17 +13,9 @@ from app.plan import Benchmark, CorpusSummary, recommend, review, total_steps
 from app.widgets.corpus_dialog import CorpusDialog, SkippedDialog
 from app.widgets.markdown_view import MarkdownView
 from tests.chat_helpers import make_adapter
+from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.IniFormat)
-    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path / "settings"))
-    qapp.setOrganizationName("LoRA-Lab-test")
-    QSettings().clear()
-    yield
 
 
 def test_markdown_from_the_model_is_never_html(qtbot, tmp_path):
@@ -55,9 +47,9 @@ def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
     chat.send("Hello")
     qtbot.waitUntil(lambda: len(chat.last_answer()) > 0, timeout=20000)
     chat.stop()
-    qtbot.waitUntil(lambda: not chat.busy, timeout=5000)
+    qtbot.waitUntil(lambda: not chat.busy and not chat.engine.generating, timeout=5000)
     stopped = chat.last_answer()
-    assert 0 < len(stopped) and chat.engine.generating is False
+    assert 0 < len(stopped)
     chat.settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
     chat.regenerate()
     qtbot.waitUntil(lambda: not chat.busy, timeout=20000)

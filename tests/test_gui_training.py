@@ -2,23 +2,16 @@
 import time
 
 import pytest
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import Qt
 
 from app.chat_controller import ChatController
 from app.training_controller import RunRequest, TrainingController
 from app.widgets.training_console import TrainingConsole
 from engine.lora import LoraConfig
 from engine.train_config import TrainConfig
+from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.IniFormat)
-    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path / "settings"))
-    qapp.setOrganizationName("LoRA-Lab-test")
-    yield
 
 
 def test_pause_resume_stop_from_the_console(qtbot, tiny_llama_dir, tmp_path):
