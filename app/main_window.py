@@ -182,6 +182,7 @@ class MainWindow(QMainWindow):
 
         dialog = HardwareDialog(self.hardware, self.model_dir, self.benchmarks, self)
         dialog.benchmarked.connect(self._on_benchmarks)
+        dialog.failed.connect(lambda m, d: self.append_log(f"benchmark failed: {m}\n{d}"))
         self._show_dialog("hardware", dialog)
 
     def _on_benchmarks(self, results) -> None:
@@ -265,6 +266,8 @@ class MainWindow(QMainWindow):
                       QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
         dialog = SaveDialog(adapter, self.model_ref or str(self.model_dir), folder, self)
         dialog.finished.connect(lambda _: QSettings().setValue("save/folder", dialog.folder.text()))
+        dialog.saved.connect(lambda lines: [self.append_log(f"saved {line}") for line in lines])
+        dialog.failed.connect(lambda m, d: self.append_log(f"save failed: {m}" + (f"\n{d}" if d else "")))
         self._show_dialog("save", dialog)
 
     # ---- drops: an adapter folder or its .safetensors goes to chat -------------------------------------------

@@ -124,6 +124,10 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     assert any(p.suffix == ".gguf" for p in (tmp_path / "saved").rglob("*"))
     assert "GGUF" in save.summary.toPlainText() and "merged" in save.summary.toPlainText()
     assert (tmp_path / "saved" / f"{out.name}-merged" / "config.json").is_file()
+    assert "saved GGUF: wrote" in window.log.toPlainText()
+    qtbot.mouseClick(save.buttons.button(QDialogButtonBox.Save), Qt.LeftButton)   # again: the folder exists
+    qtbot.waitUntil(lambda: "save failed" in save.status.text(), timeout=30000)
+    assert "already exists" in save.status.text() and "save failed: FileExistsError" in window.log.toPlainText()
 
     # Chat with the adapter active.
     panel = window.chat_panel

@@ -16,6 +16,7 @@ def _gib(n) -> str:
 
 class HardwareDialog(QDialog):
     benchmarked = Signal(list)     # [app.plan.Benchmark]
+    failed = Signal(str, str)
 
     def __init__(self, hardware, model_dir=None, benchmarks=(), parent=None):
         super().__init__(parent, objectName="hardware-dialog")
@@ -98,6 +99,7 @@ class HardwareDialog(QDialog):
 
         def failed(message, detail):
             self.status.setText(f"benchmark failed: {message}")
+            self.failed.emit(message, detail)
 
         run_in_thread(self, run_benchmarks, self.hardware, self.model_dir, on_result=done, on_error=failed,
                       on_progress=self.status.setText, on_done=lambda: self.benchmark.setEnabled(True))

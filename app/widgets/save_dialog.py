@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                                QLineEdit, QPushButton, QTextBrowser, QVBoxLayout)
 
@@ -12,6 +13,8 @@ from app.workers import run_in_thread
 
 
 class SaveDialog(QDialog):
+    failed = Signal(str, str)     # message, detail: the window's log gets them too
+    saved = Signal(list)          # the summary lines
     def __init__(self, adapter: Path, base_model: str, folder: Path, parent=None):
         super().__init__(parent, objectName="save-dialog")
         self.setWindowTitle("Save adapter")
@@ -56,6 +59,7 @@ class SaveDialog(QDialog):
                                   self.peft.isChecked(), self.gguf.isChecked(), self.merged.isChecked())
         except (ValueError, OSError) as exc:
             self.status.setText(f"<b>{html.escape(str(exc))}</b>")
+            self.failed.emit(str(exc), "")
             return
         self.buttons.button(QDialogButtonBox.Save).setEnabled(False)
         self.status.setText("saving…")
@@ -64,9 +68,11 @@ class SaveDialog(QDialog):
             self.written = lines
             self.summary.setPlainText("\n".join(lines))
             self.status.setText(f"saved into {request.folder}")
+            self.saved.emit(lines)
 
-        def failed(message, _detail):
+        def failed(message, detail):
             self.status.setText(f"<b>save failed:</b> {html.escape(message)}")
+            self.failed.emit(message, detail)
 
         run_in_thread(self, save_adapter, request, on_result=done, on_error=failed, on_progress=self.status.setText,
                       on_done=lambda: self.buttons.button(QDialogButtonBox.Save).setEnabled(True))
