@@ -153,7 +153,7 @@ class MainWindow(QMainWindow):
     def _on_model(self, ref: str, result) -> None:
         folder, spec = result
         self.model_ref, self.model_dir, self.spec = ref, Path(folder), spec
-        self.corpus = None
+        self.corpus = self.corpus_controller.corpus = None    # tokenized for the previous model: read it again
         self.model_info.show_model(self.model_dir.name, spec)
         self.append_log(f"model ready: {folder}")
         QSettings().setValue("model/last", ref)
