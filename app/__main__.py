@@ -2,4 +2,6 @@ import sys
 
 from app.main import main
 
-sys.exit(main())
+# Guarded: the training process is started with multiprocessing's "spawn", which imports the main module again.
+if __name__ == "__main__":
+    sys.exit(main())

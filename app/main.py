@@ -1,4 +1,8 @@
-"""`lora-lab-gui` / `python -m app`: open the main window, optionally on a model."""
+"""`lora-lab-gui` / `python -m app`: open the main window, optionally on a model.
+
+The application runs under qasync, so Qt's event loop is also the asyncio loop and coroutines (the engine's
+handover among them) can be awaited from the window without a second loop in the GUI thread.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
     os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
 
+    import asyncio
+
+    import qasync
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
@@ -23,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     app.setOrganizationName("LoRA-Lab")
     app.setApplicationName("LoRA-Lab")
     app.setDesktopFileName("lora-lab")
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
     model = args.model or QSettings().value("model/last") or None
     window = MainWindow(model)
     window.show()
-    code = app.exec()
+    closed = asyncio.Event()
+    app.aboutToQuit.connect(closed.set)
+    with loop:
+        loop.run_until_complete(closed.wait())
     wait_for_workers()
-    return code
+    return 0

@@ -1,14 +1,29 @@
-"""The LoRA-Lab main window: header with the model and actions, panels, and a status bar with the hardware."""
+"""The LoRA-Lab main window: header (model picker and the actions), chat, training console, log, status bar.
+
+The window wires controllers (chat, corpus, training) to dialogs and panels; the work itself happens in the
+engine, in worker threads.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
+from PySide6.QtCore import QByteArray, QSettings, QStandardPaths, Qt, Signal
 from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QPushButton, QSplitter,
+                               QTabWidget, QVBoxLayout, QWidget)
 
-from app.workers import run_in_thread
+from app.chat_controller import ChatController
+from app.corpus_controller import CorpusController
+from app.plan import summarize_corpus
+from app.training_controller import TrainingController
+from app.training_process import run_in_child
+from app.widgets.chat_panel import ChatPanel
+from app.widgets.generation_settings import settings_from_dict, settings_to_dict
 from app.widgets.model_info import ModelInfo
+from app.widgets.model_picker import ModelPicker, remember_model
+from app.widgets.training_console import TrainingConsole
+from app.workers import run_in_thread
 from engine.hardware import detect
 from engine.model_spec import load_model_spec
 from engine.models import resolve_model
@@ -18,83 +33,311 @@ from resources import resource_path
 class MainWindow(QMainWindow):
     model_loaded = Signal(str)          # the resolved model folder
     hardware_ready = Signal(object)     # engine.hardware.HardwareReport
+    evaluated = Signal(object)          # {"base": Perplexity, "adapter": Perplexity | None}
 
-    def __init__(self, model_ref: str | None = None):
+    def __init__(self, model_ref: str | None = None, chat_engine=None):
         super().__init__()
         self.setWindowTitle("LoRA-Lab")
         self.setWindowIcon(QIcon(str(resource_path("lora-lab.svg"))))
+        self.setAcceptDrops(True)
+        self.model_ref: str | None = None
         self.model_dir: Path | None = None
+        self.spec = None
         self.hardware = None
+        self.benchmarks: list = []
+        self.corpus = None
+        self.adapter_dir: Path | None = None
+        self.dialogs: dict[str, QWidget] = {}      # the open dialog of each kind (tests and screenshots reach them)
 
+        self.chat = ChatController(chat_engine, self)
+        self.corpus_controller = CorpusController(self)
+        self.training = TrainingController(self.chat.handover, self)
+
+        # ---- header -------------------------------------------------------------------------------------------
+        self.picker = ModelPicker()
+        self.buttons = {}
+        header = QHBoxLayout()
+        header.addWidget(QLabel("Model:"))
+        header.addWidget(self.picker, 1)
+        for name, tip in (("Corpus", "Add training files and see what will be trained on"),
+                          ("Plan", "Plan a training run (needs a model and a corpus)"),
+                          ("Train", "Show the training console"),
+                          ("Evaluate", "Perplexity of the base model and the active adapter on the corpus"),
+                          ("Save Adapter", "Save the active adapter as PEFT, GGUF + Modelfile or a merged model"),
+                          ("Hardware", "GPU adapters, CPU, memory and the benchmark")):
+            button = QPushButton(name, objectName=f"action-{name.lower().replace(' ', '-')}")
+            button.setToolTip(tip)
+            self.buttons[name] = button
+            header.addWidget(button)
+
+        # ---- panels -------------------------------------------------------------------------------------------
         self.model_info = ModelInfo()
         self.log = QPlainTextEdit(readOnly=True, objectName="log")
         self.log.setMaximumBlockCount(5000)
         left = QWidget()
-        layout = QVBoxLayout(left)
-        layout.addWidget(self.model_info)
-        layout.addWidget(QLabel("Log"))
-        layout.addWidget(self.log)
+        left_layout = QVBoxLayout(left)
+        left_layout.addWidget(self.model_info)
+        left_layout.addWidget(QLabel("Log"))
+        left_layout.addWidget(self.log)
+        self.chat_panel = ChatPanel(self.chat)
+        self.console = TrainingConsole(self.training)
+        self.tabs = QTabWidget(objectName="tabs")
+        self.tabs.addTab(self.chat_panel, "Chat")
+        self.tabs.addTab(self.console, "Training")
         self.splitter = QSplitter(Qt.Horizontal)
         self.splitter.addWidget(left)
-        self.setCentralWidget(self.splitter)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.setSizes([300, 980])
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.addLayout(header)
+        layout.addWidget(self.splitter, 1)
+        self.setCentralWidget(central)
 
         self.hardware_label = QLabel("detecting hardware…", objectName="hardware")
-        self.state_label = QLabel("idle", objectName="engine-state")
+        self.backend_label = QLabel("training backend: auto", objectName="backend")
+        self.state_label = QLabel("no model", objectName="engine-state")
         self.statusBar().addWidget(self.hardware_label, 1)
+        self.statusBar().addPermanentWidget(self.backend_label)
         self.statusBar().addPermanentWidget(self.state_label)
 
-        self._restore_geometry()
+        # The console's first layout and paint (pyqtgraph's fonts and axes above all) takes ~100 ms; paying it at
+        # startup keeps it out of the moment a run starts and the console comes to the front.
+        self.console.resize(980, 700)
+        self.console.grab()
+        self._connect()
+        self._restore_settings()
+        self._update_actions()
         run_in_thread(self, detect, on_result=self._on_hardware, on_error=self._on_error)
         if model_ref:
             self.load_model(model_ref)
+
+    def _connect(self) -> None:
+        self.picker.model_chosen.connect(self.load_model)
+        b = self.buttons
+        b["Corpus"].clicked.connect(self.open_corpus)
+        b["Plan"].clicked.connect(self.open_plan)
+        b["Train"].clicked.connect(lambda: self.tabs.setCurrentWidget(self.console))
+        b["Evaluate"].clicked.connect(self.evaluate)
+        b["Save Adapter"].clicked.connect(self.open_save)
+        b["Hardware"].clicked.connect(self.open_hardware)
+        self.chat.state_changed.connect(self.state_label.setText)
+        self.chat.error.connect(self._on_error)
+        self.chat.adapters_changed.connect(lambda *_: self._update_actions())
+        self.chat.model_ready.connect(lambda _: self._update_actions())
+        self.chat_panel.generation.changed.connect(
+            lambda s: QSettings().setValue("chat/generation", json.dumps(settings_to_dict(s))))
+        self.training.log.connect(self.append_log)
+        self.training.failed.connect(self._on_error)
+        self.training.finished.connect(self._on_trained)
+        self.training.running_changed.connect(lambda _: self._update_actions())
+        self.corpus_controller.failed.connect(lambda m, d: self.append_log(f"corpus: {m}"))
+
+    def _update_actions(self) -> None:
+        b, training = self.buttons, self.training.running
+        b["Corpus"].setEnabled(self.model_dir is not None and not training)
+        b["Plan"].setEnabled(self.model_dir is not None and self.corpus is not None and not training)
+        b["Plan"].setToolTip("Plan a training run" if b["Plan"].isEnabled() else
+                             "Load a model and read a corpus (Corpus) first")
+        b["Evaluate"].setEnabled(self.corpus is not None and not training)
+        b["Save Adapter"].setEnabled(self._active_adapter_dir() is not None and not training)
+        self.picker.setEnabled(not training)
 
     # ---- model --------------------------------------------------------------------------------------------
     def load_model(self, ref: str) -> None:
         self.append_log(f"loading model {ref}")
         self.state_label.setText("loading model")
-        run_in_thread(self, _resolve_and_read, ref, on_result=self._on_model, on_error=self._on_model_error)
+        run_in_thread(self, _resolve_and_read, ref, on_result=lambda r: self._on_model(ref, r),
+                      on_error=self._on_model_error)
 
-    def _on_model(self, result) -> None:
+    def _on_model(self, ref: str, result) -> None:
         folder, spec = result
-        self.model_dir = Path(folder)
+        self.model_ref, self.model_dir, self.spec = ref, Path(folder), spec
+        self.corpus = self.corpus_controller.corpus = None    # tokenized for the previous model: read it again
         self.model_info.show_model(self.model_dir.name, spec)
-        self.state_label.setText("idle")
         self.append_log(f"model ready: {folder}")
-        QSettings().setValue("model/last", str(folder))
+        QSettings().setValue("model/last", ref)
+        remember_model(ref)
+        self.picker.refresh(ref)
+        self._update_actions()
         self.model_loaded.emit(str(folder))
+        self.chat.load_model(str(folder))
 
     def _on_model_error(self, message: str, detail: str) -> None:
         self.model_info.show_error(message)
-        self.state_label.setText("idle")
+        self.state_label.setText("no model")
         self._on_error(message, detail)
 
     # ---- hardware -----------------------------------------------------------------------------------------
     def _on_hardware(self, report) -> None:
         self.hardware = report
         self.hardware_label.setText(report.summary())
+        hardware_gpus = [a for a in report.adapters if not a.software and a.backend != "OpenGL"]
+        self.backend_label.setText("training backend: auto (fastest of GPU and CPU)" if hardware_gpus
+                                   else "training backend: CPU (onnxruntime)")
         self.hardware_ready.emit(report)
+
+    def open_hardware(self) -> None:
+        from app.widgets.hardware_dialog import HardwareDialog
+
+        dialog = HardwareDialog(self.hardware, self.model_dir, self.benchmarks, self)
+        dialog.benchmarked.connect(self._on_benchmarks)
+        dialog.failed.connect(lambda m, d: self.append_log(f"benchmark failed: {m}\n{d}"))
+        self._show_dialog("hardware", dialog)
+
+    def _on_benchmarks(self, results) -> None:
+        self.benchmarks = list(results)
+        for b in results:
+            self.append_log(f"benchmark: {b.name}: {b.gflops:.2f} GFLOP/s {b.detail}")
+        usable = [b for b in results if not b.software and b.gflops > 0]
+        if usable:
+            best = max(usable, key=lambda b: b.gflops)
+            self.backend_label.setText(f"training backend: {best.name} (fastest measured)")
+
+    # ---- corpus, plan, training ---------------------------------------------------------------------------
+    def open_corpus(self) -> None:
+        from app.widgets.corpus_dialog import CorpusDialog
+
+        dialog = CorpusDialog(self.corpus_controller, self.model_dir, self)
+        dialog.accepted_corpus.connect(self._on_corpus)
+        self._show_dialog("corpus", dialog)
+
+    def _on_corpus(self, corpus) -> None:
+        self.corpus = corpus
+        t = corpus.stats.totals
+        self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training sequences, "
+                        f"{t['trainable_tokens']:,} trainable tokens")
+        self._update_actions()
+
+    def open_plan(self) -> None:
+        from app.widgets.plan_wizard import PlanWizard
+
+        if self.corpus is None or self.spec is None:
+            return
+        wizard = PlanWizard(self.model_ref, self.model_dir, self.spec, summarize_corpus(self.corpus), self.hardware,
+                            self.benchmarks, self)
+        wizard.run_requested.connect(self.start_training)
+        self._show_dialog("plan", wizard)
+
+    def start_training(self, request) -> None:
+        self.tabs.setCurrentWidget(self.console)
+        self.training.start(request)
+
+    def _on_trained(self, summary, perplexities) -> None:
+        self.adapter_dir = Path(summary.adapter_dir)
+        self.chat.refresh()
+        self._update_actions()
+
+    # ---- evaluate -----------------------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        files = list(summarize_corpus(self.corpus).files)
+        adapter = self._active_adapter_dir()
+        backend = QSettings().value("train/backend", "auto")
+        self.append_log(f"evaluating on {len(files)} file(s) ({backend} backend)…")
+        self.buttons["Evaluate"].setEnabled(False)
+        args = (str(self.model_dir), files, str(adapter) if adapter else None, self.corpus.config.seq_len, backend)
+
+        def done(result):
+            base, tuned = result
+            text = f"perplexity on the corpus: base {base.perplexity:.3f} ({base.tokens} tokens)"
+            if tuned is not None:
+                text += f", with {adapter.name} {tuned.perplexity:.3f}"
+            self.append_log(text)
+            self.statusBar().showMessage(text, 30000)
+            self.evaluated.emit({"base": base, "adapter": tuned})
+
+        run_in_thread(self, run_in_child, evaluate_pair, *args, on_result=done, on_error=self._on_error,
+                      on_done=self._update_actions)
+
+    # ---- save ---------------------------------------------------------------------------------------------
+    def _active_adapter_dir(self) -> Path | None:
+        active = self.chat.active_adapter
+        if active is not None:
+            return self.chat.engine.adapter_paths.get(active)
+        return self.adapter_dir
+
+    def open_save(self) -> None:
+        from app.widgets.save_dialog import SaveDialog
+
+        adapter = self._active_adapter_dir()
+        if adapter is None:
+            return
+        folder = Path(QSettings().value("save/folder") or
+                      QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
+        dialog = SaveDialog(adapter, self.model_ref or str(self.model_dir), folder, self)
+        dialog.finished.connect(lambda _: QSettings().setValue("save/folder", dialog.folder.text()))
+        dialog.saved.connect(lambda lines: [self.append_log(f"saved {line}") for line in lines])
+        dialog.failed.connect(lambda m, d: self.append_log(f"save failed: {m}" + (f"\n{d}" if d else "")))
+        self._show_dialog("save", dialog)
+
+    # ---- drops: an adapter folder or its .safetensors goes to chat -------------------------------------------
+    def dragEnterEvent(self, event):   # noqa: N802
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event):   # noqa: N802
+        for url in event.mimeData().urls():
+            self.drop_path(Path(url.toLocalFile()))
+        event.acceptProposedAction()
+
+    def drop_path(self, path: Path) -> None:
+        folder = path.parent if path.suffix == ".safetensors" else path
+        if (folder / "adapter_config.json").is_file():
+            self.append_log(f"loading adapter {folder}")
+            self.chat.load_adapter(folder)
+        else:
+            self._on_error(f"{path} is not a PEFT adapter (no adapter_config.json beside it); drop an adapter "
+                           "folder or its adapter_model.safetensors — corpus files go in the Corpus dialog", "")
 
     # ---- messages -----------------------------------------------------------------------------------------
     def append_log(self, text: str) -> None:
         self.log.appendPlainText(text)
 
     def _on_error(self, message: str, detail: str) -> None:
-        self.append_log(f"error: {message}\n{detail}")
+        self.append_log(f"error: {message}" + (f"\n{detail}" if detail else ""))
         self.statusBar().showMessage(message, 15000)
         if self.isVisible():
-            QMessageBox.warning(self, "LoRA-Lab", message)
+            box = QMessageBox(QMessageBox.Warning, "LoRA-Lab", message, QMessageBox.Ok, self)
+            box.setObjectName("error-box")
+            box.open()      # not exec(): a modal loop here would block whatever reported the error
 
-    # ---- geometry -----------------------------------------------------------------------------------------
-    def _restore_geometry(self) -> None:
+    def _show_dialog(self, kind: str, dialog) -> None:
+        old = self.dialogs.get(kind)
+        if old is not None:
+            old.close()
+        self.dialogs[kind] = dialog
+        dialog.show()
+
+    # ---- settings -----------------------------------------------------------------------------------------
+    def _restore_settings(self) -> None:
         geometry = QSettings().value("window/geometry")
         if isinstance(geometry, QByteArray) and not geometry.isEmpty():
             self.restoreGeometry(geometry)
         else:
             self.resize(1280, 820)
+        saved = QSettings().value("chat/generation")
+        if saved:
+            try:
+                settings = settings_from_dict(json.loads(saved))
+            except ValueError:
+                settings = None
+            if settings is not None:
+                self.chat_panel.generation.set_settings(settings)
+                self.chat.settings = settings
 
     def closeEvent(self, event) -> None:
         QSettings().setValue("window/geometry", self.saveGeometry())
+        self.chat.stop()
+        self.training.stop()
         super().closeEvent(event)
+
+
+def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len: int, backend: str):
+    """(base, adapter or None) perplexities; runs in a child process (see app.training_process.run_in_child)."""
+    from engine.commands.evaluate import evaluate
+
+    base = evaluate(model_dir, files, None, seq_len, backend=backend)
+    return base, (evaluate(model_dir, files, adapter, seq_len, backend=backend) if adapter else None)
 
 
 def _resolve_and_read(ref: str):

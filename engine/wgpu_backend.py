@@ -28,6 +28,9 @@ from engine.wgpu_graph import build_model
 from engine.wgpu_weights import upload_weights
 
 
+DROPOUT_STEP_KEY = "lora_dropout_step"
+
+
 class WgpuBackend(TrainingBackend):
     """Sized once for [batch_size, seq_len]; smaller micro-batches are padded (padding never counts).
 
@@ -74,6 +77,7 @@ class WgpuBackend(TrainingBackend):
         self.load_lora_state(lora_state if lora_state is not None else init_lora_state(spec, lora, seed))
         self._seed = seed
         self._steps_submitted = 0
+        self._dropout_steps = 0   # picks each step's dropout mask; saved with the optimizer so resume is exact
         self._pending: list[PendingStep | None] = [None] * HISTORY_SLOTS
         self._bytes = ctx.bytes_allocated - self._bytes_before
 
@@ -118,7 +122,8 @@ class WgpuBackend(TrainingBackend):
         if counted == 0:
             raise ValueError("the step's micro-batches have no counted tokens (every label is -100 after the shift)")
         self.model.lm_head.set_step(counted, with_grad=True)
-        seed = (self._seed * 1_000_003 + self._steps_submitted) % (1 << 32)   # a new dropout mask every step
+        seed = (self._seed * 1_000_003 + self._dropout_steps) % (1 << 32)   # a new dropout mask every step
+        self._dropout_steps += 1
         self.ctx.write(self.dropout_step, np.array([seed], np.uint32))
         self.ctx.write(self.dropout_step, np.array([self.lora.dropout], np.float32), offset=4)
         for g0 in range(0, len(batches), STAGE_SLOTS):
@@ -226,10 +231,14 @@ class WgpuBackend(TrainingBackend):
         self.ctx.write(self.scratch.lora_params, flat)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return self.optimizer.state()
+        return {**self.optimizer.state(), DROPOUT_STEP_KEY: np.array(self._dropout_steps, np.int64)}
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        dropout_steps = state.pop(DROPOUT_STEP_KEY, None)   # absent in states from the CPU backend
         self.optimizer.load_state(state)
+        if dropout_steps is not None:
+            self._dropout_steps = int(dropout_steps)
 
     def memory_bytes(self) -> int:
         return self._bytes

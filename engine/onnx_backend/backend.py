@@ -157,7 +157,8 @@ class OnnxBackend(TrainingBackend):
         return self._optimizer.state()
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        self._optimizer.load_state(state)
+        # The WGSL backend saves its dropout-mask counter beside the optimizer; it means nothing here.
+        self._optimizer.load_state({k: v for k, v in state.items() if k != "lora_dropout_step"})
 
     def memory_bytes(self) -> int:
         """Growth of this process's resident memory since construction began, largest seen after a training

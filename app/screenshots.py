@@ -1,0 +1,149 @@
+"""`python -m app.screenshots OUT_DIR [--model REF] [--steps N]`: drive the real window through the journey and
+save a PNG of each panel. Run it under a display (`xvfb-run -a -s "-screen 0 1600x1000x24" python -m
+app.screenshots docs/screenshots`). Everything shown is computed by the engines; nothing is staged.
+
+The corpus is a small chat JSONL written to a temporary folder (with one malformed line, so the skipped-line
+report shows), plus a plain-text file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHATS = [
+    ("What is LoRA?", "LoRA trains two small matrices per layer, A and B, whose product is added to a frozen weight."),
+    ("Why is B zero at the start?", "So the adapted model starts exactly equal to the base model."),
+    ("What does alpha do?", "The update is scaled by alpha / r, so the learning rate transfers across ranks."),
+    ("Which layers get adapters?", "Usually the attention projections q, k, v, o and the MLP projections."),
+    ("How big is an adapter?", "A few megabytes: r × (in + out) numbers per adapted projection."),
+    ("Can I merge it?", "Yes: W + (alpha / r) · B A gives a plain model with the adapter folded in."),
+]
+
+
+def write_corpus(folder: Path) -> list[Path]:
+    chats = folder / "chats.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+             for q, a in CHATS * 4]
+    lines.insert(3, '{"messages": [oops, not json}')
+    chats.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    notes = folder / "notes.txt"
+    notes.write_text("Low-rank adaptation freezes the pretrained weights and learns a low-rank update.\n" * 20,
+                     encoding="utf-8")
+    return [chats, notes]
+
+
+def wait_until(app, condition, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        app.processEvents()
+        time.sleep(0.02)
+    for _ in range(5):   # let pending paints land
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def save(widget, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    if not widget.grab().save(str(path)):
+        raise OSError(f"could not write {path}")
+    print(path)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.screenshots")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="demo", help="model reference (default: the demo model)")
+    parser.add_argument("--steps", type=int, default=12, help="training steps for the console screenshot")
+    parser.add_argument("--backend", default="cpu", help="training backend (default cpu)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication, QDialogButtonBox, QWizard
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("LoRA-Lab-screenshots")   # settings of the user's own LoRA-Lab stay untouched
+    app.setApplicationName("LoRA-Lab")
+    QSettings().clear()
+
+    from app.main_window import MainWindow
+
+    work = Path(tempfile.mkdtemp(prefix="lora-lab-shots-"))
+    files = write_corpus(work)
+    window = MainWindow(args.model)
+    window.resize(1400, 880)
+    window.show()
+    wait_until(app, lambda: window.chat.engine.loaded and window.hardware is not None, 300, "the model")
+
+    window.buttons["Hardware"].click()
+    hardware = window.dialogs["hardware"]
+    hardware.benchmark.click()
+    wait_until(app, lambda: hardware.benchmark.isEnabled() and hardware.benchmarks, 900, "the benchmark")
+    save(hardware, args.out, "hardware")
+    hardware.close()
+
+    window.buttons["Corpus"].click()
+    corpus = window.dialogs["corpus"]
+    window.corpus_controller.add(files)
+    corpus.seq_len.setValue(128)
+    corpus.val_split.setValue(0.2)
+    corpus.read.click()
+    wait_until(app, lambda: window.corpus_controller.corpus is not None, 300, "the corpus")
+    corpus.example.setValue(1)
+    save(corpus, args.out, "corpus")
+    corpus.buttons.button(QDialogButtonBox.Ok).click()
+
+    window.buttons["Plan"].click()
+    wizard = window.dialogs["plan"]
+    wizard.backend.setCurrentIndex(max(0, wizard.backend.findData(args.backend)))
+    wizard.next()
+    wizard.next()
+    save(wizard, args.out, "wizard-method")
+    wizard.next()
+    wizard.max_steps.setValue(args.steps)
+    wizard.next()
+    wizard.out_dir.setText(str(work / "adapter"))
+    wait_until(app, lambda: "steps" in wizard.review_label.text(), 10, "the review page")
+    save(wizard, args.out, "wizard-review")
+    wizard.button(QWizard.FinishButton).click()
+    wait_until(app, lambda: not window.training.running, 1800, "training")
+    wait_until(app, lambda: window.chat.active_adapter is not None, 300, "chat with the new adapter")
+    save(window, args.out, "training-console")
+
+    window.tabs.setCurrentWidget(window.chat_panel)
+    panel = window.chat_panel
+    panel.generation.max_new_tokens.setValue(48)
+    panel.generation.temperature.setValue(0.0)
+    panel.compare.setChecked(True)
+    panel.prompt.setPlainText("What is LoRA?")
+    panel.send.click()
+    wait_until(app, lambda: not window.chat.busy and window.chat.last_answer(), 600, "the answers")
+    wait_until(app, lambda: "…" not in panel.views[-1].toPlainText(), 5, "the rendering")
+    save(window, args.out, "chat-compare")
+
+    window.buttons["Save Adapter"].click()
+    dialog = window.dialogs["save"]
+    dialog.folder.setText(str(work / "saved"))
+    dialog.gguf.setChecked(True)
+    dialog.buttons.button(QDialogButtonBox.Save).click()
+    wait_until(app, lambda: bool(dialog.written) or "failed" in dialog.status.text(), 600, "saving")
+    save(dialog, args.out, "save")
+    dialog.close()
+    window.close()
+    from app.workers import wait_for_workers
+
+    wait_for_workers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The corpus dialog: drop or pick files and folders, paste text, read them with the model's tokenizer, and see
+exactly what will be trained on (per-file table, skipped lines, rendered examples with masked tokens dimmed)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QMenu, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
+                               QSplitter, QTableWidget, QTableWidgetItem, QTextBrowser, QToolButton, QVBoxLayout,
+                               QWidget)
+
+from app.corpus_controller import CorpusController, recent_corpora, save_pasted
+
+COLUMNS = ["File", "Format", "Records", "Tokens", "Trainable", "Skipped"]
+SKIPPED_COLUMN = 5
+
+
+def preview_html(pieces: list[tuple[str, bool]]) -> str:
+    """Rendered example: trained tokens highlighted, masked ones grey (text escaped: it is data, not markup)."""
+    out = []
+    for text, trained in pieces:
+        body = html.escape(text).replace("\n", "<br>")
+        style = "background:#d9f2d9;color:#0a3d0a" if trained else "color:#8a8a8a"
+        out.append(f'<span style="{style}">{body}</span>')
+    return "<div style='font-family:monospace'>" + "".join(out) + "</div>"
+
+
+def format_label(fs) -> str:
+    if fs.refused is not None:
+        return "refused"
+    kinds = ", ".join(f"{k} ({v})" for k, v in sorted(fs.formats.items()))
+    return f"{fs.container}: {kinds}" if kinds else fs.container
+
+
+class CorpusDialog(QDialog):
+    accepted_corpus = Signal(object)     # engine.corpus.Corpus
+
+    def __init__(self, controller: CorpusController, model_dir: Path | None, parent=None):
+        super().__init__(parent, objectName="corpus-dialog")
+        self.setWindowTitle("Corpus")
+        self.resize(1000, 720)
+        self.setAcceptDrops(True)
+        self.controller, self.model_dir = controller, model_dir
+
+        self.add_files = QPushButton("Add files…", objectName="corpus-add-files")
+        self.add_folder = QPushButton("Add folder…", objectName="corpus-add-folder")
+        self.recent = QToolButton(objectName="corpus-recent", text="Recent")
+        self.recent.setPopupMode(QToolButton.InstantPopup)
+        self.recent.setMenu(QMenu(self.recent))
+        self.recent.menu().aboutToShow.connect(self._fill_recent)
+        self.drop_hint = QLabel("…or drop files and folders here", objectName="drop-hint")
+        self.paste = QPlainTextEdit(objectName="corpus-paste", placeholderText="Paste text or JSONL records here")
+        self.paste.setMaximumHeight(80)
+        self.add_paste = QPushButton("Add pasted text", objectName="corpus-add-paste")
+        self.seq_len = QSpinBox(minimum=16, maximum=32768, value=512, singleStep=64, objectName="corpus-seq-len")
+        self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, value=0.1, decimals=2,
+                                        objectName="corpus-val-split")
+        self.read = QPushButton("Read corpus", objectName="corpus-read")
+        self.cancel = QPushButton("Cancel reading", objectName="corpus-cancel")
+        self.progress = QProgressBar(objectName="corpus-progress")
+        self.table = QTableWidget(0, len(COLUMNS), objectName="corpus-table")
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setToolTip("Click a file's Skipped cell to see each skipped line and why")
+        self.totals = QLabel(objectName="corpus-totals", wordWrap=True)
+        self.preview = QTextBrowser(objectName="corpus-preview")
+        self.example = QSpinBox(minimum=0, maximum=0, objectName="corpus-example")
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Close)
+        self.buttons.button(QDialogButtonBox.Ok).setText("Use this corpus")
+        self.buttons.button(QDialogButtonBox.Ok).setObjectName("corpus-use")
+
+        sources = QHBoxLayout()
+        sources.addWidget(self.add_files)
+        sources.addWidget(self.add_folder)
+        sources.addWidget(self.recent)
+        sources.addWidget(self.drop_hint, 1)
+        paste_row = QHBoxLayout()
+        paste_row.addWidget(self.paste, 1)
+        paste_row.addWidget(self.add_paste)
+        settings = QFormLayout()
+        settings.addRow("Sequence length (tokens):", self.seq_len)
+        settings.addRow("Validation split:", self.val_split)
+        run_row = QHBoxLayout()
+        run_row.addLayout(settings)
+        run_row.addWidget(self.read)
+        run_row.addWidget(self.cancel)
+        run_row.addWidget(self.progress, 1)
+        preview_box = QWidget()
+        preview_layout = QVBoxLayout(preview_box)
+        preview_layout.setContentsMargins(0, 0, 0, 0)
+        example_row = QHBoxLayout()
+        example_row.addWidget(QLabel("Example (training sequence):"))
+        example_row.addWidget(self.example)
+        example_row.addWidget(QLabel("<span style='background:#d9f2d9'>trained</span> · "
+                                     "<span style='color:#8a8a8a'>masked (context only)</span>"))
+        example_row.addStretch(1)
+        preview_layout.addLayout(example_row)
+        preview_layout.addWidget(self.preview)
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(preview_box)
+        layout = QVBoxLayout(self)
+        layout.addLayout(sources)
+        layout.addLayout(paste_row)
+        layout.addLayout(run_row)
+        layout.addWidget(split, 1)
+        layout.addWidget(self.totals)
+        layout.addWidget(self.buttons)
+
+        self.add_files.clicked.connect(self._pick_files)
+        self.add_folder.clicked.connect(self._pick_folder)
+        self.add_paste.clicked.connect(self._add_paste)
+        self.read.clicked.connect(self.read_corpus)
+        self.cancel.clicked.connect(controller.cancel)
+        self.example.valueChanged.connect(self._show_example)
+        self.table.cellClicked.connect(self._cell_clicked)
+        self.buttons.accepted.connect(self._use)
+        self.buttons.rejected.connect(self.reject)
+        controller.files_changed.connect(self._show_files)
+        controller.progress.connect(self.progress.setValue)
+        controller.loaded.connect(self._show_corpus)
+        controller.failed.connect(self._failed)
+        controller.running_changed.connect(self._on_running)
+        self._show_files(controller.files)
+        if controller.corpus is not None:
+            self._show_corpus(controller.corpus)
+        self._on_running(controller.running)
+
+    # -- sources ----------------------------------------------------------------------------------------------
+    def dragEnterEvent(self, event):   # noqa: N802
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event):   # noqa: N802
+        self.controller.add([u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()])
+        event.acceptProposedAction()
+
+    def _pick_files(self):
+        files, _ = QFileDialog.getOpenFileNames(self, "Add corpus files",
+                                                filter="Corpus files (*.txt *.md *.jsonl *.ndjson *.json *.csv)")
+        self.controller.add(files)
+
+    def _pick_folder(self):
+        folder = QFileDialog.getExistingDirectory(self, "Add a folder of corpus files")
+        if folder:
+            self.controller.add([folder])
+
+    def _fill_recent(self):
+        menu = self.recent.menu()
+        menu.clear()
+        for path in recent_corpora():
+            if Path(path).is_file():
+                menu.addAction(path, lambda p=path: self.controller.add([p]))
+        if menu.isEmpty():
+            menu.addAction("no recent corpus files").setEnabled(False)
+
+    def _add_paste(self):
+        text = self.paste.toPlainText()
+        if text.strip():
+            self.controller.add([save_pasted(text)])
+            self.paste.clear()
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def read_corpus(self):
+        if self.model_dir is None:
+            self._failed("load a model first: the corpus is tokenized with the model's tokenizer", "")
+            return
+        self.progress.setValue(0)
+        self.controller.load(self.model_dir, self.seq_len.value(), self.val_split.value())
+
+    def _on_running(self, running: bool):
+        self.read.setEnabled(not running and bool(self.controller.files))
+        self.cancel.setEnabled(running)
+        self.buttons.button(QDialogButtonBox.Ok).setEnabled(not running and self.controller.corpus is not None)
+
+    def _failed(self, message: str, detail: str):
+        self.totals.setText(f"<b>{html.escape(message)}</b>")
+        if self.isVisible():
+            QMessageBox.warning(self, "Corpus", message)
+
+    # -- results ----------------------------------------------------------------------------------------------
+    def _show_files(self, files):
+        stats = {Path(f.path): f for f in self.controller.corpus.stats.files} if self.controller.corpus else {}
+        self.table.setRowCount(len(files))
+        for row, path in enumerate(files):
+            fs = stats.get(Path(path))
+            cells = [str(path)] + (["not read yet", "", "", "", ""] if fs is None else [
+                format_label(fs), f"{fs.records:,}", f"{fs.tokens:,}", f"{fs.trainable_tokens:,}",
+                f"{fs.skipped_count:,}" + (" — click" if fs.skipped_count else "")])
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if fs is not None and fs.refused is not None:
+                    item.setToolTip(fs.refused)
+                self.table.setItem(row, col, item)
+        self.table.resizeColumnsToContents()
+        self._on_running(self.controller.running)
+
+    def _show_corpus(self, corpus):
+        self._show_files(self.controller.files)
+        t = corpus.stats.totals
+        train, val = corpus.stats.train, corpus.stats.val
+        self.totals.setText(
+            f"Totals: {t['files']} file(s), {t['records']:,} records, {t['tokens']:,} tokens, "
+            f"{t['trainable_tokens']:,} trainable, {t['skipped']:,} skipped, {t['refused_files']} refused. "
+            f"Training: {train.sequences:,} sequences ({train.trainable_tokens:,} trained tokens); "
+            f"validation: {val.sequences:,} sequences ({val.trainable_tokens:,} trained tokens)."
+            + "".join(f" Note: {html.escape(n)}" for n in corpus.stats.notes))
+        self.example.blockSignals(True)
+        self.example.setMaximum(max(0, len(corpus.train) - 1))
+        self.example.setValue(0)
+        self.example.blockSignals(False)
+        self._show_example(0)
+
+    def _show_example(self, index: int):
+        corpus = self.controller.corpus
+        if corpus is None or not corpus.train:
+            self.preview.setHtml("<i>no training example</i>")
+            return
+        self.preview.setHtml(preview_html(corpus.preview(index)))
+
+    def _cell_clicked(self, row: int, column: int):
+        corpus = self.controller.corpus
+        if column != SKIPPED_COLUMN or corpus is None:
+            return
+        path = self.controller.files[row]
+        fs = next((f for f in corpus.stats.files if Path(f.path) == path), None)
+        if fs is not None and fs.skipped_count:
+            SkippedDialog(fs, self).exec()
+
+    def _use(self):
+        if self.controller.corpus is not None:
+            self.accepted_corpus.emit(self.controller.corpus)
+            self.accept()
+
+
+class SkippedDialog(QDialog):
+    """Each skipped line of one file and the reason."""
+
+    def __init__(self, fs, parent=None):
+        super().__init__(parent, objectName="skipped-dialog")
+        self.setWindowTitle(f"Skipped in {Path(fs.path).name}")
+        self.resize(700, 400)
+        table = QTableWidget(len(fs.skipped), 2, objectName="skipped-table")
+        table.setHorizontalHeaderLabels(["Line", "Reason"])
+        table.horizontalHeader().setStretchLastSection(True)
+        for row, s in enumerate(fs.skipped):
+            table.setItem(row, 0, QTableWidgetItem(str(s.line)))
+            table.setItem(row, 1, QTableWidgetItem(s.reason))
+        more = fs.skipped_count - len(fs.skipped)
+        buttons = QDialogButtonBox(QDialogButtonBox.Close)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(table)
+        if more:
+            layout.addWidget(QLabel(f"… and {more:,} more skipped records"))
+        layout.addWidget(buttons)

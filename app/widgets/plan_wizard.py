@@ -1,0 +1,185 @@
+"""The plan wizard: model → corpus → method → schedule → review. Finish hands a RunRequest to the window.
+
+Defaults come from app.plan.recommend (corpus size, hardware); the review page shows app.plan.review.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QStandardPaths, Signal
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QSpinBox, QWizard, QWizardPage)
+
+from app.plan import CorpusSummary, recommend, review
+from app.training_controller import RunRequest
+from engine.backend import OPTIMIZERS, OptimizerConfig
+from engine.lora import LORA_TARGETS, LoraConfig
+from engine.schedule import SCHEDULES
+from engine.train_config import TrainConfig
+
+
+def _gib(n) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def default_out_dir(model_name: str) -> Path:
+    root = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "adapters"
+    return root / f"{model_name}-lora-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class PlanWizard(QWizard):
+    run_requested = Signal(object)     # RunRequest
+
+    def __init__(self, model_ref: str, model_dir: Path, spec, summary: CorpusSummary, hardware, benchmarks,
+                 parent=None):
+        super().__init__(parent, objectName="plan-wizard")
+        self.setWindowTitle("Plan a training run")
+        self.resize(760, 560)
+        self.model_ref, self.model_dir, self.spec, self.summary = model_ref, model_dir, spec, summary
+        self.hardware, self.benchmarks = hardware, list(benchmarks)
+        has_gpu = hardware is not None and any(not a.software and a.backend != "OpenGL" for a in hardware.adapters)
+        config, val_split = recommend(summary, spec, has_gpu)
+        self._build_pages(config, val_split)
+        self.setButtonText(QWizard.FinishButton, "Start training")
+        self.currentIdChanged.connect(lambda _: self._refresh_review())
+
+    # -- pages ----------------------------------------------------------------------------------------------
+    def _page(self, title: str, subtitle: str) -> tuple[QWizardPage, QFormLayout]:
+        page = QWizardPage()
+        page.setTitle(title)
+        page.setSubTitle(subtitle)
+        form = QFormLayout(page)
+        self.addPage(page)
+        return page, form
+
+    def _build_pages(self, c: TrainConfig, val_split: float) -> None:
+        s, corpus = self.spec, self.summary
+        _, form = self._page("Model", "The base model the adapter is trained for.")
+        form.addRow("Model:", QLabel(self.model_ref, objectName="plan-model"))
+        form.addRow("Architecture:", QLabel(f"{s.model_type}, {s.layers} layers, hidden {s.hidden}, "
+                                            f"{s.parameter_count() / 1e6:.1f} M parameters"))
+        form.addRow("Context:", QLabel(f"{s.max_positions} tokens"))
+
+        _, form = self._page("Corpus", "What was read from your files (Corpus dialog).")
+        form.addRow("Files:", QLabel("\n".join(Path(f).name for f in corpus.files), wordWrap=True))
+        form.addRow("Training sequences:", QLabel(f"{corpus.sequences:,}", objectName="plan-sequences"))
+        form.addRow("Trained tokens:", QLabel(f"{corpus.trainable_tokens:,}"))
+        form.addRow("Longest sequence:", QLabel(f"{corpus.longest} tokens"))
+        self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, decimals=2, value=val_split,
+                                        objectName="plan-val-split")
+        form.addRow("Validation split:", self.val_split)
+
+        _, form = self._page("Method", "LoRA: which projections get an adapter and how large it is.")
+        self.targets = {}
+        row = QHBoxLayout()
+        for t in LORA_TARGETS:
+            box = QCheckBox(t, objectName=f"plan-target-{t}", checked=t in c.lora.targets)
+            self.targets[t] = box
+            row.addWidget(box)
+        form.addRow("Targets:", row)
+        self.rank = QSpinBox(minimum=1, maximum=1024, value=c.lora.rank, objectName="plan-rank")
+        self.alpha = QDoubleSpinBox(minimum=0.01, maximum=4096, value=c.lora.alpha, objectName="plan-alpha")
+        self.dropout = QDoubleSpinBox(minimum=0.0, maximum=0.95, singleStep=0.05, value=c.lora.dropout,
+                                      objectName="plan-dropout")
+        self.rslora = QCheckBox("rank-stabilised scaling (alpha / √r)", objectName="plan-rslora",
+                                checked=c.lora.use_rslora)
+        form.addRow("Rank r:", self.rank)
+        form.addRow("Alpha:", self.alpha)
+        form.addRow("Dropout:", self.dropout)
+        form.addRow("rsLoRA:", self.rslora)
+
+        _, form = self._page("Schedule", "How long and how fast to train.")
+        self.epochs = QSpinBox(minimum=1, maximum=1000, value=c.epochs, objectName="plan-epochs")
+        self.max_steps = QSpinBox(minimum=0, maximum=10**7, value=c.max_steps, objectName="plan-max-steps",
+                                  specialValueText="as the epochs take")
+        self.lr = QDoubleSpinBox(minimum=1e-6, maximum=1.0, decimals=6, singleStep=1e-4, value=c.lr,
+                                 objectName="plan-lr")
+        self.schedule = QComboBox(objectName="plan-schedule")
+        self.schedule.addItems(list(SCHEDULES))
+        self.schedule.setCurrentText(c.schedule)
+        self.warmup = QSpinBox(minimum=0, maximum=10**6, value=c.warmup_steps, objectName="plan-warmup")
+        self.batch = QSpinBox(minimum=1, maximum=1024, value=c.batch_size, objectName="plan-batch")
+        self.accum = QSpinBox(minimum=1, maximum=1024, value=c.grad_accum, objectName="plan-accum")
+        self.seq_len = QSpinBox(minimum=16, maximum=s.max_positions, value=c.seq_len, objectName="plan-seq-len")
+        self.optimizer = QComboBox(objectName="plan-optimizer")
+        self.optimizer.addItems(list(OPTIMIZERS))
+        self.optimizer.setCurrentText(c.optim.name)
+        self.backend = QComboBox(objectName="plan-backend")
+        self.backend.addItem("auto (fastest measured)", "auto")
+        self.backend.addItem("CPU (onnxruntime)", "cpu")
+        for a in (self.hardware.adapters if self.hardware else ()):
+            if a.backend != "OpenGL":
+                self.backend.addItem(f"{a.name} ({a.backend})" + (" — software" if a.software else ""),
+                                     f"wgpu:{a.name}")
+        chosen = self.backend.findData(QSettings().value("train/backend", "auto"))
+        self.backend.setCurrentIndex(max(0, chosen))
+        self._eval_every = c.eval_every
+        for label, w in (("Epochs:", self.epochs), ("Or steps:", self.max_steps), ("Learning rate:", self.lr),
+                         ("Schedule:", self.schedule), ("Warmup steps:", self.warmup), ("Batch size:", self.batch),
+                         ("Gradient accumulation:", self.accum), ("Sequence length:", self.seq_len),
+                         ("Optimizer:", self.optimizer), ("Backend:", self.backend)):
+            form.addRow(label, w)
+
+        page, _ = self._page("Review", "What the run needs against what this machine has.")
+        layout = page.layout()
+        self.review_label = QLabel(objectName="plan-review", wordWrap=True)
+        self.warnings = QLabel(objectName="plan-warnings", wordWrap=True)
+        self.out_dir = QLineEdit(str(default_out_dir(Path(self.model_dir).name)), objectName="plan-out-dir")
+        layout.addRow(self.review_label)
+        layout.addRow("Adapter folder:", self.out_dir)
+        layout.addRow(self.warnings)
+        self.error = QLabel(objectName="plan-error", wordWrap=True)
+        layout.addRow(self.error)
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def config(self) -> TrainConfig:
+        """The TrainConfig the pages describe; ValueError (with the engine's message) if it is invalid."""
+        lora = LoraConfig(rank=self.rank.value(), alpha=self.alpha.value(), dropout=self.dropout.value(),
+                          targets=tuple(t for t, box in self.targets.items() if box.isChecked()),
+                          use_rslora=self.rslora.isChecked())
+        return TrainConfig(lora=lora, optim=OptimizerConfig(name=self.optimizer.currentText()),
+                           batch_size=self.batch.value(), grad_accum=self.accum.value(), seq_len=self.seq_len.value(),
+                           epochs=self.epochs.value(), max_steps=self.max_steps.value(), lr=self.lr.value(),
+                           schedule=self.schedule.currentText(), warmup_steps=self.warmup.value(),
+                           eval_every=self._eval_every)
+
+    def _refresh_review(self) -> None:
+        if self.currentPage() is not self.page(self.pageIds()[-1]):
+            return
+        try:
+            config = self.config()
+        except ValueError as exc:
+            self.error.setText(f"<b>Cannot train with these settings:</b> {exc}")
+            self.review_label.setText("")
+            return
+        self.error.setText("")
+        r = review(config, self.spec, self.summary, self.val_split.value(), self.hardware, self.benchmarks)
+        available = (f"GPU memory {_gib(r.device_bytes)}" if r.device_bytes is not None
+                     else f"GPU memory unknown; RAM available {_gib(r.ram_available)}")
+        eta = f"about {r.eta_s / 60:.1f} min" if r.eta_s is not None and r.eta_s >= 60 else \
+            f"about {r.eta_s:.0f} s" if r.eta_s is not None else "unknown"
+        self.review_label.setText(
+            f"<b>{r.steps:,} steps</b> of {config.batch_size} × {config.grad_accum} × {config.seq_len} tokens, "
+            f"LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
+            f"Memory (WGSL engine plan): <b>{_gib(r.engine_bytes)}</b> needed; {available}.<br>"
+            f"ETA: <b>{eta}</b> ({r.eta_basis}).")
+        self.warnings.setText("".join(f"⚠ {w}<br>" for w in r.warnings) or "No warnings.")
+
+    def validateCurrentPage(self) -> bool:   # noqa: N802
+        if self.currentPage() is self.page(self.pageIds()[-1]):
+            try:
+                request = self.request()
+            except ValueError as exc:
+                self.error.setText(f"<b>Cannot train with these settings:</b> {exc}")
+                return False
+            self.run_requested.emit(request)
+        return super().validateCurrentPage()
+
+    def request(self) -> RunRequest:
+        out = self.out_dir.text().strip()
+        if not out:
+            raise ValueError("choose a folder for the adapter")
+        QSettings().setValue("train/backend", self.backend.currentData())   # Evaluate uses the same backend
+        return RunRequest(model=self.model_ref, files=self.summary.files, val_split=self.val_split.value(),
+                          config=self.config(), out_dir=Path(out), backend=self.backend.currentData())

@@ -1,0 +1,169 @@
+"""The training console: live loss (raw, smoothed) and validation loss, speed, progress, controls, log, checkpoints,
+and the perplexity before and after when the run ends. It shows the TrainingController's events, nothing else."""
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (QGridLayout, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QProgressBar,
+                               QPushButton, QSplitter, QVBoxLayout, QWidget)
+
+from app.training_controller import TrainingController
+
+SMOOTHING = 0.9     # exponential moving average of the training loss (bias-corrected, as TensorBoard does)
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class LossPlot(pg.PlotWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent, background="w")
+        self.setObjectName("loss-plot")
+        self.addLegend(offset=(-10, 10))
+        self.showGrid(x=True, y=True, alpha=0.3)
+        self.setLabel("bottom", "step")
+        self.setLabel("left", "loss")
+        self.raw = self.plot([], [], name="training loss", pen=pg.mkPen("#9ecae1", width=1))
+        self.smooth = self.plot([], [], name="smoothed", pen=pg.mkPen("#08519c", width=2))
+        self.val = self.plot([], [], name="validation loss", pen=pg.mkPen("#e6550d", width=2), symbol="o",
+                             symbolSize=7, symbolBrush="#e6550d")
+        # Fast runs deliver steps in bursts; redrawing at most every 100 ms keeps the event loop free.
+        self._redraw_timer = QTimer(self, singleShot=True, interval=100)
+        self._redraw_timer.timeout.connect(self._redraw)
+        self.clear_data()
+
+    def clear_data(self):
+        self.steps, self.losses, self.smoothed, self.val_steps, self.val_losses = [], [], [], [], []
+        self._ema, self._n = 0.0, 0
+        self._redraw()
+
+    def add_step(self, step: int, loss: float):
+        self._ema, self._n = SMOOTHING * self._ema + (1 - SMOOTHING) * loss, self._n + 1
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.smoothed.append(self._ema / (1 - SMOOTHING ** self._n))
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def add_val(self, step: int, loss: float):
+        self.val_steps.append(step)
+        self.val_losses.append(loss)
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def _redraw(self):
+        self.raw.setData(self.steps, self.losses)
+        self.smooth.setData(self.steps, self.smoothed)
+        self.val.setData(self.val_steps, self.val_losses)
+
+
+class TrainingConsole(QWidget):
+    FIELDS = ("step", "loss", "tokens/s", "elapsed", "ETA", "learning rate", "engine memory", "validation")
+
+    def __init__(self, controller: TrainingController, parent=None):
+        super().__init__(parent, objectName="training-console")
+        self.controller = controller
+        self.plot = LossPlot()
+        self.values = {}
+        grid = QGridLayout()
+        for i, name in enumerate(self.FIELDS):
+            label = QLabel("—", objectName=f"console-{name.replace(' ', '-').replace('/', '-per-')}")
+            self.values[name] = label
+            grid.addWidget(QLabel(name[0].upper() + name[1:] + ":"), i // 4, 2 * (i % 4))
+            grid.addWidget(label, i // 4, 2 * (i % 4) + 1)
+        self.progress = QProgressBar(objectName="console-progress")
+        self.pause = QPushButton("Pause", objectName="console-pause")
+        self.resume = QPushButton("Resume", objectName="console-resume")
+        self.stop = QPushButton("Stop", objectName="console-stop")
+        self.result = QLabel("No run yet. Plan one with the Plan button.", objectName="console-result", wordWrap=True)
+        self.log = QPlainTextEdit(readOnly=True, objectName="console-log")
+        self.checkpoints = QListWidget(objectName="console-checkpoints")
+        controls = QHBoxLayout()
+        controls.addWidget(self.progress, 1)
+        for b in (self.pause, self.resume, self.stop):
+            controls.addWidget(b)
+        bottom = QSplitter(Qt.Horizontal)
+        bottom.addWidget(self.log)
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.setContentsMargins(0, 0, 0, 0)
+        side_layout.addWidget(QLabel("Checkpoints"))
+        side_layout.addWidget(self.checkpoints)
+        bottom.addWidget(side)
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(self.plot)
+        split.addWidget(bottom)
+        layout = QVBoxLayout(self)
+        layout.addLayout(grid)
+        layout.addLayout(controls)
+        layout.addWidget(self.result)
+        layout.addWidget(split, 1)
+
+        self.pause.clicked.connect(self._pause)
+        self.resume.clicked.connect(self._resume)
+        self.stop.clicked.connect(controller.stop)
+        controller.started.connect(self._on_started)
+        controller.step.connect(self._on_step)
+        controller.evaluated.connect(self._on_eval)
+        controller.checkpointed.connect(lambda e: self.checkpoints.addItem(f"step {e.step}: {e.path}"))
+        controller.log.connect(self.log.appendPlainText)
+        controller.finished.connect(self._on_finished)
+        controller.failed.connect(self._on_failed)
+        controller.running_changed.connect(self._on_running)
+        self._on_running(controller.running)
+
+    def _pause(self):
+        self.controller.pause()
+        self._on_running(True)
+
+    def _resume(self):
+        self.controller.resume()
+        self._on_running(True)
+
+    def _on_running(self, running: bool):
+        paused = self.controller.paused
+        self.pause.setEnabled(running and not paused)
+        self.resume.setEnabled(running and paused)
+        self.stop.setEnabled(running)
+
+    def _on_started(self, request):
+        self.plot.clear_data()
+        self.checkpoints.clear()
+        self.progress.setValue(0)
+        for label in self.values.values():
+            label.setText("—")
+        self.result.setText(f"Training → {request.out_dir}")
+
+    def _on_step(self, e):
+        self.plot.add_step(e.step, e.loss)
+        self.progress.setMaximum(e.total)
+        self.progress.setValue(e.step)
+        v = self.values
+        v["step"].setText(f"{e.step} / {e.total} (epoch {e.epoch + 1})")
+        v["loss"].setText(f"{e.loss:.4f}" + (" (skipped: not finite)" if e.skipped else ""))
+        v["tokens/s"].setText(f"{e.tokens_per_s:,.0f}")
+        v["elapsed"].setText(duration(e.elapsed_s))
+        v["ETA"].setText(duration(e.eta_s))
+        v["learning rate"].setText(f"{e.lr:.3g}")
+        v["engine memory"].setText(f"{e.memory_bytes / 2**20:,.1f} MiB")
+
+    def _on_eval(self, e):
+        self.plot.add_val(e.step, e.loss)
+        self.values["validation"].setText(f"loss {e.loss:.4f}, perplexity {e.perplexity:.3f}")
+
+    def _on_finished(self, summary, perplexities):
+        if perplexities.before is not None and perplexities.after is not None:
+            ppl = (f"Validation perplexity: {perplexities.before:.3f} before → {perplexities.after:.3f} after "
+                   f"({perplexities.tokens:,} tokens).")
+        else:
+            ppl = "No validation data, so no perplexity (set a validation split in the corpus or plan)."
+        self.result.setText(f"{'Stopped' if summary.stopped else 'Finished'}: {summary.steps}/{summary.total_steps}"
+                            f" steps in {duration(summary.elapsed_s)}. {ppl} Chat now uses the new adapter "
+                            f"({summary.adapter_dir.name}).")
+
+    def _on_failed(self, message, _detail):
+        self.result.setText(f"Training failed: {message}")

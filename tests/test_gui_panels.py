@@ -1,0 +1,166 @@
+"""The panels one at a time: safe Markdown, chat controls, adapter drop, corpus dialog details, plan numbers,
+settings that persist, errors that reach the window."""
+import json
+import math
+
+import pytest
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QGuiApplication
+
+from app.chat_controller import ChatController
+from app.corpus_controller import CorpusController, save_pasted
+from app.plan import Benchmark, CorpusSummary, recommend, review, total_steps
+from app.widgets.corpus_dialog import CorpusDialog, SkippedDialog
+from app.widgets.markdown_view import MarkdownView
+from tests.chat_helpers import make_adapter
+from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.gui
+
+
+def test_markdown_from_the_model_is_never_html(qtbot, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not an image")
+    view = MarkdownView()
+    qtbot.addWidget(view)
+    view.show_markdown(f"**bold** <script>alert(1)</script> <b>raw</b>\n\n![x]({secret}) [link](http://example.com)")
+    html = view.toHtml()
+    text = view.toPlainText()
+    assert "<script>" not in html and "&lt;script&gt;" in html and "<b>raw</b>" in text
+    assert "font-weight:700" in html                       # Markdown itself is rendered
+    assert view.loadResource(0, secret.as_uri()) is None   # images are never loaded
+    assert not view.openLinks() and not view.openExternalLinks()
+
+
+def _chat(qtbot, tiny_llama_dir):
+    chat = ChatController()
+    with qtbot.waitSignal(chat.model_ready, timeout=30000):
+        chat.load_model(str(tiny_llama_dir))
+    return chat
+
+
+def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
+    from engine.generation import GenerationSettings
+
+    chat = _chat(qtbot, tiny_llama_dir)
+    chat.settings = GenerationSettings(max_new_tokens=4000, temperature=1.0, seed=1)
+    chat.send("Hello")
+    qtbot.waitUntil(lambda: len(chat.last_answer()) > 0, timeout=20000)
+    chat.stop()
+    qtbot.waitUntil(lambda: not chat.busy and not chat.engine.generating, timeout=5000)
+    stopped = chat.last_answer()
+    assert 0 < len(stopped)
+    chat.settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
+    chat.regenerate()
+    qtbot.waitUntil(lambda: not chat.busy, timeout=20000)
+    messages = chat.conversations[0].messages
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] != stopped
+    from app.widgets.chat_panel import ChatPanel
+
+    panel = ChatPanel(chat)
+    qtbot.addWidget(panel)
+    qtbot.mouseClick(panel.copy, Qt.LeftButton)
+    assert QGuiApplication.clipboard().text() == messages[1]["content"]
+    qtbot.mouseClick(panel.clear, Qt.LeftButton)
+    assert chat.conversations[0].messages == []
+
+
+def test_dropping_an_adapter_loads_it_into_chat(qtbot, tiny_llama_dir, tmp_path):
+    from app.main_window import MainWindow
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "my-adapter", seed=3)
+    window = MainWindow(str(tiny_llama_dir))
+    qtbot.addWidget(window)
+    qtbot.waitUntil(lambda: window.chat.engine.loaded, timeout=30000)
+    window.drop_path(adapter / "adapter_model.safetensors")
+    qtbot.waitUntil(lambda: window.chat_panel.adapter.currentText() == "my-adapter", timeout=30000)
+    assert window.chat.active_adapter == "my-adapter"
+    assert window.buttons["Save Adapter"].isEnabled()
+    window.drop_path(tmp_path)        # not an adapter: a readable message in the log
+    assert "is not a PEFT adapter" in window.log.toPlainText()
+
+
+def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tmp_path):
+    good = json.dumps({"prompt": "Q: what is 2+2?", "completion": " 4"})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join([good, "{broken", good, "[1, 2]", good]) + "\n", encoding="utf-8")
+    controller = CorpusController()
+    dialog = CorpusDialog(controller, tiny_llama_dir)
+    qtbot.addWidget(dialog)
+    pasted = save_pasted("one line of pasted text\nand another", tmp_path / "pasted")
+    assert pasted.suffix == ".txt" and save_pasted(good + "\n" + good, tmp_path / "pasted").suffix == ".jsonl"
+    controller.add([data, pasted])
+    dialog.seq_len.setValue(64)
+    with qtbot.waitSignal(controller.loaded, timeout=30000):
+        qtbot.mouseClick(dialog.read, Qt.LeftButton)
+    assert dialog.progress.value() == 100
+    # The files just read are offered again next time (QSettings).
+    again = CorpusDialog(CorpusController(), tiny_llama_dir)
+    qtbot.addWidget(again)
+    again._fill_recent()
+    assert [a.text() for a in again.recent.menu().actions()] == [str(data), str(pasted)]
+    stats = controller.corpus.stats.files[0]
+    assert dialog.table.item(0, 5).text().startswith("2") and stats.skipped_count == 2
+    assert "prompt_completion (3)" in dialog.table.item(0, 1).text() or "(3)" in dialog.table.item(0, 1).text()
+    skipped = SkippedDialog(stats)
+    qtbot.addWidget(skipped)
+    table = skipped.findChild(object, "skipped-table")
+    assert [table.item(r, 0).text() for r in range(table.rowCount())] == ["2", "4"]
+    assert table.item(0, 1).text() == stats.skipped[0].reason
+    # Cancelling: a 3 MiB file is read in 1 MiB chunks and cancellation is checked at each, so it always lands.
+    qtbot.waitUntil(lambda: not controller.running, timeout=5000)   # `done` follows `loaded`
+    before = controller.corpus
+    big = tmp_path / "big.txt"
+    big.write_text("a line of plain text to read\n" * 110_000, encoding="utf-8")
+    controller.files = [big]
+    errors = []
+    controller.failed.connect(lambda m, d: errors.append(m))
+    controller.load(tiny_llama_dir, 64, 0.0)
+    assert controller.running and dialog.cancel.isEnabled()
+    qtbot.mouseClick(dialog.cancel, Qt.LeftButton)
+    assert controller._cancel.is_set()
+    qtbot.waitUntil(lambda: not controller.running, timeout=30000)
+    assert errors == ["corpus loading cancelled"] and controller.corpus is before
+    assert "cancelled" in dialog.totals.text()
+
+
+def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
+    from engine.hardware import detect
+    from engine.microbench import step_flops
+    from engine.model_spec import load_model_spec
+    from engine.wgpu_memory import memory_plan
+
+    spec = load_model_spec(tiny_llama_dir)
+    summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
+    config, val_split = recommend(summary, spec, has_hardware_gpu=False)
+    assert config.seq_len == 64 and val_split == 0.1 and config.batch_size == 4 and config.epochs == 3
+    steps = total_steps(config, summary.sequences, val_split)
+    assert steps == 3 * math.ceil(36 / 4)
+    hardware = detect()
+    r = review(config, spec, summary, val_split, hardware, [])
+    limit = next((a.limits.get("max-storage-buffer-binding-size") for a in hardware.adapters
+                  if not a.software and a.backend != "OpenGL"), None) or (1 << 31) - 4
+    assert r.engine_bytes == memory_plan(spec, config.lora, config.optim, 4, 64, limit).total
+    assert r.eta_s is None and "no benchmark" in r.eta_basis
+    assert any("little data" in w for w in r.warnings)
+    bench = [Benchmark("cpu", "CPU", 2.0), Benchmark("wgpu:lavapipe", "llvmpipe", 50.0, software=True)]
+    r = review(config, spec, summary, val_split, hardware, bench)
+    assert r.eta_s == pytest.approx(steps * step_flops(spec, config.lora, 4 * 64, 64) / 2e9)
+    assert "CPU: 2.0 GFLOP/s" in r.eta_basis      # the software adapter is not what training would use
+
+
+def test_generation_settings_and_recent_models_persist(qtbot, tiny_llama_dir):
+    from app.main_window import MainWindow
+
+    window = MainWindow(str(tiny_llama_dir))
+    qtbot.addWidget(window)
+    qtbot.waitUntil(lambda: window.model_dir is not None, timeout=30000)
+    window.chat_panel.generation.temperature.setValue(0.35)
+    window.chat_panel.generation.seed.setValue(42)
+    window.close()
+    again = MainWindow()
+    qtbot.addWidget(again)
+    assert again.chat.settings.temperature == pytest.approx(0.35) and again.chat.settings.seed == 42
+    assert again.chat_panel.generation.temperature.value() == pytest.approx(0.35)
+    assert again.picker.combo.itemData(0) == str(tiny_llama_dir)
+    assert QSettings().value("model/last") == str(tiny_llama_dir)
