@@ -10,7 +10,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from engine.gpu import GpuContext  # noqa: E402
 from engine.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul  # noqa: E402
+from engine.microbench import time_matmul  # noqa: E402
 
 
 def products(bt: int, hidden: int = 576, kv: int = 192, mlp: int = 1536, rank: int = 16, vocab_chunk: int = 341,
@@ -46,14 +46,7 @@ def time_product(ctx, shape: GemmShape, repeats: int, tile, partials) -> dict:
     b = ctx.upload(rng.standard_normal(b_rows * (shape.K if shape.trans_b else shape.N), np.float32), "b")
     c = ctx.buffer(4 * shape.M * shape.N, "c")
     mm = Matmul(ctx, c, a, b, shape, tile=tile, partials=partials)
-    for n in (1, repeats):
-        enc = ctx.encoder("bench")
-        for _ in range(n):
-            mm.encode(enc)
-        start = time.perf_counter()
-        enc.submit()
-        ctx.read(c, count=1)
-        elapsed = time.perf_counter() - start
+    elapsed = time_matmul(ctx, mm, c, repeats)
     for buf in (a, b, c):
         buf.destroy()
     flops = 2.0 * shape.M * shape.N * shape.K * repeats

@@ -71,6 +71,19 @@ def _wait(ctx: GpuContext, buf) -> None:
     ctx.read(buf, count=1)   # a read-back waits for everything submitted before it
 
 
+def time_matmul(ctx: GpuContext, mm, out, repeats: int) -> float:
+    """Seconds `repeats` dispatches of an encoded Matmul take in one submit, after a warm-up submit of one."""
+    for n in (1, repeats):
+        enc = ctx.encoder("bench")
+        for _ in range(n):
+            mm.encode(enc)
+        start = time.perf_counter()
+        enc.submit()
+        _wait(ctx, out)
+        elapsed = time.perf_counter() - start
+    return elapsed
+
+
 def matmul_gflops(ctx: GpuContext, size: int = 512, repeats: int = 8) -> float:
     """GFLOP/s of the engine's GEMM on size×size×size products (one warm-up submit, then `repeats`)."""
     rng = np.random.default_rng(0)
@@ -78,14 +91,7 @@ def matmul_gflops(ctx: GpuContext, size: int = 512, repeats: int = 8) -> float:
     b = ctx.upload(rng.standard_normal((size, size), np.float32), "bench.b")
     c = ctx.buffer(4 * size * size, "bench.c")
     mm = Matmul(ctx, c, a, b, GemmShape(size, size, size, trans_b=True), label="bench.matmul")
-    for n in (1, repeats):
-        enc = ctx.encoder("bench")
-        for _ in range(n):
-            mm.encode(enc)
-        start = time.perf_counter()
-        enc.submit()
-        _wait(ctx, c)
-        elapsed = time.perf_counter() - start
+    elapsed = time_matmul(ctx, mm, c, repeats)
     return 2.0 * size ** 3 * repeats / elapsed / 1e9
 
 
