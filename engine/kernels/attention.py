@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from engine.gpu import UNIFORM, GpuContext, StepEncoder
-from engine.kernels.binding import bind_numbered
+from engine.kernels.common import bind
 from engine.kernels.residual import grid_1d
 
 ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS), at most 256 / TPR
@@ -112,7 +112,7 @@ class Attention:
         for entry in ("attention_forward",) + self.backward_entries:
             constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants
             pipeline = ctx.pipeline("attention", entry, constants)
-            group = bind_numbered(ctx, pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
+            group = bind(ctx, pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
             self._kernels[entry] = (pipeline, group)
         self._grids = {
             "attention_forward": (blocks, n_heads, B),

@@ -13,7 +13,7 @@ import numpy as np
 
 from engine.backend import OptimizerConfig
 from engine.gpu import UNIFORM, GpuContext, StepEncoder
-from engine.kernels.binding import bind_numbered
+from engine.kernels.common import bind
 from engine.kernels.residual import grid_1d
 from engine.optim_host import SIGNED_MAP, UNSIGNED_MAP
 
@@ -58,9 +58,9 @@ class GradNorm:
         self.partials = ctx.buffer(4 * self.n_partials, f"{label}.partials")
         self.partial_pipeline = ctx.pipeline("optimizer", "grad_norm_partial")
         self.final_pipeline = ctx.pipeline("optimizer", "grad_norm_final")
-        self.partial_group = bind_numbered(ctx, self.partial_pipeline, {0: self.uniform, 2: grads, 4: self.partials},
+        self.partial_group = bind(ctx, self.partial_pipeline, {0: self.uniform, 2: grads, 4: self.partials},
                                            f"{label}.partial")
-        self.final_group = bind_numbered(ctx, self.final_pipeline, {0: self.uniform, 1: stats, 4: self.partials},
+        self.final_group = bind(ctx, self.final_pipeline, {0: self.uniform, 1: stats, 4: self.partials},
                                          f"{label}.final")
 
     def encode(self, enc: StepEncoder) -> None:
@@ -102,10 +102,10 @@ class Optimizer:
             resources.update({7: self.state_buffers["m_codes"], 8: self.state_buffers["v_codes"],
                               9: self.state_buffers["scales"], 10: self.qmap})
         self.prepare_pipeline = ctx.pipeline("optimizer", "optimizer_prepare")
-        self.prepare_group = bind_numbered(ctx, self.prepare_pipeline, {0: self.uniform, 1: stats},
+        self.prepare_group = bind(ctx, self.prepare_pipeline, {0: self.uniform, 1: stats},
                                            f"{label}.prepare")
         self.update_pipeline = ctx.pipeline("optimizer", f"{config.name}_update")
-        self.update_group = bind_numbered(ctx, self.update_pipeline, resources, f"{label}.update")
+        self.update_group = bind(ctx, self.update_pipeline, resources, f"{label}.update")
         self.set_hyper(0.0, 0.0)
 
     def set_hyper(self, lr: float, max_grad_norm: float) -> None:
