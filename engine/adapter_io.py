@@ -1,8 +1,9 @@
 """LoRA adapters in exactly the layout PEFT writes, and PEFT adapters read back for training or evaluation.
 
 Files: adapter_model.safetensors (PEFT names, A [r, in], B [out, r], float32, metadata {"format": "pt"}),
-adapter_config.json (the full field set PEFT 0.21.2 writes) and README.md (a model card). Anything an engine
-cannot honour — DoRA, modules_to_save, per-module ranks, a different base shape — is refused with the reason.
+adapter_config.json (the full field set PEFT 0.21.2 writes) and README.md (a model card). Reading a folder
+(config, tensors, refusals) is `engine.peft_adapter`'s; this side adds what the trainer's engines need on top:
+one rank and alpha on every layer (no rank_pattern/alpha_pattern) and exactly the base model's shapes.
 """
 from __future__ import annotations
 
@@ -13,16 +14,12 @@ import numpy as np
 
 from engine.atomic import atomic_write_bytes, write_bytes_synced
 from engine.lora import LoraConfig, peft_key
-from engine.model_spec import LORA_TARGETS, ModelSpec
+from engine.model_spec import ModelSpec
+from engine.peft_adapter import (ADAPTER_CONFIG as CONFIG_NAME, ADAPTER_WEIGHTS as WEIGHTS_NAME, AdapterError,
+                                 load_adapter_config, read_adapter_tensors, refusals, target_names)
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 CARD_NAME = "README.md"
 PEFT_FORMAT_VERSION = "0.21.2"   # the PEFT release whose adapter_config.json field set we write
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be read or honoured; the message says why and what to do."""
 
 
 def expected_shapes(spec: ModelSpec, lora: LoraConfig) -> dict[str, tuple[int, int]]:
@@ -128,75 +125,27 @@ def _refuse(folder: Path, why: str) -> AdapterError:
 def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
     """The LoraConfig of a PEFT adapter folder, refusing every setting the engines cannot honour."""
     folder = Path(folder)
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} — expected a PEFT adapter folder")
+    config = load_adapter_config(folder)
+    reasons = refusals(config, uniform=True)
+    if reasons:
+        raise _refuse(folder, "; ".join(reasons))
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _refuse(folder, f"{CONFIG_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise _refuse(folder, f"{CONFIG_NAME} must hold a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise _refuse(folder, f"peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    problems = {
-        "use_dora": "DoRA (use_dora) needs a magnitude vector the engines do not train",
-        "modules_to_save": "modules_to_save trains full copies of modules, not LoRA",
-        "rank_pattern": "per-module ranks (rank_pattern) are not supported",
-        "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
-        "layers_to_transform": "an adapter on only some layers (layers_to_transform) is not supported",
-        "trainable_token_indices": "trainable token embeddings are not supported",
-        "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
-        "lora_bias": "LoRA biases (lora_bias) are not supported",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not apply to the supported models",
-        "use_qalora": "QA-LoRA is not supported",
-    }
-    for key, why in problems.items():
-        if config.get(key):
-            raise _refuse(folder, why)
-    if config.get("bias", "none") != "none":
-        raise _refuse(folder, f"bias={config['bias']!r} trains biases; only bias 'none' is supported")
-    targets = config.get("target_modules")
-    if targets == "all-linear":
-        targets = list(LORA_TARGETS)
-    if isinstance(targets, str):
-        raise _refuse(folder, f"target_modules is the pattern {targets!r}; list module names instead")
-    targets = [t.rsplit(".", 1)[-1] for t in targets or []]
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
-    if unknown:
-        raise _refuse(folder, f"it adapts {', '.join(unknown)}; only {', '.join(LORA_TARGETS)} can be trained")
-    try:
+        targets = target_names(config)
         lora = LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                          dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(targets),
+                          dropout=float(config.get("lora_dropout") or 0.0), targets=targets,
                           use_rslora=bool(config.get("use_rslora", False)))
+    except AdapterError as exc:
+        raise _refuse(folder, str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise _refuse(folder, f"bad LoRA settings ({exc})") from None
     return lora, config
-
-
-def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    import torch
-
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        from safetensors import safe_open
-        # framework="pt": numpy cannot hold bfloat16 adapters.
-        with safe_open(weights, framework="pt") as handle:
-            return {k: handle.get_tensor(k).to(torch.float32).numpy() for k in handle.keys()}
-    legacy = folder / "adapter_model.bin"
-    if legacy.is_file():
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (or adapter_model.bin) beside {CONFIG_NAME}")
 
 
 def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dict[str, np.ndarray], dict]:
     """(LoraConfig, PEFT-named float32 tensors, raw config) of an adapter, checked against the base's shapes."""
     folder = Path(folder)
     lora, config = read_adapter_config(folder)
-    raw = _read_tensors(folder)
-    # Older PEFT versions and some tools keep the adapter name in the key; drop it.
-    state = {k.replace(".default.weight", ".weight"): v for k, v in raw.items()}
+    state = read_adapter_tensors(folder)
     expected = expected_shapes(spec, lora)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -1,10 +1,13 @@
-"""Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) without loading peft.
+"""Read and validate a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) without peft.
 
-The result is a validated `LoraAdapter`: one `LoraModule` per adapted Linear, holding A [r, in] and B [out, r]
-as float32 numpy arrays and the scale PEFT applies (alpha/r, or alpha/sqrt(r) for rsLoRA, per-module alpha and
-rank from `alpha_pattern` / `rank_pattern`). Everything the exports cannot express is refused here, with the
-reason: DoRA, LoRA biases, modules_to_save, trained tokens, layer replication, targets outside the seven
-projections of a decoder block.
+This module owns reading adapter folders for every consumer: the config (`load_adapter_config`), the tensors
+(`read_adapter_tensors`, float32 whatever the stored dtype) and the refusals with their reasons (`refusals`).
+The exports call `read_adapter`, which returns a validated `LoraAdapter`: one `LoraModule` per adapted Linear,
+holding A [r, in] and B [out, r] and the scale PEFT applies (alpha/r, or alpha/sqrt(r) for rsLoRA, per-module
+alpha and rank from `alpha_pattern` / `rank_pattern`). The trainer (`engine.adapter_io.import_adapter`) calls
+the same pieces with `uniform=True`, since its engines hold one rank and alpha for every layer.
+Refused for everyone: DoRA, LoRA biases, modules_to_save, trained tokens, layer replication, raw-parameter
+targets, Conv1D fan_in_fan_out and PEFT's other LoRA variants.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"  # what PEFT wrote before safetensors became its default
 
 # The Linear layers of a llama/qwen2/qwen3 decoder block that an adapter may target (module path suffixes).
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -27,6 +31,10 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 # base_model.model.model.layers.{i}.{projection}.lora_{A|B}.weight, as PEFT's save_pretrained writes them.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>model\.layers\.(?P<layer>\d+)\.(?P<proj>"
                   + "|".join(re.escape(p) for p in PROJECTIONS) + r"))\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read or honoured; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -70,19 +78,44 @@ def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str:
 _OTHER_VARIANTS = ("alora_invocation_tokens", "velora_config", "monteclora_config", "use_bdlora", "arrow_config",
                    "kasa_config")
 
+# What an engine holding one rank and one alpha for every adapted layer (the trainer's) cannot honour besides.
+_NOT_UNIFORM = {
+    "rank_pattern": "per-module ranks (rank_pattern) are not supported",
+    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
+    "layers_to_transform": "an adapter on only some layers (layers_to_transform) is not supported",
+    "use_qalora": "QA-LoRA is not supported",
+}
 
-def _refusals(cfg: Mapping) -> list[str]:
-    """Reasons this adapter cannot be exported (empty when it can)."""
+
+def load_adapter_config(folder: Path | str) -> dict:
+    """adapter_config.json of a PEFT adapter folder as a dict; FileNotFoundError or AdapterError when unusable."""
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def refusals(cfg: Mapping, *, uniform: bool = False) -> list[str]:
+    """Reasons this adapter cannot be used (empty when it can). `uniform`: the consumer needs one rank and alpha
+    on every layer, so per-module patterns and partial layer sets are refused too."""
     reasons = []
     if cfg.get("peft_type", "LORA") != "LORA":
-        reasons.append(f"it is a {cfg.get('peft_type')} adapter, only LoRA can be exported")
+        reasons.append(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("use_dora"):
-        reasons.append("it uses DoRA (use_dora=true): llama.cpp and Ollama have no DoRA, and folding its"
-                       " magnitude vector is not supported here; train the adapter without DoRA")
+        reasons.append("it uses DoRA (use_dora=true): its magnitude vector is neither trained nor folded here"
+                       " (and llama.cpp and Ollama have no DoRA); train the adapter without DoRA")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        reasons.append(f"it trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r})")
+        reasons.append(f"it trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r});"
+                       " only bias 'none' is supported")
     if cfg.get("modules_to_save"):
-        reasons.append(f"it fully trains modules_to_save={cfg['modules_to_save']!r}, which a LoRA file cannot carry")
+        reasons.append(f"it fully trains modules_to_save={cfg['modules_to_save']!r}, which is not LoRA")
     if cfg.get("trainable_token_indices"):
         reasons.append("it trains token embeddings (trainable_token_indices)")
     if cfg.get("layer_replication"):
@@ -97,57 +130,80 @@ def _refusals(cfg: Mapping) -> list[str]:
         variants.append("init_lora_weights='mica'")
     if variants:
         reasons.append(f"it is a LoRA variant ({', '.join(variants)}) whose forward pass plain LoRA cannot express")
+    if uniform:
+        reasons += [why for key, why in _NOT_UNIFORM.items() if cfg.get(key)]
     return reasons
+
+
+def target_names(cfg: Mapping) -> tuple[str, ...]:
+    """target_modules as projection names (q_proj, ...), refusing patterns and anything outside a decoder block."""
+    targets = cfg.get("target_modules")
+    if targets == "all-linear":
+        return tuple(p.split(".")[-1] for p in PROJECTIONS)
+    if isinstance(targets, str):
+        raise AdapterError(f"target_modules is the pattern {targets!r}; list module names instead")
+    names = tuple(t.rsplit(".", 1)[-1] for t in targets or [])
+    known = [p.split(".")[-1] for p in PROJECTIONS]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise AdapterError(f"it adapts {', '.join(unknown)}; only {', '.join(known)} can be adapted")
+    return names
+
+
+def read_adapter_tensors(folder: Path | str) -> dict[str, np.ndarray]:
+    """The adapter's tensors as float32 numpy arrays under PEFT's names (any adapter name in a key dropped)."""
+    import torch
+
+    folder = Path(folder)
+    weights, legacy = folder / ADAPTER_WEIGHTS, folder / LEGACY_WEIGHTS
+    if weights.is_file():
+        from safetensors.torch import load_file  # torch, not numpy: bf16 adapters have no numpy dtype
+        tensors = load_file(weights)
+    elif legacy.is_file():
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) beside {ADAPTER_CONFIG}")
+    # Older PEFT versions and some tools keep the adapter name in the key; drop it.
+    return {k.replace(".default.weight", ".weight"): v.to(torch.float32).numpy() for k, v in tensors.items()}
 
 
 def read_adapter(path: Path | str) -> LoraAdapter:
     """Load and validate a PEFT LoRA adapter folder; raise ValueError naming what cannot be exported."""
-    from safetensors.torch import load_file  # torch, not numpy: bf16 adapters have no numpy dtype
-
     path = Path(path)
-    cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (a .bin adapter? re-save it with safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    reasons = _refusals(cfg)
+    cfg = load_adapter_config(path)
+    reasons = refusals(cfg)
     if reasons:
-        raise ValueError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
+        raise AdapterError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
 
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     use_rslora = bool(cfg.get("use_rslora", False))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
 
-    tensors = load_file(weights_path)
+    tensors = read_adapter_tensors(path)
+    weights_path = path / ADAPTER_WEIGHTS
     pairs: dict[str, dict] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise ValueError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight of"
-                             f" a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+            raise AdapterError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight"
+                               f" of a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
         entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
-        entry[m["ab"]] = value.float().numpy()
+        entry[m["ab"]] = value
     if not pairs:
-        raise ValueError(f"{weights_path} holds no LoRA tensors")
+        raise AdapterError(f"{weights_path} holds no LoRA tensors")
 
     modules = []
     for name, entry in pairs.items():
         if "A" not in entry or "B" not in entry:
-            raise ValueError(f"{weights_path}: {name} has lora_{'A' if 'A' not in entry else 'B'} missing")
+            raise AdapterError(f"{weights_path}: {name} has lora_{'A' if 'A' not in entry else 'B'} missing")
         a, b = entry["A"], entry["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)},"
-                             " expected A (r, in) and B (out, r)")
+            raise AdapterError(f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)},"
+                               " expected A (r, in) and B (out, r)")
         rank = a.shape[0]
         expected_rank = int(rank_pattern.get(pattern_key(rank_pattern, name), r))
         if rank != expected_rank:
-            raise ValueError(f"{weights_path}: {name} has rank {rank} but adapter_config.json says {expected_rank}")
+            raise AdapterError(f"{weights_path}: {name} has rank {rank} but adapter_config.json says {expected_rank}")
         module_alpha = float(alpha_pattern.get(pattern_key(alpha_pattern, name), alpha))
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         modules.append(LoraModule(name=name, layer=entry["layer"], projection=entry["proj"], a=a, b=b,

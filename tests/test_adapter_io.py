@@ -121,6 +121,8 @@ def _edit_config(src, dst, **changes):
     (dict(peft_type="IA3"), "only LORA"),
     (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
     (dict(rank_pattern={"q_proj": 8}), "per-module ranks"),
+    (dict(layer_replication=[[0, 1]]), "layer_replication"),
+    (dict(use_bdlora={"block_size": 2}), "LoRA variant"),
 ])
 def test_import_refuses_what_cannot_be_honoured(tiny_llama_dir, tmp_path, changes, reason):
     spec = load_model_spec(tiny_llama_dir)

@@ -105,3 +105,26 @@ def test_bf16_adapter_is_read_exactly(tiny_llama_dir, tmp_path):
     key = f"base_model.model.{mod.name}.lora_B.weight"
     assert mod.b.dtype == np.float32
     np.testing.assert_array_equal(mod.b, bf16[key].float().numpy())
+
+
+def test_legacy_bin_adapter_reads_like_safetensors(tiny_llama_dir, tmp_path):
+    """Older PEFT wrote adapter_model.bin, some tools with the adapter name in the keys: both read the same."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    expected = read_adapter(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    torch.save({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()},
+               adapter_dir / "adapter_model.bin")
+    weights.unlink()
+    got = read_adapter(adapter_dir)
+    assert [m.name for m in got.modules] == [m.name for m in expected.modules]
+    for a, b in zip(got.modules, expected.modules):
+        np.testing.assert_array_equal(a.a, b.a)
+        np.testing.assert_array_equal(a.b, b.b)
+        assert a.scale == b.scale
+    (adapter_dir / "adapter_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        read_adapter(adapter_dir)
