@@ -59,9 +59,9 @@ class GradNorm:
         self.partial_pipeline = ctx.pipeline("optimizer", "grad_norm_partial")
         self.final_pipeline = ctx.pipeline("optimizer", "grad_norm_final")
         self.partial_group = bind(ctx, self.partial_pipeline, {0: self.uniform, 2: grads, 4: self.partials},
-                                           f"{label}.partial")
+                                  f"{label}.partial")
         self.final_group = bind(ctx, self.final_pipeline, {0: self.uniform, 1: stats, 4: self.partials},
-                                         f"{label}.final")
+                                f"{label}.final")
 
     def encode(self, enc: StepEncoder) -> None:
         enc.dispatch(self.partial_pipeline, self.partial_group, self.n_partials)
@@ -102,8 +102,7 @@ class Optimizer:
             resources.update({7: self.state_buffers["m_codes"], 8: self.state_buffers["v_codes"],
                               9: self.state_buffers["scales"], 10: self.qmap})
         self.prepare_pipeline = ctx.pipeline("optimizer", "optimizer_prepare")
-        self.prepare_group = bind(ctx, self.prepare_pipeline, {0: self.uniform, 1: stats},
-                                           f"{label}.prepare")
+        self.prepare_group = bind(ctx, self.prepare_pipeline, {0: self.uniform, 1: stats}, f"{label}.prepare")
         self.update_pipeline = ctx.pipeline("optimizer", f"{config.name}_update")
         self.update_group = bind(ctx, self.update_pipeline, resources, f"{label}.update")
         self.set_hyper(0.0, 0.0)
