@@ -64,15 +64,18 @@ class SaveDialog(QDialog):
         self.buttons.button(QDialogButtonBox.Save).setEnabled(False)
         self.status.setText("saving…")
 
+        # The button comes back in the same slot that reports the outcome, so whoever sees the outcome
+        # (a user, a test) can save again at once.
         def done(lines):
+            self.buttons.button(QDialogButtonBox.Save).setEnabled(True)
             self.written = lines
             self.summary.setPlainText("\n".join(lines))
             self.status.setText(f"saved into {request.folder}")
             self.saved.emit(lines)
 
         def failed(message, detail):
+            self.buttons.button(QDialogButtonBox.Save).setEnabled(True)
             self.status.setText(f"<b>save failed:</b> {html.escape(message)}")
             self.failed.emit(message, detail)
 
-        run_in_thread(self, save_adapter, request, on_result=done, on_error=failed, on_progress=self.status.setText,
-                      on_done=lambda: self.buttons.button(QDialogButtonBox.Save).setEnabled(True))
+        run_in_thread(self, save_adapter, request, on_result=done, on_error=failed, on_progress=self.status.setText)
