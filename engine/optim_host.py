@@ -21,6 +21,7 @@ import numpy as np
 from engine.backend import OptimizerConfig
 
 F32 = np.float32
+UPDATE_CHUNK = 1 << 15      # values per in-place chunk: 128 KiB per operand, so p, g, m, v and a scratch fit L2
 
 
 def dynamic_map(signed: bool) -> np.ndarray:
@@ -74,10 +75,20 @@ class HostOptimizer(ABC):
 
     size_key: str | None        # the state entry whose length is P
 
-    def __init__(self, config: OptimizerConfig):
+    def __init__(self, config: OptimizerConfig, size: int | None = None):
         self.config = config
         self.step_count = 0
-        self.size: int | None = None        # P, fixed by the first step or load_state
+        self.size: int | None = None        # P, fixed by `reserve`, the first step or load_state
+        if size is not None:
+            self.reserve(size)
+
+    def reserve(self, size: int) -> None:
+        """Size the state for `size` parameters now, so that state() already works before any step."""
+        if self.size is not None and self.size != size:
+            raise ValueError(f"this optimizer holds state for {self.size} values; asked to reserve {size}")
+        if self.size is None:
+            self.size = size
+            self._init_state(size)
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float,
              grad_scale: float = 1.0) -> None:
@@ -89,17 +100,25 @@ class HostOptimizer(ABC):
                                  f"{p.shape} and {grads[name].shape}")
         flat_p = np.concatenate([p.ravel() for p in params.values()]) if params else np.zeros(0, F32)
         flat_g = np.concatenate([grads[n].ravel().astype(F32) for n in params]) if params else np.zeros(0, F32)
-        if self.size is None:
-            self.size = flat_p.size
-            self._init_state(flat_p.size)
-        elif flat_p.size != self.size:
-            raise ValueError(f"this optimizer holds state for {self.size} values; the step passed {flat_p.size}")
-        self.step_count += 1
-        self._update(flat_p, flat_g * F32(grad_scale), float(lr))
+        self.step_flat(flat_p, flat_g, lr, grad_scale)
         offset = 0
         for p in params.values():
             p[...] = flat_p[offset:offset + p.size].reshape(p.shape)
             offset += p.size
+
+    def step_flat(self, flat_p: np.ndarray, flat_g: np.ndarray, lr: float, grad_scale: float = 1.0) -> None:
+        """`step` on parameters and gradients already laid out as one contiguous float32 vector each: no
+        copies. `flat_p` is updated in place; `flat_g` is scaled in place by `grad_scale` (it is scratch)."""
+        if flat_p.dtype != F32 or flat_g.dtype != F32 or flat_p.shape != flat_g.shape or flat_p.ndim != 1:
+            raise ValueError(f"expected two float32 vectors of one length, got {flat_p.dtype}{list(flat_p.shape)} "
+                             f"and {flat_g.dtype}{list(flat_g.shape)}")
+        if self.size is None:
+            self.reserve(flat_p.size)
+        elif flat_p.size != self.size:
+            raise ValueError(f"this optimizer holds state for {self.size} values; the step passed {flat_p.size}")
+        self.step_count += 1
+        flat_g *= F32(grad_scale)
+        self._update(flat_p, flat_g, float(lr))
 
     def state(self) -> dict[str, np.ndarray]:
         return {"step": np.array(self.step_count, np.int64), **{k: v.copy() for k, v in self._state().items()}}
@@ -137,6 +156,7 @@ class HostAdamW(HostOptimizer):
 
     def _init_state(self, size):
         self.m, self.v = np.zeros(size, F32), np.zeros(size, F32)
+        self._scratch = np.empty(0, F32)
 
     def _state(self):
         return {"m": self.m, "v": self.v}
@@ -145,13 +165,34 @@ class HostAdamW(HostOptimizer):
         return {"m": ((size,), F32), "v": ((size,), F32)}
 
     def _update(self, p, g, lr):
+        """The formula of the module doc, chunk by chunk in place: every operand of a chunk stays in the
+        cache and no temporary the size of P is allocated (whole-vector numpy temporaries made this update
+        70-450 ms per step on the 135M model's 4.9M LoRA values, mostly page faults; chunked it is ~10 ms).
+        Same float32 operations in the same order as the whole-vector form, so the results are identical."""
         c = self.config
-        p *= F32(1.0 - lr * c.weight_decay)
-        self.m += F32(1.0 - c.beta1) * (g - self.m)
-        self.v[...] = self.v * F32(c.beta2) + F32(1.0 - c.beta2) * (g * g)
         bc1, bc2 = bias_corrections(c.beta1, c.beta2, self.step_count)
-        denom = np.sqrt(self.v) / F32(math.sqrt(bc2)) + F32(c.eps)
-        p -= F32(lr / bc1) * (self.m / denom)
+        decay, keep_m, b2, new_v = F32(1.0 - lr * c.weight_decay), F32(1.0 - c.beta1), F32(c.beta2), F32(1.0 - c.beta2)
+        sqrt_bc2, eps, step_size = F32(math.sqrt(bc2)), F32(c.eps), F32(lr / bc1)
+        if self._scratch.size < min(p.size, UPDATE_CHUNK):
+            self._scratch = np.empty(min(p.size, UPDATE_CHUNK), F32)
+        for start in range(0, p.size, UPDATE_CHUNK):
+            part = slice(start, start + UPDATE_CHUNK)
+            pc, gc, mc, vc = p[part], g[part], self.m[part], self.v[part]
+            t = self._scratch[:pc.size]
+            pc *= decay                                       # p *= 1 - lr*wd
+            np.subtract(gc, mc, out=t)
+            t *= keep_m
+            mc += t                                           # m += (1-b1)(g - m)
+            np.multiply(gc, gc, out=t)
+            t *= new_v
+            vc *= b2
+            vc += t                                           # v = b2 v + (1-b2) g²
+            np.sqrt(vc, out=t)
+            t /= sqrt_bc2
+            t += eps                                          # denom = sqrt(v)/sqrt(bc2) + eps
+            np.divide(mc, t, out=t)
+            t *= step_size
+            pc -= t                                           # p -= lr/bc1 · m/denom
 
 
 class HostSGD(HostOptimizer):
@@ -226,5 +267,6 @@ class HostAdamW8bit(HostOptimizer):
         self.m_scale[...], self.v_scale[...] = m_scale, v_scale
 
 
-def make_host_optimizer(config: OptimizerConfig) -> HostOptimizer:
-    return {"adamw": HostAdamW, "adamw8bit": HostAdamW8bit, "sgd": HostSGD}[config.name](config)
+def make_host_optimizer(config: OptimizerConfig, size: int | None = None) -> HostOptimizer:
+    """The optimizer `config` names; `size` (the number of parameters) sizes its state up front."""
+    return {"adamw": HostAdamW, "adamw8bit": HostAdamW8bit, "sgd": HostSGD}[config.name](config, size)

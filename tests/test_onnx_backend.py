@@ -227,7 +227,8 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
     weights = prepare_weights(spec, load_weights(tiny_model_dir))
     graph = DecoderGraph(spec, weights, DROPOUT, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
     with make_backend(tiny_model_dir, lora=DROPOUT, state=state) as backend:
-        feeds = backend._feeds(ids, labels)
+        backend._fill(ids, labels)
+        feeds = {k: v.copy() for k, v in backend._feeds(labelled=True).items()}
     out = GraphSession(graph.build("train"), ort_values(weights), 1, ["CPUExecutionProvider"]).run(feeds)
 
     class FixedMask(torch.nn.Module):

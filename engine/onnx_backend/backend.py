@@ -13,13 +13,24 @@ from engine.backend import (OptimizerConfig, PendingStep, StepResult, TrainingBa
 from engine.lora import LoraConfig, init_lora_state
 from engine.model_spec import load_model_spec, load_weights
 from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, grad_name, prepare_weights
-from engine.onnx_backend.session import GraphSession, available_providers, cpu_threads, ort_values
+from engine.onnx_backend.session import Binding, GraphSession, available_providers, cpu_threads, ort_values
 from engine.optim_host import clip_scale, make_host_optimizer
 
 
 def grad_norm(grads) -> float:
     """Global L2 norm (float32 dot products summed in float64; inf/nan when any entry is)."""
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+
+
+def flat_views(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One contiguous float32 vector holding copies of `arrays` back to back, and views of it by name."""
+    flat = np.empty(sum(a.size for a in arrays.values()), np.float32)
+    views, offset = {}, 0
+    for name, array in arrays.items():
+        views[name] = flat[offset:offset + array.size].reshape(array.shape)
+        views[name][...] = array
+        offset += array.size
+    return flat, views
 
 
 def _rss_bytes() -> int:
@@ -51,14 +62,21 @@ class OnnxBackend(TrainingBackend):
         self._values = ort_values(self._weights)
         self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed)
         self._sessions: dict[str, GraphSession] = {}
-        self._state = init_lora_state(self.spec, lora, seed)
+        self._bindings: dict[str, Binding] = {}
+        # LoRA tensors and their gradients live in one flat vector each (the optimizer updates the whole vector
+        # in place, no concatenation); the sessions read and write the per-tensor views by address.
+        self._flat_params, self._state = flat_views(init_lora_state(self.spec, lora, seed))
+        self._flat_grads, self._grads = flat_views(self._state)
+        self._flat_extra: np.ndarray | None = None      # the second and later micro-batches' gradients
         if init_state is not None:
             self.load_lora_state(init_state)
-        self._optimizer = make_host_optimizer(optim)
-        # Size the optimizer state now (it would otherwise size itself on the first step), so that
-        # optimizer_state() already works for a checkpoint taken before any step.
-        self._optimizer.size = sum(v.size for v in self._state.values())
-        self._optimizer._init_state(self._optimizer.size)
+        # Sized up front, so that optimizer_state() already works for a checkpoint taken before any step.
+        self._optimizer = make_host_optimizer(optim, self._flat_params.size)
+        rows = batch_size * seq_len
+        self._ids = np.zeros((batch_size, seq_len), np.int64)       # the batch, padded, bound by address
+        self._targets = np.zeros((rows, 1), np.int64)
+        self._mask = np.zeros((rows, 1), np.float32)
+        self._loss_sum = np.zeros((), np.float32)
         self._session("train")
         self._held_bytes = max(0, _rss_bytes() - self._rss_before)
 
@@ -69,21 +87,35 @@ class OnnxBackend(TrainingBackend):
                                                 self.providers, prepack=mode == "train")
         return self._sessions[mode]
 
-    def _feeds(self, input_ids: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Pad to the built shape: padded positions and rows have mask 0 (causal attention keeps the real
-        positions unaffected by padding after them)."""
+    def _fill(self, input_ids: np.ndarray, labels: np.ndarray | None) -> None:
+        """Write the batch into the bound arrays, padded to the built shape: padded positions and rows have
+        mask 0 (causal attention keeps the real positions unaffected by padding after them)."""
         b, t = input_ids.shape
-        ids = np.zeros((self.batch_size, self.seq_len), np.int64)
-        ids[:b, :t] = input_ids
-        feeds = {"input_ids": ids, **self._state}
+        self._ids[...] = 0
+        self._ids[:b, :t] = input_ids
         if labels is not None:
             shifted = np.full((self.batch_size, self.seq_len), -100, np.int64)
             shifted[:b, :t - 1] = labels[:, 1:]
-            feeds["mask"] = (shifted != -100).astype(np.float32).reshape(-1, 1)
-            feeds["targets"] = np.where(shifted == -100, 0, shifted).reshape(-1, 1)
-            if (feeds["targets"] >= self.spec.vocab_size).any():
+            if (shifted >= self.spec.vocab_size).any():
                 raise ValueError(f"label out of range 0..{self.spec.vocab_size - 1}: {int(labels.max())}")
+            self._mask[...] = (shifted != -100).reshape(-1, 1)
+            self._targets[...] = np.where(shifted == -100, 0, shifted).reshape(-1, 1)
+
+    def _feeds(self, labelled: bool) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": self._ids, **self._state}
+        if labelled:
+            feeds.update(targets=self._targets, mask=self._mask)
         return feeds
+
+    def _train_binding(self, grads: dict[str, np.ndarray], key: str) -> Binding:
+        """The train session bound once to the batch arrays, the LoRA views and `grads` (views of one flat
+        vector) as outputs."""
+        if key not in self._bindings:
+            binding = self._session("train").binding()
+            binding.inputs(self._feeds(labelled=True))
+            binding.outputs({"loss_sum": self._loss_sum, **{grad_name(n): g for n, g in grads.items()}})
+            self._bindings[key] = binding
+        return self._bindings[key]
 
     def _check(self, input_ids, labels=None):
         input_ids = np.asarray(input_ids)
@@ -91,49 +123,56 @@ class OnnxBackend(TrainingBackend):
                     self.seq_len, self.spec.vocab_size)
 
     # ---- the contract -----------------------------------------------------------------------------------
+    def _accumulate(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
+        """Run the micro-batches; self._grads then holds the LoRA gradients of the mean token CE."""
+        if not micro_batches:
+            raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
+        loss_sum, tokens = 0.0, 0
+        for index, (input_ids, labels) in enumerate(micro_batches):
+            self._check(input_ids, labels)
+            self._fill(np.asarray(input_ids), np.asarray(labels))
+            if index == 0:
+                self._train_binding(self._grads, "first").run()
+            else:
+                if self._flat_extra is None:
+                    self._flat_extra, self._extra = flat_views(self._grads)
+                self._train_binding(self._extra, "extra").run()
+                self._flat_grads += self._flat_extra
+            loss_sum += float(self._loss_sum)
+            tokens += counted_tokens(labels)
+        self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
+        if tokens == 0:
+            return float("nan"), 0
+        self._flat_grads *= np.float32(1.0 / tokens)
+        return loss_sum / tokens, tokens
+
     def gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]
                   ) -> tuple[float, int, dict[str, np.ndarray]]:
         """(mean token CE, counted tokens, LoRA gradients of that mean) over the micro-batches; no update."""
-        if not micro_batches:
-            raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
-        session = self._session("train")
-        grads: dict[str, np.ndarray] | None = None
-        loss_sum, tokens = 0.0, 0
-        for input_ids, labels in micro_batches:
-            self._check(input_ids, labels)
-            out = session.run(self._feeds(np.asarray(input_ids), np.asarray(labels)))
-            loss_sum += float(out["loss_sum"])
-            tokens += counted_tokens(labels)
-            if grads is None:       # the first micro-batch's outputs are fresh arrays: accumulate into them
-                grads = {n: out[grad_name(n)] for n in self._state}
-            else:
-                for n, g in grads.items():
-                    g += out[grad_name(n)]
-        self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
-        if tokens == 0:
-            return float("nan"), 0, grads
-        for g in grads.values():
-            g *= np.float32(1.0 / tokens)
-        return loss_sum / tokens, tokens, grads
+        loss, tokens = self._accumulate(micro_batches)
+        return loss, tokens, {n: g.copy() for n, g in self._grads.items()}
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
-        loss, tokens, grads = self.gradients(micro_batches)
-        norm = grad_norm(grads.values())
+        loss, tokens = self._accumulate(micro_batches)
+        norm = grad_norm(self._grads.values())
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
-        self._optimizer.step(self._state, grads, lr, grad_scale=clip_scale(norm, max_grad_norm))
+        self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,
+                                  grad_scale=clip_scale(norm, max_grad_norm))
         return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, False))
 
     def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         self._check(input_ids, labels)
-        out = self._session("eval").run(self._feeds(np.asarray(input_ids), np.asarray(labels)), ["loss_sum"])
+        self._fill(np.asarray(input_ids), np.asarray(labels))
+        out = self._session("eval").run(self._feeds(labelled=True), ["loss_sum"])
         return float(out["loss_sum"]), counted_tokens(labels)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self._check(input_ids)
         b, t = np.asarray(input_ids).shape
-        out = self._session("logits").run(self._feeds(np.asarray(input_ids), None), ["logits"])
+        self._fill(np.asarray(input_ids), None)
+        out = self._session("logits").run(self._feeds(labelled=False), ["logits"])
         return np.ascontiguousarray(out["logits"][:b, :t])
 
     def lora_state(self) -> dict[str, np.ndarray]:
@@ -166,6 +205,7 @@ class OnnxBackend(TrainingBackend):
         return int(max(self._held_bytes, _rss_bytes() - self._rss_before))
 
     def close(self) -> None:
+        self._bindings.clear()
         self._sessions.clear()
         self._values = {}
         self._weights = {}

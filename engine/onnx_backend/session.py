@@ -71,6 +71,39 @@ class GraphSession:
         names = outputs or self.output_names
         return dict(zip(names, _ORT_THREAD.submit(self.session.run, names, feeds).result()))
 
+    def binding(self) -> "Binding":
+        return Binding(self)
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: only C-contiguous arrays can be bound")
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+class Binding:
+    """Inputs and outputs bound to numpy memory by address: no copies in or out, and the bindings persist, so
+    arrays updated in place (LoRA tensors after an optimizer step) are read as they are at the next run.
+    Every bound array must stay alive (and keep its address) while bound."""
+
+    def __init__(self, graph_session: GraphSession):
+        self._session = graph_session.session
+        self._binding = self._session.io_binding()
+        self._keep: dict[str, np.ndarray] = {}
+
+    def inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            _bind(self._binding.bind_input, name, array)
+            self._keep[f"in:{name}"] = array
+
+    def outputs(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            _bind(self._binding.bind_output, name, array)
+            self._keep[f"out:{name}"] = array
+
+    def run(self) -> None:
+        _ORT_THREAD.submit(self._session.run_with_iobinding, self._binding).result()
+
 
 def ort_values(weights: dict[str, np.ndarray]) -> dict:
     """OrtValues that alias the numpy arrays (no copy); keep `weights` alive as long as any session."""
