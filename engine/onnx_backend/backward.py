@@ -4,58 +4,60 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.onnx_backend.forward import (AttentionSaved, AttentionShape, LinearGroup, LinearSaved,
+from engine.onnx_backend.forward import (AttentionSaved, AttentionShape, LinearGroup, LinearSaved, Rope,
                                          groups_to_rows, heads_to_groups)
 from engine.onnx_backend.graph import Graph
 
 
-def linear_backward(g: Graph, dy: str, saved: LinearSaved, group: LinearGroup,
+def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearGroup,
                     need_dx: bool = True) -> str | None:
-    """LoRA gradients of every member (emitted as graph outputs) and dx = dy W_cat + s·(dy B_blk) A_cat, from
-    dy [N, Σ outs]. dB comes from one GEMM over all members (dyᵀ u) whose diagonal blocks are the dB_m."""
+    """LoRA gradients of every member (emitted as graph outputs) and dx = Σ_j dy_j W_j + s·Σ_j (dy_j B_j) A'_j
+    from the members' output gradients dy_j [N, out_j]."""
     members = [i for i, spec in enumerate(group.lora) if spec is not None]
-    if not members:
-        return g.op("MatMul", dy, group.weight, hint="dx") if need_dx else None
-    du = g.op("MatMul", dy, saved.b_blk, hint="dU")                    # [N, R·m], gradient w.r.t. u / s
-    if saved.x_drop is None:
-        da_cat = g.op("Gemm", du, saved.x, transA=1, alpha=group.scaling, hint="dA")
-        das = g.split(da_cat, [group.rank] * len(members), axis=0)
-    else:   # each member saw its own dropped-out input
-        dus = g.split(du, [group.rank] * len(members), axis=1)
-        das = [g.op("Gemm", d, xd, transA=1, alpha=group.scaling, hint="dA") for d, xd in zip(dus, saved.x_drop)]
-    for i, da in zip(members, das):
-        g.output(da, group.lora[i][2], shape=None)
-    db_all = g.op("Gemm", dy, saved.u, transA=1, hint="dB")            # [Σ outs, R·m]
-    starts = np.cumsum((0,) + group.outs)
-    for j, i in enumerate(members):
-        if len(group.outs) == 1:
-            db = db_all
-        else:
-            db = g.op("Slice", db_all, g.const([starts[i], j * group.rank]),
-                      g.const([starts[i + 1], (j + 1) * group.rank]), g.const([0, 1]))
-        g.output(db, group.lora[i][3], shape=None)
+    dx = None
+    if members:
+        dus = [g.op("MatMul", dys[i], group.lora[i][1], hint="dU") for i in members]   # [N, R] each
+        for i, u in zip(members, saved.u):
+            g.output(g.op("Gemm", dys[i], u, transA=1, hint="dB"), group.lora[i][3], shape=None)
+        scale = (lambda da: g.op("Mul", da, group.input_scale, hint="dA")) if group.input_scale else (lambda da: da)
+        if saved.x_drop is None:                    # dA = dA'∘w (A' = A∘w), for all members at once
+            du_cat = g.concat(dus, axis=1)
+            das = g.split(scale(g.op("Gemm", du_cat, saved.x, transA=1, alpha=group.scaling, hint="dA")),
+                          [group.rank] * len(members), axis=0)
+        else:   # each member saw its own dropped-out input
+            das = [scale(g.op("Gemm", d, xd, transA=1, alpha=group.scaling, hint="dA"))
+                   for d, xd in zip(dus, saved.x_drop)]
+        for i, da in zip(members, das):
+            g.output(da, group.lora[i][2], shape=None)
+        if need_dx:
+            if saved.x_drop is None:
+                dx = g.op("Gemm", du_cat, saved.a_cat, alpha=group.scaling, hint="dx_lora")
+            else:
+                for d, a, keep in zip(dus, saved.a, saved.keep):
+                    dx = g.add(dx, g.op("Mul", g.op("Gemm", d, a, alpha=group.scaling, hint="dx_lora"), keep))
     if not need_dx:
         return None
-    if saved.x_drop is None:
-        dx_lora = g.op("Gemm", du, saved.a_cat, alpha=group.scaling, hint="dx_lora")
-    else:
-        dx_lora = None
-        for d, i, keep in zip(dus, members, saved.keep):
-            dx_lora = g.add(dx_lora, g.op("Mul", g.op("Gemm", d, group.lora[i][0], alpha=group.scaling), keep))
-    return g.op("Gemm", dy, group.weight, dx_lora, beta=1.0, hint="dx")
+    for dy, weight in zip(dys, group.weights):
+        dx = g.op("Gemm", dy, weight, *([dx] if dx else []), beta=1.0, hint="dx")
+    return dx
+
+
+def normalized_rmsnorm_backward(g: Graph, dxn: str, saved: tuple[str, str], axis: int = -1) -> str:
+    """dx from d(xn) for xn = x·rstd (no weight): rstd·(dxn − xn·mean(dxn·xn))."""
+    xn, rstd = saved
+    proj = g.reduce_mean(g.op("Mul", dxn, xn), [axis])
+    return g.op("Mul", g.op("Sub", dxn, g.op("Mul", xn, proj)), rstd)
 
 
 def rmsnorm_backward(g: Graph, dy: str, saved: tuple[str, str], weight: str, axis: int = -1) -> str:
     """dx = rstd·(dy·w − xn·mean(dy·w·xn))."""
-    xn, rstd = saved
-    gw = g.op("Mul", dy, weight)
-    proj = g.reduce_mean(g.op("Mul", gw, xn), [axis])
-    return g.op("Mul", g.op("Sub", gw, g.op("Mul", xn, proj)), rstd)
+    return normalized_rmsnorm_backward(g, g.op("Mul", dy, weight), saved, axis)
 
 
-def rope_backward(g: Graph, dy: str, cos: str, sin: str, rot: str) -> str:
-    """The transpose of a rotation: dy·cos − rotate_half(dy)·sin (R is antisymmetric: Rᵀ = −R)."""
-    return g.op("Sub", g.op("Mul", dy, cos), g.op("Mul", g.op("MatMul", dy, rot), sin))
+def rope_backward(g: Graph, dy: str, rope: Rope, heads: int) -> str:
+    """The transpose of a rotation is the rotation by −angle: dy·cos − rotate_half(dy)·sin, on [B, T, heads·HD]."""
+    return g.op("RotaryEmbedding", dy, rope.positions, rope.cos, rope.neg_sin, num_heads=heads, interleaved=0,
+                domain="com.microsoft", hint="rope_bw")
 
 
 def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionShape) -> tuple[str, str, str]:

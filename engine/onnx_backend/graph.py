@@ -102,7 +102,9 @@ class Graph:
                 entry.key, entry.value = key, value
             initializers.append(tensor)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="lora-lab")
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == "com.microsoft" for node in self.nodes):   # onnxruntime's fused kernels
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="lora-lab")
         model.ir_version = 9
         return model

@@ -32,7 +32,8 @@ def dropout_mask_name(layer: int, target: str) -> str:
 
 
 def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Frozen tensors as the graphs use them: q/k/v and gate/up concatenated along the output features."""
+    """Frozen tensors as the graphs use them: q/k/v and gate/up with the RMSNorm weight before them folded in
+    (fw.fold_norm_weight); that norm weight is kept too, for LoRA A."""
     def take(name: str) -> np.ndarray:
         if name not in raw:
             raise ValueError(f"{spec.source}: weight {name!r} is missing from the safetensors files")
@@ -42,19 +43,19 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
     out["lm_head"] = out["embed"] if spec.tied_embeddings else take("lm_head.weight")
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        out[f"{i}.ln1"] = take(f"{p}.input_layernorm.weight")
-        out[f"{i}.ln2"] = take(f"{p}.post_attention_layernorm.weight")
-        out[f"{i}.qkv"] = np.concatenate([take(f"{p}.self_attn.{t}.weight") for t in QKV], axis=0)
-        if spec.qkv_bias:
-            out[f"{i}.qkv_bias"] = np.concatenate([take(f"{p}.self_attn.{t}.bias") for t in QKV], axis=0)
+        ln1, ln2 = take(f"{p}.input_layernorm.weight"), take(f"{p}.post_attention_layernorm.weight")
+        out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
+        for t in QKV:
+            out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{p}.self_attn.{t}.weight"), ln1)
+            if spec.qkv_bias:
+                out[f"{i}.{t}.bias"] = take(f"{p}.self_attn.{t}.bias")
         if spec.qk_norm:
-            # q and k heads are normalised (and rotated) as one [B, T, NH + NKV, HD] tensor.
-            out[f"{i}.qk_norm"] = np.concatenate(
-                [np.tile(take(f"{p}.self_attn.q_norm.weight"), (spec.heads, 1)),
-                 np.tile(take(f"{p}.self_attn.k_norm.weight"), (spec.kv_heads, 1))], axis=0)
-        out[f"{i}.o"] = take(f"{p}.self_attn.o_proj.weight")
-        out[f"{i}.gate_up"] = np.concatenate([take(f"{p}.mlp.{t}.weight") for t in GATE_UP], axis=0)
-        out[f"{i}.down"] = take(f"{p}.mlp.down_proj.weight")
+            out[f"{i}.q_norm"] = take(f"{p}.self_attn.q_norm.weight")
+            out[f"{i}.k_norm"] = take(f"{p}.self_attn.k_norm.weight")
+        out[f"{i}.o_proj"] = take(f"{p}.self_attn.o_proj.weight")
+        for t in GATE_UP:
+            out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{p}.mlp.{t}.weight"), ln2)
+        out[f"{i}.down_proj"] = take(f"{p}.mlp.down_proj.weight")
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -79,10 +80,11 @@ class DecoderGraph:
         self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim)
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def _group(self, g: Graph, layer: int, name: str, targets: tuple[str, ...], train: bool) -> fw.LinearGroup:
-        weight = g.weight(f"{layer}.{name}", self.weights[f"{layer}.{name}"])
-        bias = (g.weight(f"{layer}.qkv_bias", self.weights[f"{layer}.qkv_bias"])
-                if name == "qkv" and self.spec.qkv_bias else None)
+    def _group(self, g: Graph, layer: int, targets: tuple[str, ...], train: bool,
+               input_scale: str | None = None) -> fw.LinearGroup:
+        weights = tuple(g.weight(f"{layer}.{t}", self.weights[f"{layer}.{t}"]) for t in targets)
+        biases = tuple(g.weight(f"{layer}.{t}.bias", self.weights[f"{layer}.{t}.bias"])
+                       if f"{layer}.{t}.bias" in self.weights else None for t in targets)
         lora = []
         for t in targets:
             if t not in self.lora.targets:
@@ -96,9 +98,10 @@ class DecoderGraph:
         dropout = self.lora.dropout if train else 0.0     # evaluation and logits never drop out
         lora_targets = [t for t, spec in zip(targets, lora) if spec is not None]
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
-        return fw.LinearGroup(weight=weight, bias=bias, targets=targets,
+        return fw.LinearGroup(weights=weights, biases=biases, targets=targets,
                               outs=tuple(self.spec.projection_shape(t)[0] for t in targets),
                               lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank,
+                              input_scale=input_scale if lora_targets else None,
                               dropout=dropout, dropout_masks=masks,
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
@@ -112,50 +115,52 @@ class DecoderGraph:
         if mode != "logits":
             targets = g.input("targets", np.int64, [s.rows, 1])
             mask = g.input("mask", np.float32, [s.rows, 1])
-        cos_t, sin_t = fw.rope_tables(spec.rope.inv_freq(spec.head_dim), s.seq)
-        cos, sin = g.const(cos_t, np.float32), g.const(sin_t, np.float32)
+        rope = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq)
         causal = g.const(fw.causal_mask(a), np.float32)
         eps = spec.rms_eps
 
-        rot = g.const(fw.rotate_half_matrix(spec.head_dim), np.float32)
-        heads = [spec.heads + spec.kv_heads, spec.kv_heads]          # (q and k), v
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
-        layers = []
+        guards: list[str] = []
+
+        def heads4(heads: int) -> list[int]:
+            return [s.batch, s.seq, heads, spec.head_dim]
+
+        layers, pending = [], None      # pending: the MLP output not yet added to the residual stream x
         for i in range(spec.layers):
             w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-            st = {"qkv": self._group(g, i, "qkv", QKV, train), "o": self._group(g, i, "o", ("o_proj",), train),
-                  "gu": self._group(g, i, "gate_up", GATE_UP, train),
-                  "down": self._group(g, i, "down", ("down_proj",), train)}
-            h1, st["n1"] = fw.rmsnorm_forward(g, x, w("ln1"), eps)
-            qkv, st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
-            qk, v = g.split(g.reshape(qkv, [s.batch, s.seq, sum(heads), spec.head_dim]), heads, axis=2)
+            st = {"qkv": self._group(g, i, QKV, train, input_scale=w("ln1")),
+                  "o": self._group(g, i, ("o_proj",), train),
+                  "gu": self._group(g, i, GATE_UP, train, input_scale=w("ln2")),
+                  "down": self._group(g, i, ("down_proj",), train)}
+            h1, st["n1"], x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
+                                                       residual=None if pending is None else x, guards=guards)
+            (q, k, v), st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
             if spec.qk_norm:
-                qk, st["nqk"] = fw.rmsnorm_forward(g, qk, w("qk_norm"), eps)
-            qk = fw.rope_forward(g, qk, cos, sin, rot)
-            q, k = g.split(qk, [spec.heads, spec.kv_heads], axis=2)
+                q, st["nq"] = fw.rmsnorm_forward(g, g.reshape(q, heads4(spec.heads)), w("q_norm"), eps)
+                k, st["nk"] = fw.rmsnorm_forward(g, g.reshape(k, heads4(spec.kv_heads)), w("k_norm"), eps)
+            q = fw.rope_forward(g, g.reshape(q, [s.batch, s.seq, spec.q_dim]), rope, spec.heads)
+            k = fw.rope_forward(g, g.reshape(k, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
+            k, v = g.reshape(k, heads4(spec.kv_heads)), g.reshape(v, heads4(spec.kv_heads))
             att, st["att"] = fw.attention_forward(g, q, k, v, causal, a)
-            o, st["l_o"] = fw.linear_forward(g, att, st["o"])
-            x = g.op("Add", x, o)
-            h2, st["n2"] = fw.rmsnorm_forward(g, x, w("ln2"), eps)
-            gu, st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
-            gate, up = g.split(gu, [spec.intermediate, spec.intermediate], axis=1)
+            (o,), st["l_o"] = fw.linear_forward(g, att, st["o"])
+            h2, st["n2"], x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=guards)
+            (gate, up), st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
             act, st["swiglu"] = fw.swiglu_forward(g, gate, up)
             st["up"] = up
-            m, st["l_down"] = fw.linear_forward(g, act, st["down"])
-            x = g.op("Add", x, m)
+            (pending,), st["l_down"] = fw.linear_forward(g, act, st["down"])
             layers.append(st)
 
         norm_w = g.weight("norm", self.weights["norm"])
         lm = g.weight("lm_head", self.weights["lm_head"])
-        hf, nf = fw.rmsnorm_forward(g, x, norm_w, eps)
-        logits = g.op("Gemm", hf, lm, transB=1, hint="logits")
+        xn, nf, x = fw.fused_rmsnorm_forward(g, pending, spec.hidden, eps, residual=x, guards=guards)
+        logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
         if mode == "logits":
             g.output(g.reshape(logits, [s.batch, s.seq, spec.vocab_size]), "logits",
                      shape=[s.batch, s.seq, spec.vocab_size])
             return g
         loss_sum, (logp, _) = fw.cross_entropy_forward(g, logits, targets, mask)
-        g.output(loss_sum, "loss_sum", shape=[])
+        g.output(fw.guard_loss(g, loss_sum, guards), "loss_sum", shape=[])
         if not train:
             return g
 
@@ -164,18 +169,21 @@ class DecoderGraph:
         for i in reversed(range(spec.layers)):
             st = layers[i]
             w = lambda name: f"{i}.{name}"  # noqa: E731  (already registered in the forward pass)
-            da = bw.linear_backward(g, dx, st["l_down"], st["down"])
+            da = bw.linear_backward(g, [dx], st["l_down"], st["down"])
             dgate, dup = bw.swiglu_backward(g, da, st["up"], st["swiglu"])
-            dh2 = bw.linear_backward(g, g.concat([dgate, dup], axis=1), st["l_gu"], st["gu"])
-            dx = g.op("Add", dx, bw.rmsnorm_backward(g, dh2, st["n2"], w("ln2")))
-            datt = bw.linear_backward(g, dx, st["l_o"], st["o"])
+            dh2 = bw.linear_backward(g, [dgate, dup], st["l_gu"], st["gu"])
+            dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, st["n2"]))
+            datt = bw.linear_backward(g, [dx], st["l_o"], st["o"])
             dq, dk, dv = bw.attention_backward(g, datt, st["att"], a)
-            dqk = bw.rope_backward(g, g.concat([dq, dk], axis=2), cos, sin, rot)
+            dq = bw.rope_backward(g, g.reshape(dq, [s.batch, s.seq, spec.q_dim]), rope, spec.heads)
+            dk = bw.rope_backward(g, g.reshape(dk, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
             if spec.qk_norm:
-                dqk = bw.rmsnorm_backward(g, dqk, st["nqk"], w("qk_norm"))
-            dqkv = g.reshape(g.concat([dqk, dv], axis=2), [s.rows, spec.q_dim + 2 * spec.kv_dim])
+                dq = bw.rmsnorm_backward(g, g.reshape(dq, heads4(spec.heads)), st["nq"], w("q_norm"))
+                dk = bw.rmsnorm_backward(g, g.reshape(dk, heads4(spec.kv_heads)), st["nk"], w("k_norm"))
+            dys = [g.reshape(dq, [s.rows, spec.q_dim]), g.reshape(dk, [s.rows, spec.kv_dim]),
+                   g.reshape(dv, [s.rows, spec.kv_dim])]
             # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
-            dh1 = bw.linear_backward(g, dqkv, st["l_qkv"], st["qkv"], need_dx=i > 0)
+            dh1 = bw.linear_backward(g, dys, st["l_qkv"], st["qkv"], need_dx=i > 0)
             if i > 0:
-                dx = g.op("Add", dx, bw.rmsnorm_backward(g, dh1, st["n1"], w("ln1")))
+                dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, st["n1"]))
         return g
