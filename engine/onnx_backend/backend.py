@@ -155,7 +155,9 @@ class OnnxBackend(TrainingBackend):
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
         loss, tokens = self._accumulate(micro_batches)
-        norm = grad_norm(self._grads.values())
+        # A NaN loss from the overflow guard (fw.guard_loss) leaves the gradients finite but meaningless: the
+        # norm is reported as NaN too, as it is where the NaN runs through the whole graph.
+        norm = grad_norm(self._grads.values()) if np.isfinite(loss) else float("nan")
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
         self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,

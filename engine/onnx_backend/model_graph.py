@@ -82,6 +82,7 @@ class DecoderGraph:
     # ---- pieces ----------------------------------------------------------------------------------------
     def _group(self, g: Graph, layer: int, targets: tuple[str, ...], train: bool,
                input_scale: str | None = None) -> fw.LinearGroup:
+        """The projections `targets` of one layer; `input_scale` names the RMSNorm weight folded into them."""
         weights = tuple(g.weight(f"{layer}.{t}", self.weights[f"{layer}.{t}"]) for t in targets)
         biases = tuple(g.weight(f"{layer}.{t}.bias", self.weights[f"{layer}.{t}.bias"])
                        if f"{layer}.{t}.bias" in self.weights else None for t in targets)
@@ -98,10 +99,12 @@ class DecoderGraph:
         dropout = self.lora.dropout if train else 0.0     # evaluation and logits never drop out
         lora_targets = [t for t, spec in zip(targets, lora) if spec is not None]
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
+        # Registered only where LoRA A reads it: an initializer no node uses is dropped by onnxruntime.
+        scale = g.weight(input_scale, self.weights[input_scale]) if input_scale and lora_targets else None
         return fw.LinearGroup(weights=weights, biases=biases, targets=targets,
                               outs=tuple(self.spec.projection_shape(t)[0] for t in targets),
                               lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank,
-                              input_scale=input_scale if lora_targets else None,
+                              input_scale=scale,
                               dropout=dropout, dropout_masks=masks,
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
@@ -129,9 +132,9 @@ class DecoderGraph:
         layers, pending = [], None      # pending: the MLP output not yet added to the residual stream x
         for i in range(spec.layers):
             w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-            st = {"qkv": self._group(g, i, QKV, train, input_scale=w("ln1")),
+            st = {"qkv": self._group(g, i, QKV, train, input_scale=f"{i}.ln1"),
                   "o": self._group(g, i, ("o_proj",), train),
-                  "gu": self._group(g, i, GATE_UP, train, input_scale=w("ln2")),
+                  "gu": self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2"),
                   "down": self._group(g, i, ("down_proj",), train)}
             h1, st["n1"], x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
                                                        residual=None if pending is None else x, guards=guards)
