@@ -21,8 +21,10 @@ def make_backend(model_dir, lora=LORA, batch=2, seq=9, state=None, seed=0, **opt
 
 
 @pytest.mark.parametrize("lora", [LORA, LoraConfig(rank=3, alpha=5, use_rslora=True,
-                                                   targets=("q_proj", "v_proj", "up_proj", "down_proj"))],
-                         ids=["all-targets", "rslora-subset"])
+                                                   targets=("q_proj", "v_proj", "up_proj", "down_proj")),
+                                  # no LoRA reads a normalised input (the folded norm weights go unused)
+                                  LoraConfig(rank=2, alpha=4, targets=("o_proj", "down_proj"))],
+                         ids=["all-targets", "rslora-subset", "o-down-only"])
 def test_loss_and_every_grad_match_peft(tiny_model_dir, lora):
     spec = load_model_spec(tiny_model_dir)
     state = random_lora_state(spec, lora, seed=1)
