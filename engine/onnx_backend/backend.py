@@ -44,7 +44,9 @@ class OnnxBackend(TrainingBackend):
 
     def __init__(self, model_dir: str | Path, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, seed: int = 0, init_state: dict[str, np.ndarray] | None = None,
-                 threads: int | None = None, providers: tuple[str, ...] | None = None):
+                 threads: int | None = None, providers: tuple[str, ...] | None = None,
+                 profile_prefix: str | None = None):
+        """`profile_prefix` records onnxruntime's per-node profile of the training graph (bench/cpu_profile.py)."""
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
         self._rss_before = _rss_bytes()
@@ -55,6 +57,7 @@ class OnnxBackend(TrainingBackend):
         self.lora, self.optim = lora, optim
         self.batch_size, self.seq_len = batch_size, seq_len
         self.threads = threads or cpu_threads()
+        self._profile_prefix = profile_prefix
         self.providers = available_providers(providers)
         self.name = f"cpu: onnxruntime ({self.providers[0].removesuffix('ExecutionProvider')}, " \
                     f"{self.threads} threads)"
@@ -84,7 +87,8 @@ class OnnxBackend(TrainingBackend):
     def _session(self, mode: str) -> GraphSession:
         if mode not in self._sessions:
             self._sessions[mode] = GraphSession(self._graphs.build(mode), self._values, self.threads,
-                                                self.providers, prepack=mode == "train")
+                                                self.providers, prepack=mode == "train",
+                                                profile_prefix=self._profile_prefix if mode == "train" else None)
         return self._sessions[mode]
 
     def _fill(self, input_ids: np.ndarray, labels: np.ndarray | None) -> None:
@@ -205,6 +209,12 @@ class OnnxBackend(TrainingBackend):
         """Growth of this process's resident memory since construction began, largest seen after a training
         step: weights, packed weights, sessions, activation arenas, LoRA and optimizer state (measured)."""
         return int(max(self._held_bytes, _rss_bytes() - self._rss_before))
+
+    def end_profiling(self) -> str:
+        """The training graph's profile so far (a JSON trace path); needs profile_prefix at construction."""
+        if self._profile_prefix is None:
+            raise RuntimeError("this backend was built without profile_prefix")
+        return self._session("train").end_profiling()
 
     def close(self) -> None:
         self._bindings.clear()

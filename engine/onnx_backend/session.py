@@ -44,13 +44,19 @@ _ORT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-lab-onn
 class GraphSession:
     """One InferenceSession; `run(feeds, outputs)` returns numpy arrays by output name."""
 
-    def __init__(self, graph: Graph, values: dict, threads: int, providers: list[str], prepack: bool = True):
-        _ORT_THREAD.submit(self._create, graph, values, threads, providers, prepack).result()
+    def __init__(self, graph: Graph, values: dict, threads: int, providers: list[str], prepack: bool = True,
+                 profile_prefix: str | None = None):
+        """`profile_prefix`: record onnxruntime's per-node profile (see end_profiling)."""
+        _ORT_THREAD.submit(self._create, graph, values, threads, providers, prepack, profile_prefix).result()
 
-    def _create(self, graph: Graph, values: dict, threads: int, providers: list[str], prepack: bool) -> None:
+    def _create(self, graph: Graph, values: dict, threads: int, providers: list[str], prepack: bool,
+                profile_prefix: str | None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -73,6 +79,10 @@ class GraphSession:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names
         return dict(zip(names, _ORT_THREAD.submit(self.session.run, names, feeds).result()))
+
+    def end_profiling(self) -> str:
+        """Stop profiling; the path of the JSON trace (Chrome trace format) onnxruntime wrote."""
+        return _ORT_THREAD.submit(self.session.end_profiling).result()
 
     def binding(self) -> "Binding":
         return Binding(self)
