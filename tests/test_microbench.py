@@ -62,3 +62,32 @@ def test_tuning_benches_quick_print_json(script):
         assert all(row[v]["gflops"] > 0 for v in ("auto", "64x64", "128x64", "128x128"))
     else:
         assert all(row[p]["ms"] > 0 and row[p]["dispatches"] > 0 for p in ("forward", "lm_head", "backward"))
+
+
+def test_cpu_profile_counts_the_frozen_gemm_flops_of_the_training_graph(tiny_llama_dir):
+    """bench/cpu_profile.py's closed-form FLOP count equals 2·rows·|W| summed over the graph's frozen GEMMs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_profile import FROZEN_GEMM_HINTS, frozen_gemm_flops
+
+    from engine.model_spec import load_model_spec, load_weights
+    from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, prepare_weights
+
+    spec = load_model_spec(tiny_llama_dir)
+    weights = prepare_weights(spec, load_weights(tiny_llama_dir))
+    shape = GraphShape(2, 7)
+    graph = DecoderGraph(spec, weights, LoraConfig(rank=4, alpha=8), shape).build("train")
+    counted = sum(2 * shape.rows * weights[name].size for node in graph.nodes
+                  if node.output[0].rsplit("_", 1)[0] in FROZEN_GEMM_HINTS
+                  for name in node.input if name in weights)
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert counted == frozen_gemm_flops(config, shape.rows) > 0
+
+
+@pytest.mark.slow
+def test_cpu_profile_quick_prints_json():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_profile.py"), "--quick", "--steps", "1",
+                          "--skip", "1"], capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    assert report["step_ms_median"] > 0 and report["frozen_gemm_gflops_per_s"] > 0
+    assert set(report["kernel_ms_by_kind"]) == {"frozen GEMMs", "LoRA GEMMs", "attention GEMMs",
+                                                "elementwise, norms, layout"}
