@@ -77,7 +77,7 @@ def main() -> None:
                               args.seq_len, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         ids = np.random.default_rng(0).integers(0, config["vocab_size"], (args.batch_size, args.seq_len))
         batch = [(ids, ids)]
-        walls, hosts = [], []
+        walls = []
         for _ in range(args.skip + args.steps):
             start = time.perf_counter()
             result = backend.train_step(batch, lr=1e-4, max_grad_norm=1.0).result()

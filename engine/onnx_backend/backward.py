@@ -2,8 +2,6 @@
 gradient, but the gradient flows through every frozen layer to the LoRA tensors below it."""
 from __future__ import annotations
 
-import numpy as np
-
 from engine.onnx_backend.forward import (AttentionSaved, AttentionShape, LinearGroup, LinearSaved, Rope,
                                          groups_to_rows, heads_to_groups)
 from engine.onnx_backend.graph import Graph
