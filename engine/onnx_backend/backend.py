@@ -74,7 +74,7 @@ class OnnxBackend(TrainingBackend):
         if init_state is not None:
             self.load_lora_state(init_state)
         # Sized up front, so that optimizer_state() already works for a checkpoint taken before any step.
-        self._optimizer = make_host_optimizer(optim, self._flat_params.size)
+        self._optimizer = make_host_optimizer(optim, self._flat_params.size, threads=self.threads)
         rows = batch_size * seq_len
         self._ids = np.zeros((batch_size, seq_len), np.int64)       # the batch, padded, bound by address
         self._targets = np.zeros((rows, 1), np.int64)
