@@ -154,6 +154,20 @@ def test_step_without_counted_tokens_is_skipped(tiny_llama_dir):
         assert all(np.array_equal(before[k], v) for k, v in backend.lora_state().items())
 
 
+def test_micro_batch_without_labels_adds_nothing(tiny_llama_dir):
+    """The LM head runs on labelled positions only; a micro-batch with none (its placeholder row has weight
+    0) leaves the loss, the token count and every gradient as the labelled micro-batch alone gives them."""
+    spec = load_model_spec(tiny_llama_dir)
+    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=14, masked_fraction=0.8)
+    empty = labels[:1].copy()
+    empty[:] = -100
+    with make_backend(tiny_llama_dir, state=random_lora_state(spec, LORA, seed=9)) as backend:
+        alone = backend.gradients([(ids[1:], labels[1:])])
+        with_empty = backend.gradients([(ids[:1], empty), (ids[1:], labels[1:])])
+    assert alone[1] == with_empty[1] > 0 and alone[0] == with_empty[0]
+    assert all(np.array_equal(alone[2][k], with_empty[2][k]) for k in alone[2])
+
+
 def test_lora_and_optimizer_state_round_trip(tiny_model_dirs):
     model_dir = tiny_model_dirs["qwen2"]
     spec = load_model_spec(model_dir)

@@ -75,10 +75,8 @@ class OnnxBackend(TrainingBackend):
             self.load_lora_state(init_state)
         # Sized up front, so that optimizer_state() already works for a checkpoint taken before any step.
         self._optimizer = make_host_optimizer(optim, self._flat_params.size, threads=self.threads)
-        rows = batch_size * seq_len
         self._ids = np.zeros((batch_size, seq_len), np.int64)       # the batch, padded, bound by address
-        self._targets = np.zeros((rows, 1), np.int64)
-        self._mask = np.zeros((rows, 1), np.float32)
+        self._labelled: dict[str, np.ndarray] = {}                  # label_rows, targets, mask: see _fill
         self._loss_sum = np.zeros((), np.float32)
         self._session("train")
         self._held_bytes = max(0, _rss_bytes() - self._rss_before)
@@ -102,23 +100,28 @@ class OnnxBackend(TrainingBackend):
             shifted[:b, :t - 1] = labels[:, 1:]
             if (shifted >= self.spec.vocab_size).any():
                 raise ValueError(f"label out of range 0..{self.spec.vocab_size - 1}: {int(labels.max())}")
-            self._mask[...] = (shifted != -100).reshape(-1, 1)
-            self._targets[...] = np.where(shifted == -100, 0, shifted).reshape(-1, 1)
+            rows = np.flatnonzero(shifted != -100)
+            mask = np.ones((rows.size, 1), np.float32)
+            if rows.size == 0:          # one placeholder row of weight 0: loss 0, gradients 0
+                rows, mask = np.zeros(1, np.int64), np.zeros((1, 1), np.float32)
+            self._labelled = {"label_rows": rows.astype(np.int64),
+                              "targets": np.maximum(shifted.reshape(-1)[rows], 0).reshape(-1, 1), "mask": mask}
 
     def _feeds(self, labelled: bool) -> dict[str, np.ndarray]:
         feeds = {"input_ids": self._ids, **self._state}
         if labelled:
-            feeds.update(targets=self._targets, mask=self._mask)
+            feeds.update(self._labelled)
         return feeds
 
     def _train_binding(self, grads: dict[str, np.ndarray], key: str) -> Binding:
-        """The train session bound once to the batch arrays, the LoRA views and `grads` (views of one flat
-        vector) as outputs."""
+        """The train session bound to the batch arrays, the LoRA views and `grads` (views of one flat vector) as
+        outputs; all but the labelled rows (their number changes from batch to batch) are bound once."""
         if key not in self._bindings:
             binding = self._session("train").binding()
-            binding.inputs(self._feeds(labelled=True))
+            binding.inputs(self._feeds(labelled=False))
             binding.outputs({"loss_sum": self._loss_sum, **{grad_name(n): g for n, g in grads.items()}})
             self._bindings[key] = binding
+        self._bindings[key].inputs(self._labelled)
         return self._bindings[key]
 
     def _check(self, input_ids, labels=None):

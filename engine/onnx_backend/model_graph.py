@@ -1,10 +1,15 @@
 """The decoder (Llama / Mistral / Qwen2 / Qwen3) as ONNX graphs for one (B, T): the training step (forward,
 cross-entropy and the backward pass into the LoRA gradients), the evaluation loss, and the logits.
 
-Graph interface (all shapes fixed at build time; the runner pads smaller batches):
-- inputs:  input_ids int64 [B, T]; targets int64 [B·T, 1] (shifted labels, 0 where masked) and mask float
-  [B·T, 1] (train/eval); every LoRA tensor under its PEFT name (A [r, in], B [out, r]).
+Graph interface (shapes fixed at build time but L; the runner pads smaller batches):
+- inputs:  input_ids int64 [B, T]; for train/eval the L positions that have a label: label_rows int64 [L]
+  (indices into the B·T flattened positions), targets int64 [L, 1] (their shifted labels) and mask float [L, 1]
+  (1, or 0 for the one placeholder row a batch without any label gets); every LoRA tensor under its PEFT name
+  (A [r, in], B [out, r]).
 - outputs: loss_sum (Σ masked token CE) for train/eval; "grad:<PEFT name>" for train; logits [B, T, V].
+
+The LM head and cross-entropy run on the labelled rows only: a chat corpus trained on the assistant's turns
+masks most positions, and the LM head is a fifth of the step's FLOPs at the 135M shape (vocabulary 49152).
 """
 from __future__ import annotations
 
@@ -116,8 +121,9 @@ class DecoderGraph:
         train = mode == "train"
         ids = g.input("input_ids", np.int64, [s.batch, s.seq])
         if mode != "logits":
-            targets = g.input("targets", np.int64, [s.rows, 1])
-            mask = g.input("mask", np.float32, [s.rows, 1])
+            label_rows = g.input("label_rows", np.int64, ["labelled"])
+            targets = g.input("targets", np.int64, ["labelled", 1])
+            mask = g.input("mask", np.float32, ["labelled", 1])
         rope = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq)
         causal = g.const(fw.causal_mask(a), np.float32)
         eps = spec.rms_eps
@@ -156,19 +162,23 @@ class DecoderGraph:
 
         norm_w = g.weight("norm", self.weights["norm"])
         lm = g.weight("lm_head", self.weights["lm_head"])
-        xn, nf, x = fw.fused_rmsnorm_forward(g, pending, spec.hidden, eps, residual=x, guards=guards)
-        logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
+        xn, (_, rstd), x = fw.fused_rmsnorm_forward(g, pending, spec.hidden, eps, residual=x, guards=guards)
         if mode == "logits":
+            logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
             g.output(g.reshape(logits, [s.batch, s.seq, spec.vocab_size]), "logits",
                      shape=[s.batch, s.seq, spec.vocab_size])
             return g
+        nf = (g.op("Gather", xn, label_rows, axis=0), g.op("Gather", rstd, label_rows, axis=0))   # [L, C], [L, 1]
+        logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
         loss_sum, (logp, _) = fw.cross_entropy_forward(g, logits, targets, mask)
         g.output(fw.guard_loss(g, loss_sum, guards), "loss_sum", shape=[])
         if not train:
             return g
 
-        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(targets, [s.rows]), mask)
-        dx = bw.rmsnorm_backward(g, dx, nf, norm_w)
+        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(targets, [-1]), mask)
+        dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]
+        dx = g.op("ScatterND", g.op("ConstantOfShape", g.const([s.rows, spec.hidden])),
+                  g.reshape(label_rows, [-1, 1]), dx)                                   # [B·T, C], 0 unlabelled
         for i in reversed(range(spec.layers)):
             st = layers[i]
             w = lambda name: f"{i}.{name}"  # noqa: E731  (already registered in the forward pass)
