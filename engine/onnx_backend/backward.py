@@ -60,13 +60,13 @@ def rope_backward(g: Graph, dy: str, rope: Rope, heads: int) -> str:
 
 def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionShape) -> tuple[str, str, str]:
     """dq [B, T, NH, HD], dk and dv [B, T, NKV, HD] from d(output) [B·T, NH·HD]."""
-    do = heads_to_groups(g, g.reshape(dout, [s.batch, s.seq, s.heads, s.head_dim]), s)     # [B, NKV, G·T, HD]
+    do = heads_to_groups(g, g.reshape(dout, [s.batch, s.seq, s.heads, s.head_dim]), s)     # [B, NKV, T·G, HD]
     dv = g.op("MatMul", g.transpose(saved.p, (0, 1, 3, 2)), do)                             # [B, NKV, T, HD]
-    dp = g.op("MatMul", do, g.transpose(saved.v, (0, 1, 3, 2)))                             # [B, NKV, G·T, T]
+    dp = g.op("MatMul", do, g.transpose(saved.v, (0, 1, 3, 2)))                             # [B, NKV, T·G, T]
     # Softmax backward: dS = P·(dP − Σ_j dP·P) and Σ_j dP_j·P_j = Σ_d dO_d·O_d (cheaper: HD instead of T).
     delta = g.reduce_sum(g.op("Mul", do, saved.o), [3])
     ds = g.op("Mul", saved.p, g.op("Sub", dp, delta))
-    dq = g.op("Mul", g.op("MatMul", ds, saved.k), g.scalar(1.0 / s.head_dim ** 0.5))      # [B, NKV, G·T, HD]
+    dq = g.op("Mul", g.op("MatMul", ds, saved.k), g.scalar(1.0 / s.head_dim ** 0.5))      # [B, NKV, T·G, HD]
     dk = g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), saved.q)                             # q is pre-scaled
     dq = g.reshape(groups_to_rows(g, dq, s), [s.batch, s.seq, s.heads, s.head_dim])
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
