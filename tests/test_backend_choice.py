@@ -1,6 +1,7 @@
 """--backend auto|cpu|wgpu|wgpu:<name>: parsing, candidates (software adapters only when named), the measured
 choice, and the `lora-lab backends` command."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -129,3 +130,24 @@ def test_backends_command_auto_reports_every_candidate(tiny_llama_dir, capsys, m
     out = capsys.readouterr().out
     assert out.startswith("backend: cpu (measured on [1, 8], 1 steps each)")
     assert "tokens/s" in out and "skipped: software adapter" in out
+
+
+def test_measure_times_only_the_steps_after_two_warm_ups():
+    """onnxruntime's arena still grows in its second run: neither of the first two steps is timed."""
+    from types import SimpleNamespace
+
+    from engine.backend import PendingStep, StepResult
+
+    durations = iter([0.30, 0.20, 0.01, 0.01, 0.01])
+
+    class Fake:
+        spec, batch_size, seq_len = SimpleNamespace(vocab_size=11), 1, 4
+
+        def train_step(self, batch, lr, max_grad_norm):
+            assert lr == 0.0
+            time.sleep(next(durations))
+            return PendingStep.done(StepResult(0, 1.0, 3, 1.0, False))
+
+    seconds = backends.measure(Fake(), steps=3)
+    assert 0.01 <= seconds < 0.1
+    assert next(durations, None) is None

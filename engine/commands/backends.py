@@ -31,7 +31,7 @@ def register(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate (after two warm-up steps)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_backend_argument(parser)
     parser.set_defaults(func=_backends)
