@@ -154,6 +154,24 @@ def test_step_without_counted_tokens_is_skipped(tiny_llama_dir):
         assert all(np.array_equal(before[k], v) for k, v in backend.lora_state().items())
 
 
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_causal_query_blocks_match_peft(tiny_model_dir, blocks):
+    """Attention cut into causal query blocks (each against the keys up to its last position; the automatic
+    choice uses them from 512 positions on) gives PEFT's loss, logits and every gradient."""
+    spec = load_model_spec(tiny_model_dir)
+    state = random_lora_state(spec, LORA, seed=1)
+    ids, labels = random_batch(spec.vocab_size, 2, 12, seed=2)
+    want = loss_and_grads(peft_model(tiny_model_dir, LORA, state), ids, labels)
+    with OnnxBackend(tiny_model_dir, LORA, OptimizerConfig(), 2, 12, init_state=state, threads=1,
+                     attention_blocks=blocks) as backend:
+        assert backend._graphs.att.query_blocks == blocks
+        loss, _, grads = backend.gradients([(ids, labels)])
+        logits = backend.logits(ids)
+    assert abs(loss - want.loss) <= 1e-5 * want.loss
+    np.testing.assert_allclose(logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert max(rel_err(grads[k], want.grads[k]) for k in want.grads) < 1e-3
+
+
 def test_micro_batch_without_labels_adds_nothing(tiny_llama_dir):
     """The LM head runs on labelled positions only; a micro-batch with none (its placeholder row has weight
     0) leaves the loss, the token count and every gradient as the labelled micro-batch alone gives them."""

@@ -45,8 +45,9 @@ class OnnxBackend(TrainingBackend):
     def __init__(self, model_dir: str | Path, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, seed: int = 0, init_state: dict[str, np.ndarray] | None = None,
                  threads: int | None = None, providers: tuple[str, ...] | None = None,
-                 profile_prefix: str | None = None):
-        """`profile_prefix` records onnxruntime's per-node profile of the training graph (bench/cpu_profile.py)."""
+                 profile_prefix: str | None = None, attention_blocks: int | None = None):
+        """`profile_prefix` records onnxruntime's per-node profile of the training graph (bench/cpu_profile.py);
+        `attention_blocks` overrides the causal query blocks (forward.query_blocks_for picks them by length)."""
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
         self._rss_before = _rss_bytes()
@@ -63,7 +64,8 @@ class OnnxBackend(TrainingBackend):
                     f"{self.threads} threads)"
         self._weights = prepare_weights(self.spec, load_weights(model_dir))
         self._values = ort_values(self._weights)
-        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed)
+        self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed,
+                                    attention_blocks=attention_blocks)
         self._sessions: dict[str, GraphSession] = {}
         self._bindings: dict[str, Binding] = {}
         # LoRA tensors and their gradients live in one flat vector each (the optimizer updates the whole vector

@@ -59,17 +59,29 @@ def rope_backward(g: Graph, dy: str, rope: Rope, heads: int) -> str:
 
 
 def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionShape) -> tuple[str, str, str]:
-    """dq [B, T, NH, HD], dk and dv [B, T, NKV, HD] from d(output) [B·T, NH·HD]."""
+    """dq [B, T, NH, HD], dk and dv [B, T, NKV, HD] from d(output) [B·T, NH·HD], query block by query block."""
     do = heads_to_groups(g, g.reshape(dout, [s.batch, s.seq, s.heads, s.head_dim]), s)     # [B, NKV, T·G, HD]
-    dv = g.op("MatMul", g.transpose(saved.p, (0, 1, 3, 2)), do)                             # [B, NKV, T, HD]
-    dp = g.op("MatMul", do, g.transpose(saved.v, (0, 1, 3, 2)))                             # [B, NKV, T·G, T]
-    # Softmax backward: dS = P·(dP − Σ_j dP·P) and Σ_j dP_j·P_j = Σ_d dO_d·O_d (cheaper: HD instead of T).
-    delta = g.reduce_sum(g.op("Mul", do, saved.o), [3])
-    ds = g.op("Mul", saved.p, g.op("Sub", dp, delta))
-    dq = g.op("Mul", g.op("MatMul", ds, saved.k), g.scalar(1.0 / s.head_dim ** 0.5))      # [B, NKV, T·G, HD]
-    dk = g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), saved.q)                             # q is pre-scaled
+    dos = g.split(do, [s.block * s.group] * s.query_blocks, axis=2)
+    dqs, dks, dvs = [], [], []
+    for j, doj in enumerate(dos):
+        p, q, k, v, o = saved.p[j], saved.q[j], saved.k[j], saved.v[j], saved.o[j]
+        dvs.append(g.op("MatMul", g.transpose(p, (0, 1, 3, 2)), doj))                   # [B, NKV, keys_j, HD]
+        dp = g.op("MatMul", doj, g.transpose(v, (0, 1, 3, 2)))                          # [B, NKV, block·G, keys_j]
+        # Softmax backward: dS = P·(dP − Σ_j dP·P) and Σ_j dP_j·P_j = Σ_d dO_d·O_d (cheaper: HD instead of T).
+        ds = g.op("Mul", p, g.op("Sub", dp, g.reduce_sum(g.op("Mul", doj, o), [3])))
+        dqs.append(g.op("MatMul", ds, k))
+        dks.append(g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), q))                   # q is pre-scaled
+    dq = g.op("Mul", g.concat(dqs, axis=2), g.scalar(1.0 / s.head_dim ** 0.5))         # [B, NKV, T·G, HD]
     dq = g.reshape(groups_to_rows(g, dq, s), [s.batch, s.seq, s.heads, s.head_dim])
+    dk, dv = (sum_key_blocks(g, parts, s) for parts in (dks, dvs))
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
+
+
+def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape) -> str:
+    """Σ_j of the blocks' [B, NKV, keys_j, HD] key gradients, each zero-padded to all T keys."""
+    padded = [part if s.keys_of(j) == s.seq else
+              g.op("Pad", part, g.const([0, 0, 0, 0, 0, 0, s.seq - s.keys_of(j), 0])) for j, part in enumerate(parts)]
+    return padded[0] if len(padded) == 1 else g.op("Sum", *padded)
 
 
 def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, str]) -> tuple[str, str]:

@@ -78,11 +78,13 @@ class DecoderGraph:
     """Emits one graph; `build(mode)` is the llm.c-style layer loop forwards, then backwards."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], lora: LoraConfig, shape: GraphShape,
-                 seed: int = 0, expose_dropout_masks: bool = False):
-        """`seed` seeds the LoRA dropout masks; `expose_dropout_masks` adds them as outputs (for tests)."""
+                 seed: int = 0, expose_dropout_masks: bool = False, attention_blocks: int | None = None):
+        """`seed` seeds the LoRA dropout masks; `expose_dropout_masks` adds them as outputs (for tests);
+        `attention_blocks` sets the causal query blocks (default fw.query_blocks_for(seq))."""
         self.spec, self.weights, self.lora, self.shape = spec, weights, lora, shape
         self.seed, self.expose_dropout_masks = seed, expose_dropout_masks
-        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim)
+        blocks = fw.query_blocks_for(shape.seq) if attention_blocks is None else attention_blocks
+        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim, blocks)
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _group(self, g: Graph, layer: int, targets: tuple[str, ...], train: bool,
@@ -125,7 +127,7 @@ class DecoderGraph:
             targets = g.input("targets", np.int64, ["labelled", 1])
             mask = g.input("mask", np.float32, ["labelled", 1])
         rope = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq)
-        causal = g.const(fw.causal_mask(a), np.float32)
+        causal = [g.const(fw.causal_mask(a, j), np.float32) for j in range(a.query_blocks)]
         eps = spec.rms_eps
 
         embed = g.weight("embed", self.weights["embed"])
