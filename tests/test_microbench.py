@@ -91,3 +91,14 @@ def test_cpu_profile_quick_prints_json():
     assert report["step_ms_median"] > 0 and report["frozen_gemm_gflops_per_s"] > 0
     assert set(report["kernel_ms_by_kind"]) == {"frozen GEMMs", "LoRA GEMMs", "attention GEMMs",
                                                 "elementwise, norms, layout"}
+
+
+@pytest.mark.slow
+def test_cpu_backend_bench_quick_runs_both_sides_on_the_same_step():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_backend.py"), "--quick", "--steps", "1",
+                          "--rounds", "1"], capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(out.stdout)
+    first = report["first_step_loss"]
+    assert abs(first["ours"] - first["peft"]) <= 1e-5 * first["peft"]       # same model, batch and LoRA init
+    ours, peft = report["ours"]["s_per_step_median"], report["peft_fp32"]["s_per_step_median"]
+    assert report["ratio_ours_over_peft"] == peft / ours
