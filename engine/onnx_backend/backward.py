@@ -59,7 +59,8 @@ def rope_backward(g: Graph, dy: str, rope: Rope, heads: int) -> str:
 
 
 def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionShape) -> tuple[str, str, str]:
-    """dq [B, T, NH, HD], dk and dv [B, T, NKV, HD] from d(output) [B·T, NH·HD], query block by query block."""
+    """d(scaled q) [B, T, NH, HD], dk and dv [B, T, NKV, HD] from d(output) [B·T, NH·HD], query block by
+    query block (the queries' rotation carries their 1/sqrt(HD), backwards too)."""
     do = heads_to_groups(g, g.reshape(dout, [s.batch, s.seq, s.heads, s.head_dim]), s)     # [B, NKV, T·G, HD]
     dos = g.split(do, [s.block * s.group] * s.query_blocks, axis=2)
     dqs, dks, dvs = [], [], []
@@ -71,8 +72,7 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
         ds = g.op("Mul", p, g.op("Sub", dp, g.reduce_sum(g.op("Mul", doj, o), [3])))
         dqs.append(g.op("MatMul", ds, k))
         dks.append(g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), q))                   # q is pre-scaled
-    dq = g.op("Mul", g.concat(dqs, axis=2), g.scalar(1.0 / s.head_dim ** 0.5))         # [B, NKV, T·G, HD]
-    dq = g.reshape(groups_to_rows(g, dq, s), [s.batch, s.seq, s.heads, s.head_dim])
+    dq = g.reshape(groups_to_rows(g, g.concat(dqs, axis=2), s), [s.batch, s.seq, s.heads, s.head_dim])
     dk, dv = (sum_key_blocks(g, parts, s) for parts in (dks, dvs))
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
 

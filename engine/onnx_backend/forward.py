@@ -161,8 +161,10 @@ def rope_tables(inv_freq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rope_constants(g: Graph, inv_freq: np.ndarray, batch: int, seq_len: int) -> Rope:
-    cos, sin = rope_tables(inv_freq, seq_len)
+def rope_constants(g: Graph, inv_freq: np.ndarray, batch: int, seq_len: int, scale: float = 1.0) -> Rope:
+    """The tables times `scale`: a rotation is linear, so the queries' 1/sqrt(HD) rides on their rotation
+    (forward and backward) instead of costing a multiply over q and over dq in every layer."""
+    cos, sin = (np.float32(scale) * table for table in rope_tables(inv_freq, seq_len))
     positions = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))
     return Rope(g.const(positions), g.const(cos, np.float32), g.const(sin, np.float32), g.const(-sin, np.float32))
 
@@ -258,12 +260,13 @@ def key_prefix(g: Graph, x: str, s: AttentionShape, block: int) -> str:
 
 def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str],
                       s: AttentionShape) -> tuple[str, AttentionSaved]:
-    """Causal softmax attention; q [B, T, NH, HD], k/v [B, T, NKV, HD] -> [B·T, NH·HD].
+    """Causal softmax attention; q [B, T, NH, HD] already scaled by 1/sqrt(HD) (see rope_constants), k/v
+    [B, T, NKV, HD] -> [B·T, NH·HD].
 
     The queries are cut into s.query_blocks blocks of positions; block j is multiplied only with the keys up to
     its last position, so with 2 blocks a quarter of the products (and of the softmax work) is skipped.
     """
-    qg = g.op("Mul", heads_to_groups(g, q, s), g.scalar(1.0 / np.sqrt(s.head_dim)))
+    qg = heads_to_groups(g, q, s)
     kh = g.transpose(k, (0, 2, 1, 3))
     vh = g.transpose(v, (0, 2, 1, 3))
     saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[])

@@ -127,6 +127,8 @@ class DecoderGraph:
             targets = g.input("targets", np.int64, ["labelled", 1])
             mask = g.input("mask", np.float32, ["labelled", 1])
         rope = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq)
+        rope_q = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq,
+                                   scale=1.0 / np.sqrt(spec.head_dim))      # the attention's 1/sqrt(HD)
         causal = [g.const(fw.causal_mask(a, j), np.float32) for j in range(a.query_blocks)]
         eps = spec.rms_eps
 
@@ -150,7 +152,7 @@ class DecoderGraph:
             if spec.qk_norm:
                 q, st["nq"] = fw.rmsnorm_forward(g, g.reshape(q, heads4(spec.heads)), w("q_norm"), eps)
                 k, st["nk"] = fw.rmsnorm_forward(g, g.reshape(k, heads4(spec.kv_heads)), w("k_norm"), eps)
-            q = fw.rope_forward(g, g.reshape(q, [s.batch, s.seq, spec.q_dim]), rope, spec.heads)
+            q = fw.rope_forward(g, g.reshape(q, [s.batch, s.seq, spec.q_dim]), rope_q, spec.heads)
             k = fw.rope_forward(g, g.reshape(k, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
             k, v = g.reshape(k, heads4(spec.kv_heads)), g.reshape(v, heads4(spec.kv_heads))
             att, st["att"] = fw.attention_forward(g, q, k, v, causal, a)
@@ -190,7 +192,7 @@ class DecoderGraph:
             dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, st["n2"]))
             datt = bw.linear_backward(g, [dx], st["l_o"], st["o"])
             dq, dk, dv = bw.attention_backward(g, datt, st["att"], a)
-            dq = bw.rope_backward(g, g.reshape(dq, [s.batch, s.seq, spec.q_dim]), rope, spec.heads)
+            dq = bw.rope_backward(g, g.reshape(dq, [s.batch, s.seq, spec.q_dim]), rope_q, spec.heads)
             dk = bw.rope_backward(g, g.reshape(dk, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
             if spec.qk_norm:
                 dq = bw.rmsnorm_backward(g, g.reshape(dq, heads4(spec.heads)), st["nq"], w("q_norm"))
