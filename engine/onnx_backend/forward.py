@@ -23,8 +23,7 @@ class LinearGroup:
     """
     weights: tuple[str, ...]        # frozen [out, in] per member
     biases: tuple[str | None, ...]  # frozen [out] per member (Qwen2 q/k/v) or None
-    targets: tuple[str, ...]        # e.g. ("q_proj", "k_proj", "v_proj")
-    outs: tuple[int, ...]           # out features per target
+    targets: tuple[str, ...]        # e.g. ("q_proj", "k_proj", "v_proj"), in the order of every tuple here
     lora: tuple[tuple[str, str, str, str] | None, ...]   # per target: (A input, B input, dA out, dB out) or None
     scaling: float
     rank: int

@@ -108,10 +108,8 @@ class DecoderGraph:
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         # Registered only where LoRA A reads it: an initializer no node uses is dropped by onnxruntime.
         scale = g.weight(input_scale, self.weights[input_scale]) if input_scale and lora_targets else None
-        return fw.LinearGroup(weights=weights, biases=biases, targets=targets,
-                              outs=tuple(self.spec.projection_shape(t)[0] for t in targets),
-                              lora=tuple(lora), scaling=self.lora.scaling, rank=self.lora.rank,
-                              input_scale=scale,
+        return fw.LinearGroup(weights=weights, biases=biases, targets=targets, lora=tuple(lora),
+                              scaling=self.lora.scaling, rank=self.lora.rank, input_scale=scale,
                               dropout=dropout, dropout_masks=masks,
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
