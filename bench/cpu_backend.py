@@ -115,13 +115,11 @@ def run_side(side: str, model_dir: Path, batch_size: int, seq_len: int, steps: i
     # (B=1, T=1024: 4.8 s, then 3.7 s a step), as engine.backends.measure notes.
     if side == "ours":
         backend, step = ours_stepper(model_dir, lora, ids, threads)
-        first = step()
-        step()
-        memory = backend.memory_bytes()
     else:
-        step, memory = peft_stepper(model_dir, lora, ids), None
-        first = step()
-        step()
+        backend, step = None, peft_stepper(model_dir, lora, ids)
+    first = step()
+    step()
+    memory = backend.memory_bytes() if backend else None
     return {"first_loss": first, "times": timed(step, steps), "memory_bytes": memory}
 
 
