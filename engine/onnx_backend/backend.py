@@ -132,8 +132,10 @@ class OnnxBackend(TrainingBackend):
                     self.seq_len, self.spec.vocab_size)
 
     # ---- the contract -----------------------------------------------------------------------------------
-    def _accumulate(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
-        """Run the micro-batches; self._grads then holds the LoRA gradients of the mean token CE."""
+    def _accumulate(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                    mean: bool = True) -> tuple[float, int]:
+        """Run the micro-batches; self._grads then holds the LoRA gradients of the mean token CE (of the summed
+        CE with mean=False: train_step folds the 1/tokens into the optimizer's gradient scale, one pass less)."""
         if not micro_batches:
             raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
         loss_sum, tokens = 0.0, 0
@@ -152,7 +154,8 @@ class OnnxBackend(TrainingBackend):
         self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
         if tokens == 0:
             return float("nan"), 0
-        self._flat_grads *= np.float32(1.0 / tokens)
+        if mean:
+            self._flat_grads *= np.float32(1.0 / tokens)
         return loss_sum / tokens, tokens
 
     def gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]
@@ -163,14 +166,14 @@ class OnnxBackend(TrainingBackend):
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
-        loss, tokens = self._accumulate(micro_batches)
+        loss, tokens = self._accumulate(micro_batches, mean=False)      # gradients of the summed CE
         # A NaN loss from the overflow guard (fw.guard_loss) leaves the gradients finite but meaningless: the
         # norm is reported as NaN too, as it is where the NaN runs through the whole graph.
-        norm = grad_norm(self._grads.values()) if np.isfinite(loss) else float("nan")
+        norm = grad_norm(self._grads.values()) / tokens if np.isfinite(loss) else float("nan")
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
         self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,
-                                  grad_scale=clip_scale(norm, max_grad_norm))
+                                  grad_scale=clip_scale(norm, max_grad_norm) / tokens)
         return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, False))
 
     def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:

@@ -16,7 +16,10 @@ def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearG
     if members:
         dus = [g.op("MatMul", dys[i], group.lora[i][1], hint="dU") for i in members]   # [N, R] each
         for i, u in zip(members, saved.u):
-            g.output(g.op("Gemm", dys[i], u, transA=1, hint="dB"), group.lora[i][3], shape=None)
+            # dB = (uᵀ dy)ᵀ: transposing the [N, R] u and then the [R, out] product is cheaper than transposing
+            # the [N, out] dy (the 135M step: ~15 ms less, of 210 such products).
+            dbt = g.op("Gemm", u, dys[i], transA=1, hint="dB")
+            g.output(g.transpose(dbt, (1, 0)), group.lora[i][3], shape=None)
         scale = (lambda da: g.op("Mul", da, group.input_scale, hint="dA")) if group.input_scale else (lambda da: da)
         if saved.x_drop is None:                    # dA = dA'∘w (A' = A∘w), for all members at once
             du_cat = g.concat(dus, axis=1)
@@ -35,9 +38,10 @@ def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearG
                     dx = g.add(dx, g.op("Mul", g.op("Gemm", d, a, alpha=group.scaling, hint="dx_lora"), keep))
     if not need_dx:
         return None
-    for dy, weight in zip(dys, group.weights):
-        dx = g.op("Gemm", dy, weight, *([dx] if dx else []), beta=1.0, hint="dx")
-    return dx
+    # One Sum of the members' products rather than chaining them through Gemm's C input, which onnxruntime
+    # copies into the output on one thread first (see linear_forward).
+    terms = [g.op("Gemm", dy, weight, hint="dx") for dy, weight in zip(dys, group.weights)] + ([dx] if dx else [])
+    return terms[0] if len(terms) == 1 else g.op("Sum", *terms)
 
 
 def normalized_rmsnorm_backward(g: Graph, dxn: str, saved: tuple[str, str], axis: int = -1) -> str:
@@ -67,10 +71,10 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
     for j, doj in enumerate(dos):
         p, q, k, v, o = saved.p[j], saved.q[j], saved.k[j], saved.v[j], saved.o[j]
         dvs.append(g.op("MatMul", g.transpose(p, (0, 1, 3, 2)), doj))                   # [B, NKV, keys_j, HD]
-        dp = g.op("MatMul", doj, g.transpose(v, (0, 1, 3, 2)))                          # [B, NKV, block·G, keys_j]
+        dp = g.op("FusedMatMul", doj, v, transB=1, domain="com.microsoft")               # [B, NKV, block·G, keys_j]
         # Softmax backward: dS = P·(dP − Σ_j dP·P) and Σ_j dP_j·P_j = Σ_d dO_d·O_d (cheaper: HD instead of T).
         ds = g.op("Mul", p, g.op("Sub", dp, g.reduce_sum(g.op("Mul", doj, o), [3])))
-        dqs.append(g.op("MatMul", ds, k))
+        dqs.append(g.op("FusedMatMul", ds, k, transB=1, domain="com.microsoft"))         # k is [.., HD, keys_j]
         dks.append(g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), q))                   # q is pre-scaled
     dq = g.reshape(groups_to_rows(g, g.concat(dqs, axis=2), s), [s.batch, s.seq, s.heads, s.head_dim])
     dk, dv = (sum_key_blocks(g, parts, s) for parts in (dks, dvs))
