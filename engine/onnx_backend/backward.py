@@ -38,10 +38,13 @@ def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearG
                     dx = g.add(dx, g.op("Mul", g.op("Gemm", d, a, alpha=group.scaling, hint="dx_lora"), keep))
     if not need_dx:
         return None
-    # One Sum of the members' products rather than chaining them through Gemm's C input, which onnxruntime
-    # copies into the output on one thread first (see linear_forward).
+    # One Sum (or Add) of the members' products rather than chaining them through Gemm's C input, which
+    # onnxruntime copies into the output on one thread first (see linear_forward). Two terms take an Add: its
+    # optimizer folds a Gemm feeding a two-input Sum back into a Gemm with C.
     terms = [g.op("Gemm", dy, weight, hint="dx") for dy, weight in zip(dys, group.weights)] + ([dx] if dx else [])
-    return terms[0] if len(terms) == 1 else g.op("Sum", *terms)
+    if len(terms) == 1:
+        return terms[0]
+    return g.op("Add", *terms) if len(terms) == 2 else g.op("Sum", *terms)
 
 
 def normalized_rmsnorm_backward(g: Graph, dxn: str, saved: tuple[str, str], axis: int = -1) -> str:
