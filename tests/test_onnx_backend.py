@@ -157,7 +157,7 @@ def test_step_without_counted_tokens_is_skipped(tiny_llama_dir):
 @pytest.mark.parametrize("blocks", [2, 3])
 def test_causal_query_blocks_match_peft(tiny_model_dir, blocks):
     """Attention cut into causal query blocks (each against the keys up to its last position; the automatic
-    choice uses them from 512 positions on) gives PEFT's loss, logits and every gradient."""
+    choice uses them from 256 positions on) gives PEFT's loss, logits and every gradient."""
     spec = load_model_spec(tiny_model_dir)
     state = random_lora_state(spec, LORA, seed=1)
     ids, labels = random_batch(spec.vocab_size, 2, 12, seed=2)
@@ -170,6 +170,31 @@ def test_causal_query_blocks_match_peft(tiny_model_dir, blocks):
     assert abs(loss - want.loss) <= 1e-5 * want.loss
     np.testing.assert_allclose(logits, want.logits, rtol=1e-4, atol=1e-4)
     assert max(rel_err(grads[k], want.grads[k]) for k in want.grads) < 1e-3
+
+
+def test_frozen_products_take_no_c_input_after_onnxruntime_optimises(tiny_llama_dir, tmp_path):
+    """No Gemm of the optimised training graph accumulates into a C input (the model has no biases): onnxruntime
+    copies C into the output on one thread first (~20% of a [256, 1536] projection), so the graph adds LoRA and
+    sums gradients with Add/Sum, and sums of two with Add, which its optimiser does not fold back into a Gemm."""
+    import onnx
+    import onnxruntime as ort
+
+    from engine.model_spec import load_weights
+    from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, prepare_weights
+    from engine.onnx_backend.session import ort_values
+
+    spec = load_model_spec(tiny_llama_dir)
+    graph = DecoderGraph(spec, prepare_weights(spec, load_weights(tiny_llama_dir)), LORA, GraphShape(2, 12)).build("train")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    values = ort_values(graph.weights)
+    options.add_external_initializers(list(values), list(values.values()))
+    ort.InferenceSession(graph.model().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False).graph.node
+    gemms = [n for n in nodes if n.op_type == "Gemm"]
+    assert len(gemms) > spec.layers * 7
+    assert [n.name for n in gemms if len(n.input) > 2] == []
 
 
 def test_micro_batch_without_labels_adds_nothing(tiny_llama_dir):
