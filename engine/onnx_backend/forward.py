@@ -204,7 +204,7 @@ def query_blocks_for(seq: int) -> int:
     each block costs extra nodes and copies. Blocks of 128 positions up to 4 blocks, of 256 beyond (at most 8).
     Measured at the 135M shape, B=1, 2 cores, interleaved A/B: T=256 2 blocks 1-2% a step faster than 1;
     T=512 4 blocks 2% faster than 2; T=1024 4 blocks 1% faster than 8 and 16% faster than 1."""
-    blocks = max(1, min(8, max(seq // 256, min(4, seq // 128))))
+    blocks = max(1, min(4, seq // 128) if seq < 1024 else min(8, seq // 256))
     while seq % blocks:
         blocks -= 1
     return blocks
