@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -21,10 +22,26 @@ class NoAdapterError(RuntimeError):
     """No wgpu adapter could be had (no Vulkan/Metal/DX12 driver, not even a software one)."""
 
 
+INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+)\.wgsl"[ \t]*$', re.M)
+
+
 @functools.cache
 def shader_source(family: str) -> str:
-    """Text of `shaders/<family>.wgsl`, found through importlib.resources (installed or editable)."""
-    return resources.files("shaders").joinpath(f"{family}.wgsl").read_text(encoding="utf-8")
+    """Text of `shaders/<family>.wgsl` with its `#include "<name>.wgsl"` lines replaced by those files' text.
+
+    Found through importlib.resources (installed or editable). Each file is included once per shader (later
+    includes of it become empty), so a prelude can be named by several files that include one another.
+    """
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = resources.files("shaders").joinpath(f"{name}.wgsl").read_text(encoding="utf-8")
+        return INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(family)
 
 
 def adapter_is_software(info: dict) -> bool:
