@@ -1,4 +1,4 @@
-"""The Benchmark button's work: measure each wgpu adapter (engine.microbench) and the CPU backend on the model.
+"""The Benchmark button's work: measure each wgpu adapter (engine.backends.wgpu.microbench) and the CPU backend on the model.
 
 Runs in a worker thread; returns app.plan.Benchmark records the wizard turns into an ETA.
 """
@@ -13,8 +13,8 @@ CPU_SHAPE = (1, 64)     # [batch, tokens] of the CPU measurement: quick, yet a r
 
 def benchmark_adapters(hardware, progress=None) -> list[Benchmark]:
     """GEMM GFLOP/s of every wgpu adapter (software ones included: the user asked; they are marked)."""
-    from engine.gpu import GpuContext
-    from engine.microbench import measure
+    from engine.backends.wgpu.context import GpuContext
+    from engine.backends.wgpu.microbench import measure
 
     out = []
     for adapter in (hardware.adapters if hardware is not None else ()):
@@ -38,12 +38,12 @@ def benchmark_adapters(hardware, progress=None) -> list[Benchmark]:
 
 def benchmark_cpu(model_dir: Path | None, progress=None) -> Benchmark:
     """A real training step of the CPU backend (onnxruntime) on the loaded model, as GFLOP/s."""
-    from engine.backend import OptimizerConfig
-    from engine.backends import BuildArgs, build_cpu, measure
-    from engine.hardware import cpu_model
-    from engine.lora import LoraConfig
-    from engine.microbench import step_flops
-    from engine.model_spec import load_model_spec
+    from engine.backends.base import OptimizerConfig
+    from engine.backends.choose import BuildArgs, build_cpu, measure
+    from engine.backends.hardware import cpu_model
+    from engine.lora.config import LoraConfig
+    from engine.backends.wgpu.microbench import step_flops
+    from engine.model.spec import load_model_spec
 
     name = f"CPU: onnxruntime on {cpu_model()}"
     if model_dir is None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Signal
 
 from app.workers import run_in_thread
-from engine.generation import GenerationSettings
-from engine.handover import Handover, Transition
-from engine.inference import ChatEngine
+from engine.chat.generation import GenerationSettings
+from engine.chat.handover import Handover, Transition
+from engine.chat.inference import ChatEngine
 
 BASE = "Base"   # what the adapter selector shows for "no adapter"
 

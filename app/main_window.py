@@ -24,15 +24,15 @@ from app.widgets.model_info import ModelInfo
 from app.widgets.model_picker import ModelPicker, remember_model
 from app.widgets.training_console import TrainingConsole
 from app.workers import run_in_thread
-from engine.hardware import detect
-from engine.model_spec import load_model_spec
-from engine.models import resolve_model
+from engine.backends.hardware import detect
+from engine.model.spec import load_model_spec
+from engine.model.references import resolve_model
 from resources import resource_path
 
 
 class MainWindow(QMainWindow):
     model_loaded = Signal(str)          # the resolved model folder
-    hardware_ready = Signal(object)     # engine.hardware.HardwareReport
+    hardware_ready = Signal(object)     # engine.backends.hardware.HardwareReport
     evaluated = Signal(object)          # {"base": Perplexity, "adapter": Perplexity | None}
 
     def __init__(self, model_ref: str | None = None, chat_engine=None):
@@ -334,7 +334,7 @@ class MainWindow(QMainWindow):
 
 def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len: int, backend: str):
     """(base, adapter or None) perplexities; runs in a child process (see app.training_process.run_in_child)."""
-    from engine.commands.evaluate import evaluate
+    from engine.train.evaluate import evaluate
 
     base = evaluate(model_dir, files, None, seq_len, backend=backend)
     return base, (evaluate(model_dir, files, adapter, seq_len, backend=backend) if adapter else None)

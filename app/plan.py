@@ -1,8 +1,8 @@
 """The plan behind the wizard, without widgets: recommended settings, memory, ETA and warnings.
 
 Recommendations come from the corpus that was actually read and the hardware that was detected; the memory is the
-WGSL engine's own allocation plan (engine.wgpu_memory) and the ETA divides the run's floating-point operations
-(engine.microbench.step_flops) by a GFLOP/s figure measured by the Benchmark button. Nothing is guessed: where a
+WGSL engine's own allocation plan (engine.backends.wgpu.memory) and the ETA divides the run's floating-point operations
+(engine.backends.wgpu.microbench.step_flops) by a GFLOP/s figure measured by the Benchmark button. Nothing is guessed: where a
 figure is missing (no benchmark yet, GPU memory unreadable) the review says so.
 """
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.lora import LoraConfig
-from engine.model_spec import ModelSpec
-from engine.train_config import TrainConfig
+from engine.lora.config import LoraConfig
+from engine.model.spec import ModelSpec
+from engine.train.config import TrainConfig
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """Measured speed of one candidate backend: `kind` as engine.backends names it (cpu, wgpu:<adapter>)."""
+    """Measured speed of one candidate backend: `kind` as engine.backends.choose names it (cpu, wgpu:<adapter>)."""
 
     kind: str
     name: str
@@ -88,7 +88,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
         if hardware is not None else None
     engine_bytes = None
     try:
-        from engine.wgpu_memory import memory_plan
+        from engine.backends.wgpu.memory import memory_plan
 
         limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
         engine_bytes = memory_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len,
@@ -117,7 +117,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
     eta, basis = None, "no benchmark yet: run Benchmark in the hardware inspector for an ETA"
     usable = [b for b in benchmarks if not b.software and b.gflops > 0]
     if usable:
-        from engine.microbench import step_flops
+        from engine.backends.wgpu.microbench import step_flops
 
         best = max(usable, key=lambda b: b.gflops)
         tokens = config.batch_size * config.grad_accum * config.seq_len

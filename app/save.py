@@ -28,7 +28,7 @@ class SaveRequest:
 
 
 def save_adapter(request: SaveRequest, progress=None) -> list[str]:
-    from engine.export import ExportRequest, run_export
+    from engine.export.run import ExportRequest, run_export
 
     folder, name = Path(request.folder), Path(request.adapter).name
     lines = []

@@ -1,6 +1,6 @@
 """One training run from the window, without widgets: prepare, hand the GPU over from chat, train, report.
 
-The run goes through the same `engine.runs.prepare_run` as `lora-lab train`, in a child process
+The run goes through the same `engine.train.runs.prepare_run` as `lora-lab train`, in a child process
 (app.training_process), inside `Handover.train`, so the chat model is unloaded while training holds the device and
 comes back with the new adapter active. The coroutine runs on its own asyncio loop in a worker thread: the window's
 event loop only ever receives signals, so it never waits on training (and tests need no special event loop).
@@ -16,8 +16,8 @@ from PySide6.QtCore import QObject, Signal
 
 from app.training_process import TrainingProcess
 from app.workers import run_in_thread
-from engine.handover import Handover
-from engine.train_config import TrainConfig
+from engine.chat.handover import Handover
+from engine.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class _Bridge(QObject):
 
 class TrainingController(QObject):
     started = Signal(object)        # RunRequest
-    step = Signal(object)           # engine.trainer.StepEvent
+    step = Signal(object)           # engine.train.trainer.StepEvent
     evaluated = Signal(object)      # EvalEvent
     checkpointed = Signal(object)   # CheckpointEvent
     log = Signal(str)

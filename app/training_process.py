@@ -41,8 +41,10 @@ def child_main(request, events, control) -> None:
 
 
 def _train(request, events, control):
-    from engine.runs import RunInputs, backend_factory, prepare_run, resolve_base
-    from engine.trainer import TrainerCallback, eval_loss
+    from engine.backends.hardware import cpu_threads
+    from engine.model.references import resolve_model
+    from engine.train.runs import RunInputs, backend_factory, prepare_run
+    from engine.train.trainer import TrainerCallback, eval_loss
 
     log = lambda text: events.put(("log", text))   # noqa: E731
 
@@ -59,21 +61,15 @@ def _train(request, events, control):
         def on_failure(self, step, message):
             log(f"training failed at step {step}: {message}")
 
-    model_dir, _ = resolve_base(request.model, log=log)
-    inner = backend_factory(request.backend, model_dir, on_choice=lambda choice: [log(x) for x in choice.lines()])
+    model_dir = resolve_model(request.model, log=log)
+    # One core stays with the window: onnxruntime's pool threads spin while they wait for work, and on a small
+    # machine they would take every core from the event loop.
+    inner = backend_factory(request.backend, model_dir, on_choice=lambda choice: [log(x) for x in choice.lines()],
+                            threads=max(1, cpu_threads() - 1))
     holder = {}
 
     def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
-        if request.backend == "cpu":
-            from engine.onnx_backend import OnnxBackend
-            from engine.onnx_backend.session import cpu_threads
-
-            # One core stays with the window: onnxruntime's pool threads spin while they wait for work, and on a
-            # small machine they would take every core from the event loop.
-            backend = OnnxBackend(model_dir, lora, optim, batch_size, seq_len, seed=seed, init_state=init_state,
-                                  threads=max(1, cpu_threads() - 1))
-        else:
-            backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
+        backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
         log(f"training backend: {backend.name}")
         val = holder.get("val")
         if init_state is None and val:

@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.attention import MAX_TILE_ROWS, ROWS, Attention  # noqa: E402
+from engine.backends.wgpu.context import GpuContext  # noqa: E402
+from engine.backends.wgpu.kernels.attention import MAX_TILE_ROWS, ROWS, Attention  # noqa: E402
 
 
 def time_encoded(ctx, record, iters: int) -> float:

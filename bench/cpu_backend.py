@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.backend import OptimizerConfig  # noqa: E402
-from engine.lora import LoraConfig  # noqa: E402
+from engine.backends.base import OptimizerConfig  # noqa: E402
+from engine.lora.config import LoraConfig  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -38,7 +38,7 @@ TINY = dict(SMOLLM2_135M, vocab_size=512, hidden_size=64, intermediate_size=128,
 
 
 def cpu_model() -> str:
-    """The CPU's model name (not through engine.hardware, which needs wgpu: this bench runs without it)."""
+    """The CPU's model name (not through engine.backends.hardware, which needs wgpu: this bench runs without it)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -87,7 +87,7 @@ def peft_stepper(model_dir: Path, lora: LoraConfig, ids: np.ndarray):
 
 
 def ours_stepper(model_dir: Path, lora: LoraConfig, ids: np.ndarray, threads: int):
-    from engine.onnx_backend import OnnxBackend
+    from engine.backends.onnx import OnnxBackend
 
     backend = OnnxBackend(model_dir, lora, OptimizerConfig(), ids.shape[0], ids.shape[1], threads=threads)
     batch = [(ids.astype(np.int32), ids.astype(np.int32))]
@@ -112,7 +112,7 @@ def run_side(side: str, model_dir: Path, batch_size: int, seq_len: int, steps: i
     lora = LoraConfig(rank=16, alpha=32.0)
     ids = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len)).astype(np.int64)
     # Two warm-up steps on each side: onnxruntime's arena still grows in its second run at longer sequences
-    # (B=1, T=1024: 4.8 s, then 3.7 s a step), as engine.backends.measure notes.
+    # (B=1, T=1024: 4.8 s, then 3.7 s a step), as engine.backends.choose.measure notes.
     if side == "ours":
         backend, step = ours_stepper(model_dir, lora, ids, threads)
     else:
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from engine.onnx_backend.session import cpu_threads
+    from engine.backends.hardware import cpu_threads
 
     threads = args.threads or cpu_threads()
     if args.side:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from cpu_backend import SMOLLM2_135M, TINY, cpu_model, write_random_model  # noqa: E402
-from engine.backend import OptimizerConfig  # noqa: E402
-from engine.lora import LoraConfig  # noqa: E402
+from engine.backends.base import OptimizerConfig  # noqa: E402
+from engine.lora.config import LoraConfig  # noqa: E402
 
 # Output-name hints (engine/onnx_backend) of the GEMMs with frozen weights.
 FROZEN_GEMM_HINTS = {"lin", "dx", "logits", "dlm"}
@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model: a smoke test in seconds")
     args = parser.parse_args()
 
-    from engine.onnx_backend import OnnxBackend
-    from engine.onnx_backend.session import cpu_threads
+    from engine.backends.onnx import OnnxBackend
+    from engine.backends.hardware import cpu_threads
 
     config = TINY if args.quick else SMOLLM2_135M
     threads = args.threads or cpu_threads()

@@ -53,8 +53,8 @@ def main() -> dict:
     import torch
     import transformers
 
-    from engine import export_gguf
-    from engine.models import demo_gguf_path, demo_model_dir
+    from engine.export import gguf as export_gguf
+    from engine.model.references import demo_gguf_path, demo_model_dir
     from tests.gguf_base import write_gguf_base
     from tests.peft_adapters import make_adapter, peft_logits
 

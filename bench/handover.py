@@ -46,9 +46,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from engine.generation import GenerationSettings  # noqa: E402
-from engine.handover import Handover, HandoverState  # noqa: E402
-from engine.inference import ChatEngine, best_device, torch_memory  # noqa: E402
+from engine.chat.generation import GenerationSettings  # noqa: E402
+from engine.chat.handover import Handover, HandoverState  # noqa: E402
+from engine.chat.inference import ChatEngine, best_device, torch_memory  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

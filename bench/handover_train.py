@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.adapter_io import export_adapter
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig
-from engine.wgpu_backend import WgpuBackend
+from engine.lora.peft_write import export_adapter
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.backends.wgpu.backend import WgpuBackend
 
 BATCH, SEQ, STEPS = 8, 512, 5
 

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul  # noqa: E402
-from engine.microbench import time_matmul  # noqa: E402
+from engine.backends.wgpu.context import GpuContext  # noqa: E402
+from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul  # noqa: E402
+from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
 
 
 def products(bt: int, hidden: int = 576, kv: int = 192, mlp: int = 1536, rank: int = 16, vocab_chunk: int = 341,

@@ -17,13 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.backend import OptimizerConfig  # noqa: E402
-from engine.gpu import GpuContext  # noqa: E402
-from engine.lora import LoraConfig, init_lora_state  # noqa: E402
-from engine.microbench import random_weights, smollm2_135m_spec, tiny_spec  # noqa: E402
-from engine.wgpu_backend import WgpuBackend  # noqa: E402
-from engine.wgpu_backward import model_backward  # noqa: E402
-from engine.wgpu_forward import model_forward  # noqa: E402
+from engine.backends.base import OptimizerConfig  # noqa: E402
+from engine.backends.wgpu.context import GpuContext  # noqa: E402
+from engine.lora.config import LoraConfig, init_lora_state  # noqa: E402
+from engine.backends.wgpu.microbench import random_weights, smollm2_135m_spec, tiny_spec  # noqa: E402
+from engine.backends.wgpu.backend import WgpuBackend  # noqa: E402
+from engine.backends.wgpu.backward import model_backward  # noqa: E402
+from engine.backends.wgpu.forward import model_forward  # noqa: E402
 
 
 def timed(backend, encode, repeats: int) -> tuple[float, float, int]:

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.gpu import GpuContext  # noqa: E402
-from engine.lora import LoraConfig  # noqa: E402
-from engine.microbench import smollm2_135m_spec, tiny_spec, training_throughput  # noqa: E402
+from engine.backends.wgpu.context import GpuContext  # noqa: E402
+from engine.lora.config import LoraConfig  # noqa: E402
+from engine.backends.wgpu.microbench import smollm2_135m_spec, tiny_spec, training_throughput  # noqa: E402
 
 
 def hf_config(spec):

@@ -1,7 +1,7 @@
 """What the trainer adds per step over calling the backend directly: scheduling, data, callbacks, memory reads.
 
 The same CPU backend (onnxruntime) on a small random Llama runs `--steps` steps twice, alternately: in a bare
-loop of backend.train_step(...).result(), and through engine.trainer.Trainer (timed between its first and last
+loop of backend.train_step(...).result(), and through engine.train.trainer.Trainer (timed between its first and last
 on_step, so backend construction, the final checkpoint and the adapter export are outside both). Prints JSON.
     python bench/trainer_overhead.py [--steps 40] [--rounds 3] [--batch-size 2] [--seq-len 64]
 """
@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.cpu_backend import TINY, write_random_model  # noqa: E402
-from engine.backend import OptimizerConfig  # noqa: E402
-from engine.lora import LoraConfig  # noqa: E402
-from engine.train_config import TrainConfig  # noqa: E402
-from engine.train_data import ArrayBatches  # noqa: E402
-from engine.trainer import Trainer, TrainerCallback  # noqa: E402
+from engine.backends.base import OptimizerConfig  # noqa: E402
+from engine.lora.config import LoraConfig  # noqa: E402
+from engine.train.config import TrainConfig  # noqa: E402
+from engine.train.data import ArrayBatches  # noqa: E402
+from engine.train.trainer import Trainer, TrainerCallback  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
 
     import onnxruntime
 
-    from engine.backends import create_backend
+    from engine.backends.choose import create_backend
 
     lora = LoraConfig(rank=8, alpha=16)
     rng = np.random.default_rng(0)

@@ -7,10 +7,7 @@ import pkgutil
 import sys
 
 from engine import commands
-
-
-class UserError(Exception):
-    """A problem with the user's input or machine: printed as one line, exit code 2, no traceback."""
+from engine.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

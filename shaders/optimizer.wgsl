@@ -130,7 +130,7 @@ fn sgd_update(@builtin(global_invocation_id) gid: vec3<u32>) {
 // ---- 8-bit AdamW ----------------------------------------------------------------------------------------
 // Moments are stored as 8-bit codes into bitsandbytes' dynamic (tree) maps with one absmax scale per block:
 // value = qmap[code] * absmax. m uses the signed map; the unsigned one stores sqrt(v), not v, so 7 decades of
-// codes cover 14 of v (why: engine.optim_host.HostAdamW8bit, the numpy twin of this kernel). One workgroup per block; each thread
+// codes cover 14 of v (why: engine.backends.optimizers.HostAdamW8bit, the numpy twin of this kernel). One workgroup per block; each thread
 // owns 4 consecutive values (one code word) per round. Pass 1 dequantises, updates the moments in f32 and finds
 // the new absmaxes; pass 2 recomputes the same moments, updates p from them (f32, as bitsandbytes does) and
 // requantises. An all-zero block gets scale 0, whose codes all dequantise to 0 (no division by zero).

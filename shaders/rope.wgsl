@@ -1,7 +1,7 @@
 // Rotary position embedding, Hugging Face's rotate_half convention, in place on x [B, T, NH, HD]:
 // the pair (x1, x2) = (x[i], x[i + HD/2]) at position t turns by angle t * inv_freq[i].
 // The cos/sin table [T, HD/2] comes from the host so llama3/linear frequency scaling stays in one place
-// (engine.model_spec.RopeSpec.inv_freq).
+// (engine.model.spec.RopeSpec.inv_freq).
 // Backward applies the transposed (inverse) rotation to a gradient of the same layout.
 struct Params {
     n_pairs: u32,     // B * T * NH * HD/2

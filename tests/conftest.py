@@ -44,7 +44,7 @@ def tiny_llama_dir(tiny_model_dirs):
 @pytest.fixture(scope="session")
 def gpu_device():
     """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
-    from engine.gpu import GpuContext, NoAdapterError
+    from engine.backends.wgpu.context import GpuContext, NoAdapterError
 
     try:
         return GpuContext.create()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE = -100
+from engine.backends.base import IGNORE_LABEL as IGNORE
 
 
 def write_jsonl(path: Path, records: list) -> Path:

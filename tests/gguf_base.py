@@ -18,7 +18,7 @@ def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
     import gguf
     from safetensors.numpy import load_file
 
-    from engine.export_gguf import GGUF_ARCHS, llama_permute_rows
+    from engine.export.gguf import GGUF_ARCHS, llama_permute_rows
 
     cfg = json.loads((model_dir / "config.json").read_text())
     arch, permute = GGUF_ARCHS[cfg["model_type"]]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.lora import LoraConfig
+from engine.lora.config import LoraConfig
 
 
 def peft_model(model_dir, lora: LoraConfig, state: dict[str, np.ndarray] | None = None):
@@ -29,7 +29,7 @@ def peft_model(model_dir, lora: LoraConfig, state: dict[str, np.ndarray] | None 
 
 def random_lora_state(spec, lora: LoraConfig, seed: int = 0, b_scale: float = 0.05) -> dict[str, np.ndarray]:
     """PEFT-style A and a non-zero B, so every gradient (dA needs B ≠ 0) is non-trivial."""
-    from engine.lora import init_lora_state
+    from engine.lora.config import init_lora_state
 
     rng = np.random.default_rng(seed + 1000)
     state = init_lora_state(spec, lora, seed)

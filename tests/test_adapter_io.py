@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.adapter_io import AdapterError, export_adapter, import_adapter, peft_config
-from engine.backend import OptimizerConfig
-from engine.backends import create_backend
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
+from engine.lora.peft_read import AdapterError, import_adapter
+from engine.lora.peft_write import export_adapter, peft_config
+from engine.backends.base import OptimizerConfig
+from engine.backends.choose import create_backend
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
 from tests.oracle import random_lora_state
 
 LORA = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)
@@ -25,7 +26,7 @@ def _base(model_dir):
 def _engine(kind, request, model_dir, state):
     if kind == "cpu":
         return create_backend("cpu", model_dir, LORA, OptimizerConfig(), 2, 16, init_state=state)[0]
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
     return WgpuBackend(model_dir, LORA, OptimizerConfig(), 2, 16, ctx=request.getfixturevalue("gpu_device"),
                        lora_state=state)
 

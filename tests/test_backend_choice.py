@@ -6,11 +6,11 @@ import time
 import numpy as np
 import pytest
 
-import engine.backends as backends
-from engine.backend import OptimizerConfig
-from engine.backends import BuildArgs, choose_backend, create_backend, parse_backend_kind
-from engine.lora import LoraConfig, init_lora_state
-from engine.model_spec import load_model_spec
+import engine.backends.choose as backends
+from engine.backends.base import OptimizerConfig
+from engine.backends.choose import BuildArgs, choose_backend, create_backend, parse_backend_kind
+from engine.lora.config import LoraConfig, init_lora_state
+from engine.model.spec import load_model_spec
 
 LORA = LoraConfig(rank=4, alpha=8)
 
@@ -82,7 +82,7 @@ def test_auto_picks_the_fastest_measured_candidate(tiny_llama_dir, monkeypatch):
 
 
 def test_plain_wgpu_refuses_a_software_adapter(tiny_llama_dir, monkeypatch):
-    from engine.gpu import GpuContext, NoAdapterError
+    from engine.backends.wgpu.context import GpuContext, NoAdapterError
 
     def only_software(adapter_name=None, allow_software=True):
         assert not allow_software
@@ -113,7 +113,7 @@ def test_backends_command(tiny_llama_dir, capsys):
 
 
 def test_real_adapters_software_ones_are_only_skipped():
-    from engine.gpu import adapter_is_software
+    from engine.backends.hardware import adapter_is_software
 
     todo, skipped = backends.candidates()
     assert todo[-1].kind == "cpu"
@@ -136,7 +136,7 @@ def test_measure_times_only_the_steps_after_two_warm_ups():
     """onnxruntime's arena still grows in its second run: neither of the first two steps is timed."""
     from types import SimpleNamespace
 
-    from engine.backend import PendingStep, StepResult
+    from engine.backends.base import PendingStep, StepResult
 
     durations = iter([0.30, 0.20, 0.01, 0.01, 0.01])
 

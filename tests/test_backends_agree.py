@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
-from engine.onnx_backend import OnnxBackend
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from engine.backends.onnx import OnnxBackend
 from tests.oracle import random_batch, random_lora_state
 
-wgpu_backend = pytest.importorskip("engine.wgpu_backend", reason="the WGSL engine is not merged into this branch")
+wgpu_backend = pytest.importorskip("engine.backends.wgpu.backend", reason="the WGSL engine is not merged into this branch")
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 
 from engine.cli import main
-from engine.generation import GenerationSettings
-from engine.inference import ChatEngine
+from engine.chat.generation import GenerationSettings
+from engine.chat.inference import ChatEngine
 from tests.chat_helpers import make_adapter
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12", "--repetition-penalty", "1"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.checkpoint import (CheckpointError, checkpoint_root, latest_checkpoint, list_checkpoints,
+from engine.train.checkpoint import (CheckpointError, checkpoint_root, latest_checkpoint, list_checkpoints,
                                load_checkpoint, save_checkpoint, verify_checkpoint)
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
-from engine.train_config import TrainConfig
-from engine.trainer import Trainer
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from engine.train.config import TrainConfig
+from engine.train.trainer import Trainer
 from tests.oracle import random_lora_state
 from tests.torch_backend import torch_backend_factory
 from tests.train_helpers import pattern_source
@@ -63,10 +63,10 @@ def test_corrupt_or_incomplete_checkpoints_are_refused_and_skipped(tiny_llama_di
 KILL_SCRIPT = r"""
 import os, sys, time
 from pathlib import Path
-import engine.checkpoint as checkpoint
-from engine.lora import LoraConfig
-from engine.train_config import TrainConfig
-from engine.trainer import Trainer
+import engine.train.checkpoint as checkpoint
+from engine.lora.config import LoraConfig
+from engine.train.config import TrainConfig
+from engine.train.trainer import Trainer
 from tests.torch_backend import torch_backend_factory
 from tests.train_helpers import pattern_source
 

@@ -58,7 +58,7 @@ def test_train_then_eval_beats_base_and_matches_peft(tiny_llama_dir, corpus_file
     assert set(tuned) == {"loss", "perplexity", "tokens"} and tuned["tokens"] == base["tokens"]
     assert tuned["perplexity"] < base["perplexity"]
 
-    from engine.runs import eval_stream
+    from engine.train.runs import eval_stream
     ids, labels = eval_stream([corpus_file], Path(tiny_llama_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
     peft_ppl, tokens = hf_guide_perplexity(PeftModel.from_pretrained(model, out).eval(), ids, labels, 32, 16)
@@ -126,8 +126,8 @@ def test_bad_inputs_in_a_real_process_give_no_traceback(tiny_llama_dir, tmp_path
 
 
 def test_chat_replies_with_an_adapter(tiny_llama_dir, corpus_file, tmp_path, capsys):
-    from engine.generation import GenerationSettings
-    from engine.inference import ChatEngine
+    from engine.chat.generation import GenerationSettings
+    from engine.chat.inference import ChatEngine
 
     run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out",
                       str(tmp_path / "a"), "--steps", "2", *TRAIN])
@@ -212,7 +212,7 @@ def test_progress_bar_and_json_lines_render_steps():
     import io
 
     from engine.commands.train import JsonLines, ProgressBar
-    from engine.trainer import EvalEvent, StepEvent
+    from engine.train.trainer import EvalEvent, StepEvent
 
     event = StepEvent(step=3, total=3, epoch=0, loss=float("nan"), lr=1e-4, grad_norm=float("inf"), tokens=10,
                       tokens_per_s=1234.0, elapsed_s=61.0, eta_s=0.0, memory_bytes=3 * 2**20, skipped=True)

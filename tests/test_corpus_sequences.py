@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from engine.corpus import IGNORE, CorpusConfig, batch_count, batches, load_corpus
+from engine.corpus import IGNORE_LABEL as IGNORE, CorpusConfig, batch_count, batches, load_corpus
 from engine.corpus.sequences import Segment, Sequence
 from tests.corpus_helpers import seq_lists, write_jsonl
 

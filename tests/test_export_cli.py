@@ -62,7 +62,7 @@ def test_missing_adapter_folder(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_gguf_base_is_named_in_modelfile_and_note(tiny_llama_dir, adapter_dir, tmp_path, monkeypatch):
-    """--model base.gguf: engine.models converts it for reading; the Modelfile and the note name the GGUF."""
+    """--model base.gguf: engine.model.references converts it for reading; the Modelfile and the note name the GGUF."""
     from tests.gguf_base import write_gguf_base
 
     monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "home"))
@@ -86,8 +86,8 @@ def test_demo_style_marker_names_the_gguf_beside_the_folder(tiny_llama_dir, tmp_
     import json
     import shutil
 
-    from engine.export import resolve_base
-    from engine.models import COMPLETE_MARKER
+    from engine.model.references import resolve_for_gguf as resolve_base
+    from engine.model.references import COMPLETE_MARKER
 
     folder = tmp_path / "models" / "Tiny-Instruct"
     shutil.copytree(tiny_llama_dir, folder)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.atomic import DiskFullError
-from engine.export_gguf import GGUF_ARCHS, GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
-from engine.peft_adapter import read_base_config
+from engine.export.gguf import GGUF_ARCHS, GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
+from engine.lora.peft_read import read_base_config
 from tests.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from tests.tiny import ARCHITECTURES
 

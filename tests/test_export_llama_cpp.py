@@ -14,7 +14,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from engine.export_gguf import GGUF_ARCHS, export_gguf_adapter  # noqa: E402
+from engine.export.gguf import GGUF_ARCHS, export_gguf_adapter  # noqa: E402
 from tests.gguf_base import write_gguf_base  # noqa: E402
 from tests.peft_adapters import PROBE_TOKENS, make_adapter, make_mistral, peft_logits  # noqa: E402
 from tests.tiny import ARCHITECTURES  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.atomic import DiskFullError
-from engine.export_merged import export_merged
+from engine.export.merged import export_merged
 from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, make_mistral, peft_logits
 
 
@@ -84,7 +84,7 @@ def test_bf16_base_stays_bf16(tiny_model_dirs, tmp_path):
     merged = load_base(out, dtype=torch.bfloat16)
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     # The merged weight is W + scale * B @ A rounded once to bf16.
-    from engine.peft_adapter import read_adapter
+    from engine.lora.peft_read import read_adapter
 
     mod = read_adapter(adapter_dir).modules[0]
     base_w = load_base(base_dir, dtype=torch.bfloat16).get_submodule(mod.name).weight.float()
@@ -145,10 +145,10 @@ def test_dora_is_refused(tiny_llama_dir, tmp_path):
 
 
 def test_conversion_marker_is_not_copied(tiny_llama_dir, tmp_path):
-    """A base converted from a GGUF carries engine.models' marker; the merged model is no longer that GGUF."""
+    """A base converted from a GGUF carries engine.model.references' marker; the merged model is no longer that GGUF."""
     import shutil
 
-    from engine.models import COMPLETE_MARKER
+    from engine.model.references import COMPLETE_MARKER
 
     base_dir = tmp_path / "converted"
     shutil.copytree(tiny_llama_dir, base_dir)

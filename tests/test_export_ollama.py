@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from engine.ollama import (OLLAMA_CHATML_TEMPLATE, TemplateConversion, convert_chat_template, modelfile_text,
+from engine.export.ollama import (OLLAMA_CHATML_TEMPLATE, TemplateConversion, convert_chat_template, modelfile_text,
                            note_text, ollama_model_name)
 
 # SmolLM2-Instruct's template: ChatML that injects a default system prompt when the chat has none.

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.peft_adapter import check_fits_base, pattern_key, read_adapter, read_base_config
+from engine.lora.peft_read import check_fits_base, pattern_key, read_adapter, read_base_config
 from tests.peft_adapters import load_base, make_adapter, quiet_peft
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from engine.cli import main as cli
-from engine.models import pull_demo, resolve_model
+from engine.model.references import pull_demo, resolve_model
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_resolve_model_kinds(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 def test_gguf_reference_converts_once_into_cache(tmp_path, monkeypatch):
     """A .gguf path is converted once into the cache and equals the demo folder converted the same way."""
-    from engine.models import demo_gguf_path
+    from engine.model.references import demo_gguf_path
 
     demo = pull_demo()
     gguf = tmp_path / "copy.gguf"

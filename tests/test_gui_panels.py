@@ -40,7 +40,7 @@ def _chat(qtbot, tiny_llama_dir):
 
 
 def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
-    from engine.generation import GenerationSettings
+    from engine.chat.generation import GenerationSettings
 
     chat = _chat(qtbot, tiny_llama_dir)
     chat.settings = GenerationSettings(max_new_tokens=4000, temperature=1.0, seed=1)
@@ -125,10 +125,10 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
 
 
 def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
-    from engine.hardware import detect
-    from engine.microbench import step_flops
-    from engine.model_spec import load_model_spec
-    from engine.wgpu_memory import memory_plan
+    from engine.backends.hardware import detect
+    from engine.backends.wgpu.microbench import step_flops
+    from engine.model.spec import load_model_spec
+    from engine.backends.wgpu.memory import memory_plan
 
     spec = load_model_spec(tiny_llama_dir)
     summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)

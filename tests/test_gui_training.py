@@ -7,8 +7,8 @@ from PySide6.QtCore import Qt
 from app.chat_controller import ChatController
 from app.training_controller import RunRequest, TrainingController
 from app.widgets.training_console import TrainingConsole
-from engine.lora import LoraConfig
-from engine.train_config import TrainConfig
+from engine.lora.config import LoraConfig
+from engine.train.config import TrainConfig
 from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
@@ -60,7 +60,7 @@ def test_training_failure_reaches_the_console(qtbot, tiny_llama_dir, tmp_path):
 
 
 def test_benchmark_button_measures_adapters_and_cpu(qtbot, tiny_llama_dir):
-    from engine.hardware import detect
+    from engine.backends.hardware import detect
     from app.widgets.hardware_dialog import HardwareDialog
 
     hardware = detect()

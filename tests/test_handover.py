@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.generation import GenerationSettings
-from engine.handover import Handover, HandoverState, WeightsStillReferenced
-from engine.inference import AdapterError, ChatEngine, TrainingInProgress
+from engine.chat.generation import GenerationSettings
+from engine.chat.handover import Handover, HandoverState, WeightsStillReferenced
+from engine.chat.inference import AdapterError, ChatEngine, TrainingInProgress
 from tests.chat_helpers import make_adapter, peft_reference
 
 S = HandoverState

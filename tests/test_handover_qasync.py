@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from engine.handover import Handover, HandoverState
-from engine.inference import ChatEngine, TrainingInProgress
+from engine.chat.handover import Handover, HandoverState
+from engine.chat.inference import ChatEngine, TrainingInProgress
 
 pytestmark = pytest.mark.gui
 

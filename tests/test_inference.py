@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from engine.generation import GenerationSettings
-from engine.inference import (ACTIVE, FALLBACK_CHAT_TEMPLATE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
+from engine.chat.generation import GenerationSettings
+from engine.chat.inference import (ACTIVE, FALLBACK_CHAT_TEMPLATE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
                               TrainingInProgress, best_device, trim_process_heap)
 from tests.chat_helpers import make_adapter, make_weighty_llama, peft_reference
 
@@ -103,13 +103,13 @@ def test_loading_something_that_is_not_a_model_says_so(tmp_path, tiny_llama_dir,
 
 
 def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_path, monkeypatch):
-    """References go through engine.models (the conversion itself is tested there); the snapshot keeps both."""
-    import engine.models
+    """References go through engine.model.references (the conversion itself is tested there); the snapshot keeps both."""
+    import engine.model.references
 
     gguf = tmp_path / "model.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
     converted = []
-    monkeypatch.setattr(engine.models, "convert_gguf_cached",
+    monkeypatch.setattr(engine.model.references, "convert_gguf_cached",
                         lambda path, log: converted.append(path) or tiny_llama_dir)
     chat = ChatEngine(device="cpu")
     chat.load(gguf)

@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-from engine.gpu import shader_source
-from engine.kernels.attention import Attention, tiling, workgroup_bytes
+from engine.backends.wgpu.context import shader_source
+from engine.backends.wgpu.kernels.attention import Attention, tiling, workgroup_bytes
 
 
 def attention_reference(q, k, v, dout):

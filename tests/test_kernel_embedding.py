@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.embedding import Embedding
+from engine.backends.wgpu.kernels.embedding import Embedding
 
 pytestmark = pytest.mark.gpu
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.linear import SPLIT_MIN_K, TILES, GemmShape, Linear, Matmul, split_k
+from engine.backends.wgpu.kernels.linear import SPLIT_MIN_K, TILES, GemmShape, Linear, Matmul, split_k
 
 pytestmark = pytest.mark.gpu
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from engine.kernels.lm_head import LmHead, chunk_rows, shift_targets
+from engine.backends.base import shift_labels as shift_targets
+from engine.backends.wgpu.kernels.lm_head import LmHead, chunk_rows
 
 pytestmark = pytest.mark.gpu
 

@@ -3,8 +3,8 @@ backward uses the forward's mask."""
 import numpy as np
 import pytest
 
-from engine.kernels.common import uniform
-from engine.kernels.lora import LoraBranch, LoraDims
+from engine.backends.wgpu.kernels.common import uniform
+from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
 
 pytestmark = pytest.mark.gpu
 

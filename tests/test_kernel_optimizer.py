@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backend import OptimizerConfig
-from engine.gpu import shader_source
-from engine.kernels.optimizer import HYPER_BYTES, HYPER_FIELDS, GradNorm, Optimizer, pack_hyper
-from engine.optim_host import clip_scale, global_grad_norm, make_host_optimizer
+from engine.backends.base import OptimizerConfig
+from engine.backends.wgpu.context import shader_source
+from engine.backends.wgpu.kernels.optimizer import HYPER_BYTES, HYPER_FIELDS, GradNorm, Optimizer, pack_hyper
+from engine.backends.optimizers import clip_scale, global_grad_norm, make_host_optimizer
 
 
 class GpuRun:

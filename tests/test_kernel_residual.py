@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.residual import ResidualAdd
+from engine.backends.wgpu.kernels.residual import ResidualAdd
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.rmsnorm import RmsNorm
+from engine.backends.wgpu.kernels.rmsnorm import RmsNorm
 
 pytestmark = pytest.mark.gpu
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.kernels.rope import Rope
-from engine.model_spec import RopeSpec
+from engine.backends.wgpu.kernels.rope import Rope
+from engine.model.spec import RopeSpec
 
 
 def rope_reference(x: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.swiglu import SwiGlu
+from engine.backends.wgpu.kernels.swiglu import SwiGlu
 
 pytestmark = pytest.mark.gpu
 

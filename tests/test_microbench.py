@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.lora import LoraConfig
-from engine.microbench import measure, random_weights, smollm2_135m_spec, step_flops, tiny_spec
+from engine.lora.config import LoraConfig
+from engine.backends.wgpu.microbench import measure, random_weights, smollm2_135m_spec, step_flops, tiny_spec
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def test_cpu_profile_counts_the_frozen_gemm_flops_of_the_training_graph(tiny_lla
     sys.path.insert(0, str(ROOT / "bench"))
     from cpu_profile import FROZEN_GEMM_HINTS, frozen_gemm_flops
 
-    from engine.model_spec import load_model_spec, load_weights
-    from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, prepare_weights
+    from engine.model.spec import load_model_spec, load_weights
+    from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, prepare_weights
 
     spec = load_model_spec(tiny_llama_dir)
     weights = prepare_weights(spec, load_weights(tiny_llama_dir))

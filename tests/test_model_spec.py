@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.lora import LoraConfig, init_lora_state, peft_key
-from engine.model_spec import UnsupportedModelError, load_model_spec
+from engine.lora.config import LoraConfig, init_lora_state, peft_key
+from engine.model.spec import UnsupportedModelError, load_model_spec
 
 
 def test_spec_reads_each_architecture(tiny_model_dirs):

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig, peft_key
-from engine.model_spec import load_model_spec
-from engine.onnx_backend import OnnxBackend
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig, peft_key
+from engine.model.hf_names import module_path
+from engine.model.spec import load_model_spec
+from engine.backends.onnx import OnnxBackend
 from tests.oracle import adamw_trajectory, loss_and_grads, peft_model, random_batch, random_lora_state
 
 LORA = LoraConfig(rank=4, alpha=8)
@@ -104,9 +105,9 @@ def test_non_finite_step_is_skipped_and_changes_nothing(tiny_llama_dir):
 
 def test_rmsnorm_row_that_overflows_is_nan_not_zero():
     """x² of 1e20 overflows float32; 1/sqrt(inf) = 0 would silently zero the row, so that row must be NaN."""
-    from engine.onnx_backend import forward as fw
-    from engine.onnx_backend.graph import Graph
-    from engine.onnx_backend.session import GraphSession, available_providers, ort_values
+    from engine.backends.onnx import forward as fw
+    from engine.backends.onnx.graph import Graph
+    from engine.backends.onnx.session import GraphSession, available_providers, ort_values
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 130)).astype(np.float32)
     x[1, 7], x[2, 100] = 1e20, np.nan
@@ -179,9 +180,9 @@ def test_frozen_products_take_no_c_input_after_onnxruntime_optimises(tiny_llama_
     import onnx
     import onnxruntime as ort
 
-    from engine.model_spec import load_weights
-    from engine.onnx_backend.model_graph import DecoderGraph, GraphShape, prepare_weights
-    from engine.onnx_backend.session import ort_values
+    from engine.model.spec import load_weights
+    from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, prepare_weights
+    from engine.backends.onnx.session import ort_values
 
     spec = load_model_spec(tiny_llama_dir)
     graph = DecoderGraph(spec, prepare_weights(spec, load_weights(tiny_llama_dir)), LORA, GraphShape(2, 12)).build("train")
@@ -231,7 +232,7 @@ def test_lora_and_optimizer_state_round_trip(tiny_model_dirs):
 
 
 def test_initial_adapter_is_peft_init_and_leaves_the_base_model(tiny_llama_dir):
-    from engine.lora import init_lora_state
+    from engine.lora.config import init_lora_state
     spec = load_model_spec(tiny_llama_dir)
     with make_backend(tiny_llama_dir, seed=5) as backend:
         state = backend.lora_state()
@@ -275,10 +276,10 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
     nn.Dropout modules: loss and every gradient must agree."""
     import torch
 
-    from engine.model_spec import load_weights
-    from engine.onnx_backend.model_graph import (DecoderGraph, GraphShape, dropout_mask_name, grad_name,
+    from engine.model.spec import load_weights
+    from engine.backends.onnx.model_graph import (DecoderGraph, GraphShape, dropout_mask_name, grad_name,
                                                  prepare_weights)
-    from engine.onnx_backend.session import GraphSession, ort_values
+    from engine.backends.onnx.session import GraphSession, ort_values
 
     spec = load_model_spec(tiny_model_dir)
     state = random_lora_state(spec, DROPOUT, seed=3)
@@ -304,7 +305,7 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
         for target in DROPOUT.targets:
             keep = out[dropout_mask_name(layer, target)]
             masks.append(keep)
-            module = model.get_submodule(f"base_model.model.{spec.module_path(layer, target)}")
+            module = model.get_submodule(f"base_model.model.{module_path(layer, target)}")
             module.lora_dropout["default"] = FixedMask(keep)
     want = loss_and_grads(model, ids, labels)
     kept = np.mean([(m > 0).mean() for m in masks])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backend import OptimizerConfig
-from engine.optim_host import (SIGNED_MAP, UNSIGNED_MAP, HostAdamW, HostAdamW8bit, HostSGD, clip_scale,
+from engine.backends.base import OptimizerConfig
+from engine.backends.optimizers import (SIGNED_MAP, UNSIGNED_MAP, HostAdamW, HostAdamW8bit, HostSGD, clip_scale,
                                dynamic_map, global_grad_norm, make_host_optimizer, quantise)
 
 SHAPES = {"a": (3, 5), "b": (17,), "c": (2, 2, 3)}
@@ -150,7 +150,7 @@ def test_host_refuses_mismatched_state_and_sizes():
 
 @pytest.mark.parametrize("size", [1, 1 << 17, 3 * (1 << 17) + 5, 2_000_001])
 def test_split_spans_cover_the_vector_once_in_whole_chunks(size):
-    from engine.optim_host import UPDATE_CHUNK, split_spans
+    from engine.backends.optimizers import UPDATE_CHUNK, split_spans
 
     for parts in (1, 2, 3, 8):
         spans = split_spans(size, parts)
@@ -162,7 +162,7 @@ def test_split_spans_cover_the_vector_once_in_whole_chunks(size):
 def test_threaded_adamw_equals_one_thread_bit_for_bit():
     """The chunked, threaded in-place update (flat API) gives exactly what the dict API on one thread gives."""
     rng = np.random.default_rng(5)
-    from engine.optim_host import UPDATE_CHUNK
+    from engine.backends.optimizers import UPDATE_CHUNK
 
     size = 3 * UPDATE_CHUNK + 777
     config = OptimizerConfig(weight_decay=0.1)

@@ -1,8 +1,8 @@
 """The oracle itself: HF's loss equals a hand-computed shifted, masked cross-entropy, and B=0 means base logits."""
 import numpy as np
 
-from engine.lora import LoraConfig, init_lora_state
-from engine.model_spec import load_model_spec
+from engine.lora.config import LoraConfig, init_lora_state
+from engine.model.spec import load_model_spec
 from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
 
 

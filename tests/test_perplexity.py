@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
-from engine.perplexity import strided_perplexity, windows
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from engine.train.perplexity import strided_perplexity, windows
 from tests.oracle import peft_model, random_lora_state
 from tests.perplexity_reference import hf_guide_perplexity
 from tests.torch_backend import TorchBackend

@@ -1,7 +1,7 @@
 """Schedules equal transformers' own schedulers step by step."""
 import pytest
 
-from engine.schedule import Schedule
+from engine.train.schedule import Schedule
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from engine.backend import OptimizerConfig
-from engine.checkpoint import checkpoint_root, list_checkpoints, load_checkpoint
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
-from engine.train_config import TrainConfig
-from engine.trainer import NonFiniteError, Trainer, TrainingError
+from engine.backends.base import OptimizerConfig
+from engine.train.checkpoint import checkpoint_root, list_checkpoints, load_checkpoint
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from engine.train.config import TrainConfig
+from engine.train.trainer import NonFiniteError, Trainer, TrainingError
 from tests.torch_backend import torch_backend_factory
 from tests.train_helpers import Recorder, pattern_batches, pattern_source
 
@@ -132,7 +132,7 @@ def test_non_finite_steps_are_skipped_reported_and_stop_the_run(tiny_model_dirs,
     bad = [(ids.copy(), labels) for ids, labels in pattern_batches(384, 3, 2, 12, seed=2)]
     for ids, _ in bad:
         ids[0, 5] = 3      # the poisoned token
-    from engine.train_data import ArrayBatches
+    from engine.train.data import ArrayBatches
     model = _poisoned_model(tiny_model_dirs["qwen2"], tmp_path, token=3)
     rec = Recorder()
     trainer = Trainer(config(max_steps=5, warmup_steps=0, save_every=1, keep_checkpoints=10),
@@ -160,7 +160,7 @@ def test_learning_rate_1e6_trips_the_guard_on_the_wgsl_backend(tiny_llama_dir, g
     The ~1e6 weights after step 1 overflow the residual stream; RMSNorm turns the overflowed mean square into
     NaN (PyTorch's, and ours before, gave 1/sqrt(inf) = 0 and a finite loss of exactly ln(vocab)), so the
     loss is NaN, the steps are skipped and the run stops after three in a row with the step-1 adapter."""
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
 
     def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
         return WgpuBackend(tiny_llama_dir, lora, optim, batch_size, seq_len, ctx=gpu_device, lora_state=init_state,

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from engine.backend import OptimizerConfig, counted_tokens
-from engine.lora import LoraConfig
-from engine.model_spec import load_model_spec
+from engine.backends.base import OptimizerConfig, counted_tokens
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
 from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
 
 pytestmark = pytest.mark.gpu
@@ -13,7 +13,7 @@ B, T = 2, 7
 
 
 def backend(model_dir, gpu_device, lora, state, **kw):
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
     return WgpuBackend(model_dir, lora, kw.pop("optim", OptimizerConfig()), kw.pop("batch_size", B),
                        kw.pop("seq_len", T), ctx=gpu_device, lora_state=state, **kw)
 

@@ -1,11 +1,11 @@
 """The memory plan equals what the engine allocates, and it scales the way the sizing function says."""
 import pytest
 
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig
-from engine.microbench import random_weights, smollm2_135m_spec, tiny_spec
-from engine.model_spec import load_model_spec
-from engine.wgpu_memory import memory_plan
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.backends.wgpu.microbench import random_weights, smollm2_135m_spec, tiny_spec
+from engine.model.spec import load_model_spec
+from engine.backends.wgpu.memory import memory_plan
 
 pytestmark = pytest.mark.gpu
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "sgd"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_plan_equals_allocated_bytes(tiny_model_dir, gpu_device, optim, dropout):
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
     spec = load_model_spec(tiny_model_dir)
     lora = LoraConfig(rank=3, alpha=6, dropout=dropout, targets=("q_proj", "o_proj", "up_proj"))
     config = OptimizerConfig(name=optim)
@@ -30,7 +30,7 @@ def test_binding_limit_splits_the_vocabulary(gpu_device, tied):
     """A small binding limit splits the embedding/LM head into pieces: same logits, and the plan still holds."""
     import dataclasses
     import numpy as np
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
     spec = dataclasses.replace(tiny_spec(), tied_embeddings=tied)
     lora = LoraConfig(rank=2, alpha=4)
     tensors = random_weights(spec, std=0.2)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from engine.backend import OptimizerConfig
-from engine.lora import LoraConfig, init_lora_state
-from engine.model_spec import load_model_spec
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig, init_lora_state
+from engine.model.spec import load_model_spec
 from tests.oracle import adamw_trajectory, peft_model, random_batch, random_lora_state
 
 pytestmark = pytest.mark.gpu
@@ -13,7 +13,7 @@ B, T = 2, 6
 
 
 def backend(model_dir, ctx, lora, state, optim=None, **kw):
-    from engine.wgpu_backend import WgpuBackend
+    from engine.backends.wgpu.backend import WgpuBackend
     return WgpuBackend(model_dir, lora, optim or OptimizerConfig(), B, T, ctx=ctx, lora_state=state, **kw)
 
 
@@ -64,7 +64,7 @@ def test_non_finite_step_is_skipped_and_changes_nothing(tiny_llama_dir, gpu_devi
         assert bad.skipped and bad.step == 1 and not np.isfinite(bad.loss)
         after = be.lora_state()
         assert all(np.array_equal(after[k], good[k]) for k in good if k != key)
-        from engine.wgpu_backend import DROPOUT_STEP_KEY
+        from engine.backends.wgpu.backend import DROPOUT_STEP_KEY
         for name, value in be.optimizer_state().items():
             if name == DROPOUT_STEP_KEY:   # counts submitted steps (a fresh mask each), skipped ones too
                 assert value == moments[name] + 1

@@ -9,10 +9,10 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.backend import (OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
+from engine.backends.base import (OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
                             counted_tokens)
-from engine.lora import LoraConfig, init_lora_state
-from engine.model_spec import load_model_spec
+from engine.lora.config import LoraConfig, init_lora_state
+from engine.model.spec import load_model_spec
 from tests.oracle import peft_model
 
 

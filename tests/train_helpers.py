@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.train_data import ArrayBatches
-from engine.trainer import TrainerCallback
+from engine.train.data import ArrayBatches
+from engine.train.trainer import TrainerCallback
 
 
 def pattern_batches(vocab: int, n_batches: int, batch: int, seq: int, seed: int = 0):

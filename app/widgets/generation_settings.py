@@ -6,7 +6,7 @@ from dataclasses import asdict
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QDoubleSpinBox, QFormLayout, QGroupBox, QSpinBox
 
-from engine.generation import GenerationSettings
+from engine.chat.generation import GenerationSettings
 
 
 class GenerationSettingsBox(QGroupBox):

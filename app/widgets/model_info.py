@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel
 
-from engine.model_spec import ModelSpec
+from engine.model.spec import ModelSpec
 
 
 class ModelInfo(QGroupBox):

@@ -20,7 +20,7 @@ def remember_model(ref: str) -> None:
 
 
 class ModelPicker(QWidget):
-    model_chosen = Signal(str)   # a model reference for engine.models.resolve_model
+    model_chosen = Signal(str)   # a model reference for engine.model.references.resolve_model
 
     def __init__(self, parent=None):
         super().__init__(parent)

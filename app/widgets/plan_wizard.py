@@ -13,10 +13,10 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 
 from app.plan import CorpusSummary, recommend, review
 from app.training_controller import RunRequest
-from engine.backend import OPTIMIZERS, OptimizerConfig
-from engine.lora import LORA_TARGETS, LoraConfig
-from engine.schedule import SCHEDULES
-from engine.train_config import TrainConfig
+from engine.backends.base import OPTIMIZERS, OptimizerConfig
+from engine.lora.config import LORA_TARGETS, LoraConfig
+from engine.train.schedule import SCHEDULES
+from engine.train.config import TrainConfig
 
 
 def _gib(n) -> str:

@@ -5,9 +5,9 @@ import argparse
 import json
 import sys
 
-from engine.backend import OptimizerConfig
-from engine.backends import BACKEND_KINDS, create_backend, parse_backend_kind
-from engine.lora import LoraConfig
+from engine.backends.base import OptimizerConfig
+from engine.backends.choose import BACKEND_KINDS, create_backend, parse_backend_kind
+from engine.lora.config import LoraConfig
 
 
 def backend_kind(value: str) -> str:
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def _backends(args) -> int:
-    from engine.models import resolve_model
+    from engine.model.references import resolve_model
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -48,7 +48,7 @@ def _backends(args) -> int:
                                      args.seq_len, measure_steps=args.steps)
     with backend:
         if choice is None:   # an explicit backend: measure just that one
-            from engine.backends import measure
+            from engine.backends.choose import measure
             seconds = measure(backend, args.steps)
             report = {"chosen": args.backend, "name": backend.name, "seconds_per_step": seconds,
                       "tokens_per_s": args.batch_size * args.seq_len / seconds}

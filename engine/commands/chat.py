@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.generation import GenerationSettings
+from engine.chat.generation import GenerationSettings
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def _chat(args) -> int:
-    from engine.inference import ChatEngine
+    from engine.chat.inference import ChatEngine
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k,

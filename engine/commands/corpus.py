@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engine import models
+from engine.errors import UserError
+from engine.model import references as models
 from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
 
 
@@ -27,8 +28,6 @@ def register(subparsers):
 
 
 def run(args) -> int:
-    from engine.cli import UserError
-
     config = CorpusConfig(seq_len=args.seq_len, packing=args.packing,
                           mask_prompt=False if args.no_mask_prompt else None, val_fraction=args.val_fraction,
                           val_files=tuple(args.val_file), seed=args.seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from engine.train.evaluate import evaluate
+
 
 def register(subparsers):
     p = subparsers.add_parser("eval", help="perplexity of a model (and adapter) on a file",
@@ -19,34 +21,6 @@ def register(subparsers):
                    help="training backend; auto measures the candidates and takes the fastest (default auto)")
     p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"}')
     p.set_defaults(func=run_eval)
-
-
-def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, stride: int | None = None,
-             mask_prompt: bool | None = None, backend: str = "auto", factory=None, progress=None):
-    """The Perplexity of `model` (+ `adapter`) on the files `data`."""
-    from engine.adapter_io import import_adapter
-    from engine.backend import OptimizerConfig
-    from engine.lora import LoraConfig, init_lora_state
-    from engine.model_spec import load_model_spec
-    from engine.perplexity import strided_perplexity
-    from engine.runs import backend_factory, eval_stream, resolve_base
-
-    model_dir, _ = resolve_base(model)
-    spec = load_model_spec(model_dir)
-    if not 2 <= seq_len <= spec.max_positions:
-        raise ValueError(f"seq-len must be between 2 and the model's {spec.max_positions} positions, got {seq_len}")
-    if adapter:
-        lora, state, _ = import_adapter(adapter, spec)
-    else:
-        # The base alone: the smallest adapter, with B = 0 so its output is exactly the base model's.
-        lora = LoraConfig(rank=1, alpha=1.0, targets=("q_proj",))
-        state = init_lora_state(spec, lora)
-    ids, labels = eval_stream(data, model_dir, mask_prompt)
-    window = min(seq_len, ids.size)
-    make = factory or backend_factory(backend, model_dir)
-    with make(lora, OptimizerConfig(), 1, window, seed=0, init_state=state) as engine:
-        return strided_perplexity(engine, ids, labels, window=window, stride=min(stride or window // 2 or 1, window),
-                                  progress=progress)
 
 
 def run_eval(args) -> int:

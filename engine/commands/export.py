@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.export import ExportRequest, run_export
+    from engine.export.run import ExportRequest, run_export
 
     request = ExportRequest(model=args.model, adapter=args.adapter, to=args.to, out=args.out,
                             gguf_dtype=args.gguf_dtype, overwrite=args.force)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from engine.hardware import detect
+from engine.backends.hardware import detect
 
 
 def register(sub) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engine import models
+from engine.model import references as models
 
 
 def register(sub) -> None:

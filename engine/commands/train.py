@@ -7,12 +7,13 @@ import signal
 import sys
 import time
 
-from engine.backend import OPTIMIZERS, OptimizerConfig
-from engine.lora import LoraConfig
-from engine.model_spec import LORA_TARGETS
-from engine.schedule import SCHEDULES
-from engine.train_config import TrainConfig
-from engine.trainer import TrainerCallback, TrainingError
+from engine.errors import UserError
+from engine.backends.base import OPTIMIZERS, OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.model.hf_names import LORA_TARGETS
+from engine.train.schedule import SCHEDULES
+from engine.train.config import TrainConfig
+from engine.train.trainer import TrainerCallback, TrainingError
 
 
 def register(subparsers):
@@ -146,8 +147,7 @@ class JsonLines(TrainerCallback):
 
 
 def run_train(args) -> int:
-    from engine.cli import UserError
-    from engine.runs import RunInputs, prepare_run
+    from engine.train.runs import RunInputs, prepare_run
 
     if not args.data and not args.resume:
         raise UserError("no training data: pass --data FILE (repeat it for several files)")
@@ -204,7 +204,7 @@ def _files_from_checkpoint(resume) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The data and validation files an interrupted run was started with."""
     from pathlib import Path
 
-    from engine.checkpoint import STATE, checkpoint_root, latest_checkpoint, verify_checkpoint
+    from engine.train.checkpoint import STATE, checkpoint_root, latest_checkpoint, verify_checkpoint
 
     path = Path(resume)
     if not (path / "manifest.json").exists():

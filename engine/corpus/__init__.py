@@ -21,12 +21,13 @@ from engine.corpus.config import CorpusConfig
 from engine.corpus.formats import FORMATS, Example, RecordError
 from engine.corpus.loader import Corpus, CorpusCancelled, load_corpus
 from engine.corpus.readers import CONTAINERS
-from engine.corpus.render import DEFAULT_CHAT_TEMPLATE, IGNORE, CorpusTokenizer, load_tokenizer
+from engine.backends.base import IGNORE_LABEL
+from engine.corpus.render import DEFAULT_CHAT_TEMPLATE, CorpusTokenizer, load_tokenizer
 from engine.corpus.sequences import Segment, Sequence, batch_count, batch_order, batches
 from engine.corpus.stats import CorpusStats, FileStats, SkippedRecord, SplitStats
 from engine.corpus.textstream import RefusedFile
 
-__all__ = ["CONTAINERS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE", "Corpus", "CorpusCancelled",
+__all__ = ["CONTAINERS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE_LABEL", "Corpus", "CorpusCancelled",
            "CorpusConfig", "CorpusStats", "CorpusTokenizer", "Example", "FileStats", "RecordError", "RefusedFile",
            "Segment", "Sequence", "SkippedRecord", "SplitStats", "batch_count", "batch_order", "batches",
            "load_corpus", "load_tokenizer"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.backends.base import IGNORE_LABEL
+
 FORMATS = ("input_ids", "openai", "sharegpt", "alpaca", "prompt_completion", "text")
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                 "tool": "tool"}
@@ -82,9 +84,10 @@ def _int_list(value, key: str, allow_ignore: bool) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise RecordError(f"field {key!r} must be a non-empty list of token ids")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v < 1 << 31 or (allow_ignore and v == -100)):
+        if isinstance(v, bool) or not isinstance(v, int) or \
+                not (0 <= v < 1 << 31 or (allow_ignore and v == IGNORE_LABEL)):
             raise RecordError(f"field {key!r} holds {v!r}; expected token ids (integers >= 0"
-                              f"{' or -100' if allow_ignore else ''})")
+                              f"{f' or {IGNORE_LABEL}' if allow_ignore else ''})")
     return tuple(value)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from engine.corpus.config import CorpusConfig
 from engine.corpus.formats import RecordError, to_example
 from engine.corpus.readers import container_of, read_csv, read_json_array, read_jsonl, read_text_blocks, too_long
-from engine.corpus.render import IGNORE, CorpusTokenizer, Rendered, load_tokenizer, render, tokenize
+from engine.backends.base import IGNORE_LABEL
+from engine.corpus.render import CorpusTokenizer, Rendered, load_tokenizer, render, tokenize
 from engine.corpus.sequences import Sequence, Unit, Windower, batches, choose_validation, to_sequences
 from engine.corpus.stats import CorpusStats, FileStats, SplitStats
 from engine.corpus.textstream import RefusedFile, TextStream
@@ -40,7 +41,7 @@ class Corpus:
         together, so the GUI can show masked text dimmed. Built from the ids and labels, it shows exactly what
         the trainer gets, truncation and packing included."""
         seq = self._split(split)[index]
-        trained = seq.labels != IGNORE
+        trained = seq.labels != IGNORE_LABEL
         cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
         bounds = [0, *cuts.tolist(), len(seq)]
         return [(self.tokenizer.decode(seq.input_ids[a:b]), bool(trained[a])) for a, b in zip(bounds, bounds[1:])
@@ -180,10 +181,10 @@ def _tokenize_pending(pending, index: int, fs: FileStats, tok: CorpusTokenizer, 
                 shared = labels is ids
                 ids = ids[:seq_len].copy()
                 labels = ids if shared else labels[:seq_len].copy()
-            if not np.any(labels != IGNORE):
+            if not np.any(labels != IGNORE_LABEL):
                 fs.skip(line, f"nothing left to train on after cutting to seq_len {seq_len} (the record has "
                               f"{len(ids) + cut} tokens; its prompt fills the sequence)" if cut else
-                              "every label is -100: nothing to train on")
+                              f"every label is {IGNORE_LABEL}: nothing to train on")
                 continue
             if cut:
                 fs.truncated_records += 1
@@ -215,7 +216,7 @@ def _tokenize_each(pending, fs: FileStats, tok: CorpusTokenizer) -> list:
 def _count(fs: FileStats, units: list[Unit]):
     for u in units:
         fs.tokens += len(u.ids)
-        fs.trainable_tokens += len(u.ids) if u.labels is u.ids else int(np.count_nonzero(u.labels != IGNORE))
+        fs.trainable_tokens += len(u.ids) if u.labels is u.ids else int(np.count_nonzero(u.labels != IGNORE_LABEL))
 
 
 def _read_text(stream: TextStream, index: int, fs: FileStats, tok: CorpusTokenizer, config: CorpusConfig

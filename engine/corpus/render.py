@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.backends.base import IGNORE_LABEL
 from engine.corpus.formats import Example, RecordError
 
-IGNORE = -100
 
 # For tokenizers without a chat template: plain text headers that any vocabulary can spell, and the model's own
 # EOS after each assistant turn so a chat fine-tune learns to stop.
@@ -193,7 +193,7 @@ def _render_chat_generation_blocks(messages, tok: CorpusTokenizer, train_from: i
     trained = np.asarray(out["assistant_masks"], bool)
     if not trained.any():
         raise RecordError("the chat template's {% generation %} blocks mark no assistant tokens")
-    return Rendered(ids=ids, labels=np.where(trained, ids, IGNORE).astype(np.int32))
+    return Rendered(ids=ids, labels=np.where(trained, ids, IGNORE_LABEL).astype(np.int32))
 
 
 def tokenize(items: list[Rendered], tok: CorpusTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -224,7 +224,7 @@ def tokenize(items: list[Rendered], tok: CorpusTokenizer) -> list[tuple[np.ndarr
         if r.eos:
             ids = np.append(ids, np.int32(tok.eos_id))
             trained = np.append(trained, True)
-        labels = ids if trained.all() else np.where(trained, ids, IGNORE).astype(np.int32)
+        labels = ids if trained.all() else np.where(trained, ids, IGNORE_LABEL).astype(np.int32)
         out.append((ids, labels))
     return out
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE = -100
+from engine.backends.base import IGNORE_LABEL
+
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Segment:
 @dataclass(frozen=True, eq=False)
 class Sequence:
     input_ids: np.ndarray       # (T,) int32, T <= seq_len
-    labels: np.ndarray          # (T,) int32, IGNORE (-100) where not trained
+    labels: np.ndarray          # (T,) int32, IGNORE_LABEL (-100) where not trained
     segments: tuple[Segment, ...]
 
     def __len__(self) -> int:
@@ -38,7 +39,7 @@ class Sequence:
 
     @property
     def trainable_tokens(self) -> int:
-        return int(np.count_nonzero(self.labels != IGNORE))
+        return int(np.count_nonzero(self.labels != IGNORE_LABEL))
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +109,7 @@ def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) ->
             out.append(Sequence(np.concatenate(ids), np.concatenate(labels), tuple(segments)))
         ids, labels, segments, size = [], [], [], 0
 
-    separator = np.array([eos_id], np.int32), np.array([IGNORE], np.int32)
+    separator = np.array([eos_id], np.int32), np.array([IGNORE_LABEL], np.int32)
     while units:
         u = units.pop()
         sep = bool(ids) and int(ids[-1][-1]) != eos_id
@@ -166,7 +167,7 @@ def batches(sequences: list[Sequence], batch_size: int, seq_len: int, pad_id: in
     order = batch_order(len(sequences), shuffle, seed, epoch)
     for b in range(start_batch, batch_count(len(sequences), batch_size)):
         ids = np.full((batch_size, seq_len), pad_id, np.int32)
-        labels = np.full((batch_size, seq_len), IGNORE, np.int32)
+        labels = np.full((batch_size, seq_len), IGNORE_LABEL, np.int32)
         for row, i in enumerate(order[b * batch_size:(b + 1) * batch_size]):
             s = sequences[i]
             ids[row, :len(s)] = s.input_ids

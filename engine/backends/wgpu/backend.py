@@ -1,0 +1,258 @@
+"""The WGSL training backend: a Hugging Face model + LoRA + optimizer on one wgpu device.
+
+Everything (buffers, pipelines, bind groups) is created in the constructor; a training step writes the tokens
+and a few per-step constants, encodes forward, LM head, backward (per micro-batch), loss reduction, gradient
+norm and the optimizer update into one command encoder, and submits. Nothing is read back inside the step:
+`train_step` returns a PendingStep that reads the step's stats (copied to a small history ring) when asked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
+                                  counted_tokens, shift_labels)
+from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.kernels.common import uniform
+from engine.backends.wgpu.kernels.lm_head import chunk_rows
+from engine.backends.wgpu.kernels.optimizer import GradNorm, Optimizer
+from engine.lora.config import LoraConfig, init_lora_state
+from engine.model.spec import ModelSpec, load_model_spec, load_weights
+from engine.backends.wgpu.backward import model_backward
+from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
+                                 destroy, layer_activation_shapes, lora_layout, scratch_shapes,
+                                 vocab_pieces)
+from engine.backends.wgpu.forward import model_forward
+from engine.backends.wgpu.graph import build_model
+from engine.backends.wgpu.weights import upload_weights
+
+
+DROPOUT_STEP_KEY = "lora_dropout_step"
+
+
+class WgpuBackend(TrainingBackend):
+    """Sized once for [batch_size, seq_len]; smaller micro-batches are padded (padding never counts).
+
+    Memory: engine.backends.wgpu.memory.memory_plan(spec, lora, optim, B, T) says beforehand what this allocates.
+    """
+
+    def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
+                 seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
+                 tensors: dict[str, np.ndarray] | None = None, max_binding_bytes: int | None = None):
+        """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
+        ({HF name: array}, e.g. engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
+        `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
+        if isinstance(model, ModelSpec):
+            if tensors is None:
+                raise ValueError("a ModelSpec without a folder needs its weights passed as tensors")
+            self.spec = model
+        else:
+            self.spec = load_model_spec(model)
+            tensors = tensors if tensors is not None else load_weights(model)
+        if seq_len > self.spec.max_positions:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
+        self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
+        self.ctx = ctx or GpuContext.create()
+        self.name = f"wgpu: {self.ctx.label} ({self.ctx.adapter.info.get('backend_type', '?')})"
+        self._bytes_before = self.ctx.bytes_allocated
+        ctx, spec, BT = self.ctx, self.spec, batch_size * seq_len
+        limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes, max_binding_bytes or ctx.max_binding_bytes)
+        self.layout = lora_layout(spec, lora)
+        self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
+        self.weights = upload_weights(ctx, spec, tensors, limit)
+        self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
+                              f"layers.{i}") for i in range(spec.layers)]
+        piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]
+        self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
+                                                                      piece_rows), "scratch")
+        self.dropout_step = uniform(ctx, "lora_dropout.step", 0, 0.0, 0, 0)
+        self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
+                                 self.layout, self.chunk, self.dropout_step)
+        s = self.scratch
+        self.grad_norm = GradNorm(ctx, s.lora_grads, self.layout.total, s.stats)
+        self.optimizer = Optimizer(ctx, optim, s.lora_params, s.lora_grads, self.layout.total, s.stats)
+        self.load_lora_state(lora_state if lora_state is not None else init_lora_state(spec, lora, seed))
+        self._seed = seed
+        self._steps_submitted = 0
+        self._dropout_steps = 0   # picks each step's dropout mask; saved with the optimizer so resume is exact
+        self._pending: list[PendingStep | None] = [None] * HISTORY_SLOTS
+        self._bytes = ctx.bytes_allocated - self._bytes_before
+
+    # ---- tokens --------------------------------------------------------------------------------------------
+    def _stage(self, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write up to STAGE_SLOTS micro-batches, padded to [B, T] (padding never counts), to the staging rows."""
+        B, T = self.batch_size, self.seq_len
+        ids = np.zeros((len(batches), B, T), np.int32)
+        targets = np.full((len(batches), B, T), IGNORE_LABEL, np.int32)
+        for i, (input_ids, labels) in enumerate(batches):
+            b, t = input_ids.shape
+            ids[i, :b, :t] = input_ids
+            targets[i, :b, :t] = shift_labels(labels)
+        self.ctx.write(self.scratch.ids_stage, ids)
+        self.ctx.write(self.scratch.targets_stage, targets)
+
+    def _load_slot(self, enc, slot: int) -> None:
+        nbytes = 4 * self.batch_size * self.seq_len
+        s = self.scratch
+        enc.copy(s.ids_stage, slot * nbytes, s.ids, 0, nbytes)
+        enc.copy(s.targets_stage, slot * nbytes, s.targets, 0, nbytes)
+
+    def _checked(self, micro_batches) -> list:
+        out = []
+        for input_ids, labels in micro_batches:
+            input_ids, labels = np.asarray(input_ids, np.int32), np.asarray(labels, np.int32)
+            check_batch(input_ids, labels, self.batch_size, self.seq_len, self.spec.vocab_size)
+            out.append((input_ids, labels))
+        return out
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def encode_gradients(self, micro_batches) -> StepEncoder:
+        """Forward, LM head and backward of every micro-batch, adding into lora_grads, and the loss into stats.
+
+        Submits once per STAGE_SLOTS micro-batches (the staging rows are rewritten in between) and returns the
+        last encoder, still open, for the caller to finish the step in.
+        """
+        batches = self._checked(micro_batches)
+        if not batches:
+            raise ValueError("a training step needs at least one micro-batch")
+        counted = sum(counted_tokens(labels) for _, labels in batches)
+        if counted == 0:
+            raise ValueError("the step's micro-batches have no counted tokens (every shifted label is ignored)")
+        self.model.lm_head.set_step(counted, with_grad=True)
+        seed = (self._seed * 1_000_003 + self._dropout_steps) % (1 << 32)   # a new dropout mask every step
+        self._dropout_steps += 1
+        self.ctx.write(self.dropout_step, np.array([seed], np.uint32))
+        self.ctx.write(self.dropout_step, np.array([self.lora.dropout], np.float32), offset=4)
+        for g0 in range(0, len(batches), STAGE_SLOTS):
+            group = batches[g0:g0 + STAGE_SLOTS]
+            self._stage(group)
+            enc = self.ctx.encoder("train_step")
+            for slot in range(len(group)):
+                self._load_slot(enc, slot)
+                model_forward(enc, self.model)
+                self.model.lm_head.encode(enc, backward=True)
+                model_backward(enc, self.model)
+            if g0 + STAGE_SLOTS < len(batches):
+                enc.submit()
+        self.model.lm_head.encode_reduce(enc)
+        return enc
+
+    def train_step(self, micro_batches, lr: float, max_grad_norm: float) -> PendingStep:
+        if not lr >= 0 or not max_grad_norm >= 0:
+            raise ValueError(f"lr and max_grad_norm must be >= 0, got {lr}, {max_grad_norm}")
+        slot = self._steps_submitted % HISTORY_SLOTS
+        if self._pending[slot] is not None:
+            self._pending[slot].result()   # its stats are about to be overwritten: read them now
+        self.optimizer.set_hyper(lr, max_grad_norm)
+        enc = self.encode_gradients(micro_batches)
+        self.grad_norm.encode(enc)
+        self.optimizer.encode(enc)
+        enc.copy(self.scratch.stats, 0, self.scratch.history, slot * 4 * STATS_FLOATS, 4 * STATS_FLOATS)
+        enc.submit()
+        self._steps_submitted += 1
+        pending = PendingStep(lambda: self._read_result(slot))
+        self._pending[slot] = pending
+        return pending
+
+    def _read_result(self, slot: int) -> StepResult:
+        stats = self.ctx.read(self.scratch.history, count=STATS_FLOATS, offset=slot * 4 * STATS_FLOATS)
+        return StepResult(step=int(round(stats[4])), loss=float(stats[0]), tokens=int(round(stats[5])),
+                          grad_norm=float(stats[1]), skipped=bool(stats[3] != 0))
+
+    def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        (batch,) = self._checked([(input_ids, labels)])
+        counted = counted_tokens(batch[1])
+        self._forward_only([batch], counted)
+        enc = self.ctx.encoder("eval")
+        self.model.lm_head.encode(enc, backward=False)
+        self.model.lm_head.encode_reduce(enc)
+        enc.submit()
+        return float(self.ctx.read(self.scratch.stats, count=1)[0]), counted
+
+    def _forward_only(self, batches, counted: int) -> None:
+        self.model.lm_head.set_step(counted, with_grad=False)
+        self.ctx.write(self.dropout_step, np.array([0.0], np.float32), offset=4)   # p = 0: no dropout
+        self._stage(batches)
+        enc = self.ctx.encoder("forward")
+        self._load_slot(enc, 0)
+        model_forward(enc, self.model)
+        enc.submit()
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        input_ids = np.asarray(input_ids, np.int32)
+        check_batch(input_ids, input_ids, self.batch_size, self.seq_len, self.spec.vocab_size)
+        self._forward_only([(input_ids, input_ids)], 0)
+        V, BT = self.spec.vocab_size, self.batch_size * self.seq_len
+        rows = []
+        for c in range(len(self.model.lm_head.chunks)):
+            enc = self.ctx.encoder("logits")
+            self.model.lm_head.encode_logits(enc, c)
+            enc.submit()
+            n = min(self.chunk, BT - c * self.chunk)
+            rows.append(self.ctx.read(self.scratch.logits, count=n * V).reshape(n, V))
+        b, t = input_ids.shape
+        return np.concatenate(rows).reshape(self.batch_size, self.seq_len, V)[:b, :t]
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def _read_flat(self, buf) -> dict[str, np.ndarray]:
+        flat = self.ctx.read(buf, count=self.layout.total)
+        return {k: flat[o:o + int(np.prod(self.layout.shapes[k]))].reshape(self.layout.shapes[k]).copy()
+                for k, o in self.layout.offsets.items()}
+
+    def lora_state(self) -> dict[str, np.ndarray]:
+        return self._read_flat(self.scratch.lora_params)
+
+    def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
+        """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
+        tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
+        self.encode_gradients(micro_batches).submit()
+        loss = float(self.ctx.read(self.scratch.stats, count=1)[0])
+        grads = self._read_flat(self.scratch.lora_grads)
+        enc = self.ctx.encoder("zero_grads")
+        enc.encoder.clear_buffer(self.scratch.lora_grads)
+        enc.submit()
+        return loss, grads
+
+    def load_lora_state(self, state: dict[str, np.ndarray]) -> None:
+        missing = sorted(set(self.layout.offsets) - set(state))
+        extra = sorted(set(state) - set(self.layout.offsets))
+        if missing or extra:
+            raise ValueError(f"LoRA state does not match this adapter: missing {missing[:3]}, unexpected {extra[:3]}"
+                             f" ({len(missing)} missing, {len(extra)} unexpected)")
+        flat = np.zeros(self.layout.total, np.float32)
+        for key, offset in self.layout.offsets.items():
+            value = np.asarray(state[key], np.float32)
+            if value.shape != self.layout.shapes[key]:
+                raise ValueError(f"LoRA tensor {key} has shape {value.shape}, expected {self.layout.shapes[key]}")
+            flat[offset:offset + value.size] = value.reshape(-1)
+        self.ctx.write(self.scratch.lora_params, flat)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {**self.optimizer.state(), DROPOUT_STEP_KEY: np.array(self._dropout_steps, np.int64)}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        dropout_steps = state.pop(DROPOUT_STEP_KEY, None)   # absent in states from the CPU backend
+        self.optimizer.load_state(state)
+        if dropout_steps is not None:
+            self._dropout_steps = int(dropout_steps)
+
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        for slot, pending in enumerate(self._pending):
+            if pending is not None:
+                pending.result()
+                self._pending[slot] = None
+        if self.scratch is None:
+            return
+        # The large buffers are freed now; kernels' parameter blocks go with their objects.
+        destroy([self.acts, self.scratch, self.weights.embed, self.weights.lm_head, self.weights.final_norm,
+                 self.weights.layers])
+        self.ctx.bytes_allocated -= self._bytes
+        self.model = self.acts = self.scratch = self.weights = self.optimizer = self.grad_norm = None

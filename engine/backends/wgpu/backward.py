@@ -1,0 +1,42 @@
+"""The backward pass: the forward's calls in reverse, into the LoRA gradients (frozen weights get none).
+
+Gradient routing: d_res carries d(residual stream) down the layers; the residual adds need no kernel (their
+backward is the identity), each norm's backward adds its branch into d_res.
+"""
+from __future__ import annotations
+
+from engine.backends.wgpu.context import StepEncoder
+from engine.backends.wgpu.graph import LayerKernels, ModelKernels
+
+
+def projection_backward(enc: StepEncoder, k: LayerKernels, target: str) -> None:
+    """dx (=|+=) dy·W, then the LoRA branch's dB, dA and dx += ..."""
+    k.proj[target].encode_backward(enc)
+    if target in k.lora:
+        k.lora[target].encode_backward(enc)
+
+
+def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
+    projection_backward(enc, k, "down_proj")     # d_res → d_h
+    k.swiglu.encode_backward(enc)                # d_h → d_gate, d_up
+    projection_backward(enc, k, "up_proj")       # d_up → d_ln
+    projection_backward(enc, k, "gate_proj")     # d_gate → d_ln +=
+    k.ln2.encode_backward(enc)                   # d_ln → d_res +=
+    projection_backward(enc, k, "o_proj")        # d_res → d_att
+    k.attention.encode_backward(enc)             # d_att → dq, dk, dv
+    k.rope_q.encode_backward(enc, k.dq)
+    k.rope_k.encode_backward(enc, k.dk)
+    if k.q_norm is not None:
+        k.q_norm.encode_backward(enc)            # dq → dq_raw
+        k.k_norm.encode_backward(enc)
+    projection_backward(enc, k, "v_proj")        # → d_ln
+    projection_backward(enc, k, "k_proj")        # → d_ln +=
+    projection_backward(enc, k, "q_proj")        # → d_ln +=
+    k.ln1.encode_backward(enc)                   # d_ln → d_res +=
+
+
+def model_backward(enc: StepEncoder, m: ModelKernels) -> None:
+    """After the LM head wrote d_ln = d(final norm output): the final norm, then every layer in reverse."""
+    m.final_norm.encode_backward(enc)            # d_ln → d_res (written)
+    for k in reversed(m.layers):
+        layer_backward(enc, k)

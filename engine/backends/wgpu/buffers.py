@@ -1,0 +1,227 @@
+"""Every buffer of the wgpu training engine: grouped in dataclasses with their shapes, sized by `buffer_shapes`.
+
+The same sizing function allocates the buffers and answers "how many bytes would (model, LoRA, B, T) need?"
+(`memory_plan`), so the plan wizard's number is the number the engine allocates.
+Notation: BT = B·T rows, C hidden, QD = heads·head_dim, KVD = kv_heads·head_dim, I intermediate, V vocab, r rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
+from engine.lora.config import LoraConfig, lora_shapes
+from engine.model.hf_names import LORA_TARGETS
+from engine.model.spec import ModelSpec
+
+LORA_ALIGN = 64        # floats: each LoRA tensor starts on a 256-byte boundary so it can be bound as a sub-range
+STATS_FLOATS = 16      # stats[0] loss, [1] grad norm, [2] clip scale, [3] skipped, [4] updates, [5] tokens
+HISTORY_SLOTS = 8      # finished steps' stats kept on the device until the trainer reads them
+STAGE_SLOTS = 4        # micro-batches whose tokens are staged per submit
+
+
+def nbytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
+    """What GpuContext.buffer allocates for an array of `shape` (rounded up to 16 bytes, at least 16)."""
+    return max(16, (int(np.prod(shape)) * itemsize + 15) // 16 * 16)
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where each LoRA tensor lives in the flat lora_params / lora_grads buffers [P] (offsets in floats)."""
+    offsets: dict[str, int]               # PEFT key -> first float
+    shapes: dict[str, tuple[int, int]]    # PEFT key -> A [r, in] or B [out, r]
+    total: int                            # P, a multiple of LORA_ALIGN
+
+    def binding(self, buffer, key: str) -> tuple:
+        """(buffer, byte offset, byte size) of one tensor, for a bind group."""
+        return buffer, 4 * self.offsets[key], 4 * int(np.prod(self.shapes[key]))
+
+
+def lora_layout(spec: ModelSpec, lora: LoraConfig) -> LoraLayout:
+    offsets, shapes, at = {}, lora_shapes(spec, lora), 0
+    for key, shape in shapes.items():
+        offsets[key] = at
+        at += -(-shape[0] * shape[1] // LORA_ALIGN) * LORA_ALIGN
+    return LoraLayout(offsets, shapes, at)
+
+
+def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int) -> list[tuple[int, int]]:
+    """(first_id, rows) pieces of a [vocab, hidden] table, each within one storage binding."""
+    rows = max_binding_bytes // (4 * hidden)
+    if rows < 1:
+        raise MemoryError(f"one embedding row of {hidden} floats exceeds the binding limit {max_binding_bytes}")
+    return [(v0, min(rows, vocab - v0)) for v0 in range(0, vocab, rows)]
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's frozen weights, as Hugging Face stores them."""
+    ln1: object                 # [C] input_layernorm
+    q: object                   # [QD, C]
+    k: object                   # [KVD, C]
+    v: object                   # [KVD, C]
+    o: object                   # [C, QD]
+    ln2: object                 # [C] post_attention_layernorm
+    gate: object                # [I, C]
+    up: object                  # [I, C]
+    down: object                # [C, I]
+    q_bias: object = None       # [QD]  Qwen2
+    k_bias: object = None       # [KVD] Qwen2
+    v_bias: object = None       # [KVD] Qwen2
+    q_norm: object = None       # [HD]  Qwen3
+    k_norm: object = None       # [HD]  Qwen3
+
+
+@dataclass
+class LayerActivations:
+    """What one layer's forward saves for its backward."""
+    ln1: object                 # [BT, C] input_layernorm output
+    ln1_rstd: object            # [BT]
+    q: object                   # [BT, QD] after (q_norm and) RoPE
+    k: object                   # [BT, KVD] after (k_norm and) RoPE
+    v: object                   # [BT, KVD]
+    att: object                 # [BT, QD] attention output (o_proj input)
+    lse: object                 # [B, NH, T] attention log-sum-exp
+    x_mid: object               # [BT, C] residual after attention
+    ln2: object                 # [BT, C]
+    ln2_rstd: object            # [BT]
+    gate: object                # [BT, I]
+    up: object                  # [BT, I]
+    h: object                   # [BT, I] silu(gate)·up (down_proj input)
+    x_out: object               # [BT, C] residual after the MLP = next layer's input
+    lora_u: dict                # target -> [BT, r] the LoRA branch's x·Aᵀ (for dB)
+    q_raw: object = None        # [BT, QD] Qwen3: q_proj output before q_norm
+    k_raw: object = None        # [BT, KVD]
+    q_rstd: object = None       # [BT·NH]
+    k_rstd: object = None       # [BT·NKV]
+
+
+@dataclass
+class Scratch:
+    """Buffers the whole model shares: the stream ends, the gradient scratch, tokens and step statistics."""
+    embedded: object            # [BT, C] layer 0 input
+    proj: object                # [BT, C] o_proj / down_proj output before the residual add
+    ln_f: object                # [BT, C] final norm output
+    ln_f_rstd: object           # [BT]
+    logits: object              # [chunk, V] one chunk of the LM head
+    row_loss: object            # [BT] per-row loss · 1/count, summed over micro-batches
+    ids: object                 # [BT] int32
+    targets: object             # [BT] int32 shifted labels
+    ids_stage: object           # [STAGE_SLOTS, BT] int32 micro-batches of one submit
+    targets_stage: object       # [STAGE_SLOTS, BT] int32
+    d_res: object               # [BT, C] gradient of the residual stream
+    d_ln: object                # [BT, C] gradient of a norm's output
+    d_att: object               # [BT, QD]
+    dq: object                  # [BT, QD]
+    dk: object                  # [BT, KVD]
+    dv: object                  # [BT, KVD]
+    d_gate: object              # [BT, I]
+    d_up: object                # [BT, I]
+    d_h: object                 # [BT, I]
+    du: object                  # [BT, r] LoRA branch scratch
+    split_k: object             # [split_k_floats] partial products of split-K GEMMs
+    stats: object               # [16] see STATS_FLOATS
+    history: object             # [HISTORY_SLOTS, 16] stats of finished steps
+    lora_params: object         # [P] every LoRA tensor (LoraLayout)
+    lora_grads: object          # [P]
+    dq_raw: object = None       # [BT, QD] Qwen3
+    dk_raw: object = None       # [BT, KVD] Qwen3
+    x_drop: object = None       # [BT, max in] LoRA dropout
+    dx_drop: object = None      # [BT, max in]
+
+
+def weight_shapes(spec: ModelSpec, max_binding_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Frozen weights: the embedding (and an untied LM head) in vocabulary pieces, then per layer."""
+    C, I, HD = spec.hidden, spec.intermediate, spec.head_dim
+    shapes = {f"embed.{v0}": (n, C) for v0, n in vocab_pieces(spec.vocab_size, C, max_binding_bytes)}
+    if not spec.tied_embeddings:
+        shapes.update({f"lm_head.{v0}": (n, C) for v0, n in vocab_pieces(spec.vocab_size, C, max_binding_bytes)})
+    shapes["final_norm"] = (C,)
+    for layer in range(spec.layers):
+        per = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C),
+               "o": (C, spec.q_dim), "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
+        if spec.qkv_bias:
+            per.update(q_bias=(spec.q_dim,), k_bias=(spec.kv_dim,), v_bias=(spec.kv_dim,))
+        if spec.qk_norm:
+            per.update(q_norm=(HD,), k_norm=(HD,))
+        for name, shape in per.items():
+            if nbytes(shape) > max_binding_bytes:
+                raise MemoryError(f"layer {layer} {name} {shape} needs {nbytes(shape)} bytes, over this adapter's "
+                                  f"{max_binding_bytes}-byte binding limit; choose a smaller model")
+            shapes[f"layers.{layer}.{name}"] = shape
+    return shapes
+
+
+def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -> dict:
+    BT, C, I = B * T, spec.hidden, spec.intermediate
+    shapes = {"ln1": (BT, C), "ln1_rstd": (BT,), "q": (BT, spec.q_dim), "k": (BT, spec.kv_dim),
+              "v": (BT, spec.kv_dim), "att": (BT, spec.q_dim), "lse": (B, spec.heads, T), "x_mid": (BT, C),
+              "ln2": (BT, C), "ln2_rstd": (BT,), "gate": (BT, I), "up": (BT, I), "h": (BT, I), "x_out": (BT, C),
+              "lora_u": {t: (BT, lora.rank) for t in lora.targets}}
+    if spec.qk_norm:
+        shapes.update(q_raw=(BT, spec.q_dim), k_raw=(BT, spec.kv_dim), q_rstd=(BT * spec.heads,),
+                      k_rstd=(BT * spec.kv_heads,))
+    return shapes
+
+
+def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, vocab_piece_rows: int) -> int:
+    """Partial-product floats the largest split-K GEMM of the model needs (capped at SPLIT_PARTIAL_FLOATS)."""
+    BT = B * T
+    products = []
+    for target in LORA_TARGETS:
+        out_f, in_f = spec.projection_shape(target)
+        products += [GemmShape(BT, out_f, in_f), GemmShape(BT, in_f, out_f)]          # forward, input grad
+        if target in lora.targets:
+            products += [GemmShape(lora.rank, in_f, BT), GemmShape(out_f, lora.rank, BT)]   # dA, dB
+    products.append(GemmShape(min(chunk, BT), spec.hidden, vocab_piece_rows))      # LM head d(hidden)
+    need = [split_k(p, SPLIT_PARTIAL_FLOATS) * p.M * p.N for p in products if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
+    return max(need, default=4)
+
+
+def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, vocab_piece_rows: int) -> dict:
+    BT, C, I = B * T, spec.hidden, spec.intermediate
+    P = lora_layout(spec, lora).total
+    shapes = {"embedded": (BT, C), "proj": (BT, C), "ln_f": (BT, C), "ln_f_rstd": (BT,),
+              "logits": (chunk, spec.vocab_size), "row_loss": (BT,), "ids": (BT,), "targets": (BT,),
+              "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
+              "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
+              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),
+              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "stats": (STATS_FLOATS,),
+              "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
+    if spec.qk_norm:
+        shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
+    if lora.dropout > 0:
+        widest = max(spec.projection_shape(t)[1] for t in lora.targets)
+        shapes.update(x_drop=(BT, widest), dx_drop=(BT, widest))
+    return shapes
+
+
+def shapes_bytes(shapes: dict) -> int:
+    return sum(shapes_bytes(s) if isinstance(s, dict) else nbytes(s) for s in shapes.values())
+
+
+def allocate(ctx, cls, shapes: dict, label: str):
+    """An instance of the buffer dataclass `cls` with one zeroed buffer per shape (dicts become dicts)."""
+    names = {f.name for f in fields(cls)}
+    assert set(shapes) <= names, set(shapes) - names
+
+    def make(name, shape):
+        if isinstance(shape, dict):
+            return {k: make(f"{name}.{k}", s) for k, s in shape.items()}
+        return ctx.buffer(nbytes(shape), f"{label}.{name}")
+
+    return cls(**{name: make(name, shape) for name, shape in shapes.items()})
+
+
+def destroy(group) -> None:
+    """Free the device memory of every buffer in a buffer dataclass (or list/dict of them) now, not at GC."""
+    if isinstance(group, (list, tuple)):
+        for item in group:
+            destroy(item)
+    elif isinstance(group, dict):
+        destroy(list(group.values()))
+    elif hasattr(group, "__dataclass_fields__"):
+        destroy([getattr(group, f.name) for f in fields(group)])
+    elif hasattr(group, "destroy"):
+        group.destroy()

@@ -1,0 +1,202 @@
+"""The wgpu device and the plumbing every kernel twin shares: shader loading, pipeline cache, buffers, dispatch.
+
+A kernel twin (one per `shaders/<family>.wgsl`) asks this context for its pipelines by (file, entry point,
+constants) and records dispatches into a `StepEncoder`; nothing here knows about transformers.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import wgpu
+
+from engine.backends.hardware import adapter_is_software
+
+STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+UNIFORM = wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
+
+
+class NoAdapterError(RuntimeError):
+    """No wgpu adapter could be had (no Vulkan/Metal/DX12 driver, not even a software one)."""
+
+
+INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+)\.wgsl"[ \t]*$', re.M)
+
+
+@functools.cache
+def shader_source(family: str) -> str:
+    """Text of `shaders/<family>.wgsl` with its `#include "<name>.wgsl"` lines replaced by those files' text.
+
+    Found through importlib.resources (installed or editable). Each file is included once per shader (later
+    includes of it become empty), so a prelude can be named by several files that include one another.
+    """
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = resources.files("shaders").joinpath(f"{name}.wgsl").read_text(encoding="utf-8")
+        return INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(family)
+
+
+@dataclass
+class GpuContext:
+    adapter: wgpu.GPUAdapter
+    device: wgpu.GPUDevice
+    label: str
+    _pipelines: dict = field(default_factory=dict, repr=False)
+    _modules: dict = field(default_factory=dict, repr=False)
+    bytes_allocated: int = 0
+
+    @classmethod
+    def create(cls, adapter_name: str | None = None, allow_software: bool = True) -> "GpuContext":
+        """Open a device on the adapter whose name contains `adapter_name`, else the high-performance one.
+
+        LORA_LAB_ADAPTER in the environment picks an adapter by name too.
+        """
+        adapter_name = adapter_name or os.environ.get("LORA_LAB_ADAPTER")
+        try:
+            adapters = wgpu.gpu.enumerate_adapters_sync()
+        except Exception as exc:  # the wgpu-native library itself may fail to load
+            raise NoAdapterError(f"wgpu could not enumerate adapters: {exc}") from exc
+        if adapter_name:
+            matching = [a for a in adapters if adapter_name.lower() in a.info["device"].lower()]
+            if not matching:
+                names = ", ".join(a.info["device"] for a in adapters) or "none"
+                raise NoAdapterError(f"no wgpu adapter named like {adapter_name!r}; found: {names}")
+            adapter = matching[0]
+        else:
+            # Prefer native compute APIs over the GL backend, and real GPUs over software rasterisers.
+            native = [a for a in adapters if a.info["backend_type"] in ("Vulkan", "Metal", "D3D12")] or adapters
+            ranked = sorted(native, key=lambda a: (adapter_is_software(a.info),
+                                                   a.info["adapter_type"] != "DiscreteGPU"))
+            adapter = ranked[0] if ranked else None
+            if adapter is None:
+                raise NoAdapterError("no Vulkan, Metal or DX12 adapter found (install a GPU driver or Mesa lavapipe)")
+        if not allow_software and adapter_is_software(adapter.info):
+            raise NoAdapterError(f"only a software adapter is present ({adapter.info['device']})")
+        wanted = [f for f in ("shader-f16", "subgroup", "timestamp-query") if f in adapter.features]
+        limits = {k: adapter.limits[k] for k in (
+            "max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage",
+            "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
+            "max-compute-workgroup-size-x", "max-compute-workgroups-per-dimension") if k in adapter.limits}
+        device = adapter.request_device_sync(label="lora-lab", required_features=wanted, required_limits=limits)
+        return cls(adapter=adapter, device=device, label=adapter.info["device"])
+
+    # ---- limits -----------------------------------------------------------------------------------------
+    @property
+    def max_binding_bytes(self) -> int:
+        return int(self.device.limits["max-storage-buffer-binding-size"])
+
+    @property
+    def max_buffer_bytes(self) -> int:
+        return int(self.device.limits["max-buffer-size"])
+
+    @property
+    def max_workgroups(self) -> int:
+        return int(self.device.limits["max-compute-workgroups-per-dimension"])
+
+    @property
+    def has_f16(self) -> bool:
+        return "shader-f16" in self.device.features
+
+    # ---- shaders and pipelines ----------------------------------------------------------------------------
+    def pipeline(self, family: str, entry_point: str, constants: dict | None = None) -> wgpu.GPUComputePipeline:
+        """The compute pipeline for `entry_point` of `shaders/<family>.wgsl`, created once per constants."""
+        key = (family, entry_point, tuple(sorted((constants or {}).items())))
+        if key not in self._pipelines:
+            if family not in self._modules:
+                self._modules[family] = self.device.create_shader_module(label=family, code=shader_source(family))
+            compute = {"module": self._modules[family], "entry_point": entry_point}
+            if constants:
+                compute["constants"] = {k: float(v) for k, v in constants.items()}
+            self._pipelines[key] = self.device.create_compute_pipeline(
+                label=f"{family}.{entry_point}", layout="auto", compute=compute)
+        return self._pipelines[key]
+
+    def bind_group(self, pipeline: wgpu.GPUComputePipeline, buffers: list, label: str = "") -> wgpu.GPUBindGroup:
+        """Bind `buffers` (a buffer, or (buffer, offset, size)) to bindings 0..n-1 of group 0."""
+        entries = []
+        for i, b in enumerate(buffers):
+            if isinstance(b, tuple):
+                buf, offset, size = b
+                entries.append({"binding": i, "resource": {"buffer": buf, "offset": offset, "size": size}})
+            else:
+                entries.append({"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}})
+        return self.device.create_bind_group(label=label, layout=pipeline.get_bind_group_layout(0), entries=entries)
+
+    # ---- buffers ----------------------------------------------------------------------------------------
+    def buffer(self, nbytes: int, label: str, usage=STORAGE) -> wgpu.GPUBuffer:
+        """A zero-filled buffer; sizes round up to 16 bytes so vec4 loads never run off the end."""
+        size = max(16, (int(nbytes) + 15) // 16 * 16)
+        if size > self.max_buffer_bytes:
+            raise MemoryError(f"buffer {label!r} needs {size} bytes; this adapter allows {self.max_buffer_bytes}")
+        self.bytes_allocated += size
+        return self.device.create_buffer(label=label, size=size, usage=usage)
+
+    def upload(self, array: np.ndarray, label: str, usage=STORAGE) -> wgpu.GPUBuffer:
+        data = np.ascontiguousarray(array)
+        buf = self.buffer(data.nbytes, label, usage)
+        if data.nbytes:
+            self.device.queue.write_buffer(buf, 0, data.tobytes())
+        return buf
+
+    def write(self, buf: wgpu.GPUBuffer, array: np.ndarray, offset: int = 0) -> None:
+        data = np.ascontiguousarray(array)
+        self.device.queue.write_buffer(buf, offset, data.tobytes())
+
+    def read(self, buf: wgpu.GPUBuffer, dtype=np.float32, count: int | None = None, offset: int = 0) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        size = buf.size - offset if count is None else count * itemsize
+        raw = self.device.queue.read_buffer(buf, buffer_offset=offset, size=size)
+        return np.frombuffer(raw, dtype=dtype).copy()
+
+    def encoder(self, label: str = "step") -> "StepEncoder":
+        return StepEncoder(self, label)
+
+
+class StepEncoder:
+    """Records dispatches into one command encoder and as few compute passes as possible, then submits.
+
+    Within one compute pass wgpu orders dispatches and makes each one's writes visible to the next.
+    """
+
+    def __init__(self, ctx: GpuContext, label: str):
+        self.ctx = ctx
+        self.encoder = ctx.device.create_command_encoder(label=label)
+        self._pass = None
+        self.dispatches = 0
+
+    def dispatch(self, pipeline, bind_group, x: int, y: int = 1, z: int = 1) -> None:
+        limit = self.ctx.max_workgroups
+        if max(x, y, z) > limit:
+            raise ValueError(f"dispatch ({x}, {y}, {z}) exceeds {limit} workgroups per dimension; fold it into y")
+        if x == 0 or y == 0 or z == 0:
+            return
+        if self._pass is None:
+            self._pass = self.encoder.begin_compute_pass()
+        self._pass.set_pipeline(pipeline)
+        self._pass.set_bind_group(0, bind_group)
+        self._pass.dispatch_workgroups(x, y, z)
+        self.dispatches += 1
+
+    def copy(self, src, src_offset: int, dst, dst_offset: int, nbytes: int) -> None:
+        """Buffer copies need the pass closed; the next dispatch opens a new one."""
+        self._end_pass()
+        self.encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, nbytes)
+
+    def _end_pass(self) -> None:
+        if self._pass is not None:
+            self._pass.end()
+            self._pass = None
+
+    def submit(self) -> None:
+        self._end_pass()
+        self.ctx.device.queue.submit([self.encoder.finish()])

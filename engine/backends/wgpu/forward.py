@@ -1,0 +1,40 @@
+"""The forward pass, as llm.c writes it: one readable call per operation, layer by layer."""
+from __future__ import annotations
+
+from engine.backends.wgpu.context import StepEncoder
+from engine.backends.wgpu.graph import LayerKernels, ModelKernels
+
+
+def projection_forward(enc: StepEncoder, k: LayerKernels, target: str) -> None:
+    """y = x·Wᵀ + b, plus the LoRA branch when the target is adapted."""
+    k.proj[target].encode_forward(enc)
+    if target in k.lora:
+        k.lora[target].encode_forward(enc)
+
+
+def layer_forward(enc: StepEncoder, k: LayerKernels) -> None:
+    k.ln1.encode_forward(enc)
+    for target in ("q_proj", "k_proj", "v_proj"):
+        projection_forward(enc, k, target)
+    if k.q_norm is not None:
+        k.q_norm.encode_forward(enc)
+        k.k_norm.encode_forward(enc)
+    k.rope_q.encode_forward(enc)
+    k.rope_k.encode_forward(enc)
+    k.attention.encode_forward(enc)
+    projection_forward(enc, k, "o_proj")
+    k.attn_residual.encode(enc)
+    k.ln2.encode_forward(enc)
+    projection_forward(enc, k, "gate_proj")
+    projection_forward(enc, k, "up_proj")
+    k.swiglu.encode_forward(enc)
+    projection_forward(enc, k, "down_proj")
+    k.mlp_residual.encode(enc)
+
+
+def model_forward(enc: StepEncoder, m: ModelKernels) -> None:
+    """Tokens (scratch ids) → final norm output; the LM head runs separately (loss, logits or backward)."""
+    m.embedding.encode_forward(enc)
+    for k in m.layers:
+        layer_forward(enc, k)
+    m.final_norm.encode_forward(enc)

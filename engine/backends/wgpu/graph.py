@@ -1,0 +1,119 @@
+"""Bind every kernel of the model to its buffers, once: the per-layer graph that forward and backward encode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.backends.wgpu.kernels.embedding import Embedding
+from engine.backends.wgpu.kernels.linear import Linear
+from engine.backends.wgpu.kernels.lm_head import LmHead
+from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
+from engine.backends.wgpu.kernels.residual import ResidualAdd
+from engine.backends.wgpu.kernels.rmsnorm import RmsNorm
+from engine.backends.wgpu.kernels.swiglu import SwiGlu
+from engine.lora.config import LoraConfig, peft_key
+from engine.model.hf_names import LORA_TARGETS
+from engine.model.spec import ModelSpec
+from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch
+from engine.backends.wgpu.weights import ModelWeights
+
+
+@dataclass
+class LayerKernels:
+    ln1: RmsNorm
+    proj: dict                  # target -> Linear (q, k, v, o, gate, up, down)
+    lora: dict                  # target -> LoraBranch for the adapted targets
+    rope_q: object
+    rope_k: object
+    attention: object
+    attn_residual: ResidualAdd
+    ln2: RmsNorm
+    swiglu: SwiGlu
+    mlp_residual: ResidualAdd
+    dq: object                  # [BT, QD] the gradient buffers RoPE's backward rotates in place
+    dk: object                  # [BT, KVD]
+    q_norm: RmsNorm | None = None
+    k_norm: RmsNorm | None = None
+
+
+@dataclass
+class ModelKernels:
+    embedding: Embedding
+    layers: list                # [LayerKernels]
+    final_norm: RmsNorm
+    lm_head: LmHead
+
+
+def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights: ModelWeights,
+                acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step) -> ModelKernels:
+    BT, C = B * T, spec.hidden
+    embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C)
+    layers = []
+    for layer, (w, a) in enumerate(zip(weights.layers, acts)):
+        x_in = s.embedded if layer == 0 else acts[layer - 1].x_out
+        layers.append(_build_layer(ctx, spec, lora, B, T, layer, w, a, x_in, s, layout, dropout_step))
+    final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
+                         dx=s.d_res, dy=s.d_ln, label="final_norm")
+    head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
+                  spec.vocab_size, chunk, partials=s.split_k)
+    return ModelKernels(embedding, layers, final_norm, head)
+
+
+def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: Scratch, layout, dropout_step):
+    from engine.backends.wgpu.kernels.attention import Attention
+    from engine.backends.wgpu.kernels.rope import Rope
+
+    BT, C, eps = B * T, spec.hidden, spec.rms_eps
+    name = f"layers.{layer}"
+    qk = spec.qk_norm
+    # Each projection: (input, output, d output, d input, whether d input adds to what an earlier one wrote).
+    # Backward runs in reverse order, so v, up and down are the first to write their d input.
+    io = {
+        "q_proj": (a.ln1, a.q_raw if qk else a.q, s.dq_raw if qk else s.dq, s.d_ln, True),
+        "k_proj": (a.ln1, a.k_raw if qk else a.k, s.dk_raw if qk else s.dk, s.d_ln, True),
+        "v_proj": (a.ln1, a.v, s.dv, s.d_ln, False),
+        "o_proj": (a.att, s.proj, s.d_res, s.d_att, False),
+        "gate_proj": (a.ln2, a.gate, s.d_gate, s.d_ln, True),
+        "up_proj": (a.ln2, a.up, s.d_up, s.d_ln, False),
+        "down_proj": (a.h, s.proj, s.d_res, s.d_h, False),
+    }
+    bias = {"q_proj": w.q_bias, "k_proj": w.k_bias, "v_proj": w.v_bias}
+    weight = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v, "o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up,
+              "down_proj": w.down}
+    proj, branches = {}, {}
+    for target in LORA_TARGETS:
+        x, y, dy, dx, accumulate = io[target]
+        out_f, in_f = spec.projection_shape(target)
+        proj[target] = Linear(ctx, y, x, weight[target], bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
+                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}")
+        if target in lora.targets:
+            key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
+            branches[target] = LoraBranch(
+                ctx, LoraDims(BT, in_f, out_f, lora.rank, lora.scaling), y, a.lora_u[target], x,
+                layout.binding(s.lora_params, key_a), layout.binding(s.lora_params, key_b), dy=dy, dx=dx,
+                grad_a=layout.binding(s.lora_grads, key_a), grad_b=layout.binding(s.lora_grads, key_b), du=s.du,
+                dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),
+                step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
+                label=f"{name}.{target}.lora")
+    inv_freq = spec.rope.inv_freq(spec.head_dim)
+    kernels = LayerKernels(
+        ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
+                    label=f"{name}.ln1"),
+        proj=proj, lora=branches,
+        rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q"),
+        rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k"),
+        attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
+                            s.d_att, s.dq, s.dk, s.dv),
+        attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
+        ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
+                    label=f"{name}.ln2"),
+        swiglu=SwiGlu(ctx, a.h, a.gate, a.up, BT * spec.intermediate, dgate=s.d_gate, dup=s.d_up, dh=s.d_h,
+                      label=f"{name}.swiglu"),
+        mlp_residual=ResidualAdd(ctx, a.x_out, a.x_mid, s.proj, BT * C, label=f"{name}.mlp_residual"),
+        dq=s.dq, dk=s.dk)
+    if qk:
+        HD = spec.head_dim
+        kernels.q_norm = RmsNorm(ctx, a.q, a.q_rstd, a.q_raw, w.q_norm, BT * spec.heads, HD, eps, dx=s.dq_raw,
+                                 dy=s.dq, label=f"{name}.q_norm")
+        kernels.k_norm = RmsNorm(ctx, a.k, a.k_rstd, a.k_raw, w.k_norm, BT * spec.kv_heads, HD, eps,
+                                 dx=s.dk_raw, dy=s.dk, label=f"{name}.k_norm")
+    return kernels

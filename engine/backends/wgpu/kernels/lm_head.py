@@ -1,0 +1,85 @@
+"""Python twin of shaders/lm_head.wgsl: the LM head with a chunked softmax cross-entropy.
+
+For each chunk of rows, logits[chunk, vocab] = hidden·Wᵀ is computed piece by piece of the (possibly split)
+vocabulary, the cross-entropy kernel adds the rows' losses and, in training, turns the chunk into dlogits in
+place, and d(hidden) += dlogits·W goes back piece by piece. Only one chunk of logits ever exists.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.kernels.common import bind, uniform
+from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
+
+LOGITS_BUDGET_BYTES = 64 << 20   # the logits chunk: large enough for few dispatches, small next to activations
+
+
+def chunk_rows(rows: int, vocab: int, max_binding_bytes: int, budget_bytes: int = LOGITS_BUDGET_BYTES,
+               max_workgroups: int = 65535) -> int:
+    """Rows per logits chunk: as many as fit the budget and one binding (and one dispatch: a workgroup per
+    row), at least 1, at most `rows`."""
+    fit = min(budget_bytes, max_binding_bytes) // (4 * vocab)
+    if fit < 1:
+        raise MemoryError(f"one row of {vocab} logits ({4 * vocab} bytes) exceeds the binding limit "
+                          f"{max_binding_bytes}")
+    return max(1, min(rows, fit, max_workgroups))
+
+
+class LmHead:
+    """hidden [rows, C] → chunked logits [chunk, V] → row_loss [rows] and, when training, dhidden [rows, C].
+
+    pieces: [(W buffer [piece_rows, C], first_id, piece_rows)] covering the vocabulary in order.
+    stats: the step's f32[16]; loss_reduce writes stats[0] (loss) and stats[5] (counted tokens).
+    partials: optional split-K scratch (engine.backends.wgpu.kernels.linear.SPLIT_PARTIAL_FLOATS floats).
+    """
+
+    def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, pieces: list,
+                 rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head"):
+        self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
+        self.step = uniform(ctx, f"{label}.step", 1.0, 0.0, 0, 0)
+        self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
+        self.reduce = ctx.pipeline("lm_head", "loss_reduce")
+        self.chunks = []   # per chunk: (rows in it, forward matmuls, CE bind group, backward matmuls)
+        for c, r0 in enumerate(range(0, rows, chunk)):
+            n = min(chunk, rows - r0)
+            fwd, bwd = [], []
+            for p, (w, v0, vp) in enumerate(pieces):
+                fwd.append(Matmul(ctx, logits, hidden, w, GemmShape(n, vp, dim, trans_b=True, ldc=vocab, c_off=v0,
+                                                                   a_off=r0 * dim), label=f"{label}.{c}.{p}.fwd"))
+                if dhidden is not None:
+                    # [n, C] from K = a whole vocabulary piece: few tiles, long K, so split given partials.
+                    bwd.append(Matmul(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
+                                                                         c_off=r0 * dim),
+                                      beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd"))
+            geometry = uniform(ctx, f"{label}.{c}.chunk", n, vocab, r0, rows)
+            ce_bg = bind(ctx, self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
+            self.chunks.append((n, fwd, ce_bg, bwd))
+        reduce_geometry = uniform(ctx, f"{label}.reduce", 0, vocab, 0, rows)
+        self.reduce_bg = bind(ctx, self.reduce, {1: row_loss, 3: reduce_geometry, 4: self.step, 5: stats},
+                              f"{label}.reduce")
+
+    def set_step(self, counted: int, with_grad: bool) -> None:
+        """Per-step constants, written before the step is submitted: 1/counted scales loss and gradient
+        (with_grad False: inv_count 1, so stats[0] receives the summed loss)."""
+        inv = 1.0 / max(counted, 1) if with_grad else 1.0
+        self.ctx.write(self.step, np.array([inv, float(counted)], np.float32))
+        self.ctx.write(self.step, np.array([int(with_grad)], np.uint32), offset=8)
+
+    def encode_logits(self, enc: StepEncoder, c: int) -> None:
+        """Only the logits of chunk c (rows c·chunk ...), for reading them back."""
+        for mm in self.chunks[c][1]:
+            mm.encode(enc)
+
+    def encode(self, enc: StepEncoder, backward: bool) -> None:
+        """Loss of every row (added into row_loss) and, with backward, dhidden."""
+        for n, fwd, ce_bg, bwd in self.chunks:
+            for mm in fwd:
+                mm.encode(enc)
+            enc.dispatch(self.ce, ce_bg, n)
+            if backward:
+                for mm in bwd:
+                    mm.encode(enc)
+
+    def encode_reduce(self, enc: StepEncoder) -> None:
+        enc.dispatch(self.reduce, self.reduce_bg, 1)

@@ -1,0 +1,89 @@
+"""The LoRA branch of one adapted projection: y += s·(drop(x)·Aᵀ)·Bᵀ, and its gradients dA, dB and dx.
+
+Its matrix products run on linear.wgsl's GEMM; shaders/lora.wgsl holds the one LoRA-only kernel, the
+hash-seeded dropout (forward mask and its backward, regenerated rather than stored).
+Shapes: x [M, in], y/dy [M, out], A/dA [r, in], B/dB [out, r], u/du [M, r] (u saved for dB).
+Gradients accumulate (beta = 1): micro-batches add up, and the optimizer zeroes them after the update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.kernels.common import bind, uniform
+from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
+from engine.backends.wgpu.kernels.residual import grid_1d
+
+
+@dataclass(frozen=True)
+class LoraDims:
+    M: int           # rows (B·T)
+    in_features: int
+    out_features: int
+    rank: int
+    scaling: float   # alpha/r, or alpha/sqrt(r) with rsLoRA
+
+
+class LoraDropout:
+    """out = x ⊙ keep/(1−p) with keep from hash(seed, salt, index); backward adds the same mask ⊙ g to dx."""
+
+    def __init__(self, ctx: GpuContext, n: int, salt: int, step_uniform, label: str = "lora_dropout"):
+        """step_uniform: (seed u32, p f32) written per step; p = 0 turns dropout into a copy for evaluation."""
+        self.ctx, self.n, self.salt, self.step_uniform, self.label = ctx, n, salt, step_uniform, label
+        x, y, self.stride = grid_1d(ctx, n)
+        self.groups = (x, y)
+        self.pipeline = ctx.pipeline("lora", "lora_dropout")
+
+    def bound(self, out, x, accumulate: bool):
+        params = uniform(self.ctx, f"{self.label}.params", self.n, self.stride, self.salt, int(accumulate))
+        bg = bind(self.ctx, self.pipeline, {0: out, 1: x, 2: params, 3: self.step_uniform}, self.label)
+        return lambda enc: enc.dispatch(self.pipeline, bg, *self.groups)
+
+
+class LoraBranch:
+    """Bound once to its buffers. With dropout > 0 the branch gets the dropout kernels (p itself comes from
+    step_uniform each step) and needs `x_drop`, `dx_drop` ([M, in] scratch)."""
+
+    def __init__(self, ctx: GpuContext, dims: LoraDims, y, u, x, lora_a, lora_b, dy=None, dx=None, grad_a=None,
+                 grad_b=None, du=None, dropout: float = 0.0, salt: int = 0, step_uniform=None, x_drop=None,
+                 dx_drop=None, partials=None, label: str = "lora"):
+        M, fin, fout, r, s = dims.M, dims.in_features, dims.out_features, dims.rank, dims.scaling
+        self.drop_fwd = self.drop_bwd = None
+        x_branch = x
+        if dropout > 0:
+            drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
+            self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
+            x_branch = x_drop
+        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), label=f"{label}.u")
+        self.up = Matmul(ctx, y, u, lora_b, GemmShape(M, fout, r, trans_b=True), alpha=s, beta=1.0,
+                         label=f"{label}.y")
+        self.backward = []
+        if dy is None:
+            return
+        # dA and dB contract over all M = B·T rows into small matrices: split over K given a partials scratch.
+        grad_b_mm = Matmul(ctx, grad_b, dy, u, GemmShape(fout, r, M, trans_a=True), alpha=s, beta=1.0,
+                           partials=partials, label=f"{label}.dB")
+        du_mm = Matmul(ctx, du, dy, lora_b, GemmShape(M, r, fout), alpha=s, label=f"{label}.du")
+        grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
+                           partials=partials, label=f"{label}.dA")
+        self.backward = [grad_b_mm.encode, du_mm.encode]
+        if dropout > 0:
+            # Regenerate drop(x) for dA, then route du·A back through the same mask.
+            dx_mm = Matmul(ctx, dx_drop, du, lora_a, GemmShape(M, fin, r), label=f"{label}.dx")
+            self.backward += [self.drop_fwd, grad_a_mm.encode, dx_mm.encode,
+                              drop.bound(dx, dx_drop, accumulate=True)]
+        else:
+            dx_mm = Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, r), beta=1.0, label=f"{label}.dx")
+            self.backward += [grad_a_mm.encode, dx_mm.encode]
+
+    def encode_forward(self, enc: StepEncoder) -> None:
+        if self.drop_fwd is not None:
+            self.drop_fwd(enc)
+        self.down.encode(enc)
+        self.up.encode(enc)
+
+    def encode_backward(self, enc: StepEncoder) -> None:
+        """dB += s·dyᵀ·u; du = s·dy·B; dA += duᵀ·drop(x); dx += drop'(du·A). dx must already hold the base
+        projection's input gradient (this adds to it)."""
+        for step in self.backward:
+            step(enc)

@@ -1,0 +1,90 @@
+"""How many bytes the wgpu engine allocates for (model, LoRA, optimizer, B, T), before allocating anything.
+
+Computed from the same sizing functions the engine allocates with (engine.backends.wgpu.buffers), plus what the kernel
+twins own (attention's D scratch, RoPE tables, one parameter block per dispatch), so it equals
+GpuContext.bytes_allocated after construction (tests/test_wgpu_memory.py checks).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from engine.backends.base import OptimizerConfig
+from engine.backends.wgpu.kernels.lm_head import chunk_rows
+from engine.lora.config import LoraConfig
+from engine.model.spec import ModelSpec
+from engine.backends.wgpu.buffers import (layer_activation_shapes, lora_layout, nbytes, scratch_shapes, shapes_bytes,
+                                 vocab_pieces, weight_shapes)
+
+GEMM_PARAMS = 64        # linear.wgsl Params
+SMALL_PARAMS = 16       # 4-word uniforms (residual, swiglu, lm_head chunk/step, dropout)
+NORM_PARAMS = 32        # rmsnorm.wgsl / embedding.wgsl / rope / attention Params (5..8 words)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int          # frozen model weights (f32)
+    adapter: int          # LoRA parameters and gradients (flat, aligned)
+    optimizer: int        # optimizer moments / quantisation state and its kernels' buffers
+    activations: int      # what the forward saves for the backward, all layers
+    logits: int           # one chunk of LM-head logits
+    scratch: int          # gradients in flight, tokens, statistics
+    kernels: int          # per-dispatch parameter blocks, RoPE tables, attention's D
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, lm_pieces: int,
+                 embed_pieces: int) -> int:
+    """Parameter blocks and kernel-owned buffers of every bound kernel (engine.backends.wgpu.graph.build_model)."""
+    per_layer = 7 * 2 * GEMM_PARAMS                                  # 7 projections: forward + input grad
+    per_layer += len(lora.targets) * 6 * GEMM_PARAMS                 # LoRA: u, y, dB, du, dA, dx
+    if lora.dropout > 0:
+        per_layer += len(lora.targets) * 2 * SMALL_PARAMS            # dropout mask forward / backward
+    norms = 4 if spec.qk_norm else 2
+    per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
+    per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
+    per_layer += nbytes((B, spec.heads, T)) + NORM_PARAMS            # attention: D = rowsum(dO·O) + params
+    if spec.heads > spec.kv_heads:                                   # GQA: per-query-head dk, dv before the sum
+        per_layer += 2 * nbytes((B * T, spec.q_dim))
+    per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
+    chunks = -(-(B * T) // chunk)
+    model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
+    model += SMALL_PARAMS + chunks * (lm_pieces * 2 * GEMM_PARAMS + SMALL_PARAMS) + SMALL_PARAMS   # LM head
+    model += SMALL_PARAMS                                            # the LoRA dropout step constants
+    return spec.layers * per_layer + model
+
+
+def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
+    """engine.backends.wgpu.kernels.optimizer's buffers: GradNorm's partial sums, the update's uniform and its state."""
+    from engine.backends.wgpu.kernels.optimizer import HYPER_BYTES, MAX_PARTIALS, WORKGROUP
+
+    total = 2 * HYPER_BYTES + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),))
+    if optim.name == "adamw":
+        total += 2 * nbytes((P,))                                     # m, v
+    elif optim.name == "adamw8bit":
+        from engine.backends.optimizers import SIGNED_MAP, UNSIGNED_MAP
+        total += 2 * nbytes((-(-P // 4),))                            # m, v codes, 4 per word
+        total += nbytes((2 * -(-P // optim.block_size),))             # per-block scales of m and v
+        total += nbytes((len(SIGNED_MAP) + len(UNSIGNED_MAP),))       # the two quantisation maps
+    return total
+
+
+def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
+                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
+    WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
+    chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
+    pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes)
+    scratch = scratch_shapes(spec, lora, B, T, chunk, pieces[0][1])
+    adapter = nbytes(scratch.pop("lora_params")) + nbytes(scratch.pop("lora_grads"))
+    logits = nbytes(scratch.pop("logits"))
+    return MemoryPlan(
+        weights=shapes_bytes(weight_shapes(spec, max_binding_bytes)), adapter=adapter,
+        optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
+        activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
+        scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))

@@ -1,0 +1,298 @@
+"""Read and validate a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) without peft.
+
+This module owns reading adapter folders for every consumer: the config (`load_adapter_config`), the tensors
+(`read_adapter_tensors`, float32 whatever the stored dtype) and the refusals with their reasons (`refusals`).
+The exports call `read_adapter`, which returns a validated `LoraAdapter`: one `LoraModule` per adapted Linear,
+holding A [r, in] and B [out, r] and the scale PEFT applies (alpha/r, or alpha/sqrt(r) for rsLoRA, per-module
+alpha and rank from `alpha_pattern` / `rank_pattern`). The trainer (`import_adapter`, at the end) calls
+the same pieces with `uniform=True`, since its engines hold one rank and alpha for every layer.
+Refused for everyone: DoRA, LoRA biases, modules_to_save, trained tokens, layer replication, raw-parameter
+targets, Conv1D fan_in_fan_out and PEFT's other LoRA variants.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.lora.config import LoraConfig, lora_shapes
+from engine.model.hf_names import LORA_TARGETS, projection_module
+from engine.model.spec import ModelSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"  # what PEFT wrote before safetensors became its default
+
+# The Linear layers of a decoder block that an adapter may target (module path suffixes).
+PROJECTIONS = tuple(projection_module(t) for t in LORA_TARGETS)
+
+# base_model.model.model.layers.{i}.{projection}.lora_{A|B}.weight, as PEFT's save_pretrained writes them.
+_KEY = re.compile(r"^base_model\.model\.(?P<module>model\.layers\.(?P<layer>\d+)\.(?P<proj>"
+                  + "|".join(re.escape(p) for p in PROJECTIONS) + r"))\.lora_(?P<ab>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read or honoured; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    name: str          # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    layer: int
+    projection: str    # one of PROJECTIONS
+    a: np.ndarray      # (r, in_features) float32
+    b: np.ndarray      # (out_features, r) float32
+    alpha: float       # this module's lora_alpha (after alpha_pattern)
+    scale: float       # what PEFT multiplies B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self) -> np.ndarray:
+        """scale * B @ A: the (out, in) update PEFT adds to the base weight, in float32."""
+        return (self.scale * (self.b @ self.a)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    path: Path
+    config: Mapping            # adapter_config.json as read (for provenance only; everything used is validated)
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    base_model_name_or_path: str | None
+    modules: tuple[LoraModule, ...]  # sorted by (layer, projection order)
+
+
+def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str:
+    """The rank_pattern/alpha_pattern key that applies to `module_name`, matched as PEFT's get_pattern_key does."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return module_name
+
+
+_OTHER_VARIANTS = ("alora_invocation_tokens", "velora_config", "monteclora_config", "use_bdlora", "arrow_config",
+                   "kasa_config")
+
+# What an engine holding one rank and one alpha for every adapted layer (the trainer's) cannot honour besides.
+_NOT_UNIFORM = {
+    "rank_pattern": "per-module ranks (rank_pattern) are not supported",
+    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
+    "layers_to_transform": "an adapter on only some layers (layers_to_transform) is not supported",
+    "use_qalora": "QA-LoRA is not supported",
+}
+
+
+def load_adapter_config(folder: Path | str) -> dict:
+    """adapter_config.json of a PEFT adapter folder as a dict; FileNotFoundError or AdapterError when unusable."""
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def refusals(cfg: Mapping, *, uniform: bool = False) -> list[str]:
+    """Reasons this adapter cannot be used (empty when it can). `uniform`: the consumer needs one rank and alpha
+    on every layer, so per-module patterns and partial layer sets are refused too."""
+    reasons = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        reasons.append(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    if cfg.get("use_dora"):
+        reasons.append("it uses DoRA (use_dora=true): its magnitude vector is neither trained nor folded here"
+                       " (and llama.cpp and Ollama have no DoRA); train the adapter without DoRA")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        reasons.append(f"it trains biases (bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r});"
+                       " only bias 'none' is supported")
+    if cfg.get("modules_to_save"):
+        reasons.append(f"it fully trains modules_to_save={cfg['modules_to_save']!r}, which is not LoRA")
+    if cfg.get("trainable_token_indices"):
+        reasons.append("it trains token embeddings (trainable_token_indices)")
+    if cfg.get("layer_replication"):
+        reasons.append("it uses layer_replication, which changes the base model's layer count")
+    if cfg.get("target_parameters"):
+        reasons.append(f"it targets parameters directly (target_parameters={cfg['target_parameters']!r})")
+    if cfg.get("fan_in_fan_out"):
+        reasons.append("fan_in_fan_out=true is for Conv1D (GPT-2) models, not llama/qwen Linear layers")
+    # PEFT's other LoRA variants (fields tagged is_lora_variant in peft 0.21) change the forward pass itself.
+    variants = [f for f in _OTHER_VARIANTS if cfg.get(f)]
+    if cfg.get("init_lora_weights") == "mica":
+        variants.append("init_lora_weights='mica'")
+    if variants:
+        reasons.append(f"it is a LoRA variant ({', '.join(variants)}) whose forward pass plain LoRA cannot express")
+    if uniform:
+        reasons += [why for key, why in _NOT_UNIFORM.items() if cfg.get(key)]
+    return reasons
+
+
+def target_names(cfg: Mapping) -> tuple[str, ...]:
+    """target_modules as projection names (q_proj, ...), refusing patterns and anything outside a decoder block."""
+    targets = cfg.get("target_modules")
+    if targets == "all-linear":
+        return tuple(p.split(".")[-1] for p in PROJECTIONS)
+    if isinstance(targets, str):
+        raise AdapterError(f"target_modules is the pattern {targets!r}; list module names instead")
+    names = tuple(t.rsplit(".", 1)[-1] for t in targets or [])
+    known = [p.split(".")[-1] for p in PROJECTIONS]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise AdapterError(f"it adapts {', '.join(unknown)}; only {', '.join(known)} can be adapted")
+    return names
+
+
+def read_adapter_tensors(folder: Path | str) -> dict[str, np.ndarray]:
+    """The adapter's tensors as float32 numpy arrays under PEFT's names (any adapter name in a key dropped)."""
+    import torch
+
+    folder = Path(folder)
+    weights, legacy = folder / ADAPTER_WEIGHTS, folder / LEGACY_WEIGHTS
+    if weights.is_file():
+        from safetensors.torch import load_file  # torch, not numpy: bf16 adapters have no numpy dtype
+        tensors = load_file(weights)
+    elif legacy.is_file():
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) beside {ADAPTER_CONFIG}")
+    # Older PEFT versions and some tools keep the adapter name in the key; drop it.
+    return {k.replace(".default.weight", ".weight"): v.to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def read_adapter(path: Path | str) -> LoraAdapter:
+    """Load and validate a PEFT LoRA adapter folder; raise ValueError naming what cannot be exported."""
+    path = Path(path)
+    cfg = load_adapter_config(path)
+    reasons = refusals(cfg)
+    if reasons:
+        raise AdapterError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
+
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    use_rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    tensors = read_adapter_tensors(path)
+    weights_path = path / ADAPTER_WEIGHTS
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight"
+                               f" of a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+        entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
+        entry[m["ab"]] = value
+    if not pairs:
+        raise AdapterError(f"{weights_path} holds no LoRA tensors")
+
+    modules = []
+    for name, entry in pairs.items():
+        if "A" not in entry or "B" not in entry:
+            raise AdapterError(f"{weights_path}: {name} has lora_{'A' if 'A' not in entry else 'B'} missing")
+        a, b = entry["A"], entry["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{weights_path}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)},"
+                               " expected A (r, in) and B (out, r)")
+        rank = a.shape[0]
+        expected_rank = int(rank_pattern.get(pattern_key(rank_pattern, name), r))
+        if rank != expected_rank:
+            raise AdapterError(f"{weights_path}: {name} has rank {rank} but adapter_config.json says {expected_rank}")
+        module_alpha = float(alpha_pattern.get(pattern_key(alpha_pattern, name), alpha))
+        scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
+        modules.append(LoraModule(name=name, layer=entry["layer"], projection=entry["proj"], a=a, b=b,
+                                  alpha=module_alpha, scale=scale))
+    modules.sort(key=lambda mod: (mod.layer, PROJECTIONS.index(mod.projection)))
+    return LoraAdapter(path=path, config=cfg, r=r, lora_alpha=alpha, use_rslora=use_rslora,
+                       base_model_name_or_path=cfg.get("base_model_name_or_path"), modules=tuple(modules))
+
+
+def read_base_config(base_dir: Path | str) -> dict:
+    """The base model's config.json as a dict (the exports need its architecture and head counts)."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{base_dir} is not a Hugging Face model folder: config.json is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_fits_base(adapter: LoraAdapter, base_config: Mapping) -> None:
+    """Refuse an adapter whose layer indices or shapes cannot belong to this base model."""
+    n_layers = int(base_config["num_hidden_layers"])
+    hidden = int(base_config["hidden_size"])
+    n_head = int(base_config["num_attention_heads"])
+    n_kv = int(base_config.get("num_key_value_heads") or n_head)
+    head_dim = int(base_config.get("head_dim") or hidden // n_head)
+    inter = int(base_config["intermediate_size"])
+    shapes = {  # projection -> (out, in)
+        "self_attn.q_proj": (n_head * head_dim, hidden), "self_attn.k_proj": (n_kv * head_dim, hidden),
+        "self_attn.v_proj": (n_kv * head_dim, hidden), "self_attn.o_proj": (hidden, n_head * head_dim),
+        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+    }
+    for mod in adapter.modules:
+        if mod.layer >= n_layers:
+            raise ValueError(f"adapter targets {mod.name} but the base model has {n_layers} layers; wrong base model?")
+        got = (mod.b.shape[0], mod.a.shape[1])
+        if got != shapes[mod.projection]:
+            raise ValueError(f"adapter's {mod.name} is {got[0]}x{got[1]} but the base model's is"
+                             f" {shapes[mod.projection][0]}x{shapes[mod.projection][1]}; wrong base model?")
+
+
+# ---- for the trainer: one rank and alpha everywhere, and exactly the base's shapes -------------------------
+def _refuse(folder: Path, why: str) -> AdapterError:
+    return AdapterError(f"{folder}: cannot use this adapter: {why}")
+
+
+def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict]:
+    """The LoraConfig of a PEFT adapter folder, refusing every setting the engines cannot honour."""
+    folder = Path(folder)
+    config = load_adapter_config(folder)
+    reasons = refusals(config, uniform=True)
+    if reasons:
+        raise _refuse(folder, "; ".join(reasons))
+    try:
+        targets = target_names(config)
+        lora = LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          dropout=float(config.get("lora_dropout") or 0.0), targets=targets,
+                          use_rslora=bool(config.get("use_rslora", False)))
+    except AdapterError as exc:
+        raise _refuse(folder, str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _refuse(folder, f"bad LoRA settings ({exc})") from None
+    return lora, config
+
+
+def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dict[str, np.ndarray], dict]:
+    """(LoraConfig, PEFT-named float32 tensors, raw config) of an adapter, checked against the base's shapes."""
+    folder = Path(folder)
+    lora, config = read_adapter_config(folder)
+    state = read_adapter_tensors(folder)
+    expected = lora_shapes(spec, lora)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and unexpected else "") + \
+                 (f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
+        raise _refuse(folder, f"its tensors do not match a {spec.layers}-layer {spec.model_type} base: {detail}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise _refuse(folder, f"{key} is {list(state[key].shape)} but this base needs {list(shape)} — "
+                                  "it was trained for a different base model")
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        raise _refuse(folder, f"{bad[0]} holds non-finite values")
+    return lora, {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, config
+
+
+def adapter_base_model(config: dict) -> str | None:
+    value = config.get("base_model_name_or_path")
+    return value if isinstance(value, str) and value else None

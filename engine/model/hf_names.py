@@ -1,0 +1,37 @@
+"""Hugging Face tensor and module names of the decoder models the engine trains: the one table that both
+backends' weight loading, the PEFT adapter keys and the exports spell them from."""
+from __future__ import annotations
+
+# The Linear layers of a decoder block that LoRA may target, in the order every buffer and file lists them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+EMBED_WEIGHT = "model.embed_tokens.weight"
+FINAL_NORM_WEIGHT = "model.norm.weight"
+LM_HEAD_WEIGHT = "lm_head.weight"
+
+
+def projection_module(target: str) -> str:
+    """A projection's module path inside its block: q_proj -> self_attn.q_proj, gate_proj -> mlp.gate_proj."""
+    if target not in LORA_TARGETS:
+        raise ValueError(f"{target!r} is not a projection; choose from {', '.join(LORA_TARGETS)}")
+    return f"{'self_attn' if target in ATTENTION_TARGETS else 'mlp'}.{target}"
+
+
+def module_path(layer: int, target: str) -> str:
+    """HF module path of a projection, e.g. model.layers.3.self_attn.q_proj."""
+    return f"model.layers.{layer}.{projection_module(target)}"
+
+
+# A decoder block's frozen tensors: the engine's short name -> the name inside model.layers.{i}.
+LAYER_TENSORS = {
+    "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
+    **{t.removesuffix("_proj"): f"{projection_module(t)}.weight" for t in LORA_TARGETS},
+    **{f"{t}_bias": f"self_attn.{t}_proj.bias" for t in ("q", "k", "v")},
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+}
+
+
+def layer_tensor(layer: int, name: str) -> str:
+    """Full HF name of a block tensor by its short name (LAYER_TENSORS), e.g. (2, "q") -> model.layers.2.self_attn.q_proj.weight."""
+    return f"model.layers.{layer}.{LAYER_TENSORS[name]}"

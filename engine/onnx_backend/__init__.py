@@ -1,5 +1,0 @@
-"""The CPU training backend: the LoRA training step as an ONNX graph (forward, cross-entropy and a hand-written
-backward into the LoRA gradients) run by onnxruntime. `OnnxBackend` implements engine.backend.TrainingBackend."""
-from engine.onnx_backend.backend import OnnxBackend
-
-__all__ = ["OnnxBackend"]

@@ -1,0 +1,57 @@
+"""`TrainConfig`: every setting of a training run, validated once, and stored in each checkpoint."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.train.schedule import SCHEDULES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter being trained"})
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "optimizer and weight decay"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per sequence"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data (unless max_steps is set)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps to run; 0: as many as `epochs` take"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    schedule: str = field(default="cosine", metadata={"help": "constant | linear | cosine"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0: off"})
+    seed: int = field(default=0, metadata={"help": "seeds LoRA init and data order: same seed, same run"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle batches each epoch"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (and at the end); 0: at the end"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0: at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    max_nonfinite_in_a_row: int = field(default=3, metadata={
+        "help": "stop after this many consecutive steps with a NaN/inf loss or gradient"})
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("epochs", 1), ("max_steps", 0),
+                          ("warmup_steps", 0), ("seed", 0), ("eval_every", 0), ("save_every", 0),
+                          ("keep_checkpoints", 1), ("max_nonfinite_in_a_row", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a positive finite number, got {self.lr!r}")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["lora"]["targets"] = list(self.lora.targets)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        lora = dict(data.pop("lora"))
+        lora["targets"] = tuple(lora["targets"])
+        return cls(lora=LoraConfig(**lora), optim=OptimizerConfig(**data.pop("optim")), **data)

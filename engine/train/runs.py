@@ -1,0 +1,140 @@
+"""From what a user chose (model, data files, settings) to a ready Trainer — shared by the CLI and the GUI.
+
+`prepare_run` resolves the model, reads the corpus with the model's tokenizer, imports an initial adapter or a
+checkpoint to resume, and picks the backend; everything it refuses, it refuses before a backend is built.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from engine.model.references import resolve_for_adapter
+from engine.train.config import TrainConfig
+from engine.train.trainer import BackendFactory, Trainer, TrainerCallback
+
+@dataclass(frozen=True)
+class RunInputs:
+    model: str = field(metadata={"help": "model folder, .gguf file, hub id or 'demo'"})
+    data: tuple[str, ...] = field(metadata={"help": "training files"})
+    val_data: tuple[str, ...] = field(default=(), metadata={"help": "validation-only files"})
+    val_split: float = field(default=0.0, metadata={"help": "fraction of the data held out for validation"})
+    mask_prompt: bool | None = field(default=None, metadata={"help": "None: per-format default; False: all"})
+    packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
+    init_adapter: str | None = field(default=None, metadata={"help": "PEFT adapter to continue training"})
+    backend: str = field(default="auto", metadata={"help": "auto | cpu | wgpu | wgpu:<adapter name>"})
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("no training data: pass at least one --data file")
+        from engine.backends.choose import parse_backend_kind
+        parse_backend_kind(self.backend)
+        if self.val_data and self.val_split:
+            raise ValueError("choose either --val-split or --val-data, not both")
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        object.__setattr__(self, "val_data", tuple(str(d) for d in self.val_data))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["data"], out["val_data"] = list(self.data), list(self.val_data)
+        return out
+
+
+def backend_factory(kind: str, model_dir: Path, on_choice: Callable[[object], None] = lambda _choice: None,
+                    threads: int | None = None) -> BackendFactory:
+    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=): the backend
+    `kind` names (auto | cpu | wgpu | wgpu:<adapter>); for auto, `on_choice` gets the measured BackendChoice.
+    `threads` caps the CPU backend's threads (None: every usable core)."""
+    from engine.backends.choose import create_backend, parse_backend_kind
+
+    parse_backend_kind(kind)          # refuse a bad name before any model is read
+
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
+        backend, choice = create_backend(kind, model_dir, lora, optim, batch_size, seq_len, seed=seed,
+                                         init_state=init_state, threads=threads)
+        if choice is not None:
+            on_choice(choice)
+        return backend
+    return factory
+
+
+@dataclass
+class PreparedRun:
+    trainer: Trainer
+    corpus_stats: object          # engine.corpus.CorpusStats
+    model_dir: Path
+    base_model: str
+
+
+def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
+                callback: TrainerCallback | None = None, resume: str | Path | None = None,
+                factory: BackendFactory | None = None, log: Callable[[str], None] = lambda _m: None,
+                corpus_progress: Callable[[int, int], None] | None = None,
+                corpus_cancel: Callable[[], bool] | None = None) -> PreparedRun:
+    """Everything up to the first step. With `resume`, the run's settings come from the checkpoint."""
+    from engine.lora.peft_read import adapter_base_model, import_adapter
+    from engine.train.checkpoint import load_checkpoint
+    from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
+    from engine.model.spec import load_model_spec
+    from engine.train.data import CorpusBatches, corpus_val_batches
+
+    model_dir, base_model = resolve_for_adapter(inputs.model, log=log)
+    spec = load_model_spec(model_dir)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(resume, spec)
+        config = TrainConfig.from_dict(checkpoint.trainer_state["config"])
+        saved = checkpoint.trainer_state.get("inputs") or {}
+        # Same data settings as the interrupted run; the files may be named again (or moved) by the caller.
+        inputs = replace(inputs, val_split=saved.get("val_split", inputs.val_split),
+                         mask_prompt=saved.get("mask_prompt", inputs.mask_prompt),
+                         packing=saved.get("packing", inputs.packing))
+    if config.seq_len > spec.max_positions:
+        raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
+    init_state = None
+    if inputs.init_adapter and checkpoint is None:
+        lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)
+        config = replace(config, lora=lora)
+        named = adapter_base_model(adapter_config)
+        if named and named != base_model:
+            log(f"note: the adapter names {named} as its base; training it on {base_model}")
+    tokenizer = load_tokenizer(model_dir)
+    corpus = load_corpus(inputs.data, tokenizer, CorpusConfig(
+        seq_len=config.seq_len, mask_prompt=inputs.mask_prompt, packing=inputs.packing,
+        val_fraction=inputs.val_split, val_files=tuple(Path(p) for p in inputs.val_data), seed=config.seed),
+        progress=corpus_progress, cancel=corpus_cancel)
+    if not corpus.train:
+        raise ValueError("no usable training data in " + ", ".join(inputs.data) + " (run `lora-lab corpus` to "
+                         "see why each record was skipped)")
+    if corpus.tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only "
+                         f"{spec.vocab_size} embeddings")
+    pad = corpus.tokenizer.pad_id
+    train = CorpusBatches(corpus.train, config.batch_size, config.seq_len, pad, shuffle=config.shuffle)
+    val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
+    card = {"training data": ", ".join(Path(p).name for p in inputs.data),
+            "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
+    def on_choice(choice):            # what `--backend auto` measured, and why it chose
+        for line in choice.lines():
+            log(line)
+
+    trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
+                      base_model=base_model, val=val, callback=callback, init_state=init_state,
+                      resume=checkpoint, card=card, inputs=inputs.to_dict())
+    return PreparedRun(trainer, corpus.stats, model_dir, base_model)
+
+
+def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):
+    """One token stream (input_ids, labels) [N] of every example in `files`, rendered as the corpus renders
+    training data (chat templates, prompt masking), in file order, for strided perplexity."""
+    import numpy as np
+
+    from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
+
+    # The largest sequence length the corpus allows, so a text file stays one stream, not cut into windows.
+    corpus = load_corpus(files, load_tokenizer(model_dir), CorpusConfig(seq_len=1 << 20, mask_prompt=mask_prompt))
+    if not corpus.train:
+        raise ValueError("no usable text in " + ", ".join(map(str, files)) + " (run `lora-lab corpus` to see why)")
+    ids = np.concatenate([s.input_ids for s in corpus.train]).astype(np.int32)
+    labels = np.concatenate([s.labels for s in corpus.train]).astype(np.int32)
+    return ids, labels

@@ -1,0 +1,367 @@
+"""The headless trainer: schedules, accumulation, evaluation, checkpoints and the non-finite guard.
+
+A backend (engine.backends.base.TrainingBackend) does the arithmetic; the trainer decides what each step sees and at
+which learning rate, reads results one step late (so a GPU backend stays busy), and reports through a callback
+object. `pause()`, `resume()` and `stop()` may be called from another thread; they take effect between steps.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine.lora.peft_write import export_adapter
+from engine.backends.base import PendingStep, TrainingBackend
+from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoints, save_checkpoint
+from engine.train.schedule import Schedule
+from engine.train.config import TrainConfig
+from engine.train.data import Batch, BatchSource
+
+# factory(lora, optim, batch_size, seq_len, seed=, init_state=) -> TrainingBackend
+BackendFactory = Callable[..., TrainingBackend]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what was kept."""
+
+
+class NonFiniteError(TrainingError):
+    pass
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int                # 1-based position in the run (skipped steps count)
+    total: int
+    epoch: int               # 0-based epoch the step's data came from
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int              # counted tokens in this step
+    tokens_per_s: float      # over the last few steps, measured
+    elapsed_s: float         # since the run started (across resumes)
+    eta_s: float
+    memory_bytes: int        # backend.memory_bytes(), measured
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    step: int
+    loss: float
+    perplexity: float
+    tokens: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    step: int
+    path: Path
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    total_steps: int
+    applied_steps: int
+    skipped_steps: list[int]
+    first_loss: float | None
+    final_loss: float | None       # mean over the last (up to) 10 applied steps
+    eval_loss: float | None
+    eval_perplexity: float | None
+    tokens: int
+    elapsed_s: float
+    adapter_dir: Path
+    checkpoint: Path | None
+    stopped: bool                  # stopped on request before the end
+    backend: str                   # the backend's name, e.g. "cpu: onnxruntime"
+    lora_state: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"event": "summary", "steps": self.steps, "total_steps": self.total_steps,
+                "applied_steps": self.applied_steps, "skipped_steps": self.skipped_steps,
+                "first_loss": self.first_loss, "final_loss": self.final_loss, "eval_loss": self.eval_loss,
+                "eval_perplexity": self.eval_perplexity, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
+                "adapter_dir": str(self.adapter_dir), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "stopped": self.stopped, "backend": self.backend}
+
+
+class TrainerCallback:
+    """Override what you need; every method is called on the trainer's thread."""
+
+    def on_step(self, event: StepEvent) -> None: ...
+    def on_eval(self, event: EvalEvent) -> None: ...
+    def on_checkpoint(self, event: CheckpointEvent) -> None: ...
+    def on_finish(self, summary: TrainSummary) -> None: ...
+    def on_failure(self, step: int, message: str) -> None: ...
+
+
+@dataclass
+class _Position:
+    """Where the run is: the checkpoint stores exactly this (plus RNG state) to continue on the same batch."""
+    step: int = 0            # steps attempted so far
+    epoch: int = 0
+    batch: int = 0           # next batch index within the epoch
+    epoch_seed: int = 0
+
+
+def eval_loss(backend: TrainingBackend, batches: Sequence[Batch]) -> tuple[float, int]:
+    """Mean token cross-entropy over `batches` and the tokens counted."""
+    total, count = 0.0, 0
+    for ids, labels in batches:
+        s, n = backend.eval_loss(ids, labels)
+        total, count = total + s, count + n
+    return (total / count if count else float("nan")), count
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, backend_factory: BackendFactory, train: BatchSource,
+                 out_dir: str | Path, base_model: str, val: Sequence[Batch] = (),
+                 callback: TrainerCallback | None = None, init_state: dict[str, np.ndarray] | None = None,
+                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None):
+        self.config = config
+        self.train, self.val = train, list(val)
+        self.out_dir, self.base_model = Path(out_dir), base_model
+        self.callback = callback or TrainerCallback()
+        self.card = dict(card or {})
+        self.inputs = dict(inputs or {})     # what the run was made from (files, data settings), for resuming
+        steps_per_epoch = math.ceil(train.batches_per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or config.epochs * steps_per_epoch
+        self.schedule = Schedule(lr=config.lr, total_steps=self.total_steps, kind=config.schedule,
+                                 warmup_steps=min(config.warmup_steps, self.total_steps))
+        self._running, self._stop = threading.Event(), threading.Event()
+        self._running.set()
+        self._rng = np.random.default_rng(config.seed)
+        self._pos = _Position()
+        self._skipped: list[int] = []
+        self._in_a_row = 0
+        self._losses: list[float] = []
+        self._tokens = 0
+        self._elapsed_before = 0.0
+        self._last_eval: tuple[float, float] | None = None
+        self._resume = resume
+        if resume is not None:
+            self._restore(resume)
+            init_state = resume.lora_state
+        else:
+            existing = list_checkpoints(checkpoint_root(self.out_dir))
+            if existing:
+                raise TrainingError(f"{self.out_dir} already holds checkpoints of a run ({existing[-1].name}); "
+                                    "resume it, or choose an empty output folder")
+            self._pos.epoch_seed = int(self._rng.integers(2**31))
+        self._init_state = init_state
+        self._factory = backend_factory
+        self.backend: TrainingBackend | None = None
+
+    # -- control, from any thread -------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> TrainSummary:
+        try:
+            c = self.config
+            self.backend = self._factory(c.lora, c.optim, c.batch_size, c.seq_len, seed=c.seed,
+                                         init_state=self._init_state)
+            self.card.setdefault("backend", self.backend.name)
+            if self._resume is not None:
+                self.backend.load_optimizer_state(self._resume.optimizer_state)
+            summary = self._loop()
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
+            self.callback.on_failure(self._pos.step, message)
+            raise
+        finally:
+            if self.backend is not None:
+                self.backend.close()
+        self.callback.on_finish(summary)
+        return summary
+
+    def _loop(self) -> TrainSummary:
+        c = self.config
+        self._start = time.perf_counter()
+        self._window: deque[tuple[float, int]] = deque(maxlen=10)   # (seconds, tokens) of recent steps
+        self._last_done = self._start
+        pending: deque[tuple[int, int, float, PendingStep]] = deque()
+        batches = None
+        stopped = False
+        while self._pos.step < self.total_steps:
+            if self._stop.is_set() or not self._running.is_set():
+                self._drain(pending)
+                self._running.wait()
+                if self._stop.is_set():
+                    stopped = True
+                    break
+                self._last_done = time.perf_counter()     # a pause is not step time
+            if batches is None:
+                batches = iter(self.train.epoch_batches(self._pos.epoch, self._pos.epoch_seed, self._pos.batch))
+            micro, epoch = [], self._pos.epoch
+            while len(micro) < c.grad_accum and self._pos.batch < self.train.batches_per_epoch:
+                micro.append(next(batches))
+                self._pos.batch += 1
+            if self._pos.batch >= self.train.batches_per_epoch:
+                self._pos.epoch, self._pos.batch = self._pos.epoch + 1, 0
+                self._pos.epoch_seed = int(self._rng.integers(2**31))
+                batches = None
+            lr = self.schedule.lr_at(self._pos.step)
+            pending.append((self._pos.step + 1, epoch, lr, self.backend.train_step(micro, lr, c.max_grad_norm)))
+            self._pos.step += 1
+            while len(pending) > 1:       # read results one step late
+                self._finish_step(*pending.popleft())
+            self._guard(pending)
+            step = self._pos.step
+            if c.eval_every and step % c.eval_every == 0 and step < self.total_steps and self.val:
+                self._drain(pending)
+                self._evaluate()
+                self._last_done = time.perf_counter()     # nor is evaluating
+            if c.save_every and step % c.save_every == 0 and step < self.total_steps:
+                self._drain(pending)
+                self._checkpoint()
+                self._last_done = time.perf_counter()
+        self._drain(pending)
+        if self.val and (self._last_eval is None or self._last_eval[0] != self._pos.step):
+            self._evaluate()
+        checkpoint = self._checkpoint()
+        summary = self._summary(checkpoint, stopped)
+        export_adapter(self.out_dir, summary.lora_state, c.lora, self.base_model, self._card(summary))
+        return summary
+
+    def _drain(self, pending) -> None:
+        while pending:
+            self._finish_step(*pending.popleft())
+        self._guard(pending)
+
+    def _guard(self, pending) -> None:
+        """Stop the run after too many non-finite steps in a row, once every submitted step is accounted for."""
+        if self._in_a_row >= self.config.max_nonfinite_in_a_row:
+            while pending:
+                self._finish_step(*pending.popleft())
+            if self._in_a_row >= self.config.max_nonfinite_in_a_row:
+                self._abort_non_finite()
+
+    def _finish_step(self, step: int, epoch: int, lr: float, pending: PendingStep) -> None:
+        result = pending.result()
+        now = time.perf_counter()
+        self._window.append((now - self._last_done, result.tokens))
+        self._last_done = now
+        seconds = sum(s for s, _ in self._window)
+        per_step = seconds / len(self._window)
+        if result.skipped:
+            self._skipped.append(step)
+            self._in_a_row += 1
+        else:
+            self._in_a_row = 0
+            self._losses.append(result.loss)
+            self._tokens += result.tokens
+        self.callback.on_step(StepEvent(
+            step=step, total=self.total_steps, epoch=epoch, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
+            tokens=result.tokens, tokens_per_s=sum(t for _, t in self._window) / seconds if seconds > 0 else 0.0,
+            elapsed_s=self._elapsed(), eta_s=per_step * (self.total_steps - step),
+            memory_bytes=self.backend.memory_bytes(), skipped=result.skipped))
+        self._last_lr = lr
+
+    def _abort_non_finite(self) -> None:
+        bad = self._skipped[-self._in_a_row:]
+        last_good, lr = self._pos.step - self._in_a_row, self._last_lr
+        kept = self._checkpoint()
+        raise NonFiniteError(
+            f"training stopped: the loss or gradient was NaN/inf at steps {', '.join(map(str, bad))} in a row "
+            f"(learning rate {lr:.3g}); no update was applied at those steps, and the last good adapter "
+            f"(after step {last_good}) is kept in {kept}. Lower the learning rate or check the data.")
+
+    def _evaluate(self) -> None:
+        loss, tokens = eval_loss(self.backend, self.val)
+        perplexity = math.exp(loss) if loss < 700 else math.inf
+        self._last_eval = (self._pos.step, loss)
+        self.callback.on_eval(EvalEvent(self._pos.step, loss, perplexity, tokens, self._elapsed()))
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._start
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "base_model": self.base_model,
+            "schedule": {"kind": self.schedule.kind, "lr": self.schedule.lr, "total_steps": self.total_steps,
+                         "warmup_steps": self.schedule.warmup_steps, "position": self._pos.step},
+            "data": {"epoch": self._pos.epoch, "batch": self._pos.batch, "epoch_seed": self._pos.epoch_seed,
+                     "batches_per_epoch": self.train.batches_per_epoch, "fingerprint": self.train.fingerprint},
+            "rng": self._rng.bit_generator.state,
+            "progress": {"step": self._pos.step, "skipped_steps": self._skipped, "in_a_row": self._in_a_row,
+                         "losses": self._losses, "tokens": self._tokens, "elapsed_s": self._elapsed(),
+                         "last_eval": self._last_eval},
+            "card": self.card, "inputs": self.inputs,
+        }
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.trainer_state
+        data = state["data"]
+        if data["fingerprint"] != self.train.fingerprint or data["batches_per_epoch"] != self.train.batches_per_epoch:
+            raise TrainingError(f"{checkpoint.path}: the training data differs from the data this run was "
+                                "started with; resume with the same files and settings")
+        if state["schedule"]["total_steps"] != self.total_steps:
+            raise TrainingError(f"{checkpoint.path}: the run had {state['schedule']['total_steps']} steps, "
+                                f"these settings give {self.total_steps}")
+        self._pos = _Position(step=state["progress"]["step"], epoch=data["epoch"], batch=data["batch"],
+                              epoch_seed=data["epoch_seed"])
+        self._rng.bit_generator.state = state["rng"]
+        progress = state["progress"]
+        self._skipped, self._in_a_row = list(progress["skipped_steps"]), progress["in_a_row"]
+        self._losses, self._tokens = list(progress["losses"]), progress["tokens"]
+        self._elapsed_before = progress["elapsed_s"]
+        self._last_eval = tuple(progress["last_eval"]) if progress["last_eval"] else None
+        self.card = {**state.get("card", {}), **self.card}
+
+    def _checkpoint(self) -> Path:
+        path = save_checkpoint(checkpoint_root(self.out_dir), self._pos.step, self.config.lora,
+                               self.backend.lora_state(), self.backend.optimizer_state(), self._state(),
+                               self.base_model, self.config.keep_checkpoints)
+        self.callback.on_checkpoint(CheckpointEvent(self._pos.step, path))
+        return path
+
+    def _summary(self, checkpoint: Path | None, stopped: bool) -> TrainSummary:
+        last = self._losses[-10:]
+        return TrainSummary(
+            steps=self._pos.step, total_steps=self.total_steps,
+            applied_steps=self._pos.step - len(self._skipped), skipped_steps=list(self._skipped),
+            first_loss=self._losses[0] if self._losses else None,
+            final_loss=float(np.mean(last)) if last else None,
+            eval_loss=self._last_eval[1] if self._last_eval else None,
+            eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700 else None,
+            tokens=self._tokens, elapsed_s=self._elapsed(), adapter_dir=self.out_dir, checkpoint=checkpoint,
+            stopped=stopped, backend=self.backend.name, lora_state=self.backend.lora_state())
+
+    def _card(self, summary: TrainSummary) -> dict:
+        c = self.config
+        card = {"base model": self.base_model, **self.card,
+                "steps": f"{summary.steps} of {summary.total_steps}" + (" (stopped early)" if summary.stopped else ""),
+                "tokens trained": summary.tokens, "learning rate": f"{c.lr:g}, {c.schedule}, {c.warmup_steps} warmup",
+                "optimizer": f"{c.optim.name}, weight decay {c.optim.weight_decay:g}",
+                "gradient clipping": c.max_grad_norm or "off",
+                "batch": f"{c.batch_size} x {c.grad_accum} accumulation x {c.seq_len} tokens", "seed": c.seed}
+        if summary.first_loss is not None:
+            card["training loss"] = f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}"
+        if summary.eval_loss is not None:
+            card["validation loss"] = f"{summary.eval_loss:.4f} (perplexity {summary.eval_perplexity:.3f})"
+        if summary.skipped_steps:
+            card["skipped non-finite steps"] = summary.skipped_steps
+        card["training time"] = f"{summary.elapsed_s:.1f} s"
+        return card
