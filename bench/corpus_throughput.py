@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.corpus import CorpusConfig, load_corpus  # noqa: E402
-from tests.tiny import make_tokenizer  # noqa: E402
+from bench.tiny_models import make_tokenizer  # noqa: E402
 
 RECORDS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of "

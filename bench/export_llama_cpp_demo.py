@@ -55,8 +55,8 @@ def main() -> dict:
 
     from engine.export import gguf as export_gguf
     from engine.model.references import demo_gguf_path, demo_model_dir
-    from tests.gguf_base import write_gguf_base
-    from tests.peft_adapters import make_adapter, peft_logits
+    from bench.gguf_base import write_gguf_base
+    from bench.peft_adapters import make_adapter, peft_logits
 
     _no_repack(llama_cpp)
     base_dir, q4_1 = demo_model_dir(), demo_gguf_path()

@@ -68,7 +68,7 @@ def build_model(shape: dict, out_dir: Path) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny import make_tokenizer
+    from bench.tiny_models import make_tokenizer
 
     tokenizer = make_tokenizer(out_dir)
     config = LlamaConfig(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

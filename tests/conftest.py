@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny import ARCHITECTURES, make_model, make_tokenizer  # noqa: E402
+from bench.tiny_models import ARCHITECTURES, make_model, make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import engine
 
@@ -16,3 +17,13 @@ def test_engine_imports_no_qt():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_contracts_hold():
+    """pyproject.toml's import-linter contracts: the layers, the Qt boundary, backend independence, no cycles."""
+    root = Path(__file__).resolve().parents[1]
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "BROKEN" not in result.stdout and "KEPT" in result.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.cli import main
-from tests.peft_adapters import make_adapter
+from bench.peft_adapters import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_missing_adapter_folder(tiny_llama_dir, tmp_path, capsys):
 
 def test_gguf_base_is_named_in_modelfile_and_note(tiny_llama_dir, adapter_dir, tmp_path, monkeypatch):
     """--model base.gguf: engine.model.references converts it for reading; the Modelfile and the note name the GGUF."""
-    from tests.gguf_base import write_gguf_base
+    from bench.gguf_base import write_gguf_base
 
     monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "home"))
     base_gguf = write_gguf_base(tiny_llama_dir, tmp_path / "tiny-base.gguf")

@@ -10,8 +10,8 @@ import pytest
 from engine.atomic import DiskFullError
 from engine.export.gguf import GGUF_ARCHS, GGUF_TENSOR_NAMES, export_gguf_adapter, llama_permute_rows
 from engine.lora.peft_read import read_base_config
-from tests.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
-from tests.tiny import ARCHITECTURES
+from bench.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
+from bench.tiny_models import ARCHITECTURES
 
 MODEL_TYPES = (*ARCHITECTURES, "mistral")
 
@@ -182,7 +182,7 @@ def test_permutation_is_what_transformers_gguf_loader_undoes(bases, tmp_path):
     written with our permutation must load back with the original HF weights (llama and mistral alike)."""
     from transformers import AutoModelForCausalLM
 
-    from tests.gguf_base import write_gguf_base
+    from bench.gguf_base import write_gguf_base
 
     for arch in ("llama", "mistral"):  # the permuted ones (transformers cannot load a GGUF qwen3 whose head_dim
         #                               is not hidden/heads, and qwen is not permuted anyway)

@@ -15,9 +15,9 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from engine.export.gguf import GGUF_ARCHS, export_gguf_adapter  # noqa: E402
-from tests.gguf_base import write_gguf_base  # noqa: E402
-from tests.peft_adapters import PROBE_TOKENS, make_adapter, make_mistral, peft_logits  # noqa: E402
-from tests.tiny import ARCHITECTURES  # noqa: E402
+from bench.gguf_base import write_gguf_base  # noqa: E402
+from bench.peft_adapters import PROBE_TOKENS, make_adapter, make_mistral, peft_logits  # noqa: E402
+from bench.tiny_models import ARCHITECTURES  # noqa: E402
 
 F32 = 0  # GGML_TYPE_F32: an f32 KV cache, so the comparison is not limited by llama.cpp's default f16 cache
 

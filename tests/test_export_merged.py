@@ -11,7 +11,7 @@ import pytest
 
 from engine.atomic import DiskFullError
 from engine.export.merged import export_merged
-from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, make_mistral, peft_logits
+from bench.peft_adapters import PROBE_TOKENS, load_base, make_adapter, make_mistral, peft_logits
 
 
 @pytest.mark.parametrize("config", [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=4, use_rslora=True)],

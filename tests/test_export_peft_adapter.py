@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.lora.peft_read import check_fits_base, pattern_key, read_adapter, read_base_config
-from tests.peft_adapters import load_base, make_adapter, quiet_peft
+from bench.peft_adapters import load_base, make_adapter, quiet_peft
 
 
 def _peft_layers(base_dir, adapter_dir):

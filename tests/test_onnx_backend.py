@@ -341,7 +341,7 @@ def test_lora_dropout_draws_new_masks_each_step_and_repeats_for_a_seed(tiny_llam
      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}], ids=["llama3", "linear"])
 def test_scaled_rope_matches_peft(tmp_path, rope):
-    from tests.tiny import make_model
+    from bench.tiny_models import make_model
 
     make_model("llama", tmp_path, rope_parameters=rope)
     spec = load_model_spec(tmp_path)

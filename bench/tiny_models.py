@@ -1,4 +1,4 @@
-"""Tiny, seeded, hub-free models and tokenizer that every test builds from transformers configs.
+"""Tiny, seeded, hub-free models and tokenizer that tests and benchmarks build from transformers configs.
 
 Sizes are deliberately awkward (hidden sizes not multiples of 64, GQA ratio 3, odd MLP widths) so kernels
 that assume tidy shapes fail here rather than on a user's model.

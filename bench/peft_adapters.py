@@ -19,7 +19,7 @@ def quiet_peft():
 
 def make_mistral(out_dir: Path) -> Path:
     """A tiny Mistral: the llama fixture's shapes under model_type "mistral" (llama.cpp exports it as llama)."""
-    from tests.tiny import make_model
+    from bench.tiny_models import make_model
 
     make_model("llama", out_dir, seed=1, model_type="mistral")
     return out_dir
