@@ -8,12 +8,14 @@ import threading
 import time
 import weakref
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
 from engine.chat.generation import GenerationSettings
-from engine.chat.inference import (ACTIVE, FALLBACK_CHAT_TEMPLATE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
+from engine.corpus import DEFAULT_CHAT_TEMPLATE, IGNORE_LABEL, CorpusConfig, load_corpus, load_tokenizer
+from engine.chat.inference import (ACTIVE, AdapterError, ChatBusy, ChatEngine, ModelNotLoaded,
                               TrainingInProgress, best_device, trim_process_heap)
 from tests.chat_helpers import make_adapter, make_weighty_llama, peft_reference
 
@@ -79,19 +81,40 @@ def test_prompt_goes_through_chat_template(engine):
     assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
-def test_a_model_without_chat_template_gets_chatml(tiny_llama_dir, tmp_path):
-    folder = tmp_path / "no-template"
-    shutil.copytree(tiny_llama_dir, folder)
+def without_chat_template(model_dir, folder):
+    """A copy of a model folder whose tokenizer carries no chat template (as many base models ship)."""
+    shutil.copytree(model_dir, folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_without_chat_template_gets_the_corpus_fallback(tiny_llama_dir, tmp_path):
+    folder = without_chat_template(tiny_llama_dir, tmp_path / "no-template")
     chat = ChatEngine(device="cpu")
     chat.load(folder)
-    assert chat.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert chat.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     prompt = chat.tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
-    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
-                      "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == "Be brief.\n\n### User:\nWhat is the capital of France?\n\n### Assistant:\n"
+    chat.unload()
+
+
+def test_a_template_less_base_is_prompted_with_the_tokens_it_was_trained_on(tiny_llama_dir, tmp_path):
+    """Training renders chats through the corpus; chat prompts through the chat engine: the prompt part of a
+    trained example and the chat prompt for the same history must be the same token ids."""
+    folder = without_chat_template(tiny_llama_dir, tmp_path / "no-template")
+    data = tmp_path / "chats.jsonl"
+    answer = {"role": "assistant", "content": "Paris."}
+    data.write_text(json.dumps({"messages": [*HELLO, answer]}) + "\n")
+    corpus = load_corpus([data], load_tokenizer(folder), CorpusConfig(seq_len=128))
+    (sequence,) = corpus.train
+    trained = np.flatnonzero(sequence.labels != IGNORE_LABEL)
+    taught_prompt = sequence.input_ids[:trained[0]].tolist()
+    chat = ChatEngine(device="cpu")
+    chat.load(folder)
+    assert chat.prompt_inputs(HELLO)["input_ids"][0].tolist() == taught_prompt
     chat.unload()
 
 

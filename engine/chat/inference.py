@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
 from engine.chat.generation import ChatStream, GenerationSettings
+from engine.corpus.render import chat_template_of
 
 
 class ChatUnavailable(RuntimeError):
@@ -52,15 +53,6 @@ class _ActiveAdapter:
 
 # An answer normally uses the active adapter; `adapter=ACTIVE` says so explicitly (None means the base alone).
 ACTIVE = _ActiveAdapter()
-
-# ChatML, used only when a model's tokenizer carries no chat template of its own (many base models).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class ChatSnapshot:
@@ -244,8 +236,8 @@ class ChatEngine:
             tokenizer = self._tokenizer_cache[1]
         else:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            if tokenizer.chat_template is None:
-                tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+            # A template-less base is prompted with the template its adapters were trained with.
+            tokenizer.chat_template = chat_template_of(tokenizer)
         try:
             # device_map puts the weights straight onto the device instead of staging a CPU copy first.
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)

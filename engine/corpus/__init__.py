@@ -22,12 +22,12 @@ from engine.corpus.formats import FORMATS, Example, RecordError
 from engine.corpus.loader import Corpus, CorpusCancelled, load_corpus
 from engine.corpus.readers import CONTAINERS
 from engine.backends.base import IGNORE_LABEL
-from engine.corpus.render import DEFAULT_CHAT_TEMPLATE, CorpusTokenizer, load_tokenizer
+from engine.corpus.render import DEFAULT_CHAT_TEMPLATE, CorpusTokenizer, chat_template_of, load_tokenizer
 from engine.corpus.sequences import Segment, Sequence, batch_count, batch_order, batches
 from engine.corpus.stats import CorpusStats, FileStats, SkippedRecord, SplitStats
 from engine.corpus.textstream import RefusedFile
 
 __all__ = ["CONTAINERS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE_LABEL", "Corpus", "CorpusCancelled",
-           "CorpusConfig", "CorpusStats", "CorpusTokenizer", "Example", "FileStats", "RecordError", "RefusedFile",
+           "chat_template_of", "CorpusConfig", "CorpusStats", "CorpusTokenizer", "Example", "FileStats", "RecordError", "RefusedFile",
            "Segment", "Sequence", "SkippedRecord", "SplitStats", "batch_count", "batch_order", "batches",
            "load_corpus", "load_tokenizer"]

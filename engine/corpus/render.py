@@ -30,7 +30,8 @@ from engine.corpus.formats import Example, RecordError
 
 
 # For tokenizers without a chat template: plain text headers that any vocabulary can spell, and the model's own
-# EOS after each assistant turn so a chat fine-tune learns to stop.
+# EOS after each assistant turn so a chat fine-tune learns to stop. The one fallback: training renders with it and
+# chat prompts with it (chat_template_of), so a template-less base is asked exactly as it was taught.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
@@ -40,6 +41,14 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def chat_template_of(tokenizer) -> str:
+    """The template a model's chats are rendered with: its own (the default one of several), else ours."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template or DEFAULT_CHAT_TEMPLATE
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -66,11 +75,8 @@ class CorpusTokenizer:
                              "eos_token in the model's tokenizer_config.json")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.vocab_size = len(tokenizer)
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, dict):
-            template = template.get("default") or next(iter(template.values()), None)
-        self.has_own_template = bool(template)
-        self.chat_template = template or DEFAULT_CHAT_TEMPLATE
+        self.chat_template = chat_template_of(tokenizer)
+        self.has_own_template = self.chat_template is not DEFAULT_CHAT_TEMPLATE
         self.has_generation_blocks = bool(_GENERATION_BLOCK.search(self.chat_template))
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self.bos_prefix = self._special_prefix()
