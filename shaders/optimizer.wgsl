@@ -18,6 +18,8 @@ struct Hyper {
     _pad0: u32, _pad1: u32, _pad2: u32, _pad3: u32,
 }
 
+#include "prelude.wgsl"
+
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> hyper: Hyper;
@@ -32,21 +34,7 @@ const WG: u32 = 256u;
 @group(0) @binding(9) var<storage, read_write> scales: array<f32>;    // [2, n_blocks]: absmax of m, of sqrt(v)
 @group(0) @binding(10) var<storage, read> qmap: array<f32>;           // [2, 256]: signed map, unsigned map
 
-var<workgroup> red: array<f32, 256>;
-var<workgroup> red2: array<f32, 256>;
-
-// Tree sum / max over the workgroup in a fixed order, so results do not depend on scheduling.
-fn workgroup_sum(lid: u32, x: f32) -> f32 {
-    red[lid] = x;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
+var<workgroup> red2: array<f32, 256>;   // the second operand of the 8-bit update's max (the first: reduce_scratch)
 
 // Pass 1 of the norm: workgroup w sums g^2 over indices w*WG + lid + k*(n_partials*WG), a fixed partition.
 @compute @workgroup_size(256)
@@ -56,7 +44,7 @@ fn grad_norm_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgro
         let g = grads[i];
         s += g * g;
     }
-    let total = workgroup_sum(lid, s);
+    let total = workgroup_sum(s, lid);
     if (lid == 0u) { partials[wid.x] = total; }
 }
 
@@ -65,13 +53,8 @@ fn grad_norm_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgro
 fn grad_norm_final(@builtin(local_invocation_index) lid: u32) {
     var s = 0.0;
     for (var i = lid; i < hyper.n_partials; i += WG) { s += partials[i]; }
-    let total = workgroup_sum(lid, s);
+    let total = workgroup_sum(s, lid);
     if (lid == 0u) { stats[1] = sqrt(total); }
-}
-
-// Inf and NaN have every exponent bit set; a bit test cannot be optimised away as x != x can.
-fn is_finite(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
 // One invocation: decide skip and clip scale, and count the update, before any update kernel reads them.
@@ -198,18 +181,18 @@ fn adamw8bit_update(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         let r = sqrt(mo.v);
         v_max = max(v_max, max(max(r.x, r.y), max(r.z, r.w)));
     }
-    // Max over the workgroup (both at once: red for m, red2 for v).
-    red[lid] = m_max;
+    // Max over the workgroup (both at once: reduce_scratch for m, red2 for v).
+    reduce_scratch[lid] = m_max;
     red2[lid] = v_max;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
+            reduce_scratch[lid] = max(reduce_scratch[lid], reduce_scratch[lid + s]);
             red2[lid] = max(red2[lid], red2[lid + s]);
         }
         workgroupBarrier();
     }
-    let new_m_scale = red[0];
+    let new_m_scale = reduce_scratch[0];
     let new_v_scale = red2[0];
     if (!in_range) { return; }
 

@@ -6,33 +6,15 @@
 // (the residual stream's gradient collects both branches).
 struct Params { rows: u32, dim: u32, groups_x: u32, accumulate: u32, eps: f32, _pad0: f32, _pad1: f32, _pad2: f32 }
 
-const WG: u32 = 128u;
-var<workgroup> partial: array<f32, 128>;
+#include "prelude.wgsl"
 
+const WG: u32 = 128u;
 @group(0) @binding(0) var<storage, read_write> out: array<f32>;   // forward: y [rows, dim]; backward: dx
 @group(0) @binding(1) var<storage, read_write> rstd: array<f32>;  // [rows] saved by forward, read by backward
 @group(0) @binding(2) var<storage, read> x: array<f32>;           // [rows, dim] the norm's input
 @group(0) @binding(3) var<storage, read> w: array<f32>;           // [dim]
 @group(0) @binding(4) var<storage, read> dy: array<f32>;          // [rows, dim] backward only
 @group(0) @binding(5) var<uniform> params: Params;
-
-// Sum of `v` over the workgroup, returned to every invocation.
-fn workgroup_sum(v: f32, lid: u32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) { partial[lid] += partial[lid + s]; }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
-
-// Inf and NaN have every exponent bit set; a bit test cannot be optimised away as x != x or x <= MAX can.
-fn is_finite(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
-}
 
 @compute @workgroup_size(128)
 fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
