@@ -1,9 +1,8 @@
-import re
 
 import numpy as np
 import pytest
 
-from engine.backends.wgpu.context import shader_source
+from engine.backends.wgpu.uniforms import uniform_struct
 from engine.backends.wgpu.kernels.attention import Attention, tiling, workgroup_bytes
 
 
@@ -139,10 +138,8 @@ def test_attention_refuses_bad_shapes(gpu_device):
         Attention(ctx, 1, 64, 2, 1, 16, ctx.buffer(16, "tiny"), *[b] * 8)
 
 
-def test_params_uniform_follows_the_wgsl_struct():
-    body = re.search(r"struct Params \{(.*?)\}", shader_source("attention"), re.S).group(1)
-    names = re.findall(r"(\w+):\s*(?:f32|u32)", body)
-    assert names == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale", "dsum_stride", "sum_stride"]
-    raw = Attention.pack_params(2, 7, 6, 2, 64, 128, 256)
-    assert raw.nbytes == 32 and list(raw[:5]) == [2, 7, 6, 2, 3] and list(raw[6:]) == [128, 256]
-    assert raw[5:6].view(np.float32)[0] == np.float32(0.125)
+def test_params_uniform_is_the_wgsl_struct():
+    params = uniform_struct("attention", "Params")
+    assert [name for name, _ in params.fields] == ["batch", "seq_len", "n_heads", "n_kv", "ratio", "scale",
+                                                   "dsum_stride", "sum_stride"]
+    assert dict(params.fields)["scale"] == "f32" and params.nbytes == 32

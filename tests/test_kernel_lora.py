@@ -3,7 +3,7 @@ backward uses the forward's mask."""
 import numpy as np
 import pytest
 
-from engine.backends.wgpu.kernels.common import uniform
+from engine.backends.wgpu.uniforms import upload_uniform
 from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
 
 pytestmark = pytest.mark.gpu
@@ -69,7 +69,7 @@ def test_lora_dropout_masks_consistently(gpu_device):
     ctx = gpu_device
     M, fin, fout, r, p = 64, 40, 24, 4, 0.25
     arrays, bufs = setup(ctx, M, fin, fout, r, 3)
-    step = uniform(ctx, "step", 1234, p, 0, 0)
+    step = upload_uniform(ctx, "lora", "Step", "step", seed=1234, p=p)
     dims = LoraDims(M, fin, fout, r, scaling=1.5)
     branch = make(ctx, dims, bufs, dropout=p, step=step)
     enc = ctx.encoder()

@@ -15,7 +15,7 @@ import numpy as np
 from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
                                   counted_tokens, shift_labels)
 from engine.backends.wgpu.context import GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import uniform
+from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.backends.wgpu.kernels.optimizer import GradNorm, Optimizer
 from engine.lora.config import LoraConfig, init_lora_state
@@ -30,6 +30,7 @@ from engine.backends.wgpu.weights import upload_weights
 
 
 DROPOUT_STEP_KEY = "lora_dropout_step"
+DROPOUT_STEP = uniform_struct("lora", "Step")   # (seed, p) of LoRA dropout, written per step
 
 
 class WgpuBackend(TrainingBackend):
@@ -69,7 +70,7 @@ class WgpuBackend(TrainingBackend):
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
                                                                       piece_rows), "scratch")
-        self.dropout_step = uniform(ctx, "lora_dropout.step", 0, 0.0, 0, 0)
+        self.dropout_step = upload_uniform(ctx, "lora", "Step", "lora_dropout.step", seed=0, p=0.0)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
                                  self.layout, self.chunk, self.dropout_step)
         s = self.scratch
@@ -125,8 +126,7 @@ class WgpuBackend(TrainingBackend):
         self.model.lm_head.set_step(counted, with_grad=True)
         seed = (self._seed * 1_000_003 + self._dropout_steps) % (1 << 32)   # a new dropout mask every step
         self._dropout_steps += 1
-        self.ctx.write(self.dropout_step, np.array([seed], np.uint32))
-        self.ctx.write(self.dropout_step, np.array([self.lora.dropout], np.float32), offset=4)
+        self.ctx.write(self.dropout_step, np.frombuffer(DROPOUT_STEP.pack(seed=seed, p=self.lora.dropout), np.uint8))
         for g0 in range(0, len(batches), STAGE_SLOTS):
             group = batches[g0:g0 + STAGE_SLOTS]
             self._stage(group)
@@ -175,7 +175,7 @@ class WgpuBackend(TrainingBackend):
 
     def _forward_only(self, batches, counted: int) -> None:
         self.model.lm_head.set_step(counted, with_grad=False)
-        self.ctx.write(self.dropout_step, np.array([0.0], np.float32), offset=4)   # p = 0: no dropout
+        self.ctx.write(self.dropout_step, np.array([0.0], np.float32), offset=DROPOUT_STEP.offset("p"))  # no dropout
         self._stage(batches)
         enc = self.ctx.encoder("forward")
         self._load_slot(enc, 0)

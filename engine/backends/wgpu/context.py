@@ -121,15 +121,16 @@ class GpuContext:
                 label=f"{family}.{entry_point}", layout="auto", compute=compute)
         return self._pipelines[key]
 
-    def bind_group(self, pipeline: wgpu.GPUComputePipeline, buffers: list, label: str = "") -> wgpu.GPUBindGroup:
-        """Bind `buffers` (a buffer, or (buffer, offset, size)) to bindings 0..n-1 of group 0."""
+    def bind_group(self, pipeline: wgpu.GPUComputePipeline, bindings: dict, label: str = "") -> wgpu.GPUBindGroup:
+        """Bind group 0 from {binding number: buffer or (buffer, byte offset, byte size)}.
+
+        By number, not position: entry points of one shader use different subsets of its bindings (layout="auto"
+        keeps only those an entry point uses).
+        """
         entries = []
-        for i, b in enumerate(buffers):
-            if isinstance(b, tuple):
-                buf, offset, size = b
-                entries.append({"binding": i, "resource": {"buffer": buf, "offset": offset, "size": size}})
-            else:
-                entries.append({"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}})
+        for number, b in sorted(bindings.items()):
+            buf, offset, size = b if isinstance(b, tuple) else (b, 0, b.size)
+            entries.append({"binding": number, "resource": {"buffer": buf, "offset": offset, "size": size}})
         return self.device.create_bind_group(label=label, layout=pipeline.get_bind_group_layout(0), entries=entries)
 
     # ---- buffers ----------------------------------------------------------------------------------------

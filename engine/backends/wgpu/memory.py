@@ -61,9 +61,9 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
 
 def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
     """engine.backends.wgpu.kernels.optimizer's buffers: GradNorm's partial sums, the update's uniform and its state."""
-    from engine.backends.wgpu.kernels.optimizer import HYPER_BYTES, MAX_PARTIALS, WORKGROUP
+    from engine.backends.wgpu.kernels.optimizer import HYPER, MAX_PARTIALS, WORKGROUP
 
-    total = 2 * HYPER_BYTES + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),))
+    total = 2 * HYPER.nbytes + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),))
     if optim.name == "adamw":
         total += 2 * nbytes((P,))                                     # m, v
     elif optim.name == "adamw8bit":

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
-from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import upload_uniform
 
 ROWS = 16                 # register rows per workgroup (shaders/attention.wgsl ROWS), at most 256 / TPR
 MAX_INVOCATIONS = 256     # WebGPU's guaranteed minimum of max-compute-invocations-per-workgroup
@@ -101,8 +100,9 @@ class Attention:
         self.dsum = ctx.buffer(stat_bytes, f"{label}.dsum")       # [B, NH, T] rowsum(dout * out)
         dsum_x, dsum_y, dsum_stride = grid_1d(ctx, B * n_heads * T, DSUM_WORKGROUP)
         sum_x, sum_y, sum_stride = grid_1d(ctx, B * T * n_kv_heads * head_dim // 4, DSUM_WORKGROUP)
-        self.params = ctx.upload(self.pack_params(B, T, n_heads, n_kv_heads, head_dim, dsum_stride, sum_stride),
-                                 f"{label}.params", UNIFORM)
+        self.params = upload_uniform(ctx, "attention", "Params", f"{label}.params", batch=B, seq_len=T,
+                                     n_heads=n_heads, n_kv=n_kv_heads, ratio=ratio, scale=1.0 / math.sqrt(head_dim),
+                                     dsum_stride=dsum_stride, sum_stride=sum_stride)
         resources = {0: self.params, 1: q, 2: k, 3: v, 4: out, 5: lse, 6: dout, 7: self.dsum, 8: dq, 9: dk, 10: dv}
         if ratio > 1:
             resources[11] = ctx.buffer(q_bytes, f"{label}.dk_heads")  # [B, T, NH, HD]
@@ -112,7 +112,7 @@ class Attention:
         for entry in ("attention_forward",) + self.backward_entries:
             constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants
             pipeline = ctx.pipeline("attention", entry, constants)
-            group = bind(ctx, pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
+            group = ctx.bind_group(pipeline, {i: resources[i] for i in BINDINGS[entry]}, f"{label}.{entry}")
             self._kernels[entry] = (pipeline, group)
         self._grids = {
             "attention_forward": (blocks, n_heads, B),
@@ -122,14 +122,6 @@ class Attention:
             "attention_backward_dkdv_heads": (blocks, n_heads, B),
             "attention_backward_dkdv_sum": (sum_x, sum_y, 1),
         }
-
-    @staticmethod
-    def pack_params(B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int, dsum_stride: int,
-                    sum_stride: int) -> np.ndarray:
-        """The Params uniform: 8 four-byte fields, 32 bytes (WGSL struct alignment 4, size 32)."""
-        raw = np.array([B, T, n_heads, n_kv_heads, n_heads // n_kv_heads, 0, dsum_stride, sum_stride], np.uint32)
-        raw[5:6] = np.array([1.0 / math.sqrt(head_dim)], np.float32).view(np.uint32)
-        return raw
 
     def encode_entry(self, enc: StepEncoder, entry: str) -> None:
         pipeline, group = self._kernels[entry]

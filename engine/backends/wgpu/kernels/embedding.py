@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from engine.backends.wgpu.context import GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind, uniform
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import upload_uniform
 
 
 class Embedding:
@@ -17,8 +17,9 @@ class Embedding:
         self.pipeline = ctx.pipeline("embedding", "embedding_forward")
         self.bind_groups = []
         for i, (table, first_id, piece_rows) in enumerate(pieces):
-            params = uniform(ctx, f"{label}.{i}.params", n, dim, first_id, piece_rows, stride)
-            self.bind_groups.append(bind(ctx, self.pipeline, {0: out, 1: ids, 2: table, 3: params}, f"{label}.{i}"))
+            params = upload_uniform(ctx, "embedding", "Params", f"{label}.{i}.params", n=n, dim=dim,
+                                    first_id=first_id, piece_rows=piece_rows, row_stride=stride)
+            self.bind_groups.append(ctx.bind_group(self.pipeline, {0: out, 1: ids, 2: table, 3: params}, f"{label}.{i}"))
 
     def encode_forward(self, enc: StepEncoder) -> None:
         for bg in self.bind_groups:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.kernels.grids import grid_1d
 
 TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
@@ -103,11 +102,11 @@ class Matmul:
         self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
         if self.splits == 1:
-            self.bind_group = ctx.bind_group(self.pipeline, [c, a, b, bias, self.params], label)
+            self.bind_group = ctx.bind_group(self.pipeline, {0: c, 1: a, 2: b, 3: bias, 4: self.params}, label)
         else:
-            self.bind_group = ctx.bind_group(self.pipeline, [partials, a, b, bias, self.params], label)
+            self.bind_group = ctx.bind_group(self.pipeline, {0: partials, 1: a, 2: b, 3: bias, 4: self.params}, label)
             self.reduce = ctx.pipeline("linear", "matmul_reduce")
-            self.reduce_bg = bind(ctx, self.reduce, {0: c, 1: partials, 3: bias, 4: self.params}, f"{label}.reduce")
+            self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 1: partials, 3: bias, 4: self.params}, f"{label}.reduce")
             self.reduce_groups = reduce_groups[:2]
 
     def encode(self, enc: StepEncoder) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.backends.wgpu.context import GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind, uniform
+from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
 
 LOGITS_BUDGET_BYTES = 64 << 20   # the logits chunk: large enough for few dispatches, small next to activations
@@ -37,7 +37,7 @@ class LmHead:
     def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, pieces: list,
                  rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head"):
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
-        self.step = uniform(ctx, f"{label}.step", 1.0, 0.0, 0, 0)
+        self.step = upload_uniform(ctx, "lm_head", "Step", f"{label}.step", inv_count=1.0, count=0.0, write_grad=0)
         self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
         self.reduce = ctx.pipeline("lm_head", "loss_reduce")
         self.chunks = []   # per chunk: (rows in it, forward matmuls, CE bind group, backward matmuls)
@@ -52,19 +52,21 @@ class LmHead:
                     bwd.append(Matmul(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
                                                                          c_off=r0 * dim),
                                       beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd"))
-            geometry = uniform(ctx, f"{label}.{c}.chunk", n, vocab, r0, rows)
-            ce_bg = bind(ctx, self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
+            geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.{c}.chunk", rows=n, vocab=vocab, row0=r0,
+                                      n_total=rows)
+            ce_bg = ctx.bind_group(self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
             self.chunks.append((n, fwd, ce_bg, bwd))
-        reduce_geometry = uniform(ctx, f"{label}.reduce", 0, vocab, 0, rows)
-        self.reduce_bg = bind(ctx, self.reduce, {1: row_loss, 3: reduce_geometry, 4: self.step, 5: stats},
+        reduce_geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.reduce", rows=0, vocab=vocab, row0=0,
+                                         n_total=rows)
+        self.reduce_bg = ctx.bind_group(self.reduce, {1: row_loss, 3: reduce_geometry, 4: self.step, 5: stats},
                               f"{label}.reduce")
 
     def set_step(self, counted: int, with_grad: bool) -> None:
         """Per-step constants, written before the step is submitted: 1/counted scales loss and gradient
         (with_grad False: inv_count 1, so stats[0] receives the summed loss)."""
         inv = 1.0 / max(counted, 1) if with_grad else 1.0
-        self.ctx.write(self.step, np.array([inv, float(counted)], np.float32))
-        self.ctx.write(self.step, np.array([int(with_grad)], np.uint32), offset=8)
+        raw = uniform_struct("lm_head", "Step").pack(inv_count=inv, count=float(counted), write_grad=int(with_grad))
+        self.ctx.write(self.step, np.frombuffer(raw, np.uint8))
 
     def encode_logits(self, enc: StepEncoder, c: int) -> None:
         """Only the logits of chunk c (rows c·chunk ...), for reading them back."""

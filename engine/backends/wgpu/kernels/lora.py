@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.backends.wgpu.context import GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind, uniform
 from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import upload_uniform
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class LoraDropout:
         self.pipeline = ctx.pipeline("lora", "lora_dropout")
 
     def bound(self, out, x, accumulate: bool):
-        params = uniform(self.ctx, f"{self.label}.params", self.n, self.stride, self.salt, int(accumulate))
-        bg = bind(self.ctx, self.pipeline, {0: out, 1: x, 2: params, 3: self.step_uniform}, self.label)
+        params = upload_uniform(self.ctx, "lora", "Params", f"{self.label}.params", n=self.n, row_stride=self.stride,
+                                salt=self.salt, accumulate=int(accumulate))
+        bg = self.ctx.bind_group(self.pipeline, {0: out, 1: x, 2: params, 3: self.step_uniform}, self.label)
         return lambda enc: enc.dispatch(self.pipeline, bg, *self.groups)
 
 

@@ -13,32 +13,24 @@ import numpy as np
 
 from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import uniform_struct
 from engine.backends.optimizers import SIGNED_MAP, UNSIGNED_MAP
 
 WORKGROUP = 256
 MAX_PARTIALS = 1024          # first-pass workgroups of the norm; fixed by P alone, so the sum order is too
 STATS_FLOATS = 16
 
-# The Hyper uniform of optimizer.wgsl, in declaration order: every field is a 4-byte scalar (alignment 4),
-# padded to 64 bytes so the struct size is a multiple of its 16-byte uniform alignment.
-HYPER_FIELDS = (("lr", "f32"), ("max_norm", "f32"), ("beta1", "f32"), ("beta2", "f32"), ("eps", "f32"),
-                ("weight_decay", "f32"), ("n", "u32"), ("row_stride", "u32"), ("block_size", "u32"),
-                ("n_partials", "u32"), ("n_blocks", "u32"), ("blocks_per_row", "u32"))
-HYPER_BYTES = 64
+HYPER = uniform_struct("optimizer", "Hyper")   # both kernels' uniform; a kernel fills only what it reads
 
 
 def pack_hyper(**values) -> np.ndarray:
-    """Bytes of the Hyper uniform; fields not given are 0. Unknown names raise."""
-    unknown = set(values) - {name for name, _ in HYPER_FIELDS}
+    """Bytes of the Hyper uniform; the fields a kernel does not read are 0."""
+    fields = {name: 0 for name, _ in HYPER.fields if not name.startswith("_")}
+    unknown = set(values) - set(fields)
     if unknown:
         raise ValueError(f"unknown Hyper fields {sorted(unknown)}")
-    raw = np.zeros(HYPER_BYTES // 4, np.uint32)
-    for i, (name, kind) in enumerate(HYPER_FIELDS):
-        value = values.get(name, 0)
-        raw[i] = np.array([value], np.float32).view(np.uint32)[0] if kind == "f32" else np.uint32(value)
-    return raw
+    return np.frombuffer(HYPER.pack(**{**fields, **values}), np.uint8)
 
 
 def _check_stats(stats) -> None:
@@ -58,9 +50,9 @@ class GradNorm:
         self.partials = ctx.buffer(4 * self.n_partials, f"{label}.partials")
         self.partial_pipeline = ctx.pipeline("optimizer", "grad_norm_partial")
         self.final_pipeline = ctx.pipeline("optimizer", "grad_norm_final")
-        self.partial_group = bind(ctx, self.partial_pipeline, {0: self.uniform, 2: grads, 4: self.partials},
+        self.partial_group = ctx.bind_group(self.partial_pipeline, {0: self.uniform, 2: grads, 4: self.partials},
                                   f"{label}.partial")
-        self.final_group = bind(ctx, self.final_pipeline, {0: self.uniform, 1: stats, 4: self.partials},
+        self.final_group = ctx.bind_group(self.final_pipeline, {0: self.uniform, 1: stats, 4: self.partials},
                                 f"{label}.final")
 
     def encode(self, enc: StepEncoder) -> None:
@@ -87,7 +79,7 @@ class Optimizer:
         self.n_blocks = -(-P // config.block_size)
         self.blocks_x = min(self.n_blocks, ctx.max_workgroups)
         self.blocks_y = -(-self.n_blocks // self.blocks_x)
-        self.uniform = ctx.buffer(HYPER_BYTES, f"{label}.hyper", UNIFORM)
+        self.uniform = ctx.buffer(HYPER.nbytes, f"{label}.hyper", UNIFORM)
         self.state_buffers: dict[str, object] = {}
         resources = {0: self.uniform, 1: stats, 2: grads, 3: params}
         if config.name == "adamw":
@@ -102,9 +94,9 @@ class Optimizer:
             resources.update({7: self.state_buffers["m_codes"], 8: self.state_buffers["v_codes"],
                               9: self.state_buffers["scales"], 10: self.qmap})
         self.prepare_pipeline = ctx.pipeline("optimizer", "optimizer_prepare")
-        self.prepare_group = bind(ctx, self.prepare_pipeline, {0: self.uniform, 1: stats}, f"{label}.prepare")
+        self.prepare_group = ctx.bind_group(self.prepare_pipeline, {0: self.uniform, 1: stats}, f"{label}.prepare")
         self.update_pipeline = ctx.pipeline("optimizer", f"{config.name}_update")
-        self.update_group = bind(ctx, self.update_pipeline, resources, f"{label}.update")
+        self.update_group = ctx.bind_group(self.update_pipeline, resources, f"{label}.update")
         self.set_hyper(0.0, 0.0)
 
     def set_hyper(self, lr: float, max_grad_norm: float) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import upload_uniform
 
 
 def rope_table(inv_freq: np.ndarray, seq_len: int) -> np.ndarray:
@@ -38,9 +39,9 @@ class Rope:
         self.backward_pipeline = ctx.pipeline("rope", "rope_backward")
         self.x, self.y, stride = grid_1d(ctx, n_pairs)
         self.table = ctx.upload(rope_table(inv_freq, T), f"{label}.cos_sin")
-        self.params = ctx.upload(np.array([n_pairs, head_dim // 2, n_heads, T, stride, 0, 0, 0], np.uint32),
-                                 f"{label}.params", UNIFORM)
-        self.forward_group = ctx.bind_group(self.forward_pipeline, [x_buf, self.table, self.params],
+        self.params = upload_uniform(ctx, "rope", "Params", f"{label}.params", n_pairs=n_pairs, half=head_dim // 2,
+                                     n_heads=n_heads, seq_len=T, row_stride=stride)
+        self.forward_group = ctx.bind_group(self.forward_pipeline, {0: x_buf, 1: self.table, 2: self.params},
                                             f"{label}.forward")
         self._backward_groups: dict[int, tuple] = {}
         self._nbytes = 8 * n_pairs
@@ -55,7 +56,7 @@ class Rope:
         if cached is None:
             if dx_buf.size < self._nbytes:
                 raise ValueError(f"gradient buffer {dx_buf.label!r} holds {dx_buf.size} bytes; needs {self._nbytes}")
-            group = self.ctx.bind_group(self.backward_pipeline, [dx_buf, self.table, self.params],
+            group = self.ctx.bind_group(self.backward_pipeline, {0: dx_buf, 1: self.table, 2: self.params},
                                         f"{self.label}.backward")
             cached = self._backward_groups[id(dx_buf)] = (group, dx_buf)
         enc.dispatch(self.backward_pipeline, cached[0], self.x, self.y)

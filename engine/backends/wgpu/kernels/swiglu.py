@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from engine.backends.wgpu.context import GpuContext, StepEncoder
-from engine.backends.wgpu.kernels.common import bind, uniform
-from engine.backends.wgpu.kernels.residual import grid_1d
+from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import upload_uniform
 
 
 class SwiGlu:
@@ -12,12 +12,12 @@ class SwiGlu:
     def __init__(self, ctx: GpuContext, h, gate, up, n: int, dgate=None, dup=None, dh=None, label: str = "swiglu"):
         x, y, stride = grid_1d(ctx, n)
         self.groups = (x, y)
-        params = uniform(ctx, f"{label}.params", n, stride)
+        params = upload_uniform(ctx, "swiglu", "Params", f"{label}.params", n=n, row_stride=stride)
         self.fwd = ctx.pipeline("swiglu", "swiglu_forward")
-        self.fwd_bg = bind(ctx, self.fwd, {0: h, 2: gate, 3: up, 5: params}, f"{label}.fwd")
+        self.fwd_bg = ctx.bind_group(self.fwd, {0: h, 2: gate, 3: up, 5: params}, f"{label}.fwd")
         if dh is not None:
             self.bwd = ctx.pipeline("swiglu", "swiglu_backward")
-            self.bwd_bg = bind(ctx, self.bwd, {0: dgate, 1: dup, 2: gate, 3: up, 4: dh, 5: params}, f"{label}.bwd")
+            self.bwd_bg = ctx.bind_group(self.bwd, {0: dgate, 1: dup, 2: gate, 3: up, 4: dh, 5: params}, f"{label}.bwd")
 
     def encode_forward(self, enc: StepEncoder) -> None:
         enc.dispatch(self.fwd, self.fwd_bg, *self.groups)
