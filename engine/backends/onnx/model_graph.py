@@ -13,12 +13,13 @@ masks most positions, and the LM head is a fifth of the step's FLOPs at the 135M
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.lora.config import LoraConfig, peft_key
-from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor, module_path
+from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
+                                   module_path)
 from engine.model.spec import ModelSpec
 from engine.backends.onnx import backward as bw
 from engine.backends.onnx import forward as fw
@@ -114,91 +115,148 @@ class DecoderGraph:
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
     def build(self, mode: str) -> Graph:
+        """The llm.c-style step: embed, `layer_forward` per layer, the final norm and `loss`, then
+        `layer_backward` per layer in reverse ("logits" stops at the logits, "eval" at the loss)."""
         if mode not in MODES:
             raise ValueError(f"graph mode {mode!r} is unknown; choose from {', '.join(MODES)}")
-        spec, s, a = self.spec, self.shape, self.att
+        spec, s = self.spec, self.shape
         g = Graph(f"lora_lab_{mode}")
         train = mode == "train"
         ids = g.input("input_ids", np.int64, [s.batch, s.seq])
-        if mode != "logits":
-            label_rows = g.input("label_rows", np.int64, ["labelled"])
-            targets = g.input("targets", np.int64, ["labelled", 1])
-            mask = g.input("mask", np.float32, ["labelled", 1])
-        rope = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq)
-        rope_q = fw.rope_constants(g, spec.rope.inv_freq(spec.head_dim), s.batch, s.seq,
-                                   scale=1.0 / np.sqrt(spec.head_dim))      # the attention's 1/sqrt(HD)
-        causal = [g.const(fw.causal_mask(a, j), np.float32) for j in range(a.query_blocks)]
-        eps = spec.rms_eps
+        labelled = None if mode == "logits" else LabelledRows(
+            rows=g.input("label_rows", np.int64, ["labelled"]), targets=g.input("targets", np.int64, ["labelled", 1]),
+            mask=g.input("mask", np.float32, ["labelled", 1]))
+        inv_freq = spec.rope.inv_freq(spec.head_dim)
+        consts = StepConstants(
+            rope=fw.rope_constants(g, inv_freq, s.batch, s.seq),
+            rope_q=fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=1.0 / np.sqrt(spec.head_dim)),
+            causal=[g.const(fw.causal_mask(self.att, j), np.float32) for j in range(self.att.query_blocks)])
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
-        guards: list[str] = []
-
-        def heads4(heads: int) -> list[int]:
-            return [s.batch, s.seq, heads, spec.head_dim]
-
-        layers, pending = [], None      # pending: the MLP output not yet added to the residual stream x
+        saved, pending = [], None      # pending: the MLP output not yet added to the residual stream x
         for i in range(spec.layers):
-            w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-            st = {"qkv": self._group(g, i, QKV, train, input_scale=f"{i}.ln1"),
-                  "o": self._group(g, i, ("o_proj",), train),
-                  "gu": self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2"),
-                  "down": self._group(g, i, ("down_proj",), train)}
-            h1, st["n1"], x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
-                                                       residual=None if pending is None else x, guards=guards)
-            (q, k, v), st["l_qkv"] = fw.linear_forward(g, h1, st["qkv"])
-            if spec.qk_norm:
-                q, st["nq"] = fw.rmsnorm_forward(g, g.reshape(q, heads4(spec.heads)), w("q_norm"), eps)
-                k, st["nk"] = fw.rmsnorm_forward(g, g.reshape(k, heads4(spec.kv_heads)), w("k_norm"), eps)
-            q = fw.rope_forward(g, g.reshape(q, [s.batch, s.seq, spec.q_dim]), rope_q, spec.heads)
-            k = fw.rope_forward(g, g.reshape(k, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
-            k, v = g.reshape(k, heads4(spec.kv_heads)), g.reshape(v, heads4(spec.kv_heads))
-            att, st["att"] = fw.attention_forward(g, q, k, v, causal, a)
-            (o,), st["l_o"] = fw.linear_forward(g, att, st["o"])
-            h2, st["n2"], x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=guards)
-            (gate, up), st["l_gu"] = fw.linear_forward(g, h2, st["gu"])
-            act, st["swiglu"] = fw.swiglu_forward(g, gate, up)
-            st["up"] = up
-            (pending,), st["l_down"] = fw.linear_forward(g, act, st["down"])
-            layers.append(st)
-
+            x, pending, layer = self.layer_forward(g, i, x, pending, consts, train)
+            saved.append(layer)
         norm_w = g.weight("norm", self.weights["norm"])
         lm = g.weight("lm_head", self.weights["lm_head"])
-        xn, (_, rstd), x = fw.fused_rmsnorm_forward(g, pending, spec.hidden, eps, residual=x, guards=guards)
-        if mode == "logits":
+        xn, (_, rstd), x = fw.fused_rmsnorm_forward(g, pending, spec.hidden, spec.rms_eps, residual=x,
+                                                    guards=consts.guards)
+        if labelled is None:
             logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
             g.output(g.reshape(logits, [s.batch, s.seq, spec.vocab_size]), "logits",
                      shape=[s.batch, s.seq, spec.vocab_size])
             return g
-        nf = (g.op("Gather", xn, label_rows, axis=0), g.op("Gather", rstd, label_rows, axis=0))   # [L, C], [L, 1]
-        logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
-        loss_sum, (logp, _) = fw.cross_entropy_forward(g, logits, targets, mask)
-        g.output(fw.guard_loss(g, loss_sum, guards), "loss_sum", shape=[])
-        if not train:
-            return g
-
-        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(targets, [-1]), mask)
-        dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]
-        dx = g.op("ScatterND", g.op("ConstantOfShape", g.const([s.rows, spec.hidden])),
-                  g.reshape(label_rows, [-1, 1]), dx)                                   # [B·T, C], 0 unlabelled
-        for i in reversed(range(spec.layers)):
-            st = layers[i]
-            w = lambda name: f"{i}.{name}"  # noqa: E731  (already registered in the forward pass)
-            da = bw.linear_backward(g, [dx], st["l_down"], st["down"])
-            dgate, dup = bw.swiglu_backward(g, da, st["up"], st["swiglu"])
-            dh2 = bw.linear_backward(g, [dgate, dup], st["l_gu"], st["gu"])
-            dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, st["n2"]))
-            datt = bw.linear_backward(g, [dx], st["l_o"], st["o"])
-            dq, dk, dv = bw.attention_backward(g, datt, st["att"], a)
-            dq = bw.rope_backward(g, g.reshape(dq, [s.batch, s.seq, spec.q_dim]), rope_q, spec.heads)
-            dk = bw.rope_backward(g, g.reshape(dk, [s.batch, s.seq, spec.kv_dim]), rope, spec.kv_heads)
-            if spec.qk_norm:
-                dq = bw.rmsnorm_backward(g, g.reshape(dq, heads4(spec.heads)), st["nq"], w("q_norm"))
-                dk = bw.rmsnorm_backward(g, g.reshape(dk, heads4(spec.kv_heads)), st["nk"], w("k_norm"))
-            dys = [g.reshape(dq, [s.rows, spec.q_dim]), g.reshape(dk, [s.rows, spec.kv_dim]),
-                   g.reshape(dv, [s.rows, spec.kv_dim])]
-            # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
-            dh1 = bw.linear_backward(g, dys, st["l_qkv"], st["qkv"], need_dx=i > 0)
-            if i > 0:
-                dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, st["n1"]))
+        dx = self.loss(g, xn, rstd, norm_w, lm, labelled, consts, train)
+        if train:
+            for i in reversed(range(spec.layers)):
+                dx = self.layer_backward(g, i, dx, saved[i], consts)
         return g
+
+    def layer_forward(self, g: Graph, i: int, x: str, pending: str | None, consts: "StepConstants",
+                      train: bool) -> tuple[str, str, "LayerSaved"]:
+        """Layer i: (residual stream after its attention, its MLP output still to be added, what backward needs).
+
+        The residual add of the previous layer's MLP output (`pending`) is fused into this layer's first norm."""
+        spec, eps = self.spec, self.spec.rms_eps
+        w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
+        saved = LayerSaved(qkv=self._group(g, i, QKV, train, input_scale=f"{i}.ln1"),
+                           o=self._group(g, i, ("o_proj",), train),
+                           gu=self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2"),
+                           down=self._group(g, i, ("down_proj",), train))
+        h1, saved.n1, x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
+                                                   residual=None if pending is None else x, guards=consts.guards)
+        (q, k, v), saved.l_qkv = fw.linear_forward(g, h1, saved.qkv)
+        if spec.qk_norm:
+            q, saved.nq = fw.rmsnorm_forward(g, g.reshape(q, self._heads4(spec.heads)), w("q_norm"), eps)
+            k, saved.nk = fw.rmsnorm_forward(g, g.reshape(k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
+        q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q, spec.heads)
+        k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope, spec.kv_heads)
+        k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
+        att, saved.att = fw.attention_forward(g, q, k, v, consts.causal, self.att)
+        (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
+        h2, saved.n2, x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=consts.guards)
+        (gate, saved.up), saved.l_gu = fw.linear_forward(g, h2, saved.gu)
+        act, saved.swiglu = fw.swiglu_forward(g, gate, saved.up)
+        (mlp_out,), saved.l_down = fw.linear_forward(g, act, saved.down)
+        return x, mlp_out, saved
+
+    def loss(self, g: Graph, xn: str, rstd: str, norm_w: str, lm: str, labelled: "LabelledRows",
+             consts: "StepConstants", train: bool) -> str | None:
+        """Cross-entropy over the labelled rows only (output "loss_sum"); in training, the gradient of the final
+        norm's input [B·T, C] (zero on unlabelled rows)."""
+        s = self.shape
+        nf = (g.op("Gather", xn, labelled.rows, axis=0), g.op("Gather", rstd, labelled.rows, axis=0))  # [L, C], [L, 1]
+        logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
+        loss_sum, (logp, _) = fw.cross_entropy_forward(g, logits, labelled.targets, labelled.mask)
+        g.output(fw.guard_loss(g, loss_sum, consts.guards), "loss_sum", shape=[])
+        if not train:
+            return None
+        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask)
+        dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]
+        return g.op("ScatterND", g.op("ConstantOfShape", g.const([s.rows, self.spec.hidden])),
+                    g.reshape(labelled.rows, [-1, 1]), dx)                              # [B·T, C]
+
+    def layer_backward(self, g: Graph, i: int, dx: str, saved: "LayerSaved", consts: "StepConstants") -> str:
+        """Layer i in reverse: the LoRA gradients of its projections, and the residual stream's gradient below it."""
+        spec = self.spec
+        da = bw.linear_backward(g, [dx], saved.l_down, saved.down)
+        dgate, dup = bw.swiglu_backward(g, da, saved.up, saved.swiglu)
+        dh2 = bw.linear_backward(g, [dgate, dup], saved.l_gu, saved.gu)
+        dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, saved.n2))
+        datt = bw.linear_backward(g, [dx], saved.l_o, saved.o)
+        dq, dk, dv = bw.attention_backward(g, datt, saved.att, self.att)
+        dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q, spec.heads)
+        dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope, spec.kv_heads)
+        if spec.qk_norm:   # the norm weights were registered by the forward pass
+            dq = bw.rmsnorm_backward(g, g.reshape(dq, self._heads4(spec.heads)), saved.nq, f"{i}.q_norm")
+            dk = bw.rmsnorm_backward(g, g.reshape(dk, self._heads4(spec.kv_heads)), saved.nk, f"{i}.k_norm")
+        rows = self.shape.rows
+        dys = [g.reshape(dq, [rows, spec.q_dim]), g.reshape(dk, [rows, spec.kv_dim]),
+               g.reshape(dv, [rows, spec.kv_dim])]
+        # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
+        dh1 = bw.linear_backward(g, dys, saved.l_qkv, saved.qkv, need_dx=i > 0)
+        return g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, saved.n1)) if i > 0 else dx
+
+    def _heads4(self, heads: int) -> list[int]:
+        return [self.shape.batch, self.shape.seq, heads, self.spec.head_dim]
+
+    def _rows3(self, g: Graph, x: str, width: int) -> str:
+        return g.reshape(x, [self.shape.batch, self.shape.seq, width])
+
+
+@dataclass(frozen=True)
+class LabelledRows:
+    """The loss inputs: which of the B·T positions carry a label, their next-token targets and weights."""
+    rows: str           # int64 [L] indices into the B·T flattened positions
+    targets: str        # int64 [L, 1]
+    mask: str           # float [L, 1] 1 per real label (0 for the placeholder of an unlabelled batch)
+
+
+@dataclass
+class StepConstants:
+    """Tensors every layer of one graph shares."""
+    rope: fw.Rope                       # rotation tables for the keys
+    rope_q: fw.Rope                     # the same with the attention's 1/sqrt(HD) folded in, for the queries
+    causal: list[str]                   # one additive causal mask per query block
+    guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
+
+
+@dataclass
+class LayerSaved:
+    """What one layer's forward leaves for its backward: its projection groups and each op's saved tensors."""
+    qkv: fw.LinearGroup
+    o: fw.LinearGroup
+    gu: fw.LinearGroup
+    down: fw.LinearGroup
+    n1: tuple[str, str] | None = None           # input norm: (normalised input, rstd)
+    l_qkv: fw.LinearSaved | None = None         # q/k/v projections
+    nq: tuple[str, str] | None = None           # Qwen3 q_norm / k_norm
+    nk: tuple[str, str] | None = None
+    att: fw.AttentionSaved | None = None
+    l_o: fw.LinearSaved | None = None
+    n2: tuple[str, str] | None = None           # post-attention norm
+    l_gu: fw.LinearSaved | None = None
+    up: str | None = None                       # up_proj output (SwiGLU's backward needs it)
+    swiglu: tuple[str, str] | None = None
+    l_down: fw.LinearSaved | None = None
