@@ -250,7 +250,7 @@ class HostAdamW8bit(HostOptimizer):
     absmax. Unlike bitsandbytes, the second moment is stored as sqrt(v) (codes of sqrt(v) / max sqrt(v)):
     the map's 7 decades then cover 14 decades of v. Storing v itself rounded v to 0 for values with gradients
     ~4 decades below the block's largest while m stayed non-zero, and m / (0 + eps) steps made a toy quadratic
-    diverge (tests/test_optim_host.py); with sqrt(v) it tracks f32 AdamW to a few percent.
+    diverge (tests/backends/test_optimizers.py); with sqrt(v) it tracks f32 AdamW to a few percent.
     """
 
     size_key = "m_codes"

@@ -2,7 +2,7 @@
 
 Computed from the same sizing functions the engine allocates with (engine.backends.wgpu.buffers), plus what the kernel
 twins own (attention's D scratch, RoPE tables, one parameter block per dispatch), so it equals
-GpuContext.bytes_allocated after construction (tests/test_wgpu_memory.py checks).
+GpuContext.bytes_allocated after construction (tests/backends/wgpu/test_memory.py checks).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from engine.cli import main
 from tests.perplexity_reference import hf_guide_perplexity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = ("The quick brown fox jumps over the lazy dog. What is the capital of France? The capital of France is "
         "Paris.\nLoRA adapters add a low rank update to the frozen weights of a language model.\n")
 

@@ -11,7 +11,7 @@ from engine.lora.config import LoraConfig
 from engine.backends.wgpu.microbench import measure, random_weights, smollm2_135m_spec, step_flops, tiny_spec
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_measure_reports_positive_measured_rates(gpu_device):

@@ -20,7 +20,7 @@ from tests.torch_backend import torch_backend_factory
 from tests.train_helpers import pattern_source
 
 LORA = LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj"))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save(root, spec, step, keep=2):

@@ -5,7 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "handover.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "handover.py"
 
 
 def test_bench_reports_the_handover(capsys):
