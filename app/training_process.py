@@ -106,7 +106,6 @@ class TrainingProcess:
     def __init__(self, request, on_event: Callable[..., None]):
         self.request, self.on_event = request, on_event
         self._control = CONTEXT.Queue()
-        self._stopped_early = False
 
     def send(self, command: str) -> None:
         self._control.put(command)

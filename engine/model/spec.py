@@ -92,11 +92,6 @@ class ModelSpec:
         return self.layers * per_layer + embed + self.hidden
 
 
-def _linear_layers(config: dict) -> str:
-    """Best-effort names of a model's linear layers, from its weight index, for the refusal message."""
-    return ", ".join(sorted(config.get("_linear_layers", []))) or "unknown (no weights read)"
-
-
 def load_model_spec(folder: str | Path) -> ModelSpec:
     folder = Path(folder)
     config_path = folder / "config.json"

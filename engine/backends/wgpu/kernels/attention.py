@@ -107,7 +107,6 @@ class Attention:
         if ratio > 1:
             resources[11] = ctx.buffer(q_bytes, f"{label}.dk_heads")  # [B, T, NH, HD]
             resources[12] = ctx.buffer(q_bytes, f"{label}.dv_heads")
-        self.scratch_bytes = self.dsum.size + (2 * resources[11].size if ratio > 1 else 0)
         self._kernels = {}
         for entry in ("attention_forward",) + self.backward_entries:
             constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants

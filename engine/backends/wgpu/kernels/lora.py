@@ -49,7 +49,7 @@ class LoraBranch:
                  grad_b=None, du=None, dropout: float = 0.0, salt: int = 0, step_uniform=None, x_drop=None,
                  dx_drop=None, partials=None, label: str = "lora"):
         M, fin, fout, r, s = dims.M, dims.in_features, dims.out_features, dims.rank, dims.scaling
-        self.drop_fwd = self.drop_bwd = None
+        self.drop_fwd = None
         x_branch = x
         if dropout > 0:
             drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
