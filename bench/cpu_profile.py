@@ -29,7 +29,7 @@ from cpu_backend import SMOLLM2_135M, TINY, cpu_model, write_random_model  # noq
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.lora.config import LoraConfig  # noqa: E402
 
-# Output-name hints (engine/onnx_backend) of the GEMMs with frozen weights.
+# Output-name hints (engine/backends/onnx) of the GEMMs with frozen weights.
 FROZEN_GEMM_HINTS = {"lin", "dx", "logits", "dlm"}
 LORA_GEMM_HINTS = {"lora_u", "lora_y", "dU", "dA", "dB", "dx_lora"}
 

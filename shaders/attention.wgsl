@@ -10,7 +10,7 @@
 // in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
 // the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/kernels/attention.py)
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/backends/wgpu/kernels/attention.py)
 // picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,

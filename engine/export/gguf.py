@@ -36,7 +36,7 @@ GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     "qwen3": ("qwen3", False),
 }
 
-# Projection (peft_adapter.PROJECTIONS) -> llama.cpp tensor base name inside blk.{i}.
+# Projection (engine.lora.peft_read.PROJECTIONS) -> llama.cpp tensor base name inside blk.{i}.
 GGUF_TENSOR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
