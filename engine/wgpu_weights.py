@@ -12,6 +12,8 @@ HF_LAYER_NAMES = {
     "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight", "ln2": "post_attention_layernorm.weight",
     "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
     "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias", "gate_bias": "mlp.gate_proj.bias", "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
     "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 

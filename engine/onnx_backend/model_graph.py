@@ -52,8 +52,6 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
         out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
         for t in QKV:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{p}.self_attn.{t}.weight"), ln1)
-            if spec.qkv_bias:
-                out[f"{i}.{t}.bias"] = take(f"{p}.self_attn.{t}.bias")
         if spec.qk_norm:
             out[f"{i}.q_norm"] = take(f"{p}.self_attn.q_norm.weight")
             out[f"{i}.k_norm"] = take(f"{p}.self_attn.k_norm.weight")
@@ -61,6 +59,8 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
         for t in GATE_UP:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{p}.mlp.{t}.weight"), ln2)
         out[f"{i}.down_proj"] = take(f"{p}.mlp.down_proj.weight")
+        for t in spec.bias_targets:     # added after the product: folding a norm weight leaves them alone
+            out[f"{i}.{t}.bias"] = take(f"{spec.module_path(i, t)}.bias")
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
