@@ -176,3 +176,28 @@ def test_cli_refuses_a_seq_len_over_the_window_before_any_work(quirk_dirs, tmp_p
     assert code == 2 and len(err) == 1, err
     assert f"sequence length 32 is longer than the model's sliding_window {WINDOW} (used by layer 1)" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", list(BIASED))
+def test_merged_export_keeps_the_biases(quirk_dirs, tmp_path, name):
+    """Merging adds B·A to the weights only; the biases travel unchanged and the logits stay PEFT's."""
+    import torch
+
+    from engine.export_merged import export_merged
+    from tests.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
+
+    adapter_dir = make_adapter(quirk_dirs[name], tmp_path / "adapter", seed=5)
+    merged = load_base(export_merged(adapter_dir, quirk_dirs[name], tmp_path / "merged").path)
+    with torch.no_grad():
+        got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
+    np.testing.assert_allclose(got, peft_logits(quirk_dirs[name], adapter_dir), atol=1e-4, rtol=0)
+
+
+def test_plan_recommends_no_seq_len_over_the_window(quirk_dirs):
+    from app.plan import CorpusSummary, recommend
+
+    spec = load_model_spec(quirk_dirs["qwen2-window"])
+    summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
+    config, _ = recommend(summary, spec, has_hardware_gpu=False)
+    assert config.seq_len == WINDOW == spec.max_sequence_length
+    spec.check_sequence_length(config.seq_len)
