@@ -2,6 +2,9 @@
 
 `load_model_spec(folder)` reads config.json into a frozen `ModelSpec` and refuses, before anything is
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
+Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
+(`ModelSpec.bias_targets`), and which layers use a sliding window; the engines attend without a window, so
+`ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 `load_weights(folder)` reads every (possibly sharded) safetensors file into float32 numpy arrays.
 """
 from __future__ import annotations
