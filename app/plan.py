@@ -49,7 +49,7 @@ def recommend(summary: CorpusSummary, spec: ModelSpec, has_hardware_gpu: bool) -
     seq_len = 32
     while seq_len < summary.longest and seq_len < 1024:
         seq_len *= 2
-    seq_len = min(seq_len, spec.max_positions)
+    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
     n = max(summary.sequences, 1)
     val_split = 0.1 if n >= 20 else 0.0
     train_n = max(1, n - int(n * val_split))

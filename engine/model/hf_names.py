@@ -27,7 +27,7 @@ def module_path(layer: int, target: str) -> str:
 LAYER_TENSORS = {
     "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
     **{t.removesuffix("_proj"): f"{projection_module(t)}.weight" for t in LORA_TARGETS},
-    **{f"{t}_bias": f"self_attn.{t}_proj.bias" for t in ("q", "k", "v")},
+    **{f"{t.removesuffix('_proj')}_bias": f"{projection_module(t)}.bias" for t in LORA_TARGETS},
     "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 

@@ -2,6 +2,9 @@
 
 `load_model_spec(folder)` reads config.json into a frozen `ModelSpec` and refuses, before anything is
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
+Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
+(`ModelSpec.bias_targets`), and which layers use a sliding window; the engines attend without a window, so
+`ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 `load_weights(folder)` reads every (possibly sharded) safetensors file into float32 numpy arrays.
 """
 from __future__ import annotations
@@ -62,10 +65,39 @@ class ModelSpec:
     rms_eps: float
     rope: RopeSpec
     tied_embeddings: bool
-    qkv_bias: bool           # Qwen2
+    qkv_bias: bool           # q/k/v biases: Qwen2; Llama and Qwen3 with attention_bias
     qk_norm: bool            # Qwen3
     max_positions: int
     source: str              # folder the spec was read from
+    o_bias: bool = False     # o_proj bias: Llama and Qwen3 with attention_bias
+    mlp_bias: bool = False   # gate/up/down biases: Llama with mlp_bias
+    # transformers' sliding window: a query sees the keys kv with q − window < kv <= q (itself included), in the
+    # layers `window_layers`. The engines compute full causal attention, which is the same exactly when no
+    # sequence is longer than the window: check_sequence_length refuses the rest.
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
+
+    @property
+    def bias_targets(self) -> tuple[str, ...]:
+        """The projections (LORA_TARGETS order) that add a frozen bias [out] after their weight."""
+        biased = {"q_proj": self.qkv_bias, "k_proj": self.qkv_bias, "v_proj": self.qkv_bias, "o_proj": self.o_bias,
+                  "gate_proj": self.mlp_bias, "up_proj": self.mlp_bias, "down_proj": self.mlp_bias}
+        return tuple(t for t in LORA_TARGETS if biased[t])
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the engines compute exactly: the positions, and the sliding window if one is used."""
+        return min(self.max_positions, self.sliding_window) if self.window_layers else self.max_positions
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        """Refuse (UnsupportedModelError) sequences longer than a sliding window some layer uses: the engines'
+        attention has no window, so such a sequence would be trained on a different model than this one."""
+        if self.window_layers and seq_len > self.sliding_window:
+            raise UnsupportedModelError(
+                f"{self.source}: sequence length {seq_len} is longer than the model's sliding_window "
+                f"{self.sliding_window} (used by {_layer_list(self.window_layers, self.layers)}); the training "
+                f"engines compute attention without a window, which equals the model only for sequences of at "
+                f"most {self.sliding_window} tokens. Choose a seq-len <= {self.sliding_window}")
 
     @property
     def q_dim(self) -> int:
@@ -86,10 +118,17 @@ class ModelSpec:
 
     def parameter_count(self) -> int:
         per_layer = sum(o * i for o, i in map(self.projection_shape, LORA_TARGETS)) + 2 * self.hidden
-        per_layer += (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        per_layer += sum(self.projection_shape(t)[0] for t in self.bias_targets)
         per_layer += 2 * self.head_dim if self.qk_norm else 0
         embed = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * per_layer + embed + self.hidden
+
+
+def _layer_list(layers: tuple[int, ...], total: int) -> str:
+    """"all 4 layers", "layer 3" or "layers 2, 3" for a message."""
+    if len(layers) == total:
+        return f"all {total} layers"
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
 def load_model_spec(folder: str | Path) -> ModelSpec:
@@ -109,7 +148,8 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    # Qwen3Config's head_dim defaults to 128 (not hidden / heads) when config.json leaves it out.
+    head_dim = int(config.get("head_dim", 128 if model_type == "qwen3" else None) or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"{folder}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
     if head_dim > 256 or head_dim % 2:
@@ -117,14 +157,55 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{folder}: activation {config.get('hidden_act')!r}; only silu is supported")
     rope = _rope_spec(config, folder)
+    layers = int(config["num_hidden_layers"])
+    window, window_layers = _sliding_window(config, model_type, layers, folder)
+    # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
+    # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
+    # mlp_bias. Mistral has none, whatever its config says.
+    attention_bias = model_type in ("llama", "qwen3") and bool(config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
-        layers=int(config["num_hidden_layers"]), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=int(config["intermediate_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope=rope, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias,
         qk_norm=model_type == "qwen3", max_positions=int(config.get("max_position_embeddings", 2048)),
-        source=str(folder))
+        source=str(folder), o_bias=attention_bias,
+        mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
+        sliding_window=window, window_layers=window_layers)
+
+
+def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) -> tuple[int | None, tuple]:
+    """(window, layers that use it) as transformers 5 decides them.
+
+    Mistral: every layer, when `sliding_window` is set (MistralConfig's default is 4096; it ignores
+    layer_types). Qwen2/Qwen3: only with `use_sliding_window`; then the layers that `layer_types` marks
+    "sliding_attention", by default those from `max_window_layers` on. Llama has no window.
+    """
+    if model_type == "mistral":
+        window = config.get("sliding_window", 4096)
+        return (None, ()) if window is None else (int(window), tuple(range(layers)))
+    if model_type not in ("qwen2", "qwen3"):
+        return None, ()
+    window = config.get("sliding_window", 4096) if config.get("use_sliding_window", False) else None
+    types = config.get("layer_types")
+    if types is None:
+        first = int(config.get("max_window_layers", 28))
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(layers)]
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown or len(types) != layers:
+        raise UnsupportedModelError(
+            f"{folder}: layer_types {types!r} is unsupported: the engines compute 'full_attention' and "
+            f"'sliding_attention' layers, one entry per layer ({layers})")
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    if window is None and sliding:
+        # transformers itself raises here ("Could not find a `sliding_window` argument in the config").
+        raise UnsupportedModelError(
+            f"{folder}: layer_types marks {_layer_list(sliding, layers)} 'sliding_attention' but the config sets no "
+            f"window (use_sliding_window {config.get('use_sliding_window', False)!r}, sliding_window "
+            f"{config.get('sliding_window')!r}); transformers cannot run it either. Fix config.json")
+    return (None, ()) if window is None or not sliding else (int(window), sliding)
 
 
 def _rope_spec(config: dict, folder: Path) -> RopeSpec:

@@ -91,6 +91,7 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
                          packing=saved.get("packing", inputs.packing))
     if config.seq_len > spec.max_positions:
         raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
+    spec.check_sequence_length(config.seq_len)
     init_state = None
     if inputs.init_adapter and checkpoint is None:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)

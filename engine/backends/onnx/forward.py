@@ -22,7 +22,7 @@ class LinearGroup:
     member (a block-diagonal B over the concatenation spent 2-3x the FLOPs of the thin LoRA GEMMs on zeros).
     """
     weights: tuple[str, ...]        # frozen [out, in] per member
-    biases: tuple[str | None, ...]  # frozen [out] per member (Qwen2 q/k/v) or None
+    biases: tuple[str | None, ...]  # frozen [out] per member (ModelSpec.bias_targets) or None
     targets: tuple[str, ...]        # e.g. ("q_proj", "k_proj", "v_proj"), in the order of every tuple here
     lora: tuple[tuple[str, str, str, str] | None, ...]   # per target: (A input, B input, dA out, dB out) or None
     scaling: float

@@ -53,8 +53,6 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
         out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
         for t in QKV:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln1)
-            if spec.qkv_bias:
-                out[f"{i}.{t}.bias"] = take(f"{module_path(i, t)}.bias")
         if spec.qk_norm:
             out[f"{i}.q_norm"] = take(layer_tensor(i, "q_norm"))
             out[f"{i}.k_norm"] = take(layer_tensor(i, "k_norm"))
@@ -62,6 +60,8 @@ def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np
         for t in GATE_UP:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln2)
         out[f"{i}.down_proj"] = take(f"{module_path(i, 'down_proj')}.weight")
+        for t in spec.bias_targets:     # added after the product: folding a norm weight leaves them alone
+            out[f"{i}.{t}.bias"] = take(f"{module_path(i, t)}.bias")
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 

@@ -56,6 +56,7 @@ class WgpuBackend(TrainingBackend):
             tensors = tensors if tensors is not None else load_weights(model)
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
+        self.spec.check_sequence_length(seq_len)
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
         self.ctx = ctx or GpuContext.create()
         self.name = f"wgpu: {self.ctx.label} ({self.ctx.adapter.info.get('backend_type', '?')})"

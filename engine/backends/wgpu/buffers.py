@@ -54,6 +54,11 @@ def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int) -> list[tuple[
     return [(v0, min(rows, vocab - v0)) for v0 in range(0, vocab, rows)]
 
 
+def bias_name(target: str) -> str:
+    """LayerWeights field of a projection's bias: q_proj -> q_bias."""
+    return target.removesuffix("_proj") + "_bias"
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer's frozen weights, as Hugging Face stores them."""
@@ -66,9 +71,13 @@ class LayerWeights:
     gate: object                # [I, C]
     up: object                  # [I, C]
     down: object                # [C, I]
-    q_bias: object = None       # [QD]  Qwen2
-    k_bias: object = None       # [KVD] Qwen2
-    v_bias: object = None       # [KVD] Qwen2
+    q_bias: object = None       # [QD]  Qwen2; Llama, Qwen3 attention_bias
+    k_bias: object = None       # [KVD]
+    v_bias: object = None       # [KVD]
+    o_bias: object = None       # [C]   Llama, Qwen3 attention_bias
+    gate_bias: object = None    # [I]   Llama mlp_bias
+    up_bias: object = None      # [I]
+    down_bias: object = None    # [C]
     q_norm: object = None       # [HD]  Qwen3
     k_norm: object = None       # [HD]  Qwen3
 
@@ -141,8 +150,8 @@ def weight_shapes(spec: ModelSpec, max_binding_bytes: int) -> dict[str, tuple[in
     for layer in range(spec.layers):
         per = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C),
                "o": (C, spec.q_dim), "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
-        if spec.qkv_bias:
-            per.update(q_bias=(spec.q_dim,), k_bias=(spec.kv_dim,), v_bias=(spec.kv_dim,))
+        for target in spec.bias_targets:
+            per[bias_name(target)] = (spec.projection_shape(target)[0],)
         if spec.qk_norm:
             per.update(q_norm=(HD,), k_norm=(HD,))
         for name, shape in per.items():

@@ -13,7 +13,7 @@ from engine.backends.wgpu.kernels.swiglu import SwiGlu
 from engine.lora.config import LoraConfig, peft_key
 from engine.model.hf_names import LORA_TARGETS
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch
+from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch, bias_name
 from engine.backends.wgpu.weights import ModelWeights
 
 
@@ -76,7 +76,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         "up_proj": (a.ln2, a.up, s.d_up, s.d_ln, False),
         "down_proj": (a.h, s.proj, s.d_res, s.d_h, False),
     }
-    bias = {"q_proj": w.q_bias, "k_proj": w.k_bias, "v_proj": w.v_bias}
+    bias = {target: getattr(w, bias_name(target)) for target in spec.bias_targets}
     weight = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v, "o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up,
               "down_proj": w.down}
     proj, branches = {}, {}

@@ -1,0 +1,204 @@
+"""Config quirks that change what a model computes, on both training backends against transformers + PEFT.
+
+Biases (Llama attention_bias on q/k/v/o, Llama mlp_bias on gate/up/down, Qwen3 attention_bias) are trained
+exactly; sliding windows are accepted only where no sequence is longer than the window (there a window changes
+nothing) and refused, with the numbers, beyond it. Every bias is random and non-zero, so dropping one fails.
+"""
+import numpy as np
+import pytest
+
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.model.hf_names import module_path
+from engine.model.spec import UnsupportedModelError, load_model_spec
+from engine.backends.onnx import OnnxBackend
+from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
+from bench.tiny_models import make_model
+
+B, T, WINDOW = 2, 7, 7
+LORA = LoraConfig(rank=3, alpha=6)
+
+BIASED = {
+    "llama-attention-bias": ("llama", dict(attention_bias=True)),
+    # An MLP width over 2·SPLIT_MIN_K: down_proj's forward (K = 263, 14 rows) is split over K on the WGSL
+    # backend, so its bias is added by the split-K reduction.
+    "llama-mlp-bias": ("llama", dict(mlp_bias=True, intermediate_size=263)),
+    "qwen3-attention-bias": ("qwen3", dict(attention_bias=True)),
+}
+WINDOWED = {
+    # Mistral: every layer windowed. Qwen2: only layers from max_window_layers on (here layer 1 of 2).
+    "mistral-window": ("llama", dict(model_type="mistral", sliding_window=WINDOW)),
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+}
+
+
+def _randomize_biases(model, out_dir, seed: int) -> None:
+    """transformers initialises Linear biases to zero; give each a random value and save the model again."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def quirk_dirs(tmp_path_factory):
+    dirs = {}
+    for name, (arch, overrides) in {**BIASED, **WINDOWED}.items():
+        path = tmp_path_factory.mktemp(name)
+        model = make_model(arch, path, seed=3, **overrides)
+        if name in BIASED:
+            _randomize_biases(model, path, seed=5)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.fixture(params=list(BIASED) + list(WINDOWED))
+def quirk_dir(request, quirk_dirs):
+    return quirk_dirs[request.param]
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def _reference(model_dir):
+    spec = load_model_spec(model_dir)
+    state = random_lora_state(spec, LORA, seed=1)
+    ids, labels = random_batch(spec.vocab_size, B, T, seed=2)
+    return spec, state, ids, labels, loss_and_grads(peft_model(model_dir, LORA, state), ids, labels)
+
+
+def _assert_matches(logits, loss, grads, ref) -> None:
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-4, rtol=0)
+    assert loss == pytest.approx(ref.loss, rel=1e-5)
+    assert grads.keys() == ref.grads.keys()
+    for key, want in ref.grads.items():
+        assert rel_err(grads[key], want) < 1e-3, key
+
+
+@pytest.mark.parametrize("name", list(BIASED))
+def test_every_bias_of_the_config_is_loaded_and_matters(quirk_dirs, name):
+    """The spec names the biased projections; each bias is non-zero and moves the logits when dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = load_model_spec(quirk_dirs[name])
+    want = {"llama-attention-bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+            "llama-mlp-bias": ("gate_proj", "up_proj", "down_proj"),
+            "qwen3-attention-bias": ("q_proj", "k_proj", "v_proj", "o_proj")}[name]
+    assert spec.bias_targets == want
+    model = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32)
+    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, T, seed=3)[0].astype(np.int64))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        for target in want:
+            bias = model.get_submodule(module_path(spec.layers - 1, target)).bias
+            assert bias.abs().min() > 0, target
+            saved = bias.clone()
+            bias.zero_()
+            assert (model(input_ids=ids).logits - full).abs().max() > 1e-3, f"{target} bias changes nothing"
+            bias.copy_(saved)
+
+
+def test_onnx_backend_matches_peft(quirk_dir):
+    spec, state, ids, labels, ref = _reference(quirk_dir)
+    with OnnxBackend(quirk_dir, LORA, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+        loss, tokens, grads = be.gradients([(ids, labels)])
+        logits = be.logits(ids)
+    assert tokens == int((labels[:, 1:] != -100).sum())
+    _assert_matches(logits, loss, grads, ref)
+
+
+@pytest.mark.gpu
+def test_wgpu_backend_matches_peft(quirk_dir, gpu_device):
+    from engine.backends.wgpu.backend import WgpuBackend
+
+    spec, state, ids, labels, ref = _reference(quirk_dir)
+    with WgpuBackend(quirk_dir, LORA, OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state) as be:
+        if spec.mlp_bias:
+            assert be.model.layers[0].proj["down_proj"].forward.splits > 1
+        logits = be.logits(ids)
+        loss, grads = be.gradients([(ids, labels)])
+    _assert_matches(logits, loss, grads, ref)
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_window_changes_nothing_up_to_its_length_and_something_beyond(quirk_dirs, name):
+    """Why T <= window is accepted and T > window refused: transformers' own logits with and without the
+    window agree for T = window (a query sees q − window < kv <= q) and differ for T = window + 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = load_model_spec(quirk_dirs[name])
+    assert spec.sliding_window == WINDOW and spec.window_layers == ((0, 1) if name == "mistral-window" else (1,))
+    windowed = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32,
+                                                    attn_implementation="eager")
+    # Mistral has no layer_types: its window is all or nothing.
+    no_window = dict(sliding_window=None) if name == "mistral-window" else dict(
+        use_sliding_window=False, layer_types=["full_attention"] * spec.layers)
+    plain = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32,
+                                                 attn_implementation="eager", **no_window)
+    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, WINDOW + 1, seed=4)[0].astype(np.int64))
+    with torch.no_grad():
+        inside = (windowed(input_ids=ids[:, :WINDOW]).logits - plain(input_ids=ids[:, :WINDOW]).logits).abs().max()
+        beyond = (windowed(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max()
+    assert inside == 0
+    assert beyond > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_sequences_longer_than_the_window_are_refused_by_both_backends(quirk_dirs, name, gpu_device):
+    from engine.backends.wgpu.backend import WgpuBackend
+
+    layers = "all 2 layers" if name == "mistral-window" else "layer 1"
+    message = rf"sequence length {WINDOW + 1} is longer than the model's sliding_window {WINDOW} \(used by {layers}\)"
+    with pytest.raises(UnsupportedModelError, match=message):
+        OnnxBackend(quirk_dirs[name], LORA, OptimizerConfig(), 1, WINDOW + 1, threads=1)
+    with pytest.raises(UnsupportedModelError, match=message):
+        WgpuBackend(quirk_dirs[name], LORA, OptimizerConfig(), 1, WINDOW + 1, ctx=gpu_device)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_cli_refuses_a_seq_len_over_the_window_before_any_work(quirk_dirs, tmp_path, capsys, command):
+    """Training and perplexity (its windows are seq-len long) stop at the edge with one line and the numbers."""
+    from engine.cli import main
+
+    data = tmp_path / "train.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. The capital of France is Paris.\n" * 20)
+    extra = ["--out", str(tmp_path / "out")] if command == "train" else []
+    code = main([command, "--model", str(quirk_dirs["qwen2-window"]), "--data", str(data), "--seq-len", "32",
+                 "--backend", "cpu", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"sequence length 32 is longer than the model's sliding_window {WINDOW} (used by layer 1)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", list(BIASED))
+def test_merged_export_keeps_the_biases(quirk_dirs, tmp_path, name):
+    """Merging adds B·A to the weights only; the biases travel unchanged and the logits stay PEFT's."""
+    import torch
+
+    from engine.export.merged import export_merged
+    from bench.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
+
+    adapter_dir = make_adapter(quirk_dirs[name], tmp_path / "adapter", seed=5)
+    merged = load_base(export_merged(adapter_dir, quirk_dirs[name], tmp_path / "merged").path)
+    with torch.no_grad():
+        got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
+    np.testing.assert_allclose(got, peft_logits(quirk_dirs[name], adapter_dir), atol=1e-4, rtol=0)
+
+
+def test_plan_recommends_no_seq_len_over_the_window(quirk_dirs):
+    from app.plan import CorpusSummary, recommend
+
+    spec = load_model_spec(quirk_dirs["qwen2-window"])
+    summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
+    config, _ = recommend(summary, spec, has_hardware_gpu=False)
+    assert config.seq_len == WINDOW == spec.max_sequence_length
+    spec.check_sequence_length(config.seq_len)
