@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
+def write_gguf_base(model_dir: Path, out_path: Path, formats: tuple[str, ...] = ()) -> Path:
+    """`formats` (engine.weight_formats names): 2-D weights are stored in them in turn (by gguf-py where it
+    quantizes, else by engine.weight_formats), 1-D ones (norms, biases) stay f32; empty: every tensor f32."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -43,6 +45,7 @@ def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
     _add_vocab(w, model_dir, cfg)
 
     names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    n_stored = 0
     for key, value in load_file(model_dir / "model.safetensors").items():
         value = value.astype(np.float32)
         if permute and key.endswith("self_attn.q_proj.weight"):
@@ -51,12 +54,27 @@ def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
             value = llama_permute_rows(value, n_kv)
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         assert name is not None, key
-        w.add_tensor(name, np.ascontiguousarray(value))
+        if formats and value.ndim == 2:
+            _add_stored(w, name, value, formats[n_stored % len(formats)])
+            n_stored += 1
+        else:
+            w.add_tensor(name, np.ascontiguousarray(value))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+def _add_stored(w, name: str, value: np.ndarray, fmt_name: str) -> None:
+    import gguf
+
+    from engine.weight_formats import WeightFormat
+    from tests.weight_format_cases import gguf_bytes
+
+    fmt = WeightFormat.parse(fmt_name)
+    raw = np.frombuffer(gguf_bytes(np.ascontiguousarray(value), fmt), np.uint8).reshape(value.shape[0], -1)
+    w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(fmt.value))
 
 
 def _add_vocab(w, model_dir: Path, cfg: dict) -> None:
