@@ -293,8 +293,8 @@ def _quantize_k(blocks: np.ndarray, f: WeightFormat) -> bytes:
     offset dmin·m is the smallest step of dmin at or above −min(0, min x) (6-bit m, rounded up), its step d·sc
     the smallest step of d at or above (max x + dmin·m) / L (6-bit sc, rounded up), with d and dmin the f16 at
     or above the largest needed value / 63. Rounding the 6-bit values up keeps every weight inside
-    [−dmin·m, L·d·sc − dmin·m], so q = round((x + dmin·m) / (d·sc)) never clips and every weight is within half
-    a step (d·sc / 2, plus f32 rounding) of its value: tests/test_weight_formats.py checks that bound.
+    [−dmin·m, L·d·sc − dmin·m], so q = round((x + dmin·m) / (d·sc)) never clips and every weight is within
+    half a step (d·sc / 2, plus f32 rounding) of its value: tests/test_weight_formats.py checks that bound.
     q6_k: each group of 16 stores x ≈ (d·sc)·q, q in [−32, 31], sc an int8 in [0, 127]: d·sc is the smallest
     step of d at or above max|x| / 31, so again no weight clips and the error is at most half a step.
     """
