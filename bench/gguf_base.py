@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model.weight_formats import WeightFormat, quantize
 
-def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
+
+def write_gguf_base(model_dir: Path, out_path: Path, formats: tuple[str, ...] = ()) -> Path:
+    """`formats` (engine.model.weight_formats names): 2-D weights are stored in them in turn (by gguf-py where it
+    quantizes, else by engine.model.weight_formats), 1-D ones (norms, biases) stay f32; empty: every tensor f32."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -43,6 +47,7 @@ def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
     _add_vocab(w, model_dir, cfg)
 
     names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    n_stored = 0
     for key, value in load_file(model_dir / "model.safetensors").items():
         value = value.astype(np.float32)
         if permute and key.endswith("self_attn.q_proj.weight"):
@@ -51,12 +56,39 @@ def write_gguf_base(model_dir: Path, out_path: Path) -> Path:
             value = llama_permute_rows(value, n_kv)
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         assert name is not None, key
-        w.add_tensor(name, np.ascontiguousarray(value))
+        if formats and value.ndim == 2:
+            _add_stored(w, name, value, formats[n_stored % len(formats)])
+            n_stored += 1
+        else:
+            w.add_tensor(name, np.ascontiguousarray(value))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+# What gguf.quants.quantize can write; the K-quants it only reads.
+GGUF_QUANTIZES = (WeightFormat.F32, WeightFormat.F16, WeightFormat.BF16, WeightFormat.Q8_0, WeightFormat.Q4_0,
+                  WeightFormat.Q4_1)
+
+
+def gguf_bytes(x: np.ndarray, fmt: WeightFormat) -> bytes:
+    """GGUF bytes of x in fmt: written by gguf-py where it can, else by engine.model.weight_formats.quantize."""
+    if fmt in GGUF_QUANTIZES:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize as gguf_quantize
+        return np.ascontiguousarray(gguf_quantize(x, GGMLQuantizationType(fmt.value))).tobytes()
+    return quantize(x, fmt)
+
+
+
+def _add_stored(w, name: str, value: np.ndarray, fmt_name: str) -> None:
+    import gguf
+
+    fmt = WeightFormat.parse(fmt_name)
+    raw = np.frombuffer(gguf_bytes(np.ascontiguousarray(value), fmt), np.uint8).reshape(value.shape[0], -1)
+    w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(fmt.value))
 
 
 def _add_vocab(w, model_dir: Path, cfg: dict) -> None:

@@ -1,0 +1,82 @@
+"""A `.gguf` model's tensors as stored, one at a time, under their Hugging Face names, never dequantized.
+
+`read_gguf_tensors(path)` memory-maps the file (gguf.GGUFReader) and yields `GgufTensor(name, format, shape,
+raw)` where `raw` is the tensor's GGUF bytes [rows, bytes per row]: a view of the mapped file, or, for the
+rows llama.cpp permutes, a permuted copy of that one tensor. `engine.model.weight_formats.dequantize(t.raw,
+t.format, t.shape)` is then bit for bit the f32 tensor that engine.model.references.convert_gguf writes.
+
+Names and the Q/K row order come from the same code that conversion runs (transformers' GGUF loader, which
+engine.model.references.convert_gguf calls): its GGUF -> HF name map, built from a weightless (meta device) model of the
+file's config, and its per-architecture tensor processor, which undoes llama.cpp's Q/K row permutation for
+Llama-family models. That permutation reorders whole rows, and blocks run along a row, so it applies to the
+quantized bytes unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.model.weight_formats import WeightFormat
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str                 # Hugging Face state-dict name (model.layers.0.self_attn.q_proj.weight)
+    gguf_name: str            # as in the file (blk.0.attn_q.weight)
+    format: WeightFormat
+    shape: tuple[int, ...]    # torch shape: [out_features, in_features] for a weight, [n] for a norm or bias
+    raw: np.ndarray           # uint8 [rows, bytes per row] (1-D tensors: [1, bytes]) in HF row order
+
+
+def gguf_model_config(path: str | Path):
+    """The transformers config of a GGUF model, as transformers reads it (no tensors are read)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def read_gguf_tensors(path: str | Path) -> Iterator[GgufTensor]:
+    """Every tensor of the model at `path` that the HF model has, in file order, raw.
+
+    Tensors transformers' loader drops (rope_freqs and the like, which HF recomputes) are skipped as it skips
+    them. A tensor in a format engine.model.weight_formats does not hold (q5_0, iq*, …) raises a ValueError naming it.
+    """
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    path = Path(path)
+    reader = GGUFReader(path, "r")
+    config = gguf_model_config(path)
+    architecture = read_field(reader, "general.architecture")[0]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    del model
+    for t in reader.tensors:
+        if t.name not in names:
+            continue
+        try:
+            fmt = WeightFormat.parse(int(t.tensor_type))
+        except ValueError:
+            raise ValueError(f"{path.name}: tensor {t.name} is stored as {t.tensor_type.name}, which the engine "
+                             f"cannot train on; supported: {', '.join(f.name for f in WeightFormat)}") from None
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        rows = shape[0] if len(shape) == 2 else 1
+        raw = t.data.view(np.uint8).reshape(rows, -1)
+        # The processor reorders rows (Llama's Q/K) exactly as for the dequantized tensor in the f32 conversion.
+        done = processor.process(weights=raw, name=t.name, tensor_key_mapping=names,
+                                 parsed_parameters={"config": config.to_dict(), "tensors": {}})
+        if done.name in names:
+            yield GgufTensor(names[done.name], t.name, fmt, shape, done.weights)
