@@ -13,8 +13,8 @@ quantized bytes unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +39,26 @@ def gguf_model_config(path: str | Path):
     return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def read_gguf_tensors(path: str | Path) -> Iterator[GgufTensor]:
-    """Every tensor of the model at `path` that the HF model has, in file order, raw.
+@dataclass(frozen=True)
+class GgufEntry:
+    """One tensor of a GGUF file, found but not read: `read()` gives its raw rows in HF row order."""
+    gguf_name: str
+    format: WeightFormat
+    shape: tuple[int, ...]
+    _data: np.ndarray = field(repr=False)       # the memory-mapped bytes
+    _process: Callable = field(repr=False)      # the architecture's row processor (Llama Q/K un-permutation)
+
+    def read(self) -> np.ndarray:
+        rows = self.shape[0] if len(self.shape) == 2 else 1
+        return self._process(self._data.view(np.uint8).reshape(rows, -1), self.gguf_name)
+
+
+def gguf_tensor_index(path: str | Path) -> dict[str, GgufEntry]:
+    """{HF name: GgufEntry} of every tensor of the model at `path` that the HF model has, in file order.
 
     Tensors transformers' loader drops (rope_freqs and the like, which HF recomputes) are skipped as it skips
-    them. A tensor in a format engine.model.weight_formats does not hold (q5_0, iq*, …) raises a ValueError naming it.
+    them. A tensor in a format engine.model.weight_formats does not hold (q5_0, iq*, …) raises a ValueError naming
+    it. The file stays memory-mapped; nothing is read until an entry's `read()`.
     """
     import torch
     from gguf import GGUFReader
@@ -64,6 +79,14 @@ def read_gguf_tensors(path: str | Path) -> Iterator[GgufTensor]:
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     names = get_gguf_hf_weights_map(model, processor)
     del model
+    parsed = {"config": config.to_dict(), "tensors": {}}
+
+    def process(raw: np.ndarray, gguf_name: str) -> np.ndarray:
+        # The processor reorders rows (Llama's Q/K) exactly as for the dequantized tensor in the f32 conversion.
+        return processor.process(weights=raw, name=gguf_name, tensor_key_mapping=names,
+                                 parsed_parameters=parsed).weights
+
+    index = {}
     for t in reader.tensors:
         if t.name not in names:
             continue
@@ -73,10 +96,11 @@ def read_gguf_tensors(path: str | Path) -> Iterator[GgufTensor]:
             raise ValueError(f"{path.name}: tensor {t.name} is stored as {t.tensor_type.name}, which the engine "
                              f"cannot train on; supported: {', '.join(f.name for f in WeightFormat)}") from None
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        rows = shape[0] if len(shape) == 2 else 1
-        raw = t.data.view(np.uint8).reshape(rows, -1)
-        # The processor reorders rows (Llama's Q/K) exactly as for the dequantized tensor in the f32 conversion.
-        done = processor.process(weights=raw, name=t.name, tensor_key_mapping=names,
-                                 parsed_parameters={"config": config.to_dict(), "tensors": {}})
-        if done.name in names:
-            yield GgufTensor(names[done.name], t.name, fmt, shape, done.weights)
+        index[names[t.name]] = GgufEntry(t.name, fmt, shape, t.data, process)
+    return index
+
+
+def read_gguf_tensors(path: str | Path) -> Iterator[GgufTensor]:
+    """Every tensor of gguf_tensor_index(path), read one at a time in file order."""
+    for name, entry in gguf_tensor_index(path).items():
+        yield GgufTensor(name, entry.gguf_name, entry.format, entry.shape, entry.read())

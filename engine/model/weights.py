@@ -1,0 +1,155 @@
+"""Where a model's frozen tensors come from, one tensor at a time and in the format they are stored in.
+
+A `WeightSource` is a safetensors folder (f32, f16 or bf16, one file or shards) or a GGUF file (block formats
+too). Both answer the same three questions: which tensors there are (`stored`: name, format, shape), a tensor's
+bytes as stored (`raw`: uint8 [rows, bytes per row], GGUF's byte layout, which for f32/f16/bf16 is the plain
+little-endian array), and a tensor as float32 (`f32`). `as_format` gives a tensor in another format, quantized
+from its f32 values where the stored format differs. Nothing here holds more than the tensor asked for: a backend
+converts and uploads tensor by tensor, so loading never builds a full f32 copy of the model.
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize
+
+GGUF_MARKER = "lora-lab-source.json"   # a model folder whose weights are a GGUF file names it here ({"gguf": ...})
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str                    # Hugging Face state-dict name
+    format: WeightFormat         # as stored in the file
+    shape: tuple[int, ...]       # torch shape: [out, in] for a weight, [n] for a norm or bias
+
+
+class WeightSource(ABC):
+    origin: Path
+
+    @abstractmethod
+    def stored(self) -> dict[str, StoredTensor]:
+        """Every tensor of the model, by name."""
+
+    @abstractmethod
+    def raw(self, name: str) -> np.ndarray:
+        """uint8 [rows, bytes per row] of one tensor as stored (1-D tensors: one row)."""
+
+    def require(self, name: str, shape: tuple[int, ...]) -> StoredTensor:
+        """The tensor `name`, or a ValueError naming the model and what is wrong with it."""
+        tensor = self.stored().get(name)
+        if tensor is None:
+            raise ValueError(f"{self.origin}: weight {name!r} is missing")
+        if tensor.shape != tuple(shape):
+            raise ValueError(f"{self.origin}: weight {name!r} has shape {tensor.shape}, expected {tuple(shape)}")
+        return tensor
+
+    def f32(self, name: str) -> np.ndarray:
+        """One tensor as float32 in its torch shape (block formats dequantized exactly as gguf-py does)."""
+        tensor = self.stored()[name]
+        return dequantize(self.raw(name), tensor.format, tensor.shape).reshape(tensor.shape)
+
+    def as_format(self, name: str, fmt: WeightFormat) -> np.ndarray:
+        """uint8 [rows, bytes per row] of one tensor in `fmt`: as stored when it is stored so, else quantized (or
+        widened) from its float32 values."""
+        tensor = self.stored()[name]
+        if tensor.format == fmt:
+            return self.raw(name)
+        rows = tensor.shape[0] if len(tensor.shape) == 2 else 1
+        FORMATS[fmt].check_shape(tensor.shape, f"{self.origin}: {name}")
+        return np.frombuffer(quantize(self.f32(name), fmt), np.uint8).reshape(rows, -1)
+
+
+class SafetensorsWeights(WeightSource):
+    """A Hugging Face folder's *.safetensors (adapters excluded), each tensor read on demand."""
+
+    DTYPES = {"F32": WeightFormat.F32, "F16": WeightFormat.F16, "BF16": WeightFormat.BF16}
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.origin = folder
+        self._files: dict[str, Path] = {}
+        self._stored: dict[str, StoredTensor] = {}
+        for file in safetensors_files(folder):
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    meta = handle.get_slice(key)
+                    dtype = meta.get_dtype()
+                    if dtype not in self.DTYPES:
+                        raise ValueError(f"{file}: tensor {key} is stored as {dtype}; the engine reads F32, F16 "
+                                         "and BF16 safetensors")
+                    self._files[key] = file
+                    self._stored[key] = StoredTensor(key, self.DTYPES[dtype], tuple(meta.get_shape()))
+
+    def stored(self) -> dict[str, StoredTensor]:
+        return self._stored
+
+    def raw(self, name: str) -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as handle:
+            tensor = handle.get_tensor(name)        # torch: numpy has no bfloat16
+        shape = self._stored[name].shape
+        rows = shape[0] if len(shape) == 2 else 1
+        return tensor.contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+
+
+class GgufWeights(WeightSource):
+    """A .gguf file's tensors under their Hugging Face names, memory-mapped, never dequantized unless asked.
+
+    Names and llama.cpp's Q/K row order come from transformers' own GGUF loader (engine.model.gguf_tensors)."""
+
+    def __init__(self, path: Path):
+        from engine.model.gguf_tensors import gguf_tensor_index
+
+        self.origin = path
+        self._index = gguf_tensor_index(path)
+        self._stored = {name: StoredTensor(name, entry.format, entry.shape) for name, entry in self._index.items()}
+
+    def stored(self) -> dict[str, StoredTensor]:
+        return self._stored
+
+    def raw(self, name: str) -> np.ndarray:
+        return self._index[name].read()
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    files = [f for f in sorted(Path(folder).glob("*.safetensors")) if not f.name.startswith("adapter_")]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (convert .bin checkpoints or a .gguf first)")
+    return files
+
+
+def gguf_of(folder: Path) -> Path | None:
+    """The GGUF file a model folder's weights live in, when the folder was made from one and holds no copy."""
+    marker = Path(folder) / GGUF_MARKER
+    if not marker.is_file() or any(Path(folder).glob("model*.safetensors")):
+        return None
+    try:
+        name = json.loads(marker.read_text(encoding="utf-8")).get("gguf")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    path = Path(name) if name and Path(name).is_absolute() else Path(folder).parent / (name or "")
+    return path if name and path.is_file() else None
+
+
+def open_weights(model: str | Path) -> WeightSource:
+    """The weights of a model folder (its safetensors, or the GGUF file it was made from) or of a .gguf file."""
+    model = Path(model)
+    if model.is_file() and model.suffix.lower() == ".gguf":
+        return GgufWeights(model)
+    gguf = gguf_of(model)
+    return GgufWeights(gguf) if gguf is not None else SafetensorsWeights(model)
+
+
+def load_weights(model: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{name: float32 array} of every tensor (or of `names`): for tests and small models only, since it holds the
+    whole f32 model; the backends read tensor by tensor through open_weights."""
+    source = open_weights(model)
+    return {name: source.f32(name) for name in (names if names is not None else source.stored())}
