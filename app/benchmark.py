@@ -1,6 +1,7 @@
 """The Benchmark button's work: measure each wgpu adapter (engine.backends.wgpu.microbench) and the CPU backend on the model.
 
-Runs in a worker thread; returns app.plan.Benchmark records the wizard turns into an ETA.
+run_benchmarks runs in a worker thread and each measurement in a child process; it returns app.plan.Benchmark
+records the wizard turns into an ETA.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """`lora-lab-gui` / `python -m app`: open the main window, optionally on a model.
 
-The application runs under qasync, so Qt's event loop is also the asyncio loop and coroutines (the engine's
-handover among them) can be awaited from the window without a second loop in the GUI thread.
+The application runs under qasync, so Qt's event loop is also the asyncio loop: a coroutine can be awaited from
+the window without a second loop in the GUI thread. The training run does not use it: TrainingController runs the
+engine's handover on its own asyncio loop in a worker thread, so the window only ever receives signals.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The LoRA-Lab main window: header (model picker and the actions), chat, training console, log, status bar.
 
 The window wires controllers (chat, corpus, training) to dialogs and panels; the work itself happens in the
-engine, in worker threads.
+engine, in worker threads (training, evaluation and the benchmark in a child process that a worker thread waits on).
 """
 from __future__ import annotations
 
@@ -53,7 +53,18 @@ class MainWindow(QMainWindow):
         self.corpus_controller = CorpusController(self)
         self.training = TrainingController(self.chat.handover, self)
 
-        # ---- header -------------------------------------------------------------------------------------------
+        self._build_panels(self._build_header())
+        self._build_status_bar()
+        self._warm_console()
+        self._connect()
+        self._restore_settings()
+        self._update_actions()
+        run_in_thread(self, detect, on_result=self._on_hardware, on_error=self._on_error)
+        if model_ref:
+            self.load_model(model_ref)
+
+    def _build_header(self) -> QHBoxLayout:
+        """The model picker and one button per action; the buttons are reached by name (self.buttons["Plan"])."""
         self.picker = ModelPicker()
         self.buttons = {}
         header = QHBoxLayout()
@@ -69,8 +80,10 @@ class MainWindow(QMainWindow):
             button.setToolTip(tip)
             self.buttons[name] = button
             header.addWidget(button)
+        return header
 
-        # ---- panels -------------------------------------------------------------------------------------------
+    def _build_panels(self, header: QHBoxLayout) -> None:
+        """Model info and log on the left, chat and training console as tabs on the right, under the header."""
         self.model_info = ModelInfo()
         self.log = QPlainTextEdit(readOnly=True, objectName="log")
         self.log.setMaximumBlockCount(5000)
@@ -94,6 +107,7 @@ class MainWindow(QMainWindow):
         layout.addWidget(self.splitter, 1)
         self.setCentralWidget(central)
 
+    def _build_status_bar(self) -> None:
         self.hardware_label = QLabel("detecting hardware…", objectName="hardware")
         self.backend_label = QLabel("training backend: auto", objectName="backend")
         self.state_label = QLabel("no model", objectName="engine-state")
@@ -101,16 +115,11 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.backend_label)
         self.statusBar().addPermanentWidget(self.state_label)
 
+    def _warm_console(self) -> None:
         # The console's first layout and paint (pyqtgraph's fonts and axes above all) takes ~100 ms; paying it at
         # startup keeps it out of the moment a run starts and the console comes to the front.
         self.console.resize(980, 700)
         self.console.grab()
-        self._connect()
-        self._restore_settings()
-        self._update_actions()
-        run_in_thread(self, detect, on_result=self._on_hardware, on_error=self._on_error)
-        if model_ref:
-            self.load_model(model_ref)
 
     def _connect(self) -> None:
         self.picker.model_chosen.connect(self.load_model)

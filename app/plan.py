@@ -57,7 +57,8 @@ def recommend(summary: CorpusSummary, spec: ModelSpec, has_hardware_gpu: bool) -
     # Small corpora need several passes to move the loss; large ones one pass (more only overfits).
     epochs = 3 if train_n < 200 else 2 if train_n < 2000 else 1
     steps = epochs * math.ceil(train_n / batch)
-    # No dropout by default: the CPU backend in main refuses it (its dropout is still on the onnx branch).
+    # No dropout by default, as in PEFT; both backends (WGSL and onnxruntime) train with it if the Method page
+    # sets it.
     lora = LoraConfig(rank=16, alpha=32.0, dropout=0.0)
     config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=2e-4, schedule="cosine",
                          warmup_steps=max(0, round(0.05 * steps)), eval_every=max(1, steps // 4))

@@ -58,22 +58,10 @@ def save(widget, out: Path, name: str) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.screenshots")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--model", default="demo", help="model reference (default: the demo model)")
-    parser.add_argument("--steps", type=int, default=12, help="training steps for the console screenshot")
-    parser.add_argument("--backend", default="cpu", help="training backend (default cpu)")
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
-
-    from PySide6.QtCore import QSettings
-    from PySide6.QtWidgets import QApplication, QDialogButtonBox, QWizard
-
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    app.setOrganizationName("LoRA-Lab-screenshots")   # settings of the user's own LoRA-Lab stay untouched
-    app.setApplicationName("LoRA-Lab")
-    QSettings().clear()
+    app = _start_app()
 
     from app.main_window import MainWindow
 
@@ -84,12 +72,49 @@ def main(argv=None) -> int:
     window.show()
     wait_until(app, lambda: window.chat.engine.loaded and window.hardware is not None, 300, "the model")
 
+    _shoot_hardware(app, window, args.out)
+    _shoot_corpus(app, window, args.out, files)
+    _shoot_plan_and_training(app, window, args.out, work / "adapter", args.backend, args.steps)
+    _shoot_chat(app, window, args.out)
+    _shoot_save(app, window, args.out, work / "saved")
+    window.close()
+    from app.workers import wait_for_workers
+
+    wait_for_workers()
+    return 0
+
+
+def _parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m app.screenshots")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="demo", help="model reference (default: the demo model)")
+    parser.add_argument("--steps", type=int, default=12, help="training steps for the console screenshot")
+    parser.add_argument("--backend", default="cpu", help="training backend (default cpu)")
+    return parser.parse_args(argv)
+
+
+def _start_app():
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("LoRA-Lab-screenshots")   # settings of the user's own LoRA-Lab stay untouched
+    app.setApplicationName("LoRA-Lab")
+    QSettings().clear()
+    return app
+
+
+def _shoot_hardware(app, window, out: Path) -> None:
     window.buttons["Hardware"].click()
     hardware = window.dialogs["hardware"]
     hardware.benchmark.click()
     wait_until(app, lambda: hardware.benchmark.isEnabled() and hardware.benchmarks, 900, "the benchmark")
-    save(hardware, args.out, "hardware")
+    save(hardware, out, "hardware")
     hardware.close()
+
+
+def _shoot_corpus(app, window, out: Path, files: list[Path]) -> None:
+    from PySide6.QtWidgets import QDialogButtonBox
 
     window.buttons["Corpus"].click()
     corpus = window.dialogs["corpus"]
@@ -99,26 +124,33 @@ def main(argv=None) -> int:
     corpus.read.click()
     wait_until(app, lambda: window.corpus_controller.corpus is not None, 300, "the corpus")
     corpus.example.setValue(1)
-    save(corpus, args.out, "corpus")
+    save(corpus, out, "corpus")
     corpus.buttons.button(QDialogButtonBox.Ok).click()
+
+
+def _shoot_plan_and_training(app, window, out: Path, adapter_dir: Path, backend: str, steps: int) -> None:
+    """The wizard's method and review pages, then the console once the run is over and chat has the adapter."""
+    from PySide6.QtWidgets import QWizard
 
     window.buttons["Plan"].click()
     wizard = window.dialogs["plan"]
-    wizard.backend.setCurrentIndex(max(0, wizard.backend.findData(args.backend)))
+    wizard.backend.setCurrentIndex(max(0, wizard.backend.findData(backend)))
     wizard.next()
     wizard.next()
-    save(wizard, args.out, "wizard-method")
+    save(wizard, out, "wizard-method")
     wizard.next()
-    wizard.max_steps.setValue(args.steps)
+    wizard.max_steps.setValue(steps)
     wizard.next()
-    wizard.out_dir.setText(str(work / "adapter"))
+    wizard.out_dir.setText(str(adapter_dir))
     wait_until(app, lambda: "steps" in wizard.review_label.text(), 10, "the review page")
-    save(wizard, args.out, "wizard-review")
+    save(wizard, out, "wizard-review")
     wizard.button(QWizard.FinishButton).click()
     wait_until(app, lambda: not window.training.running, 1800, "training")
     wait_until(app, lambda: window.chat.active_adapter is not None, 300, "chat with the new adapter")
-    save(window, args.out, "training-console")
+    save(window, out, "training-console")
 
+
+def _shoot_chat(app, window, out: Path) -> None:
     window.tabs.setCurrentWidget(window.chat_panel)
     panel = window.chat_panel
     panel.generation.max_new_tokens.setValue(48)
@@ -128,21 +160,20 @@ def main(argv=None) -> int:
     panel.send.click()
     wait_until(app, lambda: not window.chat.busy and window.chat.last_answer(), 600, "the answers")
     wait_until(app, lambda: "…" not in panel.views[-1].toPlainText(), 5, "the rendering")
-    save(window, args.out, "chat-compare")
+    save(window, out, "chat-compare")
+
+
+def _shoot_save(app, window, out: Path, folder: Path) -> None:
+    from PySide6.QtWidgets import QDialogButtonBox
 
     window.buttons["Save Adapter"].click()
     dialog = window.dialogs["save"]
-    dialog.folder.setText(str(work / "saved"))
+    dialog.folder.setText(str(folder))
     dialog.gguf.setChecked(True)
     dialog.buttons.button(QDialogButtonBox.Save).click()
     wait_until(app, lambda: bool(dialog.written) or "failed" in dialog.status.text(), 600, "saving")
-    save(dialog, args.out, "save")
+    save(dialog, out, "save")
     dialog.close()
-    window.close()
-    from app.workers import wait_for_workers
-
-    wait_for_workers()
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,16 +50,21 @@ class ChatPanel(QWidget):
     def __init__(self, controller: ChatController, parent=None):
         super().__init__(parent)
         self.controller = controller
+        self._build_widgets()
+        self._build_layout()
+        # Streaming sends a signal per token; re-rendering Markdown at most every 50 ms keeps the UI light.
+        self._render_timer = QTimer(self, singleShot=True, interval=50)
+        self._render_timer.timeout.connect(self._render)
+        self._connect()
+        self._on_busy(False)
+        self._render()
+
+    def _build_widgets(self) -> None:
         self.adapter = AdapterSelector()
         self.compare = QCheckBox("Compare with base", objectName="compare")
         self.compare.setToolTip("Answer each prompt twice, side by side: the base model and the selected adapter")
-        top = QHBoxLayout()
-        top.addWidget(QLabel("Answer with:"))
-        top.addWidget(self.adapter, 1)
-        top.addWidget(self.compare)
-
         self.columns = QSplitter(Qt.Horizontal)
-        self.views: list[MarkdownView] = []
+        self.views: list[MarkdownView] = []      # one per conversation column, made by _render as needed
         self.prompt = QPlainTextEdit(objectName="prompt", placeholderText="Ask something… (Ctrl+Enter sends)")
         self.prompt.setMaximumHeight(90)
         self.send = QPushButton("Send", objectName="send")
@@ -68,12 +73,18 @@ class ChatPanel(QWidget):
         self.copy = QPushButton("Copy", objectName="copy")
         self.copy.setToolTip("Copy the last answer")
         self.clear = QPushButton("Clear", objectName="clear")
+        self.generation = GenerationSettingsBox()
+
+    def _build_layout(self) -> None:
+        """Selector row, answer columns, prompt and buttons on the left; generation settings on the right."""
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Answer with:"))
+        top.addWidget(self.adapter, 1)
+        top.addWidget(self.compare)
         buttons = QHBoxLayout()
         for b in (self.send, self.stop, self.regenerate, self.copy, self.clear):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        self.generation = GenerationSettingsBox()
-
         left = QVBoxLayout()
         left.addLayout(top)
         left.addWidget(self.columns, 1)
@@ -86,10 +97,8 @@ class ChatPanel(QWidget):
         side.addStretch(1)
         layout.addLayout(side)
 
-        # Streaming sends a signal per token; re-rendering Markdown at most every 50 ms keeps the UI light.
-        self._render_timer = QTimer(self, singleShot=True, interval=50)
-        self._render_timer.timeout.connect(self._render)
-
+    def _connect(self) -> None:
+        controller = self.controller
         self.adapter.currentIndexChanged.connect(lambda _: controller.set_active_adapter(self.adapter.selected()))
         self.compare.toggled.connect(controller.set_compare)
         self.send.clicked.connect(self._send)
@@ -103,10 +112,8 @@ class ChatPanel(QWidget):
         controller.conversations_changed.connect(self._render_timer.start)
         controller.busy_changed.connect(self._on_busy)
         controller.model_ready.connect(lambda _: self._on_busy(controller.busy))
-        # While training holds the device the chat model is unloaded: Send waits for it to come back.
+        # While training holds the device the chat model is unloaded: Send stays disabled until it is back.
         controller.state_changed.connect(lambda _: self._on_busy(controller.busy))
-        self._on_busy(False)
-        self._render()
 
     def _send(self) -> None:
         text = self.prompt.toPlainText()

@@ -43,23 +43,37 @@ class CorpusDialog(QDialog):
         self.resize(1000, 720)
         self.setAcceptDrops(True)
         self.controller, self.model_dir = controller, model_dir
+        self._build_sources()
+        self._build_reading()
+        self._build_results()
+        self._build_layout()
+        self._connect()
+        # The controller outlives the dialog: show what it already holds (files added, corpus read, a read running).
+        self._show_files(controller.files)
+        if controller.corpus is not None:
+            self._show_corpus(controller.corpus)
+        self._on_running(controller.running)
 
+    def _build_sources(self):
         self.add_files = QPushButton("Add files…", objectName="corpus-add-files")
         self.add_folder = QPushButton("Add folder…", objectName="corpus-add-folder")
         self.recent = QToolButton(objectName="corpus-recent", text="Recent")
         self.recent.setPopupMode(QToolButton.InstantPopup)
         self.recent.setMenu(QMenu(self.recent))
-        self.recent.menu().aboutToShow.connect(self._fill_recent)
         self.drop_hint = QLabel("…or drop files and folders here", objectName="drop-hint")
         self.paste = QPlainTextEdit(objectName="corpus-paste", placeholderText="Paste text or JSONL records here")
         self.paste.setMaximumHeight(80)
         self.add_paste = QPushButton("Add pasted text", objectName="corpus-add-paste")
+
+    def _build_reading(self):
         self.seq_len = QSpinBox(minimum=16, maximum=32768, value=512, singleStep=64, objectName="corpus-seq-len")
         self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, value=0.1, decimals=2,
                                         objectName="corpus-val-split")
         self.read = QPushButton("Read corpus", objectName="corpus-read")
         self.cancel = QPushButton("Cancel reading", objectName="corpus-cancel")
         self.progress = QProgressBar(objectName="corpus-progress")
+
+    def _build_results(self):
         self.table = QTableWidget(0, len(COLUMNS), objectName="corpus-table")
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.horizontalHeader().setStretchLastSection(True)
@@ -72,6 +86,7 @@ class CorpusDialog(QDialog):
         self.buttons.button(QDialogButtonBox.Ok).setText("Use this corpus")
         self.buttons.button(QDialogButtonBox.Ok).setObjectName("corpus-use")
 
+    def _build_layout(self):
         sources = QHBoxLayout()
         sources.addWidget(self.add_files)
         sources.addWidget(self.add_folder)
@@ -88,20 +103,9 @@ class CorpusDialog(QDialog):
         run_row.addWidget(self.read)
         run_row.addWidget(self.cancel)
         run_row.addWidget(self.progress, 1)
-        preview_box = QWidget()
-        preview_layout = QVBoxLayout(preview_box)
-        preview_layout.setContentsMargins(0, 0, 0, 0)
-        example_row = QHBoxLayout()
-        example_row.addWidget(QLabel("Example (training sequence):"))
-        example_row.addWidget(self.example)
-        example_row.addWidget(QLabel("<span style='background:#d9f2d9'>trained</span> · "
-                                     "<span style='color:#8a8a8a'>masked (context only)</span>"))
-        example_row.addStretch(1)
-        preview_layout.addLayout(example_row)
-        preview_layout.addWidget(self.preview)
         split = QSplitter(Qt.Vertical)
         split.addWidget(self.table)
-        split.addWidget(preview_box)
+        split.addWidget(self._preview_box())
         layout = QVBoxLayout(self)
         layout.addLayout(sources)
         layout.addLayout(paste_row)
@@ -110,24 +114,37 @@ class CorpusDialog(QDialog):
         layout.addWidget(self.totals)
         layout.addWidget(self.buttons)
 
+    def _preview_box(self) -> QWidget:
+        """The example picker, the trained/masked legend, and the rendered example under them."""
+        box = QWidget()
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        example_row = QHBoxLayout()
+        example_row.addWidget(QLabel("Example (training sequence):"))
+        example_row.addWidget(self.example)
+        example_row.addWidget(QLabel("<span style='background:#d9f2d9'>trained</span> · "
+                                     "<span style='color:#8a8a8a'>masked (context only)</span>"))
+        example_row.addStretch(1)
+        layout.addLayout(example_row)
+        layout.addWidget(self.preview)
+        return box
+
+    def _connect(self):
+        self.recent.menu().aboutToShow.connect(self._fill_recent)
         self.add_files.clicked.connect(self._pick_files)
         self.add_folder.clicked.connect(self._pick_folder)
         self.add_paste.clicked.connect(self._add_paste)
         self.read.clicked.connect(self.read_corpus)
-        self.cancel.clicked.connect(controller.cancel)
+        self.cancel.clicked.connect(self.controller.cancel)
         self.example.valueChanged.connect(self._show_example)
         self.table.cellClicked.connect(self._cell_clicked)
         self.buttons.accepted.connect(self._use)
         self.buttons.rejected.connect(self.reject)
-        controller.files_changed.connect(self._show_files)
-        controller.progress.connect(self.progress.setValue)
-        controller.loaded.connect(self._show_corpus)
-        controller.failed.connect(self._failed)
-        controller.running_changed.connect(self._on_running)
-        self._show_files(controller.files)
-        if controller.corpus is not None:
-            self._show_corpus(controller.corpus)
-        self._on_running(controller.running)
+        self.controller.files_changed.connect(self._show_files)
+        self.controller.progress.connect(self.progress.setValue)
+        self.controller.loaded.connect(self._show_corpus)
+        self.controller.failed.connect(self._failed)
+        self.controller.running_changed.connect(self._on_running)
 
     # -- sources ----------------------------------------------------------------------------------------------
     def dragEnterEvent(self, event):   # noqa: N802

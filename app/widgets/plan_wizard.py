@@ -54,13 +54,22 @@ class PlanWizard(QWizard):
         return page, form
 
     def _build_pages(self, c: TrainConfig, val_split: float) -> None:
-        s, corpus = self.spec, self.summary
+        self._build_model_page()
+        self._build_corpus_page(val_split)
+        self._build_method_page(c)
+        self._build_schedule_page(c)
+        self._build_review_page()
+
+    def _build_model_page(self) -> None:
+        s = self.spec
         _, form = self._page("Model", "The base model the adapter is trained for.")
         form.addRow("Model:", QLabel(self.model_ref, objectName="plan-model"))
         form.addRow("Architecture:", QLabel(f"{s.model_type}, {s.layers} layers, hidden {s.hidden}, "
                                             f"{s.parameter_count() / 1e6:.1f} M parameters"))
         form.addRow("Context:", QLabel(f"{s.max_positions} tokens"))
 
+    def _build_corpus_page(self, val_split: float) -> None:
+        corpus = self.summary
         _, form = self._page("Corpus", "What was read from your files (Corpus dialog).")
         form.addRow("Files:", QLabel("\n".join(Path(f).name for f in corpus.files), wordWrap=True))
         form.addRow("Training sequences:", QLabel(f"{corpus.sequences:,}", objectName="plan-sequences"))
@@ -70,6 +79,7 @@ class PlanWizard(QWizard):
                                         objectName="plan-val-split")
         form.addRow("Validation split:", self.val_split)
 
+    def _build_method_page(self, c: TrainConfig) -> None:
         _, form = self._page("Method", "LoRA: which projections get an adapter and how large it is.")
         self.targets = {}
         row = QHBoxLayout()
@@ -89,6 +99,7 @@ class PlanWizard(QWizard):
         form.addRow("Dropout:", self.dropout)
         form.addRow("rsLoRA:", self.rslora)
 
+    def _build_schedule_page(self, c: TrainConfig) -> None:
         _, form = self._page("Schedule", "How long and how fast to train.")
         self.epochs = QSpinBox(minimum=1, maximum=1000, value=c.epochs, objectName="plan-epochs")
         self.max_steps = QSpinBox(minimum=0, maximum=10**7, value=c.max_steps, objectName="plan-max-steps",
@@ -101,19 +112,12 @@ class PlanWizard(QWizard):
         self.warmup = QSpinBox(minimum=0, maximum=10**6, value=c.warmup_steps, objectName="plan-warmup")
         self.batch = QSpinBox(minimum=1, maximum=1024, value=c.batch_size, objectName="plan-batch")
         self.accum = QSpinBox(minimum=1, maximum=1024, value=c.grad_accum, objectName="plan-accum")
-        self.seq_len = QSpinBox(minimum=16, maximum=s.max_sequence_length, value=c.seq_len, objectName="plan-seq-len")
+        self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_sequence_length, value=c.seq_len,
+                                objectName="plan-seq-len")
         self.optimizer = QComboBox(objectName="plan-optimizer")
         self.optimizer.addItems(list(OPTIMIZERS))
         self.optimizer.setCurrentText(c.optim.name)
-        self.backend = QComboBox(objectName="plan-backend")
-        self.backend.addItem("auto (fastest measured)", "auto")
-        self.backend.addItem("CPU (onnxruntime)", "cpu")
-        for a in (self.hardware.adapters if self.hardware else ()):
-            if a.backend != "OpenGL":
-                self.backend.addItem(f"{a.name} ({a.backend})" + (" — software" if a.software else ""),
-                                     f"wgpu:{a.name}")
-        chosen = self.backend.findData(QSettings().value("train/backend", "auto"))
-        self.backend.setCurrentIndex(max(0, chosen))
+        self.backend = self._backend_choice()
         self._eval_every = c.eval_every
         for label, w in (("Epochs:", self.epochs), ("Or steps:", self.max_steps), ("Learning rate:", self.lr),
                          ("Schedule:", self.schedule), ("Warmup steps:", self.warmup), ("Batch size:", self.batch),
@@ -121,6 +125,20 @@ class PlanWizard(QWizard):
                          ("Optimizer:", self.optimizer), ("Backend:", self.backend)):
             form.addRow(label, w)
 
+    def _backend_choice(self) -> QComboBox:
+        """auto, the CPU, or one wgpu adapter by name (not OpenGL ones); starts on the last requested run's choice."""
+        backend = QComboBox(objectName="plan-backend")
+        backend.addItem("auto (fastest measured)", "auto")
+        backend.addItem("CPU (onnxruntime)", "cpu")
+        for a in (self.hardware.adapters if self.hardware else ()):
+            if a.backend != "OpenGL":
+                backend.addItem(f"{a.name} ({a.backend})" + (" — software" if a.software else ""),
+                                f"wgpu:{a.name}")
+        chosen = backend.findData(QSettings().value("train/backend", "auto"))
+        backend.setCurrentIndex(max(0, chosen))
+        return backend
+
+    def _build_review_page(self) -> None:
         page, _ = self._page("Review", "What the run needs against what this machine has.")
         layout = page.layout()
         self.review_label = QLabel(objectName="plan-review", wordWrap=True)

@@ -1,5 +1,7 @@
 """The whole journey through the widgets on a tiny model: load, corpus, wizard defaults, train to the end (the
-event loop never stalls), save, chat with the adapter, Compare. CPU backend (onnxruntime)."""
+event loop never stalls), evaluate, save, chat with the adapter, Compare. CPU backend (onnxruntime).
+
+One test, one helper per stage called in order: each stage starts from where the previous one left the window."""
 import time
 
 import pytest
@@ -50,13 +52,29 @@ class StallMeter:
 def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     corpus_file = tmp_path / "train.txt"
     corpus_file.write_text(TEXT * 12, encoding="utf-8")
-    window = MainWindow(str(tiny_llama_dir))
+    out = tmp_path / "adapter"
+    window = open_window(qtbot, tiny_llama_dir)
+    read_corpus(qtbot, window, corpus_file)
+    wizard = plan_run(qtbot, window, out)
+    name = train(qtbot, window, wizard, out)
+    evaluate(qtbot, window)
+    save_adapter(qtbot, window, out, tmp_path / "saved")
+    chat_with_adapter(qtbot, window, name)
+    compare_with_base(qtbot, window, name)
+
+
+def open_window(qtbot, model_dir) -> MainWindow:
+    """The window with the model loaded for chat and the hardware detected: Corpus is open to use, Plan not yet."""
+    window = MainWindow(str(model_dir))
     qtbot.addWidget(window)
     window.show()
     qtbot.waitUntil(lambda: window.chat.engine.loaded and window.hardware is not None, timeout=30000)
     assert window.buttons["Corpus"].isEnabled() and not window.buttons["Plan"].isEnabled()
+    return window
 
-    # Corpus: drop the file on the dialog, read it, use it.
+
+def read_corpus(qtbot, window, corpus_file) -> None:
+    """Corpus: drop the file on the dialog, read it, use it."""
     qtbot.mouseClick(window.buttons["Corpus"], Qt.LeftButton)
     dialog = window.dialogs["corpus"]
     drop(dialog, [corpus_file])
@@ -72,7 +90,9 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     qtbot.mouseClick(dialog.buttons.button(QDialogButtonBox.Ok), Qt.LeftButton)
     assert window.corpus is corpus and window.buttons["Plan"].isEnabled()
 
-    # Plan: the wizard's defaults, CPU backend, adapter into tmp_path.
+
+def plan_run(qtbot, window, out):
+    """Plan: the wizard's defaults, CPU backend, adapter into `out`; left on the review page."""
     qtbot.mouseClick(window.buttons["Plan"], Qt.LeftButton)
     wizard = window.dialogs["plan"]
     assert wizard.val_split.value() > 0 and wizard.rank.value() == 16
@@ -81,9 +101,12 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
         wizard.next()
     assert "steps" in wizard.review_label.text() and "GiB" in wizard.review_label.text()
     assert "little data" in wizard.warnings.text()
-    out = tmp_path / "adapter"
     wizard.out_dir.setText(str(out))
+    return wizard
 
+
+def train(qtbot, window, wizard, out) -> str:
+    """Start training from the wizard, run to the end without stalling the event loop; the new adapter's name."""
     meter = StallMeter()
     meter.start()
     qtbot.mouseClick(wizard.button(QWizard.FinishButton), Qt.LeftButton)
@@ -103,8 +126,11 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     assert meter.worst < 0.100, f"the event loop stalled for {meter.worst * 1000:.0f} ms during training"
     name = window.chat.active_adapter
     assert window.chat_panel.adapter.currentText() == name
+    return name
 
-    # Evaluate: perplexity of the base and the new adapter on the corpus, computed in a child process.
+
+def evaluate(qtbot, window) -> None:
+    """Evaluate: perplexity of the base and the new adapter on the corpus, computed in a child process."""
     QSettings().setValue("train/backend", "cpu")
     with qtbot.waitSignal(window.evaluated, timeout=60000) as evaluated:
         qtbot.mouseClick(window.buttons["Evaluate"], Qt.LeftButton)
@@ -112,24 +138,28 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     assert base.tokens == tuned.tokens > 0 and tuned.perplexity != base.perplexity
     assert f"{tuned.perplexity:.3f}" in window.log.toPlainText()
 
-    # Save through the dialog: PEFT and GGUF + Modelfile.
+
+def save_adapter(qtbot, window, out, saved) -> None:
+    """Save through the dialog: PEFT, GGUF + Modelfile and merged; saving again into the same folder fails."""
     qtbot.mouseClick(window.buttons["Save Adapter"], Qt.LeftButton)
     save = window.dialogs["save"]
-    save.folder.setText(str(tmp_path / "saved"))
+    save.folder.setText(str(saved))
     save.gguf.setChecked(True)
     save.merged.setChecked(True)
     qtbot.mouseClick(save.buttons.button(QDialogButtonBox.Save), Qt.LeftButton)
     qtbot.waitUntil(lambda: bool(save.written), timeout=60000)
-    assert (tmp_path / "saved" / out.name / "adapter_model.safetensors").is_file()
-    assert any(p.suffix == ".gguf" for p in (tmp_path / "saved").rglob("*"))
+    assert (saved / out.name / "adapter_model.safetensors").is_file()
+    assert any(p.suffix == ".gguf" for p in saved.rglob("*"))
     assert "GGUF" in save.summary.toPlainText() and "merged" in save.summary.toPlainText()
-    assert (tmp_path / "saved" / f"{out.name}-merged" / "config.json").is_file()
+    assert (saved / f"{out.name}-merged" / "config.json").is_file()
     assert "saved GGUF: wrote" in window.log.toPlainText()
     qtbot.mouseClick(save.buttons.button(QDialogButtonBox.Save), Qt.LeftButton)   # again: the folder exists
     qtbot.waitUntil(lambda: "save failed" in save.status.text(), timeout=30000)
     assert "already exists" in save.status.text() and "save failed: FileExistsError" in window.log.toPlainText()
 
-    # Chat with the adapter active.
+
+def chat_with_adapter(qtbot, window, name) -> None:
+    """Chat with the adapter active: one conversation, answered by the adapter."""
     panel = window.chat_panel
     window.tabs.setCurrentWidget(panel)
     panel.generation.max_new_tokens.setValue(6)
@@ -140,7 +170,10 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
     conv = window.chat.conversations
     assert len(conv) == 1 and conv[0].adapter == name and conv[0].messages[-1]["role"] == "assistant"
 
-    # Compare: the same prompt answered by the base and the adapter, side by side.
+
+def compare_with_base(qtbot, window, name) -> None:
+    """Compare: the same prompt answered by the base and the adapter, side by side."""
+    panel = window.chat_panel
     qtbot.mouseClick(panel.compare, Qt.LeftButton)
     panel.prompt.setPlainText("Tell me about LoRA.")
     qtbot.mouseClick(panel.send, Qt.LeftButton)
