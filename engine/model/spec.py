@@ -5,7 +5,7 @@ allocated, any architecture the engines cannot train — naming it, the supporte
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), and which layers use a sliding window; the engines attend without a window, so
 `ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
-`load_weights(folder)` reads every (possibly sharded) safetensors file into float32 numpy arrays.
+The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
 from __future__ import annotations
 
@@ -226,37 +226,10 @@ def _rope_spec(config: dict, folder: Path) -> RopeSpec:
                     original_max_position=int(params["original_max_position_embeddings"]))
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("adapter_")]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (convert .bin checkpoints or a .gguf first)")
-    return files
-
-
 def _weight_names(folder: Path) -> list[str]:
-    from safetensors import safe_open
+    from engine.model.weights import open_weights
+
     try:
-        names = []
-        for f in _weight_files(folder):
-            with safe_open(f, framework="np") as handle:
-                names.extend(handle.keys())
-        return names
-    except (FileNotFoundError, OSError):
+        return list(open_weights(folder).stored())
+    except (FileNotFoundError, OSError, ValueError):
         return []
-
-
-def load_weights(folder: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """{tensor name: float32 array} from every safetensors shard (bf16/f16 upcast), optionally only `names`."""
-    import torch
-    from safetensors import safe_open
-
-    wanted = set(names) if names is not None else None
-    out: dict[str, np.ndarray] = {}
-    for f in _weight_files(Path(folder)):
-        # framework="pt" because numpy has no bfloat16.
-        with safe_open(f, framework="pt") as handle:
-            for key in handle.keys():
-                if wanted is None or key in wanted:
-                    out[key] = handle.get_tensor(key).to(torch.float32).numpy()
-    return out

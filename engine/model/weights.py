@@ -119,6 +119,25 @@ class GgufWeights(WeightSource):
         return self._index[name].read()
 
 
+class ArrayWeights(WeightSource):
+    """Tensors already in memory ({name: float32 array}): random models built for benchmarks and tests."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], origin: str = "arrays"):
+        self.origin = Path(origin)
+        self._arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
+        self._stored = {k: StoredTensor(k, WeightFormat.F32, v.shape) for k, v in self._arrays.items()}
+
+    def stored(self) -> dict[str, StoredTensor]:
+        return self._stored
+
+    def raw(self, name: str) -> np.ndarray:
+        array = self._arrays[name]
+        return array.view(np.uint8).reshape(array.shape[0] if array.ndim == 2 else 1, -1)
+
+    def f32(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     files = [f for f in sorted(Path(folder).glob("*.safetensors")) if not f.name.startswith("adapter_")]
     if not files:

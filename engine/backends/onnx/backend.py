@@ -10,7 +10,8 @@ import numpy as np
 from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, StepResult, TrainingBackend,
                                   check_batch, counted_tokens, shift_labels)
 from engine.lora.config import LoraConfig, init_lora_state
-from engine.model.spec import load_model_spec, load_weights
+from engine.model.spec import load_model_spec
+from engine.model.weights import open_weights
 from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, grad_name, prepare_weights
 from engine.backends.hardware import cpu_threads
 from engine.backends.onnx.session import Binding, GraphSession, available_providers, ort_values
@@ -58,7 +59,7 @@ class OnnxBackend(TrainingBackend):
         self.providers = available_providers(providers)
         self.name = f"cpu: onnxruntime ({self.providers[0].removesuffix('ExecutionProvider')}, " \
                     f"{self.threads} threads)"
-        self._weights = prepare_weights(self.spec, load_weights(model_dir))
+        self._weights = prepare_weights(self.spec, open_weights(model_dir))
         self._values = ort_values(self._weights)
         self._graphs = DecoderGraph(self.spec, self._weights, lora, GraphShape(batch_size, seq_len), seed=seed,
                                     attention_blocks=attention_blocks)

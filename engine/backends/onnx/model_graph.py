@@ -21,6 +21,7 @@ from engine.lora.config import LoraConfig, peft_key
 from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
                                    module_path)
 from engine.model.spec import ModelSpec
+from engine.model.weights import WeightSource
 from engine.backends.onnx import backward as bw
 from engine.backends.onnx import forward as fw
 from engine.backends.onnx.graph import Graph
@@ -38,13 +39,14 @@ def dropout_mask_name(layer: int, target: str) -> str:
     return f"dropout:{module_path(layer, target)}"
 
 
-def prepare_weights(spec: ModelSpec, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Frozen tensors as the graphs use them: q/k/v and gate/up with the RMSNorm weight before them folded in
+def prepare_weights(spec: ModelSpec, source: WeightSource) -> dict[str, np.ndarray]:
+    """Frozen tensors as the graphs use them, in float32, read one at a time from `source` (any stored format is
+    widened: the CPU backend computes in f32): q/k/v and gate/up with the RMSNorm weight before them folded in
     (fw.fold_norm_weight); that norm weight is kept too, for LoRA A."""
     def take(name: str) -> np.ndarray:
-        if name not in raw:
-            raise ValueError(f"{spec.source}: weight {name!r} is missing from the safetensors files")
-        return raw[name]
+        if name not in source.stored():
+            raise ValueError(f"{source.origin}: weight {name!r} is missing")
+        return source.f32(name)
 
     out = {"embed": take(EMBED_WEIGHT), "norm": take(FINAL_NORM_WEIGHT)}
     out["lm_head"] = out["embed"] if spec.tied_embeddings else take(LM_HEAD_WEIGHT)

@@ -19,7 +19,8 @@ from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.backends.wgpu.kernels.optimizer import GradNorm, Optimizer
 from engine.lora.config import LoraConfig, init_lora_state
-from engine.model.spec import ModelSpec, load_model_spec, load_weights
+from engine.model.spec import ModelSpec, load_model_spec
+from engine.model.weights import ArrayWeights, WeightSource, open_weights
 from engine.backends.wgpu.backward import model_backward
 from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
                                  destroy, layer_activation_shapes, lora_layout, scratch_shapes,
@@ -41,9 +42,10 @@ class WgpuBackend(TrainingBackend):
 
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
-                 tensors: dict[str, np.ndarray] | None = None, max_binding_bytes: int | None = None):
-        """`model`: a Hugging Face folder (weights read from its safetensors), or a ModelSpec with `tensors`
-        ({HF name: array}, e.g. engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
+                 tensors: dict[str, np.ndarray] | WeightSource | None = None, max_binding_bytes: int | None = None):
+        """`model`: a Hugging Face folder (weights read tensor by tensor: engine.model.weights.open_weights), or a
+        ModelSpec with `tensors` (a WeightSource, or {HF name: array} such as
+        engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
         `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
@@ -53,7 +55,8 @@ class WgpuBackend(TrainingBackend):
             self.spec = model
         else:
             self.spec = load_model_spec(model)
-            tensors = tensors if tensors is not None else load_weights(model)
+            tensors = tensors if tensors is not None else open_weights(model)
+        source = tensors if isinstance(tensors, WeightSource) else ArrayWeights(tensors, self.spec.source)
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
         self.spec.check_sequence_length(seq_len)
@@ -65,7 +68,7 @@ class WgpuBackend(TrainingBackend):
         limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes, max_binding_bytes or ctx.max_binding_bytes)
         self.layout = lora_layout(spec, lora)
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
-        self.weights = upload_weights(ctx, spec, tensors, limit)
+        self.weights = upload_weights(ctx, spec, source, limit)
         self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
                               f"layers.{i}") for i in range(spec.layers)]
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]

@@ -6,6 +6,7 @@ import numpy as np
 
 from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, layer_tensor
 from engine.model.spec import ModelSpec
+from engine.model.weights import WeightSource
 from engine.backends.wgpu.buffers import LayerWeights, weight_shapes
 
 
@@ -18,25 +19,22 @@ class ModelWeights:
     layers: list                # [LayerWeights] × L
 
 
-def upload_weights(ctx, spec: ModelSpec, tensors: dict[str, np.ndarray], max_binding_bytes: int) -> ModelWeights:
-    """Upload {HF name: array} (engine.model.spec.load_weights) as the engine's weight buffers."""
-    folder = spec.source
+def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes: int) -> ModelWeights:
+    """Upload the model's frozen tensors, read one at a time from `source`, as the engine's weight buffers."""
     shapes = weight_shapes(spec, max_binding_bytes)
 
-    def take(hf_name: str, shape: tuple, rows: slice | None = None):
-        if hf_name not in tensors:
-            raise ValueError(f"{folder}: weight {hf_name!r} is missing from the safetensors files")
-        array = tensors[hf_name] if rows is None else tensors[hf_name][rows]
-        if array.shape != tuple(shape):
-            raise ValueError(f"{folder}: weight {hf_name!r} has shape {array.shape}, expected {tuple(shape)}")
-        return ctx.upload(np.ascontiguousarray(array, np.float32), hf_name)
+    def take(hf_name: str, shape: tuple) -> object:
+        source.require(hf_name, shape)
+        return ctx.upload(source.f32(hf_name), hf_name)
 
     def pieces(prefix: str, hf_name: str) -> list:
+        """A vocabulary table in row pieces that each fit one storage binding, read once."""
+        keys = [k for k in shapes if k.startswith(prefix + ".")]
+        table = source.f32(source.require(hf_name, (spec.vocab_size, spec.hidden)).name)
         out = []
-        for key, shape in shapes.items():
-            if key.startswith(prefix + "."):
-                v0 = int(key.rsplit(".", 1)[1])
-                out.append((take(hf_name, shape, slice(v0, v0 + shape[0])), v0, shape[0]))
+        for key in keys:
+            v0, rows = int(key.rsplit(".", 1)[1]), shapes[key][0]
+            out.append((ctx.upload(np.ascontiguousarray(table[v0:v0 + rows]), f"{hf_name}[{v0}:]"), v0, rows))
         return out
 
     embed = pieces("embed", EMBED_WEIGHT)

@@ -180,12 +180,12 @@ def test_frozen_products_take_no_c_input_after_onnxruntime_optimises(tiny_llama_
     import onnx
     import onnxruntime as ort
 
-    from engine.model.spec import load_weights
+    from engine.model.weights import open_weights
     from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, prepare_weights
     from engine.backends.onnx.session import ort_values
 
     spec = load_model_spec(tiny_llama_dir)
-    graph = DecoderGraph(spec, prepare_weights(spec, load_weights(tiny_llama_dir)), LORA, GraphShape(2, 12)).build("train")
+    graph = DecoderGraph(spec, prepare_weights(spec, open_weights(tiny_llama_dir)), LORA, GraphShape(2, 12)).build("train")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
@@ -276,7 +276,7 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
     nn.Dropout modules: loss and every gradient must agree."""
     import torch
 
-    from engine.model.spec import load_weights
+    from engine.model.weights import open_weights
     from engine.backends.onnx.model_graph import (DecoderGraph, GraphShape, dropout_mask_name, grad_name,
                                                  prepare_weights)
     from engine.backends.onnx.session import GraphSession, ort_values
@@ -284,7 +284,7 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
     spec = load_model_spec(tiny_model_dir)
     state = random_lora_state(spec, DROPOUT, seed=3)
     ids, labels = random_batch(spec.vocab_size, 2, 9, seed=4)
-    weights = prepare_weights(spec, load_weights(tiny_model_dir))
+    weights = prepare_weights(spec, open_weights(tiny_model_dir))
     graph = DecoderGraph(spec, weights, DROPOUT, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
     with make_backend(tiny_model_dir, lora=DROPOUT, state=state) as backend:
         backend._fill(ids, labels)

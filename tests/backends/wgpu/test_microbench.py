@@ -69,11 +69,12 @@ def test_cpu_profile_counts_the_frozen_gemm_flops_of_the_training_graph(tiny_lla
     sys.path.insert(0, str(ROOT / "bench"))
     from cpu_profile import FROZEN_GEMM_HINTS, frozen_gemm_flops
 
-    from engine.model.spec import load_model_spec, load_weights
+    from engine.model.spec import load_model_spec
+    from engine.model.weights import open_weights
     from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, prepare_weights
 
     spec = load_model_spec(tiny_llama_dir)
-    weights = prepare_weights(spec, load_weights(tiny_llama_dir))
+    weights = prepare_weights(spec, open_weights(tiny_llama_dir))
     shape = GraphShape(2, 7)
     graph = DecoderGraph(spec, weights, LoraConfig(rank=4, alpha=8), shape).build("train")
     counted = sum(2 * shape.rows * weights[name].size for node in graph.nodes
