@@ -3,10 +3,14 @@
 `Matmul` binds one product C = alpha·op(A)·op(B) (+ bias) (+ beta·C) to its buffers once; `Linear` is the frozen
 projection y = x·Wᵀ + b with its input gradient dx = dy·W (frozen weights need no weight gradient).
 A buffer argument is a wgpu buffer or a (buffer, byte offset, byte size) sub-range.
+
+B (the frozen weight of Linear) may be stored in 16 bits: `pack_weight` / `upload_weight` make the buffer
+(f16, or bf16 rounded to nearest-even), and `b_format` / `weight_format` tell the shader (B_FORMAT) to widen it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -22,6 +26,9 @@ SPLIT_MIN_K = 128               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
 TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
 WIDE_MIN_WORKGROUPS = 512       # a larger tile only where it still leaves this many workgroups (a large GPU busy)
+GROUP_M = 8                     # tile rows per group of the workgroup order (L2 reuse between resident tiles)
+B_FORMATS = {"f32": 0, "f16": 1, "bf16": 2}   # the shader's B_FORMAT override per weight format
+WeightFormat = Literal["f32", "f16", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,48 @@ def choose_tile(shape: GemmShape) -> tuple[int, int]:
     return TILES[-1]
 
 
+def pack_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """The flat array a weight buffer of format `fmt` holds: f32 as is; f16/bf16 two per u32 (element 2i low).
+
+    bf16 is the f32 rounded to nearest-even on its top 16 bits (NaN stays NaN), as torch's .to(bfloat16).
+    """
+    if fmt not in B_FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not one of {sorted(B_FORMATS)}")
+    flat = np.ascontiguousarray(array, np.float32).ravel()
+    if fmt == "f32":
+        return flat
+    if fmt == "f16":
+        half = flat.astype(np.float16).view(np.uint16)
+    else:
+        bits = flat.view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = np.where(np.isnan(flat), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    return np.concatenate([half, np.zeros(len(half) % 2, np.uint16)]).view(np.uint32)
+
+
+def widen_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """The f32 values the shader computes with for a weight stored as `fmt` (the numpy reference)."""
+    flat = np.ascontiguousarray(array, np.float32)
+    if fmt == "f16":
+        return flat.astype(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        words = pack_weight(flat, "bf16").view(np.uint16)[:flat.size].astype(np.uint32) << 16
+        return words.view(np.float32).reshape(flat.shape)
+    return flat
+
+
+def upload_weight(ctx: GpuContext, array: np.ndarray, fmt: WeightFormat, label: str):
+    """A weight buffer in `fmt` (pass the same fmt to Matmul's b_format / Linear's weight_format)."""
+    return ctx.upload(pack_weight(array, fmt), label)
+
+
+def _vec_binding(buf):
+    """The binding of a vec4-typed operand: its byte size rounded up to 16 (within the buffer), so the array's
+    last vec4 covers the last elements; GpuContext.buffer sizes are multiples of 16 and storage offsets of 256."""
+    b, offset, size = buf if isinstance(buf, tuple) else (buf, 0, buf.size)
+    return b, offset, min(-(-size // 16) * 16, b.size - offset)
+
+
 def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool, k_chunk: int = 0,
                      splits: int = 1, row_stride: int = 0) -> bytes:
     """The shader's Params struct: 13 u32, alpha, beta, padding (64 bytes, WGSL uniform layout)."""
@@ -83,7 +132,10 @@ class Matmul:
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul"):
+                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul",
+                 b_format: WeightFormat = "f32", group_m: int = GROUP_M):
+        if b_format not in B_FORMATS:
+            raise ValueError(f"matmul b_format {b_format!r} is not one of {sorted(B_FORMATS)}")
         self.ctx = ctx
         self.shape = shape
         self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
@@ -93,13 +145,19 @@ class Matmul:
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
+        lda, ldb, _ = shape.strides()
+        # One vec4 (or 8-byte 16-bit) load per run of 4 needs 4-aligned element addresses: stride and offset.
+        self.vec_a = lda % 4 == 0 and shape.a_off % 4 == 0
+        self.vec_b = ldb % 4 == 0 and shape.b_off % 4 == 0
         self.pipeline = ctx.pipeline("linear", "matmul", {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
-            "WIDE_N": int(self.tile[1] == 128)})
+            "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),
+            "B_FORMAT": B_FORMATS[b_format], "GROUP_M": group_m})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
+        a, b = _vec_binding(a), _vec_binding(b)
         self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
         if self.splits == 1:
@@ -107,7 +165,7 @@ class Matmul:
         else:
             self.bind_group = ctx.bind_group(self.pipeline, [partials, a, b, bias, self.params], label)
             self.reduce = ctx.pipeline("linear", "matmul_reduce")
-            self.reduce_bg = bind(ctx, self.reduce, {0: c, 1: partials, 3: bias, 4: self.params}, f"{label}.reduce")
+            self.reduce_bg = bind(ctx, self.reduce, {0: c, 3: bias, 4: self.params, 5: partials}, f"{label}.reduce")
             self.reduce_groups = reduce_groups[:2]
 
     def encode(self, enc: StepEncoder) -> None:
@@ -120,17 +178,20 @@ class Linear:
     """Frozen projection out = x·Wᵀ + b over M rows; backward writes (or with accumulate, adds) dx = dy·W.
 
     x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
-    of few rows (small batches) are split over K to keep a large GPU busy.
+    of few rows (small batches) are split over K to keep a large GPU busy. weight_format: how W is stored
+    (upload_weight); activations, bias and outputs stay f32.
     """
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
-                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear"):
+                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
+                 weight_format: WeightFormat = "f32"):
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              bias=bias, partials=partials, label=f"{label}.fwd")
+                              bias=bias, partials=partials, label=f"{label}.fwd", b_format=weight_format)
         self.backward = None
         if dy is not None and dx is not None:
             self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features),
-                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd")
+                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd",
+                                   b_format=weight_format)
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)
