@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.gpu import GpuContext  # noqa: E402
-from engine.kernels.linear import (SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul, pack_weight,  # noqa: E402
+import engine.kernels.linear as linear  # noqa: E402
+from engine.kernels.linear import (KERNELS, SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul, pack_weight,  # noqa: E402
                                    widen_weight)
 from engine.microbench import time_matmul  # noqa: E402
 
@@ -155,6 +156,35 @@ def check_against_numpy(ctx, M: int, N: int, K: int) -> dict:
     return errors
 
 
+SWEEP_SHAPES = [GemmShape(4096, 4096, 4096, trans_b=True), GemmShape(4096, 8192, 2048),
+                GemmShape(4096, 1024, 1024, trans_b=True), GemmShape(512, 3072, 1024, trans_b=True),
+                GemmShape(16384, 576, 1536, trans_b=True), GemmShape(4096, 576, 1536),
+                GemmShape(512, 576, 576, trans_b=True), GemmShape(16, 1536, 16384, trans_a=True),
+                GemmShape(341, 1024, 151936), GemmShape(4096, 16, 1536, trans_b=True)]
+
+
+def sweep(ctx, partials) -> list:
+    """Each kernel variant (BK, DOUBLE, PREFETCH) × tile on representative shapes, and split-K targets."""
+    ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
+    rows = []
+    for shape in SWEEP_SHAPES:
+        row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
+               ("T" if shape.trans_b else "N")}
+        for kernel in KERNELS:
+            name = f"bk{kernel.bk}{'-double' if kernel.double else ''}{'-prefetch' if kernel.prefetch else ''}"
+            row[f"{name} auto"] = time_ours(ctx, ops, shape, None, partials, kernel=kernel)
+            for tile in TILES:
+                row[f"{name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)
+        target = linear.SPLIT_TARGET_WORKGROUPS
+        for t in (128, 512, 1024):
+            linear.SPLIT_TARGET_WORKGROUPS = t
+            row[f"split target {t}"] = time_ours(ctx, ops, shape, None, partials)
+        linear.SPLIT_TARGET_WORKGROUPS = target
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T=16, SmolLM2 shapes with vocabulary 2048 (smoke test)")
@@ -162,6 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="model shapes besides the issue's")
     parser.add_argument("--tiles", action="store_true", help="also time each tile forced (no split)")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="kernel variants × tiles on a few shapes, then exit")
     args = parser.parse_args(argv)
     seq = 16 if args.quick else SEQ
     ctx = GpuContext.create()
@@ -174,6 +205,13 @@ def main(argv=None) -> int:
                           "wgpu": wgpu.__version__, "torch": torch.__version__ if torch else None,
                           "torch_gpu": torch.cuda.get_device_name(0) if torch else None},
               "results": []}
+    warm = Operands(ctx, 4096 * 4096, 4096 * 4096)   # the GPU's clocks up before the first timing
+    time_ours(ctx, warm, GemmShape(4096, 4096, 4096, trans_b=True), None, None)
+    warm = None
+    if args.sweep:
+        report["sweep"] = sweep(ctx, partials)
+        print(json.dumps(report, indent=2))
+        return 0
     jobs = []   # (group, batch·seq, name, shape, B frozen)
     if args.quick:
         for name, (shape, frozen) in products(args.batch_sizes[0] * seq, vocab=2048).items():

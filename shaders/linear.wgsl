@@ -56,6 +56,9 @@ override VEC_A: bool = false;     // lda and a_off are multiples of 4: one vec4 
 override VEC_B: bool = false;     // ldb and b_off are multiples of 4: one 16-byte (f32) or 8-byte (16-bit) load
 override B_FORMAT: u32 = 0u;      // 0 f32, 1 f16, 2 bf16 (two per u32)
 override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order (L2 reuse)
+override BK: u32 = 16u;           // K step through workgroup memory: 16, or 8 (then DOUBLE fits in 16 KiB)
+override DOUBLE: bool = false;    // two tile stages in workgroup memory: one barrier per K step (BK 8 only)
+override PREFETCH: bool = true;   // load the next K step's runs into registers while this one computes
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -64,10 +67,8 @@ override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order 
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<storage, read> partials: array<f32>;   // matmul_reduce only
 
-const BK: u32 = 16u;
-
-var<workgroup> a_tile: array<vec4<f32>, 512>;  // [BK][BM/4]
-var<workgroup> b_tile: array<vec4<f32>, 512>;  // [BK][BN/4]
+var<workgroup> a_tile: array<vec4<f32>, 512>;  // [stages][BK][BM/4]
+var<workgroup> b_tile: array<vec4<f32>, 512>;  // [stages][BK][BN/4]
 
 // Lanes j of a run starting at column `col` that lie before `col_end`, for masking a run at the edge.
 fn run_mask(col: u32, col_end: u32) -> vec4<bool> {
@@ -136,11 +137,12 @@ fn load_a(r: u32, row0: u32, k0: u32, k_end: u32, M4: u32) -> vec4<f32> {
     return a_run(row0 + r % BM, k0 + (r / BM) * 4u, params.M, k_end);
 }
 
-fn store_a(r: u32, v: vec4<f32>, M4: u32) {
-    if (TRANS_A) { a_tile[r] = v; return; }
+fn store_a(r: u32, v: vec4<f32>, M4: u32, stage: u32) {
+    let at = stage * BK * M4;
+    if (TRANS_A) { a_tile[at + r] = v; return; }
     let BM = M4 * 4u;
     let m = r % BM;
-    let k = (r / BM) * 4u;
+    let k = (r / BM) * 4u + stage * BK;
     a_tile[k * M4 + m / 4u][m % 4u] = v.x;
     a_tile[(k + 1u) * M4 + m / 4u][m % 4u] = v.y;
     a_tile[(k + 2u) * M4 + m / 4u][m % 4u] = v.z;
@@ -153,11 +155,12 @@ fn load_b(r: u32, col0: u32, k0: u32, k_end: u32, N4: u32) -> vec4<f32> {
     return b_run(col0 + r % BN, k0 + (r / BN) * 4u, params.N, k_end);
 }
 
-fn store_b(r: u32, v: vec4<f32>, N4: u32) {
-    if (!TRANS_B) { b_tile[r] = v; return; }
+fn store_b(r: u32, v: vec4<f32>, N4: u32, stage: u32) {
+    let at = stage * BK * N4;
+    if (!TRANS_B) { b_tile[at + r] = v; return; }
     let BN = N4 * 4u;
     let n = r % BN;
-    let k = (r / BN) * 4u;
+    let k = (r / BN) * 4u + stage * BK;
     b_tile[k * N4 + n / 4u][n % 4u] = v.x;
     b_tile[(k + 1u) * N4 + n / 4u][n % 4u] = v.y;
     b_tile[(k + 2u) * N4 + n / 4u][n % 4u] = v.z;
@@ -218,41 +221,65 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
-    // Runs li and li + 256 of each tile (the second only for 128-wide tiles), loaded one K step ahead.
-    var pa0 = load_a(li, row0, k_begin, k_end, M4);
+    // Runs li and li + 256 of each tile (those below RA / RB: BM·BK/4 and BN·BK/4 runs).
+    let RA = BM * BK / 4u;
+    let RB = BN * BK / 4u;
+    var pa0 = vec4<f32>(0.0);
     var pa1 = vec4<f32>(0.0);
-    if (WIDE) { pa1 = load_a(li + 256u, row0, k_begin, k_end, M4); }
-    var pb0 = load_b(li, col0, k_begin, k_end, N4);
+    var pb0 = vec4<f32>(0.0);
     var pb1 = vec4<f32>(0.0);
-    if (WIDE_N) { pb1 = load_b(li + 256u, col0, k_begin, k_end, N4); }
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        store_a(li, pa0, M4);
-        if (WIDE) { store_a(li + 256u, pa1, M4); }
-        store_b(li, pb0, N4);
-        if (WIDE_N) { store_b(li + 256u, pb1, N4); }
+    if (PREFETCH || DOUBLE) {
+        if (li < RA) { pa0 = load_a(li, row0, k_begin, k_end, M4); }
+        if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k_begin, k_end, M4); }
+        if (li < RB) { pb0 = load_b(li, col0, k_begin, k_end, N4); }
+        if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k_begin, k_end, N4); }
+    }
+    if (DOUBLE) {
+        if (li < RA) { store_a(li, pa0, M4, 0u); }
+        if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
+        if (li < RB) { store_b(li, pb0, N4, 0u); }
+        if (li + 256u < RB) { store_b(li + 256u, pb1, N4, 0u); }
         workgroupBarrier();
+    }
+    var stage = 0u;
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         let k1 = k0 + BK;
-        if (k1 < k_end) {
-            pa0 = load_a(li, row0, k1, k_end, M4);
-            if (WIDE) { pa1 = load_a(li + 256u, row0, k1, k_end, M4); }
-            pb0 = load_b(li, col0, k1, k_end, N4);
-            if (WIDE_N) { pb1 = load_b(li + 256u, col0, k1, k_end, N4); }
+        if (!DOUBLE) {
+            if (!PREFETCH) {
+                if (li < RA) { pa0 = load_a(li, row0, k0, k_end, M4); }
+                if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k0, k_end, M4); }
+                if (li < RB) { pb0 = load_b(li, col0, k0, k_end, N4); }
+                if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k0, k_end, N4); }
+            }
+            if (li < RA) { store_a(li, pa0, M4, 0u); }
+            if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
+            if (li < RB) { store_b(li, pb0, N4, 0u); }
+            if (li + 256u < RB) { store_b(li + 256u, pb1, N4, 0u); }
+            workgroupBarrier();
         }
+        if ((PREFETCH || DOUBLE) && k1 < k_end) {
+            if (li < RA) { pa0 = load_a(li, row0, k1, k_end, M4); }
+            if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k1, k_end, M4); }
+            if (li < RB) { pb0 = load_b(li, col0, k1, k_end, N4); }
+            if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k1, k_end, N4); }
+        }
+        let ab = stage * BK * M4;
+        let bb = stage * BK * N4;
         for (var k = 0u; k < BK; k++) {
-            let bv = b_tile[k * N4 + lid.x];
-            let av = a_tile[k * M4 + lid.y];
+            let bv = b_tile[bb + k * N4 + lid.x];
+            let av = a_tile[ab + k * M4 + lid.y];
             acc0 = fma(vec4<f32>(av.x), bv, acc0);
             acc1 = fma(vec4<f32>(av.y), bv, acc1);
             acc2 = fma(vec4<f32>(av.z), bv, acc2);
             acc3 = fma(vec4<f32>(av.w), bv, acc3);
             if (WIDE_N) {
-                let bw = b_tile[k * N4 + 16u + lid.x];
+                let bw = b_tile[bb + k * N4 + 16u + lid.x];
                 bcc0 = fma(vec4<f32>(av.x), bw, bcc0);
                 bcc1 = fma(vec4<f32>(av.y), bw, bcc1);
                 bcc2 = fma(vec4<f32>(av.z), bw, bcc2);
                 bcc3 = fma(vec4<f32>(av.w), bw, bcc3);
                 if (WIDE) {
-                    let aw = a_tile[k * M4 + 16u + lid.y];
+                    let aw = a_tile[ab + k * M4 + 16u + lid.y];
                     bcc4 = fma(vec4<f32>(aw.x), bw, bcc4);
                     bcc5 = fma(vec4<f32>(aw.y), bw, bcc5);
                     bcc6 = fma(vec4<f32>(aw.z), bw, bcc6);
@@ -260,11 +287,21 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 }
             }
             if (WIDE) {
-                let aw = a_tile[k * M4 + 16u + lid.y];
+                let aw = a_tile[ab + k * M4 + 16u + lid.y];
                 acc4 = fma(vec4<f32>(aw.x), bv, acc4);
                 acc5 = fma(vec4<f32>(aw.y), bv, acc5);
                 acc6 = fma(vec4<f32>(aw.z), bv, acc6);
                 acc7 = fma(vec4<f32>(aw.w), bv, acc7);
+            }
+        }
+        if (DOUBLE) {
+            // The other stage was last read before the previous barrier: fill it while nobody reads it.
+            stage = 1u - stage;
+            if (k1 < k_end) {
+                if (li < RA) { store_a(li, pa0, M4, stage); }
+                if (li + 256u < RA) { store_a(li + 256u, pa1, M4, stage); }
+                if (li < RB) { store_b(li, pb0, N4, stage); }
+                if (li + 256u < RB) { store_b(li + 256u, pb1, N4, stage); }
             }
         }
         workgroupBarrier();

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.kernels.linear import SPLIT_MIN_K, TILES, GemmShape, Linear, Matmul, split_k
+from engine.kernels.linear import KERNELS, SPLIT_MIN_K, TILES, GemmShape, Linear, Matmul, split_k
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +17,8 @@ def run(ctx, *kernels):
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 67, 19), (65, 3, 130), (70, 129, 17), (131, 133, 33)])
-def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K):
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"bk{k.bk}{'d' if k.double else ''}{'p' if k.prefetch else ''}")
+def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K, kernel):
     ctx = gpu_device
     rng = np.random.default_rng(M * 1000 + N * 10 + K)
     a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
@@ -25,7 +26,7 @@ def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K):
     c0 = rng.standard_normal((M, N)).astype(np.float32)
     c = ctx.upload(c0, "c")
     mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), GemmShape(M, N, K, trans_a, trans_b),
-                alpha=0.5, beta=1.0, tile=tile)
+                alpha=0.5, beta=1.0, tile=tile, kernel=kernel)
     assert mm.tile == tile
     run(ctx, mm.encode)
     want = 0.5 * (a.T if trans_a else a) @ (b.T if trans_b else b) + c0

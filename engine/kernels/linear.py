@@ -32,6 +32,26 @@ WeightFormat = Literal["f32", "f16", "bf16"]
 
 
 @dataclass(frozen=True)
+class GemmKernel:
+    """How the shader walks K (its BK, DOUBLE and PREFETCH constants); the tile is chosen separately."""
+    bk: int = 16              # K step through workgroup memory (16, or 8)
+    double: bool = False      # two tile stages in workgroup memory, one barrier per step (bk 8 only: 16 KiB)
+    prefetch: bool = True     # next step's operand runs loaded into registers while this one computes
+
+    def __post_init__(self):
+        if self.bk not in (8, 16) or (self.double and self.bk != 8):
+            raise ValueError(f"GEMM kernel bk={self.bk} double={self.double}: bk must be 8 or 16, double needs bk 8")
+
+    def constants(self) -> dict:
+        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch)}
+
+
+KERNELS = (GemmKernel(16, False, False), GemmKernel(16, False, True), GemmKernel(8, False, False),
+           GemmKernel(8, True, True))
+DEFAULT_KERNEL = GemmKernel()
+
+
+@dataclass(frozen=True)
 class GemmShape:
     """C[M, N] += A[M, K]·B[K, N] with row strides and element offsets (defaults: dense, offset 0)."""
     M: int
@@ -133,7 +153,7 @@ class Matmul:
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
                  bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul",
-                 b_format: WeightFormat = "f32", group_m: int = GROUP_M):
+                 b_format: WeightFormat = "f32", group_m: int = GROUP_M, kernel: GemmKernel | None = None):
         if b_format not in B_FORMATS:
             raise ValueError(f"matmul b_format {b_format!r} is not one of {sorted(B_FORMATS)}")
         self.ctx = ctx
@@ -152,7 +172,7 @@ class Matmul:
         self.pipeline = ctx.pipeline("linear", "matmul", {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
             "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),
-            "B_FORMAT": B_FORMATS[b_format], "GROUP_M": group_m})
+            "B_FORMAT": B_FORMATS[b_format], "GROUP_M": group_m, **(kernel or DEFAULT_KERNEL).constants()})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
