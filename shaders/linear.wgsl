@@ -59,6 +59,7 @@ override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order 
 override BK: u32 = 16u;           // K step through workgroup memory: 16, or 8 (then DOUBLE fits in 16 KiB)
 override DOUBLE: bool = false;    // two tile stages in workgroup memory: one barrier per K step (BK 8 only)
 override PREFETCH: bool = true;   // load the next K step's runs into registers while this one computes
+override FRAG: bool = false;      // read the next k's fragments from workgroup memory while this k computes
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -265,21 +266,37 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         let ab = stage * BK * M4;
         let bb = stage * BK * N4;
+        // Fragments of step k: av/aw rows lid.y·4.. and 64 + lid.y·4.., bv/bw columns lid.x·4.. and 64 + ...
+        // FRAG reads step k + 1's while step k computes (hides workgroup-memory latency, 16 more registers).
+        var av = vec4<f32>(0.0);
+        var aw = vec4<f32>(0.0);
+        var bv = vec4<f32>(0.0);
+        var bw = vec4<f32>(0.0);
+        if (FRAG) {
+            av = a_tile[ab + lid.y];
+            bv = b_tile[bb + lid.x];
+            if (WIDE) { aw = a_tile[ab + 16u + lid.y]; }
+            if (WIDE_N) { bw = b_tile[bb + 16u + lid.x]; }
+        }
         for (var k = 0u; k < BK; k++) {
-            let bv = b_tile[bb + k * N4 + lid.x];
-            let av = a_tile[ab + k * M4 + lid.y];
+            let kf = select(k, min(k + 1u, BK - 1u), FRAG);
+            let an = a_tile[ab + kf * M4 + lid.y];
+            let bn = b_tile[bb + kf * N4 + lid.x];
+            var awn = aw;
+            var bwn = bw;
+            if (WIDE) { awn = a_tile[ab + kf * M4 + 16u + lid.y]; }
+            if (WIDE_N) { bwn = b_tile[bb + kf * N4 + 16u + lid.x]; }
+            if (!FRAG) { av = an; aw = awn; bv = bn; bw = bwn; }
             acc0 = fma(vec4<f32>(av.x), bv, acc0);
             acc1 = fma(vec4<f32>(av.y), bv, acc1);
             acc2 = fma(vec4<f32>(av.z), bv, acc2);
             acc3 = fma(vec4<f32>(av.w), bv, acc3);
             if (WIDE_N) {
-                let bw = b_tile[bb + k * N4 + 16u + lid.x];
                 bcc0 = fma(vec4<f32>(av.x), bw, bcc0);
                 bcc1 = fma(vec4<f32>(av.y), bw, bcc1);
                 bcc2 = fma(vec4<f32>(av.z), bw, bcc2);
                 bcc3 = fma(vec4<f32>(av.w), bw, bcc3);
                 if (WIDE) {
-                    let aw = a_tile[ab + k * M4 + 16u + lid.y];
                     bcc4 = fma(vec4<f32>(aw.x), bw, bcc4);
                     bcc5 = fma(vec4<f32>(aw.y), bw, bcc5);
                     bcc6 = fma(vec4<f32>(aw.z), bw, bcc6);
@@ -287,12 +304,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 }
             }
             if (WIDE) {
-                let aw = a_tile[ab + k * M4 + 16u + lid.y];
                 acc4 = fma(vec4<f32>(aw.x), bv, acc4);
                 acc5 = fma(vec4<f32>(aw.y), bv, acc5);
                 acc6 = fma(vec4<f32>(aw.z), bv, acc6);
                 acc7 = fma(vec4<f32>(aw.w), bv, acc7);
             }
+            if (FRAG) { av = an; aw = awn; bv = bn; bw = bwn; }
         }
         if (DOUBLE) {
             // The other stage was last read before the previous barrier: fill it while nobody reads it.

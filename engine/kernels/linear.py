@@ -21,11 +21,12 @@ from engine.kernels.residual import grid_1d
 TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
 TILE_K = 16   # K step through workgroup memory (BK)
-SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
+SPLIT_TARGET_WORKGROUPS = 512   # split K until about this many workgroups run (a large GPU's worth)
+SPLIT_MAX_TILES = 256           # products with this many 64×64 tiles already fill a GPU: never split
 SPLIT_MIN_K = 128               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
 TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
-WIDE_MIN_WORKGROUPS = 512       # a larger tile only where it still leaves this many workgroups (a large GPU busy)
+WIDE_MIN_WORKGROUPS = 256       # 128×64 tiles only where they still leave this many workgroups (a large GPU busy)
 GROUP_M = 8                     # tile rows per group of the workgroup order (L2 reuse between resident tiles)
 B_FORMATS = {"f32": 0, "f16": 1, "bf16": 2}   # the shader's B_FORMAT override per weight format
 WeightFormat = Literal["f32", "f16", "bf16"]
@@ -36,18 +37,19 @@ class GemmKernel:
     """How the shader walks K (its BK, DOUBLE and PREFETCH constants); the tile is chosen separately."""
     bk: int = 16              # K step through workgroup memory (16, or 8)
     double: bool = False      # two tile stages in workgroup memory, one barrier per step (bk 8 only: 16 KiB)
-    prefetch: bool = True     # next step's operand runs loaded into registers while this one computes
+    prefetch: bool = False    # next step's operand runs loaded into registers while this one computes
+    frag: bool = False        # next k's fragments read from workgroup memory while this k computes
 
     def __post_init__(self):
         if self.bk not in (8, 16) or (self.double and self.bk != 8):
             raise ValueError(f"GEMM kernel bk={self.bk} double={self.double}: bk must be 8 or 16, double needs bk 8")
 
     def constants(self) -> dict:
-        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch)}
+        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch), "FRAG": int(self.frag)}
 
 
-KERNELS = (GemmKernel(16, False, False), GemmKernel(16, False, True), GemmKernel(8, False, False),
-           GemmKernel(8, True, True))
+KERNELS = (GemmKernel(16, False, False), GemmKernel(16, False, True), GemmKernel(16, False, False, True),
+           GemmKernel(16, False, True, True), GemmKernel(8, True, True), GemmKernel(8, True, True, True))
 DEFAULT_KERNEL = GemmKernel()
 
 
@@ -79,17 +81,22 @@ class GemmShape:
 def split_k(shape: GemmShape, partial_floats: int) -> int:
     """How many K slices a product gets: 1 unless its tiles are too few to fill a GPU and K is long."""
     tiles = -(-shape.N // TILE_N) * -(-shape.M // TILE_M)
+    if tiles >= SPLIT_MAX_TILES:
+        return 1
     splits = min(-(-SPLIT_TARGET_WORKGROUPS // tiles), shape.K // SPLIT_MIN_K,
                  partial_floats // (shape.M * shape.N))
     return max(1, splits)
 
 
 def choose_tile(shape: GemmShape) -> tuple[int, int]:
-    """The largest tile that the product fills and that still leaves WIDE_MIN_WORKGROUPS workgroups."""
-    for rows, cols in TILES[:-1]:
-        if shape.M >= rows and shape.N >= cols and \
-                -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
-            return rows, cols
+    """128×64 where the product fills it and still has WIDE_MIN_WORKGROUPS of them, else 64×64.
+
+    128×128 is never chosen by itself: on the H200 it measured slower than 128×64 at every shape (its 64
+    accumulators leave one workgroup per multiprocessor); it stays available as a forced tile.
+    """
+    rows, cols = TILES[1]
+    if shape.M >= rows and shape.N >= cols and -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
+        return rows, cols
     return TILES[-1]
 
 
