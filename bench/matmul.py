@@ -170,11 +170,11 @@ SWEEP_SHAPES = [GemmShape(4096, 4096, 4096, trans_b=True), GemmShape(4096, 8192,
                 GemmShape(341, 1024, 151936), GemmShape(4096, 16, 1536, trans_b=True)]
 
 
-def sweep(ctx, partials) -> list:
+def sweep(ctx, partials, count: int) -> list:
     """Each kernel variant (BK, DOUBLE, PREFETCH) × tile on representative shapes, and split-K targets."""
     ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
     rows = []
-    for shape in SWEEP_SHAPES:
+    for shape in SWEEP_SHAPES[:count]:
         row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
                ("T" if shape.trans_b else "N")}
         for kernel in KERNELS:
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="model shapes besides the issue's")
     parser.add_argument("--tiles", action="store_true", help="also time each tile forced (no split)")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="kernel variants × tiles on a few shapes, then exit")
+    parser.add_argument("--sweep", type=int, default=0, metavar="SHAPES",
+                        help="kernel variants × tiles on the first SHAPES sweep shapes, then exit")
     args = parser.parse_args(argv)
     seq = 16 if args.quick else SEQ
     ctx = GpuContext.create()
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
               "results": []}
     if args.sweep:
         warm_up(ctx, Operands(ctx, 4096 * 4096, 4096 * 4096))
-        report["sweep"] = sweep(ctx, partials)
+        report["sweep"] = sweep(ctx, partials, args.sweep)
         print(json.dumps(report, indent=2))
         return 0
     jobs = []   # (group, batch·seq, name, shape, B frozen)
