@@ -178,7 +178,8 @@ def sweep(ctx, partials, count: int) -> list:
         row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
                ("T" if shape.trans_b else "N")}
         for kernel in KERNELS:
-            name = f"bk{kernel.bk}{'-double' if kernel.double else ''}{'-prefetch' if kernel.prefetch else ''}"
+            name = (f"bk{kernel.bk}{'-double' if kernel.double else ''}{'-prefetch' if kernel.prefetch else ''}"
+                    f"{'-frag' if kernel.frag else ''}")
             row[f"{name} auto"] = time_ours(ctx, ops, shape, None, partials, kernel=kernel)
             for tile in TILES:
                 row[f"{name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)

@@ -39,8 +39,24 @@
 // block of 32; a stored row is a run of whole blocks along the weight's input dimension in both layouts that
 // read B (TRANS_B forward: a row is W[n, :]; input gradient: a row is W[k, :]). ldb and b_off stay in elements.
 //
-// Measured on an NVIDIA H200 (Vulkan, wgpu-native 0.32), bench/matmul.py, TFLOP/s vs torch fp32 no-TF32:
-// see bench/results/matmul-h200.json and the figures in the "Measured" note at the end of this file.
+// Measured on one NVIDIA H200 (Vulkan, driver 580.159.04, wgpu-native 0.32), bench/matmul.py, TFLOP/s of
+// f32 products; torch 2.11 fp32 with TF32 off measured ~50 at the big shapes in the same runs
+// (bench/results/matmul-h200*.json):
+//   - vec4 runs + one tile layout + grouped order, 128×64 tile, BK 16, no prefetch (the default): 21.2 at
+//     4096³ NT, 21.4 at 4096×8192×2048 NN, 19.6 at 16384×576×1536 NT; 0.24-0.75× torch fp32 over all
+//     training shapes (median 0.39). The old kernel measured 8.7-25.5 (issue 16's table).
+//   - 128×128 (8×8 per invocation): 14.8-17.1 at every sweep shape, below 128×64 (4×8) with every K walk:
+//     so choose_tile never picks it.  64×64: 13-18.5.
+//   - register prefetch of the next K step (PREFETCH): 17.7-19.2 vs 21.4-22.0 without, at 128×64.
+//   - two workgroup-memory stages, BK 8 (DOUBLE): 16.7-18.3; BK 8 single stage: 20.4-21.6.
+//   - next k's fragments read while k computes (FRAG): 21.6 / 21.4 vs 21.4 / 22.0 (no gain).
+//   - GROUP_M 8 vs 1 (plain row order): 15.6 vs 15.3 at 4096×8192×2048 (128×128); kept, harmless.
+//   - f16 / bf16 weights (B_FORMAT 1 / 2): the same speed as f32 or up to 10% faster (half the B bytes).
+//   - "4096³ is 3× slower" was the first product timed with the clocks down: 4.2 then 15.7 for the same
+//     pipeline in one run; after a warm-up 4096³ measures like its neighbours.
+//   - split-K below 256 tiles to ~512 workgroups: LM head d(hidden) 341×1024×151936 10.6 → 12.4 (1024: 14.5).
+// Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
+// multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
 struct Params {
     M: u32, N: u32, K: u32, lda: u32,
     ldb: u32, ldc: u32, a_off: u32, b_off: u32,
