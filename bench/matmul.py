@@ -1,8 +1,11 @@
-"""GFLOP/s of the engine's GEMM (shaders/linear.wgsl) at the products a SmolLM2-135M training step runs.
+"""TFLOP/s of the engine's GEMM (shaders/linear.wgsl) against torch fp32 (no TF32) and bf16, on the same GPU.
 
-For the lead's tuning runs on real GPUs: each product as the engine would dispatch it (auto: tile and split-K
-chosen as in training), and with each tile (64×64, 128×64, 128×128) forced. Prints one JSON object.
-    python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--repeats 20]
+Products: the big square-ish shapes of issue 16, and every product of a training step (frozen projections
+forward and input-grad, LoRA u / dA / dB, LM head chunks) for SmolLM2-135M at B·T = 512·{1, 8, 32} and for
+Qwen3-0.6B and Llama-3.2-1B at B·T = 512 and 4096. Each product runs as the engine dispatches it ("auto": tile and
+split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16.
+With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split). Prints one JSON object.
+    python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...]
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -17,64 +21,255 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.backends.wgpu.context import GpuContext  # noqa: E402
-from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul  # noqa: E402
+from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_PARTIAL_FLOATS, TILES, GemmShape,  # noqa: E402
+                                                 Matmul, pack_weight, widen_weight)
 from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
 
+# (hidden, q_dim, kv_dim, intermediate, vocab) of the model shapes the issue names
+MODELS = {
+    "SmolLM2-135M": (576, 576, 192, 1536, 49152),
+    "Qwen3-0.6B": (1024, 2048, 1024, 3072, 151936),
+    "Llama-3.2-1B": (2048, 2048, 512, 8192, 128256),
+}
+ISSUE_SHAPES = [(4096, 4096, 4096), (4096, 8192, 2048), (4096, 2048, 8192), (4096, 1024, 1024), (512, 3072, 1024)]
+SEQ = 512
+TARGET_SECONDS = 0.03   # GPU time per timed submit (repeats chosen from a first estimate)
 
-def products(bt: int, hidden: int = 576, kv: int = 192, mlp: int = 1536, rank: int = 16, vocab_chunk: int = 341,
-             vocab: int = 49152) -> dict[str, GemmShape]:
-    return {
-        "q/o forward": GemmShape(bt, hidden, hidden, trans_b=True),
-        "k/v forward": GemmShape(bt, kv, hidden, trans_b=True),
-        "gate/up forward": GemmShape(bt, mlp, hidden, trans_b=True),
-        "down forward": GemmShape(bt, hidden, mlp, trans_b=True),
-        "gate/up input grad": GemmShape(bt, hidden, mlp),
-        "down input grad": GemmShape(bt, mlp, hidden),
-        "lora u = x·Aᵀ": GemmShape(bt, rank, mlp, trans_b=True),
-        "lora dA (down)": GemmShape(rank, mlp, bt, trans_a=True),
-        "lora dB (gate)": GemmShape(mlp, rank, bt, trans_a=True),
-        "lm head logits chunk": GemmShape(min(bt, vocab_chunk), vocab, hidden, trans_b=True),
-        "lm head d(hidden) chunk": GemmShape(min(bt, vocab_chunk), hidden, vocab),
+
+def products(bt: int, hidden: int = 576, q_dim: int = 576, kv: int = 192, mlp: int = 1536, vocab: int = 49152,
+             rank: int = 16, vocab_chunk: int = 341) -> dict[str, tuple[GemmShape, bool]]:
+    """{name: (shape, B is a frozen weight)} of one training step's distinct products at B·T = bt."""
+    chunk = min(bt, vocab_chunk)
+    out = {
+        "q forward": (GemmShape(bt, q_dim, hidden, trans_b=True), True),
+        "k/v forward": (GemmShape(bt, kv, hidden, trans_b=True), True),
+        "o forward": (GemmShape(bt, hidden, q_dim, trans_b=True), True),
+        "gate/up forward": (GemmShape(bt, mlp, hidden, trans_b=True), True),
+        "down forward": (GemmShape(bt, hidden, mlp, trans_b=True), True),
+        "q input grad": (GemmShape(bt, hidden, q_dim), True),
+        "k/v input grad": (GemmShape(bt, hidden, kv), True),
+        "o input grad": (GemmShape(bt, q_dim, hidden), True),
+        "gate/up input grad": (GemmShape(bt, hidden, mlp), True),
+        "down input grad": (GemmShape(bt, mlp, hidden), True),
+        "lora u = x·Aᵀ": (GemmShape(bt, rank, mlp, trans_b=True), False),
+        "lora dA (down)": (GemmShape(rank, mlp, bt, trans_a=True), False),
+        "lora dB (gate)": (GemmShape(mlp, rank, bt, trans_a=True), False),
+        "lm head logits chunk": (GemmShape(chunk, vocab, hidden, trans_b=True), True),
+        "lm head d(hidden) chunk": (GemmShape(chunk, hidden, vocab), True),
     }
+    seen, unique = set(), {}
+    for name, (shape, frozen) in out.items():
+        if shape not in seen:
+            seen.add(shape)
+            unique[name] = (shape, frozen)
+    return unique
 
 
-def time_product(ctx, shape: GemmShape, repeats: int, tile, partials) -> dict:
-    rng = np.random.default_rng(0)
-    a_rows = shape.K if shape.trans_a else shape.M
-    b_rows = shape.N if shape.trans_b else shape.K
-    a = ctx.upload(rng.standard_normal(a_rows * (shape.M if shape.trans_a else shape.K), np.float32), "a")
-    b = ctx.upload(rng.standard_normal(b_rows * (shape.K if shape.trans_b else shape.N), np.float32), "b")
-    c = ctx.buffer(4 * shape.M * shape.N, "c")
-    mm = Matmul(ctx, c, a, b, shape, tile=tile, partials=partials)
+def operand_sizes(shape: GemmShape) -> tuple[int, int]:
+    return shape.M * shape.K, shape.N * shape.K
+
+
+class Operands:
+    """Random A and B (f32, f16, bf16) buffers large enough for every product, bound whole to each one."""
+
+    def __init__(self, ctx, a_floats: int, b_floats: int):
+        rng = np.random.default_rng(0)
+        self.a = ctx.upload(rng.random(a_floats, np.float32) - 0.5, "bench.a")
+        b = rng.random(b_floats, np.float32) - 0.5
+        self.b = {"f32": ctx.upload(b, "bench.b"), "f16": ctx.upload(pack_weight(b, "f16"), "bench.b16"),
+                  "bf16": ctx.upload(pack_weight(b, "bf16"), "bench.bbf16")}
+
+
+def time_ours(ctx, ops: Operands, shape: GemmShape, tile, partials, b_format: str = "f32", **kw) -> dict:
+    c = ctx.buffer(4 * shape.M * shape.N, "bench.c")
+    mm = Matmul(ctx, c, ops.a, ops.b[b_format], shape, tile=tile, partials=partials, b_format=b_format, **kw)
+    flops = 2.0 * shape.M * shape.N * shape.K
+    first = time_matmul(ctx, mm, c, 3) / 3
+    repeats = int(min(500, max(3, TARGET_SECONDS / max(first, 1e-6))))
     elapsed = time_matmul(ctx, mm, c, repeats)
-    for buf in (a, b, c):
-        buf.destroy()
-    flops = 2.0 * shape.M * shape.N * shape.K * repeats
-    return {"gflops": flops / elapsed / 1e9, "us": 1e6 * elapsed / repeats, "tile": mm.tile, "splits": mm.splits}
+    c.destroy()
+    return {"tflops": flops * repeats / elapsed / 1e12, "us": 1e6 * elapsed / repeats, "tile": mm.tile,
+            "splits": mm.splits, "gflops": flops * repeats / elapsed / 1e9}
+
+
+def torch_timer():
+    """f(shape, dtype) -> {tflops, us} with cuBLAS on the same layouts, or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if not torch.cuda.is_available():
+        return None, None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+
+    def run(shape: GemmShape, dtype) -> dict:
+        a = torch.randn((shape.K, shape.M) if shape.trans_a else (shape.M, shape.K), device=dev, dtype=dtype)
+        b = torch.randn((shape.N, shape.K) if shape.trans_b else (shape.K, shape.N), device=dev, dtype=dtype)
+        a_op = a.t() if shape.trans_a else a
+        b_op = b.t() if shape.trans_b else b
+        out = torch.empty(shape.M, shape.N, device=dev, dtype=dtype)
+        torch.matmul(a_op, b_op, out=out)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        repeats = 3
+        for _ in range(2):
+            start.record()
+            for _ in range(repeats):
+                torch.matmul(a_op, b_op, out=out)
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+            repeats = int(min(500, max(3, TARGET_SECONDS * repeats / max(seconds, 1e-6))))
+        start.record()
+        for _ in range(repeats):
+            torch.matmul(a_op, b_op, out=out)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / repeats
+        return {"tflops": 2.0 * shape.M * shape.N * shape.K / seconds / 1e12, "us": 1e6 * seconds}
+
+    return run, torch
+
+
+def check_against_numpy(ctx, M: int, N: int, K: int) -> dict:
+    """Max error relative to max |C| of ours vs numpy float64 at an odd size, per layout and weight format."""
+    rng = np.random.default_rng(1)
+    errors = {}
+    for name, shape, fmt in [("NT f32", GemmShape(M, N, K, trans_b=True), "f32"),
+                             ("NN f32", GemmShape(M, N, K), "f32"), ("TN f32", GemmShape(M, N, K, trans_a=True), "f32"),
+                             ("NT f16", GemmShape(M, N, K, trans_b=True), "f16"),
+                             ("NN bf16", GemmShape(M, N, K), "bf16")]:
+        a = rng.standard_normal((K, M) if shape.trans_a else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if shape.trans_b else (K, N)).astype(np.float32)
+        c = ctx.buffer(4 * M * N, "check.c")
+        mm = Matmul(ctx, c, ctx.upload(a, "check.a"), ctx.upload(pack_weight(b, fmt), "check.b"), shape, b_format=fmt)
+        enc = ctx.encoder()
+        mm.encode(enc)
+        enc.submit()
+        got = ctx.read(c, count=M * N).reshape(M, N)
+        bw = widen_weight(b, fmt).astype(np.float64)
+        want = (a.T if shape.trans_a else a).astype(np.float64) @ (bw.T if shape.trans_b else bw)
+        errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
+    return errors
+
+
+def warm_up(ctx, ops: Operands, seconds: float = 1.0) -> None:
+    """Products for about `seconds` first, so the GPU's clocks are up for the first timing (without this the
+    first product measured 3-4× slow on the H200: the "pathological 4096³" of issue 16 was this)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        time_ours(ctx, ops, GemmShape(4096, 4096, 4096, trans_b=True), None, None)
+
+
+SWEEP_SHAPES = [GemmShape(4096, 4096, 4096, trans_b=True), GemmShape(4096, 8192, 2048),
+                GemmShape(4096, 1024, 1024, trans_b=True), GemmShape(512, 3072, 1024, trans_b=True),
+                GemmShape(16384, 576, 1536, trans_b=True), GemmShape(4096, 576, 1536),
+                GemmShape(512, 576, 576, trans_b=True), GemmShape(16, 1536, 16384, trans_a=True),
+                GemmShape(341, 1024, 151936), GemmShape(4096, 16, 1536, trans_b=True)]
+
+
+def sweep(ctx, partials, count: int) -> list:
+    """Each kernel variant (BK, DOUBLE, PREFETCH) × tile on representative shapes, and split-K targets."""
+    ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
+    rows = []
+    for shape in SWEEP_SHAPES[:count]:
+        row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
+               ("T" if shape.trans_b else "N")}
+        for kernel in KERNELS:
+            name = (f"bk{kernel.bk}{'-double' if kernel.double else ''}{'-prefetch' if kernel.prefetch else ''}"
+                    f"{'-frag' if kernel.frag else ''}")
+            row[f"{name} auto"] = time_ours(ctx, ops, shape, None, partials, kernel=kernel)
+            for tile in TILES:
+                row[f"{name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T=16, vocabulary 2048, few repeats (smoke test)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="T=16, SmolLM2 shapes with vocabulary 2048 (smoke test)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="SmolLM2-135M batch sizes")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="model shapes besides the issue's")
+    parser.add_argument("--tiles", action="store_true", help="also time each tile forced (no split)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sweep", type=int, default=0, metavar="SHAPES",
+                        help="kernel variants × tiles on the first SHAPES sweep shapes, then exit")
     args = parser.parse_args(argv)
-    seq = 16 if args.quick else 512
-    repeats = args.repeats or (1 if args.quick else 20)
+    seq = 16 if args.quick else SEQ
     ctx = GpuContext.create()
     partials = ctx.buffer(4 * SPLIT_PARTIAL_FLOATS, "partials")
     import wgpu
-    report = {"benchmark": "matmul", "seq_len": seq, "repeats": repeats,
+    torch_run, torch = (None, None) if args.no_torch else torch_timer()
+    report = {"benchmark": "matmul", "seq_len": seq, "target_seconds_per_timing": TARGET_SECONDS,
               "machine": {"adapter": ctx.label, "backend": ctx.adapter.info.get("backend_type"),
-                          "platform": platform.platform(), "wgpu": wgpu.__version__}, "results": []}
-    for batch in args.batch_sizes:
-        for name, shape in products(batch * seq, vocab=2048 if args.quick else 49152).items():
-            row = {"batch_size": batch, "product": name, "M": shape.M, "N": shape.N, "K": shape.K}
-            row["auto"] = time_product(ctx, shape, repeats, None, partials)
+                          "driver": ctx.adapter.info.get("description", ""), "platform": platform.platform(),
+                          "wgpu": wgpu.__version__, "torch": torch.__version__ if torch else None,
+                          "torch_gpu": torch.cuda.get_device_name(0) if torch else None},
+              "results": []}
+    if args.sweep:
+        warm_up(ctx, Operands(ctx, 4096 * 4096, 4096 * 4096))
+        report["sweep"] = sweep(ctx, partials, args.sweep)
+        print(json.dumps(report, indent=2))
+        return 0
+    jobs = []   # (group, batch·seq, name, shape, B frozen)
+    if args.quick:
+        for name, (shape, frozen) in products(args.batch_sizes[0] * seq, vocab=2048).items():
+            jobs.append(("SmolLM2-135M", args.batch_sizes[0] * seq, name, shape, frozen))
+        args.tiles = True
+    else:
+        for M, N, K in ISSUE_SHAPES:
+            jobs.append(("issue 16", M, f"{M}x{N}x{K}", GemmShape(M, N, K, trans_b=True), True))
+        for model in args.models:
+            hidden, q_dim, kv, mlp, vocab = MODELS[model]
+            bts = [b * seq for b in args.batch_sizes] if model == "SmolLM2-135M" else [512, 4096]
+            for bt in bts:
+                for name, (shape, frozen) in products(bt, hidden, q_dim, kv, mlp, vocab).items():
+                    jobs.append((model, bt, name, shape, frozen))
+    # B is bound whole: a product whose B exceeds one binding is cut to the largest N (or K) that fits.
+    max_b = ctx.max_binding_bytes // 4
+    fitted = []
+    for group, bt, name, shape, frozen in jobs:
+        if shape.N * shape.K > max_b:
+            if shape.trans_b:
+                shape = GemmShape(shape.M, max_b // shape.K, shape.K, trans_b=True)
+            else:
+                shape = GemmShape(shape.M, shape.N, max_b // shape.N, trans_a=shape.trans_a)
+            name += " (cut to one binding)"
+        fitted.append((group, bt, name, shape, frozen))
+    ops = Operands(ctx, max(operand_sizes(s)[0] for *_, s, _ in fitted), max(operand_sizes(s)[1] for *_, s, _ in fitted))
+    report["checks_max_rel_error"] = check_against_numpy(ctx, *((37, 53, 129) if args.quick else (1031, 1029, 1027)))
+    if not args.quick:
+        warm_up(ctx, ops)
+        fitted += [(f"{g} (again, last)", bt, n, s, f) for g, bt, n, s, f in fitted[:len(ISSUE_SHAPES)]]
+    start = time.perf_counter()
+    for group, bt, name, shape, frozen in fitted:
+        row = {"group": group, "tokens": bt, "product": name, "M": shape.M, "N": shape.N, "K": shape.K,
+               "layout": ("T" if shape.trans_a else "N") + ("T" if shape.trans_b else "N")}
+        row["auto"] = time_ours(ctx, ops, shape, None, partials)
+        if frozen:
+            for fmt in ("f16", "bf16"):
+                row[f"auto_{fmt}"] = time_ours(ctx, ops, shape, None, partials, fmt)
+        if args.tiles:
             for rows, cols in TILES:
-                row[f"{rows}x{cols}"] = time_product(ctx, shape, repeats, (rows, cols), None)
-            report["results"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+                row[f"{rows}x{cols}"] = time_ours(ctx, ops, shape, (rows, cols), None)
+            if group == "issue 16":
+                row["auto_group_m1"] = time_ours(ctx, ops, shape, None, partials, group_m=1)
+        if torch_run:
+            row["torch_fp32"] = torch_run(shape, torch.float32)
+            row["torch_bf16"] = torch_run(shape, torch.bfloat16)
+            row["ratio_vs_torch_fp32"] = row["auto"]["tflops"] / row["torch_fp32"]["tflops"]
+            if frozen:
+                row["ratio_f16_vs_torch_fp32"] = row["auto_f16"]["tflops"] / row["torch_fp32"]["tflops"]
+        report["results"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    report["seconds"] = time.perf_counter() - start
+    if torch_run:
+        ratios = [r["ratio_vs_torch_fp32"] for r in report["results"]]
+        report["min_ratio_vs_torch_fp32"] = min(ratios)
+        report["median_ratio_vs_torch_fp32"] = float(np.median(ratios))
     print(json.dumps(report, indent=2))
     return 0
 

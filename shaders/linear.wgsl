@@ -8,16 +8,55 @@
 // Strides (lda/ldb/ldc) and element offsets let the chunked LM head address a column range of a wider matrix.
 //
 // Split-K: a weight gradient has a small C ([r, in] for LoRA's dA) and a huge K (B·T), and a small batch's
-// projections have few rows, so their few tiles would leave most of a GPU idle. With splits > 1, workgroup z covers K range [z·k_chunk, (z+1)·k_chunk) and
-// writes its raw partial product into c as partials [splits, M, N]; matmul_reduce then sums the partials into
-// the real C with alpha, bias and beta. No atomics, so results are deterministic.
+// projections have few rows, so their few tiles would leave most of a GPU idle. With splits > 1, workgroup z
+// covers K range [z·k_chunk, (z+1)·k_chunk) and writes its raw partial product into c as partials [splits, M, N];
+// matmul_reduce then sums the partials into the real C with alpha, bias and beta. No atomics: deterministic.
 //
 // Tiling: a 16×16 workgroup computes a 64×64 tile of C, each invocation a 4×4 block held in four vec4
 // accumulators (never a runtime-indexed private array: measured 50× slower on NVIDIA); WIDE doubles the tile's
 // rows (the invocation also takes rows 64 + lid.y·4..), WIDE_N its columns (columns 64 + lid.x·4..), up to a
-// 128×128 tile with an 8×8 block in sixteen vec4s, for large products. K advances in steps of
-// 16 through workgroup memory. Edges are zero-padded on load and masked on store, so no size needs to be a
-// multiple of anything.
+// 128×128 tile with an 8×8 block in sixteen vec4s. K advances in steps of BK = 16 through workgroup memory.
+//
+// Operand loads: both operands are read from global memory as runs of 4 consecutive stored elements (one vec4
+// load when VEC_A / VEC_B say the stride and offset are multiples of 4, else 4 scalar loads: the fallback for
+// odd strides; either way elements past the matrix edge read as 0, so no size needs to be a multiple of
+// anything). Workgroup memory always holds a_tile [BK][BM] and b_tile [BK][BN] (M and N contiguous), so the
+// inner loop is one layout: per k, a vec4 of A rows and a vec4 of B columns, broadcast or consecutive across a
+// warp's lanes (no bank conflicts). A run along M or N (TRANS_A's A, plain B) is stored as one vec4; a run
+// along K (plain A, TRANS_B's B) is scattered as 4 scalars into 4 k-rows, with the 32 lanes of a warp on 32
+// consecutive rows/columns so the scattered stores hit 32 different banks. The next K step's runs are loaded
+// into registers while the current step computes (register double buffering: one 16 KiB tile pair, the
+// portable workgroup-memory minimum). Workgroups are numbered in groups of GROUP_M tile rows so that the
+// workgroups resident together share A rows and B columns in L2.
+//
+// Frozen weights in 16 bits (B_FORMAT): B is bound as array<vec4<u32>> whatever its format, and `b_run` is the
+// ONE place that turns stored B into f32: 0 = f32 (bitcast), 1 = f16 and 2 = bf16, two per u32 (element 2i in
+// the low half), widened in the load so the tiles and the arithmetic stay f32 (no shader-f16 feature needed).
+// Hook for block-quantized formats (GGUF Q8_0, Q4_0, Q4_K... written as WGSL functions in their own file, then
+// `#include`d here): a format adds one B_FORMAT value and one case to `b_run`, a function
+// `fn <format>_run(row: u32, col: u32) -> vec4<f32>` returning the 4 dequantized weights of stored row `row`,
+// columns col..col+3. col is always a multiple of 4 (k0 and tile origins are), so a run never straddles a
+// block of 32; a stored row is a run of whole blocks along the weight's input dimension in both layouts that
+// read B (TRANS_B forward: a row is W[n, :]; input gradient: a row is W[k, :]). ldb and b_off stay in elements.
+//
+// Measured on one NVIDIA H200 (Vulkan, driver 580.159.04, wgpu-native 0.32), bench/matmul.py, TFLOP/s of
+// f32 products; torch 2.11 fp32 with TF32 off measured ~50 at the big shapes in the same runs
+// (bench/results/matmul-h200*.json):
+//   - vec4 runs + one tile layout + grouped order, 128×64 tile, BK 16, no prefetch (the default): 21.2 at
+//     4096³ NT, 21.4 at 4096×8192×2048 NN, 19.6 at 16384×576×1536 NT; 0.24-0.75× torch fp32 over all
+//     training shapes (median 0.39). The old kernel measured 8.7-25.5 (issue 16's table).
+//   - 128×128 (8×8 per invocation): 14.8-17.1 at every sweep shape, below 128×64 (4×8) with every K walk:
+//     so choose_tile never picks it.  64×64: 13-18.5.
+//   - register prefetch of the next K step (PREFETCH): 17.7-19.2 vs 21.4-22.0 without, at 128×64.
+//   - two workgroup-memory stages, BK 8 (DOUBLE): 16.7-18.3; BK 8 single stage: 20.4-21.6.
+//   - next k's fragments read while k computes (FRAG): 21.6 / 21.4 vs 21.4 / 22.0 (no gain).
+//   - GROUP_M 8 vs 1 (plain row order): 15.6 vs 15.3 at 4096×8192×2048 (128×128); kept, harmless.
+//   - f16 / bf16 weights (B_FORMAT 1 / 2): the same speed as f32 or up to 10% faster (half the B bytes).
+//   - "4096³ is 3× slower" was the first product timed with the clocks down: 4.2 then 15.7 for the same
+//     pipeline in one run; after a warm-up 4096³ measures like its neighbours.
+//   - split-K below 256 tiles to ~512 workgroups: LM head d(hidden) 341×1024×151936 10.6 → 12.4 (1024: 14.5).
+// Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
+// multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
 struct Params {
     M: u32, N: u32, K: u32, lda: u32,
     ldb: u32, ldc: u32, a_off: u32, b_off: u32,
@@ -29,30 +68,120 @@ override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
 override WIDE: bool = false;      // 128-row tiles (8 rows per invocation): more FMAs per load, fewer tiles
 override WIDE_N: bool = false;    // 128-column tiles (8 columns per invocation)
+override VEC_A: bool = false;     // lda and a_off are multiples of 4: one vec4 load per run of A
+override VEC_B: bool = false;     // ldb and b_off are multiples of 4: one 16-byte (f32) or 8-byte (16-bit) load
+override B_FORMAT: u32 = 0u;      // 0 f32, 1 f16, 2 bf16 (two per u32)
+override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order (L2 reuse)
+override BK: u32 = 16u;           // K step through workgroup memory: 16, or 8 (then DOUBLE fits in 16 KiB)
+override DOUBLE: bool = false;    // two tile stages in workgroup memory: one barrier per K step (BK 8 only)
+override PREFETCH: bool = true;   // load the next K step's runs into registers while this one computes
+override FRAG: bool = false;      // read the next k's fragments from workgroup memory while this k computes
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
+@group(0) @binding(5) var<storage, read> partials: array<f32>;   // matmul_reduce only
 
-const BK: u32 = 16u;
+var<workgroup> a_tile: array<vec4<f32>, 512>;  // [stages][BK][BM/4]
+var<workgroup> b_tile: array<vec4<f32>, 512>;  // [stages][BK][BN/4]
 
-// Tiles hold vec4s along M (a) and N (b), so the inner loop reads one vec4 of each per k: 2 loads, 16 FMAs.
-// 16 KiB together at the widest (WebGPU's portable workgroup-memory minimum).
-var<workgroup> a_tile: array<vec4<f32>, 512>;  // [BK][BM/4]
-var<workgroup> b_tile: array<vec4<f32>, 512>;  // [BK][BN/4]
-
-fn load_a(m: u32, k: u32, k_end: u32) -> f32 {
-    if (m >= params.M || k >= k_end) { return 0.0; }
-    if (TRANS_A) { return a[params.a_off + k * params.lda + m]; }
-    return a[params.a_off + m * params.lda + k];
+// Lanes j of a run starting at column `col` that lie before `col_end`, for masking a run at the edge.
+fn run_mask(col: u32, col_end: u32) -> vec4<bool> {
+    return vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(col_end);
 }
 
-fn load_b(k: u32, n: u32, k_end: u32) -> f32 {
-    if (k >= k_end || n >= params.N) { return 0.0; }
-    if (TRANS_B) { return b[params.b_off + n * params.ldb + k]; }
-    return b[params.b_off + k * params.ldb + n];
+fn a_elem(e: u32) -> f32 {
+    return a[e >> 2u][e & 3u];
+}
+
+// 4 elements of stored A row `row` from column `col` (stored [M, K], or [K, M] with TRANS_A); 0 outside.
+fn a_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
+    if (row >= row_end || col >= col_end) { return vec4<f32>(0.0); }
+    let e = params.a_off + row * params.lda + col;
+    var v: vec4<f32>;
+    if (VEC_A) {
+        v = a[e >> 2u];
+    } else {
+        v = vec4<f32>(a_elem(e), a_elem(min(e + 1u, e + col_end - col - 1u)),
+                      a_elem(min(e + 2u, e + col_end - col - 1u)), a_elem(min(e + 3u, e + col_end - col - 1u)));
+    }
+    if (col + 3u < col_end) { return v; }
+    return select(vec4<f32>(0.0), v, run_mask(col, col_end));
+}
+
+// One 16-bit weight of word `w` (half 0 = low bits) widened to f32.
+fn widen(w: u32, high: bool) -> f32 {
+    if (B_FORMAT == 1u) { return unpack2x16float(w)[u32(high)]; }
+    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, high));
+}
+
+fn widen2(w: u32) -> vec2<f32> {
+    if (B_FORMAT == 1u) { return unpack2x16float(w); }
+    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+}
+
+fn b_elem(e: u32) -> f32 {
+    if (B_FORMAT == 0u) { return bitcast<f32>(b[e >> 2u][e & 3u]); }
+    return widen(b[e >> 3u][(e >> 1u) & 3u], (e & 1u) == 1u);
+}
+
+// THE load of B: 4 elements of stored B row `row` from column `col` (stored [K, N], or [N, K] with TRANS_B),
+// widened to f32 from B_FORMAT; 0 outside. Block-quantized formats plug in here (see the header).
+fn b_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
+    if (row >= row_end || col >= col_end) { return vec4<f32>(0.0); }
+    let e = params.b_off + row * params.ldb + col;
+    var v: vec4<f32>;
+    if (VEC_B && B_FORMAT == 0u) {
+        v = bitcast<vec4<f32>>(b[e >> 2u]);
+    } else if (VEC_B) {
+        let q = b[e >> 3u];
+        let w = select(q.xy, q.zw, (e & 4u) != 0u);
+        v = vec4<f32>(widen2(w.x), widen2(w.y));
+    } else {
+        let last = e + col_end - col - 1u;   // clamp so no lane reads past the row's end
+        v = vec4<f32>(b_elem(e), b_elem(min(e + 1u, last)), b_elem(min(e + 2u, last)), b_elem(min(e + 3u, last)));
+    }
+    if (col + 3u < col_end) { return v; }
+    return select(vec4<f32>(0.0), v, run_mask(col, col_end));
+}
+
+// Run r (0 .. BM·BK/4) of the A tile at (row0, k0): its global load, and its store into a_tile.
+fn load_a(r: u32, row0: u32, k0: u32, k_end: u32, M4: u32) -> vec4<f32> {
+    if (TRANS_A) { return a_run(k0 + r / M4, row0 + (r % M4) * 4u, k_end, params.M); }
+    let BM = M4 * 4u;
+    return a_run(row0 + r % BM, k0 + (r / BM) * 4u, params.M, k_end);
+}
+
+fn store_a(r: u32, v: vec4<f32>, M4: u32, stage: u32) {
+    let at = stage * BK * M4;
+    if (TRANS_A) { a_tile[at + r] = v; return; }
+    let BM = M4 * 4u;
+    let m = r % BM;
+    let k = (r / BM) * 4u + stage * BK;
+    a_tile[k * M4 + m / 4u][m % 4u] = v.x;
+    a_tile[(k + 1u) * M4 + m / 4u][m % 4u] = v.y;
+    a_tile[(k + 2u) * M4 + m / 4u][m % 4u] = v.z;
+    a_tile[(k + 3u) * M4 + m / 4u][m % 4u] = v.w;
+}
+
+fn load_b(r: u32, col0: u32, k0: u32, k_end: u32, N4: u32) -> vec4<f32> {
+    if (!TRANS_B) { return b_run(k0 + r / N4, col0 + (r % N4) * 4u, k_end, params.N); }
+    let BN = N4 * 4u;
+    return b_run(col0 + r % BN, k0 + (r / BN) * 4u, params.N, k_end);
+}
+
+fn store_b(r: u32, v: vec4<f32>, N4: u32, stage: u32) {
+    let at = stage * BK * N4;
+    if (!TRANS_B) { b_tile[at + r] = v; return; }
+    let BN = N4 * 4u;
+    let n = r % BN;
+    let k = (r / BN) * 4u + stage * BK;
+    b_tile[k * N4 + n / 4u][n % 4u] = v.x;
+    b_tile[(k + 1u) * N4 + n / 4u][n % 4u] = v.y;
+    b_tile[(k + 2u) * N4 + n / 4u][n % 4u] = v.z;
+    b_tile[(k + 3u) * N4 + n / 4u][n % 4u] = v.w;
 }
 
 fn finish(idx: u32, n: u32, sum: f32) {
@@ -75,14 +204,21 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, split: u32) {
 }
 
 @compute @workgroup_size(16, 16)
-fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-          @builtin(local_invocation_index) li: u32) {
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let BM = select(64u, 128u, WIDE);     // rows of the tile
     let BN = select(64u, 128u, WIDE_N);   // columns of the tile
     let M4 = BM / 4u;                     // vec4s per k-row of a_tile
     let N4 = BN / 4u;                     // vec4s per k-row of b_tile
-    let row0 = wg.y * BM;
-    let col0 = wg.x * BN;
+    // Grouped order: consecutive workgroups walk GROUP_M tile rows down one tile column, then the next column.
+    let tiles_n = nwg.x;
+    let tiles_m = nwg.y;
+    let pid = wg.y * tiles_n + wg.x;
+    let group_size = GROUP_M * tiles_n;
+    let first_m = (pid / group_size) * GROUP_M;
+    let rows_in_group = min(tiles_m - first_m, GROUP_M);
+    let row0 = (first_m + (pid % group_size) % rows_in_group) * BM;
+    let col0 = ((pid % group_size) / rows_in_group) * BN;
     // acc: columns lid.x·4.., bcc: columns 64 + lid.x·4.. (WIDE_N); 0-3 rows lid.y·4.., 4-7 rows 64 + .. (WIDE).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -102,51 +238,103 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // Each invocation fills vec4s of the tiles (4 values along M or N at one k), choosing which so that
-        // neighbouring invocations read neighbouring addresses of the stored layout.
-        for (var idx = li; idx < BK * M4; idx += 256u) {
-            var kk: u32; var m4: u32;
-            if (TRANS_A) { m4 = idx % M4; kk = idx / M4; } else { kk = idx % BK; m4 = idx / BK; }
-            let am = row0 + m4 * 4u;
-            a_tile[kk * M4 + m4] = vec4<f32>(load_a(am, k0 + kk, k_end), load_a(am + 1u, k0 + kk, k_end),
-                                             load_a(am + 2u, k0 + kk, k_end), load_a(am + 3u, k0 + kk, k_end));
-        }
-        for (var idx = li; idx < BK * N4; idx += 256u) {
-            var kb: u32; var n4: u32;
-            if (TRANS_B) { kb = idx % BK; n4 = idx / BK; } else { n4 = idx % N4; kb = idx / N4; }
-            let bn = col0 + n4 * 4u;
-            b_tile[kb * N4 + n4] = vec4<f32>(load_b(k0 + kb, bn, k_end), load_b(k0 + kb, bn + 1u, k_end),
-                                             load_b(k0 + kb, bn + 2u, k_end), load_b(k0 + kb, bn + 3u, k_end));
-        }
+    // Runs li and li + 256 of each tile (those below RA / RB: BM·BK/4 and BN·BK/4 runs).
+    let RA = BM * BK / 4u;
+    let RB = BN * BK / 4u;
+    var pa0 = vec4<f32>(0.0);
+    var pa1 = vec4<f32>(0.0);
+    var pb0 = vec4<f32>(0.0);
+    var pb1 = vec4<f32>(0.0);
+    if (PREFETCH || DOUBLE) {
+        if (li < RA) { pa0 = load_a(li, row0, k_begin, k_end, M4); }
+        if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k_begin, k_end, M4); }
+        if (li < RB) { pb0 = load_b(li, col0, k_begin, k_end, N4); }
+        if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k_begin, k_end, N4); }
+    }
+    if (DOUBLE) {
+        if (li < RA) { store_a(li, pa0, M4, 0u); }
+        if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
+        if (li < RB) { store_b(li, pb0, N4, 0u); }
+        if (li + 256u < RB) { store_b(li + 256u, pb1, N4, 0u); }
         workgroupBarrier();
+    }
+    var stage = 0u;
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        let k1 = k0 + BK;
+        if (!DOUBLE) {
+            if (!PREFETCH) {
+                if (li < RA) { pa0 = load_a(li, row0, k0, k_end, M4); }
+                if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k0, k_end, M4); }
+                if (li < RB) { pb0 = load_b(li, col0, k0, k_end, N4); }
+                if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k0, k_end, N4); }
+            }
+            if (li < RA) { store_a(li, pa0, M4, 0u); }
+            if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
+            if (li < RB) { store_b(li, pb0, N4, 0u); }
+            if (li + 256u < RB) { store_b(li + 256u, pb1, N4, 0u); }
+            workgroupBarrier();
+        }
+        if ((PREFETCH || DOUBLE) && k1 < k_end) {
+            if (li < RA) { pa0 = load_a(li, row0, k1, k_end, M4); }
+            if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k1, k_end, M4); }
+            if (li < RB) { pb0 = load_b(li, col0, k1, k_end, N4); }
+            if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k1, k_end, N4); }
+        }
+        let ab = stage * BK * M4;
+        let bb = stage * BK * N4;
+        // Fragments of step k: av/aw rows lid.y·4.. and 64 + lid.y·4.., bv/bw columns lid.x·4.. and 64 + ...
+        // FRAG reads step k + 1's while step k computes (hides workgroup-memory latency, 16 more registers).
+        var av = vec4<f32>(0.0);
+        var aw = vec4<f32>(0.0);
+        var bv = vec4<f32>(0.0);
+        var bw = vec4<f32>(0.0);
+        if (FRAG) {
+            av = a_tile[ab + lid.y];
+            bv = b_tile[bb + lid.x];
+            if (WIDE) { aw = a_tile[ab + 16u + lid.y]; }
+            if (WIDE_N) { bw = b_tile[bb + 16u + lid.x]; }
+        }
         for (var k = 0u; k < BK; k++) {
-            let bv = b_tile[k * N4 + lid.x];
-            let av = a_tile[k * M4 + lid.y];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
+            let kf = select(k, min(k + 1u, BK - 1u), FRAG);
+            let an = a_tile[ab + kf * M4 + lid.y];
+            let bn = b_tile[bb + kf * N4 + lid.x];
+            var awn = aw;
+            var bwn = bw;
+            if (WIDE) { awn = a_tile[ab + kf * M4 + 16u + lid.y]; }
+            if (WIDE_N) { bwn = b_tile[bb + kf * N4 + 16u + lid.x]; }
+            if (!FRAG) { av = an; aw = awn; bv = bn; bw = bwn; }
+            acc0 = fma(vec4<f32>(av.x), bv, acc0);
+            acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2);
+            acc3 = fma(vec4<f32>(av.w), bv, acc3);
             if (WIDE_N) {
-                let bw = b_tile[k * N4 + 16u + lid.x];
-                bcc0 += av.x * bw;
-                bcc1 += av.y * bw;
-                bcc2 += av.z * bw;
-                bcc3 += av.w * bw;
+                bcc0 = fma(vec4<f32>(av.x), bw, bcc0);
+                bcc1 = fma(vec4<f32>(av.y), bw, bcc1);
+                bcc2 = fma(vec4<f32>(av.z), bw, bcc2);
+                bcc3 = fma(vec4<f32>(av.w), bw, bcc3);
                 if (WIDE) {
-                    let aw = a_tile[k * M4 + 16u + lid.y];
-                    bcc4 += aw.x * bw;
-                    bcc5 += aw.y * bw;
-                    bcc6 += aw.z * bw;
-                    bcc7 += aw.w * bw;
+                    bcc4 = fma(vec4<f32>(aw.x), bw, bcc4);
+                    bcc5 = fma(vec4<f32>(aw.y), bw, bcc5);
+                    bcc6 = fma(vec4<f32>(aw.z), bw, bcc6);
+                    bcc7 = fma(vec4<f32>(aw.w), bw, bcc7);
                 }
             }
             if (WIDE) {
-                let aw = a_tile[k * M4 + 16u + lid.y];
-                acc4 += aw.x * bv;
-                acc5 += aw.y * bv;
-                acc6 += aw.z * bv;
-                acc7 += aw.w * bv;
+                acc4 = fma(vec4<f32>(aw.x), bv, acc4);
+                acc5 = fma(vec4<f32>(aw.y), bv, acc5);
+                acc6 = fma(vec4<f32>(aw.z), bv, acc6);
+                acc7 = fma(vec4<f32>(aw.w), bv, acc7);
+            }
+            if (FRAG) { av = an; aw = awn; bv = bn; bw = bwn; }
+        }
+        if (DOUBLE) {
+            // The other stage was last read before the previous barrier: fill it while nobody reads it.
+            stage = 1u - stage;
+            if (k1 < k_end) {
+                if (li < RA) { store_a(li, pa0, M4, stage); }
+                if (li + 256u < RA) { store_a(li + 256u, pa1, M4, stage); }
+                if (li < RB) { store_b(li, pb0, N4, stage); }
+                if (li + 256u < RB) { store_b(li + 256u, pb1, N4, stage); }
             }
         }
         workgroupBarrier();
@@ -177,14 +365,14 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     }
 }
 
-// Split-K's second half: C = alpha · Σ_z partials[z] (+ bias) (+ beta · C); partials are bound as `a`.
+// Split-K's second half: C = alpha · Σ_z partials[z] (+ bias) (+ beta · C).
 @compute @workgroup_size(256)
 fn matmul_reduce(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.y * params.row_stride + gid.x;
     let mn = params.M * params.N;
     if (i >= mn) { return; }
     var sum = 0.0;
-    for (var z = 0u; z < params.splits; z++) { sum += a[z * mn + i]; }
+    for (var z = 0u; z < params.splits; z++) { sum += partials[z * mn + i]; }
     let m = i / params.N;
     let n = i % params.N;
     finish(params.c_off + m * params.ldc + n, n, sum);

@@ -3,10 +3,14 @@
 `Matmul` binds one product C = alpha·op(A)·op(B) (+ bias) (+ beta·C) to its buffers once; `Linear` is the frozen
 projection y = x·Wᵀ + b with its input gradient dx = dy·W (frozen weights need no weight gradient).
 A buffer argument is a wgpu buffer or a (buffer, byte offset, byte size) sub-range.
+
+B (the frozen weight of Linear) may be stored in 16 bits: `pack_weight` / `upload_weight` make the buffer
+(f16, or bf16 rounded to nearest-even), and `b_format` / `weight_format` tell the shader (B_FORMAT) to widen it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -16,11 +20,36 @@ from engine.backends.wgpu.kernels.grids import grid_1d
 TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
 TILE_K = 16   # K step through workgroup memory (BK)
-SPLIT_TARGET_WORKGROUPS = 256   # split K until about this many workgroups run (a large GPU's worth)
+SPLIT_TARGET_WORKGROUPS = 512   # split K until about this many workgroups run (a large GPU's worth)
+SPLIT_MAX_TILES = 256           # products with this many 64×64 tiles already fill a GPU: never split
 SPLIT_MIN_K = 128               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
 TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
-WIDE_MIN_WORKGROUPS = 512       # a larger tile only where it still leaves this many workgroups (a large GPU busy)
+WIDE_MIN_WORKGROUPS = 256       # 128×64 tiles only where they still leave this many workgroups (a large GPU busy)
+GROUP_M = 8                     # tile rows per group of the workgroup order (L2 reuse between resident tiles)
+B_FORMATS = {"f32": 0, "f16": 1, "bf16": 2}   # the shader's B_FORMAT override per weight format
+WeightFormat = Literal["f32", "f16", "bf16"]
+
+
+@dataclass(frozen=True)
+class GemmKernel:
+    """How the shader walks K (its BK, DOUBLE and PREFETCH constants); the tile is chosen separately."""
+    bk: int = 16              # K step through workgroup memory (16, or 8)
+    double: bool = False      # two tile stages in workgroup memory, one barrier per step (bk 8 only: 16 KiB)
+    prefetch: bool = False    # next step's operand runs loaded into registers while this one computes
+    frag: bool = False        # next k's fragments read from workgroup memory while this k computes
+
+    def __post_init__(self):
+        if self.bk not in (8, 16) or (self.double and self.bk != 8):
+            raise ValueError(f"GEMM kernel bk={self.bk} double={self.double}: bk must be 8 or 16, double needs bk 8")
+
+    def constants(self) -> dict:
+        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch), "FRAG": int(self.frag)}
+
+
+KERNELS = (GemmKernel(16, False, False), GemmKernel(16, False, True), GemmKernel(16, False, False, True),
+           GemmKernel(16, False, True, True), GemmKernel(8, True, True), GemmKernel(8, True, True, True))
+DEFAULT_KERNEL = GemmKernel()
 
 
 @dataclass(frozen=True)
@@ -51,18 +80,65 @@ class GemmShape:
 def split_k(shape: GemmShape, partial_floats: int) -> int:
     """How many K slices a product gets: 1 unless its tiles are too few to fill a GPU and K is long."""
     tiles = -(-shape.N // TILE_N) * -(-shape.M // TILE_M)
+    if tiles >= SPLIT_MAX_TILES:
+        return 1
     splits = min(-(-SPLIT_TARGET_WORKGROUPS // tiles), shape.K // SPLIT_MIN_K,
                  partial_floats // (shape.M * shape.N))
     return max(1, splits)
 
 
 def choose_tile(shape: GemmShape) -> tuple[int, int]:
-    """The largest tile that the product fills and that still leaves WIDE_MIN_WORKGROUPS workgroups."""
-    for rows, cols in TILES[:-1]:
-        if shape.M >= rows and shape.N >= cols and \
-                -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
-            return rows, cols
+    """128×64 where the product fills it and still has WIDE_MIN_WORKGROUPS of them, else 64×64.
+
+    128×128 is never chosen by itself: on the H200 it measured slower than 128×64 at every shape (its 64
+    accumulators leave one workgroup per multiprocessor); it stays available as a forced tile.
+    """
+    rows, cols = TILES[1]
+    if shape.M >= rows and shape.N >= cols and -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
+        return rows, cols
     return TILES[-1]
+
+
+def pack_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """The flat array a weight buffer of format `fmt` holds: f32 as is; f16/bf16 two per u32 (element 2i low).
+
+    bf16 is the f32 rounded to nearest-even on its top 16 bits (NaN stays NaN), as torch's .to(bfloat16).
+    """
+    if fmt not in B_FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not one of {sorted(B_FORMATS)}")
+    flat = np.ascontiguousarray(array, np.float32).ravel()
+    if fmt == "f32":
+        return flat
+    if fmt == "f16":
+        half = flat.astype(np.float16).view(np.uint16)
+    else:
+        bits = flat.view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = np.where(np.isnan(flat), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    return np.concatenate([half, np.zeros(len(half) % 2, np.uint16)]).view(np.uint32)
+
+
+def widen_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """The f32 values the shader computes with for a weight stored as `fmt` (the numpy reference)."""
+    flat = np.ascontiguousarray(array, np.float32)
+    if fmt == "f16":
+        return flat.astype(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        words = pack_weight(flat, "bf16").view(np.uint16)[:flat.size].astype(np.uint32) << 16
+        return words.view(np.float32).reshape(flat.shape)
+    return flat
+
+
+def upload_weight(ctx: GpuContext, array: np.ndarray, fmt: WeightFormat, label: str):
+    """A weight buffer in `fmt` (pass the same fmt to Matmul's b_format / Linear's weight_format)."""
+    return ctx.upload(pack_weight(array, fmt), label)
+
+
+def _vec_binding(buf):
+    """The binding of a vec4-typed operand: its byte size rounded up to 16 (within the buffer), so the array's
+    last vec4 covers the last elements; GpuContext.buffer sizes are multiples of 16 and storage offsets of 256."""
+    b, offset, size = buf if isinstance(buf, tuple) else (buf, 0, buf.size)
+    return b, offset, min(-(-size // 16) * 16, b.size - offset)
 
 
 def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool, k_chunk: int = 0,
@@ -82,7 +158,10 @@ class Matmul:
     """
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
-                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul"):
+                 bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul",
+                 b_format: WeightFormat = "f32", group_m: int = GROUP_M, kernel: GemmKernel | None = None):
+        if b_format not in B_FORMATS:
+            raise ValueError(f"matmul b_format {b_format!r} is not one of {sorted(B_FORMATS)}")
         self.ctx = ctx
         self.shape = shape
         self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
@@ -92,13 +171,19 @@ class Matmul:
         k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
         self.splits = -(-shape.K // k_chunk)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
+        lda, ldb, _ = shape.strides()
+        # One vec4 (or 8-byte 16-bit) load per run of 4 needs 4-aligned element addresses: stride and offset.
+        self.vec_a = lda % 4 == 0 and shape.a_off % 4 == 0
+        self.vec_b = ldb % 4 == 0 and shape.b_off % 4 == 0
         self.pipeline = ctx.pipeline("linear", "matmul", {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
-            "WIDE_N": int(self.tile[1] == 128)})
+            "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),
+            "B_FORMAT": B_FORMATS[b_format], "GROUP_M": group_m, **(kernel or DEFAULT_KERNEL).constants()})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
+        a, b = _vec_binding(a), _vec_binding(b)
         self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
         if self.splits == 1:
@@ -106,7 +191,8 @@ class Matmul:
         else:
             self.bind_group = ctx.bind_group(self.pipeline, {0: partials, 1: a, 2: b, 3: bias, 4: self.params}, label)
             self.reduce = ctx.pipeline("linear", "matmul_reduce")
-            self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 1: partials, 3: bias, 4: self.params}, f"{label}.reduce")
+            self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 3: bias, 4: self.params, 5: partials},
+                                            f"{label}.reduce")
             self.reduce_groups = reduce_groups[:2]
 
     def encode(self, enc: StepEncoder) -> None:
@@ -119,17 +205,20 @@ class Linear:
     """Frozen projection out = x·Wᵀ + b over M rows; backward writes (or with accumulate, adds) dx = dy·W.
 
     x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
-    of few rows (small batches) are split over K to keep a large GPU busy.
+    of few rows (small batches) are split over K to keep a large GPU busy. weight_format: how W is stored
+    (upload_weight); activations, bias and outputs stay f32.
     """
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
-                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear"):
+                 dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
+                 weight_format: WeightFormat = "f32"):
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              bias=bias, partials=partials, label=f"{label}.fwd")
+                              bias=bias, partials=partials, label=f"{label}.fwd", b_format=weight_format)
         self.backward = None
         if dy is not None and dx is not None:
             self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features),
-                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd")
+                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd",
+                                   b_format=weight_format)
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)
