@@ -29,15 +29,16 @@
 // portable workgroup-memory minimum). Workgroups are numbered in groups of GROUP_M tile rows so that the
 // workgroups resident together share A rows and B columns in L2.
 //
-// Frozen weights in 16 bits (B_FORMAT): B is bound as array<vec4<u32>> whatever its format, and `b_run` is the
-// ONE place that turns stored B into f32: 0 = f32 (bitcast), 1 = f16 and 2 = bf16, two per u32 (element 2i in
-// the low half), widened in the load so the tiles and the arithmetic stay f32 (no shader-f16 feature needed).
-// Hook for block-quantized formats (GGUF Q8_0, Q4_0, Q4_K... written as WGSL functions in their own file, then
-// `#include`d here): a format adds one B_FORMAT value and one case to `b_run`, a function
-// `fn <format>_run(row: u32, col: u32) -> vec4<f32>` returning the 4 dequantized weights of stored row `row`,
-// columns col..col+3. col is always a multiple of 4 (k0 and tile origins are), so a run never straddles a
-// block of 32; a stored row is a run of whole blocks along the weight's input dimension in both layouts that
-// read B (TRANS_B forward: a row is W[n, :]; input gradient: a row is W[k, :]). ldb and b_off stay in elements.
+// Frozen weights in their storage format (B_FORMAT, the GGML type id: engine.model.weight_formats.WeightFormat):
+// B is bound as array<vec4<u32>> (and, for the block formats, the same buffer again as `weights`, array<u32>)
+// whatever its format, and `b_run` is the ONE place that turns stored B into f32: 0 = f32 (bitcast); 1 = f16
+// and 30 = bf16, two per u32 (element 2i in the low half), widened in the load; every other value is a GGUF
+// block format (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) read through shaders/weight_formats.wgsl's
+// weight_load4(format, row_blocks, row, col) from its GPU layout (rows of whole blocks: b_off = 0, ldb = the
+// row length, b_row_blocks = ldb / block size). The tiles and the arithmetic stay f32 (no shader-f16 feature).
+// col is always a multiple of 4 (k0 and tile origins are), so a run never straddles a block of 32; a stored row
+// is a run of whole blocks along the weight's input dimension in both layouts that read B (TRANS_B forward: a
+// row is W[n, :]; input gradient: a row is W[k, :]).
 //
 // Measured on one NVIDIA H200 (Vulkan, driver 580.159.04, wgpu-native 0.32), bench/matmul.py, TFLOP/s of
 // f32 products; torch 2.11 fp32 with TF32 off measured ~50 at the big shapes in the same runs
@@ -61,8 +62,10 @@ struct Params {
     M: u32, N: u32, K: u32, lda: u32,
     ldb: u32, ldc: u32, a_off: u32, b_off: u32,
     c_off: u32, has_bias: u32, k_chunk: u32, splits: u32,
-    row_stride: u32, alpha: f32, beta: f32, _pad0: u32,
+    row_stride: u32, alpha: f32, beta: f32, b_row_blocks: u32,
 }
+
+#include "weight_formats.wgsl"
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
@@ -70,7 +73,7 @@ override WIDE: bool = false;      // 128-row tiles (8 rows per invocation): more
 override WIDE_N: bool = false;    // 128-column tiles (8 columns per invocation)
 override VEC_A: bool = false;     // lda and a_off are multiples of 4: one vec4 load per run of A
 override VEC_B: bool = false;     // ldb and b_off are multiples of 4: one 16-byte (f32) or 8-byte (16-bit) load
-override B_FORMAT: u32 = 0u;      // 0 f32, 1 f16, 2 bf16 (two per u32)
+override B_FORMAT: u32 = 0u;      // FMT_*: 0 f32, 1 f16, 30 bf16 (two per u32), else a GGUF block format
 override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order (L2 reuse)
 override BK: u32 = 16u;           // K step through workgroup memory: 16, or 8 (then DOUBLE fits in 16 KiB)
 override DOUBLE: bool = false;    // two tile stages in workgroup memory: one barrier per K step (BK 8 only)
@@ -83,6 +86,7 @@ override FRAG: bool = false;      // read the next k's fragments from workgroup 
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<storage, read> partials: array<f32>;   // matmul_reduce only
+@group(0) @binding(6) var<storage, read> weights: array<u32>;    // B again, word by word, for the block formats
 
 var<workgroup> a_tile: array<vec4<f32>, 512>;  // [stages][BK][BM/4]
 var<workgroup> b_tile: array<vec4<f32>, 512>;  // [stages][BK][BN/4]
@@ -131,6 +135,11 @@ fn b_elem(e: u32) -> f32 {
 // widened to f32 from B_FORMAT; 0 outside. Block-quantized formats plug in here (see the header).
 fn b_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
     if (row >= row_end || col >= col_end) { return vec4<f32>(0.0); }
+    if (B_FORMAT != FMT_F32 && B_FORMAT != FMT_F16 && B_FORMAT != FMT_BF16) {
+        // Whole blocks along the row, so col..col+3 are inside it; past col_end (a split's K end) masked.
+        let q = weight_load4(B_FORMAT, params.b_row_blocks, row, col);
+        return select(vec4<f32>(0.0), q, run_mask(col, col_end));
+    }
     let e = params.b_off + row * params.ldb + col;
     var v: vec4<f32>;
     if (VEC_B && B_FORMAT == 0u) {

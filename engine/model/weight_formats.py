@@ -364,3 +364,29 @@ def to_gpu_layout(raw, fmt, shape) -> np.ndarray:
         meta[:, :, :m1 - m0] = b[:, :, m0:m1]
         out[:, rb * info.quant_bytes:rb * (info.quant_bytes + info.meta_bytes)] = meta.reshape(rows, -1)
     return out.view(np.uint32).reshape(-1)
+
+
+# ---- which format a frozen tensor is held in for training ------------------------------------------------------
+# `--weights` choices. "stored" keeps each tensor as the model file holds it (a GGUF's own quantization, a
+# safetensors' bf16); the others convert on load, tensor by tensor. Norm weights and biases are tiny and always f32.
+WEIGHT_CHOICES = ("stored", "f32", "bf16", "f16", "q8", "q4")
+
+
+def held_format(choice: str, stored: WeightFormat, shape: tuple[int, ...], vocab: bool = False) -> WeightFormat:
+    """The format a frozen matrix of `shape` is held in under `choice`.
+
+    q8 is Q8_0. q4 is Q4_K (4.5 bits a weight, 6-bit sub-block scales) where rows are whole 256-weight blocks,
+    else Q4_1 (5 bits, blocks of 32). The vocabulary tables (embedding, LM head) stay at 8 bits under q4: every
+    token's logit and embedding passes through them, and llama.cpp's 4-bit mixes keep them wider for that reason.
+    A row length that no block divides keeps the matrix in bf16 rather than failing."""
+    if choice not in WEIGHT_CHOICES:
+        raise ValueError(f"weights {choice!r} is unknown; choose from {', '.join(WEIGHT_CHOICES)}")
+    if len(shape) != 2:
+        return WeightFormat.F32
+    if choice == "stored":
+        return stored
+    if choice == "q4" and vocab:
+        choice = "q8"
+    wanted = {"f32": (WeightFormat.F32,), "bf16": (WeightFormat.BF16,), "f16": (WeightFormat.F16,),
+              "q8": (WeightFormat.Q8_0,), "q4": (WeightFormat.Q4_K, WeightFormat.Q4_1)}[choice]
+    return next((f for f in wanted if shape[1] % FORMATS[f].block_size == 0), WeightFormat.BF16)

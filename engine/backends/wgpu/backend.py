@@ -22,9 +22,9 @@ from engine.lora.config import LoraConfig, init_lora_state
 from engine.model.spec import ModelSpec, load_model_spec
 from engine.model.weights import ArrayWeights, WeightSource, open_weights
 from engine.backends.wgpu.backward import model_backward
-from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch, allocate,
-                                 destroy, layer_activation_shapes, lora_layout, scratch_shapes,
-                                 vocab_pieces)
+from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch,
+                                          allocate, destroy, formats_for, layer_activation_shapes, lora_layout,
+                                          scratch_shapes, vocab_pieces)
 from engine.backends.wgpu.forward import model_forward
 from engine.backends.wgpu.graph import build_model
 from engine.backends.wgpu.weights import upload_weights
@@ -42,11 +42,14 @@ class WgpuBackend(TrainingBackend):
 
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
-                 tensors: dict[str, np.ndarray] | WeightSource | None = None, max_binding_bytes: int | None = None):
+                 tensors: dict[str, np.ndarray] | WeightSource | None = None, max_binding_bytes: int | None = None,
+                 weights: str = "f32"):
         """`model`: a Hugging Face folder (weights read tensor by tensor: engine.model.weights.open_weights), or a
         ModelSpec with `tensors` (a WeightSource, or {HF name: array} such as
         engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
-        `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split)."""
+        `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split).
+        `weights` is the format the frozen matrices are held in (engine.model.weight_formats.WEIGHT_CHOICES):
+        converted on load, tensor by tensor; "stored" keeps the model file's own (a GGUF's quantization)."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
         if isinstance(model, ModelSpec):
@@ -68,10 +71,12 @@ class WgpuBackend(TrainingBackend):
         limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes, max_binding_bytes or ctx.max_binding_bytes)
         self.layout = lora_layout(spec, lora)
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
-        self.weights = upload_weights(ctx, spec, source, limit)
+        self.weight_choice = weights
+        format_of = formats_for(weights, {n: t.format for n, t in source.stored().items()})
+        self.weights = upload_weights(ctx, spec, source, limit, format_of)
         self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
                               f"layers.{i}") for i in range(spec.layers)]
-        piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit)[0][1]
+        piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit, self.weights.vocab_format)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
                                                                       piece_rows), "scratch")
         self.dropout_step = upload_uniform(ctx, "lora", "Step", "lora_dropout.step", seed=0, p=0.0)

@@ -7,12 +7,14 @@ Notation: BT = B·T rows, C hidden, QD = heads·head_dim, KVD = kv_heads·head_d
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable, Mapping
 
 import numpy as np
 
 from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
 from engine.lora.config import LoraConfig, lora_shapes
-from engine.model.hf_names import LORA_TARGETS
+from engine.model.hf_names import EMBED_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
+from engine.model.weight_formats import FORMATS, WeightFormat, held_format
 from engine.model.spec import ModelSpec
 
 LORA_ALIGN = 64        # floats: each LoRA tensor starts on a 256-byte boundary so it can be bound as a sub-range
@@ -46,12 +48,32 @@ def lora_layout(spec: ModelSpec, lora: LoraConfig) -> LoraLayout:
     return LoraLayout(offsets, shapes, at)
 
 
-def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int) -> list[tuple[int, int]]:
-    """(first_id, rows) pieces of a [vocab, hidden] table, each within one storage binding."""
-    rows = max_binding_bytes // (4 * hidden)
+def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int,
+                 fmt: WeightFormat = WeightFormat.F32) -> list[tuple[int, int]]:
+    """(first_id, rows) pieces of a [vocab, hidden] table held in `fmt`, each within one storage binding."""
+    rows = max_binding_bytes // (4 * FORMATS[fmt].gpu_row_words(hidden))
     if rows < 1:
-        raise MemoryError(f"one embedding row of {hidden} floats exceeds the binding limit {max_binding_bytes}")
+        raise MemoryError(f"one embedding row of {hidden} weights exceeds the binding limit {max_binding_bytes}")
     return [(v0, min(rows, vocab - v0)) for v0 in range(0, vocab, rows)]
+
+
+@dataclass(frozen=True)
+class FrozenTensor:
+    """One frozen weight buffer: its torch shape and the format it is held in on the GPU."""
+    shape: tuple[int, ...]
+    format: WeightFormat = WeightFormat.F32
+
+    @property
+    def nbytes(self) -> int:
+        """What GpuContext.buffer allocates for it (the format's GPU layout, rounded up to 16 bytes)."""
+        return max(16, (FORMATS[self.format].gpu_nbytes(self.shape) + 15) // 16 * 16)
+
+
+@dataclass(frozen=True)
+class HeldWeight:
+    """A frozen matrix on the GPU and the format its buffer holds (engine.model.weight_formats' GPU layout)."""
+    buffer: object
+    format: WeightFormat
 
 
 def bias_name(target: str) -> str:
@@ -61,16 +83,17 @@ def bias_name(target: str) -> str:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's frozen weights, as Hugging Face stores them."""
+    """One decoder layer's frozen weights, as Hugging Face stores them: matrices as HeldWeight (buffer and
+    format), norm weights and biases as f32 buffers."""
     ln1: object                 # [C] input_layernorm
-    q: object                   # [QD, C]
-    k: object                   # [KVD, C]
-    v: object                   # [KVD, C]
-    o: object                   # [C, QD]
+    q: HeldWeight               # [QD, C]
+    k: HeldWeight               # [KVD, C]
+    v: HeldWeight               # [KVD, C]
+    o: HeldWeight               # [C, QD]
     ln2: object                 # [C] post_attention_layernorm
-    gate: object                # [I, C]
-    up: object                  # [I, C]
-    down: object                # [C, I]
+    gate: HeldWeight            # [I, C]
+    up: HeldWeight              # [I, C]
+    down: HeldWeight            # [C, I]
     q_bias: object = None       # [QD]  Qwen2; Llama, Qwen3 attention_bias
     k_bias: object = None       # [KVD]
     v_bias: object = None       # [KVD]
@@ -140,13 +163,53 @@ class Scratch:
     dx_drop: object = None      # [BT, max in]
 
 
-def weight_shapes(spec: ModelSpec, max_binding_bytes: int) -> dict[str, tuple[int, ...]]:
-    """Frozen weights: the embedding (and an untied LM head) in vocabulary pieces, then per layer."""
+# The format a frozen tensor is held in: (HF name, torch shape, whether it is a vocabulary table) -> format.
+FormatOf = Callable[[str, tuple, bool], WeightFormat]
+
+
+def all_f32(_name: str, _shape: tuple, _vocab: bool) -> WeightFormat:
+    return WeightFormat.F32
+
+
+def formats_for(choice: str, stored: Mapping[str, WeightFormat] | None = None) -> FormatOf:
+    """The FormatOf of a `--weights` choice (engine.model.weight_formats.held_format); `stored` (HF name -> the
+    format the model file holds it in) is what "stored" keeps, and is needed for it."""
+    if choice == "stored" and stored is None:
+        raise ValueError('weights "stored" needs the model file\'s formats')
+
+    def format_of(name: str, shape: tuple, vocab: bool) -> WeightFormat:
+        return held_format(choice, (stored or {}).get(name, WeightFormat.F32), shape, vocab)
+    return format_of
+
+
+def frozen_layout(spec: ModelSpec, max_binding_bytes: int, format_of: FormatOf = all_f32) -> dict[str, FrozenTensor]:
+    """Every frozen weight buffer: the embedding (and an untied LM head) in vocabulary pieces that each fit one
+    storage binding in their format, the final norm, then per layer (keys as layer_weight_shapes)."""
+    C = spec.hidden
+    layout = {}
+    tables = [("embed", EMBED_WEIGHT)] + ([] if spec.tied_embeddings else [("lm_head", LM_HEAD_WEIGHT)])
+    for prefix, hf_name in tables:
+        fmt = format_of(hf_name, (spec.vocab_size, C), True)
+        layout.update({f"{prefix}.{v0}": FrozenTensor((n, C), fmt)
+                       for v0, n in vocab_pieces(spec.vocab_size, C, max_binding_bytes, fmt)})
+    for key, shape in layer_weight_shapes(spec).items():
+        if key == "final_norm":
+            layout[key] = FrozenTensor(shape)
+            continue
+        _, layer, short = key.split(".")
+        tensor = FrozenTensor(shape, format_of(layer_tensor(int(layer), short), shape, False))
+        if tensor.nbytes > max_binding_bytes:
+            raise MemoryError(f"layer {layer} {short} {shape} needs {tensor.nbytes} bytes in {tensor.format.name}, "
+                              f"over this adapter's {max_binding_bytes}-byte binding limit; choose a smaller model")
+        layout[key] = tensor
+    return layout
+
+
+def layer_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Torch shapes of the final norm and of every layer's frozen tensors, keyed "final_norm" and
+    "layers.{i}.{short name}" (engine.model.hf_names.LAYER_TENSORS)."""
     C, I, HD = spec.hidden, spec.intermediate, spec.head_dim
-    shapes = {f"embed.{v0}": (n, C) for v0, n in vocab_pieces(spec.vocab_size, C, max_binding_bytes)}
-    if not spec.tied_embeddings:
-        shapes.update({f"lm_head.{v0}": (n, C) for v0, n in vocab_pieces(spec.vocab_size, C, max_binding_bytes)})
-    shapes["final_norm"] = (C,)
+    shapes = {"final_norm": (C,)}
     for layer in range(spec.layers):
         per = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C),
                "o": (C, spec.q_dim), "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
@@ -154,11 +217,7 @@ def weight_shapes(spec: ModelSpec, max_binding_bytes: int) -> dict[str, tuple[in
             per[bias_name(target)] = (spec.projection_shape(target)[0],)
         if spec.qk_norm:
             per.update(q_norm=(HD,), k_norm=(HD,))
-        for name, shape in per.items():
-            if nbytes(shape) > max_binding_bytes:
-                raise MemoryError(f"layer {layer} {name} {shape} needs {nbytes(shape)} bytes, over this adapter's "
-                                  f"{max_binding_bytes}-byte binding limit; choose a smaller model")
-            shapes[f"layers.{layer}.{name}"] = shape
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per.items()})
     return shapes
 
 

@@ -46,7 +46,7 @@ class ModelKernels:
 def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights: ModelWeights,
                 acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step) -> ModelKernels:
     BT, C = B * T, spec.hidden
-    embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C)
+    embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format)
     layers = []
     for layer, (w, a) in enumerate(zip(weights.layers, acts)):
         x_in = s.embedded if layer == 0 else acts[layer - 1].x_out
@@ -54,7 +54,7 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
-                  spec.vocab_size, chunk, partials=s.split_k)
+                  spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
     return ModelKernels(embedding, layers, final_norm, head)
 
 
@@ -83,8 +83,9 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
     for target in LORA_TARGETS:
         x, y, dy, dx, accumulate = io[target]
         out_f, in_f = spec.projection_shape(target)
-        proj[target] = Linear(ctx, y, x, weight[target], bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
-                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}")
+        proj[target] = Linear(ctx, y, x, weight[target].buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
+                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}",
+                              weight_format=weight[target].format)
         if target in lora.targets:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(

@@ -7,13 +7,15 @@ GpuContext.bytes_allocated after construction (tests/backends/wgpu/test_memory.p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import (layer_activation_shapes, lora_layout, nbytes, scratch_shapes, shapes_bytes,
-                                 vocab_pieces, weight_shapes)
+from engine.backends.wgpu.buffers import (formats_for, frozen_layout, layer_activation_shapes, lora_layout, nbytes,
+                                          scratch_shapes, shapes_bytes, vocab_pieces)
+from engine.model.weight_formats import WeightFormat
 
 GEMM_PARAMS = 64        # linear.wgsl Params
 SMALL_PARAMS = 16       # 4-word uniforms (residual, swiglu, lm_head chunk/step, dropout)
@@ -22,7 +24,7 @@ NORM_PARAMS = 32        # rmsnorm.wgsl / embedding.wgsl / rope / attention Param
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    weights: int          # frozen model weights (f32)
+    weights: int          # frozen model weights, in the formats they are held in
     adapter: int          # LoRA parameters and gradients (flat, aligned)
     optimizer: int        # optimizer moments / quantisation state and its kernels' buffers
     activations: int      # what the forward saves for the backward, all layers
@@ -75,16 +77,20 @@ def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
 
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
-                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535) -> MemoryPlan:
-    """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
-    WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
+                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535, weights: str = "f32",
+                stored: Mapping[str, WeightFormat] | None = None) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T, weights=weights) allocates on an adapter with these limits (the
+    defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension). `stored`: the formats the
+    model file holds its tensors in (engine.model.weights' StoredTensor.format by name), needed for "stored"."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
-    pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes)
+    frozen = frozen_layout(spec, max_binding_bytes, formats_for(weights, stored))
+    vocab_format = next(t.format for k, t in frozen.items() if k.startswith("embed."))
+    pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes, vocab_format)
     scratch = scratch_shapes(spec, lora, B, T, chunk, pieces[0][1])
     adapter = nbytes(scratch.pop("lora_params")) + nbytes(scratch.pop("lora_grads"))
     logits = nbytes(scratch.pop("logits"))
     return MemoryPlan(
-        weights=shapes_bytes(weight_shapes(spec, max_binding_bytes)), adapter=adapter,
+        weights=sum(t.nbytes for t in frozen.values()), adapter=adapter,
         optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
         activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
         scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))

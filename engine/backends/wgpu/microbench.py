@@ -16,7 +16,7 @@ from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
 from engine.lora.config import LoraConfig, init_lora_state
 from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, layer_tensor
 from engine.model.spec import ModelSpec, RopeSpec
-from engine.backends.wgpu.buffers import weight_shapes
+from engine.backends.wgpu.buffers import frozen_layout
 
 
 def smollm2_135m_spec() -> ModelSpec:
@@ -36,9 +36,9 @@ def tiny_spec() -> ModelSpec:
 def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """{HF name: float32 array} for every weight the engine uploads: normal matrices, unit norms, zero biases."""
     rng = np.random.default_rng(seed)
-    shapes = weight_shapes(spec, max_binding_bytes=1 << 62)
     out = {}
-    for key, shape in shapes.items():
+    for key, tensor in frozen_layout(spec, max_binding_bytes=1 << 62).items():
+        shape = tensor.shape
         if key.startswith("embed."):
             name = EMBED_WEIGHT
         elif key.startswith("lm_head."):

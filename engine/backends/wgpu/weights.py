@@ -6,8 +6,9 @@ import numpy as np
 
 from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, layer_tensor
 from engine.model.spec import ModelSpec
+from engine.model.weight_formats import WeightFormat, to_gpu_layout
 from engine.model.weights import WeightSource
-from engine.backends.wgpu.buffers import LayerWeights, weight_shapes
+from engine.backends.wgpu.buffers import FormatOf, FrozenTensor, HeldWeight, LayerWeights, all_f32, frozen_layout
 
 
 
@@ -15,33 +16,43 @@ from engine.backends.wgpu.buffers import LayerWeights, weight_shapes
 class ModelWeights:
     embed: list                 # [(buffer [rows, C], first_id, rows)] vocabulary pieces of embed_tokens
     lm_head: list               # the LM head's pieces (the embedding's own when tied)
+    vocab_format: WeightFormat  # what the embedding and LM head pieces hold
     final_norm: object          # [C]
     layers: list                # [LayerWeights] × L
 
 
-def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes: int) -> ModelWeights:
-    """Upload the model's frozen tensors, read one at a time from `source`, as the engine's weight buffers."""
-    shapes = weight_shapes(spec, max_binding_bytes)
+def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes: int,
+                   format_of: FormatOf = all_f32) -> ModelWeights:
+    """Upload the model's frozen tensors, read one at a time from `source` and converted to the format
+    `format_of` holds each in (engine.model.weight_formats' GPU layout), as the engine's weight buffers."""
+    layout = frozen_layout(spec, max_binding_bytes, format_of)
 
-    def take(hf_name: str, shape: tuple) -> object:
-        source.require(hf_name, shape)
-        return ctx.upload(source.f32(hf_name), hf_name)
+    def upload(hf_name: str, raw: np.ndarray, tensor: FrozenTensor, label: str):
+        return ctx.upload(to_gpu_layout(raw, tensor.format, tensor.shape), label)
+
+    def take(hf_name: str, key: str):
+        tensor = layout[key]
+        source.require(hf_name, tensor.shape)
+        buffer = upload(hf_name, source.as_format(hf_name, tensor.format), tensor, hf_name)
+        return HeldWeight(buffer, tensor.format) if len(tensor.shape) == 2 else buffer
 
     def pieces(prefix: str, hf_name: str) -> list:
-        """A vocabulary table in row pieces that each fit one storage binding, read once."""
-        keys = [k for k in shapes if k.startswith(prefix + ".")]
-        table = source.f32(source.require(hf_name, (spec.vocab_size, spec.hidden)).name)
+        """A vocabulary table in row pieces that each fit one storage binding, read and converted once."""
+        keys = [k for k in layout if k.startswith(prefix + ".")]
+        source.require(hf_name, (spec.vocab_size, spec.hidden))
+        table = source.as_format(hf_name, layout[keys[0]].format)      # [V, bytes per row]: rows stay whole
         out = []
         for key in keys:
-            v0, rows = int(key.rsplit(".", 1)[1]), shapes[key][0]
-            out.append((ctx.upload(np.ascontiguousarray(table[v0:v0 + rows]), f"{hf_name}[{v0}:]"), v0, rows))
+            v0, rows = int(key.rsplit(".", 1)[1]), layout[key].shape[0]
+            out.append((upload(hf_name, table[v0:v0 + rows], layout[key], f"{hf_name}[{v0}:]"), v0, rows))
         return out
 
     embed = pieces("embed", EMBED_WEIGHT)
     lm_head = embed if spec.tied_embeddings else pieces("lm_head", LM_HEAD_WEIGHT)
+    vocab_format = layout[next(k for k in layout if k.startswith("embed."))].format
     layers = []
     for layer in range(spec.layers):
         prefix = f"layers.{layer}."
-        own = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
-        layers.append(LayerWeights(**{name: take(layer_tensor(layer, name), shape) for name, shape in own.items()}))
-    return ModelWeights(embed, lm_head, take(FINAL_NORM_WEIGHT, shapes["final_norm"]), layers)
+        own = [k[len(prefix):] for k in layout if k.startswith(prefix)]
+        layers.append(LayerWeights(**{name: take(layer_tensor(layer, name), prefix + name) for name in own}))
+    return ModelWeights(embed, lm_head, vocab_format, take(FINAL_NORM_WEIGHT, "final_norm"), layers)

@@ -6,16 +6,18 @@ A buffer argument is a wgpu buffer or a (buffer, byte offset, byte size) sub-ran
 
 B (the frozen weight of Linear) may be stored in 16 bits: `pack_weight` / `upload_weight` make the buffer
 (f16, or bf16 rounded to nearest-even), and `b_format` / `weight_format` tell the shader (B_FORMAT) to widen it.
+A frozen weight may also be held in a GGUF block format (engine.model.weight_formats: its GPU layout, uploaded by
+engine.backends.wgpu.weights); the shader then dequantizes it in the same load.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
 from engine.backends.wgpu.kernels.grids import grid_1d
+from engine.backends.wgpu.uniforms import uniform_struct
+from engine.model.weight_formats import FORMATS, WeightFormat
 
 TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
@@ -27,8 +29,7 @@ SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every pr
 TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
 WIDE_MIN_WORKGROUPS = 256       # 128×64 tiles only where they still leave this many workgroups (a large GPU busy)
 GROUP_M = 8                     # tile rows per group of the workgroup order (L2 reuse between resident tiles)
-B_FORMATS = {"f32": 0, "f16": 1, "bf16": 2}   # the shader's B_FORMAT override per weight format
-WeightFormat = Literal["f32", "f16", "bf16"]
+PLAIN_B_FORMATS = (WeightFormat.F32, WeightFormat.F16, WeightFormat.BF16)   # addressed by element (ldb, b_off)
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,21 @@ def choose_tile(shape: GemmShape) -> tuple[int, int]:
     return TILES[-1]
 
 
-def pack_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
-    """The flat array a weight buffer of format `fmt` holds: f32 as is; f16/bf16 two per u32 (element 2i low).
+def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
+    """The flat array a weight buffer of a plain format holds: f32 as is; f16/bf16 two per u32 (element 2i low),
+    packed across rows, so any ldb and b_off address it (for rows of even length this is exactly
+    engine.model.weight_formats' GPU layout).
 
     bf16 is the f32 rounded to nearest-even on its top 16 bits (NaN stays NaN), as torch's .to(bfloat16).
     """
-    if fmt not in B_FORMATS:
-        raise ValueError(f"weight format {fmt!r} is not one of {sorted(B_FORMATS)}")
+    fmt = WeightFormat.parse(fmt)
+    if fmt not in PLAIN_B_FORMATS:
+        raise ValueError(f"weight format {fmt.name.lower()} is not packed by element; upload block formats with "
+                         "engine.model.weight_formats.to_gpu_layout")
     flat = np.ascontiguousarray(array, np.float32).ravel()
-    if fmt == "f32":
+    if fmt == WeightFormat.F32:
         return flat
-    if fmt == "f16":
+    if fmt == WeightFormat.F16:
         half = flat.astype(np.float16).view(np.uint16)
     else:
         bits = flat.view(np.uint32)
@@ -118,18 +123,19 @@ def pack_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     return np.concatenate([half, np.zeros(len(half) % 2, np.uint16)]).view(np.uint32)
 
 
-def widen_weight(array: np.ndarray, fmt: WeightFormat) -> np.ndarray:
-    """The f32 values the shader computes with for a weight stored as `fmt` (the numpy reference)."""
+def widen_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
+    """The f32 values the shader computes with for a weight stored as a plain `fmt` (the numpy reference)."""
+    fmt = WeightFormat.parse(fmt)
     flat = np.ascontiguousarray(array, np.float32)
-    if fmt == "f16":
+    if fmt == WeightFormat.F16:
         return flat.astype(np.float16).astype(np.float32)
-    if fmt == "bf16":
-        words = pack_weight(flat, "bf16").view(np.uint16)[:flat.size].astype(np.uint32) << 16
+    if fmt == WeightFormat.BF16:
+        words = pack_weight(flat, fmt).view(np.uint16)[:flat.size].astype(np.uint32) << 16
         return words.view(np.float32).reshape(flat.shape)
     return flat
 
 
-def upload_weight(ctx: GpuContext, array: np.ndarray, fmt: WeightFormat, label: str):
+def upload_weight(ctx: GpuContext, array: np.ndarray, fmt: WeightFormat | str, label: str):
     """A weight buffer in `fmt` (pass the same fmt to Matmul's b_format / Linear's weight_format)."""
     return ctx.upload(pack_weight(array, fmt), label)
 
@@ -142,12 +148,23 @@ def _vec_binding(buf):
 
 
 def pack_gemm_params(shape: GemmShape, alpha: float, beta: float, has_bias: bool, k_chunk: int = 0,
-                     splits: int = 1, row_stride: int = 0) -> bytes:
-    """The shader's Params struct: 13 u32, alpha, beta, padding (64 bytes, WGSL uniform layout)."""
+                     splits: int = 1, row_stride: int = 0, b_row_blocks: int = 0) -> bytes:
+    """The shader's Params uniform (linear.wgsl struct Params), packed by field name."""
     lda, ldb, ldc = shape.strides()
-    ints = np.array([shape.M, shape.N, shape.K, lda, ldb, ldc, shape.a_off, shape.b_off, shape.c_off,
-                     int(has_bias), k_chunk or shape.K, splits, row_stride], np.uint32)
-    return ints.tobytes() + np.array([alpha, beta], np.float32).tobytes() + bytes(4)
+    return uniform_struct("linear", "Params").pack(
+        M=shape.M, N=shape.N, K=shape.K, lda=lda, ldb=ldb, ldc=ldc, a_off=shape.a_off, b_off=shape.b_off,
+        c_off=shape.c_off, has_bias=int(has_bias), k_chunk=k_chunk or shape.K, splits=splits, row_stride=row_stride,
+        alpha=alpha, beta=beta, b_row_blocks=b_row_blocks)
+
+
+def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
+    """Blocks per stored row of a block-format B, checking that B is a whole weight addressed from its start."""
+    row = shape.K if shape.trans_b else shape.N
+    info = FORMATS[fmt]
+    if shape.b_off or shape.strides()[1] != row or row % info.block_size:
+        raise ValueError(f"a {info.name} weight must be a whole matrix of rows of {info.block_size}-weight blocks "
+                         f"(b_off 0, ldb = row length {row}); got b_off {shape.b_off}, ldb {shape.strides()[1]}")
+    return row // info.block_size
 
 
 class Matmul:
@@ -159,9 +176,10 @@ class Matmul:
 
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, alpha: float = 1.0, beta: float = 0.0,
                  bias=None, partials=None, tile: tuple[int, int] | None = None, label: str = "matmul",
-                 b_format: WeightFormat = "f32", group_m: int = GROUP_M, kernel: GemmKernel | None = None):
-        if b_format not in B_FORMATS:
-            raise ValueError(f"matmul b_format {b_format!r} is not one of {sorted(B_FORMATS)}")
+                 b_format: WeightFormat | str = WeightFormat.F32, group_m: int = GROUP_M,
+                 kernel: GemmKernel | None = None):
+        b_format = WeightFormat.parse(b_format)
+        row_blocks = 0 if b_format in PLAIN_B_FORMATS else block_row_blocks(shape, b_format)
         self.ctx = ctx
         self.shape = shape
         self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
@@ -178,18 +196,19 @@ class Matmul:
         self.pipeline = ctx.pipeline("linear", "matmul", {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
             "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),
-            "B_FORMAT": B_FORMATS[b_format], "GROUP_M": group_m, **(kernel or DEFAULT_KERNEL).constants()})
-        params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
+            "B_FORMAT": b_format.value, "GROUP_M": group_m, **(kernel or DEFAULT_KERNEL).constants()})
+        params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2],
+                                  row_blocks)
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
         # The layout always has a bias binding; without a bias, b stands in (read-only too, and never read).
         bias = bias if bias is not None else b
         a, b = _vec_binding(a), _vec_binding(b)
         self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
         self.reduce = None
-        if self.splits == 1:
-            self.bind_group = ctx.bind_group(self.pipeline, {0: c, 1: a, 2: b, 3: bias, 4: self.params}, label)
-        else:
-            self.bind_group = ctx.bind_group(self.pipeline, {0: partials, 1: a, 2: b, 3: bias, 4: self.params}, label)
+        # Binding 6 is B again (the block formats' word view): in the layout whatever B_FORMAT is.
+        operands = {1: a, 2: b, 3: bias, 4: self.params, 6: b}
+        self.bind_group = ctx.bind_group(self.pipeline, {0: c if self.splits == 1 else partials, **operands}, label)
+        if self.splits > 1:
             self.reduce = ctx.pipeline("linear", "matmul_reduce")
             self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 3: bias, 4: self.params, 5: partials},
                                             f"{label}.reduce")
@@ -211,7 +230,7 @@ class Linear:
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
                  dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
-                 weight_format: WeightFormat = "f32"):
+                 weight_format: WeightFormat | str = WeightFormat.F32):
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
                               bias=bias, partials=partials, label=f"{label}.fwd", b_format=weight_format)
         self.backward = None

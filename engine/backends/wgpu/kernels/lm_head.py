@@ -10,6 +10,7 @@ import numpy as np
 
 from engine.backends.wgpu.context import GpuContext, StepEncoder
 from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
+from engine.model.weight_formats import WeightFormat
 from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
 
 LOGITS_BUDGET_BYTES = 64 << 20   # the logits chunk: large enough for few dispatches, small next to activations
@@ -35,7 +36,8 @@ class LmHead:
     """
 
     def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, pieces: list,
-                 rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head"):
+                 rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head",
+                 fmt: WeightFormat = WeightFormat.F32):
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
         self.step = upload_uniform(ctx, "lm_head", "Step", f"{label}.step", inv_count=1.0, count=0.0, write_grad=0)
         self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
@@ -46,12 +48,13 @@ class LmHead:
             fwd, bwd = [], []
             for p, (w, v0, vp) in enumerate(pieces):
                 fwd.append(Matmul(ctx, logits, hidden, w, GemmShape(n, vp, dim, trans_b=True, ldc=vocab, c_off=v0,
-                                                                   a_off=r0 * dim), label=f"{label}.{c}.{p}.fwd"))
+                                                                   a_off=r0 * dim), label=f"{label}.{c}.{p}.fwd", b_format=fmt))
                 if dhidden is not None:
                     # [n, C] from K = a whole vocabulary piece: few tiles, long K, so split given partials.
                     bwd.append(Matmul(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
                                                                          c_off=r0 * dim),
-                                      beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd"))
+                                      beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd",
+                                      b_format=fmt))
             geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.{c}.chunk", rows=n, vocab=vocab, row0=r0,
                                       n_total=rows)
             ce_bg = ctx.bind_group(self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
