@@ -25,3 +25,26 @@ def test_embedding_gather_over_pieces(gpu_device, rows, dim, splits):
     emb.encode_forward(enc)
     enc.submit()
     np.testing.assert_array_equal(ctx.read(out, count=rows * dim).reshape(rows, dim), table[ids])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0", "q4_k"])
+def test_embedding_gather_from_a_held_format(gpu_device, fmt):
+    """A table held in a 16-bit or block format gathers the dequantized rows (numpy's dequantize)."""
+    from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize, to_gpu_layout
+
+    ctx = gpu_device
+    fmt = WeightFormat.parse(fmt)
+    rows, vocab, dim = 9, 13, max(FORMATS[fmt].block_size, 36)
+    rng = np.random.default_rng(fmt.value)
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    raw = np.frombuffer(quantize(table, fmt), np.uint8).reshape(vocab, -1)
+    ids = rng.integers(0, vocab, rows).astype(np.int32)
+    pieces = [(ctx.upload(to_gpu_layout(raw[:6], fmt, (6, dim)), "p0"), 0, 6),
+              (ctx.upload(to_gpu_layout(raw[6:], fmt, (7, dim)), "p1"), 6, 7)]
+    out = ctx.buffer(4 * rows * dim, "out")
+    emb = Embedding(ctx, out, ctx.upload(ids, "ids"), pieces, rows, dim, fmt)
+    enc = ctx.encoder()
+    emb.encode_forward(enc)
+    enc.submit()
+    want = dequantize(raw.tobytes(), fmt, (vocab, dim)).reshape(vocab, dim)[ids]
+    np.testing.assert_array_equal(ctx.read(out, count=rows * dim).reshape(rows, dim), want)

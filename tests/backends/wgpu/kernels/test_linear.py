@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize, to_gpu_layout
 from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_MAX_TILES, SPLIT_MIN_K, SPLIT_TARGET_WORKGROUPS, TILES, GemmShape,
                                                    Linear, Matmul, pack_weight, split_k, upload_weight, widen_weight)
 
@@ -62,6 +63,47 @@ def test_matmul_16_bit_weights(gpu_device, fmt, trans_b, M, N, K, b_off):
     wide = widen_weight(w, fmt)
     want = a @ (wide.T if trans_b else wide)
     np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-5, atol=1e-4)
+
+
+BLOCK_FORMATS = [WeightFormat.Q8_0, WeightFormat.Q4_0, WeightFormat.Q4_1, WeightFormat.Q4_K, WeightFormat.Q5_K,
+                 WeightFormat.Q6_K]
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS, ids=lambda f: f.name.lower())
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_matmul_block_quantized_weights(gpu_device, fmt, trans_b):
+    """B held in a GGUF block format (engine.model.weight_formats' GPU layout) and dequantized in the tile load
+    equals numpy's product with the dequantized weight: the forward's x·Wᵀ (rows of W are K) and the input
+    gradient's dy·W (rows are N); odd M and a partial last tile; a split-K run for the forward."""
+    ctx = gpu_device
+    rng = np.random.default_rng(fmt.value)
+    block = FORMATS[fmt].block_size
+    rows, cols = 37, 2 * block                      # W [out, in]; in is whole blocks
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    raw = quantize(w, fmt)
+    held = dequantize(raw, fmt, w.shape)
+    buf = ctx.upload(to_gpu_layout(raw, fmt, w.shape), "w")
+    M = 29
+    if trans_b:      # y [M, out] = x [M, in] · Wᵀ
+        a = rng.standard_normal((M, cols)).astype(np.float32)
+        shape, want = GemmShape(M, rows, cols, trans_b=True), a @ held.T
+    else:            # dx [M, in] = dy [M, out] · W
+        a = rng.standard_normal((M, rows)).astype(np.float32)
+        shape, want = GemmShape(M, cols, rows), a @ held
+    partials = ctx.buffer(4 * (1 << 16), "partials") if trans_b else None
+    c = ctx.buffer(4 * M * shape.N, "c")
+    mm = Matmul(ctx, c, ctx.upload(a, "a"), buf, shape, b_format=fmt, partials=partials)
+    run(ctx, mm.encode)
+    np.testing.assert_allclose(ctx.read(c, count=M * shape.N).reshape(M, shape.N), want, rtol=1e-5, atol=1e-4)
+
+
+def test_block_formats_refuse_offsets_and_partial_blocks(gpu_device):
+    ctx = gpu_device
+    w = ctx.buffer(4096, "w")
+    with pytest.raises(ValueError, match="whole matrix of rows of 32-weight blocks"):
+        Matmul(ctx, w, w, w, GemmShape(4, 8, 48, trans_b=True), b_format="q8_0")
+    with pytest.raises(ValueError, match="b_off 2"):
+        Matmul(ctx, w, w, w, GemmShape(4, 8, 64, trans_b=True, b_off=2), b_format="q4_1")
 
 
 def test_pack_weight_rounds_bf16_to_nearest_even_and_f16_like_numpy():
