@@ -97,6 +97,11 @@ def nvml_memory() -> dict[str, int]:
         pynvml.nvmlShutdown()
 
 
+def gpu_memory_bytes() -> int | None:
+    """The memory of the largest GPU whose size the driver tells (NVML), or None where none can be read."""
+    return max(nvml_memory().values(), default=None)
+
+
 def list_adapters() -> tuple[list[AdapterInfo], list[str]]:
     errors: list[str] = []
     try:
