@@ -41,10 +41,14 @@ class ModelKernels:
     layers: list                # [LayerKernels]
     final_norm: RmsNorm
     lm_head: LmHead
+    recompute: bool = False     # the layers share one activation set: the backward re-runs each layer's forward
 
 
 def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights: ModelWeights,
-                acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step) -> ModelKernels:
+                acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step,
+                recompute: bool = False) -> ModelKernels:
+    """`acts`: one LayerActivations per layer (buffers.allocate_activations); with `recompute` they share all
+    but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward."""
     BT, C = B * T, spec.hidden
     embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C)
     layers = []
@@ -55,7 +59,7 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
                   spec.vocab_size, chunk, partials=s.split_k)
-    return ModelKernels(embedding, layers, final_norm, head)
+    return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 
 def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: Scratch, layout, dropout_step):

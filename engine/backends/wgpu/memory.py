@@ -12,7 +12,7 @@ from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import (layer_activation_shapes, lora_layout, nbytes, scratch_shapes, shapes_bytes,
+from engine.backends.wgpu.buffers import (activation_bytes, lora_layout, nbytes, scratch_shapes, shapes_bytes,
                                  vocab_pieces, weight_shapes)
 
 GEMM_PARAMS = 64        # linear.wgsl Params
@@ -25,7 +25,8 @@ class MemoryPlan:
     weights: int          # frozen model weights (f32)
     adapter: int          # LoRA parameters and gradients (flat, aligned)
     optimizer: int        # optimizer moments / quantisation state and its kernels' buffers
-    activations: int      # what the forward saves for the backward, all layers
+    activations: int      # what the forward saves for the backward, all layers (recompute: each layer's
+                          # output and one shared layer's set)
     logits: int           # one chunk of LM-head logits
     scratch: int          # gradients in flight, tokens, statistics
     kernels: int          # per-dispatch parameter blocks, RoPE tables, attention's D
@@ -75,9 +76,10 @@ def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
 
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
-                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535) -> MemoryPlan:
-    """Bytes WgpuBackend(spec, lora, optim, B, T) allocates on an adapter with these limits (the defaults are
-    WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
+                max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535,
+                recompute: bool = False) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T, recompute=recompute) allocates on an adapter with these limits
+    (the defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension)."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
     pieces = vocab_pieces(spec.vocab_size, spec.hidden, max_binding_bytes)
     scratch = scratch_shapes(spec, lora, B, T, chunk, pieces[0][1])
@@ -86,5 +88,5 @@ def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: in
     return MemoryPlan(
         weights=shapes_bytes(weight_shapes(spec, max_binding_bytes)), adapter=adapter,
         optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
-        activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
+        activations=activation_bytes(spec, lora, B, T, recompute), logits=logits,
         scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))
