@@ -93,7 +93,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
 
         limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
         engine_bytes = memory_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len,
-                                   limit).total
+                                   limit, recompute=config.recompute).total
     except Exception:   # a shape the planner refuses: the review says memory is unknown
         engine_bytes = None
     ram = hardware.ram_available_bytes if hardware is not None else 0
