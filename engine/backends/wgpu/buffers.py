@@ -139,6 +139,9 @@ class Scratch:
     dk_raw: object = None       # [BT, KVD] Qwen3
     x_drop: object = None       # [BT, max in] LoRA dropout
     dx_drop: object = None      # [BT, max in]
+    att_dsum: object = None     # [B, NH, T] attention backward's rowsum(dout·out), one for every layer
+    dk_heads: object = None     # [BT, QD] GQA: attention backward's per-query-head dk before the group sum
+    dv_heads: object = None     # [BT, QD]
 
 
 def weight_shapes(spec: ModelSpec, max_binding_bytes: int) -> dict[str, tuple[int, ...]]:
@@ -223,6 +226,9 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
+    shapes["att_dsum"] = (B, spec.heads, T)
+    if spec.heads > spec.kv_heads:
+        shapes.update(dk_heads=(BT, spec.q_dim), dv_heads=(BT, spec.q_dim))
     if lora.dropout > 0:
         widest = max(spec.projection_shape(t)[1] for t in lora.targets)
         shapes.update(x_drop=(BT, widest), dx_drop=(BT, widest))

@@ -1,7 +1,7 @@
 """How many bytes the wgpu engine allocates for (model, LoRA, optimizer, B, T), before allocating anything.
 
 Computed from the same sizing functions the engine allocates with (engine.backends.wgpu.buffers), plus what the kernel
-twins own (attention's D scratch, RoPE tables, one parameter block per dispatch), so it equals
+twins own (RoPE tables, one parameter block per dispatch), so it equals
 GpuContext.bytes_allocated after construction (tests/backends/wgpu/test_memory.py checks).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class MemoryPlan:
                           # output and one shared layer's set)
     logits: int           # one chunk of LM-head logits
     scratch: int          # gradients in flight, tokens, statistics
-    kernels: int          # per-dispatch parameter blocks, RoPE tables, attention's D
+    kernels: int          # per-dispatch parameter blocks, RoPE tables
 
     @property
     def total(self) -> int:
@@ -49,9 +49,7 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     norms = 4 if spec.qk_norm else 2
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
-    per_layer += nbytes((B, spec.heads, T)) + NORM_PARAMS            # attention: D = rowsum(dO·O) + params
-    if spec.heads > spec.kv_heads:                                   # GQA: per-query-head dk, dv before the sum
-        per_layer += 2 * nbytes((B * T, spec.q_dim))
+    per_layer += NORM_PARAMS                                         # attention (its scratch is in Scratch)
     per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
     chunks = -(-(B * T) // chunk)
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
