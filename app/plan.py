@@ -93,7 +93,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
 
         limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
         engine_bytes = memory_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len,
-                                   limit).total
+                                   limit, recompute=config.recompute).total
     except Exception:   # a shape the planner refuses: the review says memory is unknown
         engine_bytes = None
     ram = hardware.ram_available_bytes if hardware is not None else 0
@@ -122,7 +122,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
 
         best = max(usable, key=lambda b: b.gflops)
         tokens = config.batch_size * config.grad_accum * config.seq_len
-        eta = steps * step_flops(spec, config.lora, tokens, config.seq_len) / (best.gflops * 1e9)
+        eta = steps * step_flops(spec, config.lora, tokens, config.seq_len, config.recompute) / (best.gflops * 1e9)
         basis = f"{best.name}: {best.gflops:.1f} GFLOP/s measured"
     return Review(steps, engine_bytes, device, ram, eta, basis, warnings)
 

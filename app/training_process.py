@@ -68,8 +68,8 @@ def _train(request, events, control):
                             threads=max(1, cpu_threads() - 1))
     holder = {}
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
-        backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+        backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, recompute=recompute)
         log(f"training backend: {backend.name}")
         val = holder.get("val")
         if init_state is None and val:

@@ -49,8 +49,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_random_model(TINY, Path(tmp) / "model")
 
-        def factory(lora_, optim, batch_size, seq_len, seed=0, init_state=None):
-            return create_backend("cpu", model, lora_, optim, batch_size, seq_len, seed, init_state)[0]
+        def factory(lora_, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+            return create_backend("cpu", model, lora_, optim, batch_size, seq_len, seed, init_state,
+                                  recompute=recompute)[0]
 
         for round_ in range(args.rounds):
             backend = factory(lora, OptimizerConfig(), args.batch_size, args.seq_len)

@@ -129,7 +129,8 @@ class TorchBackend(TrainingBackend):
 
 
 def torch_backend_factory(model_dir):
-    """The trainer's backend factory signature, bound to one model folder."""
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
+    """The trainer's backend factory signature, bound to one model folder. `recompute` changes no number, and
+    torch autograd keeps its activations either way."""
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
         return TorchBackend(model_dir, lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
     return factory

@@ -39,6 +39,7 @@ class BuildArgs:
     seed: int = 0
     init_state: dict | None = field(default=None, repr=False)
     threads: int | None = None      # CPU backend threads; None: every core this process may run on
+    recompute: bool = False         # WGSL activation recompute; the CPU backend (onnxruntime) plans its own memory
 
 
 @dataclass
@@ -98,17 +99,19 @@ def build_wgpu(args: BuildArgs, adapter: str | None, allow_software: bool) -> Tr
     except ImportError as exc:
         raise ValueError(f"the WGSL backend is not part of this installation ({exc}); use --backend cpu") from exc
     return WgpuBackend(args.model_dir, args.lora, args.optim, args.batch_size, args.seq_len, ctx=ctx,
-                       lora_state=args.init_state, seed=args.seed)
+                       lora_state=args.init_state, seed=args.seed, recompute=args.recompute)
 
 
 def create_backend(kind: str, model_dir, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                    seq_len: int, seed: int = 0, init_state: dict | None = None, measure_steps: int = 2,
-                   threads: int | None = None) -> tuple[TrainingBackend, BackendChoice | None]:
+                   threads: int | None = None,
+                   recompute: bool = False) -> tuple[TrainingBackend, BackendChoice | None]:
     """The backend `kind` names; for "auto" the fastest measured one and the BackendChoice report.
 
-    `threads` caps the CPU backend's threads (the window's training process leaves a core to the event loop)."""
+    `threads` caps the CPU backend's threads (the window's training process leaves a core to the event loop).
+    `recompute`: the WGSL backend's activation recompute (auto measures the WGSL candidates with it)."""
     base, adapter = parse_backend_kind(kind)
-    args = BuildArgs(Path(model_dir), lora, optim, batch_size, seq_len, seed, init_state, threads)
+    args = BuildArgs(Path(model_dir), lora, optim, batch_size, seq_len, seed, init_state, threads, recompute)
     if base == "cpu":
         return build_cpu(args), None
     if base == "wgpu":

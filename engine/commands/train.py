@@ -36,6 +36,9 @@ def register(subparsers):
     run.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s)")
     run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default %(default)s)")
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+    run.add_argument("--recompute", action="store_true",
+                     help="activation recompute (WGSL backend): keep only each layer's input, run the layer's "
+                          "forward again in the backward; same gradients, far less memory, ~1 more forward a step")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
     length.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
@@ -83,7 +86,7 @@ def config_from_args(args) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         epochs=args.epochs or 1, max_steps=args.steps or 0, lr=args.lr, schedule=args.schedule,
         warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, recompute=args.recompute)
 
 
 def _duration(seconds: float) -> str:

@@ -29,6 +29,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     max_nonfinite_in_a_row: int = field(default=3, metadata={
         "help": "stop after this many consecutive steps with a NaN/inf loss or gradient"})
+    recompute: bool = field(default=False, metadata={
+        "help": "activation recompute (WGSL backend): keep only each layer's input and run its forward again in "
+                "the backward; the same gradients, far less memory, about one more forward pass per step"})
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("epochs", 1), ("max_steps", 0),
@@ -41,6 +44,8 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be a positive finite number, got {self.lr!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
 

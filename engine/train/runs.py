@@ -42,16 +42,16 @@ class RunInputs:
 
 def backend_factory(kind: str, model_dir: Path, on_choice: Callable[[object], None] = lambda _choice: None,
                     threads: int | None = None) -> BackendFactory:
-    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=): the backend
-    `kind` names (auto | cpu | wgpu | wgpu:<adapter>); for auto, `on_choice` gets the measured BackendChoice.
+    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=, recompute=): the
+    backend `kind` names (auto | cpu | wgpu | wgpu:<adapter>); for auto, `on_choice` gets the measured BackendChoice.
     `threads` caps the CPU backend's threads (None: every usable core)."""
     from engine.backends.choose import create_backend, parse_backend_kind
 
     parse_backend_kind(kind)          # refuse a bad name before any model is read
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
         backend, choice = create_backend(kind, model_dir, lora, optim, batch_size, seq_len, seed=seed,
-                                         init_state=init_state, threads=threads)
+                                         init_state=init_state, threads=threads, recompute=recompute)
         if choice is not None:
             on_choice(choice)
         return backend

@@ -151,3 +151,17 @@ def test_measure_times_only_the_steps_after_two_warm_ups():
     seconds = backends.measure(Fake(), steps=3)
     assert 0.01 <= seconds < 0.1
     assert next(durations, None) is None
+
+
+def test_wgpu_kind_passes_recompute(tiny_llama_dir, gpu_device):
+    """create_backend(recompute=True) builds the WGSL backend with recompute: the plan's smaller byte count."""
+    from engine.backends.wgpu.memory import memory_plan
+
+    spec = load_model_spec(tiny_llama_dir)
+    for recompute in (False, True):
+        backend, _ = create_backend(f"wgpu:{gpu_device.label}", tiny_llama_dir, LORA, OptimizerConfig(), 2, 9,
+                                    recompute=recompute)
+        with backend:
+            plan = memory_plan(spec, LORA, OptimizerConfig(), 2, 9, backend.ctx.max_binding_bytes,
+                               backend.ctx.max_workgroups, recompute=recompute)
+            assert backend.recompute is recompute and backend.memory_bytes() == plan.total

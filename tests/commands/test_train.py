@@ -235,3 +235,28 @@ def test_plain_output_without_a_terminal(tiny_llama_dir, corpus_file, tmp_path, 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "training " in captured.err and "done: 2/2 steps, loss " in captured.err
+
+
+def test_recompute_on_the_wgsl_backend_trains_the_same_adapter_in_less_memory(tiny_llama_dir, corpus_file,
+                                                                               tmp_path, capsys, gpu_device):
+    """`--recompute` reaches the WGSL backend: the same losses and adapter bits, fewer bytes, and the setting is
+    kept in the checkpoint's config."""
+    args = ["--model", str(tiny_llama_dir), "--data", str(corpus_file), "--steps", "3", "--rank", "4", "--alpha",
+            "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1", "--lr", "5e-3",
+            "--backend", f"wgpu:{gpu_device.label}", "--json"]
+    runs = {}
+    for name, extra in (("kept", []), ("recomputed", ["--recompute"])):
+        lines = run_json(capsys, ["train", "--out", str(tmp_path / name), *args, *extra])
+        steps = [x for x in lines if x["event"] == "step"]
+        runs[name] = ([(s["loss"], s["grad_norm"]) for s in steps], steps[0]["memory_bytes"],
+                      load_file(tmp_path / name / "adapter_model.safetensors"))
+    assert runs["recomputed"][0] == runs["kept"][0] and len(runs["kept"][0]) == 3
+    assert runs["recomputed"][1] < runs["kept"][1]
+    assert runs["recomputed"][2].keys() == runs["kept"][2].keys()
+    for key, value in runs["kept"][2].items():
+        assert np.array_equal(runs["recomputed"][2][key], value), key
+    from engine.model.spec import load_model_spec
+    from engine.train.checkpoint import load_checkpoint
+    from engine.train.config import TrainConfig
+    saved = load_checkpoint(tmp_path / "recomputed", load_model_spec(tiny_llama_dir)).trainer_state["config"]
+    assert TrainConfig.from_dict(saved).recompute is True

@@ -162,9 +162,9 @@ def test_learning_rate_1e6_trips_the_guard_on_the_wgsl_backend(tiny_llama_dir, g
     loss is NaN, the steps are skipped and the run stops after three in a row with the step-1 adapter."""
     from engine.backends.wgpu.backend import WgpuBackend
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None):
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
         return WgpuBackend(tiny_llama_dir, lora, optim, batch_size, seq_len, ctx=gpu_device, lora_state=init_state,
-                           seed=seed)
+                           seed=seed, recompute=recompute)
 
     rec = Recorder()
     trainer = Trainer(config(lr=1e6, max_steps=8, save_every=1, keep_checkpoints=10, warmup_steps=0),
@@ -185,3 +185,20 @@ def test_learning_rate_1e6_trips_the_guard_on_the_wgsl_backend(tiny_llama_dir, g
         assert np.array_equal(kept.lora_state[key], last_good.lora_state[key])
     assert max(np.abs(v).max() for k, v in kept.lora_state.items() if ".lora_B." in k) > 1e5   # step 1 applied
     assert all(np.isfinite(v).all() for v in kept.optimizer_state.values())
+
+
+def test_recompute_is_validated_saved_and_handed_to_the_backend(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="recompute must be true or false, got 'yes'"):
+        config(recompute="yes")
+    assert TrainConfig.from_dict(config(recompute=True).to_dict()).recompute is True
+    old = config().to_dict()
+    del old["recompute"]                     # a checkpoint written before the setting existed
+    assert TrainConfig.from_dict(old).recompute is False
+    asked = []
+
+    def factory(*args, recompute=False, **kw):
+        asked.append(recompute)
+        return torch_backend_factory(tiny_llama_dir)(*args, **kw)
+
+    Trainer(config(max_steps=1, recompute=True), factory, pattern_source(384), tmp_path, base_model="m").run()
+    assert asked == [True]

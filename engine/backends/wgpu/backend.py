@@ -22,9 +22,9 @@ from engine.lora.config import LoraConfig, init_lora_state
 from engine.model.spec import ModelSpec, load_model_spec
 from engine.model.weights import ArrayWeights, WeightSource, open_weights
 from engine.backends.wgpu.backward import model_backward
-from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, LayerActivations, Scratch,
-                                          allocate, destroy, formats_for, layer_activation_shapes, lora_layout,
-                                          scratch_shapes, vocab_pieces)
+from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, Scratch, allocate,
+                                          allocate_activations, destroy, formats_for, lora_layout, scratch_shapes,
+                                          vocab_pieces)
 from engine.backends.wgpu.forward import model_forward
 from engine.backends.wgpu.graph import build_model
 from engine.backends.wgpu.weights import upload_weights
@@ -37,19 +37,23 @@ DROPOUT_STEP = uniform_struct("lora", "Step")   # (seed, p) of LoRA dropout, wri
 class WgpuBackend(TrainingBackend):
     """Sized once for [batch_size, seq_len]; smaller micro-batches are padded (padding never counts).
 
-    Memory: engine.backends.wgpu.memory.memory_plan(spec, lora, optim, B, T) says beforehand what this allocates.
+    Memory: engine.backends.wgpu.memory.memory_plan(spec, lora, optim, B, T, recompute=...) says beforehand what
+    this allocates.
     """
 
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
                  tensors: dict[str, np.ndarray] | WeightSource | None = None, max_binding_bytes: int | None = None,
-                 weights: str = "f32"):
+                 weights: str = "f32", recompute: bool = False):
         """`model`: a Hugging Face folder (weights read tensor by tensor: engine.model.weights.open_weights), or a
         ModelSpec with `tensors` (a WeightSource, or {HF name: array} such as
         engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
         `max_binding_bytes` lowers the adapter's storage-binding limit (tests of the vocabulary split).
         `weights` is the format the frozen matrices are held in (engine.model.weight_formats.WEIGHT_CHOICES):
-        converted on load, tensor by tensor; "stored" keeps the model file's own (a GGUF's quantization)."""
+        converted on load, tensor by tensor; "stored" keeps the model file's own (a GGUF's quantization).
+        `recompute` (activation recompute, gradient checkpointing): keep only each layer's output and one
+        layer's activations, and run each layer's forward again before its backward; the gradients are the
+        same bits, for about one more forward pass per step."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
         if isinstance(model, ModelSpec):
@@ -64,6 +68,7 @@ class WgpuBackend(TrainingBackend):
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
         self.spec.check_sequence_length(seq_len)
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
+        self.recompute = bool(recompute)
         self.ctx = ctx or GpuContext.create()
         self.name = f"wgpu: {self.ctx.label} ({self.ctx.adapter.info.get('backend_type', '?')})"
         self._bytes_before = self.ctx.bytes_allocated
@@ -74,14 +79,13 @@ class WgpuBackend(TrainingBackend):
         self.weight_choice = weights
         format_of = formats_for(weights, {n: t.format for n, t in source.stored().items()})
         self.weights = upload_weights(ctx, spec, source, limit, format_of)
-        self.acts = [allocate(ctx, LayerActivations, layer_activation_shapes(spec, lora, batch_size, seq_len),
-                              f"layers.{i}") for i in range(spec.layers)]
+        self.acts = allocate_activations(ctx, spec, lora, batch_size, seq_len, self.recompute)
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit, self.weights.vocab_format)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
                                                                       piece_rows), "scratch")
         self.dropout_step = upload_uniform(ctx, "lora", "Step", "lora_dropout.step", seed=0, p=0.0)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
-                                 self.layout, self.chunk, self.dropout_step)
+                                 self.layout, self.chunk, self.dropout_step, self.recompute)
         s = self.scratch
         self.grad_norm = GradNorm(ctx, s.lora_grads, self.layout.total, s.stats)
         self.optimizer = Optimizer(ctx, optim, s.lora_params, s.lora_grads, self.layout.total, s.stats)

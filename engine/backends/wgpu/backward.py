@@ -6,6 +6,7 @@ backward is the identity), each norm's backward adds its branch into d_res.
 from __future__ import annotations
 
 from engine.backends.wgpu.context import StepEncoder
+from engine.backends.wgpu.forward import layer_forward
 from engine.backends.wgpu.graph import LayerKernels, ModelKernels
 
 
@@ -36,7 +37,13 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
 
 
 def model_backward(enc: StepEncoder, m: ModelKernels) -> None:
-    """After the LM head wrote d_ln = d(final norm output): the final norm, then every layer in reverse."""
+    """After the LM head wrote d_ln = d(final norm output): the final norm, then every layer in reverse.
+
+    With recompute, each layer's forward runs again first to refill the shared activations, except the last
+    layer's: its forward was the last to write them, and the final norm and LM head in between do not."""
     m.final_norm.encode_backward(enc)            # d_ln → d_res (written)
-    for k in reversed(m.layers):
-        layer_backward(enc, k)
+    last = len(m.layers) - 1
+    for i in range(last, -1, -1):
+        if m.recompute and i < last:
+            layer_forward(enc, m.layers[i], recompute=True)   # reads x_in, writes no gradient (d_res kept)
+        layer_backward(enc, m.layers[i])

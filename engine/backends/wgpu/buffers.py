@@ -6,7 +6,7 @@ Notation: BT = B·T rows, C hidden, QD = heads·head_dim, KVD = kv_heads·head_d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -107,7 +107,8 @@ class LayerWeights:
 
 @dataclass
 class LayerActivations:
-    """What one layer's forward saves for its backward."""
+    """What one layer's forward saves for its backward. With recompute, every layer's instance holds the same
+    buffers except x_out (allocate_activations)."""
     ln1: object                 # [BT, C] input_layernorm output
     ln1_rstd: object            # [BT]
     q: object                   # [BT, QD] after (q_norm and) RoPE
@@ -161,6 +162,9 @@ class Scratch:
     dk_raw: object = None       # [BT, KVD] Qwen3
     x_drop: object = None       # [BT, max in] LoRA dropout
     dx_drop: object = None      # [BT, max in]
+    att_dsum: object = None     # [B, NH, T] attention backward's rowsum(dout·out), one for every layer
+    dk_heads: object = None     # [BT, QD] GQA: attention backward's per-query-head dk before the group sum
+    dv_heads: object = None     # [BT, QD]
 
 
 # The format a frozen tensor is held in: (HF name, torch shape, whether it is a vocabulary table) -> format.
@@ -233,6 +237,28 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
     return shapes
 
 
+def allocate_activations(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int,
+                         recompute: bool) -> list[LayerActivations]:
+    """Each layer's LayerActivations. With recompute the layers share one set, which the backward refills by
+    running a layer's forward again just before that layer's backward; each layer keeps only its own x_out (the
+    residual stream entering the next layer, or the final norm) [BT, C]."""
+    shapes = layer_activation_shapes(spec, lora, B, T)
+    if not recompute:
+        return [allocate(ctx, LayerActivations, shapes, f"layers.{i}") for i in range(spec.layers)]
+    shared = allocate(ctx, LayerActivations, {**shapes, "x_out": None}, "layers.recomputed")
+    return [replace(shared, x_out=ctx.buffer(nbytes(shapes["x_out"]), f"layers.{i}.x_out"))
+            for i in range(spec.layers)]
+
+
+def activation_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, recompute: bool) -> int:
+    """What allocate_activations allocates."""
+    shapes = layer_activation_shapes(spec, lora, B, T)
+    if not recompute:
+        return spec.layers * shapes_bytes(shapes)
+    x_out = shapes.pop("x_out")
+    return shapes_bytes(shapes) + spec.layers * nbytes(x_out)
+
+
 def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, vocab_piece_rows: int) -> int:
     """Partial-product floats the largest split-K GEMM of the model needs (capped at SPLIT_PARTIAL_FLOATS)."""
     BT = B * T
@@ -259,6 +285,9 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
+    shapes["att_dsum"] = (B, spec.heads, T)
+    if spec.heads > spec.kv_heads:
+        shapes.update(dk_heads=(BT, spec.q_dim), dv_heads=(BT, spec.q_dim))
     if lora.dropout > 0:
         widest = max(spec.projection_shape(t)[1] for t in lora.targets)
         shapes.update(x_drop=(BT, widest), dx_drop=(BT, widest))
@@ -270,11 +299,14 @@ def shapes_bytes(shapes: dict) -> int:
 
 
 def allocate(ctx, cls, shapes: dict, label: str):
-    """An instance of the buffer dataclass `cls` with one zeroed buffer per shape (dicts become dicts)."""
+    """An instance of the buffer dataclass `cls` with one zeroed buffer per shape (dicts become dicts; a shape
+    of None leaves its field None, for the caller to fill)."""
     names = {f.name for f in fields(cls)}
     assert set(shapes) <= names, set(shapes) - names
 
     def make(name, shape):
+        if shape is None:
+            return None
         if isinstance(shape, dict):
             return {k: make(f"{name}.{k}", s) for k, s in shape.items()}
         return ctx.buffer(nbytes(shape), f"{label}.{name}")
@@ -283,7 +315,9 @@ def allocate(ctx, cls, shapes: dict, label: str):
 
 
 def destroy(group) -> None:
-    """Free the device memory of every buffer in a buffer dataclass (or list/dict of them) now, not at GC."""
+    """Free the device memory of every buffer in a buffer dataclass (or list/dict of them) now, not at GC.
+    A buffer that appears more than once (recompute's shared activations) is destroyed more than once, which
+    WebGPU allows (destroying a destroyed buffer does nothing)."""
     if isinstance(group, (list, tuple)):
         for item in group:
             destroy(item)

@@ -12,7 +12,11 @@ def projection_forward(enc: StepEncoder, k: LayerKernels, target: str) -> None:
         k.lora[target].encode_forward(enc)
 
 
-def layer_forward(enc: StepEncoder, k: LayerKernels) -> None:
+def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) -> None:
+    """With `recompute`, the forward again just before this layer's backward, refilling the activation set the
+    layers share: the same kernels in the same order on the same inputs, so the same bits (and, from the same
+    step seed and salt, the same LoRA dropout masks). It stops at what the backward reads: down_proj's input h
+    and its LoRA u, not down_proj's output nor x_out (the next layer's input, kept)."""
     k.ln1.encode_forward(enc)
     for target in ("q_proj", "k_proj", "v_proj"):
         projection_forward(enc, k, target)
@@ -28,6 +32,10 @@ def layer_forward(enc: StepEncoder, k: LayerKernels) -> None:
     projection_forward(enc, k, "gate_proj")
     projection_forward(enc, k, "up_proj")
     k.swiglu.encode_forward(enc)
+    if recompute:
+        if "down_proj" in k.lora:
+            k.lora["down_proj"].encode_saved(enc)
+        return
     projection_forward(enc, k, "down_proj")
     k.mlp_residual.encode(enc)
 

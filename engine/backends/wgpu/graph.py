@@ -41,10 +41,14 @@ class ModelKernels:
     layers: list                # [LayerKernels]
     final_norm: RmsNorm
     lm_head: LmHead
+    recompute: bool = False     # the layers share one activation set: the backward re-runs each layer's forward
 
 
 def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights: ModelWeights,
-                acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step) -> ModelKernels:
+                acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step,
+                recompute: bool = False) -> ModelKernels:
+    """`acts`: one LayerActivations per layer (buffers.allocate_activations); with `recompute` they share all
+    but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward."""
     BT, C = B * T, spec.hidden
     embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format)
     layers = []
@@ -55,7 +59,7 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
                   spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
-    return ModelKernels(embedding, layers, final_norm, head)
+    return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 
 def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: Scratch, layout, dropout_step):
@@ -103,7 +107,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q"),
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k"),
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
-                            s.d_att, s.dq, s.dk, s.dv),
+                            s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln2"),

@@ -1,7 +1,7 @@
 """How many bytes the wgpu engine allocates for (model, LoRA, optimizer, B, T), before allocating anything.
 
 Computed from the same sizing functions the engine allocates with (engine.backends.wgpu.buffers), plus what the kernel
-twins own (attention's D scratch, RoPE tables, one parameter block per dispatch), so it equals
+twins own (RoPE tables, one parameter block per dispatch), so it equals
 GpuContext.bytes_allocated after construction (tests/backends/wgpu/test_memory.py checks).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import (formats_for, frozen_layout, layer_activation_shapes, lora_layout, nbytes,
+from engine.backends.wgpu.buffers import (activation_bytes, formats_for, frozen_layout, lora_layout, nbytes,
                                           scratch_shapes, shapes_bytes, vocab_pieces)
 from engine.model.weight_formats import WeightFormat
 
@@ -27,10 +27,11 @@ class MemoryPlan:
     weights: int          # frozen model weights, in the formats they are held in
     adapter: int          # LoRA parameters and gradients (flat, aligned)
     optimizer: int        # optimizer moments / quantisation state and its kernels' buffers
-    activations: int      # what the forward saves for the backward, all layers
+    activations: int      # what the forward saves for the backward, all layers (recompute: each layer's
+                          # output and one shared layer's set)
     logits: int           # one chunk of LM-head logits
     scratch: int          # gradients in flight, tokens, statistics
-    kernels: int          # per-dispatch parameter blocks, RoPE tables, attention's D
+    kernels: int          # per-dispatch parameter blocks, RoPE tables
 
     @property
     def total(self) -> int:
@@ -50,9 +51,7 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     norms = 4 if spec.qk_norm else 2
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
-    per_layer += nbytes((B, spec.heads, T)) + NORM_PARAMS            # attention: D = rowsum(dO·O) + params
-    if spec.heads > spec.kv_heads:                                   # GQA: per-query-head dk, dv before the sum
-        per_layer += 2 * nbytes((B * T, spec.q_dim))
+    per_layer += NORM_PARAMS                                         # attention (its scratch is in Scratch)
     per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
     chunks = -(-(B * T) // chunk)
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
@@ -78,10 +77,11 @@ def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
 
 def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: int, T: int,
                 max_binding_bytes: int = 128 << 20, max_workgroups: int = 65535, weights: str = "f32",
-                stored: Mapping[str, WeightFormat] | None = None) -> MemoryPlan:
-    """Bytes WgpuBackend(spec, lora, optim, B, T, weights=weights) allocates on an adapter with these limits (the
-    defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension). `stored`: the formats the
-    model file holds its tensors in (engine.model.weights' StoredTensor.format by name), needed for "stored"."""
+                stored: Mapping[str, WeightFormat] | None = None, recompute: bool = False) -> MemoryPlan:
+    """Bytes WgpuBackend(spec, lora, optim, B, T, weights=weights, recompute=recompute) allocates on an adapter
+    with these limits (the defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension).
+    `stored`: the formats the model file holds its tensors in (engine.model.weights' StoredTensor.format by
+    name), needed for weights "stored"."""
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
     frozen = frozen_layout(spec, max_binding_bytes, formats_for(weights, stored))
     vocab_format = next(t.format for k, t in frozen.items() if k.startswith("embed."))
@@ -92,5 +92,5 @@ def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: in
     return MemoryPlan(
         weights=sum(t.nbytes for t in frozen.values()), adapter=adapter,
         optimizer=optimizer_bytes(optim, lora_layout(spec, lora).total),
-        activations=spec.layers * shapes_bytes(layer_activation_shapes(spec, lora, B, T)), logits=logits,
+        activations=activation_bytes(spec, lora, B, T, recompute), logits=logits,
         scratch=shapes_bytes(scratch), kernels=kernel_bytes(spec, lora, B, T, chunk, len(pieces), len(pieces)))

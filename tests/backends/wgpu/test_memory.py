@@ -10,19 +10,56 @@ from engine.backends.wgpu.memory import memory_plan
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "sgd"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_plan_equals_allocated_bytes(tiny_model_dir, gpu_device, optim, dropout):
+def test_plan_equals_allocated_bytes(tiny_model_dir, gpu_device, optim, dropout, recompute):
     from engine.backends.wgpu.backend import WgpuBackend
     spec = load_model_spec(tiny_model_dir)
     lora = LoraConfig(rank=3, alpha=6, dropout=dropout, targets=("q_proj", "o_proj", "up_proj"))
     config = OptimizerConfig(name=optim)
     before = gpu_device.bytes_allocated
-    with WgpuBackend(tiny_model_dir, lora, config, 2, 5, ctx=gpu_device) as backend:
+    with WgpuBackend(tiny_model_dir, lora, config, 2, 5, ctx=gpu_device, recompute=recompute) as backend:
         allocated = gpu_device.bytes_allocated - before
-        plan = memory_plan(spec, lora, config, 2, 5, gpu_device.max_binding_bytes, gpu_device.max_workgroups)
+        plan = memory_plan(spec, lora, config, 2, 5, gpu_device.max_binding_bytes, gpu_device.max_workgroups,
+                           recompute=recompute)
         assert backend.memory_bytes() == allocated == plan.total, plan.as_dict()
     assert gpu_device.bytes_allocated == before, "close() gives the bytes back"
+
+
+# tiny_spec() variants: Llama as it is, Qwen3-like (q/k norms, head_dim 24 != hidden/heads), Qwen2-like (biases).
+VARIANTS = {"llama": {}, "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=24),
+            "qwen2": dict(model_type="qwen2", qkv_bias=True, tied_embeddings=False)}
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("arch, layers, B, T", [("llama", 1, 1, 1), ("qwen3", 3, 3, 13), ("qwen2", 4, 1, 37)])
+def test_plan_equals_allocated_bytes_at_other_shapes(gpu_device, arch, layers, B, T, recompute):
+    """Other layer counts and odd [B, T] (random weights, every target, dropout): the plan equals the allocation."""
+    import dataclasses
+    from engine.backends.wgpu.backend import WgpuBackend
+    spec = dataclasses.replace(tiny_spec(), layers=layers, **VARIANTS[arch])
+    lora = LoraConfig(rank=5, alpha=10, dropout=0.1)
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(spec, lora, OptimizerConfig(), B, T, ctx=gpu_device, tensors=random_weights(spec),
+                     recompute=recompute) as backend:
+        plan = memory_plan(spec, lora, OptimizerConfig(), B, T, gpu_device.max_binding_bytes,
+                           gpu_device.max_workgroups, recompute=recompute)
+        assert backend.memory_bytes() == gpu_device.bytes_allocated - before == plan.total, plan.as_dict()
+
+
+def test_recompute_keeps_one_row_block_per_layer():
+    """With recompute each further layer costs one [B·T, C] of activations (its output); without, a whole set.
+    At SmolLM2-135M's shape, B=8, T=512, that takes the activations from over 7x the weights to under them."""
+    import dataclasses
+    spec, lora, optim = smollm2_135m_spec(), LoraConfig(rank=16, alpha=32), OptimizerConfig()
+    deeper = dataclasses.replace(spec, layers=spec.layers + 1)
+    on = memory_plan(spec, lora, optim, 8, 512, recompute=True)
+    assert memory_plan(deeper, lora, optim, 8, 512, recompute=True).activations - on.activations == 4 * 8 * 512 * 576
+    off = memory_plan(spec, lora, optim, 8, 512)
+    assert memory_plan(deeper, lora, optim, 8, 512).activations - off.activations == off.activations // spec.layers
+    assert dataclasses.replace(on, activations=off.activations) == off, "recompute changes only the activations"
+    assert off.activations > 7 * off.weights and on.activations < off.weights
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -1,4 +1,5 @@
 """The micro-benchmark measures (does not estimate) and the throughput bench runs end to end with --quick."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -103,3 +104,13 @@ def test_cpu_backend_bench_quick_runs_both_sides_on_the_same_step():
     assert abs(first["ours"] - first["peft"]) <= 1e-5 * first["peft"]       # same model, batch and LoRA init
     ours, peft = report["ours"]["s_per_step_median"], report["peft_fp32"]["s_per_step_median"]
     assert report["ratio_ours_over_peft"] == peft / ours
+
+
+def test_recompute_adds_most_of_a_forward_pass():
+    """Recompute re-runs L−1 layers' forward, less down_proj: about 28% more work at SmolLM2-135M's shape,
+    T = 512 (a full forward would be about 50%: frozen weights get no weight gradient)."""
+    spec, lora = smollm2_135m_spec(), LoraConfig(rank=16, alpha=32)
+    kept, recomputed = (step_flops(spec, lora, 512, 512, recompute=r) for r in (False, True))
+    assert 1.25 < recomputed / kept < 1.31
+    one_layer = dataclasses.replace(spec, layers=1)
+    assert step_flops(one_layer, lora, 512, 512, recompute=True) == step_flops(one_layer, lora, 512, 512)

@@ -67,7 +67,9 @@ class Attention:
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
                  workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
-                 register_rows: int = ROWS):
+                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None):
+        """`dsum` [B, NH, T] and, with GQA, `dk_heads`, `dv_heads` [B, T, NH, HD]: the backward's scratch, which
+        it writes before it reads, so the layers of a model can share one set; allocated here when not given."""
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -78,8 +80,9 @@ class Attention:
             4 * B * n_heads * T
         for name, buf, need in (("q", q, q_bytes), ("k", k, kv_bytes), ("v", v, kv_bytes), ("out", out, q_bytes),
                                 ("lse", lse, stat_bytes), ("dout", dout, q_bytes), ("dq", dq, q_bytes),
-                                ("dk", dk, kv_bytes), ("dv", dv, kv_bytes)):
-            if buf.size < need:
+                                ("dk", dk, kv_bytes), ("dv", dv, kv_bytes), ("dsum", dsum, stat_bytes),
+                                ("dk_heads", dk_heads, q_bytes), ("dv_heads", dv_heads, q_bytes)):
+            if buf is not None and buf.size < need:
                 raise ValueError(f"attention buffer {name} ({buf.label!r}) holds {buf.size} bytes; "
                                  f"[B={B}, T={T}, NH={n_heads}, NKV={n_kv_heads}, HD={head_dim}] needs {need}")
         self.ctx, self.label = ctx, label
@@ -97,16 +100,17 @@ class Attention:
         self.backward_entries = ("attention_backward_dsum", "attention_backward_dq") + (
             ("attention_backward_dkdv_heads", "attention_backward_dkdv_sum") if ratio > 1
             else ("attention_backward_dkdv",))
-        self.dsum = ctx.buffer(stat_bytes, f"{label}.dsum")       # [B, NH, T] rowsum(dout * out)
+        # [B, NH, T] rowsum(dout * out)
+        self.dsum = dsum if dsum is not None else ctx.buffer(stat_bytes, f"{label}.dsum")
         dsum_x, dsum_y, dsum_stride = grid_1d(ctx, B * n_heads * T, DSUM_WORKGROUP)
         sum_x, sum_y, sum_stride = grid_1d(ctx, B * T * n_kv_heads * head_dim // 4, DSUM_WORKGROUP)
         self.params = upload_uniform(ctx, "attention", "Params", f"{label}.params", batch=B, seq_len=T,
                                      n_heads=n_heads, n_kv=n_kv_heads, ratio=ratio, scale=1.0 / math.sqrt(head_dim),
                                      dsum_stride=dsum_stride, sum_stride=sum_stride)
         resources = {0: self.params, 1: q, 2: k, 3: v, 4: out, 5: lse, 6: dout, 7: self.dsum, 8: dq, 9: dk, 10: dv}
-        if ratio > 1:
-            resources[11] = ctx.buffer(q_bytes, f"{label}.dk_heads")  # [B, T, NH, HD]
-            resources[12] = ctx.buffer(q_bytes, f"{label}.dv_heads")
+        if ratio > 1:   # [B, T, NH, HD] each
+            resources[11] = dk_heads if dk_heads is not None else ctx.buffer(q_bytes, f"{label}.dk_heads")
+            resources[12] = dv_heads if dv_heads is not None else ctx.buffer(q_bytes, f"{label}.dv_heads")
         self._kernels = {}
         for entry in ("attention_forward",) + self.backward_entries:
             constants = {"HD4": self.constants["HD4"]} if entry in ELEMENTWISE else self.constants

@@ -83,6 +83,13 @@ class LoraBranch:
         self.down.encode(enc)
         self.up.encode(enc)
 
+    def encode_saved(self, enc: StepEncoder) -> None:
+        """Only the part of the forward the backward reads, u = drop(x)·Aᵀ (y untouched): activation recompute
+        of a projection whose output is not needed again."""
+        if self.drop_fwd is not None:
+            self.drop_fwd(enc)
+        self.down.encode(enc)
+
     def encode_backward(self, enc: StepEncoder) -> None:
         """dB += s·dyᵀ·u; du = s·dy·B; dA += duᵀ·drop(x); dx += drop'(du·A). dx must already hold the base
         projection's input gradient (this adds to it)."""
