@@ -74,7 +74,8 @@ def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
 @dataclass
 class Review:
     steps: int
-    engine_bytes: int | None              # the WGSL engine's allocation for this run
+    engine_bytes: int | None              # the WGSL engine's allocation for this run, as planned
+    plan: object | None                   # engine.train.memory_fit.FitPlan: weights, recompute, micro-batch
     device_bytes: int | None              # what the chosen adapter has (NVML), None when unknown
     ram_available: int
     eta_s: float | None
@@ -87,18 +88,25 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
     steps = total_steps(config, summary.sequences, val_split)
     adapter = next((a for a in hardware.adapters if not a.software and a.backend != "OpenGL"), None) \
         if hardware is not None else None
-    engine_bytes = None
-    try:
-        from engine.backends.wgpu.memory import memory_plan
-
-        limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
-        engine_bytes = memory_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len,
-                                   limit, recompute=config.recompute).total
-    except Exception:   # a shape the planner refuses: the review says memory is unknown
-        engine_bytes = None
     ram = hardware.ram_available_bytes if hardware is not None else 0
     device = adapter.memory_bytes if adapter is not None else None
     warnings = []
+    plan = None
+    try:
+        # The same plan the run will make (engine.train.runs.plan_memory): weights, recompute, micro-batch.
+        from engine.model.weights import open_weights
+        from engine.train.memory_fit import fit_plan, usable_budget
+
+        limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
+        stored = {n: t.format for n, t in open_weights(spec.source).stored().items()}
+        plan = fit_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len, usable_budget(device),
+                        weights=config.weights, recompute=config.recompute, stored=stored,
+                        grad_accum=config.grad_accum, max_binding_bytes=limit)
+    except ValueError as exc:   # does not fit (the message has the numbers), or a shape the planner refuses
+        warnings.append(str(exc))
+    except OSError:             # weights unreadable: the review says memory is unknown
+        pass
+    engine_bytes = plan.memory.total if plan is not None else None
     if summary.trainable_tokens < MIN_TRAINED_TOKENS:
         warnings.append(f"little data: {summary.trainable_tokens:,} trained tokens (under {MIN_TRAINED_TOKENS:,}); "
                         "the adapter will mostly memorise these examples")
@@ -122,9 +130,10 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
 
         best = max(usable, key=lambda b: b.gflops)
         tokens = config.batch_size * config.grad_accum * config.seq_len
-        eta = steps * step_flops(spec, config.lora, tokens, config.seq_len, config.recompute) / (best.gflops * 1e9)
+        recompute = plan.recompute if plan is not None else bool(config.recompute)
+        eta = steps * step_flops(spec, config.lora, tokens, config.seq_len, recompute) / (best.gflops * 1e9)
         basis = f"{best.name}: {best.gflops:.1f} GFLOP/s measured"
-    return Review(steps, engine_bytes, device, ram, eta, basis, warnings)
+    return Review(steps, engine_bytes, plan, device, ram, eta, basis, warnings)
 
 
 

@@ -41,6 +41,7 @@ def child_main(request, events, control) -> None:
 
 
 def _train(request, events, control):
+    from engine.backends.base import MemoryOptions
     from engine.backends.hardware import cpu_threads
     from engine.model.references import resolve_model
     from engine.train.runs import RunInputs, backend_factory, prepare_run
@@ -68,8 +69,8 @@ def _train(request, events, control):
                             threads=max(1, cpu_threads() - 1))
     holder = {}
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
-        backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, recompute=recompute)
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
+        backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, memory=memory)
         log(f"training backend: {backend.name}")
         val = holder.get("val")
         if init_state is None and val:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.cpu_backend import TINY, write_random_model  # noqa: E402
+from engine.backends.base import MemoryOptions
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.lora.config import LoraConfig  # noqa: E402
 from engine.train.config import TrainConfig  # noqa: E402
@@ -49,9 +50,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_random_model(TINY, Path(tmp) / "model")
 
-        def factory(lora_, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+        def factory(lora_, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
             return create_backend("cpu", model, lora_, optim, batch_size, seq_len, seed, init_state,
-                                  recompute=recompute)[0]
+                                  memory=memory)[0]
 
         for round_ in range(args.rounds):
             backend = factory(lora, OptimizerConfig(), args.batch_size, args.seq_len)

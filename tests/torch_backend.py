@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.backends.base import MemoryOptions
 from engine.backends.base import (OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
                             counted_tokens)
 from engine.lora.config import LoraConfig, init_lora_state
@@ -129,8 +130,8 @@ class TorchBackend(TrainingBackend):
 
 
 def torch_backend_factory(model_dir):
-    """The trainer's backend factory signature, bound to one model folder. `recompute` changes no number, and
-    torch autograd keeps its activations either way."""
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+    """The trainer's backend factory signature, bound to one model folder. `memory` is not used: torch computes
+    in f32 and autograd keeps its activations either way."""
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
         return TorchBackend(model_dir, lora, optim, batch_size, seq_len, seed=seed, init_state=init_state)
     return factory

@@ -160,7 +160,7 @@ class PlanWizard(QWizard):
                            batch_size=self.batch.value(), grad_accum=self.accum.value(), seq_len=self.seq_len.value(),
                            epochs=self.epochs.value(), max_steps=self.max_steps.value(), lr=self.lr.value(),
                            schedule=self.schedule.currentText(), warmup_steps=self.warmup.value(),
-                           eval_every=self._eval_every)
+                           eval_every=self._eval_every, weights="auto", recompute=None)
 
     def _refresh_review(self) -> None:
         if self.currentPage() is not self.page(self.pageIds()[-1]):
@@ -181,6 +181,7 @@ class PlanWizard(QWizard):
             f"<b>{r.steps:,} steps</b> of {config.batch_size} × {config.grad_accum} × {config.seq_len} tokens, "
             f"LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
             f"Memory (WGSL engine plan): <b>{_gib(r.engine_bytes)}</b> needed; {available}.<br>"
+            + ("".join(f"{line}<br>" for line in r.plan.lines()) if r.plan is not None else "") +
             f"ETA: <b>{eta}</b> ({r.eta_basis}).")
         self.warnings.setText("".join(f"⚠ {w}<br>" for w in r.warnings) or "No warnings.")
 

@@ -50,6 +50,22 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class MemoryOptions:
+    """How a backend trades memory on its device: the format its frozen matrices are held in and activation
+    recompute. The CPU backend computes in f32 with onnxruntime's own memory plan and ignores both."""
+    weights: str = "f32"       # engine.model.weight_formats.WEIGHT_CHOICES
+    recompute: bool = False    # keep only each layer's input; run its forward again before its backward
+
+    def __post_init__(self):
+        from engine.model.weight_formats import WEIGHT_CHOICES
+
+        if self.weights not in WEIGHT_CHOICES:
+            raise ValueError(f"weights {self.weights!r} is unknown; choose from {', '.join(WEIGHT_CHOICES)}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
+
+
+@dataclass(frozen=True)
 class StepResult:
     step: int            # optimizer updates applied so far (a skipped step does not count)
     loss: float          # mean token cross-entropy over the step's micro-batches

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.backends.base import OptimizerConfig, TrainingBackend
+from engine.backends.base import MemoryOptions, OptimizerConfig, TrainingBackend
 from engine.lora.config import LoraConfig
 
 BACKEND_KINDS = ("auto", "cpu", "wgpu", "wgpu:<adapter name>")
@@ -39,7 +39,7 @@ class BuildArgs:
     seed: int = 0
     init_state: dict | None = field(default=None, repr=False)
     threads: int | None = None      # CPU backend threads; None: every core this process may run on
-    recompute: bool = False         # WGSL activation recompute; the CPU backend (onnxruntime) plans its own memory
+    memory: MemoryOptions = MemoryOptions()   # the WGSL backend's weight format and recompute (CPU: f32, ignored)
 
 
 @dataclass
@@ -99,19 +99,21 @@ def build_wgpu(args: BuildArgs, adapter: str | None, allow_software: bool) -> Tr
     except ImportError as exc:
         raise ValueError(f"the WGSL backend is not part of this installation ({exc}); use --backend cpu") from exc
     return WgpuBackend(args.model_dir, args.lora, args.optim, args.batch_size, args.seq_len, ctx=ctx,
-                       lora_state=args.init_state, seed=args.seed, recompute=args.recompute)
+                       lora_state=args.init_state, seed=args.seed, weights=args.memory.weights,
+                       recompute=args.memory.recompute)
 
 
 def create_backend(kind: str, model_dir, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                    seq_len: int, seed: int = 0, init_state: dict | None = None, measure_steps: int = 2,
                    threads: int | None = None,
-                   recompute: bool = False) -> tuple[TrainingBackend, BackendChoice | None]:
+                   memory: MemoryOptions = MemoryOptions()) -> tuple[TrainingBackend, BackendChoice | None]:
     """The backend `kind` names; for "auto" the fastest measured one and the BackendChoice report.
 
     `threads` caps the CPU backend's threads (the window's training process leaves a core to the event loop).
-    `recompute`: the WGSL backend's activation recompute (auto measures the WGSL candidates with it)."""
+    `memory`: the WGSL backend's weight format and activation recompute (auto measures the WGSL candidates
+    with them)."""
     base, adapter = parse_backend_kind(kind)
-    args = BuildArgs(Path(model_dir), lora, optim, batch_size, seq_len, seed, init_state, threads, recompute)
+    args = BuildArgs(Path(model_dir), lora, optim, batch_size, seq_len, seed, init_state, threads, memory)
     if base == "cpu":
         return build_cpu(args), None
     if base == "wgpu":

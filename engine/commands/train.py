@@ -11,6 +11,7 @@ from engine.errors import UserError
 from engine.backends.base import OPTIMIZERS, OptimizerConfig
 from engine.lora.config import LoraConfig
 from engine.model.hf_names import LORA_TARGETS
+from engine.model.weight_formats import WEIGHT_CHOICES
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
 from engine.train.trainer import TrainerCallback, TrainingError
@@ -36,9 +37,16 @@ def register(subparsers):
     run.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s)")
     run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default %(default)s)")
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
-    run.add_argument("--recompute", action="store_true",
-                     help="activation recompute (WGSL backend): keep only each layer's input, run the layer's "
-                          "forward again in the backward; same gradients, far less memory, ~1 more forward a step")
+    memory = p.add_argument_group("GPU memory (lora-lab plan shows what these choose)")
+    memory.add_argument("--weights", default="auto", choices=("auto",) + WEIGHT_CHOICES,
+                        help="format of the frozen weights on the GPU: auto (bf16 up to ~1B parameters, else 8 or "
+                             "4 bits as the memory needs; a GGUF keeps its own), stored, f32, bf16, f16, q8, q4")
+    memory.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+                        help="activation recompute (WGSL backend): keep only each layer's input and run its "
+                             "forward again in the backward; same gradients, far less memory, ~1 more forward a "
+                             "step (default auto: on only when the run would not fit otherwise)")
+    memory.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 8GB (default: "
+                                                             "read from the driver where it can be)")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
     length.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
@@ -86,7 +94,8 @@ def config_from_args(args) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         epochs=args.epochs or 1, max_steps=args.steps or 0, lr=args.lr, schedule=args.schedule,
         warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, recompute=args.recompute)
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, weights=args.weights,
+        recompute={"auto": None, "on": True, "off": False}[args.recompute])
 
 
 def _duration(seconds: float) -> str:
@@ -150,6 +159,7 @@ class JsonLines(TrainerCallback):
 
 
 def run_train(args) -> int:
+    from engine.train.memory_fit import parse_bytes
     from engine.train.runs import RunInputs, prepare_run
 
     if not args.data and not args.resume:
@@ -165,7 +175,8 @@ def run_train(args) -> int:
         data, val_data = _files_from_checkpoint(args.resume)
     inputs = RunInputs(model=args.model, data=data, val_data=val_data, val_split=args.val_split,
                        mask_prompt=False if args.no_mask_prompt else None, packing=args.packing,
-                       init_adapter=args.init_adapter, backend=args.backend)
+                       init_adapter=args.init_adapter, backend=args.backend,
+                       gpu_memory=parse_bytes(args.gpu_memory) if args.gpu_memory else None)
     callback = JsonLines() if args.json else (ProgressBar() if sys.stderr.isatty() else TrainerCallback())
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     try:

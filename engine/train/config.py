@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from engine.backends.base import OptimizerConfig
+from engine.backends.base import MemoryOptions, OptimizerConfig
 from engine.lora.config import LoraConfig
 from engine.train.schedule import SCHEDULES
 
@@ -29,9 +29,13 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     max_nonfinite_in_a_row: int = field(default=3, metadata={
         "help": "stop after this many consecutive steps with a NaN/inf loss or gradient"})
-    recompute: bool = field(default=False, metadata={
+    recompute: bool | None = field(default=False, metadata={
         "help": "activation recompute (WGSL backend): keep only each layer's input and run its forward again in "
-                "the backward; the same gradients, far less memory, about one more forward pass per step"})
+                "the backward; the same gradients, far less memory, about one more forward pass per step. "
+                "None: the memory plan decides (engine.train.runs.prepare_run)"})
+    weights: str = field(default="f32", metadata={
+        "help": "the format the WGSL backend holds the frozen weights in: auto (the memory plan decides), stored "
+                "(as the model file holds them), f32, bf16, f16, q8, q4; the CPU backend computes in f32"})
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("epochs", 1), ("max_steps", 0),
@@ -44,10 +48,19 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.recompute, bool):
+        if self.recompute is not None and not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
+        if self.weights != "auto":
+            MemoryOptions(weights=self.weights)     # names the choices when it is not one
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+
+    def memory_options(self) -> MemoryOptions:
+        """What the backend is built with; "auto" settings must have been resolved by the memory plan first."""
+        if self.weights == "auto" or self.recompute is None:
+            raise ValueError("weights/recompute 'auto' reach the backend unresolved; plan the run first "
+                             "(engine.train.memory_fit via engine.train.runs.prepare_run)")
+        return MemoryOptions(weights=self.weights, recompute=self.recompute)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from engine.backends.base import MemoryOptions
 from engine.model.references import resolve_for_adapter
 from engine.train.config import TrainConfig
 from engine.train.trainer import BackendFactory, Trainer, TrainerCallback
@@ -23,6 +24,8 @@ class RunInputs:
     packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
     init_adapter: str | None = field(default=None, metadata={"help": "PEFT adapter to continue training"})
     backend: str = field(default="auto", metadata={"help": "auto | cpu | wgpu | wgpu:<adapter name>"})
+    gpu_memory: int | None = field(default=None, metadata={
+        "help": "bytes of GPU memory the run is planned for; None: read from the driver where it can be"})
 
     def __post_init__(self):
         if not self.data:
@@ -40,18 +43,42 @@ class RunInputs:
         return out
 
 
+def plan_memory(config: TrainConfig, spec, model_dir: Path, inputs: RunInputs,
+                log: Callable[[str], None] = lambda _m: None) -> TrainConfig:
+    """`config` with its "auto" weight format and recompute decided, and the micro-batch fitted to the GPU's
+    memory where that is known (engine.train.memory_fit); the plan is logged. The CPU backend computes in f32
+    with onnxruntime's own memory, so there the settings only resolve to f32 and no recompute."""
+    from engine.backends.choose import parse_backend_kind
+    from engine.backends.hardware import gpu_memory_bytes
+    from engine.model.weights import open_weights
+    from engine.train.memory_fit import fit_plan, usable_budget, with_plan
+
+    if parse_backend_kind(inputs.backend)[0] == "cpu":
+        return replace(config, weights="f32" if config.weights == "auto" else config.weights,
+                       recompute=bool(config.recompute))
+    budget = usable_budget(inputs.gpu_memory or gpu_memory_bytes())
+    if budget is None and config.weights != "auto" and config.recompute is not None:
+        return config
+    stored = {name: t.format for name, t in open_weights(model_dir).stored().items()}
+    plan = fit_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len, budget,
+                    weights=config.weights, recompute=config.recompute, stored=stored, grad_accum=config.grad_accum)
+    for line in plan.lines():
+        log(line)
+    return with_plan(config, plan)
+
+
 def backend_factory(kind: str, model_dir: Path, on_choice: Callable[[object], None] = lambda _choice: None,
                     threads: int | None = None) -> BackendFactory:
-    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=, recompute=): the
+    """A factory the trainer calls with (lora, optim, batch_size, seq_len, seed=, init_state=, memory=): the
     backend `kind` names (auto | cpu | wgpu | wgpu:<adapter>); for auto, `on_choice` gets the measured BackendChoice.
     `threads` caps the CPU backend's threads (None: every usable core)."""
     from engine.backends.choose import create_backend, parse_backend_kind
 
     parse_backend_kind(kind)          # refuse a bad name before any model is read
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
         backend, choice = create_backend(kind, model_dir, lora, optim, batch_size, seq_len, seed=seed,
-                                         init_state=init_state, threads=threads, recompute=recompute)
+                                         init_state=init_state, threads=threads, memory=memory)
         if choice is not None:
             on_choice(choice)
         return backend
@@ -92,6 +119,8 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     if config.seq_len > spec.max_positions:
         raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
     spec.check_sequence_length(config.seq_len)
+    if checkpoint is None:
+        config = plan_memory(config, spec, model_dir, inputs, log)
     init_state = None
     if inputs.init_adapter and checkpoint is None:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)

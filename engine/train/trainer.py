@@ -23,7 +23,7 @@ from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
 from engine.train.data import Batch, BatchSource
 
-# factory(lora, optim, batch_size, seq_len, seed=, init_state=, recompute=) -> TrainingBackend
+# factory(lora, optim, batch_size, seq_len, seed=, init_state=, memory=MemoryOptions) -> TrainingBackend
 BackendFactory = Callable[..., TrainingBackend]
 
 
@@ -180,7 +180,7 @@ class Trainer:
         try:
             c = self.config
             self.backend = self._factory(c.lora, c.optim, c.batch_size, c.seq_len, seed=c.seed,
-                                         init_state=self._init_state, recompute=c.recompute)
+                                         init_state=self._init_state, memory=c.memory_options())
             self.card.setdefault("backend", self.backend.name)
             if self._resume is not None:
                 self.backend.load_optimizer_state(self._resume.optimizer_state)

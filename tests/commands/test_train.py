@@ -245,7 +245,7 @@ def test_recompute_on_the_wgsl_backend_trains_the_same_adapter_in_less_memory(ti
             "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1", "--lr", "5e-3",
             "--backend", f"wgpu:{gpu_device.label}", "--json"]
     runs = {}
-    for name, extra in (("kept", []), ("recomputed", ["--recompute"])):
+    for name, extra in (("kept", ["--recompute", "off"]), ("recomputed", ["--recompute", "on"])):
         lines = run_json(capsys, ["train", "--out", str(tmp_path / name), *args, *extra])
         steps = [x for x in lines if x["event"] == "step"]
         runs[name] = ([(s["loss"], s["grad_norm"]) for s in steps], steps[0]["memory_bytes"],

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from engine.backends.base import MemoryOptions
 from engine.backends.base import OptimizerConfig
 from engine.train.checkpoint import checkpoint_root, list_checkpoints, load_checkpoint
 from engine.lora.config import LoraConfig
@@ -162,9 +163,9 @@ def test_learning_rate_1e6_trips_the_guard_on_the_wgsl_backend(tiny_llama_dir, g
     loss is NaN, the steps are skipped and the run stops after three in a row with the step-1 adapter."""
     from engine.backends.wgpu.backend import WgpuBackend
 
-    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, recompute=False):
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
         return WgpuBackend(tiny_llama_dir, lora, optim, batch_size, seq_len, ctx=gpu_device, lora_state=init_state,
-                           seed=seed, recompute=recompute)
+                           seed=seed, weights=memory.weights, recompute=memory.recompute)
 
     rec = Recorder()
     trainer = Trainer(config(lr=1e6, max_steps=8, save_every=1, keep_checkpoints=10, warmup_steps=0),
@@ -196,9 +197,10 @@ def test_recompute_is_validated_saved_and_handed_to_the_backend(tiny_llama_dir, 
     assert TrainConfig.from_dict(old).recompute is False
     asked = []
 
-    def factory(*args, recompute=False, **kw):
-        asked.append(recompute)
+    def factory(*args, memory=MemoryOptions(), **kw):
+        asked.append(memory)
         return torch_backend_factory(tiny_llama_dir)(*args, **kw)
 
-    Trainer(config(max_steps=1, recompute=True), factory, pattern_source(384), tmp_path, base_model="m").run()
-    assert asked == [True]
+    Trainer(config(max_steps=1, recompute=True, weights="bf16"), factory, pattern_source(384), tmp_path,
+            base_model="m").run()
+    assert asked == [MemoryOptions(weights="bf16", recompute=True)]
