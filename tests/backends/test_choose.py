@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import engine.backends.choose as backends
-from engine.backends.base import OptimizerConfig
+from engine.backends.base import MemoryOptions, OptimizerConfig
 from engine.backends.choose import BuildArgs, choose_backend, create_backend, parse_backend_kind
 from engine.lora.config import LoraConfig, init_lora_state
 from engine.model.spec import load_model_spec
@@ -153,15 +153,17 @@ def test_measure_times_only_the_steps_after_two_warm_ups():
     assert next(durations, None) is None
 
 
-def test_wgpu_kind_passes_recompute(tiny_llama_dir, gpu_device):
-    """create_backend(recompute=True) builds the WGSL backend with recompute: the plan's smaller byte count."""
+@pytest.mark.parametrize("memory", [MemoryOptions(), MemoryOptions(weights="bf16", recompute=True)])
+def test_wgpu_kind_passes_the_memory_options(tiny_llama_dir, gpu_device, memory):
+    """create_backend(memory=...) builds the WGSL backend with that weight format and recompute: the plan's
+    byte count for them."""
     from engine.backends.wgpu.memory import memory_plan
 
     spec = load_model_spec(tiny_llama_dir)
-    for recompute in (False, True):
-        backend, _ = create_backend(f"wgpu:{gpu_device.label}", tiny_llama_dir, LORA, OptimizerConfig(), 2, 9,
-                                    recompute=recompute)
-        with backend:
-            plan = memory_plan(spec, LORA, OptimizerConfig(), 2, 9, backend.ctx.max_binding_bytes,
-                               backend.ctx.max_workgroups, recompute=recompute)
-            assert backend.recompute is recompute and backend.memory_bytes() == plan.total
+    backend, _ = create_backend(f"wgpu:{gpu_device.label}", tiny_llama_dir, LORA, OptimizerConfig(), 2, 9,
+                                memory=memory)
+    with backend:
+        plan = memory_plan(spec, LORA, OptimizerConfig(), 2, 9, backend.ctx.max_binding_bytes,
+                           backend.ctx.max_workgroups, weights=memory.weights, recompute=memory.recompute)
+        assert backend.recompute is memory.recompute and backend.weight_choice == memory.weights
+        assert backend.memory_bytes() == plan.total
