@@ -180,7 +180,11 @@ def from_pretrained_args(folder: Path) -> tuple[Path, dict]:
     gguf = gguf_of(folder)
     if gguf is None:
         return Path(folder), {}
-    return gguf.parent, {"gguf_file": gguf.name}
+    from transformers import GgufConfig
+
+    # Dense weights in the dtype asked for: peft's LoRA layers wrap plain Linear modules, not transformers'
+    # packed GgufLinear (which also needs the `kernels` package, and warns about non-f32 dtypes without it).
+    return gguf.parent, {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def open_weights(model: str | Path) -> WeightSource:
