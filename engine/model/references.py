@@ -152,6 +152,10 @@ def drop_stale_weights(folder: Path, log: Callable[[str], None] = lambda _msg: N
     if json.loads(marker.read_text(encoding="utf-8")).get("converted_by") != "lora-lab":
         return 0
     freed = copy.stat().st_size
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.pop("dtype", None) is not None or config.pop("torch_dtype", None) is not None:
+        # It named the copy's float32; the folder is now as convert_gguf writes it, with the GGUF's own types.
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     copy.unlink()
     log(f"removed {copy} ({freed / 2**20:.0f} MiB): the float32 copy an earlier version made of "
         f"{_source_gguf(folder).name}, whose weights are now read from the GGUF file itself")
