@@ -22,8 +22,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
+from engine.chat.fit import ModelTooLarge, chat_dtype, chat_memory, check_chat_fits
 from engine.chat.generation import ChatStream, GenerationSettings
 from engine.corpus.render import chat_template_of
+from engine.model.weights import from_pretrained_args
 
 
 class ChatUnavailable(RuntimeError):
@@ -83,12 +85,9 @@ def best_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision where the device computes it natively (half the memory, faster); float32 on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
+    """Half precision wherever the device computes it natively (engine.chat.fit.chat_dtype): chat memory is the
+    model's half-precision size. Tests that compare logits with a float32 oracle pass dtype=torch.float32."""
+    return chat_dtype(device)
 
 
 def trim_process_heap():
@@ -239,8 +238,14 @@ class ChatEngine:
             # A template-less base is prompted with the template its adapters were trained with.
             tokenizer.chat_template = chat_template_of(tokenizer)
         try:
+            # A folder made from a GGUF file has no weights of its own: transformers' GGUF loader reads the file.
+            source, gguf = from_pretrained_args(path)
+            check_chat_fits(model_ref, chat_memory(path, self.dtype, self.device, bool(gguf)), self.dtype,
+                            self.device)
             # device_map puts the weights straight onto the device instead of staging a CPU copy first.
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, device_map=self.device)
+            model = AutoModelForCausalLM.from_pretrained(source, **gguf, dtype=self.dtype, device_map=self.device)
+        except ModelTooLarge:
+            raise
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ValueError(f"could not load chat model {model_ref} from {path}: {exc}") from exc
         model.eval()

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="export an adapter for llama.cpp/Ollama (gguf) or as a merged model",
         description="Export a PEFT LoRA adapter. --to gguf writes a llama.cpp LoRA GGUF plus an Ollama Modelfile"
-                    " and a how-to note; --to merged folds the adapter into the base (safetensors, base dtype).")
+                    " and a how-to note; --to merged folds the adapter into the base (safetensors, base dtype;"
+                    " bfloat16, dequantized, when the base exists only as GGUF).")
     p.add_argument("--model", required=True, help="base model: local HF folder, .gguf file or hub id")
     p.add_argument("--adapter", required=True, type=Path, help="PEFT adapter folder (adapter_config.json + weights)")
     p.add_argument("--to", required=True, choices=("gguf", "merged"), help="what to write")

@@ -5,6 +5,12 @@ base stays bf16). Every other tensor is copied bit for bit, shard by shard with 
 index, so a tied LM head stays tied (it is not in the files) and nothing is duplicated. config.json,
 generation_config.json, tokenizer and chat-template files are copied unchanged. The folder is built beside the
 destination and renamed into place only when complete.
+
+A base whose weights exist only as a GGUF file (engine.model.weights.gguf_of: a `.gguf` reference, the demo) has no
+unquantized weights to fold into: each tensor is dequantized from the GGUF (engine.model.weights, one at a time,
+bit for bit gguf-py's dequantization), the update added in float32, and the result stored as bfloat16
+(`GGUF_MERGE_DTYPE`): half the size of float32, the dtype such models are published in, and far finer than the
+4- or 8-bit blocks it came from. config.json then names that dtype.
 """
 from __future__ import annotations
 
@@ -13,9 +19,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.atomic import atomic_folder, check_free_space
 from engine.model.spec import SUPPORTED_MODEL_TYPES
 from engine.model.references import COMPLETE_MARKER
+from engine.model.weights import gguf_of, open_weights
 from engine.lora.peft_read import check_fits_base, read_adapter, read_base_config
 
 # Weight files of the base that are replaced by the merged safetensors, not copied.
@@ -23,6 +32,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", 
 _INDEX = "model.safetensors.index.json"
 # Not copied: engine.model.references' marker says "converted from this GGUF / hub id", which is no longer true once merged.
 _NOT_COPIED = {COMPLETE_MARKER}
+GGUF_MERGE_DTYPE = "bfloat16"
+_SHARD_BYTES = 2 << 30   # merged from a GGUF: shards of at most ~2 GiB, so only one shard is held at a time
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,8 @@ class MergedExport:
     n_merged: int             # Linear weights that received an update
     shards: tuple[str, ...]   # safetensors files written
     size_bytes: int
+    dequantized_from: str = ""   # the base's GGUF formats ("Q4_1, Q6_K") when it had no unquantized weights
+    dtype: str = ""              # the merged weights' dtype when it differs from the base's own ("bfloat16")
 
 
 def _weight_files(base_dir: Path) -> list[str]:
@@ -60,6 +73,8 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
         raise ValueError(f"cannot merge into base architecture {base_config.get('model_type')!r}"
                          f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     check_fits_base(adapter, base_config)
+    if gguf_of(base_dir) is not None:
+        return _export_merged_from_gguf(adapter, base_dir, out_dir, overwrite)
     shards = _weight_files(base_dir)
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
                      sum((base_dir / s).stat().st_size for s in shards) + (16 << 20))
@@ -94,6 +109,73 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
                 shutil.copy2(item, tmp / item.name)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return MergedExport(path=out_dir, n_merged=merged, shards=tuple(shards), size_bytes=size)
+
+
+def _export_merged_from_gguf(adapter, base_dir: Path, out_dir: Path, overwrite: bool) -> MergedExport:
+    """Merge into a base that exists only as GGUF: dequantize tensor by tensor, fold, store as GGUF_MERGE_DTYPE."""
+    import torch
+    from safetensors.torch import save_file
+
+    source = open_weights(base_dir)
+    stored = source.stored()
+    deltas = {f"{mod.name}.weight": mod for mod in adapter.modules}
+    missing = sorted(set(deltas) - set(stored))
+    if missing:
+        raise ValueError(f"the base model in {base_dir} has no weights named {missing[:3]}; wrong base model?")
+    dtype = getattr(torch, GGUF_MERGE_DTYPE)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in stored.items():
+        nbytes = int(np.prod(tensor.shape)) * itemsize
+        if plan[-1] and size + nbytes > _SHARD_BYTES:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    names = ["model.safetensors"] if len(plan) == 1 else [
+        f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
+                     sum(int(np.prod(t.shape)) * itemsize for t in stored.values()) + (16 << 20))
+    merged = 0
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        for shard, members in zip(names, plan):
+            tensors = {}
+            for name in members:
+                t = torch.from_numpy(source.f32(name))
+                mod = deltas.get(name)
+                if mod is not None:
+                    t = t + torch.from_numpy(mod.delta())
+                    merged += 1
+                t = t.to(dtype)
+                if mod is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"merging overflows {dtype} in {name}: the adapter's update is too large; "
+                                     "this adapter cannot be merged")
+                tensors[name] = t.contiguous()
+            save_file(tensors, tmp / shard, metadata={"format": "pt"})
+            del tensors
+        if len(names) > 1:
+            weight_map = {name: shard for shard, members in zip(names, plan) for name in members}
+            index = {"metadata": {"total_size": sum(int(np.prod(stored[n].shape)) * itemsize for n in weight_map)},
+                     "weight_map": weight_map}
+            (tmp / _INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        for item in base_dir.iterdir():
+            if item.name in _NOT_COPIED or not item.is_file() or item.name.endswith(_WEIGHT_SUFFIXES):
+                continue
+            if item.name == "config.json":
+                config = json.loads(item.read_text(encoding="utf-8"))
+                config["dtype"] = GGUF_MERGE_DTYPE
+                (tmp / item.name).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            else:
+                shutil.copy2(item, tmp / item.name)
+    counts: dict[str, int] = {}
+    for tensor in stored.values():
+        if len(tensor.shape) == 2:
+            counts[tensor.format.name] = counts.get(tensor.format.name, 0) + 1
+    formats = ", ".join(sorted(counts, key=lambda f: -counts[f]))
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    return MergedExport(path=out_dir, n_merged=merged, shards=tuple(names), size_bytes=size,
+                        dequantized_from=formats, dtype=GGUF_MERGE_DTYPE)
 
 
 def _all_keys(base_dir: Path, shards: list[str]) -> set[str]:

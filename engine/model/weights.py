@@ -146,16 +146,45 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def gguf_of(folder: Path) -> Path | None:
-    """The GGUF file a model folder's weights live in, when the folder was made from one and holds no copy."""
+    """The GGUF file a model folder's weights live in, when the folder was made from one and holds no copy.
+
+    engine.model.references writes the marker with the file's size and mtime; a GGUF that has since been
+    replaced or moved is refused here rather than read with a config and tokenizer made from another file."""
     marker = Path(folder) / GGUF_MARKER
     if not marker.is_file() or any(Path(folder).glob("model*.safetensors")):
         return None
     try:
-        name = json.loads(marker.read_text(encoding="utf-8")).get("gguf")
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        name = info.get("gguf")
     except (json.JSONDecodeError, AttributeError):
         return None
-    path = Path(name) if name and Path(name).is_absolute() else Path(folder).parent / (name or "")
-    return path if name and path.is_file() else None
+    if not name:
+        return None
+    # The demo's marker names its GGUF by file name: it lies beside the folder.
+    path = Path(name) if Path(name).is_absolute() else Path(folder).parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: its weights are the GGUF file {path}, which is gone; pass the .gguf "
+                                "file itself as the model again (its folder is then made anew)")
+    stat = path.stat()
+    recorded = (info.get("size"), info.get("mtime_ns"))
+    if recorded != (None, None) and recorded != (stat.st_size, stat.st_mtime_ns):
+        raise ValueError(f"{folder}: the GGUF file {path} changed since this folder was made from it (size, mtime "
+                         f"{recorded[0]}, {recorded[1]} then, {stat.st_size}, {stat.st_mtime_ns} now); pass the "
+                         ".gguf file itself as the model again (its folder is then made anew)")
+    return path
+
+
+def from_pretrained_args(folder: Path) -> tuple[Path, dict]:
+    """(path, extra keyword arguments) for transformers' `from_pretrained` to load a model folder's weights: the
+    folder itself, or, when its weights are a GGUF file, that file through transformers' GGUF loader."""
+    gguf = gguf_of(folder)
+    if gguf is None:
+        return Path(folder), {}
+    from transformers import GgufConfig
+
+    # Dense weights in the dtype asked for: peft's LoRA layers wrap plain Linear modules, not transformers'
+    # packed GgufLinear (which also needs the `kernels` package, and warns about non-f32 dtypes without it).
+    return gguf.parent, {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def open_weights(model: str | Path) -> WeightSource:

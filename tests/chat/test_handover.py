@@ -35,7 +35,7 @@ def adapters(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture
 def chat(tiny_llama_dir, adapters):
-    engine = ChatEngine(device="cpu")
+    engine = ChatEngine(device="cpu", dtype=torch.float32)
     engine.load(tiny_llama_dir)
     engine.set_active_adapter(engine.load_adapter(adapters["previous"]))
     yield engine
@@ -208,7 +208,7 @@ def test_a_new_adapter_that_does_not_fit_leaves_chat_as_it_was(chat, handover, t
 
 
 def test_training_without_a_chat_model(tiny_llama_dir, adapters):
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     handover = Handover(chat)
     assert asyncio.run(handover.train(lambda: Outcome(adapters["new"]))) == Outcome(adapters["new"])
     assert not chat.loaded and handover.state is S.IDLE

@@ -1,4 +1,7 @@
-"""ChatEngine on CPU with tiny random models: streaming, stop latency, adapters against PEFT, unload."""
+"""ChatEngine on CPU with tiny random models: streaming, stop latency, adapters against PEFT, unload.
+
+The engines here load in float32 (chat's default on the CPU is bfloat16, engine.chat.fit) so that their logits and
+greedy answers can be compared exactly with the float32 PEFT oracle."""
 from __future__ import annotations
 
 import gc
@@ -37,7 +40,7 @@ def adapters(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture
 def engine(tiny_llama_dir):
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     chat.load(tiny_llama_dir)
     yield chat
     chat.unload()
@@ -93,7 +96,7 @@ def without_chat_template(model_dir, folder):
 
 def test_a_model_without_chat_template_gets_the_corpus_fallback(tiny_llama_dir, tmp_path):
     folder = without_chat_template(tiny_llama_dir, tmp_path / "no-template")
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     chat.load(folder)
     assert chat.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     prompt = chat.tokenizer.decode(chat.prompt_inputs(HELLO)["input_ids"][0])
@@ -112,7 +115,7 @@ def test_a_template_less_base_is_prompted_with_the_tokens_it_was_trained_on(tiny
     (sequence,) = corpus.train
     trained = np.flatnonzero(sequence.labels != IGNORE_LABEL)
     taught_prompt = sequence.input_ids[:trained[0]].tolist()
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     chat.load(folder)
     assert chat.prompt_inputs(HELLO)["input_ids"][0].tolist() == taught_prompt
     chat.unload()
@@ -120,9 +123,9 @@ def test_a_template_less_base_is_prompted_with_the_tokens_it_was_trained_on(tiny
 
 def test_loading_something_that_is_not_a_model_says_so(tmp_path, tiny_llama_dir, adapters):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        ChatEngine(device="cpu").load(tmp_path / "nothing-here")
+        ChatEngine(device="cpu", dtype=torch.float32).load(tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="is a LoRA adapter, not a base model"):
-        ChatEngine(device="cpu").load(adapters["a"])
+        ChatEngine(device="cpu", dtype=torch.float32).load(adapters["a"])
 
 
 def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_path, monkeypatch):
@@ -134,7 +137,7 @@ def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_pa
     converted = []
     monkeypatch.setattr(engine.model.references, "convert_gguf_cached",
                         lambda path, log: converted.append(path) or tiny_llama_dir)
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     chat.load(gguf)
     assert converted == [gguf] and chat.model_ref == str(gguf)
     snapshot = chat.snapshot()
@@ -157,7 +160,7 @@ def test_streaming_yields_the_same_text_as_generate(tiny_model_dirs):
     """Greedy streaming, piece by piece, concatenates to what transformers' generate produces in one go."""
     for arch in ("llama", "qwen3"):
         model_dir = tiny_model_dirs[arch]
-        chat = ChatEngine(device="cpu")
+        chat = ChatEngine(device="cpu", dtype=torch.float32)
         chat.load(model_dir)
         settings = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
         stream = chat.stream_chat(HELLO, settings)
@@ -247,7 +250,7 @@ def test_one_answer_at_a_time(engine, adapters):
 
 
 def test_requests_without_model_or_during_training_get_clear_errors(tiny_llama_dir):
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     with pytest.raises(ModelNotLoaded, match="load a model first"):
         chat.stream_chat(HELLO)
     chat.load(tiny_llama_dir)
@@ -351,7 +354,7 @@ def test_remove_adapter(engine, adapters, tiny_llama_dir):
 def test_unload_frees_every_tensor_and_the_memory(tiny_llama_dir, tmp_path, adapters):
     weight_bytes = make_weighty_llama(tiny_llama_dir, tmp_path / "weighty")
     process = psutil.Process()
-    chat = ChatEngine(device="cpu")
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
     gc.collect()
     trim_process_heap()  # so the load cannot reuse heap that earlier tests freed without the RSS moving
     before = process.memory_info().rss
@@ -396,4 +399,4 @@ def test_a_broken_model_folder_is_a_clear_error(tiny_llama_dir, tmp_path):
     shutil.copytree(tiny_llama_dir, folder)
     (folder / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="could not load chat model"):
-        ChatEngine(device="cpu").load(folder)
+        ChatEngine(device="cpu", dtype=torch.float32).load(folder)

@@ -111,3 +111,19 @@ def test_second_adapter_into_the_same_folder_needs_force(tiny_llama_dir, adapter
                  "--out", str(out)]) == 2
     assert "Modelfile already exists" in capsys.readouterr().err
     assert not (out / "other-adapter.gguf").exists() and "my-adapter.gguf" in (out / "Modelfile").read_text()
+
+
+def test_merged_export_of_a_gguf_base_says_it_was_dequantized(tmp_path, monkeypatch, capsys):
+    from bench.gguf_base import write_gguf_base
+    from bench.tiny_models import make_model
+
+    monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "home"))
+    make_model("llama", tmp_path / "hf", hidden_size=96, intermediate_size=160)
+    base_gguf = write_gguf_base(tmp_path / "hf", tmp_path / "tiny.Q8_0.gguf", ("q8_0",))
+    adapter = make_adapter(tmp_path / "hf", tmp_path / "adapter")
+    assert main(["export", "--model", str(base_gguf), "--adapter", str(adapter), "--to", "merged",
+                 "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "the base was only available as GGUF (Q8_0): the merged weights are dequantized from it and stored " \
+           "as bfloat16" in out
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

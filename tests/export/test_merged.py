@@ -177,3 +177,39 @@ def test_merge_overflowing_the_base_dtype_is_refused(tiny_model_dirs, tmp_path):
     with pytest.raises(ValueError, match="overflows torch.float16"):
         export_merged(adapter_dir, base_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_into_a_gguf_only_base_dequantizes_it_to_bf16(tmp_path, monkeypatch):
+    """A base that exists only as GGUF (q4_1/q8_0 blocks): every merged tensor is transformers' own dequantization
+    of the file plus PEFT's update, stored as bfloat16 (within one bf16 rounding of it)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bench.gguf_base import write_gguf_base
+    from bench.tiny_models import make_model
+    from engine.model.references import COMPLETE_MARKER, resolve_model
+
+    monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "home"))
+    make_model("llama", tmp_path / "hf", hidden_size=96, intermediate_size=160)
+    gguf = write_gguf_base(tmp_path / "hf", tmp_path / "base.gguf", ("q4_1", "q8_0"))
+    base_dir = resolve_model(str(gguf))
+    adapter_dir = make_adapter(tmp_path / "hf", tmp_path / "adapter", seed=5)
+    result = export_merged(adapter_dir, base_dir, tmp_path / "merged")
+    assert result.n_merged == 7 * 2 and result.dtype == "bfloat16"
+    assert result.dequantized_from == "Q4_1, Q8_0"   # 8 of the 15 2-D weights are q4_1
+    out = result.path
+    assert {p.name for p in out.iterdir()} == {p.name for p in base_dir.iterdir()} - {COMPLETE_MARKER} | {
+        "model.safetensors"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want) - {"lm_head.weight"}   # tied: stored once
+    for key, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16, key
+        torch.testing.assert_close(tensor.float(), want[key], rtol=2 ** -8, atol=0, msg=key)
+    merged_model = load_base(out)
+    assert merged_model.config.tie_word_embeddings and merged_model.dtype == torch.float32

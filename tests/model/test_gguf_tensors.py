@@ -1,5 +1,5 @@
-"""engine.model.gguf_tensors: a quantized GGUF's tensors read raw, then dequantized, equal the f32 folder that
-engine.model.references.convert_gguf makes of the same file (names, Llama Q/K row order, every bit)."""
+"""engine.model.gguf_tensors: a quantized GGUF's tensors read raw, then dequantized, equal transformers' own GGUF
+load of the same file in float32 (names, Llama Q/K row order, every bit)."""
 import numpy as np
 import pytest
 
@@ -20,15 +20,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_raw_tensors_dequantize_to_the_f32_conversion(case, tmp_path):
-    from safetensors.numpy import load_file
-
-    from engine.model.references import convert_gguf
+def test_raw_tensors_dequantize_to_transformers_gguf_load(case, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
 
     arch, overrides, formats = CASES[case]
     make_model(arch, tmp_path / "hf", **overrides)
     path = write_gguf_base(tmp_path / "hf", tmp_path / f"{case}.gguf", formats)
-    converted = load_file(convert_gguf(path, tmp_path / "converted") / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    converted = {k: v.numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        converted.pop("lm_head.weight")   # the same tensor as the embedding: the file stores it once
 
     seen, stored = set(), set()
     for t in read_gguf_tensors(path):
