@@ -190,3 +190,38 @@ def _write_files(out: Path, config: TrainConfig, job: dict, hub_id: bool, copied
     for name, target in (("README.md.in", "README.md"), ("sbatch.slurm.in", "sbatch.slurm")):
         text = Template((files / name).read_text(encoding="utf-8")).substitute(values)
         (out / target).write_text(text, encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A run's losses read back from JSON lines (a job's output/log.jsonl, or `lora-lab train --json`)."""
+    steps: tuple[int, ...]
+    losses: tuple[float, ...]          # training loss per step (skipped, non-finite steps left out)
+    eval_steps: tuple[int, ...]
+    eval_losses: tuple[float, ...]
+    backend: str | None                # the summary's backend, when the run finished
+
+
+def read_run_log(path: str | Path) -> RunLog:
+    """The step and eval events of a JSON-lines log; ValueError naming the line that is not one."""
+    steps, losses, eval_steps, eval_losses, backend = [], [], [], [], None
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+            kind = event["event"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} line {number}: expected a JSON object with an \"event\" (a run log from "
+                             "`lora-lab train --json` or an exported job's output/log.jsonl)") from None
+        if kind == "step" and event.get("loss") is not None and not event.get("skipped"):
+            steps.append(int(event["step"]))
+            losses.append(float(event["loss"]))
+        elif kind == "eval" and event.get("loss") is not None:
+            eval_steps.append(int(event["step"]))
+            eval_losses.append(float(event["loss"]))
+        elif kind == "summary":
+            backend = event.get("backend")
+    if not steps and not eval_steps:
+        raise ValueError(f"{path} holds no step or eval events: it is not a training log")
+    return RunLog(tuple(steps), tuple(losses), tuple(eval_steps), tuple(eval_losses), backend)
