@@ -2,13 +2,17 @@
 and the perplexity before and after when the run ends. It shows the TrainingController's events, nothing else."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import (QGridLayout, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QProgressBar,
-                               QPushButton, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QListWidget, QPlainTextEdit,
+                               QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget)
 
 from app.training_controller import TrainingController
+from engine.train.job import read_run_log
 
+OTHER_RUN_COLORS = ("#31a354", "#756bb1", "#636363", "#d6616b")   # runs opened beside the live one
 SMOOTHING = 0.9     # exponential moving average of the training loss (bias-corrected, as TensorBoard does)
 
 
@@ -34,6 +38,7 @@ class LossPlot(pg.PlotWidget):
         # Fast runs deliver steps in bursts; redrawing at most every 100 ms keeps the event loop free.
         self._redraw_timer = QTimer(self, singleShot=True, interval=100)
         self._redraw_timer.timeout.connect(self._redraw)
+        self.other_runs = []
         self.clear_data()
 
     def clear_data(self):
@@ -54,6 +59,15 @@ class LossPlot(pg.PlotWidget):
         self.val_losses.append(loss)
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
+
+    def add_run(self, name: str, run) -> None:
+        """Another run's losses (engine.train.job.RunLog), dashed, beside the live run's; kept across clears."""
+        color = OTHER_RUN_COLORS[len(self.other_runs) % len(OTHER_RUN_COLORS)]
+        self.other_runs.append(self.plot(list(run.steps), list(run.losses), name=f"{name}: training loss",
+                                         pen=pg.mkPen(color, width=1, style=Qt.DashLine)))
+        if run.eval_steps:
+            self.other_runs.append(self.plot(list(run.eval_steps), list(run.eval_losses), name=f"{name}: validation",
+                                             pen=None, symbol="t", symbolSize=7, symbolBrush=color))
 
     def _redraw(self):
         self.raw.setData(self.steps, self.losses)
@@ -79,12 +93,15 @@ class TrainingConsole(QWidget):
         self.pause = QPushButton("Pause", objectName="console-pause")
         self.resume = QPushButton("Resume", objectName="console-resume")
         self.stop = QPushButton("Stop", objectName="console-stop")
+        self.open_run = QPushButton("Open run…", objectName="console-open-run",
+                                    toolTip="Plot a run's JSON-lines log (an exported job's output/log.jsonl, or "
+                                            "`lora-lab train --json` output) beside this one")
         self.result = QLabel("No run yet. Plan one with the Plan button.", objectName="console-result", wordWrap=True)
         self.log = QPlainTextEdit(readOnly=True, objectName="console-log")
         self.checkpoints = QListWidget(objectName="console-checkpoints")
         controls = QHBoxLayout()
         controls.addWidget(self.progress, 1)
-        for b in (self.pause, self.resume, self.stop):
+        for b in (self.pause, self.resume, self.stop, self.open_run):
             controls.addWidget(b)
         bottom = QSplitter(Qt.Horizontal)
         bottom.addWidget(self.log)
@@ -106,6 +123,8 @@ class TrainingConsole(QWidget):
         self.pause.clicked.connect(self._pause)
         self.resume.clicked.connect(self._resume)
         self.stop.clicked.connect(controller.stop)
+        self.open_run.clicked.connect(lambda: self.load_run(QFileDialog.getOpenFileName(
+            self, "Open a run's log", "", "Run logs (*.jsonl *.json *.log);;All files (*)")[0]))
         controller.started.connect(self._on_started)
         controller.step.connect(self._on_step)
         controller.evaluated.connect(self._on_eval)
@@ -115,6 +134,19 @@ class TrainingConsole(QWidget):
         controller.failed.connect(self._on_failed)
         controller.running_changed.connect(self._on_running)
         self._on_running(controller.running)
+
+    def load_run(self, path: str) -> None:
+        if not path:
+            return
+        try:
+            run = read_run_log(path)
+        except (OSError, ValueError) as exc:
+            self.result.setText(f"Cannot open that run: {exc}")
+            return
+        name = Path(path).parent.name if Path(path).name == "log.jsonl" else Path(path).stem
+        self.plot.add_run(name, run)
+        self.log.appendPlainText(f"opened {path}: {len(run.steps)} steps" +
+                                 (f" ({run.backend})" if run.backend else ""))
 
     def _pause(self):
         self.controller.pause()

@@ -21,10 +21,21 @@ def register(subparsers):
     p = subparsers.add_parser("train", help="train a LoRA adapter on your data",
                               description="Train a LoRA adapter and write it, in PEFT's layout, to --out "
                                           "(checkpoints in --out/checkpoints).")
+    add_training_options(p, out_help="where the adapter (and checkpoints/) go")
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                   help="continue an interrupted run (its settings come from the checkpoint)")
+    p.add_argument("--backend", default="auto", metavar="auto|cpu|wgpu|wgpu:NAME",
+                   help="training backend; auto measures the candidates and takes the fastest (default auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object per step and evaluation, then a summary")
+    p.set_defaults(func=run_train)
+
+
+def add_training_options(p, out_help: str) -> None:
+    """The options that define a run (model, data, adapter, training, evaluation): `train` and `export-job`."""
     p.add_argument("--model", required=True, metavar="M", help="model folder, .gguf file, hub id or 'demo'")
     p.add_argument("--data", action="append", default=[], metavar="F",
                    help="training file (.txt .md .jsonl .json .csv); repeat for several")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the adapter (and checkpoints/) go")
+    p.add_argument("--out", required=True, metavar="DIR", help=out_help)
     lora = p.add_argument_group("adapter")
     lora.add_argument("--rank", type=int, default=None, help="LoRA rank r (default 16)")
     lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 32)")
@@ -65,12 +76,6 @@ def register(subparsers):
     data.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default %(default)s)")
-    p.add_argument("--resume", metavar="CHECKPOINT_DIR",
-                   help="continue an interrupted run (its settings come from the checkpoint)")
-    p.add_argument("--backend", default="auto", metavar="auto|cpu|wgpu|wgpu:NAME",
-                   help="training backend; auto measures the candidates and takes the fastest (default auto)")
-    p.add_argument("--json", action="store_true", help="one JSON object per step and evaluation, then a summary")
-    p.set_defaults(func=run_train)
 
 
 def _targets(text: str | None) -> tuple[str, ...] | None:

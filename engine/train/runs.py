@@ -99,11 +99,8 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
                 corpus_progress: Callable[[int, int], None] | None = None,
                 corpus_cancel: Callable[[], bool] | None = None) -> PreparedRun:
     """Everything up to the first step. With `resume`, the run's settings come from the checkpoint."""
-    from engine.lora.peft_read import adapter_base_model, import_adapter
     from engine.train.checkpoint import load_checkpoint
-    from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
     from engine.model.spec import load_model_spec
-    from engine.train.data import CorpusBatches, corpus_val_batches
 
     model_dir, base_model = resolve_for_adapter(inputs.model, log=log)
     spec = load_model_spec(model_dir)
@@ -116,13 +113,48 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
         inputs = replace(inputs, val_split=saved.get("val_split", inputs.val_split),
                          mask_prompt=saved.get("mask_prompt", inputs.mask_prompt),
                          packing=saved.get("packing", inputs.packing))
+    data = prepare_data(config, inputs, model_dir, spec, base_model, import_init=checkpoint is None, log=log,
+                        corpus_progress=corpus_progress, corpus_cancel=corpus_cancel)
+    config, init_state, corpus, train, val = data.config, data.init_state, data.corpus, data.train, data.val
+    card = {"training data": ", ".join(Path(p).name for p in inputs.data),
+            "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
+    def on_choice(choice):            # what `--backend auto` measured, and why it chose
+        for line in choice.lines():
+            log(line)
+
+    trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
+                      base_model=base_model, val=val, callback=callback, init_state=init_state,
+                      resume=checkpoint, card=card, inputs=inputs.to_dict())
+    return PreparedRun(trainer, corpus.stats, model_dir, base_model)
+
+
+@dataclass
+class RunData:
+    """What a run trains on, exactly as the desktop trainer sees it (`lora-lab export-job` writes the same)."""
+    config: TrainConfig           # with an initial adapter's rank, alpha and targets
+    init_state: dict | None       # the initial adapter's LoRA tensors (PEFT names), or None: a fresh init
+    corpus: object                # engine.corpus.Corpus
+    train: object                 # engine.train.data.CorpusBatches
+    val: list                     # validation batches, [B, T] each
+
+
+def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, base_model: str,
+                 import_init: bool = True, log: Callable[[str], None] = lambda _m: None,
+                 corpus_progress: Callable[[int, int], None] | None = None,
+                 corpus_cancel: Callable[[], bool] | None = None) -> RunData:
+    """The corpus read with the model's tokenizer, batched for training and validation, and the initial adapter
+    (when `import_init` and inputs name one); refuses what the model cannot take."""
+    from engine.lora.peft_read import adapter_base_model, import_adapter
+    from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
+    from engine.train.data import CorpusBatches, corpus_val_batches
+
     if config.seq_len > spec.max_positions:
         raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
     spec.check_sequence_length(config.seq_len)
     if checkpoint is None:
         config = plan_memory(config, spec, model_dir, inputs, log)
     init_state = None
-    if inputs.init_adapter and checkpoint is None:
+    if inputs.init_adapter and import_init:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)
         config = replace(config, lora=lora)
         named = adapter_base_model(adapter_config)
@@ -142,16 +174,7 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
     pad = corpus.tokenizer.pad_id
     train = CorpusBatches(corpus.train, config.batch_size, config.seq_len, pad, shuffle=config.shuffle)
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
-    card = {"training data": ", ".join(Path(p).name for p in inputs.data),
-            "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
-    def on_choice(choice):            # what `--backend auto` measured, and why it chose
-        for line in choice.lines():
-            log(line)
-
-    trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
-                      base_model=base_model, val=val, callback=callback, init_state=init_state,
-                      resume=checkpoint, card=card, inputs=inputs.to_dict())
-    return PreparedRun(trainer, corpus.stats, model_dir, base_model)
+    return RunData(config, init_state, corpus, train, val)
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

@@ -112,6 +112,22 @@ class _Position:
     epoch_seed: int = 0
 
 
+def run_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of a run: max_steps, or `epochs` passes of grad_accum micro-batches a step (the last
+    step of an epoch takes what is left)."""
+    return config.max_steps or config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
+
+
+def epoch_seed_generator(seed: int) -> np.random.Generator:
+    """The run's generator of per-epoch shuffle seeds (a checkpoint stores its state)."""
+    return np.random.default_rng(seed)
+
+
+def next_epoch_seed(rng: np.random.Generator) -> int:
+    """The shuffle seed of the next epoch: one draw per epoch, the first at the start of the run."""
+    return int(rng.integers(2**31))
+
+
 def eval_loss(backend: TrainingBackend, batches: Sequence[Batch]) -> tuple[float, int]:
     """Mean token cross-entropy over `batches` and the tokens counted."""
     total, count = 0.0, 0
@@ -132,13 +148,12 @@ class Trainer:
         self.callback = callback or TrainerCallback()
         self.card = dict(card or {})
         self.inputs = dict(inputs or {})     # what the run was made from (files, data settings), for resuming
-        steps_per_epoch = math.ceil(train.batches_per_epoch / config.grad_accum)
-        self.total_steps = config.max_steps or config.epochs * steps_per_epoch
+        self.total_steps = run_steps(config, train.batches_per_epoch)
         self.schedule = Schedule(lr=config.lr, total_steps=self.total_steps, kind=config.schedule,
                                  warmup_steps=min(config.warmup_steps, self.total_steps))
         self._running, self._stop = threading.Event(), threading.Event()
         self._running.set()
-        self._rng = np.random.default_rng(config.seed)
+        self._rng = epoch_seed_generator(config.seed)
         self._pos = _Position()
         self._skipped: list[int] = []
         self._in_a_row = 0
@@ -155,7 +170,7 @@ class Trainer:
             if existing:
                 raise TrainingError(f"{self.out_dir} already holds checkpoints of a run ({existing[-1].name}); "
                                     "resume it, or choose an empty output folder")
-            self._pos.epoch_seed = int(self._rng.integers(2**31))
+            self._pos.epoch_seed = next_epoch_seed(self._rng)
         self._init_state = init_state
         self._factory = backend_factory
         self.backend: TrainingBackend | None = None
@@ -219,7 +234,7 @@ class Trainer:
                 self._pos.batch += 1
             if self._pos.batch >= self.train.batches_per_epoch:
                 self._pos.epoch, self._pos.batch = self._pos.epoch + 1, 0
-                self._pos.epoch_seed = int(self._rng.integers(2**31))
+                self._pos.epoch_seed = next_epoch_seed(self._rng)
                 batches = None
             lr = self.schedule.lr_at(self._pos.step)
             pending.append((self._pos.step + 1, epoch, lr, self.backend.train_step(micro, lr, c.max_grad_norm)))
