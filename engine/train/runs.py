@@ -113,6 +113,8 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
         inputs = replace(inputs, val_split=saved.get("val_split", inputs.val_split),
                          mask_prompt=saved.get("mask_prompt", inputs.mask_prompt),
                          packing=saved.get("packing", inputs.packing))
+    if checkpoint is None:          # a resumed run keeps the plan it was started with
+        config = plan_memory(config, spec, model_dir, inputs, log)
     data = prepare_data(config, inputs, model_dir, spec, base_model, import_init=checkpoint is None, log=log,
                         corpus_progress=corpus_progress, corpus_cancel=corpus_cancel)
     config, init_state, corpus, train, val = data.config, data.init_state, data.corpus, data.train, data.val
@@ -151,8 +153,6 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     if config.seq_len > spec.max_positions:
         raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
     spec.check_sequence_length(config.seq_len)
-    if checkpoint is None:
-        config = plan_memory(config, spec, model_dir, inputs, log)
     init_state = None
     if inputs.init_adapter and import_init:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)
