@@ -100,7 +100,7 @@ def ours(ctx, spec, lora, B: int, T: int, choice: str, recompute: bool, steps: i
                 "ms_per_step": 1000 * elapsed / steps, "load_s": load_s, "loss_finite": bool(np.isfinite(loss))}
 
 
-def peft(spec, lora, B: int, T: int, checkpointing: bool, steps: int) -> dict:
+def peft_run(spec, lora, B: int, T: int, checkpointing: bool, steps: int) -> dict:
     import torch
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-ours", action="store_true", help="PyTorch + PEFT only")
     parser.add_argument("--quick", action="store_true", help="a tiny shape on any adapter (smoke test)")
     parser.add_argument("--rows", metavar="FILE", help="also append each row to this JSON-lines file as it is done")
     args = parser.parse_args(argv)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
             f"{c}{' + recompute' if r else ''}": memory_plan(spec, lora, OptimizerConfig(), B, args.seq_len,
                                                              ctx.max_binding_bytes, weights=c, recompute=r).total
             for c in ("f32", "bf16", "q8", "q4") for r in (False, True)}, "ours": [], "peft": []}
-        for choice, recompute in runs:
+        for choice, recompute in ([] if args.no_ours else runs):
             try:
                 row["ours"].append(ours(ctx, spec, lora, B, args.seq_len, choice, recompute, args.steps))
             except Exception as exc:        # say what failed and go on: one shape must not lose the others
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         if not args.no_torch:
             for checkpointing in (False, True):
                 try:
-                    row["peft"].append(peft(spec, lora, B, args.seq_len, checkpointing, args.steps))
+                    row["peft"].append(peft_run(spec, lora, B, args.seq_len, checkpointing, args.steps))
                 except Exception as exc:
                     row["peft"].append({"checkpointing": checkpointing, "error": f"{type(exc).__name__}: {exc}"[:300]})
         report["results"].append(row)
