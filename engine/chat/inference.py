@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaLi
 
 from engine.chat.generation import ChatStream, GenerationSettings
 from engine.corpus.render import chat_template_of
+from engine.lora.peft_read import read_adapter_tensors
 
 
 class ChatUnavailable(RuntimeError):
@@ -336,6 +337,12 @@ class ChatEngine:
                 name, n = f"{path.name}-{n}", n + 1
         elif not isinstance(name, str) or not name or name in self._adapters:
             raise AdapterError(f"adapter name {name!r} is empty or already used by {self._adapters.get(name)}")
+        try:
+            # The one adapter check every command makes: a corrupt, non-float or non-finite file is refused by
+            # name here, before peft reads it (its SafetensorError names no file; NaN weights answer nothing).
+            read_adapter_tensors(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise AdapterError(str(exc)) from None
         first = not isinstance(self._model, PeftModel)
         try:
             if first:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.atomic import atomic_folder, check_free_space
+from engine.model.files import safetensors_header
 from engine.model.spec import SUPPORTED_MODEL_TYPES
 from engine.model.references import COMPLETE_MARKER
 from engine.lora.peft_read import check_fits_base, read_adapter, read_base_config
@@ -61,6 +62,8 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
                          f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     check_fits_base(adapter, base_config)
     shards = _weight_files(base_dir)
+    for shard in shards:    # a truncated or damaged shard is refused by name before anything is written
+        safetensors_header(base_dir / shard, "model weights")
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
                      sum((base_dir / s).stat().st_size for s in shards) + (16 << 20))
 

@@ -9,13 +9,13 @@ The weights themselves are engine.model.weights' (one tensor at a time, as store
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from engine.model.files import read_json_object
 from engine.model.hf_names import LORA_TARGETS
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -136,7 +136,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json — expected a Hugging Face model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path, "model config")
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         found = sorted({k.rsplit(".", 2)[-2] for k in _weight_names(folder) if k.endswith(".weight")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model.files import WeightFileError, check_gguf, safetensors_header
 from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize
 
 GGUF_MARKER = "lora-lab-source.json"   # a model folder whose weights are a GGUF file names it here ({"gguf": ...})
@@ -70,21 +71,17 @@ class SafetensorsWeights(WeightSource):
     DTYPES = {"F32": WeightFormat.F32, "F16": WeightFormat.F16, "BF16": WeightFormat.BF16}
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.origin = folder
         self._files: dict[str, Path] = {}
         self._stored: dict[str, StoredTensor] = {}
         for file in safetensors_files(folder):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    meta = handle.get_slice(key)
-                    dtype = meta.get_dtype()
-                    if dtype not in self.DTYPES:
-                        raise ValueError(f"{file}: tensor {key} is stored as {dtype}; the engine reads F32, F16 "
-                                         "and BF16 safetensors")
-                    self._files[key] = file
-                    self._stored[key] = StoredTensor(key, self.DTYPES[dtype], tuple(meta.get_shape()))
+            # The header checked against the file first: a truncated or edited file is refused here, by name.
+            for key, entry in safetensors_header(file, "model weights").items():
+                if entry.dtype not in self.DTYPES:
+                    raise WeightFileError(f"{file}: tensor {key} is stored as {entry.dtype}; the engine reads F32, "
+                                          "F16 and BF16 safetensors")
+                self._files[key] = file
+                self._stored[key] = StoredTensor(key, self.DTYPES[entry.dtype], entry.shape)
 
     def stored(self) -> dict[str, StoredTensor]:
         return self._stored
@@ -109,6 +106,7 @@ class GgufWeights(WeightSource):
         from engine.model.gguf_tensors import gguf_tensor_index
 
         self.origin = path
+        check_gguf(path)
         self._index = gguf_tensor_index(path)
         self._stored = {name: StoredTensor(name, entry.format, entry.shape) for name, entry in self._index.items()}
 

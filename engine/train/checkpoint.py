@@ -20,6 +20,7 @@ from engine.lora.peft_read import import_adapter
 from engine.lora.peft_write import write_adapter_files
 from engine.atomic import fsync_dir, write_bytes_synced
 from engine.lora.config import LoraConfig
+from engine.model.files import safetensors_header
 from engine.model.spec import ModelSpec
 
 PREFIX = "checkpoint-"
@@ -162,6 +163,7 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> Checkpoint:
 def _load_optimizer(file: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
+    safetensors_header(file, "optimizer state")   # verify_checkpoint's hashes cover it; this names a bad header
     with safe_open(file, framework="np") as handle:
         scalars = set(json.loads((handle.metadata() or {}).get("scalars", "[]")))
         return {k: handle.get_tensor(k).reshape(()) if k in scalars else handle.get_tensor(k)
