@@ -128,8 +128,13 @@ def torch_memory(device: torch.device) -> dict | None:
 def resolve_model_folder(model_ref: str | Path) -> Path:
     """A local Hugging Face folder for `model_ref` (folder, .gguf file or hub id), via engine.model.references."""
     from engine.model.references import resolve_model
+    from engine.model.weights import check_model_files
 
-    return Path(resolve_model(model_ref))
+    folder = Path(resolve_model(model_ref))
+    # Damaged weights, or weights of another model than config.json describes, are refused by name: transformers
+    # would fill what is missing with random values and answer.
+    check_model_files(folder)
+    return folder
 
 
 def _check_messages(messages: Sequence[dict]) -> list[dict]:

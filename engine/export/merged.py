@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.atomic import atomic_folder, check_free_space
-from engine.model.files import safetensors_header
+from engine.model.files import FLOAT_DTYPES, WeightFileError, safetensors_header
 from engine.model.spec import SUPPORTED_MODEL_TYPES
 from engine.model.references import COMPLETE_MARKER
 from engine.lora.peft_read import check_fits_base, read_adapter, read_base_config
@@ -63,7 +63,10 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
     check_fits_base(adapter, base_config)
     shards = _weight_files(base_dir)
     for shard in shards:    # a truncated or damaged shard is refused by name before anything is written
-        safetensors_header(base_dir / shard, "model weights")
+        for key, entry in safetensors_header(base_dir / shard, "model weights").items():
+            if entry.dtype not in FLOAT_DTYPES:     # as the training engines refuse it (engine.model.weights)
+                raise WeightFileError(f"{base_dir / shard}: tensor {key} is stored as {entry.dtype}; a base "
+                                      f"model's weights are {', '.join(FLOAT_DTYPES)}")
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
                      sum((base_dir / s).stat().st_size for s in shards) + (16 << 20))
 

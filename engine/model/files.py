@@ -137,7 +137,8 @@ def check_gguf(path: str | Path) -> None:
         reader = GGUFReader(path, "r")
     except (ValueError, struct.error, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         # gguf-py builds numpy views of the tensor table and data: a cut file fails while it does.
-        raise bad(f"its header or tensor table cannot be read ({type(exc).__name__}: {exc})") from None
+        raise bad(f"its {size:,} bytes cannot be read as GGUF: the header, the tensor table or a tensor's data "
+                  f"runs short or is garbled (truncated? gguf-py: {exc})") from None
     except OSError as exc:
         raise WeightFileError(f"{path}: cannot read this GGUF file ({exc.strerror or exc})") from None
     for tensor in reader.tensors:

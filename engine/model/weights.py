@@ -170,3 +170,46 @@ def load_weights(model: str | Path, names: list[str] | None = None) -> dict[str,
     whole f32 model; the backends read tensor by tensor through open_weights."""
     source = open_weights(model)
     return {name: source.f32(name) for name in (names if names is not None else source.stored())}
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Refuse a model folder whose weight files are damaged or do not match its config.json, before a consumer
+    that loads through transformers (chat) reads them: transformers fills a missing weight with random values
+    and answers, so a 4-layer config over 2-layer weights, or a GPT-2 config over Llama weights, must stop here.
+
+    Checks headers only (engine.model.files) and compares names and shapes with a weightless (meta device) model
+    of the config. A folder with neither safetensors nor a GGUF (.bin weights) is left to transformers."""
+    folder = Path(folder)
+    if gguf_of(folder) is None and not [f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_")]:
+        return
+    stored = open_weights(folder).stored()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError) as exc:
+        raise WeightFileError(f"{folder / 'config.json'}: transformers cannot build this model from it "
+                              f"({type(exc).__name__}: {exc}); fix or restore config.json") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    if getattr(config, "tie_word_embeddings", False):
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+    del model
+    missing, wrong = [], []
+    for name, shape in expected.items():
+        # Some checkpoints (GPT-2's) store the base model's weights without its prefix; transformers accepts both.
+        tensor = stored.get(name) or (stored.get(name[len(prefix):]) if prefix and name.startswith(prefix) else None)
+        if tensor is None:
+            missing.append(name)
+        elif tensor.shape != shape:
+            wrong.append(f"{name} is {list(tensor.shape)}, the config needs {list(shape)}")
+    if missing or wrong:
+        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
+                                                         if wrong else "")
+        raise WeightFileError(f"{folder}: the weights do not match config.json ({config.model_type}, "
+                              f"{getattr(config, 'num_hidden_layers', '?')} layers): {detail}; the config and "
+                              "the weights come from different models — restore the folder from one source")
