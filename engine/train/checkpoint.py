@@ -96,7 +96,11 @@ def save_checkpoint(root: str | Path, step: int, lora: LoraConfig, lora_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+        # Renamed out of the checkpoint names first (atomic), so a kill while deleting leaves a temporary folder
+        # that the next save clears, never a half-deleted checkpoint-<step>.
+        doomed = root / f"{TMP_PREFIX}pruned-{stale.name}-{os.getpid()}"
+        os.replace(stale, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 from engine.model.references import resolve_for_adapter
 from engine.train.config import TrainConfig
+from engine.train.lock import RunLock
 from engine.train.trainer import BackendFactory, Trainer, TrainerCallback
 
 @dataclass(frozen=True)
@@ -71,7 +72,21 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
                 factory: BackendFactory | None = None, log: Callable[[str], None] = lambda _m: None,
                 corpus_progress: Callable[[int, int], None] | None = None,
                 corpus_cancel: Callable[[], bool] | None = None) -> PreparedRun:
-    """Everything up to the first step. With `resume`, the run's settings come from the checkpoint."""
+    """Everything up to the first step. With `resume`, the run's settings come from the checkpoint.
+
+    Takes the output folder's RunLock first (a second run into `out_dir` is refused at once, naming the first's
+    process); the returned Trainer holds it until its run() ends."""
+    # Refuse a second run into this folder before any slow work; the Trainer holds the lock from here on.
+    lock = RunLock(out_dir).acquire()
+    try:
+        return _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_progress, corpus_cancel, lock)
+    except BaseException:
+        lock.abandon()
+        raise
+
+
+def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_progress, corpus_cancel,
+             lock) -> PreparedRun:
     from engine.lora.peft_read import adapter_base_model, import_adapter
     from engine.train.checkpoint import load_checkpoint
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
@@ -121,7 +136,7 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
 
     trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
-                      resume=checkpoint, card=card, inputs=inputs.to_dict())
+                      resume=checkpoint, card=card, inputs=inputs.to_dict(), lock=lock)
     return PreparedRun(trainer, corpus.stats, model_dir, base_model)
 
 

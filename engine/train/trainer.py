@@ -21,6 +21,7 @@ from engine.backends.base import PendingStep, TrainingBackend
 from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoints, save_checkpoint
 from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
+from engine.train.lock import RunLock
 from engine.train.data import Batch, BatchSource
 
 # factory(lora, optim, batch_size, seq_len, seed=, init_state=) -> TrainingBackend
@@ -125,7 +126,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, backend_factory: BackendFactory, train: BatchSource,
                  out_dir: str | Path, base_model: str, val: Sequence[Batch] = (),
                  callback: TrainerCallback | None = None, init_state: dict[str, np.ndarray] | None = None,
-                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None):
+                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None,
+                 lock: RunLock | None = None):
+        # First, before looking at the folder: one run per output folder (engine.train.lock). prepare_run takes
+        # the lock before reading the corpus and hands it over; run() releases it when the run ends.
+        self._lock = lock if lock is not None else RunLock(out_dir)
+        self._lock.acquire()
         self.config = config
         self.train, self.val = train, list(val)
         self.out_dir, self.base_model = Path(out_dir), base_model
@@ -192,6 +198,7 @@ class Trainer:
         finally:
             if self.backend is not None:
                 self.backend.close()
+            self._lock.release()
         self.callback.on_finish(summary)
         return summary
 
