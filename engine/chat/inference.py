@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaLi
 
 from engine.chat.generation import ChatStream, GenerationSettings
 from engine.corpus.render import chat_template_of
-from engine.lora.peft_read import read_adapter_tensors
+from engine.lora.peft_read import adapter_settings, load_adapter_config, read_adapter_tensors
 
 
 class ChatUnavailable(RuntimeError):
@@ -345,6 +345,11 @@ class ChatEngine:
         try:
             # The one adapter check every command makes: a corrupt, non-float or non-finite file is refused by
             # name here, before peft reads it (its SafetensorError names no file; NaN weights answer nothing).
+            config = load_adapter_config(path)
+            if config.get("peft_type", "LORA") != "LORA":
+                raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are "
+                                   "supported")
+            adapter_settings(config, path)
             read_adapter_tensors(path)
         except (ValueError, FileNotFoundError) as exc:
             raise AdapterError(str(exc)) from None

@@ -202,9 +202,12 @@ def read_adapter(path: Path | str) -> LoraAdapter:
     if reasons:
         raise AdapterError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
 
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r, alpha, rank_pattern, alpha_pattern = adapter_settings(cfg, path)
     use_rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    try:
+        targets = set(target_names(cfg))
+    except AdapterError as exc:
+        raise AdapterError(f"cannot export the adapter in {path}: {exc}") from None
 
     tensors = read_adapter_tensors(path)
     weights_path = path / ADAPTER_WEIGHTS
@@ -214,6 +217,11 @@ def read_adapter(path: Path | str) -> LoraAdapter:
         if m is None:
             raise AdapterError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight"
                                f" of a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+        if m["proj"].split(".")[-1] not in targets:
+            # PEFT applies only target_modules; a tensor for another projection would change the export only.
+            raise AdapterError(f"cannot export the adapter in {path}: {weights_path.name} holds {key} but "
+                               f"target_modules ({', '.join(sorted(targets))}) does not include "
+                               f"{m['proj'].split('.')[-1]}; PEFT would ignore it — fix adapter_config.json")
         entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
         entry[m["ab"]] = value
     if not pairs:
@@ -238,6 +246,34 @@ def read_adapter(path: Path | str) -> LoraAdapter:
     modules.sort(key=lambda mod: (mod.layer, PROJECTIONS.index(mod.projection)))
     return LoraAdapter(path=path, config=cfg, r=r, lora_alpha=alpha, use_rslora=use_rslora,
                        base_model_name_or_path=cfg.get("base_model_name_or_path"), modules=tuple(modules))
+
+
+def adapter_settings(cfg: Mapping, path: Path) -> tuple[int, float, dict, dict]:
+    """(r, lora_alpha, rank_pattern, alpha_pattern), each checked: no default is guessed for r or lora_alpha, since
+    a guessed alpha silently rescales every update (PEFT's default 8 against a trained 32 is 4x too small)."""
+    def bad(why: str) -> AdapterError:
+        return AdapterError(f"{path / ADAPTER_CONFIG}: {why}; fix adapter_config.json or save the adapter again")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise bad(f"r is {r!r}, expected a positive whole number")
+    if not number(alpha):
+        raise bad(f"lora_alpha is {alpha!r}, expected a number")
+    patterns = []
+    for key, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                       ("alpha_pattern", number)):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
+            raise bad(f"{key} is {value!r}, expected {{module name: number}}")
+        patterns.append(value)
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise bad(f"target_modules is {targets!r}, expected a list of module names")
+    return r, float(alpha), patterns[0], patterns[1]
 
 
 def read_base_config(base_dir: Path | str) -> dict:

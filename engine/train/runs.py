@@ -122,6 +122,10 @@ def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_pro
     if not corpus.train:
         raise ValueError("no usable training data in " + ", ".join(inputs.data) + " (run `lora-lab corpus` to "
                          "see why each record was skipped)")
+    if inputs.val_data and not corpus.val:
+        raise ValueError("no usable validation data in " + ", ".join(inputs.val_data) + ": "
+                         + _why_unusable([f for f in corpus.stats.files if f.split == "val"])
+                         + " (run `lora-lab corpus` on it to see every reason), or drop --val-data")
     if corpus.tokenizer.vocab_size > spec.vocab_size:
         raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only "
                          f"{spec.vocab_size} embeddings")
@@ -138,6 +142,18 @@ def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_pro
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
                       resume=checkpoint, card=card, inputs=inputs.to_dict(), lock=lock)
     return PreparedRun(trainer, corpus.stats, model_dir, base_model)
+
+
+def _why_unusable(files) -> str:
+    """The first reason a file gave nothing, for a one-line message."""
+    for fs in files:
+        if fs.refused:
+            return f"{fs.path}: {fs.refused}"
+        if fs.skipped:
+            return f"{fs.path} line {fs.skipped[0].line}: {fs.skipped[0].reason}"
+        if not fs.records:
+            return f"{fs.path} holds no text"
+    return "its examples give no sequence"
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):
