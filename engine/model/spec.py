@@ -145,6 +145,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
             f"supported for training; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
+    _check_sizes(config, config_path)
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
@@ -173,6 +174,21 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         source=str(folder), o_bias=attention_bias,
         mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
         sliding_window=window, window_layers=window_layers)
+
+
+_REQUIRED_SIZES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_sizes(config: dict, path: Path) -> None:
+    """Every size the arithmetic divides or allocates by is a positive whole number (not 0, "64" or 64.5)."""
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UnsupportedModelError(f"{path}: {key} is {value!r}, expected a positive whole number; fix or "
+                                        "restore config.json")
 
 
 def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) -> tuple[int | None, tuple]:

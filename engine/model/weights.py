@@ -213,3 +213,42 @@ def check_model_files(folder: str | Path) -> None:
         raise WeightFileError(f"{folder}: the weights do not match config.json ({config.model_type}, "
                               f"{getattr(config, 'num_hidden_layers', '?')} layers): {detail}; the config and "
                               "the weights come from different models — restore the folder from one source")
+
+
+def expected_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """{Hugging Face name: torch shape} of every frozen tensor the engines read for `spec` (a ModelSpec)."""
+    from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
+                                       module_path)
+
+    out = {EMBED_WEIGHT: (spec.vocab_size, spec.hidden), FINAL_NORM_WEIGHT: (spec.hidden,)}
+    if not spec.tied_embeddings:
+        out[LM_HEAD_WEIGHT] = (spec.vocab_size, spec.hidden)
+    for i in range(spec.layers):
+        out[layer_tensor(i, "ln1")] = out[layer_tensor(i, "ln2")] = (spec.hidden,)
+        for t in LORA_TARGETS:
+            out[f"{module_path(i, t)}.weight"] = spec.projection_shape(t)
+        for t in spec.bias_targets:
+            out[f"{module_path(i, t)}.bias"] = (spec.projection_shape(t)[0],)
+        if spec.qk_norm:
+            out[layer_tensor(i, "q_norm")] = out[layer_tensor(i, "k_norm")] = (spec.head_dim,)
+    return out
+
+
+def check_weights_fit(spec, source: WeightSource) -> None:
+    """Refuse, before any backend is built, weights that lack a tensor `spec` needs or hold one of another shape
+    (a config.json from another model: hidden_size, vocab_size or layer count that the weights do not have)."""
+    stored = source.stored()
+    missing, wrong = [], []
+    for name, shape in expected_shapes(spec).items():
+        if name not in stored:
+            missing.append(name)
+        elif stored[name].shape != shape:
+            wrong.append(f"{name} is {list(stored[name].shape)}, the config needs {list(shape)}")
+    if missing or wrong:
+        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
+                                                         if wrong else "")
+        raise WeightFileError(f"{source.origin}: the weights do not match config.json ({spec.model_type}, "
+                              f"{spec.layers} layers, hidden size {spec.hidden}, vocabulary {spec.vocab_size}): "
+                              f"{detail}; the config and the weights come from different models — restore the "
+                              "folder from one source")

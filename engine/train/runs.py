@@ -91,10 +91,12 @@ def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_pro
     from engine.train.checkpoint import load_checkpoint
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
     from engine.model.spec import load_model_spec
+    from engine.model.weights import check_weights_fit, open_weights
     from engine.train.data import CorpusBatches, corpus_val_batches
 
     model_dir, base_model = resolve_for_adapter(inputs.model, log=log)
     spec = load_model_spec(model_dir)
+    check_weights_fit(spec, open_weights(model_dir))   # headers only: damaged or mismatched weights stop here
     checkpoint = None
     if resume is not None:
         checkpoint = load_checkpoint(resume, spec)

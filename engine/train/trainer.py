@@ -198,7 +198,7 @@ class Trainer:
         finally:
             if self.backend is not None:
                 self.backend.close()
-            self._lock.release()
+            self._lock.abandon()      # a run that wrote nothing leaves no folder behind
         self.callback.on_finish(summary)
         return summary
 

@@ -146,3 +146,24 @@ def test_a_file_size_limit_names_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("builtins.open", limited)
     with pytest.raises(OSError, match=r"file size limit reached while writing .*trainer_state\.json"):
         engine.atomic.write_bytes_synced(tmp_path / "trainer_state.json", b"{}")
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"hidden_size": 48}, "the weights do not match config.json"),
+    ({"vocab_size": 500}, "model.embed_tokens.weight is"),
+    ({"num_hidden_layers": 4}, "missing (e.g. model.layers.2."),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"hidden_size": "64"}, "hidden_size is '64'"),
+])
+def test_a_config_that_does_not_fit_its_weights_is_one_line(tiny_llama_dir, tmp_path, capsys, edit, words):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT)
+    for argv in (["eval", "--model", str(folder), "--data", str(data), "--seq-len", "16", "--backend", "cpu"],
+                 ["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--steps",
+                  "1", "--seq-len", "16", "--backend", "cpu"]):
+        _one_line(capsys, argv[0], main(argv), str(folder), words)
+        assert not (tmp_path / "out").exists()
