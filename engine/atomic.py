@@ -39,6 +39,9 @@ def check_free_space(dest: Path, needed_bytes: int) -> None:
 
 
 def _reraise_if_disk_full(exc: OSError, dest: Path) -> None:
+    if exc.errno == errno.EFBIG:   # the process's file size limit (ulimit -f): os.write's error names no file
+        raise OSError(exc.errno, f"file size limit reached while writing {dest} (ulimit -f); nothing was left "
+                      "behind — raise the limit or choose another --out") from exc
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFullError(exc.errno, f"disk full while writing {dest} ({_mib(_free_bytes(dest))} free);"
                             " nothing was left behind — free some space or choose another --out") from exc

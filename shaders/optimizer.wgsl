@@ -2,6 +2,8 @@
 //   params, grads: [P] f32     stats: [16] f32 (0 loss, 1 grad norm, 2 clip scale, 3 skipped, 4 step count)
 // Order in a step: grad_norm_partial -> grad_norm_final -> optimizer_prepare -> <optimizer>_update.
 // The update kernels always zero the gradients for the next step, even when the step is skipped.
+// An applied update first copies params into `previous`: the adapter whose forward and backward this step found
+// finite, which the trainer keeps when the updated weights then overflow (a huge learning rate).
 struct Hyper {
     lr: f32,
     max_norm: f32,       // 0 = no clipping
@@ -33,6 +35,7 @@ const WG: u32 = 256u;
 @group(0) @binding(8) var<storage, read_write> v8: array<u32>;
 @group(0) @binding(9) var<storage, read_write> scales: array<f32>;    // [2, n_blocks]: absmax of m, of sqrt(v)
 @group(0) @binding(10) var<storage, read> qmap: array<f32>;           // [2, 256]: signed map, unsigned map
+@group(0) @binding(11) var<storage, read_write> previous: array<f32>;  // [P] params before the last applied update
 
 var<workgroup> red2: array<f32, 256>;   // the second operand of the 8-bit update's max (the first: reduce_scratch)
 
@@ -94,6 +97,7 @@ fn adamw_update(@builtin(global_invocation_id) gid: vec3<u32>) {
         v32[i] = v;
         let denom = sqrt(v) / sqrt(one_minus_pow(hyper.beta2, t)) + hyper.eps;
         let step_size = hyper.lr / one_minus_pow(hyper.beta1, t);
+        previous[i] = params[i];
         params[i] = params[i] * (1.0 - hyper.lr * hyper.weight_decay) - step_size * m / denom;
     }
     grads[i] = 0.0;
@@ -105,6 +109,7 @@ fn sgd_update(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = elem(gid);
     if (i >= hyper.n) { return; }
     if (stats[3] == 0.0) {
+        previous[i] = params[i];
         params[i] = params[i] * (1.0 - hyper.lr * hyper.weight_decay) - hyper.lr * (grads[i] * stats[2]);
     }
     grads[i] = 0.0;
@@ -204,6 +209,7 @@ fn adamw8bit_update(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         if (!skip) {
             let mo = moments8(e, m_scale, v_scale, clip);
             let upd = step_size * mo.m / (sqrt(mo.v) / bc2_sqrt + hyper.eps);
+            for (var j = e; j < min(e + 4u, end); j++) { previous[j] = params[j]; }
             if (e < end) { params[e] = params[e] * decay - upd.x; }
             if (e + 1u < end) { params[e + 1u] = params[e + 1u] * decay - upd.y; }
             if (e + 2u < end) { params[e + 2u] = params[e + 2u] * decay - upd.z; }

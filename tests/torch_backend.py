@@ -42,6 +42,7 @@ class TorchBackend(TrainingBackend):
         else:
             self._opt = torch.optim.SGD(params, lr=0.0, weight_decay=optim.weight_decay)
         self._step = 0
+        self._previous = self.lora_state()     # before the last applied update
 
     def _ce_sum(self, input_ids, labels):
         import torch
@@ -73,6 +74,7 @@ class TorchBackend(TrainingBackend):
             torch.nn.utils.clip_grad_norm_(list(self._params.values()), max_grad_norm)
         for group in self._opt.param_groups:
             group["lr"] = lr
+        self._previous = self.lora_state()
         self._opt.step()
         self._step += 1
         return PendingStep.done(StepResult(self._step, loss, total, norm, False))
@@ -100,6 +102,10 @@ class TorchBackend(TrainingBackend):
                 if tuple(state[k].shape) != tuple(p.shape):
                     raise ValueError(f"{k}: shape {state[k].shape} != {tuple(p.shape)}")
                 p.copy_(torch.from_numpy(np.asarray(state[k], np.float32)))
+        self._previous = self.lora_state()
+
+    def lora_state_before_update(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._previous.items()}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         out = {"step": np.array(self._step, np.int64)}

@@ -125,6 +125,12 @@ class TrainingBackend(ABC):
         """Current LoRA tensors under PEFT's names."""
 
     @abstractmethod
+    def lora_state_before_update(self) -> dict[str, np.ndarray]:
+        """The LoRA tensors as they were before the last applied update (as loaded, while none was applied):
+        the adapter whose forward and backward that step found finite. The trainer keeps it when later steps
+        turn non-finite, since the weights the update made may be the ones whose forward overflows."""
+
+    @abstractmethod
     def load_lora_state(self, state: dict[str, np.ndarray]) -> None:
         """Replace the LoRA tensors (same names and shapes as lora_state()); raise ValueError naming a mismatch."""
 

@@ -26,6 +26,7 @@ from engine.chat.fit import ModelTooLarge, chat_dtype, chat_memory, check_chat_f
 from engine.chat.generation import ChatStream, GenerationSettings
 from engine.corpus.render import chat_template_of
 from engine.model.weights import from_pretrained_args
+from engine.lora.peft_read import adapter_settings, load_adapter_config, read_adapter_tensors
 
 
 class ChatUnavailable(RuntimeError):
@@ -126,8 +127,13 @@ def torch_memory(device: torch.device) -> dict | None:
 def resolve_model_folder(model_ref: str | Path) -> Path:
     """A local Hugging Face folder for `model_ref` (folder, .gguf file or hub id), via engine.model.references."""
     from engine.model.references import resolve_model
+    from engine.model.weights import check_model_files
 
-    return Path(resolve_model(model_ref))
+    folder = Path(resolve_model(model_ref))
+    # Damaged weights, or weights of another model than config.json describes, are refused by name: transformers
+    # would fill what is missing with random values and answer.
+    check_model_files(folder)
+    return folder
 
 
 def _check_messages(messages: Sequence[dict]) -> list[dict]:
@@ -341,6 +347,17 @@ class ChatEngine:
                 name, n = f"{path.name}-{n}", n + 1
         elif not isinstance(name, str) or not name or name in self._adapters:
             raise AdapterError(f"adapter name {name!r} is empty or already used by {self._adapters.get(name)}")
+        try:
+            # The one adapter check every command makes: a corrupt, non-float or non-finite file is refused by
+            # name here, before peft reads it (its SafetensorError names no file; NaN weights answer nothing).
+            config = load_adapter_config(path)
+            if config.get("peft_type", "LORA") != "LORA":
+                raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are "
+                                   "supported")
+            adapter_settings(config, path)
+            read_adapter_tensors(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise AdapterError(str(exc)) from None
         first = not isinstance(self._model, PeftModel)
         try:
             if first:

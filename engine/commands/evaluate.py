@@ -1,9 +1,9 @@
 """`lora-lab eval`: perplexity of a base model, with or without an adapter, on a file (strided windows)."""
 from __future__ import annotations
 
-import json
 import sys
 
+from engine import jsonout
 from engine.train.evaluate import evaluate
 
 
@@ -35,7 +35,7 @@ def run_eval(args) -> int:
     if show:
         print(file=sys.stderr)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(jsonout.dumps(result.to_json()))
     else:
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.4f}  ({result.tokens} tokens, "
               f"{result.windows} windows)")

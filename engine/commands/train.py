@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from engine import jsonout
 from engine.errors import UserError
 from engine.backends.base import OPTIMIZERS, OptimizerConfig
 from engine.lora.config import LoraConfig
@@ -148,7 +149,7 @@ class JsonLines(TrainerCallback):
         self.stream = stream or sys.stdout
 
     def _emit(self, obj):
-        self.stream.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
+        self.stream.write(jsonout.dumps(obj, default=str) + "\n")
         self.stream.flush()
 
     def on_step(self, e):

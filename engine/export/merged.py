@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.atomic import atomic_folder, check_free_space
+from engine.model.files import FLOAT_DTYPES, WeightFileError, safetensors_header
 from engine.model.spec import SUPPORTED_MODEL_TYPES
 from engine.model.references import COMPLETE_MARKER
 from engine.model.weights import gguf_of, open_weights
@@ -76,6 +77,11 @@ def export_merged(adapter_dir: Path | str, base_dir: Path | str, out_dir: Path |
     if gguf_of(base_dir) is not None:
         return _export_merged_from_gguf(adapter, base_dir, out_dir, overwrite)
     shards = _weight_files(base_dir)
+    for shard in shards:    # a truncated or damaged shard is refused by name before anything is written
+        for key, entry in safetensors_header(base_dir / shard, "model weights").items():
+            if entry.dtype not in FLOAT_DTYPES:     # as the training engines refuse it (engine.model.weights)
+                raise WeightFileError(f"{base_dir / shard}: tensor {key} is stored as {entry.dtype}; a base "
+                                      f"model's weights are {', '.join(FLOAT_DTYPES)}")
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir,
                      sum((base_dir / s).stat().st_size for s in shards) + (16 << 20))
 

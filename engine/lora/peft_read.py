@@ -11,7 +11,6 @@ targets, Conv1D fan_in_fan_out and PEFT's other LoRA variants.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.lora.config import LoraConfig, lora_shapes
+from engine.model.files import FLOAT_DTYPES, read_json_object, safetensors_header
 from engine.model.hf_names import LORA_TARGETS, projection_module
 from engine.model.spec import ModelSpec
 
@@ -96,13 +96,7 @@ def load_adapter_config(folder: Path | str) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(path, "adapter config")
 
 
 def refusals(cfg: Mapping, *, uniform: bool = False) -> list[str]:
@@ -160,14 +154,44 @@ def read_adapter_tensors(folder: Path | str) -> dict[str, np.ndarray]:
     folder = Path(folder)
     weights, legacy = folder / ADAPTER_WEIGHTS, folder / LEGACY_WEIGHTS
     if weights.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file  # torch, not numpy: bf16 adapters have no numpy dtype
-        tensors = load_file(weights)
+
+        # The header checked against the file first, so a truncated or edited file is refused by name.
+        for key, entry in safetensors_header(weights, "adapter weights").items():
+            if entry.dtype not in FLOAT_DTYPES:
+                # Casting integers or booleans to float would give an adapter nobody trained.
+                raise AdapterError(f"{weights}: tensor {key} is stored as {entry.dtype}; LoRA weights are "
+                                   f"{', '.join(FLOAT_DTYPES)} — this file is not a LoRA adapter's weights")
+        try:
+            tensors = load_file(weights)
+        except SafetensorError as exc:
+            raise AdapterError(f"{weights}: cannot be read ({exc}); this adapter weights file is corrupt — "
+                               "save or export the adapter again") from None
     elif legacy.is_file():
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:   # torch raises pickle, zip and runtime errors alike for a damaged file
+            raise AdapterError(f"{legacy}: cannot be read ({type(exc).__name__}: {exc}); this adapter weights file "
+                               "is corrupt — save the adapter again as safetensors") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterError(f"{legacy}: holds no state dict of tensors; it is not a PEFT adapter's weights")
+        bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+        if bad:
+            raise AdapterError(f"{legacy}: tensor {bad[0]} is stored as {tensors[bad[0]].dtype}; LoRA weights are "
+                               "floating point — this file is not a LoRA adapter's weights")
     else:
         raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS} (or {LEGACY_WEIGHTS}) beside {ADAPTER_CONFIG}")
     # Older PEFT versions and some tools keep the adapter name in the key; drop it.
-    return {k.replace(".default.weight", ".weight"): v.to(torch.float32).numpy() for k, v in tensors.items()}
+    state = {k.replace(".default.weight", ".weight"): v.to(torch.float32).numpy() for k, v in tensors.items()}
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        # One refusal for every consumer (eval, train --init-adapter, resume, both exports, chat): a NaN or inf
+        # weight gives NaN logits, whatever reads it.
+        raise AdapterError(f"{weights if weights.is_file() else legacy}: tensor {bad[0]} holds non-finite values "
+                           f"(NaN or inf{f', and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}); this "
+                           "adapter is broken — use an earlier checkpoint or train again with a lower learning rate")
+    return state
 
 
 def read_adapter(path: Path | str) -> LoraAdapter:
@@ -178,9 +202,12 @@ def read_adapter(path: Path | str) -> LoraAdapter:
     if reasons:
         raise AdapterError(f"cannot export the adapter in {path}: " + "; ".join(reasons))
 
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r, alpha, rank_pattern, alpha_pattern = adapter_settings(cfg, path)
     use_rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    try:
+        targets = set(target_names(cfg))
+    except AdapterError as exc:
+        raise AdapterError(f"cannot export the adapter in {path}: {exc}") from None
 
     tensors = read_adapter_tensors(path)
     weights_path = path / ADAPTER_WEIGHTS
@@ -190,6 +217,11 @@ def read_adapter(path: Path | str) -> LoraAdapter:
         if m is None:
             raise AdapterError(f"cannot export the adapter in {path}: tensor {key!r} is not a lora_A/lora_B weight"
                                f" of a decoder projection ({', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+        if m["proj"].split(".")[-1] not in targets:
+            # PEFT applies only target_modules; a tensor for another projection would change the export only.
+            raise AdapterError(f"cannot export the adapter in {path}: {weights_path.name} holds {key} but "
+                               f"target_modules ({', '.join(sorted(targets))}) does not include "
+                               f"{m['proj'].split('.')[-1]}; PEFT would ignore it — fix adapter_config.json")
         entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
         entry[m["ab"]] = value
     if not pairs:
@@ -216,12 +248,40 @@ def read_adapter(path: Path | str) -> LoraAdapter:
                        base_model_name_or_path=cfg.get("base_model_name_or_path"), modules=tuple(modules))
 
 
+def adapter_settings(cfg: Mapping, path: Path) -> tuple[int, float, dict, dict]:
+    """(r, lora_alpha, rank_pattern, alpha_pattern), each checked: no default is guessed for r or lora_alpha, since
+    a guessed alpha silently rescales every update (PEFT's default 8 against a trained 32 is 4x too small)."""
+    def bad(why: str) -> AdapterError:
+        return AdapterError(f"{path / ADAPTER_CONFIG}: {why}; fix adapter_config.json or save the adapter again")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise bad(f"r is {r!r}, expected a positive whole number")
+    if not number(alpha):
+        raise bad(f"lora_alpha is {alpha!r}, expected a number")
+    patterns = []
+    for key, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                       ("alpha_pattern", number)):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
+            raise bad(f"{key} is {value!r}, expected {{module name: number}}")
+        patterns.append(value)
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise bad(f"target_modules is {targets!r}, expected a list of module names")
+    return r, float(alpha), patterns[0], patterns[1]
+
+
 def read_base_config(base_dir: Path | str) -> dict:
     """The base model's config.json as a dict (the exports need its architecture and head counts)."""
     path = Path(base_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{base_dir} is not a Hugging Face model folder: config.json is missing")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, "model config")
 
 
 def check_fits_base(adapter: LoraAdapter, base_config: Mapping) -> None:
@@ -287,9 +347,6 @@ def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dic
         if tuple(state[key].shape) != shape:
             raise _refuse(folder, f"{key} is {list(state[key].shape)} but this base needs {list(shape)} — "
                                   "it was trained for a different base model")
-    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
-    if bad:
-        raise _refuse(folder, f"{bad[0]} holds non-finite values")
     return lora, {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, config
 
 

@@ -13,6 +13,7 @@ quantized bytes unchanged.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,16 @@ class GgufEntry:
 
 
 def gguf_tensor_index(path: str | Path) -> dict[str, GgufEntry]:
+    """The tensor index (below) of the file as it is now, built once per process while its size and mtime stay
+    (a run opens the model's weights to check them, to plan memory and to upload them; indexing the demo takes
+    seconds)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _gguf_tensor_index(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tensor_index(path: Path, _size: int, _mtime_ns: int) -> dict[str, GgufEntry]:
     """{HF name: GgufEntry} of every tensor of the model at `path` that the HF model has, in file order.
 
     Tensors transformers' loader drops (rope_freqs and the like, which HF recomputes) are skipped as it skips

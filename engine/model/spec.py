@@ -9,13 +9,13 @@ The weights themselves are engine.model.weights' (one tensor at a time, as store
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from engine.model.files import read_json_object
 from engine.model.hf_names import LORA_TARGETS
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -136,7 +136,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json — expected a Hugging Face model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path, "model config")
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         found = sorted({k.rsplit(".", 2)[-2] for k in _weight_names(folder) if k.endswith(".weight")
@@ -145,6 +145,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
             f"supported for training; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
+    _check_sizes(config, config_path)
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
@@ -173,6 +174,21 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         source=str(folder), o_bias=attention_bias,
         mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
         sliding_window=window, window_layers=window_layers)
+
+
+_REQUIRED_SIZES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_sizes(config: dict, path: Path) -> None:
+    """Every size the arithmetic divides or allocates by is a positive whole number (not 0, "64" or 64.5)."""
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UnsupportedModelError(f"{path}: {key} is {value!r}, expected a positive whole number; fix or "
+                                        "restore config.json")
 
 
 def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) -> tuple[int | None, tuple]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model.files import WeightFileError, check_gguf, safetensors_header
 from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize
 
 GGUF_MARKER = "lora-lab-source.json"   # a model folder whose weights are a GGUF file names it here ({"gguf": ...})
@@ -70,21 +71,17 @@ class SafetensorsWeights(WeightSource):
     DTYPES = {"F32": WeightFormat.F32, "F16": WeightFormat.F16, "BF16": WeightFormat.BF16}
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.origin = folder
         self._files: dict[str, Path] = {}
         self._stored: dict[str, StoredTensor] = {}
         for file in safetensors_files(folder):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    meta = handle.get_slice(key)
-                    dtype = meta.get_dtype()
-                    if dtype not in self.DTYPES:
-                        raise ValueError(f"{file}: tensor {key} is stored as {dtype}; the engine reads F32, F16 "
-                                         "and BF16 safetensors")
-                    self._files[key] = file
-                    self._stored[key] = StoredTensor(key, self.DTYPES[dtype], tuple(meta.get_shape()))
+            # The header checked against the file first: a truncated or edited file is refused here, by name.
+            for key, entry in safetensors_header(file, "model weights").items():
+                if entry.dtype not in self.DTYPES:
+                    raise WeightFileError(f"{file}: tensor {key} is stored as {entry.dtype}; the engine reads F32, "
+                                          "F16 and BF16 safetensors")
+                self._files[key] = file
+                self._stored[key] = StoredTensor(key, self.DTYPES[entry.dtype], entry.shape)
 
     def stored(self) -> dict[str, StoredTensor]:
         return self._stored
@@ -109,6 +106,7 @@ class GgufWeights(WeightSource):
         from engine.model.gguf_tensors import gguf_tensor_index
 
         self.origin = path
+        check_gguf(path)
         self._index = gguf_tensor_index(path)
         self._stored = {name: StoredTensor(name, entry.format, entry.shape) for name, entry in self._index.items()}
 
@@ -201,3 +199,85 @@ def load_weights(model: str | Path, names: list[str] | None = None) -> dict[str,
     whole f32 model; the backends read tensor by tensor through open_weights."""
     source = open_weights(model)
     return {name: source.f32(name) for name in (names if names is not None else source.stored())}
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Refuse a model folder whose weight files are damaged or do not match its config.json, before a consumer
+    that loads through transformers (chat) reads them: transformers fills a missing weight with random values
+    and answers, so a 4-layer config over 2-layer weights, or a GPT-2 config over Llama weights, must stop here.
+
+    Checks headers only (engine.model.files) and compares names and shapes with a weightless (meta device) model
+    of the config. A folder with neither safetensors nor a GGUF (.bin weights) is left to transformers."""
+    folder = Path(folder)
+    if gguf_of(folder) is None and not [f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_")]:
+        return
+    stored = open_weights(folder).stored()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError) as exc:
+        raise WeightFileError(f"{folder / 'config.json'}: transformers cannot build this model from it "
+                              f"({type(exc).__name__}: {exc}); fix or restore config.json") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    if getattr(config, "tie_word_embeddings", False):
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+    del model
+    missing, wrong = [], []
+    for name, shape in expected.items():
+        # Some checkpoints (GPT-2's) store the base model's weights without its prefix; transformers accepts both.
+        tensor = stored.get(name) or (stored.get(name[len(prefix):]) if prefix and name.startswith(prefix) else None)
+        if tensor is None:
+            missing.append(name)
+        elif tensor.shape != shape:
+            wrong.append(f"{name} is {list(tensor.shape)}, the config needs {list(shape)}")
+    if missing or wrong:
+        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
+                                                         if wrong else "")
+        raise WeightFileError(f"{folder}: the weights do not match config.json ({config.model_type}, "
+                              f"{getattr(config, 'num_hidden_layers', '?')} layers): {detail}; the config and "
+                              "the weights come from different models — restore the folder from one source")
+
+
+def expected_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """{Hugging Face name: torch shape} of every frozen tensor the engines read for `spec` (a ModelSpec)."""
+    from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
+                                       module_path)
+
+    out = {EMBED_WEIGHT: (spec.vocab_size, spec.hidden), FINAL_NORM_WEIGHT: (spec.hidden,)}
+    if not spec.tied_embeddings:
+        out[LM_HEAD_WEIGHT] = (spec.vocab_size, spec.hidden)
+    for i in range(spec.layers):
+        out[layer_tensor(i, "ln1")] = out[layer_tensor(i, "ln2")] = (spec.hidden,)
+        for t in LORA_TARGETS:
+            out[f"{module_path(i, t)}.weight"] = spec.projection_shape(t)
+        for t in spec.bias_targets:
+            out[f"{module_path(i, t)}.bias"] = (spec.projection_shape(t)[0],)
+        if spec.qk_norm:
+            out[layer_tensor(i, "q_norm")] = out[layer_tensor(i, "k_norm")] = (spec.head_dim,)
+    return out
+
+
+def check_weights_fit(spec, source: WeightSource) -> None:
+    """Refuse, before any backend is built, weights that lack a tensor `spec` needs or hold one of another shape
+    (a config.json from another model: hidden_size, vocab_size or layer count that the weights do not have)."""
+    stored = source.stored()
+    missing, wrong = [], []
+    for name, shape in expected_shapes(spec).items():
+        if name not in stored:
+            missing.append(name)
+        elif stored[name].shape != shape:
+            wrong.append(f"{name} is {list(stored[name].shape)}, the config needs {list(shape)}")
+    if missing or wrong:
+        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
+                                                         if wrong else "")
+        raise WeightFileError(f"{source.origin}: the weights do not match config.json ({spec.model_type}, "
+                              f"{spec.layers} layers, hidden size {spec.hidden}, vocabulary {spec.vocab_size}): "
+                              f"{detail}; the config and the weights come from different models — restore the "
+                              "folder from one source")

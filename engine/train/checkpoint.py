@@ -20,6 +20,7 @@ from engine.lora.peft_read import import_adapter
 from engine.lora.peft_write import write_adapter_files
 from engine.atomic import fsync_dir, write_bytes_synced
 from engine.lora.config import LoraConfig
+from engine.model.files import safetensors_header
 from engine.model.spec import ModelSpec
 
 PREFIX = "checkpoint-"
@@ -95,7 +96,11 @@ def save_checkpoint(root: str | Path, step: int, lora: LoraConfig, lora_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+        # Renamed out of the checkpoint names first (atomic), so a kill while deleting leaves a temporary folder
+        # that the next save clears, never a half-deleted checkpoint-<step>.
+        doomed = root / f"{TMP_PREFIX}pruned-{stale.name}-{os.getpid()}"
+        os.replace(stale, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -162,6 +167,7 @@ def load_checkpoint(path: str | Path, spec: ModelSpec) -> Checkpoint:
 def _load_optimizer(file: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
+    safetensors_header(file, "optimizer state")   # verify_checkpoint's hashes cover it; this names a bad header
     with safe_open(file, framework="np") as handle:
         scalars = set(json.loads((handle.metadata() or {}).get("scalars", "[]")))
         return {k: handle.get_tensor(k).reshape(()) if k in scalars else handle.get_tensor(k)

@@ -6,6 +6,7 @@ from engine.backends.base import OptimizerConfig
 from engine.lora.config import LoraConfig, init_lora_state
 from engine.lora.peft_read import import_adapter
 from engine.model.spec import load_model_spec
+from engine.model.weights import check_weights_fit, open_weights
 from engine.train.perplexity import strided_perplexity
 from engine.model.references import resolve_model
 from engine.train.runs import backend_factory, eval_stream
@@ -16,6 +17,7 @@ def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, s
     """The Perplexity of `model` (+ `adapter`) on the files `data`."""
     model_dir = resolve_model(model)
     spec = load_model_spec(model_dir)
+    check_weights_fit(spec, open_weights(model_dir))   # headers only: damaged or mismatched weights stop here
     if not 2 <= seq_len <= spec.max_positions:
         raise ValueError(f"seq-len must be between 2 and the model's {spec.max_positions} positions, got {seq_len}")
     if adapter:

@@ -12,6 +12,7 @@ from typing import Callable
 from engine.backends.base import MemoryOptions
 from engine.model.references import resolve_for_adapter
 from engine.train.config import TrainConfig
+from engine.train.lock import RunLock
 from engine.train.trainer import BackendFactory, Trainer, TrainerCallback
 
 @dataclass(frozen=True)
@@ -98,12 +99,28 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
                 factory: BackendFactory | None = None, log: Callable[[str], None] = lambda _m: None,
                 corpus_progress: Callable[[int, int], None] | None = None,
                 corpus_cancel: Callable[[], bool] | None = None) -> PreparedRun:
-    """Everything up to the first step. With `resume`, the run's settings come from the checkpoint."""
+    """Everything up to the first step. With `resume`, the run's settings come from the checkpoint.
+
+    Takes the output folder's RunLock first (a second run into `out_dir` is refused at once, naming the first's
+    process); the returned Trainer holds it until its run() ends."""
+    # Refuse a second run into this folder before any slow work; the Trainer holds the lock from here on.
+    lock = RunLock(out_dir).acquire()
+    try:
+        return _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_progress, corpus_cancel, lock)
+    except BaseException:
+        lock.abandon()
+        raise
+
+
+def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_progress, corpus_cancel,
+             lock) -> PreparedRun:
     from engine.train.checkpoint import load_checkpoint
     from engine.model.spec import load_model_spec
+    from engine.model.weights import check_weights_fit, open_weights
 
     model_dir, base_model = resolve_for_adapter(inputs.model, log=log)
     spec = load_model_spec(model_dir)
+    check_weights_fit(spec, open_weights(model_dir))   # headers only: damaged or mismatched weights stop here
     checkpoint = None
     if resume is not None:
         checkpoint = load_checkpoint(resume, spec)
@@ -126,7 +143,7 @@ def prepare_run(config: TrainConfig, inputs: RunInputs, out_dir: str | Path,
 
     trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
-                      resume=checkpoint, card=card, inputs=inputs.to_dict())
+                      resume=checkpoint, card=card, inputs=inputs.to_dict(), lock=lock)
     return PreparedRun(trainer, corpus.stats, model_dir, base_model)
 
 
@@ -168,6 +185,10 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     if not corpus.train:
         raise ValueError("no usable training data in " + ", ".join(inputs.data) + " (run `lora-lab corpus` to "
                          "see why each record was skipped)")
+    if inputs.val_data and not corpus.val:
+        raise ValueError("no usable validation data in " + ", ".join(inputs.val_data) + ": "
+                         + _why_unusable([f for f in corpus.stats.files if f.split == "val"])
+                         + " (run `lora-lab corpus` on it to see every reason), or drop --val-data")
     if corpus.tokenizer.vocab_size > spec.vocab_size:
         raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only "
                          f"{spec.vocab_size} embeddings")
@@ -175,6 +196,18 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     train = CorpusBatches(corpus.train, config.batch_size, config.seq_len, pad, shuffle=config.shuffle)
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
     return RunData(config, init_state, corpus, train, val)
+
+
+def _why_unusable(files) -> str:
+    """The first reason a file gave nothing, for a one-line message."""
+    for fs in files:
+        if fs.refused:
+            return f"{fs.path}: {fs.refused}"
+        if fs.skipped:
+            return f"{fs.path} line {fs.skipped[0].line}: {fs.skipped[0].reason}"
+        if not fs.records:
+            return f"{fs.path} holds no text"
+    return "its examples give no sequence"
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

@@ -21,6 +21,7 @@ from engine.backends.base import PendingStep, TrainingBackend
 from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoints, save_checkpoint
 from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
+from engine.train.lock import RunLock
 from engine.train.data import Batch, BatchSource
 
 # factory(lora, optim, batch_size, seq_len, seed=, init_state=, memory=MemoryOptions) -> TrainingBackend
@@ -141,7 +142,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, backend_factory: BackendFactory, train: BatchSource,
                  out_dir: str | Path, base_model: str, val: Sequence[Batch] = (),
                  callback: TrainerCallback | None = None, init_state: dict[str, np.ndarray] | None = None,
-                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None):
+                 resume: Checkpoint | None = None, card: dict | None = None, inputs: dict | None = None,
+                 lock: RunLock | None = None):
+        # First, before looking at the folder: one run per output folder (engine.train.lock). prepare_run takes
+        # the lock before reading the corpus and hands it over; run() releases it when the run ends.
+        self._lock = lock if lock is not None else RunLock(out_dir)
+        self._lock.acquire()
         self.config = config
         self.train, self.val = train, list(val)
         self.out_dir, self.base_model = Path(out_dir), base_model
@@ -207,6 +213,7 @@ class Trainer:
         finally:
             if self.backend is not None:
                 self.backend.close()
+            self._lock.abandon()      # a run that wrote nothing leaves no folder behind
         self.callback.on_finish(summary)
         return summary
 
@@ -236,6 +243,10 @@ class Trainer:
                 self._pos.epoch, self._pos.batch = self._pos.epoch + 1, 0
                 self._pos.epoch_seed = next_epoch_seed(self._rng)
                 batches = None
+            if self._in_a_row + len(pending) >= c.max_nonfinite_in_a_row:
+                # The steps still in flight could complete the non-finite streak: read them before submitting
+                # another, so the run stops exactly at max_nonfinite_in_a_row, not one step past it.
+                self._drain(pending)
             lr = self.schedule.lr_at(self._pos.step)
             pending.append((self._pos.step + 1, epoch, lr, self.backend.train_step(micro, lr, c.max_grad_norm)))
             self._pos.step += 1
@@ -252,6 +263,9 @@ class Trainer:
                 self._checkpoint()
                 self._last_done = time.perf_counter()
         self._drain(pending)
+        if self._in_a_row:
+            # The last steps were non-finite: the adapter now is the one whose forward produced them.
+            self._abort_non_finite()
         if self.val and (self._last_eval is None or self._last_eval[0] != self._pos.step):
             self._evaluate()
         checkpoint = self._checkpoint()
@@ -294,13 +308,29 @@ class Trainer:
         self._last_lr = lr
 
     def _abort_non_finite(self) -> None:
-        bad = self._skipped[-self._in_a_row:]
-        last_good, lr = self._pos.step - self._in_a_row, self._last_lr
-        kept = self._checkpoint()
+        """Stop, keeping the adapter from before the last applied update: that update's step found its forward
+        and backward finite, while the weights it made are the ones whose forward just failed (at a huge
+        learning rate they overflow). It is written to the output folder; no checkpoint of the bad state is."""
+        bad, lr = self._skipped[-self._in_a_row:], self._last_lr
+        skipped = set(self._skipped)
+        applied = [s for s in range(1, self._pos.step + 1) if s not in skipped]
+        steps = f"step{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+        streak = "in a row" if len(bad) >= self.config.max_nonfinite_in_a_row else "at the end of the run"
+        stopped = f"training stopped: the loss or gradient was NaN/inf at {steps} {streak} (learning rate {lr:.3g})"
+        advice = "Lower the learning rate or check the data."
+        if not applied:
+            raise NonFiniteError(f"{stopped}; no step was applied, so no adapter was written. {advice}")
+        kept_after = applied[-2] if len(applied) > 1 else 0
+        state = self.backend.lora_state_before_update()
+        what = f"after step {kept_after}" if kept_after else "the adapter the run started from"
+        card = {"base model": self.base_model, **self.card,
+                "stopped": f"non-finite loss or gradient at {steps}; this is the adapter {what}, the last whose "
+                           f"forward and backward passes were finite (step {applied[-1]}'s update is dropped)"}
+        export_adapter(self.out_dir, state, self.config.lora, self.base_model, card)
         raise NonFiniteError(
-            f"training stopped: the loss or gradient was NaN/inf at steps {', '.join(map(str, bad))} in a row "
-            f"(learning rate {lr:.3g}); no update was applied at those steps, and the last good adapter "
-            f"(after step {last_good}) is kept in {kept}. Lower the learning rate or check the data.")
+            f"{stopped}. The last adapter whose forward and backward passes were finite ({what}; step "
+            f"{applied[-1]}'s update is dropped, since its weights are the ones that overflowed) is saved in "
+            f"{self.out_dir}. {advice}")
 
     def _evaluate(self) -> None:
         loss, tokens = eval_loss(self.backend, self.val)

@@ -132,8 +132,9 @@ def test_a_gguf_reference_loads_the_folder_it_converts_to(tiny_llama_dir, tmp_pa
     """References go through engine.model.references (the conversion itself is tested there); the snapshot keeps both."""
     import engine.model.references
 
-    gguf = tmp_path / "model.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF")
+    from bench.gguf_base import write_gguf_base
+
+    gguf = write_gguf_base(tiny_llama_dir, tmp_path / "model.Q4_1.gguf")   # a whole file: a cut one is refused
     converted = []
     monkeypatch.setattr(engine.model.references, "convert_gguf_cached",
                         lambda path, log: converted.append(path) or tiny_llama_dir)
@@ -398,5 +399,5 @@ def test_a_broken_model_folder_is_a_clear_error(tiny_llama_dir, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(tiny_llama_dir, folder)
     (folder / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="could not load chat model"):
+    with pytest.raises(ValueError, match=r"broken/model\.safetensors: its header claims .* corrupt or incomplete"):
         ChatEngine(device="cpu", dtype=torch.float32).load(folder)

@@ -10,7 +10,6 @@ import torch
 
 from bench.gguf_base import write_gguf_base
 from bench.tiny_models import make_model
-from engine.cli import main
 from tests.commands.test_train import TRAIN, run_json
 from tests.perplexity_reference import hf_guide_perplexity
 

@@ -73,7 +73,7 @@ def test_missing_and_broken_folders_say_what_is_wrong(tmp_path):
         read_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+    with pytest.raises(ValueError, match="adapter config is a JSON list, expected an object"):
         read_adapter(tmp_path)
 
 

@@ -41,6 +41,38 @@ def test_save_keeps_newest_and_round_trips(tiny_llama_dir, tmp_path):
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
 
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
+    """Issue 22: pruning deleted checkpoint-<step> in place, so a kill mid-way left one half there. It is renamed
+    away first now; a kill inside the delete (simulated: rmtree deletes one file, then the process dies) leaves
+    a temporary folder that the next save clears."""
+    import shutil
+    import types
+
+    import engine.train.checkpoint as checkpoint
+
+    spec = load_model_spec(tiny_llama_dir)
+    _save(tmp_path, spec, 1)
+    _save(tmp_path, spec, 2)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path, *args, **kwargs):
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "shutil", types.SimpleNamespace(rmtree=killed))
+    with pytest.raises(Killed):
+        _save(tmp_path, spec, 3)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["checkpoint-00000002", "checkpoint-00000003"]
+    for name in names:
+        verify_checkpoint(tmp_path / name)          # both whole
+    monkeypatch.setattr(checkpoint, "shutil", shutil)
+    _save(tmp_path, spec, 4)
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
 def test_corrupt_or_incomplete_checkpoints_are_refused_and_skipped(tiny_llama_dir, tmp_path):
     spec = load_model_spec(tiny_llama_dir)
     _save(tmp_path, spec, 1)

@@ -53,6 +53,9 @@ class RecordingBackend(TrainingBackend):
     def lora_state(self):
         return {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((1, 1), np.float32)}
 
+    def lora_state_before_update(self):
+        return self.lora_state()
+
     def load_lora_state(self, state):
         pass
 

@@ -139,19 +139,36 @@ def test_non_finite_steps_are_skipped_reported_and_stop_the_run(tiny_model_dirs,
     trainer = Trainer(config(max_steps=5, warmup_steps=0, save_every=1, keep_checkpoints=10),
                       torch_backend_factory(model), ArrayBatches(good + bad, shuffle=False), tmp_path / "out",
                       base_model="m", callback=rec)
-    with pytest.raises(NonFiniteError, match=r"steps 3, 4, 5 in a row.*after step 2"):
+    with pytest.raises(NonFiniteError, match=r"steps 3, 4, 5 in a row.*\(after step 1; step 2's update is dropped"):
         trainer.run()
     assert [e.skipped for e in rec.steps] == [False, False, True, True, True]
     assert not np.isfinite(rec.steps[2].loss)
     assert rec.failures and "steps 3, 4, 5" in rec.failures[0][1]
-    spec = load_model_spec(model)
-    kept = load_checkpoint(tmp_path / "out", spec)     # the newest: written when the run stopped
-    after_two = load_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint-00000002", spec)
-    assert kept.step == 5 and not (tmp_path / "out" / "adapter_model.safetensors").exists()
-    for key in kept.lora_state:
-        assert np.array_equal(kept.lora_state[key], after_two.lora_state[key])   # NaN never reached the weights
-        assert np.isfinite(kept.lora_state[key]).all()
-    assert all(np.isfinite(v).all() for v in kept.optimizer_state.values())
+    # Kept: the adapter step 2 found finite (after step 1), written as the run's adapter; the bad state is no
+    # checkpoint.
+    kept = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    after_one = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-00000001" / "adapter_model.safetensors")
+    assert kept.keys() == after_one.keys() and all(np.array_equal(kept[k], after_one[k]) for k in kept)
+    assert list_checkpoints(checkpoint_root(tmp_path / "out"))[-1].name == "checkpoint-00000004"   # none on stopping
+    assert "after step 1" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_non_finite_stop_runs_exactly_the_documented_count(tiny_model_dirs, tmp_path):
+    """Results are read one step late; the stop still comes after max_nonfinite_in_a_row steps, not one more, and
+    a run whose every step was non-finite writes no adapter."""
+    from engine.train.data import ArrayBatches
+    model = _poisoned_model(tiny_model_dirs["qwen2"], tmp_path, token=3)
+    bad = [(ids.copy(), labels) for ids, labels in pattern_batches(384, 6, 2, 12, seed=2)]
+    for ids, _ in bad:
+        ids[0, 5] = 3
+    rec = Recorder()
+    trainer = Trainer(config(max_steps=6, warmup_steps=0, max_nonfinite_in_a_row=2),
+                      torch_backend_factory(model), ArrayBatches(bad, shuffle=False), tmp_path / "out",
+                      base_model="m", callback=rec)
+    with pytest.raises(NonFiniteError, match=r"steps 1, 2 in a row.*no step was applied, so no adapter"):
+        trainer.run()
+    assert [e.step for e in rec.steps] == [1, 2]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.gpu
@@ -170,22 +187,22 @@ def test_learning_rate_1e6_trips_the_guard_on_the_wgsl_backend(tiny_llama_dir, g
     rec = Recorder()
     trainer = Trainer(config(lr=1e6, max_steps=8, save_every=1, keep_checkpoints=10, warmup_steps=0),
                       factory, pattern_source(384), tmp_path, base_model=str(tiny_llama_dir), callback=rec)
-    with pytest.raises(NonFiniteError, match=r"steps 2, 3, 4 in a row.*after step 1"):
+    with pytest.raises(NonFiniteError, match=r"steps 2, 3, 4 in a row.*\(the adapter the run started from; step 1"):
         trainer.run()
     assert [e.skipped for e in rec.steps] == [False, True, True, True]
     assert np.isfinite(rec.steps[0].loss) and not any(np.isfinite(e.loss) for e in rec.steps[1:])
     assert rec.failures and "steps 2, 3, 4" in rec.failures[0][1]
-    spec = load_model_spec(tiny_llama_dir)
-    kept = load_checkpoint(tmp_path, spec)       # the newest: written when the run stopped
-    last_good = load_checkpoint(checkpoint_root(tmp_path) / "checkpoint-00000001", spec)
-    assert kept.step == 4 and not (tmp_path / "adapter_model.safetensors").exists()
-    for folder in list_checkpoints(checkpoint_root(tmp_path)):
-        for value in load_file(folder / "adapter_model.safetensors").values():
-            assert np.isfinite(value).all()
-    for key in kept.lora_state:
-        assert np.array_equal(kept.lora_state[key], last_good.lora_state[key])
-    assert max(np.abs(v).max() for k, v in kept.lora_state.items() if ".lora_B." in k) > 1e5   # step 1 applied
-    assert all(np.isfinite(v).all() for v in kept.optimizer_state.values())
+    # Kept: the weights before step 1's update (the GPU optimizer's `previous` buffer), not step 1's ~1e6 ones
+    # whose forward overflowed. B = 0 gives A no gradient, so A is unchanged by step 1.
+    kept = load_file(tmp_path / "adapter_model.safetensors")
+    step_one = load_file(checkpoint_root(tmp_path) / "checkpoint-00000001" / "adapter_model.safetensors")
+    assert max(np.abs(v).max() for k, v in step_one.items() if ".lora_B." in k) > 1e5   # step 1 applied
+    assert kept.keys() == step_one.keys()
+    for key, value in kept.items():
+        if ".lora_B." in key:
+            assert not value.any()
+        else:
+            assert np.array_equal(value, step_one[key])
 
 
 def test_recompute_is_validated_saved_and_handed_to_the_backend(tiny_llama_dir, tmp_path):

@@ -70,6 +70,7 @@ class OnnxBackend(TrainingBackend):
         self._flat_params, self._state = flat_views(init_lora_state(self.spec, lora, seed))
         self._flat_grads, self._grads = flat_views(self._state)
         self._flat_extra: np.ndarray | None = None      # the second and later micro-batches' gradients
+        self._flat_previous = self._flat_params.copy()  # before the last applied update (lora_state_before_update)
         if init_state is not None:
             self.load_lora_state(init_state)
         # Sized up front, so that optimizer_state() already works for a checkpoint taken before any step.
@@ -169,6 +170,7 @@ class OnnxBackend(TrainingBackend):
         norm = global_grad_norm(self._grads.values()) / tokens if np.isfinite(loss) else float("nan")
         if not (np.isfinite(loss) and np.isfinite(norm)):
             return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, True))
+        np.copyto(self._flat_previous, self._flat_params)
         self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,
                                   grad_scale=clip_scale(norm, max_grad_norm) / tokens)
         return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, False))
@@ -202,6 +204,14 @@ class OnnxBackend(TrainingBackend):
         # Copy into the existing arrays: the optimizer updates them in place.
         for key, value in state.items():
             self._state[key][...] = np.asarray(value, np.float32)
+        np.copyto(self._flat_previous, self._flat_params)
+
+    def lora_state_before_update(self) -> dict[str, np.ndarray]:
+        out, offset = {}, 0
+        for key, view in self._state.items():      # the order flat_views laid them out in
+            out[key] = self._flat_previous[offset:offset + view.size].reshape(view.shape).copy()
+            offset += view.size
+        return out
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         return self._optimizer.state()

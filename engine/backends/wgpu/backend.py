@@ -219,6 +219,9 @@ class WgpuBackend(TrainingBackend):
     def lora_state(self) -> dict[str, np.ndarray]:
         return self._read_flat(self.scratch.lora_params)
 
+    def lora_state_before_update(self) -> dict[str, np.ndarray]:
+        return self._read_flat(self.optimizer.previous)
+
     def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
         """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
         tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
@@ -243,6 +246,7 @@ class WgpuBackend(TrainingBackend):
                 raise ValueError(f"LoRA tensor {key} has shape {value.shape}, expected {self.layout.shapes[key]}")
             flat[offset:offset + value.size] = value.reshape(-1)
         self.ctx.write(self.scratch.lora_params, flat)
+        self.optimizer.remember(flat)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         return {**self.optimizer.state(), DROPOUT_STEP_KEY: np.array(self._dropout_steps, np.int64)}

@@ -81,7 +81,9 @@ class Optimizer:
         self.blocks_y = -(-self.n_blocks // self.blocks_x)
         self.uniform = ctx.buffer(HYPER.nbytes, f"{label}.hyper", UNIFORM)
         self.state_buffers: dict[str, object] = {}
-        resources = {0: self.uniform, 1: stats, 2: grads, 3: params}
+        # [P] params before the last applied update (the update kernels copy them); `remember` sets it.
+        self.previous = ctx.buffer(4 * P, f"{label}.previous")
+        resources = {0: self.uniform, 1: stats, 2: grads, 3: params, 11: self.previous}
         if config.name == "adamw":
             self.state_buffers = {"m": ctx.buffer(4 * P, f"{label}.m"), "v": ctx.buffer(4 * P, f"{label}.v")}
             resources.update({5: self.state_buffers["m"], 6: self.state_buffers["v"]})
@@ -98,6 +100,11 @@ class Optimizer:
         self.update_pipeline = ctx.pipeline("optimizer", f"{config.name}_update")
         self.update_group = ctx.bind_group(self.update_pipeline, resources, f"{label}.update")
         self.set_hyper(0.0, 0.0)
+
+    def remember(self, flat: np.ndarray) -> None:
+        """Set `previous` (params before the last applied update) to `flat` [P]: after params were loaded, no
+        update has been applied to them yet."""
+        self.ctx.write(self.previous, np.ascontiguousarray(flat, np.float32))
 
     def set_hyper(self, lr: float, max_grad_norm: float) -> None:
         if not (math.isfinite(lr) and lr >= 0 and math.isfinite(max_grad_norm) and max_grad_norm >= 0):
@@ -119,7 +126,7 @@ class Optimizer:
     def memory_bytes(self) -> int:
         """Bytes of optimizer state on the device (moments or codes + scales, map, uniform)."""
         extra = self.qmap.size if self.config.name == "adamw8bit" else 0
-        return sum(b.size for b in self.state_buffers.values()) + extra + self.uniform.size
+        return sum(b.size for b in self.state_buffers.values()) + extra + self.uniform.size + self.previous.size
 
     # ---- checkpoints: same keys, dtypes and layout as engine.backends.optimizers ------------------------------------
     def state(self) -> dict[str, np.ndarray]:

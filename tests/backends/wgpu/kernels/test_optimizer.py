@@ -136,6 +136,7 @@ def test_nonfinite_step_is_skipped_and_grads_still_zeroed(gpu_device, name):
     run.step(g1, 0.01, 1.0)
     host_step(host, p, g1, 0.01, 1.0)
     before_params, _ = run.read()
+    np.testing.assert_array_equal(gpu_device.read(run.opt.previous, count=P), p0)   # before the applied update
     before_state = run.opt.state()
     bad = g2.copy()
     bad[17] = np.inf
@@ -147,11 +148,13 @@ def test_nonfinite_step_is_skipped_and_grads_still_zeroed(gpu_device, name):
         np.testing.assert_array_equal(gpu_device.read(run.grads, count=P), 0.0)
         for key, value in run.opt.state().items():
             np.testing.assert_array_equal(value, before_state[key], err_msg=key)
+        np.testing.assert_array_equal(gpu_device.read(run.opt.previous, count=P), p0)   # skipped: kept
     run.step(g3, 0.01, 1.0)
     host_step(host, p, g3, 0.01, 1.0)
     got, stats = run.read()
     assert stats[3] == 0.0 and stats[4] == 2.0
     np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gpu_device.read(run.opt.previous, count=P), before_params)
 
 
 @pytest.mark.gpu
