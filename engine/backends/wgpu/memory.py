@@ -61,10 +61,11 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
 
 
 def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
-    """engine.backends.wgpu.kernels.optimizer's buffers: GradNorm's partial sums, the update's uniform and its state."""
+    """engine.backends.wgpu.kernels.optimizer's buffers: GradNorm's partial sums, the update's uniform, the LoRA
+    tensors before the last update (the NaN stop keeps them) and its state."""
     from engine.backends.wgpu.kernels.optimizer import HYPER, MAX_PARTIALS, WORKGROUP
 
-    total = 2 * HYPER.nbytes + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),))
+    total = 2 * HYPER.nbytes + nbytes((min(MAX_PARTIALS, -(-P // WORKGROUP)),)) + nbytes((P,))
     if optim.name == "adamw":
         total += 2 * nbytes((P,))                                     # m, v
     elif optim.name == "adamw8bit":

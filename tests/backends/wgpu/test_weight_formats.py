@@ -91,3 +91,20 @@ def test_smaller_formats_plan_fewer_bytes(block_models):
     assert sizes["f32"] > sizes["bf16"] > sizes["q8"] > sizes["q4"]
     # bf16 halves every matrix; norms stay f32, so a little over half.
     assert 0.5 < sizes["bf16"] / sizes["f32"] < 0.52
+
+
+@pytest.mark.parametrize("choice", ["f32", "bf16", "f16", "q8", "q4"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_memory_plan_is_the_allocation_for_every_format_and_recompute(block_models, gpu_device, choice, recompute):
+    from engine.backends.wgpu.backend import WgpuBackend
+
+    model_dir = block_models["blocks32"]
+    spec = load_model_spec(model_dir)
+    lora, optim = LoraConfig(rank=4, alpha=8, dropout=0.1), OptimizerConfig(name="adamw8bit", block_size=64)
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(model_dir, lora, optim, 3, 5, ctx=gpu_device, weights=choice, recompute=recompute) as be:
+        allocated = gpu_device.bytes_allocated - before
+        assert be.memory_bytes() == allocated
+    plan = memory_plan(spec, lora, optim, 3, 5, gpu_device.max_binding_bytes, gpu_device.max_workgroups,
+                       weights=choice, recompute=recompute)
+    assert plan.total == allocated
