@@ -226,11 +226,22 @@ class MainWindow(QMainWindow):
         wizard = PlanWizard(self.model_ref, self.model_dir, self.spec, summarize_corpus(self.corpus), self.hardware,
                             self.benchmarks, self)
         wizard.run_requested.connect(self.start_training)
+        wizard.job_requested.connect(self.write_job)
         self._show_dialog("plan", wizard)
 
     def start_training(self, request) -> None:
         self.tabs.setCurrentWidget(self.console)
         self.training.start(request)
+
+    def write_job(self, request, folder) -> None:
+        """The planned run as an accelerate + PEFT job folder (engine.train.job), written in a child process."""
+        self.append_log(f"writing the job to {folder}…")
+
+        def done(summary):
+            self.append_log("\n".join(summary.lines()))
+            self.statusBar().showMessage(f"job written to {folder}: see its README for the launch commands", 30000)
+
+        run_in_thread(self, run_in_child, write_job, request, str(folder), on_result=done, on_error=self._on_error)
 
     def _on_trained(self, summary, perplexities) -> None:
         self.adapter_dir = Path(summary.adapter_dir)
@@ -339,6 +350,16 @@ class MainWindow(QMainWindow):
         self.chat.stop()
         self.training.stop()
         super().closeEvent(event)
+
+
+def write_job(request, folder: str):
+    """engine.train.job.export_job for a wizard's RunRequest; runs in a child process (it reads the corpus)."""
+    from engine.train.job import export_job
+    from engine.train.runs import RunInputs
+
+    inputs = RunInputs(model=request.model, data=request.files, val_split=request.val_split,
+                       mask_prompt=request.mask_prompt, packing=request.packing, backend=request.backend)
+    return export_job(request.config, inputs, folder)
 
 
 def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len: int, backend: str):

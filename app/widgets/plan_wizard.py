@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QSpinBox, QWizard, QWizardPage)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                               QLineEdit, QPushButton, QSpinBox, QWizard, QWizardPage)
 
 from app.plan import CorpusSummary, recommend, review
 from app.training_controller import RunRequest
@@ -30,6 +30,7 @@ def default_out_dir(model_name: str) -> Path:
 
 class PlanWizard(QWizard):
     run_requested = Signal(object)     # RunRequest
+    job_requested = Signal(object, object)   # RunRequest, job folder: the same run as an accelerate + PEFT job
 
     def __init__(self, model_ref: str, model_dir: Path, spec, summary: CorpusSummary, hardware, benchmarks,
                  parent=None):
@@ -149,6 +150,11 @@ class PlanWizard(QWizard):
         layout.addRow(self.warnings)
         self.error = QLabel(objectName="plan-error", wordWrap=True)
         layout.addRow(self.error)
+        elsewhere = QPushButton("Run elsewhere…", objectName="plan-run-elsewhere")
+        elsewhere.setToolTip("Write this run as a job folder for PyTorch + PEFT on accelerate (one GPU, several, a "
+                             "cluster): the same tokens and settings; its adapter opens here")
+        elsewhere.clicked.connect(self._ask_job_folder)
+        layout.addRow(elsewhere)
 
     # -- results -----------------------------------------------------------------------------------------------
     def config(self) -> TrainConfig:
@@ -194,6 +200,16 @@ class PlanWizard(QWizard):
                 return False
             self.run_requested.emit(request)
         return super().validateCurrentPage()
+
+    def _ask_job_folder(self) -> None:
+        try:
+            request = self.request()
+        except ValueError as exc:
+            self.error.setText(f"<b>Cannot write a job with these settings:</b> {exc}")
+            return
+        parent = QFileDialog.getExistingDirectory(self, "Where to write the job folder")
+        if parent:
+            self.job_requested.emit(request, Path(parent) / f"{request.out_dir.name}-job")
 
     def request(self) -> RunRequest:
         out = self.out_dir.text().strip()

@@ -49,13 +49,14 @@ class StallMeter:
         self.timer.stop()
 
 
-def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
+def test_whole_journey(qtbot, tiny_llama_dir, tmp_path, monkeypatch):
     corpus_file = tmp_path / "train.txt"
     corpus_file.write_text(TEXT * 12, encoding="utf-8")
     out = tmp_path / "adapter"
     window = open_window(qtbot, tiny_llama_dir)
     read_corpus(qtbot, window, corpus_file)
     wizard = plan_run(qtbot, window, out)
+    run_elsewhere(qtbot, window, wizard, tmp_path / "jobs", monkeypatch)
     name = train(qtbot, window, wizard, out)
     evaluate(qtbot, window)
     save_adapter(qtbot, window, out, tmp_path / "saved")
@@ -103,6 +104,19 @@ def plan_run(qtbot, window, out):
     assert "little data" in wizard.warnings.text()
     wizard.out_dir.setText(str(out))
     return wizard
+
+
+def run_elsewhere(qtbot, window, wizard, parent, monkeypatch) -> None:
+    """"Run elsewhere…" on the review page writes the planned run as an accelerate job into the chosen folder."""
+    from PySide6.QtWidgets import QFileDialog, QPushButton
+
+    parent.mkdir()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *_a, **_k: str(parent))
+    qtbot.mouseClick(wizard.findChild(QPushButton, "plan-run-elsewhere"), Qt.LeftButton)
+    job = parent / f"{wizard.out_dir.text().rsplit('/', 1)[-1]}-job"
+    qtbot.waitUntil(lambda: (job / "job.json").is_file() and "job written to" in window.log.toPlainText(),
+                    timeout=60000)
+    assert (job / "train.py").is_file() and (job / "README.md").is_file()
 
 
 def train(qtbot, window, wizard, out) -> str:
