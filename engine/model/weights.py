@@ -236,12 +236,17 @@ def check_model_files(folder: str | Path) -> None:
         elif tensor.shape != shape:
             wrong.append(f"{name} is {list(tensor.shape)}, the config needs {list(shape)}")
     if missing or wrong:
-        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
-                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
-                                                         if wrong else "")
+        detail = _mismatch(missing, wrong)
         raise WeightFileError(f"{folder}: the weights do not match config.json ({config.model_type}, "
                               f"{getattr(config, 'num_hidden_layers', '?')} layers): {detail}; the config and "
                               "the weights come from different models — restore the folder from one source")
+
+
+def _mismatch(missing: list[str], wrong: list[str]) -> str:
+    """"3 weights the config needs are missing (e.g. …); 1 has the wrong shape (e.g. …)" for a refusal."""
+    parts = ([f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})"] if missing else []) + \
+            ([f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"] if wrong else [])
+    return "; ".join(parts)
 
 
 def expected_shapes(spec) -> dict[str, tuple[int, ...]]:
@@ -274,9 +279,7 @@ def check_weights_fit(spec, source: WeightSource) -> None:
         elif stored[name].shape != shape:
             wrong.append(f"{name} is {list(stored[name].shape)}, the config needs {list(shape)}")
     if missing or wrong:
-        detail = (f"{len(missing)} weights the config needs are missing (e.g. {missing[0]})" if missing else "") + \
-                 ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]})"
-                                                         if wrong else "")
+        detail = _mismatch(missing, wrong)
         raise WeightFileError(f"{source.origin}: the weights do not match config.json ({spec.model_type}, "
                               f"{spec.layers} layers, hidden size {spec.hidden}, vocabulary {spec.vocab_size}): "
                               f"{detail}; the config and the weights come from different models — restore the "
