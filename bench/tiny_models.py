@@ -40,8 +40,21 @@ TINY_CONFIGS = {
     "qwen3": dict(model_type="qwen3", hidden_size=88, intermediate_size=120, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=True),
+    # Gemma 3 text (Gemma-3-270M's layout): (1+w) norms (randomised, RANDOM_NORMS), four per layer, GeGLU,
+    # sqrt(hidden) embedding scale, query_pre_attn_scalar != head_dim, q/k norms, a global layer between two
+    # sliding ones with their own rope thetas. The window (16) is longer than the test sequences.
+    "gemma3": dict(model_type="gemma3_text", hidden_size=76, intermediate_size=124, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=20, query_pre_attn_scalar=28,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   max_position_embeddings=256, tie_word_embeddings=True),
 }
-ARCHITECTURES = tuple(TINY_CONFIGS)
+# The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
+# (tests/model/test_gemma3.py) and where a test names it.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Models whose norms transformers initialises to zero weights (Gemma's (1+w)): randomised, so a norm that
+# ignores its weight or its offset fails.
+RANDOM_NORMS = ("gemma3",)
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384):
@@ -77,6 +90,11 @@ def make_model(arch: str, out_dir: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.eval()
+    if arch in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.randn(p.shape) * 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
 

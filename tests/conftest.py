@@ -42,6 +42,14 @@ def tiny_llama_dir(tiny_model_dirs):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    """Gemma 3 text, outside ARCHITECTURES: its own tests and those that name it use it."""
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    make_model("gemma3", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def gpu_device():
     """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
     from engine.backends.wgpu.context import GpuContext, NoAdapterError

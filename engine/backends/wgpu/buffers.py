@@ -101,8 +101,10 @@ class LayerWeights:
     gate_bias: object = None    # [I]   Llama mlp_bias
     up_bias: object = None      # [I]
     down_bias: object = None    # [C]
-    q_norm: object = None       # [HD]  Qwen3
-    k_norm: object = None       # [HD]  Qwen3
+    q_norm: object = None       # [HD]  Qwen3, Gemma 3
+    k_norm: object = None       # [HD]  Qwen3, Gemma 3
+    post_attn_norm: object = None   # [C] Gemma 3: on the attention output (its post_attention_layernorm)
+    post_mlp_norm: object = None    # [C] Gemma 3: on the MLP output (post_feedforward_layernorm)
 
 
 @dataclass
@@ -128,6 +130,10 @@ class LayerActivations:
     k_raw: object = None        # [BT, KVD]
     q_rstd: object = None       # [BT·NH]
     k_rstd: object = None       # [BT·NKV]
+    attn_proj: object = None    # [BT, C] Gemma 3: o_proj output, the post-attention norm's input
+    attn_post_rstd: object = None   # [BT]
+    mlp_proj: object = None     # [BT, C] Gemma 3: down_proj output, the post-MLP norm's input
+    mlp_post_rstd: object = None    # [BT]
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Scratch:
     lora_grads: object          # [P]
     dq_raw: object = None       # [BT, QD] Qwen3
     dk_raw: object = None       # [BT, KVD] Qwen3
+    d_post: object = None       # [BT, C] Gemma 3: gradient of a post-norm's input (o_proj / down_proj output)
     x_drop: object = None       # [BT, max in] LoRA dropout
     dx_drop: object = None      # [BT, max in]
     att_dsum: object = None     # [B, NH, T] attention backward's rowsum(dout·out), one for every layer
@@ -201,7 +208,7 @@ def frozen_layout(spec: ModelSpec, max_binding_bytes: int, format_of: FormatOf =
             layout[key] = FrozenTensor(shape)
             continue
         _, layer, short = key.split(".")
-        tensor = FrozenTensor(shape, format_of(layer_tensor(int(layer), short), shape, False))
+        tensor = FrozenTensor(shape, format_of(layer_tensor(int(layer), short, spec.post_norms), shape, False))
         if tensor.nbytes > max_binding_bytes:
             raise MemoryError(f"layer {layer} {short} {shape} needs {tensor.nbytes} bytes in {tensor.format.name}, "
                               f"over this adapter's {max_binding_bytes}-byte binding limit; choose a smaller model")
@@ -221,6 +228,8 @@ def layer_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             per[bias_name(target)] = (spec.projection_shape(target)[0],)
         if spec.qk_norm:
             per.update(q_norm=(HD,), k_norm=(HD,))
+        if spec.post_norms:
+            per.update(post_attn_norm=(C,), post_mlp_norm=(C,))
         shapes.update({f"layers.{layer}.{name}": shape for name, shape in per.items()})
     return shapes
 
@@ -234,6 +243,8 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
     if spec.qk_norm:
         shapes.update(q_raw=(BT, spec.q_dim), k_raw=(BT, spec.kv_dim), q_rstd=(BT * spec.heads,),
                       k_rstd=(BT * spec.kv_heads,))
+    if spec.post_norms:
+        shapes.update(attn_proj=(BT, C), attn_post_rstd=(BT,), mlp_proj=(BT, C), mlp_post_rstd=(BT,))
     return shapes
 
 
@@ -285,6 +296,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
+    if spec.post_norms:
+        shapes["d_post"] = (BT, C)
     shapes["att_dsum"] = (B, spec.heads, T)
     if spec.heads > spec.kv_heads:
         shapes.update(dk_heads=(BT, spec.q_dim), dv_heads=(BT, spec.q_dim))

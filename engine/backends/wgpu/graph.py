@@ -33,6 +33,8 @@ class LayerKernels:
     dk: object                  # [BT, KVD]
     q_norm: RmsNorm | None = None
     k_norm: RmsNorm | None = None
+    post_attn_norm: RmsNorm | None = None   # Gemma 3: o_proj output -> the attention residual's branch
+    post_mlp_norm: RmsNorm | None = None    # Gemma 3: down_proj output -> the MLP residual's branch
 
 
 @dataclass
@@ -50,7 +52,7 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
     """`acts`: one LayerActivations per layer (buffers.allocate_activations); with `recompute` they share all
     but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward."""
     BT, C = B * T, spec.hidden
-    embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format)
+    embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format, scale=spec.embed_scale)
     layers = []
     for layer, (w, a) in enumerate(zip(weights.layers, acts)):
         x_in = s.embedded if layer == 0 else acts[layer - 1].x_out
@@ -68,17 +70,18 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
 
     BT, C, eps = B * T, spec.hidden, spec.rms_eps
     name = f"layers.{layer}"
-    qk = spec.qk_norm
+    qk, post = spec.qk_norm, spec.post_norms
     # Each projection: (input, output, d output, d input, whether d input adds to what an earlier one wrote).
-    # Backward runs in reverse order, so v, up and down are the first to write their d input.
+    # Backward runs in reverse order, so v, up and down are the first to write their d input. With post-norms
+    # o_proj and down_proj write their own saved output (the norm's input) and read the norm's d input.
     io = {
         "q_proj": (a.ln1, a.q_raw if qk else a.q, s.dq_raw if qk else s.dq, s.d_ln, True),
         "k_proj": (a.ln1, a.k_raw if qk else a.k, s.dk_raw if qk else s.dk, s.d_ln, True),
         "v_proj": (a.ln1, a.v, s.dv, s.d_ln, False),
-        "o_proj": (a.att, s.proj, s.d_res, s.d_att, False),
+        "o_proj": (a.att, a.attn_proj if post else s.proj, s.d_post if post else s.d_res, s.d_att, False),
         "gate_proj": (a.ln2, a.gate, s.d_gate, s.d_ln, True),
         "up_proj": (a.ln2, a.up, s.d_up, s.d_ln, False),
-        "down_proj": (a.h, s.proj, s.d_res, s.d_h, False),
+        "down_proj": (a.h, a.mlp_proj if post else s.proj, s.d_post if post else s.d_res, s.d_h, False),
     }
     bias = {target: getattr(w, bias_name(target)) for target in spec.bias_targets}
     weight = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v, "o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up,
@@ -99,7 +102,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),
                 step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
                 label=f"{name}.{target}.lora")
-    inv_freq = spec.rope.inv_freq(spec.head_dim)
+    inv_freq = spec.layer_rope(layer).inv_freq(spec.head_dim)
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln1"),
@@ -107,12 +110,13 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q"),
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k"),
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
-                            s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads),
+                            s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
+                            scale=spec.attention_scale),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln2"),
         swiglu=SwiGlu(ctx, a.h, a.gate, a.up, BT * spec.intermediate, dgate=s.d_gate, dup=s.d_up, dh=s.d_h,
-                      label=f"{name}.swiglu"),
+                      activation=spec.activation, label=f"{name}.swiglu"),
         mlp_residual=ResidualAdd(ctx, a.x_out, a.x_mid, s.proj, BT * C, label=f"{name}.mlp_residual"),
         dq=s.dq, dk=s.dk)
     if qk:
@@ -121,4 +125,11 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                                  dy=s.dq, label=f"{name}.q_norm")
         kernels.k_norm = RmsNorm(ctx, a.k, a.k_rstd, a.k_raw, w.k_norm, BT * spec.kv_heads, HD, eps,
                                  dx=s.dk_raw, dy=s.dk, label=f"{name}.k_norm")
+    if post:
+        # Forward: the projection's saved output -> s.proj, which the residual add reads. Backward: d_res (the
+        # residual stream's gradient is the branch's) -> d_post, written, which the projection reads.
+        kernels.post_attn_norm = RmsNorm(ctx, s.proj, a.attn_post_rstd, a.attn_proj, w.post_attn_norm, BT, C, eps,
+                                         dx=s.d_post, dy=s.d_res, label=f"{name}.post_attn_norm")
+        kernels.post_mlp_norm = RmsNorm(ctx, s.proj, a.mlp_post_rstd, a.mlp_proj, w.post_mlp_norm, BT, C, eps,
+                                        dx=s.d_post, dy=s.d_res, label=f"{name}.post_mlp_norm")
     return kernels
