@@ -1,8 +1,10 @@
 // The gated MLP's activation, elementwise over [B·T, intermediate]: h = act(g) ⊙ u, with act chosen by the
 // ACTIVATION override:
 //   0 SwiGLU: silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g)));
-//   1 GeGLU (Gemma's gelu_pytorch_tanh): gelu(g) = ½g(1 + tanh(a)), a = √(2/π)(g + 0.044715g³),
-//     gelu'(g) = ½(1 + tanh(a)) + ½g(1 − tanh²(a))·√(2/π)(1 + 3·0.044715g²).
+//   1 GeGLU (Gemma's gelu_pytorch_tanh): gelu(g) = ½g(1 + tanh(a)), a = √(2/π)(g + 0.044715g³), computed as
+//     g·σ(2a) (½(1 + tanh(a)) = σ(2a), and 1 − tanh²(a) = 4σ(2a)(1 − σ(2a))): no 1 + tanh cancellation in the
+//     negative tail, and σ saturates to 0 or 1 where e^{-2a} overflows or vanishes;
+//     gelu'(g) = σ(2a) + 2g·σ(2a)(1 − σ(2a))·√(2/π)(1 + 3·0.044715g²).
 // Backward: dg = dh ⊙ u ⊙ act'(g), du = dh ⊙ act(g).
 struct Params { n: u32, row_stride: u32, _pad0: u32, _pad1: u32 }
 
@@ -19,16 +21,12 @@ const GELU_KAPPA: f32 = 0.044715;
 
 fn sigmoid(v: f32) -> f32 { return 1.0 / (1.0 + exp(-v)); }
 
-// tanh as 1 − 2/(e^{2v} + 1): saturates to ±1 where e^{2v} overflows or vanishes, which a driver's tanh
-// built from exp ratios may turn into NaN.
-fn tanh_safe(v: f32) -> f32 { return 1.0 - 2.0 / (exp(2.0 * v) + 1.0); }
-
 // (act(g), act'(g))
 fn activation(g: f32) -> vec2<f32> {
     if (ACTIVATION == 1u) {
-        let t = tanh_safe(SQRT_2_OVER_PI * (g + GELU_KAPPA * g * g * g));
-        let d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_KAPPA * g * g);
-        return vec2<f32>(0.5 * g * (1.0 + t), d);
+        let s = sigmoid(2.0 * SQRT_2_OVER_PI * (g + GELU_KAPPA * g * g * g));
+        let d = s + 2.0 * g * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_KAPPA * g * g);
+        return vec2<f32>(g * s, d);
     }
     let s = sigmoid(g);
     return vec2<f32>(g * s, s * (1.0 + g * (1.0 - s)));

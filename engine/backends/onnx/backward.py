@@ -94,14 +94,13 @@ def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape) -> str:
 
 def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, ...]) -> tuple[str, str]:
     """d(gate), d(up) of act(gate)·up (forward.swiglu_forward). SwiGLU: silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
-    = σ + silu − silu·σ. GeGLU: gelu'(x) = ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²), t the saved tanh."""
+    = σ + silu − silu·σ. GeGLU: gelu'(x) = s + 2x·s(1 − s)·√(2/π)(1 + 3·0.044715x²), s = σ(2a) saved."""
     if len(saved) == 3:
-        gate, t, act = saved
-        one_minus_t2 = g.op("Sub", g.scalar(1.0), g.op("Mul", t, t))
+        gate, s, act = saved
         slope = g.op("Add", g.op("Mul", g.op("Mul", gate, gate), g.scalar(3.0 * GELU_KAPPA)), g.scalar(1.0))
-        dact = g.op("Add", g.op("Mul", g.op("Add", t, g.scalar(1.0)), g.scalar(0.5)),
-                    g.op("Mul", g.op("Mul", g.op("Mul", gate, g.scalar(0.5 * GELU_SQRT_2_OVER_PI)), one_minus_t2),
-                         slope))
+        spread = g.op("Mul", s, g.op("Sub", g.scalar(1.0), s))
+        dact = g.op("Add", s, g.op("Mul", g.op("Mul", g.op("Mul", gate, g.scalar(2.0 * GELU_SQRT_2_OVER_PI)),
+                                                      spread), slope))
     else:
         sig, act = saved
         dact = g.op("Add", sig, g.op("Sub", act, g.op("Mul", act, sig)))

@@ -291,13 +291,15 @@ GELU_KAPPA = 0.044715
 
 def swiglu_forward(g: Graph, gate: str, up: str, activation: str = "silu") -> tuple[str, tuple[str, ...]]:
     """act(gate)·up with act silu (SwiGLU; saves (sigmoid(gate), silu(gate))) or, for Gemma, gelu_tanh (GeGLU:
-    ½g(1 + tanh(√(2/π)(g + 0.044715g³))), torch's gelu approximate="tanh"; saves (gate, tanh, gelu))."""
+    torch's gelu approximate="tanh", ½g(1 + tanh(a)) with a = √(2/π)(g + 0.044715g³), computed as g·σ(2a), which
+    has no 1 + tanh cancellation in the negative tail; saves (gate, σ(2a), gelu))."""
     if activation == "gelu_tanh":
         cube = g.op("Mul", gate, g.op("Mul", gate, gate))
-        inner = g.op("Mul", g.op("Add", gate, g.op("Mul", cube, g.scalar(GELU_KAPPA))), g.scalar(GELU_SQRT_2_OVER_PI))
-        t = g.op("Tanh", inner)
-        gelu = g.op("Mul", g.op("Mul", gate, g.scalar(0.5)), g.op("Add", t, g.scalar(1.0)))
-        return g.op("Mul", gelu, up), (gate, t, gelu)
+        inner = g.op("Mul", g.op("Add", gate, g.op("Mul", cube, g.scalar(GELU_KAPPA))),
+                     g.scalar(2.0 * GELU_SQRT_2_OVER_PI))
+        sig = g.op("Sigmoid", inner)
+        gelu = g.op("Mul", gate, sig)
+        return g.op("Mul", gelu, up), (gate, sig, gelu)
     if activation != "silu":
         raise ValueError(f"activation {activation!r} is unknown; choose silu or gelu_tanh")
     sig = g.op("Sigmoid", gate)
