@@ -48,6 +48,11 @@ TINY_CONFIGS = {
                    rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=16,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    max_position_embeddings=256, tie_word_embeddings=True),
+    # Granite: Llama with embedding, attention, residual and logits multipliers, none of them 1.
+    "granite": dict(model_type="granite", hidden_size=80, intermediate_size=140, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    embedding_multiplier=3.5, attention_multiplier=0.11, residual_multiplier=0.22,
+                    logits_scaling=2.5, max_position_embeddings=256, tie_word_embeddings=True),
 }
 # The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
 # (tests/model/test_gemma3.py) and where a test names it.

@@ -50,6 +50,14 @@ def tiny_gemma3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_granite_dir(tmp_path_factory):
+    """Granite, outside ARCHITECTURES: its own tests use it."""
+    path = tmp_path_factory.mktemp("tiny-granite")
+    make_model("granite", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def gpu_device():
     """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
     from engine.backends.wgpu.context import GpuContext, NoAdapterError

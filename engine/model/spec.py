@@ -4,7 +4,7 @@
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, and which layers use a sliding window; the engines attend without a window, so
+per-layer-type rope, Granite's multipliers, and which layers use a sliding window; the engines attend without a window, so
 `ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
 # refusal so the user knows it is not an oversight.
@@ -28,7 +28,6 @@ KNOWN_UNSUPPORTED = {
               "attention and LM-head kernels",
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "granite": "Granite's embedding, attention, residual and logits multipliers are not implemented",
     "olmo2": "OLMo 2's norms after the attention and MLP outputs without pre-norms, and its q/k norm over the "
              "whole projection width, are not implemented",
     "smollm3": "SmolLM3's NoPE layers (no_rope_layers: layers without rotary embeddings) are not implemented",
@@ -69,7 +68,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text
+    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -96,8 +95,14 @@ class ModelSpec:
     norm_offset: float = 0.0
     post_norms: bool = False     # a norm on the attention output and on the MLP output before each residual add
     activation: str = "silu"     # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (GeGLU)
-    embed_scale: float = 1.0     # the embedding lookup is multiplied by this (Gemma: sqrt(hidden), in f32)
-    query_pre_attn_scalar: float | None = None   # attention scale query_pre_attn_scalar**-0.5 instead of HD**-0.5
+    embed_scale: float = 1.0     # the embedding lookup is multiplied by this (Gemma: sqrt(hidden) in f32;
+                                 # Granite: embedding_multiplier)
+    score_scale: float | None = None   # the attention scores' scale instead of HD**-0.5 (Gemma:
+                                       # query_pre_attn_scalar**-0.5; Granite: attention_multiplier)
+    # Granite: each residual branch (o_proj's and down_proj's output, LoRA included) is multiplied by
+    # residual_scale before its add, and the logits are divided by logits_scale.
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
     local_rope: RopeSpec | None = None           # the rope of the window_layers, where it differs (Gemma 3)
 
     @property
@@ -110,7 +115,7 @@ class ModelSpec:
     @property
     def attention_scale(self) -> float:
         """What the scores q·k are multiplied by, as a Python float as transformers computes it."""
-        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+        return self.head_dim ** -0.5 if self.score_scale is None else self.score_scale
 
     def layer_rope(self, layer: int) -> RopeSpec:
         """The rope of one layer: Gemma 3's sliding layers have their own theta."""
@@ -179,9 +184,12 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
             f"supported for training{why}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
-    gemma = model_type == "gemma3_text"
+    gemma, granite = model_type == "gemma3_text", model_type == "granite"
     if gemma:
         _check_gemma3(config, folder)
+    if granite and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UnsupportedModelError(f"{folder}: a Granite model with attention_bias or mlp_bias is unsupported "
+                                    f"(its residual_multiplier would scale the o_proj/down_proj biases too)")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
@@ -232,8 +240,12 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         sliding_window=window, window_layers=window_layers,
         norm_offset=1.0 if gemma else 0.0, post_norms=gemma, activation=activations[act_name],
         # transformers multiplies by embed_scale cast to the weight dtype; the engines compute in f32.
-        embed_scale=float(np.float32(hidden ** 0.5)) if gemma else 1.0,
-        query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)) if gemma else None,
+        embed_scale=float(np.float32(hidden ** 0.5)) if gemma else (
+            float(config.get("embedding_multiplier", 1.0)) if granite else 1.0),
+        score_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else (
+            float(config.get("attention_multiplier", 1.0)) if granite else None),
+        residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
+        logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
         local_rope=local_rope)
 
 

@@ -55,7 +55,9 @@ def prepare_weights(spec: ModelSpec, source: WeightSource) -> dict[str, np.ndarr
     def layer_norm(i: int, short: str) -> np.ndarray:
         return norm(layer_tensor(i, short, spec.post_norms))
 
-    out = {"embed": take(EMBED_WEIGHT), "norm": norm(FINAL_NORM_WEIGHT)}
+    # Granite: logits / logits_scale, folded into the final norm (only the LM head reads it).
+    out = {"embed": take(EMBED_WEIGHT), "norm": norm(FINAL_NORM_WEIGHT) / np.float32(spec.logits_scale)}
+    residual = np.float32(spec.residual_scale)   # Granite: o_proj's and down_proj's outputs times it
     out["lm_head"] = out["embed"] if spec.tied_embeddings else take(LM_HEAD_WEIGHT)
     for i in range(spec.layers):
         ln1, ln2 = layer_norm(i, "ln1"), layer_norm(i, "ln2")
@@ -68,10 +70,10 @@ def prepare_weights(spec: ModelSpec, source: WeightSource) -> dict[str, np.ndarr
         if spec.post_norms:
             out[f"{i}.post_attn_norm"] = layer_norm(i, "post_attn_norm")
             out[f"{i}.post_mlp_norm"] = layer_norm(i, "post_mlp_norm")
-        out[f"{i}.o_proj"] = take(f"{module_path(i, 'o_proj')}.weight")
+        out[f"{i}.o_proj"] = take(f"{module_path(i, 'o_proj')}.weight") * residual
         for t in GATE_UP:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln2)
-        out[f"{i}.down_proj"] = take(f"{module_path(i, 'down_proj')}.weight")
+        out[f"{i}.down_proj"] = take(f"{module_path(i, 'down_proj')}.weight") * residual
         for t in spec.bias_targets:     # added after the product: folding a norm weight leaves them alone
             out[f"{i}.{t}.bias"] = take(f"{module_path(i, t)}.bias")
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
@@ -121,8 +123,10 @@ class DecoderGraph:
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         # Registered only where LoRA A reads it: an initializer no node uses is dropped by onnxruntime.
         scale = g.weight(input_scale, self.weights[input_scale]) if input_scale and lora_targets else None
+        # Granite's residual_scale multiplies o_proj's and down_proj's LoRA output as it does their weights.
+        scaling = self.lora.scaling * (self.spec.residual_scale if targets[0] in ("o_proj", "down_proj") else 1.0)
         return fw.LinearGroup(weights=weights, biases=biases, targets=targets, lora=tuple(lora),
-                              scaling=self.lora.scaling, rank=self.lora.rank, input_scale=scale,
+                              scaling=scaling, rank=self.lora.rank, input_scale=scale,
                               dropout=dropout, dropout_masks=masks,
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 

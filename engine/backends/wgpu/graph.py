@@ -90,13 +90,15 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
     for target in LORA_TARGETS:
         x, y, dy, dx, accumulate = io[target]
         out_f, in_f = spec.projection_shape(target)
+        # Granite multiplies the residual branches (o_proj's and down_proj's whole output, LoRA included).
+        scale = spec.residual_scale if target in ("o_proj", "down_proj") else 1.0
         proj[target] = Linear(ctx, y, x, weight[target].buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
                               accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}",
-                              weight_format=weight[target].format)
+                              weight_format=weight[target].format, scale=scale)
         if target in lora.targets:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(
-                ctx, LoraDims(BT, in_f, out_f, lora.rank, lora.scaling), y, a.lora_u[target], x,
+                ctx, LoraDims(BT, in_f, out_f, lora.rank, lora.scaling * scale), y, a.lora_u[target], x,
                 layout.binding(s.lora_params, key_a), layout.binding(s.lora_params, key_b), dy=dy, dx=dx,
                 grad_a=layout.binding(s.lora_grads, key_a), grad_b=layout.binding(s.lora_grads, key_b), du=s.du,
                 dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),

@@ -35,7 +35,10 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
         source.require(hf_name, tensor.shape)
         if key == "final_norm" or key.rsplit(".", 1)[-1] in NORM_TENSORS:
             # Gemma's x·(1+w): the offset added once here, in f32 as transformers adds it (norms are held f32).
+            # Granite divides the logits by logits_scale: folded into the final norm, which only the LM head reads.
             raw = source.f32(hf_name) + np.float32(spec.norm_offset)
+            if key == "final_norm" and spec.logits_scale != 1.0:
+                raw = raw / np.float32(spec.logits_scale)
             return ctx.upload(to_gpu_layout(raw, tensor.format, tensor.shape), hf_name)
         buffer = upload(hf_name, source.as_format(hf_name, tensor.format), tensor, hf_name)
         return HeldWeight(buffer, tensor.format) if len(tensor.shape) == 2 else buffer
