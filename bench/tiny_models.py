@@ -53,13 +53,18 @@ TINY_CONFIGS = {
                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
                     embedding_multiplier=3.5, attention_multiplier=0.11, residual_multiplier=0.22,
                     logits_scaling=2.5, max_position_embeddings=256, tie_word_embeddings=True),
+    # OLMo 2: no pre-norms, norms after the attention and MLP outputs, q/k norms over the whole projection
+    # width (randomised, RANDOM_NORMS), untied head.
+    "olmo2": dict(model_type="olmo2", hidden_size=72, intermediate_size=116, num_hidden_layers=2,
+                  num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=500000.0,
+                  max_position_embeddings=256, tie_word_embeddings=False),
 }
 # The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
 # (tests/model/test_gemma3.py) and where a test names it.
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Models whose norms transformers initialises to zero weights (Gemma's (1+w)): randomised, so a norm that
 # ignores its weight or its offset fails.
-RANDOM_NORMS = ("gemma3",)
+RANDOM_NORMS = ("gemma3", "olmo2")
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384):

@@ -32,7 +32,7 @@ LAYER_TENSORS = {
 }
 
 
-# Gemma 3's four norms per block: input_layernorm (ln1), the norm on the attention output, the norm before the
+# Gemma 3's four norms per block (OLMo 2 has only the two after the attention and MLP outputs, named as Gemma's): input_layernorm (ln1), the norm on the attention output, the norm before the
 # MLP (ln2: the one the MLP projections read, as Llama's post_attention_layernorm is) and the norm on the MLP
 # output. Llama's name post_attention_layernorm is Gemma's norm on the attention *output*.
 POST_NORM_TENSORS = {

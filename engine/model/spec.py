@@ -4,7 +4,7 @@
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, Granite's multipliers, and which layers use a sliding window; the engines attend without a window, so
+per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, and which layers use a sliding window; the engines attend without a window, so
 `ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
 # refusal so the user knows it is not an oversight.
@@ -28,8 +28,6 @@ KNOWN_UNSUPPORTED = {
               "attention and LM-head kernels",
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "olmo2": "OLMo 2's norms after the attention and MLP outputs without pre-norms, and its q/k norm over the "
-             "whole projection width, are not implemented",
     "smollm3": "SmolLM3's NoPE layers (no_rope_layers: layers without rotary embeddings) are not implemented",
     "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
 }
@@ -68,7 +66,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite
+    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -94,6 +92,8 @@ class ModelSpec:
     # offset once when they load a norm weight, in f32 as transformers does, so the norm kernels stay plain.
     norm_offset: float = 0.0
     post_norms: bool = False     # a norm on the attention output and on the MLP output before each residual add
+    pre_norms: bool = True       # the norms before the attention and the MLP (OLMo 2 has none: post-norms only)
+    qk_norm_full: bool = False   # q/k norm over the whole projection width [QD] / [KVD] (OLMo 2), not per head
     activation: str = "silu"     # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (GeGLU)
     embed_scale: float = 1.0     # the embedding lookup is multiplied by this (Gemma: sqrt(hidden) in f32;
                                  # Granite: embedding_multiplier)
@@ -155,9 +155,10 @@ class ModelSpec:
 
     def parameter_count(self) -> int:
         per_layer = sum(o * i for o, i in map(self.projection_shape, LORA_TARGETS))
-        per_layer += (4 if self.post_norms else 2) * self.hidden
+        per_layer += (2 * self.pre_norms + 2 * self.post_norms) * self.hidden
         per_layer += sum(self.projection_shape(t)[0] for t in self.bias_targets)
-        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        if self.qk_norm:
+            per_layer += self.q_dim + self.kv_dim if self.qk_norm_full else 2 * self.head_dim
         embed = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * per_layer + embed + self.hidden
 
@@ -184,7 +185,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
             f"supported for training{why}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
-    gemma, granite = model_type == "gemma3_text", model_type == "granite"
+    gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
     if gemma:
         _check_gemma3(config, folder)
     if granite and (config.get("attention_bias") or config.get("mlp_bias")):
@@ -226,19 +227,20 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
-    attention_bias = model_type in ("llama", "qwen3", "gemma3_text") and bool(config.get("attention_bias", False))
+    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2") and bool(
+        config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
         layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=int(config["intermediate_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope=rope, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2, pre_norms=not olmo2,
         max_positions=int(config.get("max_position_embeddings", 2048)),
         source=str(folder), o_bias=attention_bias,
         mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
         sliding_window=window, window_layers=window_layers,
-        norm_offset=1.0 if gemma else 0.0, post_norms=gemma, activation=activations[act_name],
+        norm_offset=1.0 if gemma else 0.0, post_norms=gemma or olmo2, activation=activations[act_name],
         # transformers multiplies by embed_scale cast to the weight dtype; the engines compute in f32.
         embed_scale=float(np.float32(hidden ** 0.5)) if gemma else (
             float(config.get("embedding_multiplier", 1.0)) if granite else 1.0),

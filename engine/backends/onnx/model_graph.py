@@ -60,8 +60,11 @@ def prepare_weights(spec: ModelSpec, source: WeightSource) -> dict[str, np.ndarr
     residual = np.float32(spec.residual_scale)   # Granite: o_proj's and down_proj's outputs times it
     out["lm_head"] = out["embed"] if spec.tied_embeddings else take(LM_HEAD_WEIGHT)
     for i in range(spec.layers):
-        ln1, ln2 = layer_norm(i, "ln1"), layer_norm(i, "ln2")
-        out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
+        if spec.pre_norms:
+            ln1, ln2 = layer_norm(i, "ln1"), layer_norm(i, "ln2")
+            out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
+        else:       # OLMo 2: the projections read the residual stream itself; nothing to fold
+            ln1 = ln2 = np.ones(spec.hidden, np.float32)
         for t in QKV:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln1)
         if spec.qk_norm:
@@ -179,19 +182,26 @@ class DecoderGraph:
                       train: bool) -> tuple[str, str, "LayerSaved"]:
         """Layer i: (residual stream after its attention, its MLP output still to be added, what backward needs).
 
-        The residual add of the previous layer's MLP output (`pending`) is fused into this layer's first norm."""
-        spec, eps = self.spec, self.spec.rms_eps
+        The residual add of the previous layer's MLP output (`pending`) is fused into this layer's first norm
+        (without pre-norms, OLMo 2, it is a plain add, and the projections read the residual stream)."""
+        spec, eps, pre = self.spec, self.spec.rms_eps, self.spec.pre_norms
         w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-        saved = LayerSaved(qkv=self._group(g, i, QKV, train, input_scale=f"{i}.ln1"),
+        saved = LayerSaved(qkv=self._group(g, i, QKV, train, input_scale=f"{i}.ln1" if pre else None),
                            o=self._group(g, i, ("o_proj",), train),
-                           gu=self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2"),
+                           gu=self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2" if pre else None),
                            down=self._group(g, i, ("down_proj",), train))
-        h1, saved.n1, x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
-                                                   residual=None if pending is None else x, guards=consts.guards)
+        if pre:
+            h1, saved.n1, x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
+                                                       residual=None if pending is None else x,
+                                                       guards=consts.guards)
+        else:
+            x = h1 = x if pending is None else g.op("Add", x, pending)
         (q, k, v), saved.l_qkv = fw.linear_forward(g, h1, saved.qkv)
-        if spec.qk_norm:
-            q, saved.nq = fw.rmsnorm_forward(g, g.reshape(q, self._heads4(spec.heads)), w("q_norm"), eps)
-            k, saved.nk = fw.rmsnorm_forward(g, g.reshape(k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
+        if spec.qk_norm:    # per head, or (OLMo 2) over the whole projection [B·T, QD]
+            q, saved.nq = fw.rmsnorm_forward(g, q if spec.qk_norm_full else g.reshape(q, self._heads4(spec.heads)),
+                                             w("q_norm"), eps)
+            k, saved.nk = fw.rmsnorm_forward(g, k if spec.qk_norm_full else g.reshape(
+                k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
         q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
         k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
@@ -199,7 +209,10 @@ class DecoderGraph:
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
         if spec.post_norms:     # Gemma: each branch is normed before its residual add
             o, saved.n_post_attn = fw.rmsnorm_forward(g, o, w("post_attn_norm"), eps)
-        h2, saved.n2, x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=consts.guards)
+        if pre:
+            h2, saved.n2, x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=consts.guards)
+        else:
+            x = h2 = g.op("Add", x, o)
         (gate, saved.up), saved.l_gu = fw.linear_forward(g, h2, saved.gu)
         act, saved.swiglu = fw.swiglu_forward(g, gate, saved.up, spec.activation)
         (mlp_out,), saved.l_down = fw.linear_forward(g, act, saved.down)
@@ -230,7 +243,7 @@ class DecoderGraph:
         da = bw.linear_backward(g, [d_mlp], saved.l_down, saved.down)
         dgate, dup = bw.swiglu_backward(g, da, saved.up, saved.swiglu)
         dh2 = bw.linear_backward(g, [dgate, dup], saved.l_gu, saved.gu)
-        dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, saved.n2))
+        dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, saved.n2) if saved.n2 else dh2)
         d_o = dx if saved.n_post_attn is None else bw.rmsnorm_backward(g, dx, saved.n_post_attn,
                                                                        f"{i}.post_attn_norm")
         datt = bw.linear_backward(g, [d_o], saved.l_o, saved.o)
@@ -238,14 +251,19 @@ class DecoderGraph:
         dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q[i], spec.heads)
         dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope[i], spec.kv_heads)
         if spec.qk_norm:   # the norm weights were registered by the forward pass
-            dq = bw.rmsnorm_backward(g, g.reshape(dq, self._heads4(spec.heads)), saved.nq, f"{i}.q_norm")
-            dk = bw.rmsnorm_backward(g, g.reshape(dk, self._heads4(spec.kv_heads)), saved.nk, f"{i}.k_norm")
+            rows = self.shape.rows
+            q_shape = [rows, spec.q_dim] if spec.qk_norm_full else self._heads4(spec.heads)
+            k_shape = [rows, spec.kv_dim] if spec.qk_norm_full else self._heads4(spec.kv_heads)
+            dq = bw.rmsnorm_backward(g, g.reshape(dq, q_shape), saved.nq, f"{i}.q_norm")
+            dk = bw.rmsnorm_backward(g, g.reshape(dk, k_shape), saved.nk, f"{i}.k_norm")
         rows = self.shape.rows
         dys = [g.reshape(dq, [rows, spec.q_dim]), g.reshape(dk, [rows, spec.kv_dim]),
                g.reshape(dv, [rows, spec.kv_dim])]
         # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
         dh1 = bw.linear_backward(g, dys, saved.l_qkv, saved.qkv, need_dx=i > 0)
-        return g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, saved.n1)) if i > 0 else dx
+        if i == 0:
+            return dx
+        return g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, saved.n1) if saved.n1 else dh1)
 
     def _heads4(self, heads: int) -> list[int]:
         return [self.shape.batch, self.shape.seq, heads, self.spec.head_dim]

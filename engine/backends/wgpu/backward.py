@@ -22,9 +22,10 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
         k.post_mlp_norm.encode_backward(enc)     # d_res → d_post
     projection_backward(enc, k, "down_proj")     # d_res (d_post) → d_h
     k.swiglu.encode_backward(enc)                # d_h → d_gate, d_up
-    projection_backward(enc, k, "up_proj")       # d_up → d_ln
+    projection_backward(enc, k, "up_proj")       # d_up → d_ln (no pre-norms: d_res +=)
     projection_backward(enc, k, "gate_proj")     # d_gate → d_ln +=
-    k.ln2.encode_backward(enc)                   # d_ln → d_res +=
+    if k.ln2 is not None:
+        k.ln2.encode_backward(enc)               # d_ln → d_res +=
     if k.post_attn_norm is not None:
         k.post_attn_norm.encode_backward(enc)    # d_res → d_post
     projection_backward(enc, k, "o_proj")        # d_res (d_post) → d_att
@@ -37,7 +38,8 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
     projection_backward(enc, k, "v_proj")        # → d_ln
     projection_backward(enc, k, "k_proj")        # → d_ln +=
     projection_backward(enc, k, "q_proj")        # → d_ln +=
-    k.ln1.encode_backward(enc)                   # d_ln → d_res +=
+    if k.ln1 is not None:
+        k.ln1.encode_backward(enc)               # d_ln → d_res +=
 
 
 def model_backward(enc: StepEncoder, m: ModelKernels) -> None:

@@ -18,7 +18,8 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
     step seed and salt, the same LoRA dropout masks). It stops at what the backward reads: down_proj's input h
     and its LoRA u, not down_proj's output nor x_out (the next layer's input, kept) — except with post-norms
     (Gemma 3), whose post-MLP norm backward reads down_proj's output."""
-    k.ln1.encode_forward(enc)
+    if k.ln1 is not None:
+        k.ln1.encode_forward(enc)
     for target in ("q_proj", "k_proj", "v_proj"):
         projection_forward(enc, k, target)
     if k.q_norm is not None:
@@ -31,7 +32,8 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
     if k.post_attn_norm is not None:
         k.post_attn_norm.encode_forward(enc)
     k.attn_residual.encode(enc)
-    k.ln2.encode_forward(enc)
+    if k.ln2 is not None:
+        k.ln2.encode_forward(enc)
     projection_forward(enc, k, "gate_proj")
     projection_forward(enc, k, "up_proj")
     k.swiglu.encode_forward(enc)

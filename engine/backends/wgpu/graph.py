@@ -19,14 +19,14 @@ from engine.backends.wgpu.weights import ModelWeights
 
 @dataclass
 class LayerKernels:
-    ln1: RmsNorm
+    ln1: RmsNorm | None         # None without pre-norms (OLMo 2), as ln2
     proj: dict                  # target -> Linear (q, k, v, o, gate, up, down)
     lora: dict                  # target -> LoraBranch for the adapted targets
     rope_q: object
     rope_k: object
     attention: object
     attn_residual: ResidualAdd
-    ln2: RmsNorm
+    ln2: RmsNorm | None
     swiglu: SwiGlu
     mlp_residual: ResidualAdd
     dq: object                  # [BT, QD] the gradient buffers RoPE's backward rotates in place
@@ -70,17 +70,21 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
 
     BT, C, eps = B * T, spec.hidden, spec.rms_eps
     name = f"layers.{layer}"
-    qk, post = spec.qk_norm, spec.post_norms
+    qk, post, pre = spec.qk_norm, spec.post_norms, spec.pre_norms
     # Each projection: (input, output, d output, d input, whether d input adds to what an earlier one wrote).
     # Backward runs in reverse order, so v, up and down are the first to write their d input. With post-norms
     # o_proj and down_proj write their own saved output (the norm's input) and read the norm's d input.
+    # Without pre-norms (OLMo 2) q/k/v read the layer input and gate/up the residual after the attention, and
+    # add their d input straight into the residual stream's gradient.
+    attn_in, attn_dx = (a.ln1, s.d_ln) if pre else (x_in, s.d_res)
+    mlp_in = a.ln2 if pre else a.x_mid
     io = {
-        "q_proj": (a.ln1, a.q_raw if qk else a.q, s.dq_raw if qk else s.dq, s.d_ln, True),
-        "k_proj": (a.ln1, a.k_raw if qk else a.k, s.dk_raw if qk else s.dk, s.d_ln, True),
-        "v_proj": (a.ln1, a.v, s.dv, s.d_ln, False),
+        "q_proj": (attn_in, a.q_raw if qk else a.q, s.dq_raw if qk else s.dq, attn_dx, True),
+        "k_proj": (attn_in, a.k_raw if qk else a.k, s.dk_raw if qk else s.dk, attn_dx, True),
+        "v_proj": (attn_in, a.v, s.dv, attn_dx, not pre),
         "o_proj": (a.att, a.attn_proj if post else s.proj, s.d_post if post else s.d_res, s.d_att, False),
-        "gate_proj": (a.ln2, a.gate, s.d_gate, s.d_ln, True),
-        "up_proj": (a.ln2, a.up, s.d_up, s.d_ln, False),
+        "gate_proj": (mlp_in, a.gate, s.d_gate, attn_dx, True),
+        "up_proj": (mlp_in, a.up, s.d_up, attn_dx, not pre),
         "down_proj": (a.h, a.mlp_proj if post else s.proj, s.d_post if post else s.d_res, s.d_h, False),
     }
     bias = {target: getattr(w, bias_name(target)) for target in spec.bias_targets}
@@ -107,7 +111,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
     inv_freq = spec.layer_rope(layer).inv_freq(spec.head_dim)
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
-                    label=f"{name}.ln1"),
+                    label=f"{name}.ln1") if pre else None,
         proj=proj, lora=branches,
         rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q"),
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k"),
@@ -116,16 +120,18 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                             scale=spec.attention_scale),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
-                    label=f"{name}.ln2"),
+                    label=f"{name}.ln2") if pre else None,
         swiglu=SwiGlu(ctx, a.h, a.gate, a.up, BT * spec.intermediate, dgate=s.d_gate, dup=s.d_up, dh=s.d_h,
                       activation=spec.activation, label=f"{name}.swiglu"),
         mlp_residual=ResidualAdd(ctx, a.x_out, a.x_mid, s.proj, BT * C, label=f"{name}.mlp_residual"),
         dq=s.dq, dk=s.dk)
     if qk:
-        HD = spec.head_dim
-        kernels.q_norm = RmsNorm(ctx, a.q, a.q_rstd, a.q_raw, w.q_norm, BT * spec.heads, HD, eps, dx=s.dq_raw,
+        # Per head (rows BT·heads of HD), or over the whole projection (OLMo 2: rows BT of QD / KVD).
+        q_rows, q_dim = (BT, spec.q_dim) if spec.qk_norm_full else (BT * spec.heads, spec.head_dim)
+        k_rows, k_dim = (BT, spec.kv_dim) if spec.qk_norm_full else (BT * spec.kv_heads, spec.head_dim)
+        kernels.q_norm = RmsNorm(ctx, a.q, a.q_rstd, a.q_raw, w.q_norm, q_rows, q_dim, eps, dx=s.dq_raw,
                                  dy=s.dq, label=f"{name}.q_norm")
-        kernels.k_norm = RmsNorm(ctx, a.k, a.k_rstd, a.k_raw, w.k_norm, BT * spec.kv_heads, HD, eps,
+        kernels.k_norm = RmsNorm(ctx, a.k, a.k_rstd, a.k_raw, w.k_norm, k_rows, k_dim, eps,
                                  dx=s.dk_raw, dy=s.dk, label=f"{name}.k_norm")
     if post:
         # Forward: the projection's saved output -> s.proj, which the residual add reads. Backward: d_res (the

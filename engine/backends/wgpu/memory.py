@@ -48,7 +48,7 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     per_layer += len(lora.targets) * 6 * GEMM_PARAMS                 # LoRA: u, y, dB, du, dA, dx
     if lora.dropout > 0:
         per_layer += len(lora.targets) * 2 * SMALL_PARAMS            # dropout mask forward / backward
-    norms = 2 + 2 * spec.qk_norm + 2 * spec.post_norms
+    norms = 2 * spec.pre_norms + 2 * spec.qk_norm + 2 * spec.post_norms
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
     per_layer += NORM_PARAMS                                         # attention (its scratch is in Scratch)

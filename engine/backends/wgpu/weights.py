@@ -61,6 +61,6 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
     for layer in range(spec.layers):
         prefix = f"layers.{layer}."
         own = [k[len(prefix):] for k in layout if k.startswith(prefix)]
-        layers.append(LayerWeights(**{name: take(layer_tensor(layer, name, spec.post_norms), prefix + name)
-                                      for name in own}))
+        tensors = {name: take(layer_tensor(layer, name, spec.post_norms), prefix + name) for name in own}
+        layers.append(LayerWeights(**{"ln1": None, "ln2": None, **tensors}))   # OLMo 2 has neither norm
     return ModelWeights(embed, lm_head, vocab_format, take(FINAL_NORM_WEIGHT, "final_norm"), layers)
