@@ -204,3 +204,9 @@ def test_gemma3_defaults_are_transformers_defaults(tmp_path):
     assert spec.window_layers == (0, 1, 2, 3, 4, 6) and spec.sliding_window == 4096
     assert (spec.rope.theta, spec.local_rope.theta, spec.head_dim) == (1_000_000.0, 10_000.0, 256)
     assert spec.attention_scale == 256 ** -0.5
+
+
+def test_attention_bias_is_where_transformers_builds_it(tmp_path):
+    """Gemma3Attention gives q/k/v/o a bias with attention_bias; its MLP never has one."""
+    spec = load_model_spec(_config_dir(tmp_path, "m", model_type="gemma3_text", attention_bias=True, mlp_bias=True))
+    assert spec.bias_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
