@@ -58,6 +58,10 @@ TINY_CONFIGS = {
     "olmo2": dict(model_type="olmo2", hidden_size=72, intermediate_size=116, num_hidden_layers=2,
                   num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=500000.0,
                   max_position_embeddings=256, tie_word_embeddings=False),
+    # SmolLM3: Llama with layer 1 of 3 (its no_rope_layers 0) attending without rotary embeddings.
+    "smollm3": dict(model_type="smollm3", hidden_size=64, intermediate_size=132, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000000.0,
+                    no_rope_layers=[1, 0, 1], max_position_embeddings=256, tie_word_embeddings=True),
 }
 # The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
 # (tests/model/test_gemma3.py) and where a test names it.

@@ -66,6 +66,14 @@ def tiny_olmo2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_smollm3_dir(tmp_path_factory):
+    """SmolLM3, outside ARCHITECTURES: its own tests use it."""
+    path = tmp_path_factory.mktemp("tiny-smollm3")
+    make_model("smollm3", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def gpu_device():
     """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
     from engine.backends.wgpu.context import GpuContext, NoAdapterError

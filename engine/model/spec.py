@@ -4,7 +4,8 @@
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, and which layers use a sliding window; the engines attend without a window, so
+per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
+without rope, and which layers use a sliding window; the engines attend without a window, so
 `ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2", "smollm3")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
 # refusal so the user knows it is not an oversight.
@@ -28,7 +29,6 @@ KNOWN_UNSUPPORTED = {
               "attention and LM-head kernels",
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "smollm3": "SmolLM3's NoPE layers (no_rope_layers: layers without rotary embeddings) are not implemented",
     "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
 }
 
@@ -66,7 +66,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2
+    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2 | smollm3
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -104,6 +104,7 @@ class ModelSpec:
     residual_scale: float = 1.0
     logits_scale: float = 1.0
     local_rope: RopeSpec | None = None           # the rope of the window_layers, where it differs (Gemma 3)
+    nope_layers: tuple[int, ...] = ()            # layers without rotary embeddings (SmolLM3's no_rope_layers 0)
 
     @property
     def bias_targets(self) -> tuple[str, ...]:
@@ -116,6 +117,9 @@ class ModelSpec:
     def attention_scale(self) -> float:
         """What the scores q·k are multiplied by, as a Python float as transformers computes it."""
         return self.head_dim ** -0.5 if self.score_scale is None else self.score_scale
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
 
     def layer_rope(self, layer: int) -> RopeSpec:
         """The rope of one layer: Gemma 3's sliding layers have their own theta."""
@@ -186,6 +190,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"supported for training{why}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
     gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
+    smollm3 = model_type == "smollm3"
     if gemma:
         _check_gemma3(config, folder)
     if granite and (config.get("attention_bias") or config.get("mlp_bias")):
@@ -227,7 +232,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
-    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2", "smollm3") and bool(
         config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
@@ -238,7 +243,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2, pre_norms=not olmo2,
         max_positions=int(config.get("max_position_embeddings", 2048)),
         source=str(folder), o_bias=attention_bias,
-        mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
+        mlp_bias=model_type in ("llama", "smollm3") and bool(config.get("mlp_bias", False)),
         sliding_window=window, window_layers=window_layers,
         norm_offset=1.0 if gemma else 0.0, post_norms=gemma or olmo2, activation=activations[act_name],
         # transformers multiplies by embed_scale cast to the weight dtype; the engines compute in f32.
@@ -248,7 +253,17 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             float(config.get("attention_multiplier", 1.0)) if granite else None),
         residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
         logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
-        local_rope=local_rope)
+        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else ())
+
+
+def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
+    """SmolLM3's layers without rotary embeddings: no_rope_layers[i] is 1 where layer i uses rope, by default 0
+    on every no_rope_layer_interval-th layer (SmolLM3Config)."""
+    interval = int(config.get("no_rope_layer_interval", 4))
+    flags = config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(flags) != layers or set(flags) - {0, 1}:
+        raise UnsupportedModelError(f"{folder}: no_rope_layers {flags!r} is not one 0 or 1 per layer ({layers})")
+    return tuple(i for i, uses in enumerate(flags) if not uses)
 
 
 def _check_gemma3(config: dict, folder: Path) -> None:
@@ -280,6 +295,12 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
         pattern = int(config.get("sliding_window_pattern", 6))
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         types = config.get("layer_types") or default
+    elif model_type == "smollm3":
+        # SmolLM3: with use_sliding_window, the layer_types "sliding_attention" layers, by default its NoPE ones.
+        window = config.get("sliding_window") if config.get("use_sliding_window", False) else None
+        types = config.get("layer_types") or [
+            "sliding_attention" if window is not None and i in _nope_layers(config, layers, folder)
+            else "full_attention" for i in range(layers)]
     elif model_type not in ("qwen2", "qwen3"):
         return None, ()
     else:

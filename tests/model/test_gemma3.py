@@ -176,7 +176,7 @@ def _config_dir(tmp_path, name, **config):
 @pytest.mark.parametrize("config, message", [
     (dict(model_type="gemma2"), r"'gemma2'.*soft-capping \(tanh\) are not implemented"),
     (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
-    (dict(model_type="smollm3"), r"'smollm3'.*NoPE layers \(no_rope_layers"),
+    (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers \[1, 2\] is not one 0 or 1 per layer"),
     (dict(model_type="phi3"), r"'phi3'.*fused qkv_proj and gate_up_proj"),
     (dict(model_type="gemma3_text", final_logit_softcapping=30.0), r"final_logit_softcapping 30.0 is set"),
     (dict(model_type="gemma3_text", attn_logit_softcapping=50.0), r"attn_logit_softcapping 50.0 is set"),
@@ -186,7 +186,7 @@ def _config_dir(tmp_path, name, **config):
      r"rope scaling 'yarn' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
      r"rope scaling 'longrope' is unsupported"),
-], ids=["gemma2", "gemma3-multimodal", "smollm3", "phi3", "final-softcap", "attn-softcap",
+], ids=["gemma2", "gemma3-multimodal", "smollm3-bad-nope", "phi3", "final-softcap", "attn-softcap",
         "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):

@@ -146,13 +146,13 @@ class DecoderGraph:
             rows=g.input("label_rows", np.int64, ["labelled"]), targets=g.input("targets", np.int64, ["labelled", 1]),
             mask=g.input("mask", np.float32, ["labelled", 1]))
         tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
-        for rope in {spec.layer_rope(i) for i in range(spec.layers)}:
+        for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
             inv_freq = rope.inv_freq(spec.head_dim)
             tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq),
                             fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale))
-        consts = StepConstants(
-            rope=[tables[spec.layer_rope(i)][0] for i in range(spec.layers)],
-            rope_q=[tables[spec.layer_rope(i)][1] for i in range(spec.layers)],
+        consts = StepConstants(     # None in SmolLM3's NoPE layers
+            rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
+            rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
             causal=[g.const(fw.causal_mask(self.att, j), np.float32) for j in range(self.att.query_blocks)])
 
         embed = g.weight("embed", self.weights["embed"])
@@ -202,8 +202,12 @@ class DecoderGraph:
                                              w("q_norm"), eps)
             k, saved.nk = fw.rmsnorm_forward(g, k if spec.qk_norm_full else g.reshape(
                 k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
-        q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
-        k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
+        if consts.rope[i] is None:      # no rotation: the queries take the attention scale by themselves
+            q = g.op("Mul", self._rows3(g, q, spec.q_dim), g.scalar(spec.attention_scale))
+            k = self._rows3(g, k, spec.kv_dim)
+        else:
+            q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
+            k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
         att, saved.att = fw.attention_forward(g, q, k, v, consts.causal, self.att)
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
@@ -248,8 +252,12 @@ class DecoderGraph:
                                                                        f"{i}.post_attn_norm")
         datt = bw.linear_backward(g, [d_o], saved.l_o, saved.o)
         dq, dk, dv = bw.attention_backward(g, datt, saved.att, self.att)
-        dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q[i], spec.heads)
-        dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope[i], spec.kv_heads)
+        if consts.rope[i] is None:
+            dq = g.op("Mul", self._rows3(g, dq, spec.q_dim), g.scalar(spec.attention_scale))
+            dk = self._rows3(g, dk, spec.kv_dim)
+        else:
+            dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q[i], spec.heads)
+            dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope[i], spec.kv_heads)
         if spec.qk_norm:   # the norm weights were registered by the forward pass
             rows = self.shape.rows
             q_shape = [rows, spec.q_dim] if spec.qk_norm_full else self._heads4(spec.heads)
@@ -283,8 +291,8 @@ class LabelledRows:
 @dataclass
 class StepConstants:
     """Tensors every layer of one graph shares."""
-    rope: list[fw.Rope]                 # per layer: rotation tables for the keys (ModelSpec.layer_rope)
-    rope_q: list[fw.Rope]               # the same with the attention's scale folded in, for the queries
+    rope: list[fw.Rope | None]          # per layer: rotation tables for the keys (ModelSpec.layer_rope; None: NoPE)
+    rope_q: list[fw.Rope | None]        # the same with the attention's scale folded in, for the queries
     causal: list[str]                   # one additive causal mask per query block
     guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
 

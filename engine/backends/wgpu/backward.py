@@ -30,8 +30,9 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
         k.post_attn_norm.encode_backward(enc)    # d_res → d_post
     projection_backward(enc, k, "o_proj")        # d_res (d_post) → d_att
     k.attention.encode_backward(enc)             # d_att → dq, dk, dv
-    k.rope_q.encode_backward(enc, k.dq)
-    k.rope_k.encode_backward(enc, k.dk)
+    if k.rope_q is not None:
+        k.rope_q.encode_backward(enc, k.dq)
+        k.rope_k.encode_backward(enc, k.dk)
     if k.q_norm is not None:
         k.q_norm.encode_backward(enc)            # dq → dq_raw
         k.k_norm.encode_backward(enc)

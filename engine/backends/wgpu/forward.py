@@ -25,8 +25,9 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
     if k.q_norm is not None:
         k.q_norm.encode_forward(enc)
         k.k_norm.encode_forward(enc)
-    k.rope_q.encode_forward(enc)
-    k.rope_k.encode_forward(enc)
+    if k.rope_q is not None:
+        k.rope_q.encode_forward(enc)
+        k.rope_k.encode_forward(enc)
     k.attention.encode_forward(enc)
     projection_forward(enc, k, "o_proj")
     if k.post_attn_norm is not None:

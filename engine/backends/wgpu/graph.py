@@ -22,7 +22,7 @@ class LayerKernels:
     ln1: RmsNorm | None         # None without pre-norms (OLMo 2), as ln2
     proj: dict                  # target -> Linear (q, k, v, o, gate, up, down)
     lora: dict                  # target -> LoraBranch for the adapted targets
-    rope_q: object
+    rope_q: object              # Rope, or None in a layer without rotary embeddings (SmolLM3)
     rope_k: object
     attention: object
     attn_residual: ResidualAdd
@@ -109,12 +109,13 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
                 label=f"{name}.{target}.lora")
     inv_freq = spec.layer_rope(layer).inv_freq(spec.head_dim)
+    rope = spec.uses_rope(layer)        # SmolLM3's NoPE layers attend without rotating q and k
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln1") if pre else None,
         proj=proj, lora=branches,
-        rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q"),
-        rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k"),
+        rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q") if rope else None,
+        rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k") if rope else None,
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
                             s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
                             scale=spec.attention_scale),

@@ -57,7 +57,8 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
     model += SMALL_PARAMS + chunks * (lm_pieces * 2 * GEMM_PARAMS + SMALL_PARAMS) + SMALL_PARAMS   # LM head
     model += SMALL_PARAMS                                            # the LoRA dropout step constants
-    return spec.layers * per_layer + model
+    rope = 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)
+    return spec.layers * per_layer + model - len(spec.nope_layers) * rope     # NoPE layers bind no RoPE
 
 
 def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:
