@@ -2,7 +2,10 @@
 architecture of bench/tiny_models.py: logits (absolute), loss (relative) and the worst LoRA gradient (relative to
 that gradient's largest entry). One JSON object.
 
-    python bench/arch_errors.py [--archs gemma3 granite ...] [--backends onnx wgpu]
+    python -m tests.arch_errors [--archs gemma3 granite ...] [--backends onnx wgpu]
+
+A diagnostic beside tests/oracle.py (which it uses, so it lives here: benchmarks do not import tests); the
+architecture tests (tests/model/test_<arch>.py) assert the same numbers against their tolerances.
 
 Each model is random and seeded (tiny_models.make_model, seed 0), LoRA r=4, alpha=8 on all 7 projections with a
 random non-zero B, one batch of B=2, T=7 with 30% of the labels masked. The WGSL backend runs on the best wgpu
@@ -13,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from bench.tiny_models import TINY_CONFIGS, make_model  # noqa: E402
-from engine.backends.base import OptimizerConfig  # noqa: E402
-from engine.lora.config import LoraConfig  # noqa: E402
-from engine.model.spec import load_model_spec  # noqa: E402
-from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state  # noqa: E402
+from bench.tiny_models import TINY_CONFIGS, make_model
+from engine.backends.base import OptimizerConfig
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
 
 B, T = 2, 7
 
