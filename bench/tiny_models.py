@@ -40,8 +40,35 @@ TINY_CONFIGS = {
     "qwen3": dict(model_type="qwen3", hidden_size=88, intermediate_size=120, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=True),
+    # Gemma 3 text (Gemma-3-270M's layout): (1+w) norms (randomised, RANDOM_NORMS), four per layer, GeGLU,
+    # sqrt(hidden) embedding scale, query_pre_attn_scalar != head_dim, q/k norms, a global layer between two
+    # sliding ones with their own rope thetas. The window (16) is longer than the test sequences.
+    "gemma3": dict(model_type="gemma3_text", hidden_size=76, intermediate_size=124, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=20, query_pre_attn_scalar=28,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   max_position_embeddings=256, tie_word_embeddings=True),
+    # Granite: Llama with embedding, attention, residual and logits multipliers, none of them 1.
+    "granite": dict(model_type="granite", hidden_size=80, intermediate_size=140, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    embedding_multiplier=3.5, attention_multiplier=0.11, residual_multiplier=0.22,
+                    logits_scaling=2.5, max_position_embeddings=256, tie_word_embeddings=True),
+    # OLMo 2: no pre-norms, norms after the attention and MLP outputs, q/k norms over the whole projection
+    # width (randomised, RANDOM_NORMS), untied head.
+    "olmo2": dict(model_type="olmo2", hidden_size=72, intermediate_size=116, num_hidden_layers=2,
+                  num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=500000.0,
+                  max_position_embeddings=256, tie_word_embeddings=False),
+    # SmolLM3: Llama with layer 1 of 3 (its no_rope_layers 0) attending without rotary embeddings.
+    "smollm3": dict(model_type="smollm3", hidden_size=64, intermediate_size=132, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000000.0,
+                    no_rope_layers=[1, 0, 1], max_position_embeddings=256, tie_word_embeddings=True),
 }
-ARCHITECTURES = tuple(TINY_CONFIGS)
+# The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
+# (tests/model/test_gemma3.py) and where a test names it.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Models whose norms transformers initialises to zero weights (Gemma's (1+w)): randomised, so a norm that
+# ignores its weight or its offset fails.
+RANDOM_NORMS = ("gemma3", "olmo2")
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384):
@@ -77,6 +104,11 @@ def make_model(arch: str, out_dir: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.eval()
+    if arch in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.randn(p.shape) * 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
 

@@ -1,7 +1,8 @@
 // Causal multi-head attention with grouped KV heads, flash-attention style (online softmax, tiles in
 // workgroup memory, the [T, T] score matrix never stored).
 //   q, out, dout, dq: [B, T, NH, HD]    k, v, dk, dv: [B, T, NKV, HD]    lse, dsum: [B, NH, T]
-// Query head h reads KV head h / (NH / NKV). Scores are scaled by 1/sqrt(HD).
+// Query head h reads KV head h / (NH / NKV). Scores are scaled by params.scale (1/sqrt(HD), or Gemma's
+// query_pre_attn_scalar^-1/2).
 //
 // Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
 // the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
@@ -18,7 +19,7 @@ struct Params {
     n_heads: u32,    // NH
     n_kv: u32,       // NKV
     ratio: u32,      // NH / NKV
-    scale: f32,      // 1 / sqrt(HD)
+    scale: f32,      // 1 / sqrt(HD) unless the model says otherwise
     dsum_stride: u32,  // invocations per dispatch row of attention_backward_dsum (grid folded into y)
     sum_stride: u32,   // the same for attention_backward_dkdv_sum
 }

@@ -3,8 +3,9 @@
 // so one dispatch runs per piece, each covering ids in [first_id, first_id + piece_rows). The table is held in
 // its frozen-weight format (FORMAT: engine.model.weight_formats' GPU layout, read by weight_formats.wgsl), so
 // each invocation widens a run of 4 columns with one load4. Embeddings are frozen and nothing upstream needs
-// their gradient, so there is no backward.
-struct Params { n4: u32, dim: u32, first_id: u32, piece_rows: u32, row_stride: u32, row_blocks: u32, _pad0: u32, _pad1: u32 }
+// their gradient, so there is no backward. Each value is multiplied by `scale` (Gemma's sqrt(hidden); 1 otherwise,
+// which leaves it bit for bit).
+struct Params { n4: u32, dim: u32, first_id: u32, piece_rows: u32, row_stride: u32, row_blocks: u32, scale: f32, _pad1: u32 }
 
 #include "weight_formats.wgsl"
 
@@ -26,6 +27,6 @@ fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (id < params.first_id || id >= params.first_id + params.piece_rows) { return; }
     let v = weight_load4(FORMAT, params.row_blocks, id - params.first_id, col);
     for (var j = 0u; j < 4u; j++) {
-        if (col + j < params.dim) { out[row * params.dim + col + j] = v[j]; }
+        if (col + j < params.dim) { out[row * params.dim + col + j] = v[j] * params.scale; }
     }
 }

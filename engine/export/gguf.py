@@ -1,7 +1,8 @@
 """Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter, with the `gguf` package only.
 
 What llama.cpp (src/llama-adapter.cpp, llama-graph.cpp) expects, and what this writes:
-- metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`;
+- metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`,
+  `gemma3` for Gemma 3 text;
   the loader refuses a mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha`
   (float32).
 - per adapted weight `blk.{i}.attn_q.weight` two tensors, `….lora_a` with torch shape (r, in) (ggml ne [in, r])
@@ -34,6 +35,10 @@ GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     "mistral": ("llama", True),  # llama.cpp converts MistralForCausalLM as a Llama (convert_hf_to_gguf.py)
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
+    # Gemma 3 text: convert_hf_to_gguf.py's Gemma3Model (registered for Gemma3ForCausalLM) maps the seven
+    # projections to the same blk names and permutes nothing (llama.cpp ropes Gemma 3 NEOX-style). Its +1 on
+    # norm weights concerns the base only: an adapter holds no norm.
+    "gemma3_text": ("gemma3", False),
 }
 
 # Projection (engine.lora.peft_read.PROJECTIONS) -> llama.cpp tensor base name inside blk.{i}.

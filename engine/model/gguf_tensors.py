@@ -23,6 +23,11 @@ import numpy as np
 from engine.model.weight_formats import WeightFormat
 
 
+# llama.cpp architectures whose converter adds 1 to every norm weight (transformers' loader subtracts it from the
+# dequantized values, which the raw-bytes path here cannot do).
+NORM_SHIFTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+
 @dataclass(frozen=True)
 class GgufTensor:
     name: str                 # Hugging Face state-dict name (model.layers.0.self_attn.q_proj.weight)
@@ -83,8 +88,12 @@ def _gguf_tensor_index(path: Path, _size: int, _mtime_ns: int) -> dict[str, Gguf
 
     path = Path(path)
     reader = GGUFReader(path, "r")
-    config = gguf_model_config(path)
     architecture = read_field(reader, "general.architecture")[0]
+    if architecture in NORM_SHIFTED_ARCHITECTURES:
+        raise ValueError(f"{path.name}: a {architecture} GGUF stores its norm weights as 1 + w (llama.cpp adds "
+                         f"Gemma's 1); reading them as stored bytes is not supported. Use the model's Hugging Face "
+                         f"folder (safetensors) instead")
+    config = gguf_model_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())

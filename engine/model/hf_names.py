@@ -32,6 +32,19 @@ LAYER_TENSORS = {
 }
 
 
-def layer_tensor(layer: int, name: str) -> str:
-    """Full HF name of a block tensor by its short name (LAYER_TENSORS), e.g. (2, "q") -> model.layers.2.self_attn.q_proj.weight."""
-    return f"model.layers.{layer}.{LAYER_TENSORS[name]}"
+# Gemma 3's four norms per block (OLMo 2 has only the two after the attention and MLP outputs, named as Gemma's): input_layernorm (ln1), the norm on the attention output, the norm before the
+# MLP (ln2: the one the MLP projections read, as Llama's post_attention_layernorm is) and the norm on the MLP
+# output. Llama's name post_attention_layernorm is Gemma's norm on the attention *output*.
+POST_NORM_TENSORS = {
+    "ln2": "pre_feedforward_layernorm.weight", "post_attn_norm": "post_attention_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+# The block tensors that are RMSNorm weights (ModelSpec.norm_offset is added to each when loaded).
+NORM_TENSORS = ("ln1", "ln2", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+
+
+def layer_tensor(layer: int, name: str, post_norms: bool = False) -> str:
+    """Full HF name of a block tensor by its short name (LAYER_TENSORS; with `post_norms`, Gemma's
+    POST_NORM_TENSORS first), e.g. (2, "q") -> model.layers.2.self_attn.q_proj.weight."""
+    table = {**LAYER_TENSORS, **POST_NORM_TENSORS} if post_norms else LAYER_TENSORS
+    return f"model.layers.{layer}.{table[name]}"

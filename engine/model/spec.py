@@ -3,7 +3,9 @@
 `load_model_spec(folder)` reads config.json into a frozen `ModelSpec` and refuses, before anything is
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
-(`ModelSpec.bias_targets`), and which layers use a sliding window; the engines attend without a window, so
+(`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
+per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
+without rope, and which layers use a sliding window; the engines attend without a window, so
 `ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
@@ -18,7 +20,17 @@ import numpy as np
 from engine.model.files import read_json_object
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2", "smollm3")
+
+# Architectures people bring that the engines do not compute, and the feature that stops each: named in the
+# refusal so the user knows it is not an oversight.
+KNOWN_UNSUPPORTED = {
+    "gemma2": "Gemma 2's attention-logit and final-logit soft-capping (tanh) are not implemented in the "
+              "attention and LM-head kernels",
+    "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
+              "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
+    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -54,7 +66,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3
+    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2 | smollm3
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -76,6 +88,23 @@ class ModelSpec:
     # sequence is longer than the window: check_sequence_length refuses the rest.
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
+    # Gemma 3 (gemma3_text). Norm weights are used as norm_offset + w (Gemma's x·(1+w)): the engines add the
+    # offset once when they load a norm weight, in f32 as transformers does, so the norm kernels stay plain.
+    norm_offset: float = 0.0
+    post_norms: bool = False     # a norm on the attention output and on the MLP output before each residual add
+    pre_norms: bool = True       # the norms before the attention and the MLP (OLMo 2 has none: post-norms only)
+    qk_norm_full: bool = False   # q/k norm over the whole projection width [QD] / [KVD] (OLMo 2), not per head
+    activation: str = "silu"     # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (GeGLU)
+    embed_scale: float = 1.0     # the embedding lookup is multiplied by this (Gemma: sqrt(hidden) in f32;
+                                 # Granite: embedding_multiplier)
+    score_scale: float | None = None   # the attention scores' scale instead of HD**-0.5 (Gemma:
+                                       # query_pre_attn_scalar**-0.5; Granite: attention_multiplier)
+    # Granite: each residual branch (o_proj's and down_proj's output, LoRA included) is multiplied by
+    # residual_scale before its add, and the logits are divided by logits_scale.
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
+    local_rope: RopeSpec | None = None           # the rope of the window_layers, where it differs (Gemma 3)
+    nope_layers: tuple[int, ...] = ()            # layers without rotary embeddings (SmolLM3's no_rope_layers 0)
 
     @property
     def bias_targets(self) -> tuple[str, ...]:
@@ -83,6 +112,18 @@ class ModelSpec:
         biased = {"q_proj": self.qkv_bias, "k_proj": self.qkv_bias, "v_proj": self.qkv_bias, "o_proj": self.o_bias,
                   "gate_proj": self.mlp_bias, "up_proj": self.mlp_bias, "down_proj": self.mlp_bias}
         return tuple(t for t in LORA_TARGETS if biased[t])
+
+    @property
+    def attention_scale(self) -> float:
+        """What the scores q·k are multiplied by, as a Python float as transformers computes it."""
+        return self.head_dim ** -0.5 if self.score_scale is None else self.score_scale
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
+
+    def layer_rope(self, layer: int) -> RopeSpec:
+        """The rope of one layer: Gemma 3's sliding layers have their own theta."""
+        return self.local_rope if self.local_rope is not None and layer in self.window_layers else self.rope
 
     @property
     def max_sequence_length(self) -> int:
@@ -117,9 +158,11 @@ class ModelSpec:
         }[target]
 
     def parameter_count(self) -> int:
-        per_layer = sum(o * i for o, i in map(self.projection_shape, LORA_TARGETS)) + 2 * self.hidden
+        per_layer = sum(o * i for o, i in map(self.projection_shape, LORA_TARGETS))
+        per_layer += (2 * self.pre_norms + 2 * self.post_norms) * self.hidden
         per_layer += sum(self.projection_shape(t)[0] for t in self.bias_targets)
-        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        if self.qk_norm:
+            per_layer += self.q_dim + self.kv_dim if self.qk_norm_full else 2 * self.head_dim
         embed = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * per_layer + embed + self.hidden
 
@@ -141,39 +184,99 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     if model_type not in SUPPORTED_MODEL_TYPES:
         found = sorted({k.rsplit(".", 2)[-2] for k in _weight_names(folder) if k.endswith(".weight")
                         and ".layers." in k})
+        why = f" ({KNOWN_UNSUPPORTED[model_type]})" if model_type in KNOWN_UNSUPPORTED else ""
         raise UnsupportedModelError(
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
-            f"supported for training; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+            f"supported for training{why}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
     _check_sizes(config, config_path)
+    gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
+    smollm3 = model_type == "smollm3"
+    if gemma:
+        _check_gemma3(config, folder)
+    if granite and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UnsupportedModelError(f"{folder}: a Granite model with attention_bias or mlp_bias is unsupported "
+                                    f"(its residual_multiplier would scale the o_proj/down_proj biases too)")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
-    # Qwen3Config's head_dim defaults to 128 (not hidden / heads) when config.json leaves it out.
-    head_dim = int(config.get("head_dim", 128 if model_type == "qwen3" else None) or hidden // heads)
+    # Qwen3Config's head_dim defaults to 128 and Gemma3TextConfig's to 256 (not hidden / heads) when
+    # config.json leaves it out.
+    default_hd = {"qwen3": 128, "gemma3_text": 256}.get(model_type)
+    head_dim = int(config.get("head_dim", default_hd) or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"{folder}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
     if head_dim > 256 or head_dim % 2:
         raise UnsupportedModelError(f"{folder}: head_dim {head_dim} is unsupported (even, at most 256)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{folder}: activation {config.get('hidden_act')!r}; only silu is supported")
-    rope = _rope_spec(config, folder)
+    # Gemma names its activation hidden_activation (gelu_pytorch_tanh by default); the others hidden_act.
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    act_name = config.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"} if gemma else {"silu": "silu"}
+    if act_name not in activations:
+        raise UnsupportedModelError(f"{folder}: {act_key} {act_name!r} is unsupported; supported: "
+                                    f"{', '.join(activations)}")
     layers = int(config["num_hidden_layers"])
     window, window_layers = _sliding_window(config, model_type, layers, folder)
+    if gemma:
+        # Gemma 3 keeps one rope per layer type: full_attention (rope_theta, default 1e6, maybe scaled) and
+        # sliding_attention (rope_local_base_freq, default 1e4).
+        params = config.get("rope_parameters") or {}
+        full = dict(params.get("full_attention") or {})
+        full.update(config.get("rope_scaling") or {})
+        full.setdefault("rope_theta", config.get("rope_theta", 1_000_000.0))
+        local = dict(params.get("sliding_attention") or {})
+        local.setdefault("rope_theta", config.get("rope_local_base_freq", 10_000.0))
+        rope = _rope_spec({"rope_parameters": full}, folder)
+        local_rope = _rope_spec({"rope_parameters": local}, folder)
+    else:
+        rope, local_rope = _rope_spec(config, folder), None
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
-    attention_bias = model_type in ("llama", "qwen3") and bool(config.get("attention_bias", False))
+    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2", "smollm3") and bool(
+        config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
         layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         intermediate=int(config["intermediate_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope=rope, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
-        qk_norm=model_type == "qwen3", max_positions=int(config.get("max_position_embeddings", 2048)),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2, pre_norms=not olmo2,
+        max_positions=int(config.get("max_position_embeddings", 2048)),
         source=str(folder), o_bias=attention_bias,
-        mlp_bias=model_type == "llama" and bool(config.get("mlp_bias", False)),
-        sliding_window=window, window_layers=window_layers)
+        mlp_bias=model_type in ("llama", "smollm3") and bool(config.get("mlp_bias", False)),
+        sliding_window=window, window_layers=window_layers,
+        norm_offset=1.0 if gemma else 0.0, post_norms=gemma or olmo2, activation=activations[act_name],
+        # transformers multiplies by embed_scale cast to the weight dtype; the engines compute in f32.
+        embed_scale=float(np.float32(hidden ** 0.5)) if gemma else (
+            float(config.get("embedding_multiplier", 1.0)) if granite else 1.0),
+        score_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else (
+            float(config.get("attention_multiplier", 1.0)) if granite else None),
+        residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
+        logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
+        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else ())
+
+
+def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
+    """SmolLM3's layers without rotary embeddings: no_rope_layers[i] is 1 where layer i uses rope, by default 0
+    on every no_rope_layer_interval-th layer (SmolLM3Config)."""
+    interval = int(config.get("no_rope_layer_interval", 4))
+    flags = config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(flags) != layers or set(flags) - {0, 1}:
+        raise UnsupportedModelError(f"{folder}: no_rope_layers {flags!r} is not one 0 or 1 per layer ({layers})")
+    return tuple(i for i, uses in enumerate(flags) if not uses)
+
+
+def _check_gemma3(config: dict, folder: Path) -> None:
+    """Refuse, by name, the Gemma 3 text options the engines do not compute."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            raise UnsupportedModelError(
+                f"{folder}: {key} {config[key]!r} is set; the engines do not implement logit soft-capping "
+                f"(Gemma 3 leaves it null). Remove it only if the model was trained without it")
+    if config.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma 3); "
+                                    f"the engines train causal language models only")
 
 
 _REQUIRED_SIZES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
@@ -201,10 +304,24 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
     if model_type == "mistral":
         window = config.get("sliding_window", 4096)
         return (None, ()) if window is None else (int(window), tuple(range(layers)))
-    if model_type not in ("qwen2", "qwen3"):
+    if model_type == "gemma3_text":
+        # Gemma 3: every layer_types "sliding_attention" layer uses sliding_window (default 4096); by default
+        # five sliding layers then one global (sliding_window_pattern 6).
+        window = config.get("sliding_window", 4096)
+        pattern = int(config.get("sliding_window_pattern", 6))
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        types = config.get("layer_types") or default
+    elif model_type == "smollm3":
+        # SmolLM3: with use_sliding_window, the layer_types "sliding_attention" layers, by default its NoPE ones.
+        window = config.get("sliding_window") if config.get("use_sliding_window", False) else None
+        types = config.get("layer_types") or [
+            "sliding_attention" if window is not None and i in _nope_layers(config, layers, folder)
+            else "full_attention" for i in range(layers)]
+    elif model_type not in ("qwen2", "qwen3"):
         return None, ()
-    window = config.get("sliding_window", 4096) if config.get("use_sliding_window", False) else None
-    types = config.get("layer_types")
+    else:
+        window = config.get("sliding_window", 4096) if config.get("use_sliding_window", False) else None
+        types = config.get("layer_types")
     if types is None:
         first = int(config.get("max_window_layers", 28))
         types = ["sliding_attention" if window is not None and i >= first else "full_attention"

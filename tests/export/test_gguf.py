@@ -13,12 +13,13 @@ from engine.lora.peft_read import read_base_config
 from bench.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from bench.tiny_models import ARCHITECTURES
 
-MODEL_TYPES = (*ARCHITECTURES, "mistral")
+MODEL_TYPES = (*ARCHITECTURES, "mistral", "gemma3")
 
 
 @pytest.fixture(scope="module")
-def bases(tiny_model_dirs, tmp_path_factory):
-    return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral"))}
+def bases(tiny_model_dirs, tiny_gemma3_dir, tmp_path_factory):
+    return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral")),
+            "gemma3": tiny_gemma3_dir}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_permutation_matches_index_formula():
 def test_tensor_names_are_llama_cpps():
     import gguf
 
-    for arch in ARCHITECTURES:
+    for arch in (*ARCHITECTURES, "gemma3"):
         name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 4)
         for projection, ours in GGUF_TENSOR_NAMES.items():
             assert name_map.get_name(f"model.layers.3.{projection}") == f"blk.3.{ours}"
@@ -88,7 +89,8 @@ def test_gguf_reads_back_as_peft(arch, dtype, bases, adapters, tmp_path):
     result = export_gguf_adapter(adapters[arch], base_dir, tmp_path / "a.gguf", dtype=dtype)
     reader = gguf.GGUFReader(result.path)
     fields = _fields(reader)
-    assert fields["general.architecture"] == GGUF_ARCHS[arch][0] == ("llama" if permuted else arch)
+    model_type = read_base_config(base_dir)["model_type"]
+    assert fields["general.architecture"] == GGUF_ARCHS[model_type][0] == ("llama" if permuted else arch)
     assert fields["general.type"] == "adapter"
     assert fields["adapter.type"] == "lora"
     assert fields["adapter.lora.alpha"] == pytest.approx(8.0)

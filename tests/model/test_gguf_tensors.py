@@ -75,3 +75,19 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight is stored as Q5_0.*Q4_K"):
         list(read_gguf_tensors(path))
+
+
+def test_gemma_gguf_is_refused_by_its_norm_shift(tmp_path):
+    """llama.cpp stores Gemma's norm weights as 1 + w; transformers' loader subtracts 1 from dequantized values,
+    which raw bytes cannot take: refused before anything is read, naming why."""
+    import gguf
+
+    path = tmp_path / "g.gguf"
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"gemma3 GGUF stores its norm weights as 1 \+ w"):
+        list(read_gguf_tensors(path))

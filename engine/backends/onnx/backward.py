@@ -2,7 +2,8 @@
 gradient, but the gradient flows through every frozen layer to the LoRA tensors below it."""
 from __future__ import annotations
 
-from engine.backends.onnx.forward import (AttentionSaved, AttentionShape, LinearGroup, LinearSaved, Rope,
+from engine.backends.onnx.forward import (GELU_KAPPA, GELU_SQRT_2_OVER_PI, AttentionSaved, AttentionShape,
+                                         LinearGroup, LinearSaved, Rope,
                                          groups_to_rows, heads_to_groups)
 from engine.backends.onnx.graph import Graph
 
@@ -91,11 +92,19 @@ def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape) -> str:
     return padded[0] if len(padded) == 1 else g.op("Sum", *padded)
 
 
-def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, str]) -> tuple[str, str]:
-    """d(gate), d(up) of silu(gate)·up, with silu'(x) = σ(x)·(1 + x·(1 − σ(x))) = σ + silu − silu·σ."""
-    sig, silu = saved
-    dsilu = g.op("Add", sig, g.op("Sub", silu, g.op("Mul", silu, sig)))
-    return g.op("Mul", g.op("Mul", da, up), dsilu), g.op("Mul", da, silu)
+def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, ...]) -> tuple[str, str]:
+    """d(gate), d(up) of act(gate)·up (forward.swiglu_forward). SwiGLU: silu'(x) = σ(x)·(1 + x·(1 − σ(x)))
+    = σ + silu − silu·σ. GeGLU: gelu'(x) = s + 2x·s(1 − s)·√(2/π)(1 + 3·0.044715x²), s = σ(2a) saved."""
+    if len(saved) == 3:
+        gate, s, act = saved
+        slope = g.op("Add", g.op("Mul", g.op("Mul", gate, gate), g.scalar(3.0 * GELU_KAPPA)), g.scalar(1.0))
+        spread = g.op("Mul", s, g.op("Sub", g.scalar(1.0), s))
+        dact = g.op("Add", s, g.op("Mul", g.op("Mul", g.op("Mul", gate, g.scalar(2.0 * GELU_SQRT_2_OVER_PI)),
+                                                      spread), slope))
+    else:
+        sig, act = saved
+        dact = g.op("Add", sig, g.op("Sub", act, g.op("Mul", act, sig)))
+    return g.op("Mul", g.op("Mul", da, up), dact), g.op("Mul", da, act)
 
 
 def lm_head_cross_entropy_backward(g: Graph, logp: str, lm_weight: str, targets_flat: str, mask: str) -> str:

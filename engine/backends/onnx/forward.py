@@ -285,8 +285,23 @@ def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str],
     return groups_to_rows(g, g.concat(saved.o, axis=2), s), saved
 
 
-def swiglu_forward(g: Graph, gate: str, up: str) -> tuple[str, tuple[str, str]]:
-    """silu(gate)·up; saves (sigmoid(gate), silu(gate))."""
+GELU_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+GELU_KAPPA = 0.044715
+
+
+def swiglu_forward(g: Graph, gate: str, up: str, activation: str = "silu") -> tuple[str, tuple[str, ...]]:
+    """act(gate)·up with act silu (SwiGLU; saves (sigmoid(gate), silu(gate))) or, for Gemma, gelu_tanh (GeGLU:
+    torch's gelu approximate="tanh", ½g(1 + tanh(a)) with a = √(2/π)(g + 0.044715g³), computed as g·σ(2a), which
+    has no 1 + tanh cancellation in the negative tail; saves (gate, σ(2a), gelu))."""
+    if activation == "gelu_tanh":
+        cube = g.op("Mul", gate, g.op("Mul", gate, gate))
+        inner = g.op("Mul", g.op("Add", gate, g.op("Mul", cube, g.scalar(GELU_KAPPA))),
+                     g.scalar(2.0 * GELU_SQRT_2_OVER_PI))
+        sig = g.op("Sigmoid", inner)
+        gelu = g.op("Mul", gate, sig)
+        return g.op("Mul", gelu, up), (gate, sig, gelu)
+    if activation != "silu":
+        raise ValueError(f"activation {activation!r} is unknown; choose silu or gelu_tanh")
     sig = g.op("Sigmoid", gate)
     silu = g.op("Mul", gate, sig)
     return g.op("Mul", silu, up), (sig, silu)

@@ -1,4 +1,4 @@
-"""The decoder (Llama / Mistral / Qwen2 / Qwen3) as ONNX graphs for one (B, T): the training step (forward,
+"""The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text) as ONNX graphs for one (B, T): the training step (forward,
 cross-entropy and the backward pass into the LoRA gradients), the evaluation loss, and the logits.
 
 Graph interface (shapes fixed at build time but L; the runner pads smaller batches):
@@ -42,26 +42,41 @@ def dropout_mask_name(layer: int, target: str) -> str:
 def prepare_weights(spec: ModelSpec, source: WeightSource) -> dict[str, np.ndarray]:
     """Frozen tensors as the graphs use them, in float32, read one at a time from `source` (any stored format is
     widened: the CPU backend computes in f32): q/k/v and gate/up with the RMSNorm weight before them folded in
-    (fw.fold_norm_weight); that norm weight is kept too, for LoRA A."""
+    (fw.fold_norm_weight); that norm weight is kept too, for LoRA A. Norm weights carry spec.norm_offset
+    (Gemma's x·(1+w)), added in f32 as transformers adds it."""
     def take(name: str) -> np.ndarray:
         if name not in source.stored():
             raise ValueError(f"{source.origin}: weight {name!r} is missing")
         return source.f32(name)
 
-    out = {"embed": take(EMBED_WEIGHT), "norm": take(FINAL_NORM_WEIGHT)}
+    def norm(name: str) -> np.ndarray:
+        return take(name) + np.float32(spec.norm_offset)
+
+    def layer_norm(i: int, short: str) -> np.ndarray:
+        return norm(layer_tensor(i, short, spec.post_norms))
+
+    # Granite: logits / logits_scale, folded into the final norm (only the LM head reads it).
+    out = {"embed": take(EMBED_WEIGHT), "norm": norm(FINAL_NORM_WEIGHT) / np.float32(spec.logits_scale)}
+    residual = np.float32(spec.residual_scale)   # Granite: o_proj's and down_proj's outputs times it
     out["lm_head"] = out["embed"] if spec.tied_embeddings else take(LM_HEAD_WEIGHT)
     for i in range(spec.layers):
-        ln1, ln2 = take(layer_tensor(i, "ln1")), take(layer_tensor(i, "ln2"))
-        out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
+        if spec.pre_norms:
+            ln1, ln2 = layer_norm(i, "ln1"), layer_norm(i, "ln2")
+            out[f"{i}.ln1"], out[f"{i}.ln2"] = ln1, ln2
+        else:       # OLMo 2: the projections read the residual stream itself; nothing to fold
+            ln1 = ln2 = np.ones(spec.hidden, np.float32)
         for t in QKV:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln1)
         if spec.qk_norm:
-            out[f"{i}.q_norm"] = take(layer_tensor(i, "q_norm"))
-            out[f"{i}.k_norm"] = take(layer_tensor(i, "k_norm"))
-        out[f"{i}.o_proj"] = take(f"{module_path(i, 'o_proj')}.weight")
+            out[f"{i}.q_norm"] = layer_norm(i, "q_norm")
+            out[f"{i}.k_norm"] = layer_norm(i, "k_norm")
+        if spec.post_norms:
+            out[f"{i}.post_attn_norm"] = layer_norm(i, "post_attn_norm")
+            out[f"{i}.post_mlp_norm"] = layer_norm(i, "post_mlp_norm")
+        out[f"{i}.o_proj"] = take(f"{module_path(i, 'o_proj')}.weight") * residual
         for t in GATE_UP:
             out[f"{i}.{t}"] = fw.fold_norm_weight(take(f"{module_path(i, t)}.weight"), ln2)
-        out[f"{i}.down_proj"] = take(f"{module_path(i, 'down_proj')}.weight")
+        out[f"{i}.down_proj"] = take(f"{module_path(i, 'down_proj')}.weight") * residual
         for t in spec.bias_targets:     # added after the product: folding a norm weight leaves them alone
             out[f"{i}.{t}.bias"] = take(f"{module_path(i, t)}.bias")
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
@@ -111,8 +126,10 @@ class DecoderGraph:
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         # Registered only where LoRA A reads it: an initializer no node uses is dropped by onnxruntime.
         scale = g.weight(input_scale, self.weights[input_scale]) if input_scale and lora_targets else None
+        # Granite's residual_scale multiplies o_proj's and down_proj's LoRA output as it does their weights.
+        scaling = self.lora.scaling * (self.spec.residual_scale if targets[0] in ("o_proj", "down_proj") else 1.0)
         return fw.LinearGroup(weights=weights, biases=biases, targets=targets, lora=tuple(lora),
-                              scaling=self.lora.scaling, rank=self.lora.rank, input_scale=scale,
+                              scaling=scaling, rank=self.lora.rank, input_scale=scale,
                               dropout=dropout, dropout_masks=masks,
                               seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
 
@@ -128,14 +145,20 @@ class DecoderGraph:
         labelled = None if mode == "logits" else LabelledRows(
             rows=g.input("label_rows", np.int64, ["labelled"]), targets=g.input("targets", np.int64, ["labelled", 1]),
             mask=g.input("mask", np.float32, ["labelled", 1]))
-        inv_freq = spec.rope.inv_freq(spec.head_dim)
-        consts = StepConstants(
-            rope=fw.rope_constants(g, inv_freq, s.batch, s.seq),
-            rope_q=fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=1.0 / np.sqrt(spec.head_dim)),
+        tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
+        for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
+            inv_freq = rope.inv_freq(spec.head_dim)
+            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq),
+                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale))
+        consts = StepConstants(     # None in SmolLM3's NoPE layers
+            rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
+            rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
             causal=[g.const(fw.causal_mask(self.att, j), np.float32) for j in range(self.att.query_blocks)])
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
+        if spec.embed_scale != 1.0:     # Gemma: the lookup times sqrt(hidden); the tied LM head is not scaled
+            x = g.op("Mul", x, g.scalar(spec.embed_scale))
         saved, pending = [], None      # pending: the MLP output not yet added to the residual stream x
         for i in range(spec.layers):
             x, pending, layer = self.layer_forward(g, i, x, pending, consts, train)
@@ -159,28 +182,46 @@ class DecoderGraph:
                       train: bool) -> tuple[str, str, "LayerSaved"]:
         """Layer i: (residual stream after its attention, its MLP output still to be added, what backward needs).
 
-        The residual add of the previous layer's MLP output (`pending`) is fused into this layer's first norm."""
-        spec, eps = self.spec, self.spec.rms_eps
+        The residual add of the previous layer's MLP output (`pending`) is fused into this layer's first norm
+        (without pre-norms, OLMo 2, it is a plain add, and the projections read the residual stream)."""
+        spec, eps, pre = self.spec, self.spec.rms_eps, self.spec.pre_norms
         w = lambda name: g.weight(f"{i}.{name}", self.weights[f"{i}.{name}"])  # noqa: E731
-        saved = LayerSaved(qkv=self._group(g, i, QKV, train, input_scale=f"{i}.ln1"),
+        saved = LayerSaved(qkv=self._group(g, i, QKV, train, input_scale=f"{i}.ln1" if pre else None),
                            o=self._group(g, i, ("o_proj",), train),
-                           gu=self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2"),
+                           gu=self._group(g, i, GATE_UP, train, input_scale=f"{i}.ln2" if pre else None),
                            down=self._group(g, i, ("down_proj",), train))
-        h1, saved.n1, x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
-                                                   residual=None if pending is None else x, guards=consts.guards)
+        if pre:
+            h1, saved.n1, x = fw.fused_rmsnorm_forward(g, x if pending is None else pending, spec.hidden, eps,
+                                                       residual=None if pending is None else x,
+                                                       guards=consts.guards)
+        else:
+            x = h1 = x if pending is None else g.op("Add", x, pending)
         (q, k, v), saved.l_qkv = fw.linear_forward(g, h1, saved.qkv)
-        if spec.qk_norm:
-            q, saved.nq = fw.rmsnorm_forward(g, g.reshape(q, self._heads4(spec.heads)), w("q_norm"), eps)
-            k, saved.nk = fw.rmsnorm_forward(g, g.reshape(k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
-        q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q, spec.heads)
-        k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope, spec.kv_heads)
+        if spec.qk_norm:    # per head, or (OLMo 2) over the whole projection [B·T, QD]
+            q, saved.nq = fw.rmsnorm_forward(g, q if spec.qk_norm_full else g.reshape(q, self._heads4(spec.heads)),
+                                             w("q_norm"), eps)
+            k, saved.nk = fw.rmsnorm_forward(g, k if spec.qk_norm_full else g.reshape(
+                k, self._heads4(spec.kv_heads)), w("k_norm"), eps)
+        if consts.rope[i] is None:      # no rotation: the queries take the attention scale by themselves
+            q = g.op("Mul", self._rows3(g, q, spec.q_dim), g.scalar(spec.attention_scale))
+            k = self._rows3(g, k, spec.kv_dim)
+        else:
+            q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
+            k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
         att, saved.att = fw.attention_forward(g, q, k, v, consts.causal, self.att)
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
-        h2, saved.n2, x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=consts.guards)
+        if spec.post_norms:     # Gemma: each branch is normed before its residual add
+            o, saved.n_post_attn = fw.rmsnorm_forward(g, o, w("post_attn_norm"), eps)
+        if pre:
+            h2, saved.n2, x = fw.fused_rmsnorm_forward(g, o, spec.hidden, eps, residual=x, guards=consts.guards)
+        else:
+            x = h2 = g.op("Add", x, o)
         (gate, saved.up), saved.l_gu = fw.linear_forward(g, h2, saved.gu)
-        act, saved.swiglu = fw.swiglu_forward(g, gate, saved.up)
+        act, saved.swiglu = fw.swiglu_forward(g, gate, saved.up, spec.activation)
         (mlp_out,), saved.l_down = fw.linear_forward(g, act, saved.down)
+        if spec.post_norms:
+            mlp_out, saved.n_post_mlp = fw.rmsnorm_forward(g, mlp_out, w("post_mlp_norm"), eps)
         return x, mlp_out, saved
 
     def loss(self, g: Graph, xn: str, rstd: str, norm_w: str, lm: str, labelled: "LabelledRows",
@@ -202,23 +243,35 @@ class DecoderGraph:
     def layer_backward(self, g: Graph, i: int, dx: str, saved: "LayerSaved", consts: "StepConstants") -> str:
         """Layer i in reverse: the LoRA gradients of its projections, and the residual stream's gradient below it."""
         spec = self.spec
-        da = bw.linear_backward(g, [dx], saved.l_down, saved.down)
+        d_mlp = dx if saved.n_post_mlp is None else bw.rmsnorm_backward(g, dx, saved.n_post_mlp, f"{i}.post_mlp_norm")
+        da = bw.linear_backward(g, [d_mlp], saved.l_down, saved.down)
         dgate, dup = bw.swiglu_backward(g, da, saved.up, saved.swiglu)
         dh2 = bw.linear_backward(g, [dgate, dup], saved.l_gu, saved.gu)
-        dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, saved.n2))
-        datt = bw.linear_backward(g, [dx], saved.l_o, saved.o)
+        dx = g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh2, saved.n2) if saved.n2 else dh2)
+        d_o = dx if saved.n_post_attn is None else bw.rmsnorm_backward(g, dx, saved.n_post_attn,
+                                                                       f"{i}.post_attn_norm")
+        datt = bw.linear_backward(g, [d_o], saved.l_o, saved.o)
         dq, dk, dv = bw.attention_backward(g, datt, saved.att, self.att)
-        dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q, spec.heads)
-        dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope, spec.kv_heads)
+        if consts.rope[i] is None:
+            dq = g.op("Mul", self._rows3(g, dq, spec.q_dim), g.scalar(spec.attention_scale))
+            dk = self._rows3(g, dk, spec.kv_dim)
+        else:
+            dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q[i], spec.heads)
+            dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope[i], spec.kv_heads)
         if spec.qk_norm:   # the norm weights were registered by the forward pass
-            dq = bw.rmsnorm_backward(g, g.reshape(dq, self._heads4(spec.heads)), saved.nq, f"{i}.q_norm")
-            dk = bw.rmsnorm_backward(g, g.reshape(dk, self._heads4(spec.kv_heads)), saved.nk, f"{i}.k_norm")
+            rows = self.shape.rows
+            q_shape = [rows, spec.q_dim] if spec.qk_norm_full else self._heads4(spec.heads)
+            k_shape = [rows, spec.kv_dim] if spec.qk_norm_full else self._heads4(spec.kv_heads)
+            dq = bw.rmsnorm_backward(g, g.reshape(dq, q_shape), saved.nq, f"{i}.q_norm")
+            dk = bw.rmsnorm_backward(g, g.reshape(dk, k_shape), saved.nk, f"{i}.k_norm")
         rows = self.shape.rows
         dys = [g.reshape(dq, [rows, spec.q_dim]), g.reshape(dk, [rows, spec.kv_dim]),
                g.reshape(dv, [rows, spec.kv_dim])]
         # Nothing below layer 0's attention input is trainable: skip that dx (a full q/k/v-sized GEMM).
         dh1 = bw.linear_backward(g, dys, saved.l_qkv, saved.qkv, need_dx=i > 0)
-        return g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, saved.n1)) if i > 0 else dx
+        if i == 0:
+            return dx
+        return g.op("Add", dx, bw.normalized_rmsnorm_backward(g, dh1, saved.n1) if saved.n1 else dh1)
 
     def _heads4(self, heads: int) -> list[int]:
         return [self.shape.batch, self.shape.seq, heads, self.spec.head_dim]
@@ -238,8 +291,8 @@ class LabelledRows:
 @dataclass
 class StepConstants:
     """Tensors every layer of one graph shares."""
-    rope: fw.Rope                       # rotation tables for the keys
-    rope_q: fw.Rope                     # the same with the attention's 1/sqrt(HD) folded in, for the queries
+    rope: list[fw.Rope | None]          # per layer: rotation tables for the keys (ModelSpec.layer_rope; None: NoPE)
+    rope_q: list[fw.Rope | None]        # the same with the attention's scale folded in, for the queries
     causal: list[str]                   # one additive causal mask per query block
     guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
 
@@ -260,5 +313,7 @@ class LayerSaved:
     n2: tuple[str, str] | None = None           # post-attention norm
     l_gu: fw.LinearSaved | None = None
     up: str | None = None                       # up_proj output (SwiGLU's backward needs it)
-    swiglu: tuple[str, str] | None = None
+    swiglu: tuple[str, ...] | None = None
     l_down: fw.LinearSaved | None = None
+    n_post_attn: tuple[str, str] | None = None  # Gemma's norms on the attention and MLP outputs
+    n_post_mlp: tuple[str, str] | None = None

@@ -18,22 +18,29 @@ def projection_backward(enc: StepEncoder, k: LayerKernels, target: str) -> None:
 
 
 def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
-    projection_backward(enc, k, "down_proj")     # d_res → d_h
+    if k.post_mlp_norm is not None:
+        k.post_mlp_norm.encode_backward(enc)     # d_res → d_post
+    projection_backward(enc, k, "down_proj")     # d_res (d_post) → d_h
     k.swiglu.encode_backward(enc)                # d_h → d_gate, d_up
-    projection_backward(enc, k, "up_proj")       # d_up → d_ln
+    projection_backward(enc, k, "up_proj")       # d_up → d_ln (no pre-norms: d_res +=)
     projection_backward(enc, k, "gate_proj")     # d_gate → d_ln +=
-    k.ln2.encode_backward(enc)                   # d_ln → d_res +=
-    projection_backward(enc, k, "o_proj")        # d_res → d_att
+    if k.ln2 is not None:
+        k.ln2.encode_backward(enc)               # d_ln → d_res +=
+    if k.post_attn_norm is not None:
+        k.post_attn_norm.encode_backward(enc)    # d_res → d_post
+    projection_backward(enc, k, "o_proj")        # d_res (d_post) → d_att
     k.attention.encode_backward(enc)             # d_att → dq, dk, dv
-    k.rope_q.encode_backward(enc, k.dq)
-    k.rope_k.encode_backward(enc, k.dk)
+    if k.rope_q is not None:
+        k.rope_q.encode_backward(enc, k.dq)
+        k.rope_k.encode_backward(enc, k.dk)
     if k.q_norm is not None:
         k.q_norm.encode_backward(enc)            # dq → dq_raw
         k.k_norm.encode_backward(enc)
     projection_backward(enc, k, "v_proj")        # → d_ln
     projection_backward(enc, k, "k_proj")        # → d_ln +=
     projection_backward(enc, k, "q_proj")        # → d_ln +=
-    k.ln1.encode_backward(enc)                   # d_ln → d_res +=
+    if k.ln1 is not None:
+        k.ln1.encode_backward(enc)               # d_ln → d_res +=
 
 
 def model_backward(enc: StepEncoder, m: ModelKernels) -> None:

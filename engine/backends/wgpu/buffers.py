@@ -85,12 +85,12 @@ def bias_name(target: str) -> str:
 class LayerWeights:
     """One decoder layer's frozen weights, as Hugging Face stores them: matrices as HeldWeight (buffer and
     format), norm weights and biases as f32 buffers."""
-    ln1: object                 # [C] input_layernorm
+    ln1: object                 # [C] input_layernorm (None without pre-norms: OLMo 2)
     q: HeldWeight               # [QD, C]
     k: HeldWeight               # [KVD, C]
     v: HeldWeight               # [KVD, C]
     o: HeldWeight               # [C, QD]
-    ln2: object                 # [C] post_attention_layernorm
+    ln2: object                 # [C] post_attention_layernorm (Gemma: pre_feedforward_layernorm; OLMo 2: None)
     gate: HeldWeight            # [I, C]
     up: HeldWeight              # [I, C]
     down: HeldWeight            # [C, I]
@@ -101,15 +101,17 @@ class LayerWeights:
     gate_bias: object = None    # [I]   Llama mlp_bias
     up_bias: object = None      # [I]
     down_bias: object = None    # [C]
-    q_norm: object = None       # [HD]  Qwen3
-    k_norm: object = None       # [HD]  Qwen3
+    q_norm: object = None       # [HD]  Qwen3, Gemma 3; [QD] OLMo 2
+    k_norm: object = None       # [HD]  Qwen3, Gemma 3; [KVD] OLMo 2
+    post_attn_norm: object = None   # [C] Gemma 3: on the attention output (its post_attention_layernorm)
+    post_mlp_norm: object = None    # [C] Gemma 3: on the MLP output (post_feedforward_layernorm)
 
 
 @dataclass
 class LayerActivations:
     """What one layer's forward saves for its backward. With recompute, every layer's instance holds the same
     buffers except x_out (allocate_activations)."""
-    ln1: object                 # [BT, C] input_layernorm output
+    ln1: object                 # [BT, C] input_layernorm output (None without pre-norms, and ln1_rstd, ln2...)
     ln1_rstd: object            # [BT]
     q: object                   # [BT, QD] after (q_norm and) RoPE
     k: object                   # [BT, KVD] after (k_norm and) RoPE
@@ -126,8 +128,12 @@ class LayerActivations:
     lora_u: dict                # target -> [BT, r] the LoRA branch's x·Aᵀ (for dB)
     q_raw: object = None        # [BT, QD] Qwen3: q_proj output before q_norm
     k_raw: object = None        # [BT, KVD]
-    q_rstd: object = None       # [BT·NH]
+    q_rstd: object = None       # [BT·NH] ([BT] for OLMo 2's full-width q/k norms)
     k_rstd: object = None       # [BT·NKV]
+    attn_proj: object = None    # [BT, C] Gemma 3: o_proj output, the post-attention norm's input
+    attn_post_rstd: object = None   # [BT]
+    mlp_proj: object = None     # [BT, C] Gemma 3: down_proj output, the post-MLP norm's input
+    mlp_post_rstd: object = None    # [BT]
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Scratch:
     lora_grads: object          # [P]
     dq_raw: object = None       # [BT, QD] Qwen3
     dk_raw: object = None       # [BT, KVD] Qwen3
+    d_post: object = None       # [BT, C] Gemma 3: gradient of a post-norm's input (o_proj / down_proj output)
     x_drop: object = None       # [BT, max in] LoRA dropout
     dx_drop: object = None      # [BT, max in]
     att_dsum: object = None     # [B, NH, T] attention backward's rowsum(dout·out), one for every layer
@@ -201,7 +208,7 @@ def frozen_layout(spec: ModelSpec, max_binding_bytes: int, format_of: FormatOf =
             layout[key] = FrozenTensor(shape)
             continue
         _, layer, short = key.split(".")
-        tensor = FrozenTensor(shape, format_of(layer_tensor(int(layer), short), shape, False))
+        tensor = FrozenTensor(shape, format_of(layer_tensor(int(layer), short, spec.post_norms), shape, False))
         if tensor.nbytes > max_binding_bytes:
             raise MemoryError(f"layer {layer} {short} {shape} needs {tensor.nbytes} bytes in {tensor.format.name}, "
                               f"over this adapter's {max_binding_bytes}-byte binding limit; choose a smaller model")
@@ -217,10 +224,15 @@ def layer_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for layer in range(spec.layers):
         per = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C),
                "o": (C, spec.q_dim), "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
+        if not spec.pre_norms:
+            del per["ln1"], per["ln2"]
         for target in spec.bias_targets:
             per[bias_name(target)] = (spec.projection_shape(target)[0],)
         if spec.qk_norm:
-            per.update(q_norm=(HD,), k_norm=(HD,))
+            per.update(q_norm=(spec.q_dim,), k_norm=(spec.kv_dim,)) if spec.qk_norm_full else per.update(
+                q_norm=(HD,), k_norm=(HD,))
+        if spec.post_norms:
+            per.update(post_attn_norm=(C,), post_mlp_norm=(C,))
         shapes.update({f"layers.{layer}.{name}": shape for name, shape in per.items()})
     return shapes
 
@@ -232,8 +244,13 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
               "ln2": (BT, C), "ln2_rstd": (BT,), "gate": (BT, I), "up": (BT, I), "h": (BT, I), "x_out": (BT, C),
               "lora_u": {t: (BT, lora.rank) for t in lora.targets}}
     if spec.qk_norm:
-        shapes.update(q_raw=(BT, spec.q_dim), k_raw=(BT, spec.kv_dim), q_rstd=(BT * spec.heads,),
-                      k_rstd=(BT * spec.kv_heads,))
+        full = spec.qk_norm_full
+        shapes.update(q_raw=(BT, spec.q_dim), k_raw=(BT, spec.kv_dim), q_rstd=(BT if full else BT * spec.heads,),
+                      k_rstd=(BT if full else BT * spec.kv_heads,))
+    if not spec.pre_norms:      # OLMo 2: the projections read the residual stream itself
+        shapes.update(ln1=None, ln1_rstd=None, ln2=None, ln2_rstd=None)
+    if spec.post_norms:
+        shapes.update(attn_proj=(BT, C), attn_post_rstd=(BT,), mlp_proj=(BT, C), mlp_post_rstd=(BT,))
     return shapes
 
 
@@ -285,6 +302,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))
+    if spec.post_norms:
+        shapes["d_post"] = (BT, C)
     shapes["att_dsum"] = (B, spec.heads, T)
     if spec.heads > spec.kv_heads:
         shapes.update(dk_heads=(BT, spec.q_dim), dv_heads=(BT, spec.q_dim))
@@ -295,7 +314,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
 
 
 def shapes_bytes(shapes: dict) -> int:
-    return sum(shapes_bytes(s) if isinstance(s, dict) else nbytes(s) for s in shapes.values())
+    """What allocate allocates for `shapes` (a shape of None: nothing)."""
+    return sum(shapes_bytes(s) if isinstance(s, dict) else nbytes(s) for s in shapes.values() if s is not None)
 
 
 def allocate(ctx, cls, shapes: dict, label: str):

@@ -16,27 +16,37 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
     """With `recompute`, the forward again just before this layer's backward, refilling the activation set the
     layers share: the same kernels in the same order on the same inputs, so the same bits (and, from the same
     step seed and salt, the same LoRA dropout masks). It stops at what the backward reads: down_proj's input h
-    and its LoRA u, not down_proj's output nor x_out (the next layer's input, kept)."""
-    k.ln1.encode_forward(enc)
+    and its LoRA u, not down_proj's output nor x_out (the next layer's input, kept) — except with post-norms
+    (Gemma 3), whose post-MLP norm backward reads down_proj's output."""
+    if k.ln1 is not None:
+        k.ln1.encode_forward(enc)
     for target in ("q_proj", "k_proj", "v_proj"):
         projection_forward(enc, k, target)
     if k.q_norm is not None:
         k.q_norm.encode_forward(enc)
         k.k_norm.encode_forward(enc)
-    k.rope_q.encode_forward(enc)
-    k.rope_k.encode_forward(enc)
+    if k.rope_q is not None:
+        k.rope_q.encode_forward(enc)
+        k.rope_k.encode_forward(enc)
     k.attention.encode_forward(enc)
     projection_forward(enc, k, "o_proj")
+    if k.post_attn_norm is not None:
+        k.post_attn_norm.encode_forward(enc)
     k.attn_residual.encode(enc)
-    k.ln2.encode_forward(enc)
+    if k.ln2 is not None:
+        k.ln2.encode_forward(enc)
     projection_forward(enc, k, "gate_proj")
     projection_forward(enc, k, "up_proj")
     k.swiglu.encode_forward(enc)
-    if recompute:
+    if recompute and k.post_mlp_norm is None:
         if "down_proj" in k.lora:
             k.lora["down_proj"].encode_saved(enc)
         return
     projection_forward(enc, k, "down_proj")
+    if k.post_mlp_norm is not None:
+        k.post_mlp_norm.encode_forward(enc)     # its backward reads down_proj's output and rstd: recomputed too
+        if recompute:
+            return
     k.mlp_residual.encode(enc)
 
 

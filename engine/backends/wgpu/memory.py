@@ -48,7 +48,7 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     per_layer += len(lora.targets) * 6 * GEMM_PARAMS                 # LoRA: u, y, dB, du, dA, dx
     if lora.dropout > 0:
         per_layer += len(lora.targets) * 2 * SMALL_PARAMS            # dropout mask forward / backward
-    norms = 4 if spec.qk_norm else 2
+    norms = 2 * spec.pre_norms + 2 * spec.qk_norm + 2 * spec.post_norms
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
     per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
     per_layer += NORM_PARAMS                                         # attention (its scratch is in Scratch)
@@ -57,7 +57,8 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
     model += SMALL_PARAMS + chunks * (lm_pieces * 2 * GEMM_PARAMS + SMALL_PARAMS) + SMALL_PARAMS   # LM head
     model += SMALL_PARAMS                                            # the LoRA dropout step constants
-    return spec.layers * per_layer + model
+    rope = 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)
+    return spec.layers * per_layer + model - len(spec.nope_layers) * rope     # NoPE layers bind no RoPE
 
 
 def optimizer_bytes(optim: OptimizerConfig, P: int) -> int:

@@ -58,7 +58,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict[st
 def step_flops(spec: ModelSpec, lora: LoraConfig, tokens: int, seq_len: int, recompute: bool = False) -> float:
     """Floating-point operations of one training step over `tokens` tokens (forward + backward, LoRA only
     trainable: frozen matrices need their input gradient but no weight gradient). With `recompute`, the forward
-    again of every layer but the last, without down_proj's output (engine.backends.wgpu.forward.layer_forward)."""
+    again of every layer but the last, without down_proj's output unless post-norms need it
+    (engine.backends.wgpu.forward.layer_forward)."""
     dense = sum(o * i for o, i in map(spec.projection_shape, ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj")))
     adapted = sum(lora.rank * sum(spec.projection_shape(t)) for t in lora.targets)
@@ -68,9 +69,11 @@ def step_flops(spec: ModelSpec, lora: LoraConfig, tokens: int, seq_len: int, rec
     total = spec.layers * per_token_layer + head
     if recompute:
         down_out, down_in = spec.projection_shape("down_proj")
-        again = 2 * (dense - down_out * down_in) + 2 * adapted + 2 * 2 * seq_len * spec.q_dim / 2
-        if "down_proj" in lora.targets:
-            again -= 2 * lora.rank * down_out                     # down_proj's LoRA computes u only
+        again = 2 * dense + 2 * adapted + 2 * 2 * seq_len * spec.q_dim / 2
+        if not spec.post_norms:     # Gemma's post-MLP norm needs down_proj's output: recomputed there
+            again -= 2 * down_out * down_in
+            if "down_proj" in lora.targets:
+                again -= 2 * lora.rank * down_out                 # down_proj's LoRA computes u only
         total += (spec.layers - 1) * again
     return float(tokens) * total
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, layer_tensor
+from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, NORM_TENSORS, layer_tensor
 from engine.model.spec import ModelSpec
 from engine.model.weight_formats import WeightFormat, to_gpu_layout
 from engine.model.weights import WeightSource
@@ -33,6 +33,13 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
     def take(hf_name: str, key: str):
         tensor = layout[key]
         source.require(hf_name, tensor.shape)
+        if key == "final_norm" or key.rsplit(".", 1)[-1] in NORM_TENSORS:
+            # Gemma's x·(1+w): the offset added once here, in f32 as transformers adds it (norms are held f32).
+            # Granite divides the logits by logits_scale: folded into the final norm, which only the LM head reads.
+            raw = source.f32(hf_name) + np.float32(spec.norm_offset)
+            if key == "final_norm" and spec.logits_scale != 1.0:
+                raw = raw / np.float32(spec.logits_scale)
+            return ctx.upload(to_gpu_layout(raw, tensor.format, tensor.shape), hf_name)
         buffer = upload(hf_name, source.as_format(hf_name, tensor.format), tensor, hf_name)
         return HeldWeight(buffer, tensor.format) if len(tensor.shape) == 2 else buffer
 
@@ -54,5 +61,6 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
     for layer in range(spec.layers):
         prefix = f"layers.{layer}."
         own = [k[len(prefix):] for k in layout if k.startswith(prefix)]
-        layers.append(LayerWeights(**{name: take(layer_tensor(layer, name), prefix + name) for name in own}))
+        tensors = {name: take(layer_tensor(layer, name, spec.post_norms), prefix + name) for name in own}
+        layers.append(LayerWeights(**{"ln1": None, "ln2": None, **tensors}))   # OLMo 2 has neither norm
     return ModelWeights(embed, lm_head, vocab_format, take(FINAL_NORM_WEIGHT, "final_norm"), layers)

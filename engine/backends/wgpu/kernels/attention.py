@@ -58,7 +58,7 @@ def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows:
 
 
 class Attention:
-    """Scaled (1/sqrt(HD)) causal attention with n_heads query heads over n_kv_heads shared KV heads.
+    """Scaled (by `scale`, default 1/sqrt(HD)) causal attention with n_heads query heads over n_kv_heads shared KV heads.
 
     `encode_forward` writes out and lse; `encode_backward` writes (overwrites) dq, dk, dv, with dk/dv summed
     over the query heads that share each KV head.
@@ -67,7 +67,7 @@ class Attention:
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
                  workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
-                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None):
+                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None):
         """`dsum` [B, NH, T] and, with GQA, `dk_heads`, `dv_heads` [B, T, NH, HD]: the backward's scratch, which
         it writes before it reads, so the layers of a model can share one set; allocated here when not given."""
         if head_dim % 4 or not 4 <= head_dim <= 256:
@@ -105,7 +105,7 @@ class Attention:
         dsum_x, dsum_y, dsum_stride = grid_1d(ctx, B * n_heads * T, DSUM_WORKGROUP)
         sum_x, sum_y, sum_stride = grid_1d(ctx, B * T * n_kv_heads * head_dim // 4, DSUM_WORKGROUP)
         self.params = upload_uniform(ctx, "attention", "Params", f"{label}.params", batch=B, seq_len=T,
-                                     n_heads=n_heads, n_kv=n_kv_heads, ratio=ratio, scale=1.0 / math.sqrt(head_dim),
+                                     n_heads=n_heads, n_kv=n_kv_heads, ratio=ratio, scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
                                      dsum_stride=dsum_stride, sum_stride=sum_stride)
         resources = {0: self.params, 1: q, 2: k, 3: v, 4: out, 5: lse, 6: dout, 7: self.dsum, 8: dq, 9: dk, 10: dv}
         if ratio > 1:   # [B, T, NH, HD] each

@@ -9,10 +9,10 @@ from engine.model.weight_formats import FORMATS, WeightFormat
 
 class Embedding:
     """out [rows, dim] = table[ids]; `pieces` is [(buffer [piece_rows, dim] in `fmt`'s GPU layout, first_id,
-    piece_rows)] covering the vocabulary. Frozen and at the bottom of the model: no backward."""
+    piece_rows)] covering the vocabulary, each value times `scale` (ModelSpec.embed_scale). Frozen and at the bottom of the model: no backward."""
 
     def __init__(self, ctx: GpuContext, out, ids, pieces: list, rows: int, dim: int,
-                 fmt: WeightFormat = WeightFormat.F32, label: str = "embedding"):
+                 fmt: WeightFormat = WeightFormat.F32, scale: float = 1.0, label: str = "embedding"):
         info = FORMATS[fmt]
         info.check_shape((1, dim), label)
         n4 = rows * -(-dim // 4)
@@ -23,7 +23,7 @@ class Embedding:
         for i, (table, first_id, piece_rows) in enumerate(pieces):
             params = upload_uniform(ctx, "embedding", "Params", f"{label}.{i}.params", n4=n4, dim=dim,
                                     first_id=first_id, piece_rows=piece_rows, row_stride=stride,
-                                    row_blocks=dim // info.block_size)
+                                    row_blocks=dim // info.block_size, scale=scale)
             self.bind_groups.append(ctx.bind_group(self.pipeline, {0: out, 1: ids, 2: table, 3: params},
                                                    f"{label}.{i}"))
 

@@ -221,7 +221,8 @@ class Matmul:
 
 
 class Linear:
-    """Frozen projection out = x·Wᵀ + b over M rows; backward writes (or with accumulate, adds) dx = dy·W.
+    """Frozen projection out = scale·x·Wᵀ + b over M rows; backward writes (or with accumulate, adds)
+    dx = scale·dy·W. (`scale`: Granite's residual_multiplier on o_proj and down_proj; 1 otherwise.)
 
     x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
     of few rows (small batches) are split over K to keep a large GPU busy. weight_format: how W is stored
@@ -230,12 +231,15 @@ class Linear:
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
                  dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
-                 weight_format: WeightFormat | str = WeightFormat.F32):
+                 weight_format: WeightFormat | str = WeightFormat.F32, scale: float = 1.0):
+        if scale != 1.0 and bias is not None:
+            raise ValueError(f"{label}: a scaled projection with a bias would leave the bias unscaled")
         self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              bias=bias, partials=partials, label=f"{label}.fwd", b_format=weight_format)
+                              alpha=scale, bias=bias, partials=partials, label=f"{label}.fwd",
+                              b_format=weight_format)
         self.backward = None
         if dy is not None and dx is not None:
-            self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features),
+            self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features), alpha=scale,
                                    beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd",
                                    b_format=weight_format)
 

@@ -6,13 +6,15 @@ from engine.backends.wgpu.uniforms import uniform_struct
 from engine.backends.wgpu.kernels.attention import Attention, tiling, workgroup_bytes
 
 
-def attention_reference(q, k, v, dout):
-    """float64 causal GQA attention: (out [B,T,NH,HD], lse [B,NH,T], dq, dk, dv) by the textbook formulas."""
+def attention_reference(q, k, v, dout, scale=None):
+    """float64 causal GQA attention: (out [B,T,NH,HD], lse [B,NH,T], dq, dk, dv) by the textbook formulas;
+    scores times `scale` (default 1/sqrt(HD))."""
     B, T, NH, HD = q.shape
+    scale = 1 / np.sqrt(HD) if scale is None else scale
     ratio = NH // k.shape[2]
     kh = np.repeat(k, ratio, axis=2)                     # [B, T, NH, HD]
     vh = np.repeat(v, ratio, axis=2)
-    s = np.einsum("bihd,bjhd->bhij", q, kh) / np.sqrt(HD)
+    s = np.einsum("bihd,bjhd->bhij", q, kh) * scale
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
     m = s.max(-1, keepdims=True)
     e = np.exp(s - m)
@@ -21,8 +23,8 @@ def attention_reference(q, k, v, dout):
     out = np.einsum("bhij,bjhd->bihd", p, vh)
     dp = np.einsum("bihd,bjhd->bhij", dout, vh)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = np.einsum("bhij,bjhd->bihd", ds, kh) / np.sqrt(HD)
-    dkh = np.einsum("bhij,bihd->bjhd", ds, q) / np.sqrt(HD)
+    dq = np.einsum("bhij,bjhd->bihd", ds, kh) * scale
+    dkh = np.einsum("bhij,bihd->bjhd", ds, q) * scale
     dvh = np.einsum("bhij,bihd->bjhd", p, dout)
     fold = lambda x: x.reshape(B, T, NH // ratio, ratio, HD).sum(3)  # noqa: E731  sum the query heads of a group
     return out, lse, dq, fold(dkh), fold(dvh)
@@ -78,6 +80,18 @@ def test_attention_forward_and_backward_match_reference(gpu_device, B, T, NH, NK
     want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_attention_with_the_models_own_scale(gpu_device):
+    """Gemma's query_pre_attn_scalar**-0.5 instead of 1/sqrt(HD), forward and backward."""
+    q, k, v, dout = random_inputs(1, 11, 4, 2, 20, seed=11)
+    scale = 28 ** -0.5
+    got = run_attention(gpu_device, q, k, v, dout, scale=scale)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), scale=scale)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
+    assert np.abs(got[0] - attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))[0]).max() > 1e-3
 
 
 @pytest.mark.gpu

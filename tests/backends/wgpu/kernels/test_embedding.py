@@ -48,3 +48,18 @@ def test_embedding_gather_from_a_held_format(gpu_device, fmt):
     enc.submit()
     want = dequantize(raw.tobytes(), fmt, (vocab, dim)).reshape(vocab, dim)[ids]
     np.testing.assert_array_equal(ctx.read(out, count=rows * dim).reshape(rows, dim), want)
+
+
+def test_embedding_scale_multiplies_each_value_in_f32(gpu_device):
+    """Gemma's sqrt(hidden) scale: table[ids] * f32(scale), as torch multiplies (one f32 rounding)."""
+    ctx = gpu_device
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((10, 19)).astype(np.float32)
+    ids = rng.integers(0, 10, 6).astype(np.int32)
+    scale = np.float32(19 ** 0.5)
+    out = ctx.buffer(4 * 6 * 19, "out")
+    emb = Embedding(ctx, out, ctx.upload(ids, "ids"), [(ctx.upload(table, "t"), 0, 10)], 6, 19, scale=float(scale))
+    enc = ctx.encoder()
+    emb.encode_forward(enc)
+    enc.submit()
+    np.testing.assert_array_equal(ctx.read(out, count=6 * 19).reshape(6, 19), table[ids] * scale)

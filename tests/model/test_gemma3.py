@@ -1,0 +1,212 @@
+"""Gemma 3 text (Gemma3ForCausalLM) on both training backends, in chat and in every export, against transformers +
+PEFT; and the architectures and options still refused, by name.
+
+The tiny Gemma 3 (bench/tiny_models.py) has random norm weights (transformers initialises them to zero, where
+(1+w) = 1 would hide a norm that ignores its weight or its offset), query_pre_attn_scalar != head_dim, a global
+layer between two sliding ones with different rope thetas, GeGLU and sqrt(hidden)-scaled embeddings: dropping
+any quirk moves the logits far beyond the tolerances (test_each_quirk_moves_the_logits).
+"""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from engine.backends.base import OptimizerConfig
+from engine.backends.onnx import OnnxBackend
+from engine.lora.config import LoraConfig
+from engine.model.spec import UnsupportedModelError, load_model_spec
+from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
+
+B, T = 2, 7
+LORAS = {"all-targets": LoraConfig(rank=4, alpha=8),
+         "rslora-subset": LoraConfig(rank=3, alpha=5, use_rslora=True, targets=("q_proj", "o_proj", "down_proj"))}
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def _reference(model_dir, lora, masked_fraction=0.3):
+    spec = load_model_spec(model_dir)
+    state = random_lora_state(spec, lora, seed=1)
+    ids, labels = random_batch(spec.vocab_size, B, T, seed=2, masked_fraction=masked_fraction)
+    return state, ids, labels, loss_and_grads(peft_model(model_dir, lora, state), ids, labels)
+
+
+def _assert_matches(logits, loss, grads, ref) -> None:
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-4, rtol=0)
+    assert loss == pytest.approx(ref.loss, rel=1e-5)
+    assert grads.keys() == ref.grads.keys()
+    for key, want in ref.grads.items():
+        assert rel_err(grads[key], want) < 1e-3, key
+
+
+def test_spec_reads_gemma3_as_transformers_builds_it(tiny_gemma3_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = load_model_spec(tiny_gemma3_dir)
+    assert (spec.model_type, spec.activation, spec.norm_offset, spec.post_norms, spec.qk_norm) == (
+        "gemma3_text", "gelu_tanh", 1.0, True, True)
+    assert spec.embed_scale == float(np.float32(76 ** 0.5))
+    assert spec.attention_scale == 28 ** -0.5 != spec.head_dim ** -0.5
+    assert spec.window_layers == (0, 2) and spec.sliding_window == 16
+    assert [spec.layer_rope(i).theta for i in range(3)] == [10000.0, 1000000.0, 10000.0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir, dtype=torch.float32)
+    assert spec.parameter_count() == sum(p.numel() for p in model.parameters())
+    assert model.model.embed_tokens.embed_scale.item() == spec.embed_scale
+    assert model.model.layers[1].self_attn.scaling == spec.attention_scale
+
+
+def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
+    """The CPU backend with one quirk of the spec turned off is far from transformers: each quirk is tested."""
+    import engine.backends.onnx.backend as onnx_backend
+
+    lora = LORAS["all-targets"]
+    state, ids, labels, ref = _reference(tiny_gemma3_dir, lora)
+    spec = load_model_spec(tiny_gemma3_dir)
+    plain = {"norm_offset": 0.0, "post_norms": False, "activation": "silu", "embed_scale": 1.0,
+             "score_scale": None, "local_rope": None}
+    for field, value in plain.items():
+        wrong = dataclasses.replace(spec, **{field: value})
+        original = onnx_backend.load_model_spec
+        onnx_backend.load_model_spec = lambda _dir, wrong=wrong: wrong
+        try:
+            with OnnxBackend(tiny_gemma3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+                logits = be.logits(ids)
+        finally:
+            onnx_backend.load_model_spec = original
+        assert np.abs(logits - ref.logits).max() > 1e-2, field
+
+
+@pytest.mark.parametrize("lora", list(LORAS))
+def test_onnx_backend_matches_peft(tiny_gemma3_dir, lora):
+    state, ids, labels, ref = _reference(tiny_gemma3_dir, LORAS[lora])
+    with OnnxBackend(tiny_gemma3_dir, LORAS[lora], OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+        loss, tokens, grads = be.gradients([(ids, labels)])
+        logits = be.logits(ids)
+    assert tokens == int((labels[:, 1:] != -100).sum())
+    _assert_matches(logits, loss, grads, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("lora", list(LORAS))
+def test_wgpu_backend_matches_peft(tiny_gemma3_dir, gpu_device, lora, recompute):
+    from engine.backends.wgpu.backend import WgpuBackend
+    from engine.backends.wgpu.memory import memory_plan
+
+    state, ids, labels, ref = _reference(tiny_gemma3_dir, LORAS[lora])
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(tiny_gemma3_dir, LORAS[lora], OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state,
+                     recompute=recompute) as be:
+        plan = memory_plan(load_model_spec(tiny_gemma3_dir), LORAS[lora], OptimizerConfig(), B, T,
+                           gpu_device.max_binding_bytes, gpu_device.max_workgroups, recompute=recompute)
+        assert be.memory_bytes() == gpu_device.bytes_allocated - before == plan.total
+        logits = be.logits(ids)
+        loss, grads = be.gradients([(ids, labels)])
+    _assert_matches(logits, loss, grads, ref)
+
+
+@pytest.mark.gpu
+def test_sequences_longer_than_the_window_are_refused(tiny_gemma3_dir, gpu_device):
+    from engine.backends.wgpu.backend import WgpuBackend
+
+    message = r"sequence length 17 is longer than the model's sliding_window 16 \(used by layers 0, 2\)"
+    with pytest.raises(UnsupportedModelError, match=message):
+        OnnxBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, threads=1)
+    with pytest.raises(UnsupportedModelError, match=message):
+        WgpuBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, ctx=gpu_device)
+
+
+def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_path):
+    """The backend's adapter written as PEFT files: PEFT's loss is the backend's; chat (transformers + PEFT)
+    gives PEFT's logits; the merged folder gives them without PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.chat.inference import ChatEngine
+    from engine.export.merged import export_merged
+    from engine.lora.peft_write import export_adapter
+
+    lora = LORAS["all-targets"]
+    state, ids, labels, ref = _reference(tiny_gemma3_dir, lora)
+    with OnnxBackend(tiny_gemma3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+        total, counted = be.eval_loss(ids, labels)
+        trained = be.lora_state()
+    adapter = export_adapter(tmp_path / "adapter", trained, lora, str(tiny_gemma3_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
+    assert loss_and_grads(peft, ids, labels).loss == pytest.approx(total / counted, rel=1e-5)
+    tokens = torch.from_numpy(ids[:1].astype(np.int64))
+    with torch.no_grad():
+        want = peft(input_ids=tokens).logits[0]
+
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
+    chat.load(tiny_gemma3_dir)
+    try:
+        chat.set_active_adapter(chat.load_adapter(adapter))
+        text = chat.tokenizer.decode(ids[0])
+        got = chat.logits(text)
+        chat_ids = chat.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(got, peft(input_ids=chat_ids).logits[0], rtol=1e-4, atol=1e-5)
+    finally:
+        chat.unload()
+
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(adapter, tiny_gemma3_dir, tmp_path / "merged").path,
+                                                  dtype=torch.float32)
+    with torch.no_grad():
+        # The merged folder is bf16 only where the base was; this base is f32.
+        torch.testing.assert_close(merged(input_ids=tokens).logits[0], want, rtol=0, atol=1e-4)
+
+
+def _config_dir(tmp_path, name, **config):
+    """A model folder with config.json only (the spec needs no weights)."""
+    base = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    return folder
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(model_type="gemma2"), r"'gemma2'.*soft-capping \(tanh\) are not implemented"),
+    (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
+    (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers \[1, 2\] is not one 0 or 1 per layer"),
+    (dict(model_type="phi3"), r"'phi3'.*fused qkv_proj and gate_up_proj"),
+    (dict(model_type="gemma3_text", final_logit_softcapping=30.0), r"final_logit_softcapping 30.0 is set"),
+    (dict(model_type="gemma3_text", attn_logit_softcapping=50.0), r"attn_logit_softcapping 50.0 is set"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True), r"use_bidirectional_attention"),
+    (dict(model_type="gemma3_text", hidden_activation="gelu"), r"hidden_activation 'gelu' is unsupported"),
+    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 8.0}}),
+     r"rope scaling 'yarn' is unsupported"),
+    (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
+     r"rope scaling 'longrope' is unsupported"),
+], ids=["gemma2", "gemma3-multimodal", "smollm3-bad-nope", "phi3", "final-softcap", "attn-softcap",
+        "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
+def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_model_spec(_config_dir(tmp_path, "m", **config))
+
+
+def test_gemma3_defaults_are_transformers_defaults(tmp_path):
+    """A config.json that leaves layer_types, head_dim and the thetas out gets Gemma3TextConfig's defaults:
+    five sliding layers then a global one, 1e6 and 1e4, window 4096, query_pre_attn_scalar 256."""
+    folder = _config_dir(tmp_path, "m", model_type="gemma3_text", num_hidden_layers=7)
+    config = json.loads((folder / "config.json").read_text())
+    del config["head_dim"]
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = load_model_spec(folder)
+    assert spec.window_layers == (0, 1, 2, 3, 4, 6) and spec.sliding_window == 4096
+    assert (spec.rope.theta, spec.local_rope.theta, spec.head_dim) == (1_000_000.0, 10_000.0, 256)
+    assert spec.attention_scale == 256 ** -0.5
+
+
+def test_attention_bias_is_where_transformers_builds_it(tmp_path):
+    """Gemma3Attention gives q/k/v/o a bias with attention_bias; its MLP never has one."""
+    spec = load_model_spec(_config_dir(tmp_path, "m", model_type="gemma3_text", attention_bias=True, mlp_bias=True))
+    assert spec.bias_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
