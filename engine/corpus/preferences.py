@@ -57,14 +57,14 @@ class PreferenceCorpus:
                 "rejected": [(decode(p.rejected_ids[p.prompt_tokens:]), True)]}
 
     def batches(self, pairs: int, split: str = "train", shuffle: bool = True, epoch: int = 0,
-                start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                start_batch: int = 0, seed: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One epoch of (input_ids [2P, T], labels [2P, T]) int32, T = seq_len: rows 0..P−1 the chosen answers,
         rows P..2P−1 the rejected ones of the same pairs (TRL's concatenated layout), right-padded with the pad id
         and labels −100. The last batch is filled with empty pairs (all −100), which count for nothing.
-        Deterministic in (seed, epoch); `start_batch` resumes exactly."""
+        Deterministic in (seed, epoch), seed defaulting to the corpus's; `start_batch` resumes exactly."""
         group = self._split(split)
         seq_len, pad = self.config.seq_len, self.tokenizer.pad_id
-        order = batch_order(len(group), shuffle, self.config.seed, epoch)
+        order = batch_order(len(group), shuffle, self.config.seed if seed is None else seed, epoch)
         for b in range(start_batch, batch_count(len(group), pairs)):
             ids = np.full((2 * pairs, seq_len), pad, np.int32)
             labels = np.full((2 * pairs, seq_len), IGNORE_LABEL, np.int32)
@@ -162,6 +162,9 @@ def _pair(record, line: int, index: int, fs: FileStats, tok: CorpusTokenizer, co
     if any(not np.any(labels[1:] != IGNORE_LABEL) for _, labels in rows):
         raise RecordError(f"nothing left to compare after cutting to seq_len {config.seq_len}: the prompt "
                           f"({prompt} tokens) fills the sequence")
+    if cut and np.array_equal(rows[0][0], rows[1][0]):
+        raise RecordError(f"chosen and rejected are the same after cutting to seq_len {config.seq_len} (the "
+                          f"prompt has {prompt} tokens; they differ later): raise seq_len")
     if cut:
         fs.truncated_records += 1
         fs.truncated_tokens += cut

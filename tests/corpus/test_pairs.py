@@ -143,6 +143,9 @@ def test_validation_split_and_truncation_are_counted(tmp_path, tok):
     fs = prefs.stats.files[0]
     assert fs.truncated_records == 6 and all(len(p.chosen_ids) == 24 for p in prefs.train + prefs.val)
     assert prefs.stats.train.sequences == 8
+    same = [{"prompt": "Question?", "chosen": " Yes" * 30 + " indeed.", "rejected": " Yes" * 30 + " no."}]
+    prefs = load_preferences([write_jsonl(tmp_path / "same.jsonl", same)], tok, CorpusConfig(seq_len=24))
+    assert not prefs.train and "the same after cutting to seq_len 24" in prefs.stats.files[0].skipped[0].reason
 
 
 def test_the_sft_corpus_points_pairs_to_the_preference_objectives(tmp_path, tok):
