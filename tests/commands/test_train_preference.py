@@ -58,3 +58,21 @@ def test_preference_options_are_refused_clearly(tiny_llama_dir, tmp_path, capsys
     assert "packing" in capsys.readouterr().err
     assert main(base + ["--objective", "dpo", "--label-smoothing", "0.7", "--batch-size", "2"]) == 2
     assert "label_smoothing must be a number in [0, 0.5)" in capsys.readouterr().err
+
+
+def test_a_dpo_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    data = preference_file(tmp_path / "pairs.jsonl", n=12)
+    args = ["--model", str(tiny_llama_dir), "--data", str(data), "--objective", "dpo", "--steps", "4",
+            "--save-every", "2", "--keep-checkpoints", "3", "--rank", "4", "--alpha", "8", "--seq-len", "96",
+            "--batch-size", "4", "--lr", "5e-3", "--backend", "cpu", "--json"]
+    run_json(capsys, ["train", "--out", str(tmp_path / "a"), *args])
+    straight = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--json",
+                              "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000002")])
+    steps = [x for x in lines if x["event"] == "step"]
+    assert [x["step"] for x in steps] == [3, 4] and all("reward_margin" in x for x in steps)
+    resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for key, value in straight.items():
+        np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
