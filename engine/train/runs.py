@@ -194,7 +194,7 @@ def _prepare_pairs(config: TrainConfig, inputs: RunInputs, spec, tokenizer, init
         seed=config.seed))
     if not corpus.train:
         raise ValueError("no usable preference pairs in " + ", ".join(inputs.data) + " (each record needs "
-                         "'chosen' and 'rejected'; run `lora-lab corpus` to see why each was skipped)")
+                         "'chosen' and 'rejected'; run `lora-lab corpus --pairs` to see why each was skipped)")
     if corpus.tokenizer.vocab_size > spec.vocab_size:
         raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only "
                          f"{spec.vocab_size} embeddings")
