@@ -3,13 +3,13 @@ share their prompt, and tokenize the pair with the prompt checked to be identica
 
 Detected per record, like the SFT formats (formats.py); a record holding `chosen` or `rejected` is a pair:
 
-| format                | fields                                                       | becomes                        |
-|-----------------------|--------------------------------------------------------------|--------------------------------|
-| `pair_sharegpt`       | `conversations` + `chosen`/`rejected` message objects        | chat (LLaMA-Factory ranking)   |
-| `pair_alpaca`         | `instruction` (+ `input`, `system`) + `chosen`/`rejected`    | chat (LLaMA-Factory ranking)   |
-| `pair_explicit`       | `prompt`, `chosen`, `rejected`: strings, or message lists    | completion, or chat (TRL)      |
-| `pair_implicit`       | `chosen`, `rejected`: full conversations (or strings) that   | the shared prefix is the prompt|
-|                       | share their prefix                                            | (TRL's extract_prompt)         |
+| format           | fields                                                     | becomes                         |
+|------------------|------------------------------------------------------------|---------------------------------|
+| `pair_sharegpt`  | `conversations` + `chosen`/`rejected` message objects      | chat (LLaMA-Factory ranking)    |
+| `pair_alpaca`    | `instruction` (+ `input`, `system`) + `chosen`/`rejected`  | chat (LLaMA-Factory ranking)    |
+| `pair_explicit`  | `prompt`, `chosen`, `rejected`: strings, or message lists  | completion, or chat (TRL)       |
+| `pair_implicit`  | `chosen`, `rejected`: full conversations (or strings) that | the shared prefix is the prompt |
+|                  | share their prefix                                         | (TRL's extract_prompt)          |
 
 String pairs render as SFT's prompt/completion does ([BOS] prompt completion EOS, TRL's standard format); message
 pairs through the model's chat template with only the turns after the prompt trained. Either way the tokens

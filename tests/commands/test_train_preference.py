@@ -69,8 +69,9 @@ def test_a_dpo_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, capsys)
             "--batch-size", "4", "--lr", "5e-3", "--backend", "cpu", "--json"]
     run_json(capsys, ["train", "--out", str(tmp_path / "a"), *args])
     straight = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-00000002"
     lines = run_json(capsys, ["train", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--json",
-                              "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000002")])
+                              "--backend", "cpu", "--resume", str(checkpoint)])
     steps = [x for x in lines if x["event"] == "step"]
     assert [x["step"] for x in steps] == [3, 4] and all("reward_margin" in x for x in steps)
     resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
