@@ -6,6 +6,8 @@
 // d(hidden) before the next chunk reuses the buffer.
 // Loss convention (Hugging Face): target[row] is the already shifted label, −100 does not count, and the loss
 // is the sum over counted rows divided by the step's counted tokens (inv_count, known on the host up front).
+// row_weight scales each row's gradient (not its loss): 1 for supervised steps; for the preference objectives
+// −∂L/∂S of the row's sequence (engine/backends/preference.py), so the backward computes dL/dθ exactly.
 struct Chunk { rows: u32, vocab: u32, row0: u32, n_total: u32 }
 struct Step { inv_count: f32, count: f32, write_grad: u32, _pad0: u32 }
 
@@ -19,6 +21,7 @@ var<workgroup> red_sum: array<f32, 256>;
 @group(0) @binding(3) var<uniform> chunk: Chunk;
 @group(0) @binding(4) var<uniform> step: Step;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;     // loss_reduce only: [16]
+@group(0) @binding(6) var<storage, read> row_weight: array<f32>;      // [B·T] gradient weight per row
 
 @compute @workgroup_size(256)
 fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -49,13 +52,14 @@ fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         row_loss[chunk.row0 + r] += (lse - logits[base + u32(tgt)]) * step.inv_count;
     }
     if (step.write_grad == 0u) { return; }
+    let scale = step.inv_count * row_weight[chunk.row0 + r];
     workgroupBarrier();   // everyone has read logits[target] before it is overwritten
     for (var v = lid; v < chunk.vocab; v += WG) {
         var g = 0.0;
         if (counted) {
             g = exp(logits[base + v] - lse);
             if (v == u32(tgt)) { g -= 1.0; }
-            g *= step.inv_count;
+            g *= scale;
         }
         logits[base + v] = g;
     }

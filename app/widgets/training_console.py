@@ -1,5 +1,6 @@
 """The training console: live loss (raw, smoothed) and validation loss, speed, progress, controls, log, checkpoints,
-and the perplexity before and after when the run ends. It shows the TrainingController's events, nothing else."""
+and the perplexity before and after when the run ends; for DPO/ORPO runs also the reward margin and the reward
+accuracy, training and validation. It shows the TrainingController's events, nothing else."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,6 +76,53 @@ class LossPlot(pg.PlotWidget):
         self.val.setData(self.val_steps, self.val_losses)
 
 
+class RewardPlot(pg.PlotWidget):
+    """DPO/ORPO: reward margin (left axis) and reward accuracy (0..1), per step and at each validation; hidden
+    until an event carries them."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent, background="w")
+        self.setObjectName("reward-plot")
+        self.addLegend(offset=(-10, 10))
+        self.showGrid(x=True, y=True, alpha=0.3)
+        self.setLabel("bottom", "step")
+        self.setLabel("left", "reward margin / accuracy")
+        self.margin = self.plot([], [], name="reward margin", pen=pg.mkPen("#08519c", width=1))
+        self.accuracy = self.plot([], [], name="reward accuracy", pen=pg.mkPen("#31a354", width=1))
+        self.val_margin = self.plot([], [], name="validation margin", pen=pg.mkPen("#e6550d", width=2), symbol="o",
+                                    symbolSize=7, symbolBrush="#e6550d")
+        self.val_accuracy = self.plot([], [], name="validation accuracy", pen=pg.mkPen("#756bb1", width=2),
+                                      symbol="t", symbolSize=7, symbolBrush="#756bb1")
+        self._redraw_timer = QTimer(self, singleShot=True, interval=100)
+        self._redraw_timer.timeout.connect(self._redraw)
+        self.clear_data()
+
+    def clear_data(self):
+        self.steps, self.margins, self.accuracies = [], [], []
+        self.val_steps, self.val_margins, self.val_accuracies = [], [], []
+        self._redraw()
+
+    def add_step(self, step: int, margin: float, accuracy: float):
+        self.steps.append(step)
+        self.margins.append(margin)
+        self.accuracies.append(accuracy)
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def add_val(self, step: int, margin: float, accuracy: float):
+        self.val_steps.append(step)
+        self.val_margins.append(margin)
+        self.val_accuracies.append(accuracy)
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def _redraw(self):
+        self.margin.setData(self.steps, self.margins)
+        self.accuracy.setData(self.steps, self.accuracies)
+        self.val_margin.setData(self.val_steps, self.val_margins)
+        self.val_accuracy.setData(self.val_steps, self.val_accuracies)
+
+
 class TrainingConsole(QWidget):
     FIELDS = ("step", "loss", "tokens/s", "elapsed", "ETA", "learning rate", "engine memory", "validation")
 
@@ -82,6 +130,8 @@ class TrainingConsole(QWidget):
         super().__init__(parent, objectName="training-console")
         self.controller = controller
         self.plot = LossPlot()
+        self.rewards = RewardPlot()
+        self.rewards.hide()
         self.values = {}
         grid = QGridLayout()
         for i, name in enumerate(self.FIELDS):
@@ -112,7 +162,10 @@ class TrainingConsole(QWidget):
         side_layout.addWidget(self.checkpoints)
         bottom.addWidget(side)
         split = QSplitter(Qt.Vertical)
-        split.addWidget(self.plot)
+        plots = QSplitter(Qt.Horizontal)
+        plots.addWidget(self.plot)
+        plots.addWidget(self.rewards)
+        split.addWidget(plots)
         split.addWidget(bottom)
         layout = QVBoxLayout(self)
         layout.addLayout(grid)
@@ -164,6 +217,8 @@ class TrainingConsole(QWidget):
 
     def _on_started(self, request):
         self.plot.clear_data()
+        self.rewards.clear_data()
+        self.rewards.hide()
         self.checkpoints.clear()
         self.progress.setValue(0)
         for label in self.values.values():
@@ -177,6 +232,10 @@ class TrainingConsole(QWidget):
         v = self.values
         v["step"].setText(f"{e.step} / {e.total} (epoch {e.epoch + 1})")
         v["loss"].setText(f"{e.loss:.4f}" + (" (skipped: not finite)" if e.skipped else ""))
+        if e.reward_margin is not None and not e.skipped:
+            self.rewards.show()
+            self.rewards.add_step(e.step, e.reward_margin, e.reward_accuracy)
+            v["loss"].setText(f"{e.loss:.4f}, reward margin {e.reward_margin:+.3f}, accuracy {e.reward_accuracy:.2f}")
         v["tokens/s"].setText(f"{e.tokens_per_s:,.0f}")
         v["elapsed"].setText(duration(e.elapsed_s))
         v["ETA"].setText(duration(e.eta_s))
@@ -185,10 +244,19 @@ class TrainingConsole(QWidget):
 
     def _on_eval(self, e):
         self.plot.add_val(e.step, e.loss)
-        self.values["validation"].setText(f"loss {e.loss:.4f}, perplexity {e.perplexity:.3f}")
+        if e.reward_margin is None:
+            self.values["validation"].setText(f"loss {e.loss:.4f}, perplexity {e.perplexity:.3f}")
+            return
+        self.rewards.show()
+        self.rewards.add_val(e.step, e.reward_margin, e.reward_accuracy)
+        self.values["validation"].setText(f"loss {e.loss:.4f}, reward margin {e.reward_margin:+.3f}, "
+                                          f"accuracy {e.reward_accuracy:.3f}")
 
     def _on_finished(self, summary, perplexities):
-        if perplexities.before is not None and perplexities.after is not None:
+        if self.rewards.val_steps:
+            ppl = (f"Validation reward accuracy {self.rewards.val_accuracies[-1]:.3f}, margin "
+                   f"{self.rewards.val_margins[-1]:+.3f} (chosen over rejected answers).")
+        elif perplexities.before is not None and perplexities.after is not None:
             ppl = (f"Validation perplexity: {perplexities.before:.3f} before → {perplexities.after:.3f} after "
                    f"({perplexities.tokens:,} tokens).")
         else:

@@ -15,6 +15,12 @@ Conventions every backend follows, so they agree to 1e-3 with PyTorch + PEFT and
 - A non-finite loss or gradient norm skips the update: weights, optimizer moments and the optimizer step count
   stay as they were, and the result says `skipped`.
 - LoRA tensors are exchanged with PEFT's names and layouts (A [r, in], B [out, r], float32), see engine.lora.config.
+- Preference objectives (DPO, ORPO; engine.backends.preference owns the formulas): `sequence_logps` gives each
+  row's summed completion log-probability, with the adapter on or off (off = the DPO reference: the same
+  weights, one more forward pass, no second copy); `preference_step` runs a whole step on micro-batches in the
+  concatenated layout (chosen rows, then rejected rows). The step's loss is the mean over all its pairs, so
+  gradient accumulation again equals one big batch; clipping and the non-finite guard are as above. A backend
+  that cannot run them refuses with NotImplementedError naming itself.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.backends.preference import PreferenceObjective
 from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
 
@@ -74,6 +81,16 @@ class StepResult:
     skipped: bool        # True when loss or gradient was non-finite and nothing was updated
 
 
+@dataclass(frozen=True)
+class PreferenceStepResult(StepResult):
+    """A preference step: `loss` is the objective's, `tokens` the completion tokens of both answers."""
+    pairs: int                 # pairs that counted (filler pairs of a short last batch do not)
+    reward_margin: float       # mean(chosen reward − rejected reward), rewards as engine.backends.preference
+    reward_accuracy: float     # fraction of pairs whose chosen reward is the larger
+    chosen_reward: float
+    rejected_reward: float
+
+
 class PendingStep:
     """A step whose numbers may still be on the device: `result()` waits for them.
 
@@ -111,6 +128,20 @@ class TrainingBackend(ABC):
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
         """Forward + backward over each (input_ids, labels) micro-batch, then clip, guard and update."""
+
+    def preference_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], objective: PreferenceObjective,
+                        lr: float, max_grad_norm: float) -> PendingStep:
+        """One DPO/ORPO step over micro-batches of (input_ids, labels) [2P, T], chosen rows first; the pending
+        result is a PreferenceStepResult."""
+        raise NotImplementedError(f"{self.name}: this backend does not run preference objectives (DPO, ORPO); "
+                                  "use the CPU backend (--backend cpu)")
+
+    def sequence_logps(self, input_ids: np.ndarray, labels: np.ndarray, adapter: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(Σ log-probability of each row's counted targets as float64 [B], counted targets per row int64 [B]),
+        of the adapted model, or of the base model with `adapter=False`; no gradients, no update."""
+        raise NotImplementedError(f"{self.name}: this backend does not compute sequence log-probabilities; "
+                                  "use the CPU backend (--backend cpu)")
 
     @abstractmethod
     def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:

@@ -24,6 +24,8 @@ def register(subparsers):
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction held out for validation")
     p.add_argument("--val-file", action="append", default=[], metavar="FILE", help="a validation-only file")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--pairs", action="store_true",
+                   help="read preference pairs (records with 'chosen' and 'rejected'), as --objective dpo/orpo do")
     p.set_defaults(func=run)
 
 
@@ -38,7 +40,12 @@ def run(args) -> int:
         if show and total:
             print(f"\rreading {100 * done / total:5.1f}%", end="", file=sys.stderr, flush=True)
 
-    corpus = load_corpus(args.files, tokenizer, config, progress=progress)
+    if args.pairs:
+        from engine.corpus.preferences import load_preferences
+
+        corpus = load_preferences(args.files, tokenizer, config)
+    else:
+        corpus = load_corpus(args.files, tokenizer, config, progress=progress)
     if show:
         print("\r" + " " * 20 + "\r", end="", file=sys.stderr)
     if args.json:

@@ -69,6 +69,15 @@ def add_training_options(p, out_help: str) -> None:
     run.add_argument("--weight-decay", type=float, default=0.0, help="(default %(default)s)")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     run.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    prefs = p.add_argument_group("preference tuning (data: records with 'chosen' and 'rejected')")
+    prefs.add_argument("--objective", choices=("sft", "dpo", "orpo"), default="sft",
+                       help="sft: next-token loss; dpo: DPO (sigmoid) against the base model with the adapter off; "
+                            "orpo: odds ratio + SFT on the chosen answers, no reference (default %(default)s). "
+                            "With dpo/orpo --batch-size counts rows, two per pair; peers use lr 5e-6..5e-5")
+    prefs.add_argument("--beta", type=float, default=0.1, help="DPO beta (default %(default)s)")
+    prefs.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="DPO label smoothing in [0, 0.5) (default %(default)s)")
+    prefs.add_argument("--orpo-lambda", type=float, default=0.1, help="ORPO lambda (default %(default)s)")
     data = p.add_argument_group("data and evaluation")
     data.add_argument("--val-split", type=float, default=0.0, help="fraction of the data held out")
     data.add_argument("--val-data", action="append", default=[], metavar="F", help="validation-only file")
@@ -101,6 +110,7 @@ def config_from_args(args) -> TrainConfig:
         epochs=args.epochs or 1, max_steps=args.steps or 0, lr=args.lr, schedule=args.schedule,
         warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, weights=args.weights,
+        objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
         recompute={"auto": None, "on": True, "off": False}[args.recompute])
 
 
@@ -126,13 +136,16 @@ class ProgressBar(TrainerCallback):
         filled = int(self.width * e.step / e.total)
         bar = "#" * filled + "." * (self.width - filled)
         loss = "skipped (non-finite)" if e.skipped else f"loss {e.loss:.4f}"
+        if e.reward_margin is not None and not e.skipped:
+            loss += f" margin {e.reward_margin:+.3f} acc {e.reward_accuracy:.2f}"
         self.stream.write(f"\r[{bar}] {e.step}/{e.total} {loss} lr {e.lr:.2e} {e.tokens_per_s:,.0f} tok/s "
                           f"{_duration(e.elapsed_s)} ETA {_duration(e.eta_s)} mem {e.memory_bytes / 2**20:,.0f} MiB ")
         self.stream.flush()
 
     def on_eval(self, e):
-        self.stream.write(f"\n  eval at step {e.step}: loss {e.loss:.4f}, perplexity {e.perplexity:.3f} "
-                          f"({e.tokens} tokens)\n")
+        quality = f"perplexity {e.perplexity:.3f}" if e.reward_margin is None else \
+            f"reward margin {e.reward_margin:+.4f}, reward accuracy {e.reward_accuracy:.3f}"
+        self.stream.write(f"\n  eval at step {e.step}: loss {e.loss:.4f}, {quality} ({e.tokens} tokens)\n")
 
     def on_checkpoint(self, e):
         self.stream.write(f"\n  checkpoint: {e.path}\n")
@@ -157,11 +170,20 @@ class JsonLines(TrainerCallback):
                     "loss": e.loss if math.isfinite(e.loss) else None, "lr": e.lr,
                     "grad_norm": e.grad_norm if math.isfinite(e.grad_norm) else None, "tokens": e.tokens,
                     "tokens_per_s": e.tokens_per_s, "elapsed_s": e.elapsed_s, "eta_s": e.eta_s,
-                    "memory_bytes": e.memory_bytes, "skipped": e.skipped})
+                    "memory_bytes": e.memory_bytes, "skipped": e.skipped, **_rewards(e)})
 
     def on_eval(self, e):
         self._emit({"event": "eval", "step": e.step, "loss": e.loss,
-                    "perplexity": e.perplexity if math.isfinite(e.perplexity) else None, "tokens": e.tokens})
+                    "perplexity": e.perplexity if math.isfinite(e.perplexity) else None, "tokens": e.tokens,
+                    **_rewards(e)})
+
+
+def _rewards(e) -> dict:
+    """DPO/ORPO steps and evaluations: reward margin and accuracy (absent for SFT; None where not finite)."""
+    if e.reward_margin is None:
+        return {}
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+    return {"reward_margin": finite(e.reward_margin), "reward_accuracy": finite(e.reward_accuracy)}
 
 
 def run_train(args) -> int:
@@ -190,7 +212,9 @@ def run_train(args) -> int:
         trainer = prepared.trainer
         if not args.json:
             t = prepared.corpus_stats.train
-            print(f"training {prepared.base_model}: {t.sequences} sequences, {t.trainable_tokens} trained tokens, "
+            objective = trainer.config.objective
+            rows = f"{t.sequences // 2} pairs ({objective})" if objective != "sft" else f"{t.sequences} sequences"
+            print(f"training {prepared.base_model}: {rows}, {t.trainable_tokens} trained tokens, "
                   f"{trainer.total_steps} steps", file=sys.stderr)
         previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(trainer, previous))
         try:

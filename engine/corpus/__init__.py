@@ -15,7 +15,9 @@ what was used and what was not.
 Modules, in the order data flows: `textstream` (bytes -> text: encodings, binary refusal, CRLF, bounded lines),
 `readers` (text -> raw records per container), `formats` (record -> Example), `render` (Example -> ids and
 labels with the model's chat template and prompt masking), `sequences` (windows, truncation, packing,
-validation split, batches), `stats`, and `loader` which drives them. Nothing here imports Qt.
+validation split, batches), `stats`, and `loader` which drives them. Preference pairs (DPO/ORPO) take `pairs`
+(record -> chosen/rejected Examples, the shared-prompt check) and `preferences` (load_preferences) instead of
+`formats` and `loader`. Nothing here imports Qt.
 """
 from engine.corpus.config import CorpusConfig
 from engine.corpus.formats import FORMATS, Example, RecordError

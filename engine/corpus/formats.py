@@ -95,6 +95,9 @@ def detect_format(record) -> str:
     if not isinstance(record, dict):
         found = "a list" if isinstance(record, list) else type(record).__name__
         raise RecordError(f"expected a JSON object, found {found}")
+    if "chosen" in record or "rejected" in record:   # engine.corpus.pairs reads these
+        raise RecordError("a preference pair ('chosen'/'rejected') in a supervised corpus; train it with "
+                          "objective dpo or orpo, or give 'messages', 'text' or 'prompt'/'completion' records")
     if "input_ids" in record:
         return "input_ids"
     if "messages" in record:

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from engine.backends.base import MemoryOptions, OptimizerConfig
+from engine.backends.preference import OBJECTIVES, PreferenceObjective
 from engine.lora.config import LoraConfig
 from engine.train.schedule import SCHEDULES
 
@@ -33,6 +34,12 @@ class TrainConfig:
         "help": "activation recompute (WGSL backend): keep only each layer's input and run its forward again in "
                 "the backward; the same gradients, far less memory, about one more forward pass per step. "
                 "None: the memory plan decides (engine.train.runs.prepare_run)"})
+    objective: str = field(default="sft", metadata={
+        "help": "sft (next-token cross-entropy) | dpo | orpo (preference pairs: batch_size counts rows, two per "
+                "pair, so it must be even)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO β (TRL's default 0.1)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "DPO label smoothing ε in [0, 0.5)"})
+    orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO λ, the odds-ratio term's weight (TRL's 0.1)"})
     weights: str = field(default="f32", metadata={
         "help": "the format the WGSL backend holds the frozen weights in: auto (the memory plan decides), stored "
                 "(as the model file holds them), f32, bf16, f16, q8, q4; the CPU backend computes in f32"})
@@ -54,6 +61,20 @@ class TrainConfig:
             MemoryOptions(weights=self.weights)     # names the choices when it is not one
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        if self.objective not in ("sft",) + OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown; choose from sft, {', '.join(OBJECTIVES)}")
+        if self.objective != "sft":
+            self.preference_objective()             # validates beta, label_smoothing, orpo_lambda
+            if self.batch_size % 2:
+                raise ValueError(f"batch-size {self.batch_size} with objective {self.objective}: a micro-batch holds "
+                                 "whole pairs (a chosen and a rejected row each), so batch-size must be even")
+
+    def preference_objective(self) -> PreferenceObjective | None:
+        """The DPO/ORPO settings, or None for supervised fine-tuning."""
+        if self.objective == "sft":
+            return None
+        return PreferenceObjective(self.objective, beta=self.beta, label_smoothing=self.label_smoothing,
+                                   orpo_lambda=self.orpo_lambda)
 
     def memory_options(self) -> MemoryOptions:
         """What the backend is built with; "auto" settings must have been resolved by the memory plan first."""

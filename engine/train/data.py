@@ -76,3 +76,27 @@ def corpus_val_batches(sequences, batch_size: int, seq_len: int, pad_id: int) ->
     from engine.corpus import batches
 
     return list(batches(sequences, batch_size, seq_len, pad_id, shuffle=False)) if sequences else []
+
+
+class PreferenceBatches:
+    """The training pairs of an engine.corpus.preferences PreferenceCorpus, `batch_size // 2` pairs a batch in the
+    concatenated layout (chosen rows, then rejected rows), shuffled per epoch."""
+
+    def __init__(self, corpus, batch_size: int, shuffle: bool = True):
+        from engine.corpus import batch_count
+
+        if not corpus.train:
+            raise ValueError("no training pairs: nothing in the data files was a usable preference pair")
+        self._corpus, self._pairs, self.shuffle = corpus, batch_size // 2, shuffle
+        self.batches_per_epoch = batch_count(len(corpus.train), self._pairs)
+        self.fingerprint = fingerprint_arrays(
+            [np.array([batch_size, corpus.config.seq_len, corpus.tokenizer.pad_id, int(shuffle)])]
+            + [a for p in corpus.train for a in (p.chosen_ids, p.chosen_labels, p.rejected_ids, p.rejected_labels)])
+
+    def epoch_batches(self, epoch: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        return self._corpus.batches(self._pairs, shuffle=self.shuffle, epoch=epoch, start_batch=start, seed=seed)
+
+
+def preference_val_batches(corpus, batch_size: int) -> list[Batch]:
+    """The validation pairs as fixed, unshuffled batches of batch_size // 2 pairs."""
+    return list(corpus.batches(batch_size // 2, split="val", shuffle=False)) if corpus.val else []

@@ -108,6 +108,9 @@ def export_job(config: TrainConfig, inputs: RunInputs, out_dir: str | Path, copy
     from engine.model.references import resolve_for_adapter
     from engine.model.spec import load_model_spec
 
+    if config.objective != "sft":   # the job's script is a supervised (cross-entropy) training loop
+        raise ValueError(f"export-job writes supervised runs only; objective {config.objective} is trained by "
+                         "`lora-lab train --objective ...` here")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty; choose a new folder for the job (or overwrite it)")

@@ -135,8 +135,9 @@ def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_pro
     data = prepare_data(config, inputs, model_dir, spec, base_model, import_init=checkpoint is None, log=log,
                         corpus_progress=corpus_progress, corpus_cancel=corpus_cancel)
     config, init_state, corpus, train, val = data.config, data.init_state, data.corpus, data.train, data.val
+    unit = "sequences" if config.objective == "sft" else "pairs"
     card = {"training data": ", ".join(Path(p).name for p in inputs.data),
-            "training sequences": len(corpus.train), "validation sequences": len(corpus.val)}
+            f"training {unit}": len(corpus.train), f"validation {unit}": len(corpus.val)}
     def on_choice(choice):            # what `--backend auto` measured, and why it chose
         for line in choice.lines():
             log(line)
@@ -152,8 +153,8 @@ class RunData:
     """What a run trains on, exactly as the desktop trainer sees it (`lora-lab export-job` writes the same)."""
     config: TrainConfig           # with an initial adapter's rank, alpha and targets
     init_state: dict | None       # the initial adapter's LoRA tensors (PEFT names), or None: a fresh init
-    corpus: object                # engine.corpus.Corpus
-    train: object                 # engine.train.data.CorpusBatches
+    corpus: object                # engine.corpus.Corpus, or a PreferenceCorpus for DPO/ORPO
+    train: object                 # engine.train.data.CorpusBatches, or PreferenceBatches
     val: list                     # validation batches, [B, T] each
 
 
@@ -178,6 +179,8 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
         if named and named != base_model:
             log(f"note: the adapter names {named} as its base; training it on {base_model}")
     tokenizer = load_tokenizer(model_dir)
+    if config.objective != "sft":
+        return _prepare_pairs(config, inputs, spec, tokenizer, init_state)
     corpus = load_corpus(inputs.data, tokenizer, CorpusConfig(
         seq_len=config.seq_len, mask_prompt=inputs.mask_prompt, packing=inputs.packing,
         val_fraction=inputs.val_split, val_files=tuple(Path(p) for p in inputs.val_data), seed=config.seed),
@@ -208,6 +211,28 @@ def _why_unusable(files) -> str:
         if not fs.records:
             return f"{fs.path} holds no text"
     return "its examples give no sequence"
+
+
+def _prepare_pairs(config: TrainConfig, inputs: RunInputs, spec, tokenizer, init_state) -> RunData:
+    """DPO/ORPO data: preference pairs, completion-only labels (prompt masking is what the objectives compare)."""
+    from engine.corpus import CorpusConfig
+    from engine.corpus.preferences import load_preferences
+    from engine.train.data import PreferenceBatches, preference_val_batches
+
+    if inputs.packing or inputs.mask_prompt is False:
+        raise ValueError(f"objective {config.objective} compares two answers to one prompt: packing and training "
+                         "on the prompt (--no-mask-prompt) do not apply; drop those options")
+    corpus = load_preferences(inputs.data, tokenizer, CorpusConfig(
+        seq_len=config.seq_len, val_fraction=inputs.val_split, val_files=tuple(Path(p) for p in inputs.val_data),
+        seed=config.seed))
+    if not corpus.train:
+        raise ValueError("no usable preference pairs in " + ", ".join(inputs.data) + " (each record needs "
+                         "'chosen' and 'rejected'; run `lora-lab corpus --pairs` to see why each was skipped)")
+    if corpus.tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only "
+                         f"{spec.vocab_size} embeddings")
+    train = PreferenceBatches(corpus, config.batch_size, shuffle=config.shuffle)
+    return RunData(config, init_state, corpus, train, preference_val_batches(corpus, config.batch_size))
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.lora.peft_write import export_adapter
 from engine.backends.base import PendingStep, TrainingBackend
+from engine.backends.preference import PreferenceLoss, PreferenceObjective, join_pairs, preference_loss
 from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoints, save_checkpoint
 from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
@@ -50,15 +51,19 @@ class StepEvent:
     eta_s: float
     memory_bytes: int        # backend.memory_bytes(), measured
     skipped: bool
+    reward_margin: float | None = None     # DPO/ORPO: mean chosen − rejected reward (None for SFT)
+    reward_accuracy: float | None = None   # DPO/ORPO: fraction of pairs whose chosen reward is the larger
 
 
 @dataclass(frozen=True)
 class EvalEvent:
     step: int
     loss: float
-    perplexity: float
+    perplexity: float        # NaN for DPO/ORPO, whose loss is not a token cross-entropy
     tokens: int
     elapsed_s: float
+    reward_margin: float | None = None     # DPO/ORPO, over every validation pair
+    reward_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,22 @@ def next_epoch_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31))
 
 
+def eval_preference(backend: TrainingBackend, batches: Sequence[Batch], objective: PreferenceObjective
+                    ) -> tuple[PreferenceLoss, int]:
+    """The objective's loss and reward metrics over every pair of `batches` at once (the policy's and, for DPO,
+    the reference's sequence log-probabilities), and the completion tokens counted."""
+    logps, counts, reference = [], [], []
+    for ids, labels in batches:
+        s, n = backend.sequence_logps(ids, labels)
+        logps.append(s)
+        counts.append(n)
+        if objective.needs_reference:
+            reference.append(backend.sequence_logps(ids, labels, adapter=False)[0])
+    counted = join_pairs(counts)
+    result = preference_loss(objective, join_pairs(logps), counted, join_pairs(reference) if reference else None)
+    return result, int(counted.sum())
+
+
 def eval_loss(backend: TrainingBackend, batches: Sequence[Batch]) -> tuple[float, int]:
     """Mean token cross-entropy over `batches` and the tokens counted."""
     total, count = 0.0, 0
@@ -178,6 +199,7 @@ class Trainer:
                                     "resume it, or choose an empty output folder")
             self._pos.epoch_seed = next_epoch_seed(self._rng)
         self._init_state = init_state
+        self._objective = config.preference_objective()     # None: supervised
         self._factory = backend_factory
         self.backend: TrainingBackend | None = None
 
@@ -248,7 +270,11 @@ class Trainer:
                 # another, so the run stops exactly at max_nonfinite_in_a_row, not one step past it.
                 self._drain(pending)
             lr = self.schedule.lr_at(self._pos.step)
-            pending.append((self._pos.step + 1, epoch, lr, self.backend.train_step(micro, lr, c.max_grad_norm)))
+            if self._objective is None:
+                result = self.backend.train_step(micro, lr, c.max_grad_norm)
+            else:
+                result = self.backend.preference_step(micro, self._objective, lr, c.max_grad_norm)
+            pending.append((self._pos.step + 1, epoch, lr, result))
             self._pos.step += 1
             while len(pending) > 1:       # read results one step late
                 self._finish_step(*pending.popleft())
@@ -304,7 +330,9 @@ class Trainer:
             step=step, total=self.total_steps, epoch=epoch, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
             tokens=result.tokens, tokens_per_s=sum(t for _, t in self._window) / seconds if seconds > 0 else 0.0,
             elapsed_s=self._elapsed(), eta_s=per_step * (self.total_steps - step),
-            memory_bytes=self.backend.memory_bytes(), skipped=result.skipped))
+            memory_bytes=self.backend.memory_bytes(), skipped=result.skipped,
+            reward_margin=getattr(result, "reward_margin", None),       # a PreferenceStepResult's metrics
+            reward_accuracy=getattr(result, "reward_accuracy", None)))
         self._last_lr = lr
 
     def _abort_non_finite(self) -> None:
@@ -333,6 +361,12 @@ class Trainer:
             f"{self.out_dir}. {advice}")
 
     def _evaluate(self) -> None:
+        if self._objective is not None:
+            result, tokens = eval_preference(self.backend, self.val, self._objective)
+            self._last_eval = (self._pos.step, result.loss)
+            self.callback.on_eval(EvalEvent(self._pos.step, result.loss, math.nan, tokens, self._elapsed(),
+                                            result.reward_margin, result.reward_accuracy))
+            return
         loss, tokens = eval_loss(self.backend, self.val)
         perplexity = math.exp(loss) if loss < 700 else math.inf
         self._last_eval = (self._pos.step, loss)
@@ -390,7 +424,8 @@ class Trainer:
             first_loss=self._losses[0] if self._losses else None,
             final_loss=float(np.mean(last)) if last else None,
             eval_loss=self._last_eval[1] if self._last_eval else None,
-            eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700 else None,
+            eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700
+            and self._objective is None else None,
             tokens=self._tokens, elapsed_s=self._elapsed(), adapter_dir=self.out_dir, checkpoint=checkpoint,
             stopped=stopped, backend=self.backend.name, lora_state=self.backend.lora_state())
 
@@ -405,7 +440,12 @@ class Trainer:
         if summary.first_loss is not None:
             card["training loss"] = f"{summary.first_loss:.4f} -> {summary.final_loss:.4f}"
         if summary.eval_loss is not None:
-            card["validation loss"] = f"{summary.eval_loss:.4f} (perplexity {summary.eval_perplexity:.3f})"
+            card["validation loss"] = f"{summary.eval_loss:.4f}" + (
+                f" (perplexity {summary.eval_perplexity:.3f})" if summary.eval_perplexity is not None else "")
+        if self._objective is not None:
+            o = self._objective
+            card["objective"] = f"dpo, beta {o.beta:g}, label smoothing {o.label_smoothing:g}, reference: the base " \
+                                "model (adapter off)" if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
         if summary.skipped_steps:
             card["skipped non-finite steps"] = summary.skipped_steps
         card["training time"] = f"{summary.elapsed_s:.1f} s"

@@ -42,3 +42,14 @@ def test_corpus_command_text_output_and_empty_corpus(tmp_path, tiny_llama_dir, c
     assert "line 1: unknown record format" in captured.out and "no usable training data" in captured.err
     assert main(["corpus", "--model", str(tiny_llama_dir), str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_corpus_command_reads_preference_pairs(tmp_path, tiny_llama_dir, capsys):
+    good = {"prompt": "Q?", "chosen": " Yes.", "rejected": " No."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, {"prompt": "Q?", "chosen": " Yes."}])
+    assert main(["corpus", str(path), "--model", str(tiny_llama_dir), "--pairs", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    (fs,) = stats["files"]
+    assert fs["formats"] == {"pair_explicit": 1} and fs["skipped"] == [
+        {"line": 2, "reason": "a preference pair needs both 'chosen' and 'rejected'; 'rejected' is missing"}]
+    assert stats["train"]["sequences"] == 2

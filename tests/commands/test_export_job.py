@@ -69,3 +69,5 @@ def test_export_job_refuses(tiny_llama_dir, corpus_file, tmp_path, capsys):
     assert "--init-adapter brings its own rank" in capsys.readouterr().err
     assert main(["export-job", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "b")]) == 2
     assert "no training data" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "c"), "--objective", "dpo", "--batch-size", "2"]) == 2
+    assert "export-job writes supervised runs only" in capsys.readouterr().err

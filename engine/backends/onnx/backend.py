@@ -7,8 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, StepResult, TrainingBackend,
-                                  check_batch, counted_tokens, shift_labels)
+from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, PreferenceStepResult, StepResult,
+                                  TrainingBackend, check_batch, counted_tokens, shift_labels)
+from engine.backends.preference import (PreferenceLoss, PreferenceObjective, join_pairs, preference_loss,
+                                        split_pairs)
 from engine.lora.config import LoraConfig, init_lora_state
 from engine.model.spec import load_model_spec
 from engine.model.weights import open_weights
@@ -71,6 +73,7 @@ class OnnxBackend(TrainingBackend):
         self._flat_grads, self._grads = flat_views(self._state)
         self._flat_extra: np.ndarray | None = None      # the second and later micro-batches' gradients
         self._flat_previous = self._flat_params.copy()  # before the last applied update (lora_state_before_update)
+        self._adapter_off: dict[str, np.ndarray] | None = None   # zero LoRA B tensors: the DPO reference
         if init_state is not None:
             self.load_lora_state(init_state)
         # Sized up front, so that optimizer_state() already works for a checkpoint taken before any step.
@@ -174,6 +177,85 @@ class OnnxBackend(TrainingBackend):
         self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,
                                   grad_scale=clip_scale(norm, max_grad_norm) / tokens)
         return PendingStep.done(StepResult(self._optimizer.step_count, loss, tokens, norm, False))
+
+    # ---- preference objectives ---------------------------------------------------------------------------
+    def sequence_logps(self, input_ids: np.ndarray, labels: np.ndarray, adapter: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The eval graph's per-target log-probabilities summed per row. The adapter is switched off by feeding
+        zero LoRA B tensors (the LoRA branch then adds exactly 0): the reference costs a forward pass, no weights."""
+        self._check(input_ids, labels)
+        input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+        self._fill(input_ids, labels)
+        if not adapter and self._adapter_off is None:
+            self._adapter_off = {k: np.zeros_like(v) for k, v in self._state.items() if ".lora_B." in k}
+        lora = self._state if adapter else {**self._state, **self._adapter_off}
+        out = self._session("eval").run({"input_ids": self._ids, **lora, **self._labelled}, ["loss_sum", "token_logp"])
+        rows, weight = self._labelled["label_rows"] // self.seq_len, self._labelled["mask"][:, 0].astype(np.float64)
+        logps = np.bincount(rows, weights=out["token_logp"][:, 0].astype(np.float64) * weight,
+                            minlength=self.batch_size)
+        counts = np.bincount(rows, weights=weight, minlength=self.batch_size).astype(np.int64)
+        if not np.isfinite(float(out["loss_sum"])):     # the overflow guard (fw.guard_loss) fired
+            logps[:] = np.nan
+        b = input_ids.shape[0]
+        return logps[:b], counts[:b]
+
+    def _preference_accumulate(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                               objective: PreferenceObjective) -> tuple[PreferenceLoss, int, bool]:
+        """Forward passes for every row's S (and the reference's, DPO), the loss and ∂L/∂S on the host
+        (engine.backends.preference), then the training graph with each labelled row weighted by −∂L/∂S of
+        its row: the gradient of Σ w·CE is then exactly dL/dθ, left in self._grads. Returns (loss and metrics,
+        completion tokens, whether everything stayed finite)."""
+        if not micro_batches:
+            raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
+        if self.lora.dropout > 0:
+            raise ValueError(f"lora dropout {self.lora.dropout} with a preference objective: the CPU backend "
+                             "measures log-probabilities and gradients in separate passes, which would see different "
+                             "dropout masks; set lora dropout to 0 for DPO/ORPO")
+        measured = [self.sequence_logps(ids, labels) for ids, labels in micro_batches]
+        reference = None
+        if objective.needs_reference:
+            reference = join_pairs([self.sequence_logps(ids, labels, adapter=False)[0]
+                                    for ids, labels in micro_batches])
+        counts = join_pairs([c for _, c in measured])
+        result = preference_loss(objective, join_pairs([s for s, _ in measured]), counts, reference)
+        tokens = int(counts.sum())
+        d_rows = split_pairs(result.d_logps, [len(c) for _, c in measured])
+        finite = np.isfinite(result.loss)
+        for index, ((input_ids, labels), d) in enumerate(zip(micro_batches, d_rows)):
+            self._fill(np.asarray(input_ids), np.asarray(labels))
+            rows = self._labelled["label_rows"] // self.seq_len
+            padded = np.zeros(self.batch_size, np.float64)
+            padded[:len(d)] = d
+            self._labelled["mask"] = (-padded[rows, None] * self._labelled["mask"]).astype(np.float32)
+            if index == 0:
+                self._train_binding(self._grads, "first").run()
+            else:
+                if self._flat_extra is None:
+                    self._flat_extra, self._extra = flat_views(self._grads)
+                self._train_binding(self._extra, "extra").run()
+                self._flat_grads += self._flat_extra
+            finite = finite and np.isfinite(float(self._loss_sum))
+        self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
+        return result, tokens, bool(finite)
+
+    def preference_gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                             objective: PreferenceObjective) -> tuple[PreferenceLoss, int, dict[str, np.ndarray]]:
+        """(loss and metrics, completion tokens, LoRA gradients of the loss); no update."""
+        result, tokens, _ = self._preference_accumulate(micro_batches, objective)
+        return result, tokens, {n: g.copy() for n, g in self._grads.items()}
+
+    def preference_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                        objective: PreferenceObjective, lr: float, max_grad_norm: float) -> PendingStep:
+        result, tokens, finite = self._preference_accumulate(micro_batches, objective)
+        norm = global_grad_norm(self._grads.values()) if finite else float("nan")
+        skipped = not (finite and np.isfinite(norm))
+        if not skipped:
+            np.copyto(self._flat_previous, self._flat_params)
+            self._optimizer.step_flat(self._flat_params, self._flat_grads, lr,
+                                      grad_scale=clip_scale(norm, max_grad_norm))
+        return PendingStep.done(PreferenceStepResult(
+            self._optimizer.step_count, result.loss, tokens, norm, skipped, result.pairs, result.reward_margin,
+            result.reward_accuracy, result.chosen_reward, result.rejected_reward))
 
     def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         self._check(input_ids, labels)

@@ -6,7 +6,8 @@ Graph interface (shapes fixed at build time but L; the runner pads smaller batch
   (indices into the B·T flattened positions), targets int64 [L, 1] (their shifted labels) and mask float [L, 1]
   (1, or 0 for the one placeholder row a batch without any label gets); every LoRA tensor under its PEFT name
   (A [r, in], B [out, r]).
-- outputs: loss_sum (Σ masked token CE) for train/eval; "grad:<PEFT name>" for train; logits [B, T, V].
+- outputs: loss_sum (Σ masked token CE) for train/eval; "grad:<PEFT name>" for train; token_logp [L, 1] (each
+  labelled row's log-probability of its target) for eval; logits [B, T, V].
 
 The LM head and cross-entropy run on the labelled rows only: a chat corpus trained on the assistant's turns
 masks most positions, and the LM head is a fifth of the step's FLOPs at the 135M shape (vocabulary 49152).
@@ -231,9 +232,10 @@ class DecoderGraph:
         s = self.shape
         nf = (g.op("Gather", xn, labelled.rows, axis=0), g.op("Gather", rstd, labelled.rows, axis=0))  # [L, C], [L, 1]
         logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
-        loss_sum, (logp, _) = fw.cross_entropy_forward(g, logits, labelled.targets, labelled.mask)
+        loss_sum, (logp, logp_picked) = fw.cross_entropy_forward(g, logits, labelled.targets, labelled.mask)
         g.output(fw.guard_loss(g, loss_sum, consts.guards), "loss_sum", shape=[])
-        if not train:
+        if not train:   # per labelled row log p(target): the preference objectives' sequence sums
+            g.output(logp_picked, "token_logp", shape=["labelled", 1])
             return None
         dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask)
         dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]

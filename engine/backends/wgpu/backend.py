@@ -12,8 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, StepResult, TrainingBackend, check_batch,
-                                  counted_tokens, shift_labels)
+from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, PreferenceStepResult, StepResult,
+                                  TrainingBackend, check_batch, counted_tokens, shift_labels)
+from engine.backends.preference import (PreferenceLoss, PreferenceObjective, join_pairs, preference_loss,
+                                        split_pairs)
 from engine.backends.wgpu.context import GpuContext, StepEncoder
 from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
@@ -83,6 +85,8 @@ class WgpuBackend(TrainingBackend):
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit, self.weights.vocab_format)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
                                                                       piece_rows), "scratch")
+        self._ones = np.ones(batch_size * seq_len, np.float32)   # row_weight of every supervised step
+        ctx.write(self.scratch.row_weight, self._ones)
         self.dropout_step = upload_uniform(ctx, "lora", "Step", "lora_dropout.step", seed=0, p=0.0)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
                                  self.layout, self.chunk, self.dropout_step, self.recompute)
@@ -175,6 +179,100 @@ class WgpuBackend(TrainingBackend):
         stats = self.ctx.read(self.scratch.history, count=STATS_FLOATS, offset=slot * 4 * STATS_FLOATS)
         return StepResult(step=int(round(stats[4])), loss=float(stats[0]), tokens=int(round(stats[5])),
                           grad_norm=float(stats[1]), skipped=bool(stats[3] != 0))
+
+    # ---- preference objectives ----------------------------------------------------------------------------
+    def sequence_logps(self, input_ids: np.ndarray, labels: np.ndarray, adapter: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """A forward pass and the LM head without backward (inv_count 1: row_loss holds each position's CE),
+        summed per row. Adapter off: the LoRA tensors are read back, zeroed for the pass and written back (a
+        zero LoRA branch adds exactly 0), so the reference needs no second copy of anything on the device."""
+        (batch,) = self._checked([(input_ids, labels)])
+        saved = None
+        if not adapter:
+            saved = self.ctx.read(self.scratch.lora_params, count=self.layout.total)
+            self.ctx.write(self.scratch.lora_params, np.zeros_like(saved))
+        try:
+            self._forward_only([batch], 1)
+            enc = self.ctx.encoder("sequence_logps")
+            self.model.lm_head.encode(enc, backward=False)
+            enc.submit()
+            ce = self.ctx.read(self.scratch.row_loss, count=self.batch_size * self.seq_len)
+            enc = self.ctx.encoder("sequence_logps.reset")
+            enc.encoder.clear_buffer(self.scratch.row_loss)
+            enc.submit()
+        finally:
+            if saved is not None:
+                self.ctx.write(self.scratch.lora_params, saved)
+        b, t = batch[0].shape
+        counted = shift_labels(batch[1]) != IGNORE_LABEL
+        ce = ce.reshape(self.batch_size, self.seq_len)[:b, :t].astype(np.float64)
+        return -np.where(counted, ce, 0.0).sum(1), counted.sum(1).astype(np.int64)
+
+    def _preference_passes(self, micro_batches, objective: PreferenceObjective) -> tuple[PreferenceLoss, int]:
+        """The loss and ∂L/∂S on the host (engine.backends.preference) from forward passes, then forward + LM
+        head + backward per micro-batch with row_weight = −∂L/∂S of each row, so lora_grads receives dL/dθ;
+        stats[0] then holds the objective's loss for the optimizer's non-finite guard."""
+        if self.lora.dropout > 0:
+            raise ValueError(f"lora dropout {self.lora.dropout} with a preference objective: the log-probabilities "
+                             "and the gradient are computed in separate passes, which would see different dropout "
+                             "masks; set lora dropout to 0 for DPO/ORPO")
+        batches = self._checked(micro_batches)
+        if not batches:
+            raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
+        measured = [self.sequence_logps(ids, labels) for ids, labels in batches]
+        reference = None
+        if objective.needs_reference:
+            reference = join_pairs([self.sequence_logps(ids, labels, adapter=False)[0] for ids, labels in batches])
+        counts = join_pairs([c for _, c in measured])
+        result = preference_loss(objective, join_pairs([s for s, _ in measured]), counts, reference)
+        tokens = int(counts.sum())
+        self.model.lm_head.set_step(tokens, with_grad=True, weighted=True)
+        self.ctx.write(self.dropout_step, np.array([0.0], np.float32), offset=DROPOUT_STEP.offset("p"))
+        for index, (batch, d) in enumerate(zip(batches, split_pairs(result.d_logps, [len(c) for _, c in measured]))):
+            weight = np.zeros((self.batch_size, self.seq_len), np.float32)
+            weight[:len(d)] = -d[:, None]
+            self.ctx.write(self.scratch.row_weight, weight)     # queue-ordered: applies to this submit only
+            self._stage([batch])
+            enc = self.ctx.encoder("preference_passes")
+            self._load_slot(enc, 0)
+            model_forward(enc, self.model)
+            self.model.lm_head.encode(enc, backward=True)
+            model_backward(enc, self.model)
+            if index == len(batches) - 1:
+                self.model.lm_head.encode_reduce(enc)
+            enc.submit()
+        self.ctx.write(self.scratch.row_weight, self._ones)
+        self.ctx.write(self.scratch.stats, np.array([result.loss], np.float32))
+        return result, tokens
+
+    def preference_gradients(self, micro_batches, objective: PreferenceObjective
+                             ) -> tuple[PreferenceLoss, int, dict[str, np.ndarray]]:
+        """(loss and metrics, completion tokens, LoRA gradients of the loss) without an update; for tests.
+        Leaves the gradients zeroed."""
+        result, tokens = self._preference_passes(micro_batches, objective)
+        grads = self._read_flat(self.scratch.lora_grads)
+        enc = self.ctx.encoder("zero_grads")
+        enc.encoder.clear_buffer(self.scratch.lora_grads)
+        enc.submit()
+        return result, tokens, grads
+
+    def preference_step(self, micro_batches, objective: PreferenceObjective, lr: float,
+                        max_grad_norm: float) -> PendingStep:
+        """Synchronous: the host needs every row's log-probability before the backward can be weighted."""
+        if not lr >= 0 or not max_grad_norm >= 0:
+            raise ValueError(f"lr and max_grad_norm must be >= 0, got {lr}, {max_grad_norm}")
+        result, tokens = self._preference_passes(micro_batches, objective)
+        self.optimizer.set_hyper(lr, max_grad_norm)
+        enc = self.ctx.encoder("preference_update")
+        self.grad_norm.encode(enc)
+        self.optimizer.encode(enc)
+        enc.submit()
+        stats = self.ctx.read(self.scratch.stats, count=STATS_FLOATS)
+        return PendingStep.done(PreferenceStepResult(
+            step=int(round(stats[4])), loss=result.loss, tokens=tokens, grad_norm=float(stats[1]),
+            skipped=bool(stats[3] != 0), pairs=result.pairs, reward_margin=result.reward_margin,
+            reward_accuracy=result.reward_accuracy, chosen_reward=result.chosen_reward,
+            rejected_reward=result.rejected_reward))
 
     def eval_loss(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         (batch,) = self._checked([(input_ids, labels)])

@@ -147,6 +147,7 @@ class Scratch:
     row_loss: object            # [BT] per-row loss · 1/count, summed over micro-batches
     ids: object                 # [BT] int32
     targets: object             # [BT] int32 shifted labels
+    row_weight: object          # [BT] gradient weight per row: 1, or a preference objective's −∂L/∂S
     ids_stage: object           # [STAGE_SLOTS, BT] int32 micro-batches of one submit
     targets_stage: object       # [STAGE_SLOTS, BT] int32
     d_res: object               # [BT, C] gradient of the residual stream
@@ -295,6 +296,7 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
     P = lora_layout(spec, lora).total
     shapes = {"embedded": (BT, C), "proj": (BT, C), "ln_f": (BT, C), "ln_f_rstd": (BT,),
               "logits": (chunk, spec.vocab_size), "row_loss": (BT,), "ids": (BT,), "targets": (BT,),
+              "row_weight": (BT,),
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
               "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),

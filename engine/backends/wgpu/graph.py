@@ -59,8 +59,8 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
         layers.append(_build_layer(ctx, spec, lora, B, T, layer, w, a, x_in, s, layout, dropout_step))
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
-    head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, weights.lm_head, BT, C,
-                  spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
+    head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, s.row_weight, weights.lm_head,
+                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
     return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 

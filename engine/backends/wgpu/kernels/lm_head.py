@@ -32,10 +32,11 @@ class LmHead:
 
     pieces: [(W buffer [piece_rows, C], first_id, piece_rows)] covering the vocabulary in order.
     stats: the step's f32[16]; loss_reduce writes stats[0] (loss) and stats[5] (counted tokens).
+    row_weight: f32 [rows], each row's gradient weight (1 for SFT; see shaders/lm_head.wgsl).
     partials: optional split-K scratch (engine.backends.wgpu.kernels.linear.SPLIT_PARTIAL_FLOATS floats).
     """
 
-    def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, pieces: list,
+    def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, row_weight, pieces: list,
                  rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head",
                  fmt: WeightFormat = WeightFormat.F32):
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
@@ -57,17 +58,19 @@ class LmHead:
                                       b_format=fmt))
             geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.{c}.chunk", rows=n, vocab=vocab, row0=r0,
                                       n_total=rows)
-            ce_bg = ctx.bind_group(self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step}, f"{label}.{c}")
+            ce_bg = ctx.bind_group(self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step,
+                                             6: row_weight}, f"{label}.{c}")
             self.chunks.append((n, fwd, ce_bg, bwd))
         reduce_geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.reduce", rows=0, vocab=vocab, row0=0,
                                          n_total=rows)
         self.reduce_bg = ctx.bind_group(self.reduce, {1: row_loss, 3: reduce_geometry, 4: self.step, 5: stats},
                               f"{label}.reduce")
 
-    def set_step(self, counted: int, with_grad: bool) -> None:
+    def set_step(self, counted: int, with_grad: bool, weighted: bool = False) -> None:
         """Per-step constants, written before the step is submitted: 1/counted scales loss and gradient
-        (with_grad False: inv_count 1, so stats[0] receives the summed loss)."""
-        inv = 1.0 / max(counted, 1) if with_grad else 1.0
+        (with_grad False, or `weighted` where row_weight carries the whole scale: inv_count 1, so stats[0]
+        receives the summed loss)."""
+        inv = 1.0 / max(counted, 1) if with_grad and not weighted else 1.0
         raw = uniform_struct("lm_head", "Step").pack(inv_count=inv, count=float(counted), write_grad=int(with_grad))
         self.ctx.write(self.step, np.frombuffer(raw, np.uint8))
 

@@ -8,7 +8,7 @@ from engine.backends.wgpu.kernels.lm_head import LmHead, chunk_rows
 pytestmark = pytest.mark.gpu
 
 
-def build(ctx, hidden, w, targets, chunk, splits):
+def build(ctx, hidden, w, targets, chunk, splits, row_weight=None):
     rows, dim = hidden.shape
     vocab = w.shape[0]
     pieces, v0 = [], 0
@@ -17,8 +17,10 @@ def build(ctx, hidden, w, targets, chunk, splits):
         v0 += n
     bufs = dict(dh=ctx.buffer(4 * rows * dim, "dh"), row_loss=ctx.buffer(4 * rows, "row_loss"),
                 logits=ctx.buffer(4 * chunk * vocab, "logits"), stats=ctx.buffer(64, "stats"))
+    weight = np.ones(rows, np.float32) if row_weight is None else row_weight
     head = LmHead(ctx, bufs["dh"], bufs["row_loss"], bufs["logits"], bufs["stats"], ctx.upload(hidden, "h"),
-                  ctx.upload(targets.reshape(-1), "targets"), pieces, rows, dim, vocab, chunk)
+                  ctx.upload(targets.reshape(-1), "targets"), ctx.upload(weight, "row_weight"), pieces, rows, dim,
+                  vocab, chunk)
     return head, bufs
 
 
@@ -52,6 +54,34 @@ def test_chunked_cross_entropy_loss_and_hidden_grad(gpu_device, B, T, dim, split
     np.testing.assert_allclose(ctx.read(bufs["dh"], count=hidden.size).reshape(hidden.shape), ht.grad.numpy(),
                                rtol=1e-4, atol=1e-6)
     assert not ctx.read(bufs["row_loss"]).any(), "loss_reduce leaves row_loss zeroed for the next step"
+
+
+def test_row_weights_scale_each_rows_gradient_not_the_loss(gpu_device):
+    """The preference objectives' backward: d(Σ_r w_r·CE_r)/d(hidden), weights of either sign; the loss stays the
+    unweighted CE so a supervised step reads the same."""
+    import torch
+    ctx = gpu_device
+    rng = np.random.default_rng(11)
+    hidden = rng.standard_normal((10, 20)).astype(np.float32)
+    w = rng.standard_normal((97, 20)).astype(np.float32) * 0.3
+    labels = rng.integers(0, 97, (2, 5)).astype(np.int32)
+    labels[0, 2] = -100
+    targets = shift_targets(labels)
+    weight = rng.uniform(-2.0, 2.0, 10).astype(np.float32)
+    head, bufs = build(ctx, hidden, w, targets, 4, [60, 37], row_weight=weight)
+    head.set_step(1, with_grad=True)
+    enc = ctx.encoder()
+    head.encode(enc, backward=True)
+    head.encode_reduce(enc)
+    enc.submit()
+    ht = torch.from_numpy(hidden).double().requires_grad_()
+    per_row = torch.nn.functional.cross_entropy(ht @ torch.from_numpy(w).double().T,
+                                                torch.from_numpy(targets.reshape(-1)).long(), ignore_index=-100,
+                                                reduction="none")
+    (per_row * torch.from_numpy(weight).double()).sum().backward()
+    np.testing.assert_allclose(ctx.read(bufs["stats"])[0], per_row.sum().item(), rtol=1e-5)
+    np.testing.assert_allclose(ctx.read(bufs["dh"], count=hidden.size).reshape(hidden.shape), ht.grad.numpy(),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_eval_mode_sums_loss_and_keeps_logits(gpu_device):
