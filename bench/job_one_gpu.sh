@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exported accelerate job on one GPU against our own engine on the same model and data (issue 20's one-GPU
 # part). Builds a Qwen3-0.6B-shaped random model (as Llama, bf16), a small chat corpus, exports the job, runs it
-# with `accelerate launch` (bf16 and fp32), then `lora-lab train` on the WGSL backend; prints each run's last step
+# with accelerate's launcher (bf16 and fp32), then `lora-lab train` on the WGSL backend; prints each run's last step
 # (tokens/s) as JSON lines. Usage (GPU machine, from the project root): bash bench/job_one_gpu.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-/tmp/job-bench}
@@ -26,9 +26,9 @@ records = [{"messages": [{"role": "user", "content": f"What is fact number {i}?"
 PY
 common=(--model "$out/model" --data "$out/chats.jsonl" --seq-len 512 --batch-size 8 --steps 12 --lr 1e-4)
 python3 -m engine export-job "${common[@]}" --out "$out/job" >/dev/null
-(cd "$out/job" && accelerate launch --config_file accelerate/single_gpu.yaml train.py --bf16 --output "$out/job-bf16" \
+(cd "$out/job" && python3 -m accelerate.commands.launch --config_file accelerate/single_gpu.yaml train.py --bf16 --output "$out/job-bf16" \
    >"$out/job-bf16.txt" 2>&1 && tail -n 2 "$out/job-bf16/log.jsonl" | head -n 1 | sed 's/^/{"run": "job bf16", "last": /; s/$/}/')
-(cd "$out/job" && accelerate launch --config_file accelerate/single_gpu.yaml train.py --output "$out/job-fp32" \
+(cd "$out/job" && python3 -m accelerate.commands.launch --config_file accelerate/single_gpu.yaml train.py --output "$out/job-fp32" \
    >"$out/job-fp32.txt" 2>&1 && tail -n 2 "$out/job-fp32/log.jsonl" | head -n 1 | sed 's/^/{"run": "job fp32", "last": /; s/$/}/')
 python3 -m engine train "${common[@]}" --out "$out/ours" --backend wgpu --weights bf16 --recompute off --json \
    2>"$out/ours.txt" | grep '"event": "step"' | tail -n 1 | sed 's/^/{"run": "ours wgsl bf16", "last": /; s/$/}/'
