@@ -64,15 +64,15 @@ class MainWindow(QMainWindow):
             self.load_model(model_ref)
 
     def _build_header(self) -> QHBoxLayout:
-        """The model picker and one button per action; the buttons are reached by name (self.buttons["Plan"])."""
+        """The model picker and one button per action; the buttons are reached by name (self.buttons["Train"]).
+        Train is the one primary path: it reads a corpus if there is none, then plans and starts the run."""
         self.picker = ModelPicker()
         self.buttons = {}
         header = QHBoxLayout()
         header.addWidget(QLabel("Model:"))
         header.addWidget(self.picker, 1)
         for name, tip in (("Corpus", "Add training files and see what will be trained on"),
-                          ("Plan", "Plan a training run (needs a model and a corpus)"),
-                          ("Train", "Show the training console"),
+                          ("Train", "Plan and start a training run (asks for the corpus first if none is read)"),
                           ("Evaluate", "Perplexity of the base model and the active adapter on the corpus"),
                           ("Save Adapter", "Save the active adapter as PEFT, GGUF + Modelfile or a merged model"),
                           ("Hardware", "GPU adapters, CPU, memory and the benchmark")):
@@ -80,6 +80,7 @@ class MainWindow(QMainWindow):
             button.setToolTip(tip)
             self.buttons[name] = button
             header.addWidget(button)
+        self.buttons["Train"].setStyleSheet("font-weight: bold")
         return header
 
     def _build_panels(self, header: QHBoxLayout) -> None:
@@ -125,8 +126,7 @@ class MainWindow(QMainWindow):
         self.picker.model_chosen.connect(self.load_model)
         b = self.buttons
         b["Corpus"].clicked.connect(self.open_corpus)
-        b["Plan"].clicked.connect(self.open_plan)
-        b["Train"].clicked.connect(lambda: self.tabs.setCurrentWidget(self.console))
+        b["Train"].clicked.connect(self.train)
         b["Evaluate"].clicked.connect(self.evaluate)
         b["Save Adapter"].clicked.connect(self.open_save)
         b["Hardware"].clicked.connect(self.open_hardware)
@@ -145,9 +145,11 @@ class MainWindow(QMainWindow):
     def _update_actions(self) -> None:
         b, training = self.buttons, self.training.running
         b["Corpus"].setEnabled(self.model_dir is not None and not training)
-        b["Plan"].setEnabled(self.model_dir is not None and self.corpus is not None and not training)
-        b["Plan"].setToolTip("Plan a training run" if b["Plan"].isEnabled() else
-                             "Load a model and read a corpus (Corpus) first")
+        b["Train"].setEnabled(self.model_dir is not None)
+        b["Train"].setToolTip("Load a model first" if self.model_dir is None else
+                              "Show the run in progress" if training else
+                              "Plan and start a training run" if self.corpus is not None else
+                              "Choose the training files, then plan and start the run")
         b["Evaluate"].setEnabled(self.corpus is not None and not training)
         b["Save Adapter"].setEnabled(self._active_adapter_dir() is not None and not training)
         self.picker.setEnabled(not training)
@@ -217,6 +219,19 @@ class MainWindow(QMainWindow):
         self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training sequences, "
                         f"{t['trainable_tokens']:,} trainable tokens")
         self._update_actions()
+
+    def train(self) -> None:
+        """The primary path: the console while a run is in progress; else the corpus dialog when nothing is read
+        yet (the plan opens once it is accepted), else the plan wizard, whose last page starts the run."""
+        if self.training.running:
+            self.tabs.setCurrentWidget(self.console)
+        elif self.corpus is None:
+            self.open_corpus()
+            dialog = self.dialogs.get("corpus")
+            if dialog is not None:
+                dialog.accepted_corpus.connect(lambda _c: self.open_plan())
+        else:
+            self.open_plan()
 
     def open_plan(self) -> None:
         from app.widgets.plan_wizard import PlanWizard

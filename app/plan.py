@@ -7,12 +7,12 @@ figure is missing (no benchmark yet, GPU memory unreadable) the review says so.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
 from engine.train.config import TrainConfig
+# The defaults live in the engine, where `lora-lab train` reads them too; re-exported for the wizard.
+from engine.train.recommend import CorpusSummary, recommend, summarize_corpus, total_steps  # noqa: F401
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
 
@@ -26,49 +26,6 @@ class Benchmark:
     gflops: float
     software: bool = False
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class CorpusSummary:
-    files: tuple[str, ...]
-    sequences: int
-    trainable_tokens: int
-    longest: int                 # longest training sequence, tokens
-    seq_len: int                 # the sequence length the corpus was read with
-
-
-def summarize_corpus(corpus) -> CorpusSummary:
-    lengths = [len(s) for s in corpus.train]
-    return CorpusSummary(tuple(f.path for f in corpus.stats.files if f.split == "train" and f.refused is None),
-                         len(corpus.train), sum(s.trainable_tokens for s in corpus.train),
-                         max(lengths, default=0), corpus.config.seq_len)
-
-
-def recommend(summary: CorpusSummary, spec: ModelSpec, has_hardware_gpu: bool) -> tuple[TrainConfig, float]:
-    """(TrainConfig, validation fraction) suited to this much data on this hardware."""
-    seq_len = 32
-    while seq_len < summary.longest and seq_len < 1024:
-        seq_len *= 2
-    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
-    n = max(summary.sequences, 1)
-    val_split = 0.1 if n >= 20 else 0.0
-    train_n = max(1, n - int(n * val_split))
-    batch = max(1, min(8 if has_hardware_gpu else 4, train_n))
-    # Small corpora need several passes to move the loss; large ones one pass (more only overfits).
-    epochs = 3 if train_n < 200 else 2 if train_n < 2000 else 1
-    steps = epochs * math.ceil(train_n / batch)
-    # No dropout by default, as in PEFT; both backends (WGSL and onnxruntime) train with it if the Method page
-    # sets it.
-    lora = LoraConfig(rank=16, alpha=32.0, dropout=0.0)
-    config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=2e-4, schedule="cosine",
-                         warmup_steps=max(0, round(0.05 * steps)), eval_every=max(1, steps // 4))
-    return config, val_split
-
-
-def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
-    train_n = max(1, sequences - int(sequences * val_split))
-    per_epoch = math.ceil(math.ceil(train_n / config.batch_size) / config.grad_accum)
-    return config.max_steps or config.epochs * per_epoch
 
 
 @dataclass

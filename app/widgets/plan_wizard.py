@@ -17,6 +17,7 @@ from engine.backends.base import OPTIMIZERS, OptimizerConfig
 from engine.lora.config import LORA_TARGETS, LoraConfig
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
+from engine.train.recommend import has_hardware_gpu
 
 
 def _gib(n) -> str:
@@ -38,7 +39,7 @@ class PlanWizard(QWizard):
         self.resize(760, 560)
         self.model_ref, self.model_dir, self.spec, self.summary = model_ref, model_dir, spec, summary
         self.hardware, self.benchmarks = hardware, list(benchmarks)
-        has_gpu = hardware is not None and any(not a.software and a.backend != "OpenGL" for a in hardware.adapters)
+        has_gpu = has_hardware_gpu(hardware)
         config, val_split = recommend(summary, spec, has_gpu)
         self._build_pages(config, val_split)
         self.setButtonText(QWizard.FinishButton, "Start training")

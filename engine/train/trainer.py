@@ -82,6 +82,7 @@ class TrainSummary:
     checkpoint: Path | None
     stopped: bool                  # stopped on request before the end
     backend: str                   # the backend's name, e.g. "cpu: onnxruntime"
+    losses: list[float] = field(default_factory=list)   # every applied step's training loss, in order
     lora_state: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict:
@@ -362,7 +363,8 @@ class Trainer:
             eval_loss=self._last_eval[1] if self._last_eval else None,
             eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700 else None,
             tokens=self._tokens, elapsed_s=self._elapsed(), adapter_dir=self.out_dir, checkpoint=checkpoint,
-            stopped=stopped, backend=self.backend.name, lora_state=self.backend.lora_state())
+            stopped=stopped, backend=self.backend.name, losses=list(self._losses),
+            lora_state=self.backend.lora_state())
 
     def _card(self, summary: TrainSummary) -> dict:
         c = self.config

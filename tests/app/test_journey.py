@@ -64,12 +64,12 @@ def test_whole_journey(qtbot, tiny_llama_dir, tmp_path):
 
 
 def open_window(qtbot, model_dir) -> MainWindow:
-    """The window with the model loaded for chat and the hardware detected: Corpus is open to use, Plan not yet."""
+    """The window with the model loaded for chat and the hardware detected: Corpus and Train are open to use."""
     window = MainWindow(str(model_dir))
     qtbot.addWidget(window)
     window.show()
     qtbot.waitUntil(lambda: window.chat.engine.loaded and window.hardware is not None, timeout=30000)
-    assert window.buttons["Corpus"].isEnabled() and not window.buttons["Plan"].isEnabled()
+    assert window.buttons["Corpus"].isEnabled() and window.buttons["Train"].isEnabled()
     return window
 
 
@@ -88,12 +88,12 @@ def read_corpus(qtbot, window, corpus_file) -> None:
     assert int(dialog.table.item(0, 4).text().replace(",", "")) == corpus.stats.files[0].trainable_tokens > 0
     assert "background:#d9f2d9" in dialog.preview.toHtml() or "#d9f2d9" in dialog.preview.toHtml()
     qtbot.mouseClick(dialog.buttons.button(QDialogButtonBox.Ok), Qt.LeftButton)
-    assert window.corpus is corpus and window.buttons["Plan"].isEnabled()
+    assert window.corpus is corpus and window.buttons["Train"].isEnabled()
 
 
 def plan_run(qtbot, window, out):
     """Plan: the wizard's defaults, CPU backend, adapter into `out`; left on the review page."""
-    qtbot.mouseClick(window.buttons["Plan"], Qt.LeftButton)
+    qtbot.mouseClick(window.buttons["Train"], Qt.LeftButton)
     wizard = window.dialogs["plan"]
     assert wizard.val_split.value() > 0 and wizard.rank.value() == 16
     wizard.backend.setCurrentIndex(wizard.backend.findData("cpu"))
