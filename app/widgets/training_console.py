@@ -130,6 +130,7 @@ class TrainingConsole(QWidget):
         controller.evaluated.connect(self._on_eval)
         controller.checkpointed.connect(lambda e: self.checkpoints.addItem(f"step {e.step}: {e.path}"))
         controller.log.connect(self.log.appendPlainText)
+        controller.phase.connect(self._on_phase)
         controller.finished.connect(self._on_finished)
         controller.failed.connect(self._on_failed)
         controller.running_changed.connect(self._on_running)
@@ -168,7 +169,12 @@ class TrainingConsole(QWidget):
         self.progress.setValue(0)
         for label in self.values.values():
             label.setText("—")
+        self.values["step"].setText("starting…")
         self.result.setText(f"Training → {request.out_dir}")
+
+    def _on_phase(self, text: str):
+        # Before the first step (corpus, memory plan, backend measurement) the fields have nothing to show yet.
+        self.values["step"].setText(f"starting: {text}…")
 
     def _on_step(self, e):
         self.plot.add_step(e.step, e.loss)
@@ -193,9 +199,10 @@ class TrainingConsole(QWidget):
                    f"({perplexities.tokens:,} tokens).")
         else:
             ppl = "No validation data, so no perplexity (set a validation split in the corpus or plan)."
+        advice = "".join(f"\n⚠ {line}" for line in self.controller.advice)
         self.result.setText(f"{'Stopped' if summary.stopped else 'Finished'}: {summary.steps}/{summary.total_steps}"
                             f" steps in {duration(summary.elapsed_s)}. {ppl} Chat now uses the new adapter "
-                            f"({summary.adapter_dir.name}).")
+                            f"({summary.adapter_dir.name}).{advice}")
 
     def _on_failed(self, message, _detail):
         self.result.setText(f"Training failed: {message}")

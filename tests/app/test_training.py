@@ -78,3 +78,26 @@ def test_benchmark_button_measures_adapters_and_cpu(qtbot, tiny_llama_dir):
     assert f"{results[-1].gflops:.2f}" == dialog.results.item(len(results) - 1, 1).text()
     if not any(not a.software and a.backend != "OpenGL" for a in hardware.adapters):
         assert "training will use CPU" in dialog.explanation.text()
+
+
+def test_console_says_what_happens_before_the_first_step_and_what_to_change_after(qtbot, tiny_llama_dir, tmp_path):
+    """Every field showed '—' for the minute the backends were measured; an under-trained run ended without a
+    word about what to change."""
+    data = tmp_path / "train.txt"
+    data.write_text("LoRA adds a low rank update to frozen weights.\n" * 20, encoding="utf-8")
+    chat = ChatController()
+    controller = TrainingController(chat.handover)
+    console = TrainingConsole(controller)
+    qtbot.addWidget(console)
+    shown = []
+    controller.phase.connect(lambda _text: shown.append(console.values["step"].text()))
+    # A learning rate far too small for 12 steps: the loss stays near log(vocab).
+    config = TrainConfig(lora=LoraConfig(rank=4, alpha=8.0), batch_size=2, seq_len=32, max_steps=12, lr=1e-7)
+    with qtbot.waitSignal(controller.finished, timeout=120000):
+        controller.start(RunRequest(str(tiny_llama_dir), (str(data),), 0.0, config, tmp_path / "a", "auto"))
+    assert any(s.startswith("starting: measuring the training backends") for s in shown), shown
+    assert any(s.startswith("starting: reading the corpus") for s in shown), shown
+    assert controller.advice and controller.advice[0].startswith("under-trained")
+    text = console.result.text()
+    assert "⚠ under-trained" in text and "steps 12 -> 24" in text
+    assert "under-trained" in console.log.toPlainText()
