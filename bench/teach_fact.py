@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--out", help="folder for the corpus and adapter (default: a temporary folder)")
     parser.add_argument("--lr", type=float, help="override the planned learning rate (an ablation; default: plan)")
+    parser.add_argument("--epochs", type=int, help="override the planned epochs (an ablation; default: plan)")
     args = parser.parse_args(argv)
 
     from engine.backends.hardware import cpu_model, cpu_threads, detect
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
         spec = load_model_spec(model_dir)
         hardware = detect()
         config, val_split, summary = default_plan([data], model_dir, spec, has_hardware_gpu(hardware), log=log)
-        if args.lr is not None:
-            config = replace(config, lr=args.lr)
+        overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
+        config = replace(config, **overrides)
         start = time.monotonic()
         prepared = prepare_run(config, RunInputs(model=args.model, data=(str(data),), val_split=val_split,
                                                  backend=args.backend), out / "adapter", log=log)
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
             "facts_answered": sum(a["correct"] for a in answers), "facts": len(answers),
             "steps": summary_run.steps, "train_wall_s": round(train_s, 1),
             "wall_s": round(time.monotonic() - start, 1),
+            "overrides": overrides,
             "plan": {"examples": summary.sequences, "epochs": config.epochs, "batch_size": config.batch_size,
                      "seq_len": config.seq_len, "lr": config.lr, "val_split": val_split},
             "loss": {"first": summary_run.first_loss, "final": summary_run.final_loss,

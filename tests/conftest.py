@@ -63,9 +63,6 @@ def _join_qt_workers(request):
 
 @pytest.fixture(autouse=True)
 def _private_backend_speeds(tmp_path_factory, monkeypatch):
-    """Backend speeds `auto` caches (engine.backends.measured) go to a folder of each test's own: a test's fake
-    adapters or timings never reach the user's cache, nor another test's choice."""
-    from engine.backends import measured
-
-    path = tmp_path_factory.mktemp("speeds") / measured.FILE
-    monkeypatch.setattr(measured, "cache_path", lambda: path)
+    """Backend speeds `auto` caches (engine.backends.measured) go to a folder of each test's own, in training
+    child processes too: a test's fake adapters or timings never reach the user's cache, nor another test's."""
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path_factory.mktemp("speeds")))

@@ -125,6 +125,9 @@ class TrainingConsole(QWidget):
         self.stop.clicked.connect(controller.stop)
         self.open_run.clicked.connect(lambda: self.load_run(QFileDialog.getOpenFileName(
             self, "Open a run's log", "", "Run logs (*.jsonl *.json *.log);;All files (*)")[0]))
+        self._last_step = None
+        self._fields_timer = QTimer(self, singleShot=True, interval=100)
+        self._fields_timer.timeout.connect(self._show_step)
         controller.started.connect(self._on_started)
         controller.step.connect(self._on_step)
         controller.evaluated.connect(self._on_eval)
@@ -164,6 +167,7 @@ class TrainingConsole(QWidget):
         self.stop.setEnabled(running)
 
     def _on_started(self, request):
+        self._last_step = None
         self.plot.clear_data()
         self.checkpoints.clear()
         self.progress.setValue(0)
@@ -178,6 +182,15 @@ class TrainingConsole(QWidget):
 
     def _on_step(self, e):
         self.plot.add_step(e.step, e.loss)
+        # A small model runs dozens of steps a second; the fields follow at most every 100 ms, as the plot does.
+        self._last_step = e
+        if not self._fields_timer.isActive():
+            self._fields_timer.start()
+
+    def _show_step(self):
+        e = self._last_step
+        if e is None:
+            return
         self.progress.setMaximum(e.total)
         self.progress.setValue(e.step)
         v = self.values
@@ -194,6 +207,7 @@ class TrainingConsole(QWidget):
         self.values["validation"].setText(f"loss {e.loss:.4f}, perplexity {e.perplexity:.3f}")
 
     def _on_finished(self, summary, perplexities):
+        self._show_step()
         if perplexities.before is not None and perplexities.after is not None:
             ppl = (f"Validation perplexity: {perplexities.before:.3f} before → {perplexities.after:.3f} after "
                    f"({perplexities.tokens:,} tokens).")

@@ -19,9 +19,11 @@ MAX_ENTRIES = 64      # oldest dropped first: a cache, not a history
 
 
 def cache_path() -> Path:
+    """LORA_LAB_CACHE names the folder (tests give each run its own; child processes inherit it)."""
     from engine.model.references import data_dir
 
-    return data_dir() / "cache" / FILE
+    folder = os.environ.get("LORA_LAB_CACHE")
+    return (Path(folder) if folder else data_dir() / "cache") / FILE
 
 
 def machine_id(adapters: list[str], threads: int | None) -> str:
@@ -75,11 +77,14 @@ def store(key: str, tokens_per_s: dict[str, float], describe: dict, path: Path |
     tmp.replace(path)          # atomic: a run reading it meanwhile sees the old file or the new one
 
 
-def latest_for(machine: str, spec, path: Path | None = None) -> dict | None:
-    """The most recent entry measured on this machine for this model shape (any run shape), or None: the
-    wizard's ETA before a run of its exact shape was measured."""
-    shape = model_shape(spec)
+def latest_for(spec, path: Path | None = None) -> dict | None:
+    """The most recent entry measured on this computer (same CPU) for this model shape, any run shape, or None:
+    the wizard's ETA before a run starts. Its "tokens_per_s", "batch" and "seq_len" say what was measured."""
+    from engine.backends.hardware import cpu_model
+
+    shape, cpu = model_shape(spec), cpu_model()
     for entry in reversed(list(_read(path or cache_path()).values())):
-        if isinstance(entry, dict) and entry.get("machine") == machine and entry.get("model") == shape:
+        if isinstance(entry, dict) and entry.get("model") == shape and \
+                str(entry.get("machine", "")).startswith(cpu + " x"):
             return entry
     return None

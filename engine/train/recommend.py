@@ -22,7 +22,8 @@ from engine.train.config import TrainConfig
 
 MIN_STEPS = 100            # optimizer steps a small corpus is trained for (Unsloth's quick run: 60 of 8 sequences)
 MAX_EPOCHS = 30            # more passes than this only memorise the wording
-SMALL_MODEL_PARAMS = 1e9   # below this a LoRA takes a larger step (SmolLM/Qwen-0.5B recipes use 5e-4..1e-3)
+SMALL_MODEL_PARAMS = 1e9   # below this a LoRA takes a larger step: bench/teach_fact.py on the 135M demo, 104 steps,
+                           # ends at training loss 0.004 with 5e-4 and 0.010 with 2e-4 (both 3/3 facts)
 LR = 2e-4                  # Unsloth's default for LoRA/QLoRA SFT
 SMALL_MODEL_LR = 5e-4
 UNDERFIT_LOSS = 0.5        # mean training loss (nats/token) at the end above which answers are rarely reproduced

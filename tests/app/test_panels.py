@@ -133,20 +133,46 @@ def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
     spec = load_model_spec(tiny_llama_dir)
     summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
     config, val_split = recommend(summary, spec, has_hardware_gpu=False)
-    assert config.seq_len == 64 and val_split == 0.1 and config.batch_size == 4 and config.epochs == 3
+    # 40 examples: all trained on, 10 batches an epoch, 10 epochs for the ~100 steps a small corpus needs.
+    assert config.seq_len == 64 and val_split == 0.0 and config.batch_size == 4 and config.epochs == 10
     steps = total_steps(config, summary.sequences, val_split)
-    assert steps == 3 * math.ceil(36 / 4)
+    assert steps == 10 * math.ceil(40 / 4)
     hardware = detect()
-    r = review(config, spec, summary, val_split, hardware, [])
+    r = review(config, spec, summary, val_split, hardware, [], backend="wgpu")
     limit = next((a.limits.get("max-storage-buffer-binding-size") for a in hardware.adapters
                   if not a.software and a.backend != "OpenGL"), None) or (1 << 31) - 4
-    assert r.engine_bytes == memory_plan(spec, config.lora, config.optim, 4, 64, limit).total
-    assert r.eta_s is None and "no benchmark" in r.eta_basis
+    assert r.runs_on == "gpu" and r.engine_bytes == memory_plan(spec, config.lora, config.optim, 4, 64, limit).total
+    assert r.eta_s is None and "not measured on this machine yet" in r.eta_basis
     assert any("little data" in w for w in r.warnings)
     bench = [Benchmark("cpu", "CPU", 2.0), Benchmark("wgpu:lavapipe", "llvmpipe", 50.0, software=True)]
-    r = review(config, spec, summary, val_split, hardware, bench)
+    r = review(config, spec, summary, val_split, hardware, bench, backend="cpu")
     assert r.eta_s == pytest.approx(steps * step_flops(spec, config.lora, 4 * 64, 64) / 2e9)
     assert "CPU: 2.0 GFLOP/s" in r.eta_basis      # the software adapter is not what training would use
+
+
+def test_review_shows_the_backend_that_will_run_and_an_eta_from_an_earlier_run(tiny_llama_dir):
+    """The review showed the WGSL plan (0.91 GiB) for a CPU run, and 'no benchmark yet' until the user found the
+    hardware inspector, although the run before had measured the backends."""
+    from types import SimpleNamespace
+
+    from engine.model.spec import load_model_spec
+
+    spec = load_model_spec(tiny_llama_dir)
+    summary = CorpusSummary(("a.jsonl",), sequences=30, trainable_tokens=900, longest=20, seq_len=64)
+    config, val_split = recommend(summary, spec, has_hardware_gpu=False)
+    no_gpu = SimpleNamespace(adapters=[], ram_available_bytes=8 << 30)
+    r = review(config, spec, summary, val_split, no_gpu, [])
+    assert r.runs_on == "cpu" and r.engine_bytes is None and r.plan is None
+    speeds = {"tokens_per_s": {"cpu": 128.0, "wgpu:GPU": 4096.0}, "batch": config.batch_size,
+              "seq_len": config.seq_len}
+    r = review(config, spec, summary, val_split, no_gpu, [], speeds=speeds)
+    tokens = config.batch_size * config.seq_len
+    assert r.eta_s == pytest.approx(r.steps * tokens / 128.0) and "measured by an earlier run" in r.eta_basis
+    gpu = SimpleNamespace(adapters=[SimpleNamespace(name="GPU", software=False, backend="Vulkan", memory_bytes=None,
+                                                    limits={})], ram_available_bytes=8 << 30)
+    r = review(config, spec, summary, val_split, gpu, [], speeds={**speeds, "seq_len": 2 * config.seq_len})
+    assert r.runs_on == "gpu" and r.eta_s == pytest.approx(r.steps * tokens / 4096.0)
+    assert "scaled to this shape" in r.eta_basis
 
 
 def test_generation_settings_and_recent_models_persist(qtbot, tiny_llama_dir):
