@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from engine.backends.hardware import cpu_model, cpu_threads, detect
     from engine.model.references import resolve_for_adapter
     from engine.model.spec import load_model_spec
-    from engine.train.recommend import default_plan, has_hardware_gpu, training_advice
+    from engine.train.recommend import default_plan, describe_plan, has_hardware_gpu, training_advice
     from engine.train.runs import RunInputs, prepare_run
 
     log = lambda m: print(m, file=sys.stderr)   # noqa: E731
@@ -112,9 +112,10 @@ def main(argv=None) -> int:
         model_dir, _base = resolve_for_adapter(args.model, log=log)
         spec = load_model_spec(model_dir)
         hardware = detect()
-        config, val_split, summary = default_plan([data], model_dir, spec, has_hardware_gpu(hardware), log=log)
+        config, val_split, summary = default_plan([data], model_dir, spec, has_hardware_gpu(hardware))
         overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
         config = replace(config, **overrides)
+        log(describe_plan(config, summary, val_split))
         start = time.monotonic()
         prepared = prepare_run(config, RunInputs(model=args.model, data=(str(data),), val_split=val_split,
                                                  backend=args.backend), out / "adapter", log=log)

@@ -126,6 +126,11 @@ def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig,
     """(TrainConfig, validation fraction): the options given, the rest planned from the data and the model by
     engine.train.recommend.default_plan, the same planner as the wizard's; the plan is logged. `for_gpu` None:
     as the --backend option (auto: a hardware GPU was detected)."""
+    from engine.train.runs import RunInputs, check_seq_len
+
+    # What the options get wrong is refused before the corpus is read for the plan.
+    RunInputs(model=args.model, data=tuple(args.data) or ("(from the checkpoint)",), val_data=tuple(args.val_data),
+              val_split=args.val_split or 0.0, backend=getattr(args, "backend", "auto"))
     given_val = 0.0 if args.val_data else args.val_split
     if getattr(args, "resume", None) or (given_val is not None and all(getattr(args, o) is not None
                                                                         for o in PLANNED)):
@@ -133,10 +138,12 @@ def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig,
     from engine.backends.choose import parse_backend_kind
     from engine.model.references import resolve_for_adapter
     from engine.model.spec import load_model_spec
-    from engine.train.recommend import default_plan, has_hardware_gpu
+    from engine.train.recommend import default_plan, describe_plan, has_hardware_gpu, paced, total_steps
 
     model_dir, _ = resolve_for_adapter(args.model, log=log)
     spec = load_model_spec(model_dir)
+    if args.seq_len is not None:
+        check_seq_len(spec, args.seq_len)
     if for_gpu is None:
         kind = parse_backend_kind(args.backend)[0]
         if kind == "auto":
@@ -145,8 +152,13 @@ def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig,
             for_gpu = has_hardware_gpu(detect())
         else:
             for_gpu = kind == "wgpu"
-    planned, val_split, _summary = default_plan(args.data, model_dir, spec, for_gpu, log=log)
-    return config_from_args(args, planned), val_split if given_val is None else given_val
+    planned, val_split, summary = default_plan(args.data, model_dir, spec, for_gpu)
+    val_split = val_split if given_val is None else given_val
+    # Warmup and evaluations follow the run's length as given (--steps, --epochs, --batch-size), not the plan's.
+    planned = paced(planned, total_steps(config_from_args(args, planned), summary.sequences, val_split))
+    config = config_from_args(args, planned)
+    log(describe_plan(config, summary, val_split))
+    return config, val_split
 
 
 def _duration(seconds: float) -> str:

@@ -26,6 +26,8 @@ SMALL_MODEL_PARAMS = 1e9   # below this a LoRA takes a larger step: bench/teach_
                            # ends at training loss 0.004 with 5e-4 and 0.010 with 2e-4 (both 3/3 facts)
 LR = 2e-4                  # Unsloth's default for LoRA/QLoRA SFT
 SMALL_MODEL_LR = 5e-4
+WARMUP_FRACTION = 0.05
+EVALS = 4                  # validation passes a run makes (and one at the end)
 UNDERFIT_LOSS = 0.5        # mean training loss (nats/token) at the end above which answers are rarely reproduced
 
 
@@ -75,9 +77,14 @@ def recommend(summary: CorpusSummary, spec, has_hardware_gpu: bool) -> tuple[Tra
     lr = SMALL_MODEL_LR if spec.parameter_count() < SMALL_MODEL_PARAMS else LR
     # No dropout by default, as in PEFT; both backends train with it if the Method page sets it.
     lora = LoraConfig(rank=16, alpha=32.0, dropout=0.0)
-    config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=lr, schedule="cosine",
-                         warmup_steps=max(0, round(0.05 * steps)), eval_every=max(1, steps // 4))
-    return config, val_split
+    config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=lr, schedule="cosine")
+    return paced(config, steps), val_split
+
+
+def paced(config: TrainConfig, steps: int) -> TrainConfig:
+    """`config` with warmup (5 % of the steps, as LLaMA-Factory's 0.05-0.1 ratio) and evaluations (4 a run)
+    for a run of `steps` steps."""
+    return replace(config, warmup_steps=max(0, round(WARMUP_FRACTION * steps)), eval_every=max(1, steps // EVALS))
 
 
 def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
@@ -121,8 +128,7 @@ def has_hardware_gpu(hardware) -> bool:
     return hardware is not None and any(not a.software and a.backend != "OpenGL" for a in hardware.adapters)
 
 
-def default_plan(files, model_dir, spec, for_gpu: bool,
-                 log=lambda _m: None) -> tuple[TrainConfig, float, CorpusSummary]:
+def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, float, CorpusSummary]:
     """Read `files` with the model's tokenizer and recommend a plan for them: what `lora-lab train` uses when a
     setting is not given, as the wizard does from the corpus dialog's reading."""
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
@@ -132,7 +138,11 @@ def default_plan(files, model_dir, spec, for_gpu: bool,
                          CorpusConfig(seq_len=min(1024, spec.max_sequence_length)))
     summary = summarize_corpus(corpus)
     config, val_split = recommend(summary, spec, for_gpu)
-    log(f"plan from the data: {summary.sequences} examples (longest {summary.longest} tokens) -> "
-        f"{config.epochs} epochs of batch {config.batch_size} x {config.seq_len} tokens, "
-        f"{total_steps(config, summary.sequences, val_split)} steps, lr {config.lr:g}, validation {val_split:g}")
     return config, val_split, summary
+
+
+def describe_plan(config: TrainConfig, summary: CorpusSummary, val_split: float) -> str:
+    """One line: what the data gave and what the run will do."""
+    return (f"plan from the data: {summary.sequences} examples (longest {summary.longest} tokens) -> "
+            f"{config.epochs} epochs of batch {config.batch_size} x {config.seq_len} tokens, "
+            f"{total_steps(config, summary.sequences, val_split)} steps, lr {config.lr:g}, validation {val_split:g}")

@@ -150,9 +150,7 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
     from engine.train.data import CorpusBatches, corpus_val_batches
 
-    if config.seq_len > spec.max_positions:
-        raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
-    spec.check_sequence_length(config.seq_len)
+    check_seq_len(spec, config.seq_len)
     init_state = None
     if inputs.init_adapter and import_init:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)
@@ -175,6 +173,13 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     train = CorpusBatches(corpus.train, config.batch_size, config.seq_len, pad, shuffle=config.shuffle)
     val = corpus_val_batches(corpus.val, config.batch_size, config.seq_len, pad)
     return RunData(config, init_state, corpus, train, val)
+
+
+def check_seq_len(spec, seq_len: int) -> None:
+    """Refuse a sequence length the model cannot take: past its positions, or past a sliding window."""
+    if seq_len > spec.max_positions:
+        raise ValueError(f"seq-len {seq_len} exceeds the model's {spec.max_positions} positions")
+    spec.check_sequence_length(seq_len)
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

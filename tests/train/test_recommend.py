@@ -99,5 +99,7 @@ def test_the_cli_plans_what_is_not_given_with_the_wizards_planner(tiny_llama_dir
     assert config.seq_len == 32 and config.batch_size == 4 and any("plan from the data" in m for m in logged)
     given, _ = plan_from_args(_train_args(base + ["--seq-len", "16", "--lr", "1e-4", "--epochs", "2"]), print)
     assert (given.seq_len, given.lr, given.epochs, given.batch_size) == (16, 1e-4, 2, 4)
+    short, _ = plan_from_args(_train_args(base + ["--steps", "8"]), print)
+    assert (short.max_steps, short.warmup_steps, short.eval_every) == (8, 0, 2)   # paced to the steps given
     with pytest.raises(SystemExit):
         _train_args(base + ["--epochs", "2", "--steps", "5"])
