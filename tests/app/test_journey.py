@@ -78,11 +78,16 @@ def read_corpus(qtbot, window, corpus_file) -> None:
     qtbot.mouseClick(window.buttons["Corpus"], Qt.LeftButton)
     dialog = window.dialogs["corpus"]
     drop(dialog, [corpus_file])
-    assert dialog.table.rowCount() == 1 and dialog.table.item(0, 1).text() == "not read yet"
+    # Read as soon as it is added: no 'not read yet' waiting for a button.
+    assert dialog.table.rowCount() == 1 and dialog.table.item(0, 1).text() == "reading…"
+    qtbot.waitUntil(lambda: window.corpus_controller.corpus is not None and not window.corpus_controller.running,
+                    timeout=30000)
+    assert dialog.table.item(0, 1).text().startswith("text")
     dialog.seq_len.setValue(32)
     dialog.val_split.setValue(0.2)
     qtbot.mouseClick(dialog.read, Qt.LeftButton)
-    qtbot.waitUntil(lambda: window.corpus_controller.corpus is not None, timeout=30000)
+    qtbot.waitUntil(lambda: window.corpus_controller.corpus.config.seq_len == 32
+                    and not window.corpus_controller.running, timeout=30000)
     corpus = window.corpus_controller.corpus
     assert dialog.table.item(0, 1).text().startswith("text") and int(dialog.table.item(0, 2).text()) == 1
     assert int(dialog.table.item(0, 4).text().replace(",", "")) == corpus.stats.files[0].trainable_tokens > 0

@@ -1,6 +1,7 @@
 """The panels one at a time: safe Markdown, chat controls, adapter drop, corpus dialog details, plan numbers,
 settings that persist, errors that reach the window."""
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -122,6 +123,36 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
     qtbot.waitUntil(lambda: not controller.running, timeout=30000)
     assert errors == ["corpus loading cancelled"] and controller.corpus is before
     assert "cancelled" in dialog.totals.text()
+
+
+def test_corpus_dialog_reads_on_add_shows_refusals_and_removes_files(qtbot, tiny_llama_dir, tmp_path):
+    """Files waited at 'not read yet'; a refused file said 0 skipped (its reason only in a tooltip); an empty file
+    was accepted silently; nothing could be removed; a long path pushed the columns off-screen."""
+    deep = tmp_path / ("a-very-long-folder-name-that-goes-on-" * 6)
+    deep.mkdir()
+    good = deep / "good.txt"
+    good.write_text("Some text to train on.\n" * 5, encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json at all", encoding="utf-8")
+    controller = CorpusController()
+    dialog = CorpusDialog(controller, tiny_llama_dir)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    width = dialog.width()
+    with qtbot.waitSignal(controller.loaded, timeout=30000):
+        controller.add([good, empty, broken])
+    qtbot.waitUntil(lambda: not controller.running, timeout=10000)
+    assert dialog.table.item(0, 1).text().startswith("text")
+    assert dialog.table.item(1, 1).text() == "refused" and "empty" in dialog.table.item(1, 5).text()
+    assert dialog.table.item(2, 1).text() == "refused" and dialog.table.item(2, 5).text().startswith("whole file:")
+    assert dialog.width() == width and dialog.table.columnWidth(0) <= max(200, width // 2)
+    dialog.table.selectRow(1)
+    with qtbot.waitSignal(controller.loaded, timeout=30000):      # removing reads the rest again
+        qtbot.keyClick(dialog.table, Qt.Key_Delete)
+    assert controller.files == [good, broken] and dialog.table.rowCount() == 2
+    assert [Path(f.path) for f in controller.corpus.stats.files] == [good, broken]
 
 
 def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
