@@ -50,12 +50,22 @@ def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
     chat.stop()
     qtbot.waitUntil(lambda: not chat.busy and not chat.engine.generating, timeout=5000)
     stopped = chat.last_answer()
-    assert 0 < len(stopped)
+    assert 0 < len(stopped) and chat.conversations[0].stopped == {1}
+    from app.widgets.chat_panel import conversation_markdown
+
+    assert conversation_markdown(chat.conversations[0], busy=False).endswith("*(stopped)*")
+    # Toggling Compare keeps the conversation of the model that stays (it used to wipe it).
+    chat.set_compare(True)
+    assert len(chat.conversations) == 2 and chat.conversations[0] is not chat.conversations[1]
+    assert chat.conversations[1].messages[1]["content"] == stopped and chat.conversations[0].messages == []
+    chat.set_compare(False)
+    assert chat.conversations[0].messages[1]["content"] == stopped
     chat.settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
     chat.regenerate()
     qtbot.waitUntil(lambda: not chat.busy, timeout=20000)
     messages = chat.conversations[0].messages
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] != stopped
+    assert chat.conversations[0].stopped == set()       # the new answer ran to its end
     from app.widgets.chat_panel import ChatPanel
 
     panel = ChatPanel(chat)
