@@ -175,9 +175,15 @@ class MainWindow(QMainWindow):
         self.chat.load_model(str(folder))
 
     def _on_model_error(self, message: str, detail: str) -> None:
-        self.model_info.show_error(message)
-        self.state_label.setText("no model")
-        self._on_error(message, detail)
+        """One readable sentence, wrapped; the previous model stays loaded and shown (header included). Only an
+        unexpected failure keeps its traceback, in the log."""
+        kind, _, text = message.partition(": ")
+        expected = kind in EXPECTED_LOAD_ERRORS
+        message = text if expected and text else message
+        self.model_info.show_error(f"could not load that model: {message}")
+        self.state_label.setText("no model" if self.model_dir is None else "model loaded")
+        self.picker.refresh(self.model_ref)
+        self._on_error(f"could not load that model: {message}", "" if expected else detail)
 
     # ---- hardware -----------------------------------------------------------------------------------------
     def _on_hardware(self, report) -> None:
@@ -362,6 +368,11 @@ def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len
 
     base = evaluate(model_dir, files, None, seq_len, backend=backend)
     return base, (evaluate(model_dir, files, adapter, seq_len, backend=backend) if adapter else None)
+
+
+# What a wrong model reference raises: said in one sentence, without a traceback.
+EXPECTED_LOAD_ERRORS = {"ValueError", "FileNotFoundError", "NotADirectoryError", "PermissionError", "OSError",
+                        "UnsupportedModelError", "KeyError", "JSONDecodeError", "UserError"}
 
 
 def _resolve_and_read(ref: str):
