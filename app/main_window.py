@@ -292,8 +292,8 @@ class MainWindow(QMainWindow):
         adapter = self._active_adapter_dir()
         if adapter is None:
             return
-        folder = Path(QSettings().value("save/folder") or
-                      QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
+        documents = Path(QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
+        folder = Path(QSettings().value("save/folder") or (documents if documents.is_dir() else Path.home()))
         dialog = SaveDialog(adapter, self.model_ref or str(self.model_dir), folder, self)
         dialog.finished.connect(lambda _: QSettings().setValue("save/folder", dialog.folder.text()))
         dialog.saved.connect(lambda lines: [self.append_log(f"saved {line}") for line in lines])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths, Signal
+from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QSpinBox, QWizard, QWizardPage)
 
@@ -18,6 +18,7 @@ from engine.lora.config import LORA_TARGETS, LoraConfig
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
 from engine.backends.measured import latest_for
+from engine.model.references import data_dir
 from engine.train.recommend import has_hardware_gpu
 
 
@@ -26,7 +27,7 @@ def _gib(n) -> str:
 
 
 def default_out_dir(model_name: str) -> Path:
-    root = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "adapters"
+    root = data_dir() / "adapters"      # the one data folder (engine.model.references.data_dir)
     return root / f"{model_name}-lora-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

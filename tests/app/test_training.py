@@ -76,6 +76,10 @@ def test_benchmark_button_measures_adapters_and_cpu(qtbot, tiny_llama_dir):
     assert kinds == expected and results[-1].gflops > 0, (results, time.perf_counter() - started)
     assert dialog.results.rowCount() == len(results)
     assert f"{results[-1].gflops:.2f}" == dialog.results.item(len(results) - 1, 1).text()
+    # Each figure says what it measured: the loaded model on the CPU, a built-in tiny model on an adapter.
+    assert results[-1].detail.startswith("training the loaded model (llama")
+    assert all("built-in tiny test model (not the loaded one)" in b.detail for b in results[:-1]
+               if not b.detail.startswith("failed"))
     if not any(not a.software and a.backend != "OpenGL" for a in hardware.adapters):
         assert "training will use CPU" in dialog.explanation.text()
 
