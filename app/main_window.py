@@ -140,6 +140,8 @@ class MainWindow(QMainWindow):
         self.training.failed.connect(self._on_error)
         self.training.finished.connect(self._on_trained)
         self.training.running_changed.connect(lambda _: self._update_actions())
+        self.training.paused_changed.connect(
+            lambda paused: self.state_label.setText("training paused" if paused else "training"))
         self.corpus_controller.failed.connect(lambda m, d: self.append_log(f"corpus: {m}"))
 
     def _update_actions(self) -> None:

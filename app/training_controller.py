@@ -51,6 +51,7 @@ class _Bridge(QObject):
     checkpointed = Signal(object)
     log = Signal(str)
     phase = Signal(str)
+    paused = Signal(int)
     before = Signal(float, int)
 
 
@@ -61,6 +62,7 @@ class TrainingController(QObject):
     checkpointed = Signal(object)   # CheckpointEvent
     log = Signal(str)
     phase = Signal(str)             # what the run is doing before its first step (reading, measuring, ...)
+    paused_changed = Signal(bool)   # True once a pause took effect (the steps already started have finished)
     finished = Signal(object, object)   # TrainSummary, Perplexities
     failed = Signal(str, str)
     running_changed = Signal(bool)
@@ -81,11 +83,17 @@ class TrainingController(QObject):
         self._bridge.checkpointed.connect(self.checkpointed)
         self._bridge.log.connect(self.log)
         self._bridge.phase.connect(self._on_phase)
+        self._bridge.paused.connect(self._on_paused)
         self._bridge.before.connect(self._on_before)
 
     @property
     def running(self) -> bool:
         return self._running
+
+    def _on_paused(self, step: int) -> None:
+        if self._paused:          # not a pause overtaken by resume or stop
+            self.log.emit(f"paused after step {step}")
+            self.paused_changed.emit(True)
 
     def _on_phase(self, text: str) -> None:
         self.log.emit(text + "…")
@@ -115,13 +123,14 @@ class TrainingController(QObject):
         if self._process is not None and not self._paused:
             self._process.send("pause")
             self._paused = True
-            self.log.emit("paused (after the step in flight)")
+            self.log.emit("pausing: the steps already started finish first")
 
     def resume(self) -> None:
         if self._process is not None and self._paused:
             self._process.send("resume")
             self._paused = False
             self.log.emit("resumed")
+            self.paused_changed.emit(False)
 
     def stop(self) -> None:
         if self._process is not None:
@@ -142,7 +151,7 @@ class TrainingController(QObject):
         """Events from the training process (worker thread) become signals (queued to the GUI thread)."""
         bridge = self._bridge
         {"step": bridge.step, "eval": bridge.evaluated, "checkpoint": bridge.checkpointed, "log": bridge.log,
-         "before": bridge.before, "phase": bridge.phase}[kind].emit(*payload)
+         "before": bridge.before, "phase": bridge.phase, "paused": bridge.paused}[kind].emit(*payload)
 
     # -- results (GUI thread) --------------------------------------------------------------------------------------
     def _on_finished(self, summary) -> None:

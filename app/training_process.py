@@ -5,7 +5,8 @@ native calls that hold Python's GIL for hundreds of milliseconds; in a thread of
 the window. In a child process they cannot, and the device memory is certainly released when the child exits,
 which is what the chat handover needs.
 
-The child sends ("step" | "eval" | "checkpoint", event), ("log" | "phase", text), ("before", loss, tokens), and finally
+The child sends ("step" | "eval" | "checkpoint", event), ("log" | "phase", text), ("before", loss, tokens),
+("paused", step), and finally
 ("summary", TrainSummary) or ("error", message, traceback) over a queue; the parent sends "pause", "resume" or
 "stop" the other way.
 """
@@ -62,6 +63,9 @@ def _train(request, events, control):
 
         def on_failure(self, step, message):
             log(f"training failed at step {step}: {message}")
+
+        def on_paused(self, step):
+            events.put(("paused", step))
 
     model_dir = resolve_model(request.model, log=log)
     # One core stays with the window: onnxruntime's pool threads spin while they wait for work, and on a small

@@ -102,6 +102,7 @@ class TrainerCallback:
     def on_checkpoint(self, event: CheckpointEvent) -> None: ...
     def on_finish(self, summary: TrainSummary) -> None: ...
     def on_failure(self, step: int, message: str) -> None: ...
+    def on_paused(self, step: int) -> None: ...     # a pause took effect: steps up to `step` are done, no more run
 
 
 @dataclass
@@ -222,6 +223,8 @@ class Trainer:
         while self._pos.step < self.total_steps:
             if self._stop.is_set() or not self._running.is_set():
                 self._drain(pending)
+                if not self._running.is_set() and not self._stop.is_set():
+                    self.callback.on_paused(self._pos.step)
                 self._running.wait()
                 if self._stop.is_set():
                     stopped = True

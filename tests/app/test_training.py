@@ -27,10 +27,16 @@ def test_pause_resume_stop_from_the_console(qtbot, tiny_llama_dir, tmp_path):
     controller.start(RunRequest(str(tiny_llama_dir), (str(data),), 0.0, config, tmp_path / "adapter", "cpu"))
     qtbot.waitUntil(lambda: len(steps) >= 3, timeout=60000)
     assert console.pause.isEnabled() and not console.resume.isEnabled()
-    qtbot.mouseClick(console.pause, Qt.LeftButton)
-    assert console.resume.isEnabled() and not console.pause.isEnabled()
-    qtbot.wait(1500)            # the step in flight may still land; then nothing
+    paused_log = []
+    controller.log.connect(lambda line: line.startswith("paused after step") and paused_log.append(line))
+    with qtbot.waitSignal(controller.paused_changed, timeout=30000) as paused:
+        qtbot.mouseClick(console.pause, Qt.LeftButton)
+        assert console.resume.isEnabled() and not console.pause.isEnabled()
+    # The pause is announced when it took effect (the steps already started have finished), with its step.
+    assert paused.args == [True]
+    qtbot.wait(200)             # queued step events of those steps arrive before the pause event, not after
     paused_at = len(steps)
+    assert paused_log == [f"paused after step {steps[-1]}"]
     qtbot.wait(1000)
     assert len(steps) == paused_at
     qtbot.mouseClick(console.resume, Qt.LeftButton)
