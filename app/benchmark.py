@@ -32,8 +32,8 @@ def benchmark_adapters(hardware, progress=None) -> list[Benchmark]:
         training = result["training"]
         out.append(Benchmark(f"wgpu:{adapter.name}", f"{adapter.name} ({adapter.backend})",
                              float(result["matmul_gflops"]), adapter.software,
-                             f"GEMM {result['matmul_gflops']:.2f} GFLOP/s; tiny model training "
-                             f"{training['tokens_per_s']:.0f} tokens/s"))
+                             f"GEMM {result['matmul_gflops']:.2f} GFLOP/s; training a built-in tiny test "
+                             f"model (not the loaded one): {training['tokens_per_s']:.0f} tokens/s"))
     return out
 
 
@@ -60,8 +60,9 @@ def benchmark_cpu(model_dir: Path | None, progress=None) -> Benchmark:
     finally:
         backend.close()
     gflops = step_flops(spec, lora, batch * tokens, tokens) / seconds / 1e9
-    return Benchmark("cpu", name, gflops, detail=f"{batch * tokens / seconds:.0f} tokens/s on "
-                                                  f"[{batch}, {tokens}] with {spec.model_type}")
+    return Benchmark("cpu", name, gflops, detail=f"training the loaded model ({spec.model_type}, "
+                                                  f"{spec.parameter_count() / 1e6:.0f} M parameters), batch {batch} x "
+                                                  f"{tokens} tokens: {batch * tokens / seconds:.0f} tokens/s")
 
 
 def run_benchmarks(hardware, model_dir: Path | None, progress=None) -> list[Benchmark]:

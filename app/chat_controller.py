@@ -25,6 +25,7 @@ class Conversation:
 
     adapter: str | None
     messages: list[dict] = field(default_factory=list)
+    stopped: set[int] = field(default_factory=set)     # indices of answers the user stopped before their end
 
     def answer_so_far(self) -> str:
         return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
@@ -138,10 +139,15 @@ class ChatController(QObject):
         self._reset_columns()
 
     def _reset_columns(self) -> None:
-        """Columns follow compare mode and the active adapter; a change starts fresh conversations."""
+        """Columns follow compare mode and the active adapter. A column whose model stays keeps its conversation
+        (toggling Compare used to wipe it); a column for another model starts fresh."""
         wanted = [None, self.active_adapter] if self.compare else [self.active_adapter]
         if [c.adapter for c in self.conversations] != wanted:
-            self.conversations = [Conversation(a) for a in wanted]
+            kept = {c.adapter: c for c in self.conversations}     # the last column of a model wins
+            # Each kept conversation goes to one column only, the last (the adapter's side of a comparison, even
+            # when it is the base model too).
+            columns = [kept.pop(a, None) or Conversation(a) for a in reversed(wanted)]
+            self.conversations = columns[::-1]
             self.conversations_changed.emit()
 
     # -- answering --------------------------------------------------------------------------------------------
@@ -160,6 +166,7 @@ class ChatController(QObject):
         for conv in self.conversations:
             if conv.messages and conv.messages[-1]["role"] == "assistant":
                 conv.messages.pop()
+                conv.stopped.discard(len(conv.messages))
         if self.conversations[0].messages:
             self._answer()
 
@@ -171,6 +178,7 @@ class ChatController(QObject):
         self.stop()
         for conv in self.conversations:
             conv.messages.clear()
+            conv.stopped.clear()
         self.conversations_changed.emit()
 
     def last_answer(self, column: int = -1) -> str:
@@ -203,6 +211,11 @@ class ChatController(QObject):
                 self.conversations_changed.emit()
 
         def finished():
+            if cancel.is_set():       # stopped by the user: the answers in flight (or not begun) say so
+                for conv in convs:
+                    if conv.messages and conv.messages[-1]["role"] == "assistant":
+                        conv.stopped.add(len(conv.messages) - 1)
+                self.conversations_changed.emit()
             self._cancel = None
             self._set_busy(False)
 

@@ -6,9 +6,10 @@ import threading
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QSettings, QStandardPaths, Signal
+from PySide6.QtCore import QObject, QSettings, Signal
 
 from app.workers import run_in_thread
+from engine.model.references import data_dir
 from engine.corpus import CONTAINERS, CorpusCancelled, CorpusConfig, load_corpus
 
 RECENT_KEY = "corpus/recent"
@@ -27,7 +28,8 @@ def expand_paths(paths) -> list[Path]:
 
 def save_pasted(text: str, folder: Path | None = None) -> Path:
     """Write pasted text to a file the corpus can read: JSONL when every line is a JSON object, else text."""
-    folder = folder or Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "pasted"
+    # The one data folder models, runs and the README use (LORA_LAB_HOME overrides it).
+    folder = folder or data_dir() / "pasted"
     folder.mkdir(parents=True, exist_ok=True)
     lines = [line for line in text.splitlines() if line.strip()]
     try:

@@ -64,15 +64,15 @@ class MainWindow(QMainWindow):
             self.load_model(model_ref)
 
     def _build_header(self) -> QHBoxLayout:
-        """The model picker and one button per action; the buttons are reached by name (self.buttons["Plan"])."""
+        """The model picker and one button per action; the buttons are reached by name (self.buttons["Train"]).
+        Train is the one primary path: it reads a corpus if there is none, then plans and starts the run."""
         self.picker = ModelPicker()
         self.buttons = {}
         header = QHBoxLayout()
         header.addWidget(QLabel("Model:"))
         header.addWidget(self.picker, 1)
         for name, tip in (("Corpus", "Add training files and see what will be trained on"),
-                          ("Plan", "Plan a training run (needs a model and a corpus)"),
-                          ("Train", "Show the training console"),
+                          ("Train", "Plan and start a training run (asks for the corpus first if none is read)"),
                           ("Evaluate", "Perplexity of the base model and the active adapter on the corpus"),
                           ("Save Adapter", "Save the active adapter as PEFT, GGUF + Modelfile or a merged model"),
                           ("Hardware", "GPU adapters, CPU, memory and the benchmark")):
@@ -80,6 +80,7 @@ class MainWindow(QMainWindow):
             button.setToolTip(tip)
             self.buttons[name] = button
             header.addWidget(button)
+        self.buttons["Train"].setStyleSheet("font-weight: bold")
         return header
 
     def _build_panels(self, header: QHBoxLayout) -> None:
@@ -125,8 +126,7 @@ class MainWindow(QMainWindow):
         self.picker.model_chosen.connect(self.load_model)
         b = self.buttons
         b["Corpus"].clicked.connect(self.open_corpus)
-        b["Plan"].clicked.connect(self.open_plan)
-        b["Train"].clicked.connect(lambda: self.tabs.setCurrentWidget(self.console))
+        b["Train"].clicked.connect(self.train)
         b["Evaluate"].clicked.connect(self.evaluate)
         b["Save Adapter"].clicked.connect(self.open_save)
         b["Hardware"].clicked.connect(self.open_hardware)
@@ -140,14 +140,18 @@ class MainWindow(QMainWindow):
         self.training.failed.connect(self._on_error)
         self.training.finished.connect(self._on_trained)
         self.training.running_changed.connect(lambda _: self._update_actions())
+        self.training.paused_changed.connect(
+            lambda paused: self.state_label.setText("training paused" if paused else "training"))
         self.corpus_controller.failed.connect(lambda m, d: self.append_log(f"corpus: {m}"))
 
     def _update_actions(self) -> None:
         b, training = self.buttons, self.training.running
         b["Corpus"].setEnabled(self.model_dir is not None and not training)
-        b["Plan"].setEnabled(self.model_dir is not None and self.corpus is not None and not training)
-        b["Plan"].setToolTip("Plan a training run" if b["Plan"].isEnabled() else
-                             "Load a model and read a corpus (Corpus) first")
+        b["Train"].setEnabled(self.model_dir is not None)
+        b["Train"].setToolTip("Load a model first" if self.model_dir is None else
+                              "Show the run in progress" if training else
+                              "Plan and start a training run" if self.corpus is not None else
+                              "Choose the training files, then plan and start the run")
         b["Evaluate"].setEnabled(self.corpus is not None and not training)
         b["Save Adapter"].setEnabled(self._active_adapter_dir() is not None and not training)
         self.picker.setEnabled(not training)
@@ -173,9 +177,15 @@ class MainWindow(QMainWindow):
         self.chat.load_model(str(folder))
 
     def _on_model_error(self, message: str, detail: str) -> None:
-        self.model_info.show_error(message)
-        self.state_label.setText("no model")
-        self._on_error(message, detail)
+        """One readable sentence, wrapped; the previous model stays loaded and shown (header included). Only an
+        unexpected failure keeps its traceback, in the log."""
+        kind, _, text = message.partition(": ")
+        expected = kind in EXPECTED_LOAD_ERRORS
+        message = text if expected and text else message
+        self.model_info.show_error(f"could not load that model: {message}")
+        self.state_label.setText("no model" if self.model_dir is None else "model loaded")
+        self.picker.refresh(self.model_ref)
+        self._on_error(f"could not load that model: {message}", "" if expected else detail)
 
     # ---- hardware -----------------------------------------------------------------------------------------
     def _on_hardware(self, report) -> None:
@@ -217,6 +227,19 @@ class MainWindow(QMainWindow):
         self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training sequences, "
                         f"{t['trainable_tokens']:,} trainable tokens")
         self._update_actions()
+
+    def train(self) -> None:
+        """The primary path: the console while a run is in progress; else the corpus dialog when nothing is read
+        yet (the plan opens once it is accepted), else the plan wizard, whose last page starts the run."""
+        if self.training.running:
+            self.tabs.setCurrentWidget(self.console)
+        elif self.corpus is None:
+            self.open_corpus()
+            dialog = self.dialogs.get("corpus")
+            if dialog is not None:
+                dialog.accepted_corpus.connect(lambda _c: self.open_plan())
+        else:
+            self.open_plan()
 
     def open_plan(self) -> None:
         from app.widgets.plan_wizard import PlanWizard
@@ -282,8 +305,8 @@ class MainWindow(QMainWindow):
         adapter = self._active_adapter_dir()
         if adapter is None:
             return
-        folder = Path(QSettings().value("save/folder") or
-                      QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
+        documents = Path(QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation))
+        folder = Path(QSettings().value("save/folder") or (documents if documents.is_dir() else Path.home()))
         dialog = SaveDialog(adapter, self.model_ref or str(self.model_dir), folder, self)
         dialog.finished.connect(lambda _: QSettings().setValue("save/folder", dialog.folder.text()))
         dialog.saved.connect(lambda lines: [self.append_log(f"saved {line}") for line in lines])
@@ -368,6 +391,11 @@ def evaluate_pair(model_dir: str, files: list[str], adapter: str | None, seq_len
 
     base = evaluate(model_dir, files, None, seq_len, backend=backend)
     return base, (evaluate(model_dir, files, adapter, seq_len, backend=backend) if adapter else None)
+
+
+# What a wrong model reference raises: said in one sentence, without a traceback.
+EXPECTED_LOAD_ERRORS = {"ValueError", "FileNotFoundError", "NotADirectoryError", "PermissionError", "OSError",
+                        "UnsupportedModelError", "KeyError", "JSONDecodeError", "UserError"}
 
 
 def _resolve_and_read(ref: str):

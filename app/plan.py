@@ -7,12 +7,13 @@ figure is missing (no benchmark yet, GPU memory unreadable) the review says so.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
 from engine.train.config import TrainConfig
+# The defaults live in the engine, where `lora-lab train` reads them too; re-exported for the wizard.
+from engine.train.recommend import (CorpusSummary, has_hardware_gpu, recommend, summarize_corpus,  # noqa: F401
+                                    total_steps)
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
 
@@ -28,84 +29,59 @@ class Benchmark:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class CorpusSummary:
-    files: tuple[str, ...]
-    sequences: int
-    trainable_tokens: int
-    longest: int                 # longest training sequence, tokens
-    seq_len: int                 # the sequence length the corpus was read with
-
-
-def summarize_corpus(corpus) -> CorpusSummary:
-    lengths = [len(s) for s in corpus.train]
-    return CorpusSummary(tuple(f.path for f in corpus.stats.files if f.split == "train" and f.refused is None),
-                         len(corpus.train), sum(s.trainable_tokens for s in corpus.train),
-                         max(lengths, default=0), corpus.config.seq_len)
-
-
-def recommend(summary: CorpusSummary, spec: ModelSpec, has_hardware_gpu: bool) -> tuple[TrainConfig, float]:
-    """(TrainConfig, validation fraction) suited to this much data on this hardware."""
-    seq_len = 32
-    while seq_len < summary.longest and seq_len < 1024:
-        seq_len *= 2
-    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
-    n = max(summary.sequences, 1)
-    val_split = 0.1 if n >= 20 else 0.0
-    train_n = max(1, n - int(n * val_split))
-    batch = max(1, min(8 if has_hardware_gpu else 4, train_n))
-    # Small corpora need several passes to move the loss; large ones one pass (more only overfits).
-    epochs = 3 if train_n < 200 else 2 if train_n < 2000 else 1
-    steps = epochs * math.ceil(train_n / batch)
-    # No dropout by default, as in PEFT; both backends (WGSL and onnxruntime) train with it if the Method page
-    # sets it.
-    lora = LoraConfig(rank=16, alpha=32.0, dropout=0.0)
-    config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=2e-4, schedule="cosine",
-                         warmup_steps=max(0, round(0.05 * steps)), eval_every=max(1, steps // 4))
-    return config, val_split
-
-
-def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
-    train_n = max(1, sequences - int(sequences * val_split))
-    per_epoch = math.ceil(math.ceil(train_n / config.batch_size) / config.grad_accum)
-    return config.max_steps or config.epochs * per_epoch
-
-
 @dataclass
 class Review:
     steps: int
-    engine_bytes: int | None              # the WGSL engine's allocation for this run, as planned
+    engine_bytes: int | None              # the WGSL engine's allocation for this run, as planned (GPU runs only)
     plan: object | None                   # engine.train.memory_fit.FitPlan: weights, recompute, micro-batch
     device_bytes: int | None              # what the chosen adapter has (NVML), None when unknown
     ram_available: int
     eta_s: float | None
     eta_basis: str
     warnings: list[str] = field(default_factory=list)
+    runs_on: str = "gpu"                  # "cpu": the CPU backend (onnxruntime) will train; "gpu": a wgpu adapter
+
+
+def runs_on_cpu(backend: str, hardware, speeds: dict | None) -> bool:
+    """Whether the CPU backend will train: named, or `auto` with no hardware GPU, or `auto` where the speeds
+    measured before on this machine (engine.backends.measured) put the CPU first."""
+    if backend == "cpu":
+        return True
+    if backend != "auto":
+        return False
+    if not has_hardware_gpu(hardware):
+        return True
+    rates = (speeds or {}).get("tokens_per_s") or {}
+    return bool(rates) and max(rates, key=rates.get) == "cpu"
 
 
 def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_split: float, hardware,
-           benchmarks: list[Benchmark]) -> Review:
+           benchmarks: list[Benchmark], backend: str = "auto", speeds: dict | None = None) -> Review:
+    """What the run will take. `speeds`: engine.backends.measured.latest_for(spec), the backends' tokens/s
+    measured by an earlier run on this machine, which gives the ETA without a benchmark."""
     steps = total_steps(config, summary.sequences, val_split)
     adapter = next((a for a in hardware.adapters if not a.software and a.backend != "OpenGL"), None) \
         if hardware is not None else None
     ram = hardware.ram_available_bytes if hardware is not None else 0
     device = adapter.memory_bytes if adapter is not None else None
+    cpu = runs_on_cpu(backend, hardware, speeds)
     warnings = []
     plan = None
-    try:
-        # The same plan the run will make (engine.train.runs.plan_memory): weights, recompute, micro-batch.
-        from engine.model.weights import open_weights
-        from engine.train.memory_fit import fit_plan, usable_budget
+    if not cpu:
+        try:
+            # The same plan the run will make (engine.train.runs.plan_memory): weights, recompute, micro-batch.
+            from engine.model.weights import open_weights
+            from engine.train.memory_fit import fit_plan, usable_budget
 
-        limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
-        stored = {n: t.format for n, t in open_weights(spec.source).stored().items()}
-        plan = fit_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len, usable_budget(device),
-                        weights=config.weights, recompute=config.recompute, stored=stored,
-                        grad_accum=config.grad_accum, max_binding_bytes=limit)
-    except ValueError as exc:   # does not fit (the message has the numbers), or a shape the planner refuses
-        warnings.append(str(exc))
-    except OSError:             # weights unreadable: the review says memory is unknown
-        pass
+            limit = (adapter.limits.get("max-storage-buffer-binding-size") if adapter else None) or (1 << 31) - 4
+            stored = {n: t.format for n, t in open_weights(spec.source).stored().items()}
+            plan = fit_plan(spec, config.lora, config.optim, config.batch_size, config.seq_len,
+                            usable_budget(device), weights=config.weights, recompute=config.recompute,
+                            stored=stored, grad_accum=config.grad_accum, max_binding_bytes=limit)
+        except ValueError as exc:   # does not fit (the message has the numbers), or a shape the planner refuses
+            warnings.append(str(exc))
+        except OSError:             # weights unreadable: the review says memory is unknown
+            pass
     engine_bytes = plan.memory.total if plan is not None else None
     if summary.trainable_tokens < MIN_TRAINED_TOKENS:
         warnings.append(f"little data: {summary.trainable_tokens:,} trained tokens (under {MIN_TRAINED_TOKENS:,}); "
@@ -123,18 +99,32 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
     if summary.longest > config.seq_len:
         warnings.append(f"sequence length {config.seq_len} is shorter than the longest example "
                         f"({summary.longest} tokens): longer ones are cut")
-    eta, basis = None, "no benchmark yet: run Benchmark in the hardware inspector for an ETA"
-    usable = [b for b in benchmarks if not b.software and b.gflops > 0]
+    eta, basis = _eta(config, spec, steps, plan, benchmarks, backend, cpu, speeds)
+    return Review(steps, engine_bytes, plan, device, ram, eta, basis, warnings, "cpu" if cpu else "gpu")
+
+
+def _eta(config, spec, steps, plan, benchmarks, backend, cpu, speeds) -> tuple[float | None, str]:
+    """(seconds, where the figure comes from): the speed an earlier run measured on this machine for this model
+    (scaled by tokens when its shape differed), else the Benchmark button's GFLOP/s, else unknown."""
+    tokens = config.batch_size * config.grad_accum * config.seq_len
+    rates = dict((speeds or {}).get("tokens_per_s") or {})
+    kind = "cpu" if cpu else backend if backend.startswith("wgpu:") else \
+        max((k for k in rates if k != "cpu"), key=rates.get, default=None)
+    if kind in rates and rates[kind] > 0:
+        shape = f"[{speeds.get('batch')}, {speeds.get('seq_len')}]"
+        same = (speeds.get("batch"), speeds.get("seq_len")) == (config.batch_size, config.seq_len)
+        return steps * tokens / rates[kind], (f"{kind}: {rates[kind]:,.0f} tokens/s measured by an earlier run "
+                                              f"on {shape}" + ("" if same else ", scaled to this shape"))
+    usable = [b for b in benchmarks if not b.software and b.gflops > 0 and (b.kind == "cpu") == cpu]
     if usable:
         from engine.backends.wgpu.microbench import step_flops
 
         best = max(usable, key=lambda b: b.gflops)
-        tokens = config.batch_size * config.grad_accum * config.seq_len
         recompute = plan.recompute if plan is not None else bool(config.recompute)
         eta = steps * step_flops(spec, config.lora, tokens, config.seq_len, recompute) / (best.gflops * 1e9)
-        basis = f"{best.name}: {best.gflops:.1f} GFLOP/s measured"
-    return Review(steps, engine_bytes, plan, device, ram, eta, basis, warnings)
-
+        return eta, f"{best.name}: {best.gflops:.1f} GFLOP/s measured"
+    return None, ("not measured on this machine yet: the first run measures the backends and the next plan "
+                  "shows an ETA (or press Benchmark in the hardware inspector)")
 
 
 def backend_explanation(hardware, benchmarks: list[Benchmark]) -> str:

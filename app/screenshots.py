@@ -132,7 +132,7 @@ def _shoot_plan_and_training(app, window, out: Path, adapter_dir: Path, backend:
     """The wizard's method and review pages, then the console once the run is over and chat has the adapter."""
     from PySide6.QtWidgets import QWizard
 
-    window.buttons["Plan"].click()
+    window.buttons["Train"].click()
     wizard = window.dialogs["plan"]
     wizard.backend.setCurrentIndex(max(0, wizard.backend.findData(backend)))
     wizard.next()

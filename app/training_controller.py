@@ -18,6 +18,7 @@ from app.training_process import TrainingProcess
 from app.workers import run_in_thread
 from engine.chat.handover import Handover
 from engine.train.config import TrainConfig
+from engine.train.recommend import training_advice
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class _Bridge(QObject):
     evaluated = Signal(object)
     checkpointed = Signal(object)
     log = Signal(str)
+    phase = Signal(str)
+    paused = Signal(int)
     before = Signal(float, int)
 
 
@@ -58,6 +61,8 @@ class TrainingController(QObject):
     evaluated = Signal(object)      # EvalEvent
     checkpointed = Signal(object)   # CheckpointEvent
     log = Signal(str)
+    phase = Signal(str)             # what the run is doing before its first step (reading, measuring, ...)
+    paused_changed = Signal(bool)   # True once a pause took effect (the steps already started have finished)
     finished = Signal(object, object)   # TrainSummary, Perplexities
     failed = Signal(str, str)
     running_changed = Signal(bool)
@@ -67,6 +72,7 @@ class TrainingController(QObject):
         self.handover = handover
         self.request: RunRequest | None = None
         self.summary = None
+        self.advice: list[str] = []     # what to change when the last run under-fitted (engine.train.recommend)
         self._process: TrainingProcess | None = None
         self._running = False
         self._paused = False
@@ -76,11 +82,22 @@ class TrainingController(QObject):
         self._bridge.evaluated.connect(self.evaluated)
         self._bridge.checkpointed.connect(self.checkpointed)
         self._bridge.log.connect(self.log)
+        self._bridge.phase.connect(self._on_phase)
+        self._bridge.paused.connect(self._on_paused)
         self._bridge.before.connect(self._on_before)
 
     @property
     def running(self) -> bool:
         return self._running
+
+    def _on_paused(self, step: int) -> None:
+        if self._paused:          # not a pause overtaken by resume or stop
+            self.log.emit(f"paused after step {step}")
+            self.paused_changed.emit(True)
+
+    def _on_phase(self, text: str) -> None:
+        self.log.emit(text + "…")
+        self.phase.emit(text)
 
     def _on_before(self, loss: float, tokens: int) -> None:
         self._before = (loss, tokens)
@@ -93,6 +110,7 @@ class TrainingController(QObject):
             self.failed.emit("a training run is already in progress; stop it first", "")
             return
         self.request, self.summary, self._before, self._paused = request, None, None, False
+        self.advice: list[str] = []
         self._process = TrainingProcess(request, self._relay)
         self._running = True
         self.running_changed.emit(True)
@@ -105,13 +123,14 @@ class TrainingController(QObject):
         if self._process is not None and not self._paused:
             self._process.send("pause")
             self._paused = True
-            self.log.emit("paused (after the step in flight)")
+            self.log.emit("pausing: the steps already started finish first")
 
     def resume(self) -> None:
         if self._process is not None and self._paused:
             self._process.send("resume")
             self._paused = False
             self.log.emit("resumed")
+            self.paused_changed.emit(False)
 
     def stop(self) -> None:
         if self._process is not None:
@@ -132,7 +151,7 @@ class TrainingController(QObject):
         """Events from the training process (worker thread) become signals (queued to the GUI thread)."""
         bridge = self._bridge
         {"step": bridge.step, "eval": bridge.evaluated, "checkpoint": bridge.checkpointed, "log": bridge.log,
-         "before": bridge.before}[kind].emit(*payload)
+         "before": bridge.before, "phase": bridge.phase, "paused": bridge.paused}[kind].emit(*payload)
 
     # -- results (GUI thread) --------------------------------------------------------------------------------------
     def _on_finished(self, summary) -> None:
@@ -143,6 +162,9 @@ class TrainingController(QObject):
                                     before[1] if before else 0)
         self.log.emit(f"{'stopped' if summary.stopped else 'finished'}: {summary.steps}/{summary.total_steps} "
                       f"steps in {summary.elapsed_s:.1f} s; adapter saved in {summary.adapter_dir}")
+        self.advice = training_advice(summary.losses, self.request.config, summary.stopped)
+        for line in self.advice:
+            self.log.emit(line)
         self.finished.emit(summary, perplexities)
 
     def _on_failed(self, message: str, detail: str) -> None:

@@ -5,7 +5,8 @@ native calls that hold Python's GIL for hundreds of milliseconds; in a thread of
 the window. In a child process they cannot, and the device memory is certainly released when the child exits,
 which is what the chat handover needs.
 
-The child sends ("step" | "eval" | "checkpoint", event), ("log", text), ("before", loss, tokens), and finally
+The child sends ("step" | "eval" | "checkpoint", event), ("log" | "phase", text), ("before", loss, tokens),
+("paused", step), and finally
 ("summary", TrainSummary) or ("error", message, traceback) over a queue; the parent sends "pause", "resume" or
 "stop" the other way.
 """
@@ -48,6 +49,7 @@ def _train(request, events, control):
     from engine.train.trainer import TrainerCallback, eval_loss
 
     log = lambda text: events.put(("log", text))   # noqa: E731
+    phase = lambda text: events.put(("phase", text))   # noqa: E731   what happens before the first step
 
     class Callback(TrainerCallback):
         def on_step(self, event):
@@ -62,6 +64,9 @@ def _train(request, events, control):
         def on_failure(self, step, message):
             log(f"training failed at step {step}: {message}")
 
+        def on_paused(self, step):
+            events.put(("paused", step))
+
     model_dir = resolve_model(request.model, log=log)
     # One core stays with the window: onnxruntime's pool threads spin while they wait for work, and on a small
     # machine they would take every core from the event loop.
@@ -70,15 +75,19 @@ def _train(request, events, control):
     holder = {}
 
     def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=MemoryOptions()):
+        phase(f"measuring the training backends on [{batch_size}, {seq_len}] (skipped when measured before)"
+              if request.backend == "auto" else f"starting the {request.backend} backend")
         backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, memory=memory)
         log(f"training backend: {backend.name}")
         val = holder.get("val")
         if init_state is None and val:
             # A fresh adapter starts with B = 0, so this is exactly the base model on the validation data.
+            phase("evaluating the base model on the validation data")
             loss, tokens = eval_loss(backend, val)
             events.put(("before", loss, tokens))
         return backend
 
+    phase("reading the corpus and planning memory")
     inputs = RunInputs(model=request.model, data=request.files, val_split=request.val_split,
                        mask_prompt=request.mask_prompt, packing=request.packing, backend=request.backend)
     prepared = prepare_run(request.config, inputs, request.out_dir, callback=Callback(), factory=factory, log=log)

@@ -91,3 +91,10 @@ def _join_qt_workers(request):
     if "qtbot" in request.fixturenames:
         from app.workers import wait_for_workers
         wait_for_workers()
+
+
+@pytest.fixture(autouse=True)
+def _private_backend_speeds(tmp_path_factory, monkeypatch):
+    """Backend speeds `auto` caches (engine.backends.measured) go to a folder of each test's own, in training
+    child processes too: a test's fake adapters or timings never reach the user's cache, nor another test's."""
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path_factory.mktemp("speeds")))

@@ -18,9 +18,12 @@ def conversation_markdown(conv: Conversation, busy: bool) -> str:
     """The conversation as one Markdown document (speaker headings, then each message as written)."""
     who = conv.adapter or "base model"
     parts = []
-    for message in conv.messages:
+    for index, message in enumerate(conv.messages):
         speaker = "You" if message["role"] == "user" else who
-        text = message["content"] or ("…" if busy else "*(empty answer)*")
+        if index in conv.stopped:
+            text = (message["content"] + " *(stopped)*") if message["content"] else "*(stopped)*"
+        else:
+            text = message["content"] or ("…" if busy else "*(empty answer)*")
         parts.append(f"**{speaker}:**\n\n{text}")
     return "\n\n---\n\n".join(parts)
 

@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QLabel, QMenu, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
                                QSplitter, QTableWidget, QTableWidgetItem, QTextBrowser, QToolButton, QVBoxLayout,
@@ -43,6 +44,8 @@ class CorpusDialog(QDialog):
         self.resize(1000, 720)
         self.setAcceptDrops(True)
         self.controller, self.model_dir = controller, model_dir
+        corpus = controller.corpus
+        self._attempted = [Path(f.path) for f in corpus.stats.files] if corpus is not None else None
         self._build_sources()
         self._build_reading()
         self._build_results()
@@ -67,8 +70,9 @@ class CorpusDialog(QDialog):
 
     def _build_reading(self):
         self.seq_len = QSpinBox(minimum=16, maximum=32768, value=512, singleStep=64, objectName="corpus-seq-len")
-        self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, value=0.1, decimals=2,
-                                        objectName="corpus-val-split")
+        # 0 leaves the split to the plan (engine.train.recommend: none under 50 examples, else 10 %).
+        self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, value=0.0, decimals=2,
+                                        objectName="corpus-val-split", specialValueText="planned")
         self.read = QPushButton("Read corpus", objectName="corpus-read")
         self.cancel = QPushButton("Cancel reading", objectName="corpus-cancel")
         self.progress = QProgressBar(objectName="corpus-progress")
@@ -78,7 +82,11 @@ class CorpusDialog(QDialog):
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
-        self.table.setToolTip("Click a file's Skipped cell to see each skipped line and why")
+        self.table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.table.setTextElideMode(Qt.ElideMiddle)      # a long path must not push the numbers off-screen
+        self.table.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.table.setToolTip("Click a file's Skipped cell to see each skipped line and why; Delete or the "
+                              "context menu removes a file")
         self.totals = QLabel(objectName="corpus-totals", wordWrap=True)
         self.preview = QTextBrowser(objectName="corpus-preview")
         self.example = QSpinBox(minimum=0, maximum=0, objectName="corpus-example")
@@ -140,11 +148,16 @@ class CorpusDialog(QDialog):
         self.table.cellClicked.connect(self._cell_clicked)
         self.buttons.accepted.connect(self._use)
         self.buttons.rejected.connect(self.reject)
+        # Reading starts first, so the table lists the new files as "reading…".
+        self.controller.files_changed.connect(lambda _files: self._read_when_idle())
         self.controller.files_changed.connect(self._show_files)
         self.controller.progress.connect(self.progress.setValue)
         self.controller.loaded.connect(self._show_corpus)
         self.controller.failed.connect(self._failed)
         self.controller.running_changed.connect(self._on_running)
+        self.controller.running_changed.connect(lambda running: running or self._read_when_idle())
+        self.table.customContextMenuRequested.connect(self._table_menu)
+        QShortcut(QKeySequence.Delete, self.table, activated=self.remove_selected)
 
     # -- sources ----------------------------------------------------------------------------------------------
     def dragEnterEvent(self, event):   # noqa: N802
@@ -180,12 +193,35 @@ class CorpusDialog(QDialog):
             self.controller.add([save_pasted(text)])
             self.paste.clear()
 
+    def remove_selected(self):
+        rows = sorted({i.row() for i in self.table.selectedIndexes()}, reverse=True)
+        for row in rows:
+            self.controller.remove(self.controller.files[row])
+
+    def _table_menu(self, pos):
+        row = self.table.rowAt(pos.y())
+        if row < 0:
+            return
+        self.table.selectRow(row)
+        menu = QMenu(self)
+        menu.addAction("Remove from the corpus", self.remove_selected)
+        menu.exec(self.table.viewport().mapToGlobal(pos))
+
     # -- reading ----------------------------------------------------------------------------------------------
+    def _read_when_idle(self):
+        """Files are read as they are added (or removed): the table never waits at 'not read yet' for a button.
+        A change during a read is read once that read ends."""
+        if self.model_dir is None or self.controller.running or not self.controller.files:
+            return
+        if [Path(f) for f in self.controller.files] != self._attempted:   # not after a cancel or a failure
+            self.read_corpus()
+
     def read_corpus(self):
         if self.model_dir is None:
             self._failed("load a model first: the corpus is tokenized with the model's tokenizer", "")
             return
         self.progress.setValue(0)
+        self._attempted = [Path(f) for f in self.controller.files]
         self.controller.load(self.model_dir, self.seq_len.value(), self.val_split.value())
 
     def _on_running(self, running: bool):
@@ -204,15 +240,21 @@ class CorpusDialog(QDialog):
         self.table.setRowCount(len(files))
         for row, path in enumerate(files):
             fs = stats.get(Path(path))
-            cells = [str(path)] + (["not read yet", "", "", "", ""] if fs is None else [
-                format_label(fs), f"{fs.records:,}", f"{fs.tokens:,}", f"{fs.trainable_tokens:,}",
-                f"{fs.skipped_count:,}" + (" — click" if fs.skipped_count else "")])
+            if fs is None:
+                cells = [str(path), "reading…" if self.controller.running else "not read yet", "", "", "", ""]
+            elif fs.refused is not None:      # the reason where it is read, not only in a tooltip
+                cells = [str(path), "refused", "", "", "", f"whole file: {fs.refused}"]
+            else:
+                cells = [str(path), format_label(fs), f"{fs.records:,}", f"{fs.tokens:,}", f"{fs.trainable_tokens:,}",
+                         f"{fs.skipped_count:,}" + (" — click" if fs.skipped_count else "")]
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
-                if fs is not None and fs.refused is not None:
-                    item.setToolTip(fs.refused)
+                item.setToolTip(fs.refused if fs is not None and fs.refused is not None else
+                                str(path) if col == 0 else "")
                 self.table.setItem(row, col, item)
         self.table.resizeColumnsToContents()
+        # The path column gets what the numbers leave; the rest of a long path is elided, in its tooltip.
+        self.table.setColumnWidth(0, min(self.table.columnWidth(0), max(200, self.width() // 2)))
         self._on_running(self.controller.running)
 
     def _show_corpus(self, corpus):

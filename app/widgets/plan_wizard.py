@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, QStandardPaths, Signal
+from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                                QLineEdit, QPushButton, QSpinBox, QWizard, QWizardPage)
 
@@ -17,6 +17,9 @@ from engine.backends.base import OPTIMIZERS, OptimizerConfig
 from engine.lora.config import LORA_TARGETS, LoraConfig
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
+from engine.backends.measured import latest_for
+from engine.model.references import data_dir
+from engine.train.recommend import has_hardware_gpu
 
 
 def _gib(n) -> str:
@@ -24,7 +27,7 @@ def _gib(n) -> str:
 
 
 def default_out_dir(model_name: str) -> Path:
-    root = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "adapters"
+    root = data_dir() / "adapters"      # the one data folder (engine.model.references.data_dir)
     return root / f"{model_name}-lora-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -39,11 +42,14 @@ class PlanWizard(QWizard):
         self.resize(760, 560)
         self.model_ref, self.model_dir, self.spec, self.summary = model_ref, model_dir, spec, summary
         self.hardware, self.benchmarks = hardware, list(benchmarks)
-        has_gpu = hardware is not None and any(not a.software and a.backend != "OpenGL" for a in hardware.adapters)
+        # Backend speeds an earlier run measured on this machine for this model: the ETA without a benchmark.
+        self.speeds = latest_for(spec)
+        has_gpu = has_hardware_gpu(hardware)
         config, val_split = recommend(summary, spec, has_gpu)
         self._build_pages(config, val_split)
         self.setButtonText(QWizard.FinishButton, "Start training")
         self.currentIdChanged.connect(lambda _: self._refresh_review())
+        self.backend.currentIndexChanged.connect(lambda _: self._refresh_review())
 
     # -- pages ----------------------------------------------------------------------------------------------
     def _page(self, title: str, subtitle: str) -> tuple[QWizardPage, QFormLayout]:
@@ -178,17 +184,20 @@ class PlanWizard(QWizard):
             self.review_label.setText("")
             return
         self.error.setText("")
-        r = review(config, self.spec, self.summary, self.val_split.value(), self.hardware, self.benchmarks)
+        r = review(config, self.spec, self.summary, self.val_split.value(), self.hardware, self.benchmarks,
+                   self.backend.currentData(), self.speeds)
         available = (f"GPU memory {_gib(r.device_bytes)}" if r.device_bytes is not None
                      else f"GPU memory unknown; RAM available {_gib(r.ram_available)}")
+        memory = (f"Memory: the <b>CPU backend</b> (onnxruntime, f32) trains this run; it uses what it needs from "
+                  f"RAM (the console shows it); RAM available {_gib(r.ram_available)}.<br>" if r.runs_on == "cpu"
+                  else f"Memory (WGSL engine plan): <b>{_gib(r.engine_bytes)}</b> needed; {available}.<br>"
+                  + ("".join(f"{line}<br>" for line in r.plan.lines()) if r.plan is not None else ""))
         eta = f"about {r.eta_s / 60:.1f} min" if r.eta_s is not None and r.eta_s >= 60 else \
             f"about {r.eta_s:.0f} s" if r.eta_s is not None else "unknown"
         self.review_label.setText(
             f"<b>{r.steps:,} steps</b> of {config.batch_size} × {config.grad_accum} × {config.seq_len} tokens, "
             f"LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
-            f"Memory (WGSL engine plan): <b>{_gib(r.engine_bytes)}</b> needed; {available}.<br>"
-            + ("".join(f"{line}<br>" for line in r.plan.lines()) if r.plan is not None else "") +
-            f"ETA: <b>{eta}</b> ({r.eta_basis}).")
+            + memory + f"ETA: <b>{eta}</b> ({r.eta_basis}).")
         self.warnings.setText("".join(f"⚠ {w}<br>" for w in r.warnings) or "No warnings.")
 
     def validateCurrentPage(self) -> bool:   # noqa: N802

@@ -178,11 +178,15 @@ class TrainingConsole(QWidget):
         self.stop.clicked.connect(controller.stop)
         self.open_run.clicked.connect(lambda: self.load_run(QFileDialog.getOpenFileName(
             self, "Open a run's log", "", "Run logs (*.jsonl *.json *.log);;All files (*)")[0]))
+        self._last_step = None
+        self._fields_timer = QTimer(self, singleShot=True, interval=100)
+        self._fields_timer.timeout.connect(self._show_step)
         controller.started.connect(self._on_started)
         controller.step.connect(self._on_step)
         controller.evaluated.connect(self._on_eval)
         controller.checkpointed.connect(lambda e: self.checkpoints.addItem(f"step {e.step}: {e.path}"))
         controller.log.connect(self.log.appendPlainText)
+        controller.phase.connect(self._on_phase)
         controller.finished.connect(self._on_finished)
         controller.failed.connect(self._on_failed)
         controller.running_changed.connect(self._on_running)
@@ -216,6 +220,7 @@ class TrainingConsole(QWidget):
         self.stop.setEnabled(running)
 
     def _on_started(self, request):
+        self._last_step = None
         self.plot.clear_data()
         self.rewards.clear_data()
         self.rewards.hide()
@@ -223,18 +228,33 @@ class TrainingConsole(QWidget):
         self.progress.setValue(0)
         for label in self.values.values():
             label.setText("—")
+        self.values["step"].setText("starting…")
         self.result.setText(f"Training → {request.out_dir}")
+
+    def _on_phase(self, text: str):
+        # Before the first step (corpus, memory plan, backend measurement) the fields have nothing to show yet.
+        self.values["step"].setText(f"starting: {text}…")
 
     def _on_step(self, e):
         self.plot.add_step(e.step, e.loss)
+        if e.reward_margin is not None and not e.skipped:       # every step's point, as the loss plot's
+            self.rewards.show()
+            self.rewards.add_step(e.step, e.reward_margin, e.reward_accuracy)
+        # A small model runs dozens of steps a second; the fields follow at most every 100 ms, as the plot does.
+        self._last_step = e
+        if not self._fields_timer.isActive():
+            self._fields_timer.start()
+
+    def _show_step(self):
+        e = self._last_step
+        if e is None:
+            return
         self.progress.setMaximum(e.total)
         self.progress.setValue(e.step)
         v = self.values
         v["step"].setText(f"{e.step} / {e.total} (epoch {e.epoch + 1})")
         v["loss"].setText(f"{e.loss:.4f}" + (" (skipped: not finite)" if e.skipped else ""))
         if e.reward_margin is not None and not e.skipped:
-            self.rewards.show()
-            self.rewards.add_step(e.step, e.reward_margin, e.reward_accuracy)
             v["loss"].setText(f"{e.loss:.4f}, reward margin {e.reward_margin:+.3f}, accuracy {e.reward_accuracy:.2f}")
         v["tokens/s"].setText(f"{e.tokens_per_s:,.0f}")
         v["elapsed"].setText(duration(e.elapsed_s))
@@ -253,6 +273,7 @@ class TrainingConsole(QWidget):
                                           f"accuracy {e.reward_accuracy:.3f}")
 
     def _on_finished(self, summary, perplexities):
+        self._show_step()
         if self.rewards.val_steps:
             ppl = (f"Validation reward accuracy {self.rewards.val_accuracies[-1]:.3f}, margin "
                    f"{self.rewards.val_margins[-1]:+.3f} (chosen over rejected answers).")
@@ -261,9 +282,10 @@ class TrainingConsole(QWidget):
                    f"({perplexities.tokens:,} tokens).")
         else:
             ppl = "No validation data, so no perplexity (set a validation split in the corpus or plan)."
+        advice = "".join(f"\n⚠ {line}" for line in self.controller.advice)
         self.result.setText(f"{'Stopped' if summary.stopped else 'Finished'}: {summary.steps}/{summary.total_steps}"
                             f" steps in {duration(summary.elapsed_s)}. {ppl} Chat now uses the new adapter "
-                            f"({summary.adapter_dir.name}).")
+                            f"({summary.adapter_dir.name}).{advice}")
 
     def _on_failed(self, message, _detail):
         self.result.setText(f"Training failed: {message}")

@@ -58,13 +58,15 @@ class BackendChoice:
     seq_len: int
     measured_steps: int
     candidates: list[Candidate]
+    cached: bool = False                 # the speeds were measured by an earlier run (engine.backends.measured)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        out = [f"backend: {self.chosen} (measured on [{self.batch_size}, {self.seq_len}], "
-               f"{self.measured_steps} steps each)"]
+        how = "measured earlier on this machine for this model and shape; delete the cache file to measure " \
+            "again" if self.cached else f"{self.measured_steps} steps each"
+        out = [f"backend: {self.chosen} (measured on [{self.batch_size}, {self.seq_len}], {how})"]
         for c in self.candidates:
             mark = "*" if c.kind == self.chosen else " "
             what = f"{c.tokens_per_s:,.1f} tokens/s" if c.tokens_per_s is not None else f"skipped: {c.skipped}"
@@ -167,10 +169,31 @@ def candidates() -> tuple[list[Candidate], list[Candidate]]:
     return todo, skipped
 
 
-def choose_backend(args: BuildArgs, measure_steps: int = 2) -> tuple[TrainingBackend, BackendChoice]:
+def choose_backend(args: BuildArgs, measure_steps: int = 2,
+                   cache: bool = True) -> tuple[TrainingBackend, BackendChoice]:
     """Measure every candidate on throwaway instances, then build the fastest fresh (so the measured steps
-    leave no trace in its weights or optimizer state)."""
+    leave no trace in its weights or optimizer state). With `cache`, speeds measured before on this machine for
+    the same model and run shape (engine.backends.measured) are used instead of measuring again."""
+    from engine.backends import measured as speeds
+    from engine.model.spec import load_model_spec
+
     todo, skipped = candidates()
+    key = describe = None
+    if cache:
+        machine = speeds.machine_id([c.kind for c in todo if c.kind != "cpu"], args.threads)
+        spec = load_model_spec(args.model_dir)
+        key = speeds.run_key(machine, spec, args.lora, args.batch_size, args.seq_len, args.memory)
+        describe = {"machine": machine, "model": speeds.model_shape(spec), "batch": args.batch_size,
+                    "seq_len": args.seq_len, "rank": args.lora.rank}
+        known = speeds.lookup(key)
+        if known is not None and all(c.kind in known for c in todo):
+            for c in todo:
+                c.tokens_per_s = known[c.kind]
+                c.seconds_per_step = args.batch_size * args.seq_len / c.tokens_per_s
+            best = max(todo, key=lambda c: c.tokens_per_s)
+            backend = build_cpu(args) if best.kind == "cpu" else \
+                build_wgpu(args, best.kind[5:], allow_software=False)
+            return backend, BackendChoice(best.kind, args.batch_size, args.seq_len, 0, todo + skipped, cached=True)
     measured = []
     for c in todo:
         try:
@@ -190,5 +213,7 @@ def choose_backend(args: BuildArgs, measure_steps: int = 2) -> tuple[TrainingBac
         reasons = "; ".join(f"{c.kind}: {c.skipped}" for c in todo + skipped)
         raise RuntimeError(f"no training backend could run [{args.batch_size}, {args.seq_len}]: {reasons}")
     best = max(measured, key=lambda c: c.tokens_per_s)
+    if key is not None and len(measured) == len(todo):     # a candidate that failed is measured again next time
+        speeds.store(key, {c.kind: c.tokens_per_s for c in measured}, describe)
     backend = build_cpu(args) if best.kind == "cpu" else build_wgpu(args, best.kind[5:], allow_software=False)
     return backend, BackendChoice(best.kind, args.batch_size, args.seq_len, measure_steps, todo + skipped)

@@ -29,8 +29,22 @@ def register(sub) -> None:
     parser.set_defaults(func=_chat)
 
 
+def quiet_transformers() -> None:
+    """A clean terminal: no weight-loading progress bar, no deprecation notices aimed at library authors (peft
+    calls transformers' deprecated is_gradient_checkpointing); real errors still raise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+
+
 def _chat(args) -> int:
     from engine.chat.inference import ChatEngine
+
+    quiet_transformers()
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k,

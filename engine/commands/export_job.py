@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.commands.train import add_training_options, config_from_args
+from engine.commands.train import add_training_options, plan_from_args
 from engine.errors import UserError
 
 
@@ -30,10 +30,12 @@ def run(args) -> int:
     if args.init_adapter and any(v is not None for v in (args.rank, args.alpha, args.targets, args.rslora)):
         raise UserError("--init-adapter brings its own rank, alpha and targets; drop --rank/--alpha/--targets/"
                         "--rslora")
+    log = lambda m: print(m, file=sys.stderr, flush=True)     # noqa: E731
+    # The job runs on GPUs (accelerate): planned as for a GPU.
+    config, val_split = plan_from_args(args, log, for_gpu=True)
     inputs = RunInputs(model=args.model, data=tuple(args.data), val_data=tuple(args.val_data),
-                       val_split=args.val_split, mask_prompt=False if args.no_mask_prompt else None,
+                       val_split=val_split, mask_prompt=False if args.no_mask_prompt else None,
                        packing=args.packing, init_adapter=args.init_adapter)
-    summary = export_job(config_from_args(args), inputs, args.out, copy_model=args.copy_model,
-                         overwrite=args.force, log=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = export_job(config, inputs, args.out, copy_model=args.copy_model, overwrite=args.force, log=log)
     print(summary.folder)
     return 0

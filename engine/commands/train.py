@@ -46,8 +46,10 @@ def add_training_options(p, out_help: str) -> None:
     lora.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
     lora.add_argument("--init-adapter", metavar="DIR", help="continue training this PEFT adapter")
     run = p.add_argument_group("training")
-    run.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default %(default)s)")
-    run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default %(default)s)")
+    run.add_argument("--seq-len", type=int, default=None,
+                     help="tokens per sequence (default: planned from the data, the longest example rounded up)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="sequences per micro-batch (default: planned, 8 on a GPU, 4 on the CPU)")
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
     memory = p.add_argument_group("GPU memory (lora-lab plan shows what these choose)")
     memory.add_argument("--weights", default="auto", choices=("auto",) + WEIGHT_CHOICES,
@@ -60,11 +62,14 @@ def add_training_options(p, out_help: str) -> None:
     memory.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 8GB (default: "
                                                              "read from the driver where it can be)")
     length = run.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
+    length.add_argument("--epochs", type=int, default=None,
+                        help="passes over the data (default: planned from the data size; a few dozen examples "
+                             "get enough passes for ~100 steps)")
     length.add_argument("--steps", type=int, default=None, help="optimizer steps, instead of --epochs")
-    run.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
+    run.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: planned, 2e-4, or 5e-4 under 1B parameters)")
     run.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="(default %(default)s)")
-    run.add_argument("--warmup", type=int, default=0, help="warmup steps (default %(default)s)")
+    run.add_argument("--warmup", type=int, default=None, help="warmup steps (default: planned, 5%% of the steps)")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default %(default)s)")
     run.add_argument("--weight-decay", type=float, default=0.0, help="(default %(default)s)")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
@@ -79,9 +84,11 @@ def add_training_options(p, out_help: str) -> None:
                        help="DPO label smoothing in [0, 0.5) (default %(default)s)")
     prefs.add_argument("--orpo-lambda", type=float, default=0.1, help="ORPO lambda (default %(default)s)")
     data = p.add_argument_group("data and evaluation")
-    data.add_argument("--val-split", type=float, default=0.0, help="fraction of the data held out")
+    data.add_argument("--val-split", type=float, default=None,
+                      help="fraction of the data held out (default: planned, 0.1 from 50 examples)")
     data.add_argument("--val-data", action="append", default=[], metavar="F", help="validation-only file")
-    data.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
+    data.add_argument("--eval-every", type=int, default=None,
+                      help="evaluate every N steps (and at the end; default: planned, 4 times a run)")
     data.add_argument("--no-mask-prompt", action="store_true", help="train on prompts too, not only answers")
     data.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
@@ -102,16 +109,67 @@ def lora_from_args(args) -> LoraConfig:
     return LoraConfig(**{k: v for k, v in chosen.items() if v is not None})
 
 
-def config_from_args(args) -> TrainConfig:
+# Options whose default is planned from the data (engine.train.recommend), as the wizard plans them.
+PLANNED = {"seq_len": "seq_len", "batch_size": "batch_size", "epochs": "epochs", "lr": "lr",
+           "warmup": "warmup_steps", "eval_every": "eval_every"}
+
+
+def config_from_args(args, planned: TrainConfig | None = None) -> TrainConfig:
+    """The run's settings: what the options give, and for the planned ones left out, `planned`'s values."""
+    base = planned or TrainConfig()
+
+    def pick(option):
+        value = getattr(args, option)
+        return getattr(base, PLANNED[option]) if value is None else value
+
     return TrainConfig(
         lora=lora_from_args(args),
         optim=OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay),
-        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-        epochs=args.epochs or 1, max_steps=args.steps or 0, lr=args.lr, schedule=args.schedule,
-        warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, weights=args.weights,
-        objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
-        recompute={"auto": None, "on": True, "off": False}[args.recompute])
+        batch_size=pick("batch_size"), grad_accum=args.grad_accum, seq_len=pick("seq_len"),
+        epochs=pick("epochs"), max_steps=args.steps or 0, lr=pick("lr"), schedule=args.schedule,
+        warmup_steps=pick("warmup"), max_grad_norm=args.max_grad_norm, seed=args.seed,
+        eval_every=pick("eval_every"), save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        weights=args.weights, objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
+        orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute])
+
+
+def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig, float]:
+    """(TrainConfig, validation fraction): the options given, the rest planned from the data and the model by
+    engine.train.recommend.default_plan, the same planner as the wizard's; the plan is logged. `for_gpu` None:
+    as the --backend option (auto: a hardware GPU was detected)."""
+    from engine.train.runs import RunInputs, check_seq_len
+
+    # What the options get wrong is refused before the corpus is read for the plan.
+    RunInputs(model=args.model, data=tuple(args.data) or ("(from the checkpoint)",), val_data=tuple(args.val_data),
+              val_split=args.val_split or 0.0, backend=getattr(args, "backend", "auto"))
+    given_val = 0.0 if args.val_data else args.val_split
+    if getattr(args, "resume", None) or (given_val is not None and all(getattr(args, o) is not None
+                                                                        for o in PLANNED)):
+        return config_from_args(args), given_val or 0.0
+    from engine.backends.choose import parse_backend_kind
+    from engine.model.references import resolve_for_adapter
+    from engine.model.spec import load_model_spec
+    from engine.train.recommend import default_plan, describe_plan, has_hardware_gpu, paced, total_steps
+
+    model_dir, _ = resolve_for_adapter(args.model, log=log)
+    spec = load_model_spec(model_dir)
+    if args.seq_len is not None:
+        check_seq_len(spec, args.seq_len)
+    if for_gpu is None:
+        kind = parse_backend_kind(args.backend)[0]
+        if kind == "auto":
+            from engine.backends.hardware import detect
+
+            for_gpu = has_hardware_gpu(detect())
+        else:
+            for_gpu = kind == "wgpu"
+    planned, val_split, summary = default_plan(args.data, model_dir, spec, for_gpu)
+    val_split = val_split if given_val is None else given_val
+    # Warmup and evaluations follow the run's length as given (--steps, --epochs, --batch-size), not the plan's.
+    planned = paced(planned, total_steps(config_from_args(args, planned), summary.sequences, val_split))
+    config = config_from_args(args, planned)
+    log(describe_plan(config, summary, val_split))
+    return config, val_split
 
 
 def _duration(seconds: float) -> str:
@@ -194,28 +252,29 @@ def run_train(args) -> int:
         raise UserError("no training data: pass --data FILE (repeat it for several files)")
     if args.resume and args.init_adapter:
         raise UserError("--resume continues a run with its own adapter; drop --init-adapter")
-    config = config_from_args(args)
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    config, val_split = plan_from_args(args, log)
     if args.init_adapter and any(v is not None for v in (args.rank, args.alpha, args.targets, args.rslora)):
         raise UserError("--init-adapter brings its own rank, alpha and targets; drop --rank/--alpha/--targets/"
                         "--rslora")
     data, val_data = tuple(args.data), tuple(args.val_data)
     if args.resume and not data:
         data, val_data = _files_from_checkpoint(args.resume)
-    inputs = RunInputs(model=args.model, data=data, val_data=val_data, val_split=args.val_split,
+    inputs = RunInputs(model=args.model, data=data, val_data=val_data, val_split=val_split,
                        mask_prompt=False if args.no_mask_prompt else None, packing=args.packing,
                        init_adapter=args.init_adapter, backend=args.backend,
                        gpu_memory=parse_bytes(args.gpu_memory) if args.gpu_memory else None)
     callback = JsonLines() if args.json else (ProgressBar() if sys.stderr.isatty() else TrainerCallback())
-    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     try:
         prepared = prepare_run(config, inputs, args.out, callback=callback, resume=args.resume, log=log)
         trainer = prepared.trainer
         if not args.json:
-            t = prepared.corpus_stats.train
-            objective = trainer.config.objective
-            rows = f"{t.sequences // 2} pairs ({objective})" if objective != "sft" else f"{t.sequences} sequences"
+            t, c = prepared.corpus_stats.train, trainer.config
+            rows = f"{t.sequences // 2} pairs ({c.objective})" if c.objective != "sft" else f"{t.sequences} sequences"
             print(f"training {prepared.base_model}: {rows}, {t.trainable_tokens} trained tokens, "
-                  f"{trainer.total_steps} steps", file=sys.stderr)
+                  f"{trainer.total_steps} steps ({c.epochs} epochs of batch {c.batch_size} x {c.grad_accum} "
+                  f"accumulation x {c.seq_len} tokens, lr {c.lr:g} {c.schedule}, {c.warmup_steps} warmup)",
+                  file=sys.stderr)
         previous = signal.signal(signal.SIGINT, lambda *_: _interrupt(trainer, previous))
         try:
             summary = trainer.run()
@@ -225,8 +284,11 @@ def run_train(args) -> int:
         raise UserError(str(exc)) from None
     except RuntimeError as exc:       # a backend that cannot run here (no device, out of device memory, ...)
         raise UserError(f"training failed: {exc}") from None
+    from engine.train.recommend import training_advice
+
+    advice = training_advice(summary.losses, trainer.config, summary.stopped)
     if args.json:
-        JsonLines()._emit(summary.to_json())
+        JsonLines()._emit({**summary.to_json(), "advice": advice})
     else:
         losses = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f} (mean of the last 10 steps)" \
             if summary.first_loss is not None \
@@ -234,6 +296,8 @@ def run_train(args) -> int:
         evals = f", eval perplexity {summary.eval_perplexity:.3f}" if summary.eval_perplexity else ""
         print(f"{'stopped' if summary.stopped else 'done'}: {summary.steps}/{summary.total_steps} steps, {losses}"
               f"{evals}, {summary.elapsed_s:.1f} s; adapter in {summary.adapter_dir}", file=sys.stderr)
+        for line in advice:
+            print(f"  {line}", file=sys.stderr)
     return 0
 
 

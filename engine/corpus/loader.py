@@ -99,6 +99,9 @@ def load_corpus(files: Iterable[str | Path], tokenizer, config: CorpusConfig | N
         except RefusedFile as exc:
             fs.refuse(str(exc))
             on_bytes(fs.bytes - (done - before))   # the unread rest, so progress still reaches the total
+        else:
+            if fs.records == 0 and fs.skipped_count == 0:   # said aloud: an empty file is usually the wrong file
+                fs.refuse("the file is empty: no records to train on")
     stats = CorpusStats(all_stats, config.seq_len, config.packing)
     train_units, val_units = units.pop("train"), units.pop("val")
     if config.val_fraction > 0:
@@ -237,8 +240,7 @@ def _read_text(stream: TextStream, index: int, fs: FileStats, tok: CorpusTokeniz
         ids, labels = tokenize([rendered], tok)[0]
         units += windower.feed(ids, labels, line)
     if not started:
-        fs.skip(1, "the file holds no text")
-        return []
+        raise RefusedFile("the file is empty: no text to train on")
     eos = np.array([tok.eos_id], np.int32)
     units += windower.feed(eos, eos, line)
     units += windower.finish()

@@ -187,9 +187,10 @@ class _Inconsistent(Exception):
 
 def _render_chat_generation_blocks(messages, tok: CorpusTokenizer, train_from: int) -> Rendered:
     if not tok.has_generation_blocks or train_from:
-        raise RecordError("cannot tell the assistant's tokens apart: the chat template renders earlier turns "
-                          "differently once later ones are added, and has no {% generation %} blocks; "
-                          "turn prompt masking off to train on the whole conversation")
+        raise RecordError("this model's chat format rewrites earlier turns once later ones follow, so the answers "
+                          "to learn cannot be picked out of this multi-turn conversation; split it into one "
+                          "conversation per answer, or train on whole conversations (lora-lab train "
+                          "--no-mask-prompt) (its chat template has no {% generation %} blocks)")
     try:
         out = tok.tokenizer.apply_chat_template(messages, chat_template=tok.chat_template, tokenize=True,
                                                 return_dict=True, return_assistant_tokens_mask=True)

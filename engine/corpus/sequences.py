@@ -128,13 +128,21 @@ def to_sequences(units: list[Unit], seq_len: int, packing: bool, eos_id: int) ->
     return out
 
 
+def validation_count(n_units: int, fraction: float) -> int:
+    """How many of `n_units` examples a validation `fraction` holds out: round(n * fraction), at least one, never
+    all; none when fraction is 0 or there are fewer than two."""
+    if fraction <= 0 or n_units < 2:
+        return 0
+    return min(max(round(n_units * fraction), 1), n_units - 1)
+
+
 def choose_validation(n_units: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the units held out: round(n * fraction) of them (at least one, never all), chosen by a
     seeded permutation, so the same corpus and seed always give the same split."""
     held = np.zeros(n_units, bool)
-    if fraction <= 0 or n_units < 2:
+    n_val = validation_count(n_units, fraction)
+    if n_val == 0:
         return held
-    n_val = min(max(round(n_units * fraction), 1), n_units - 1)
     held[np.random.default_rng(seed).permutation(n_units)[:n_val]] = True
     return held
 

@@ -174,6 +174,9 @@ def _layer_list(layers: tuple[int, ...], total: int) -> str:
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
+REQUIRED_CONFIG_KEYS = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
 def load_model_spec(folder: str | Path) -> ModelSpec:
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -189,6 +192,10 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             f"{folder}: architecture {model_type!r} ({', '.join(config.get('architectures', []) or ['?'])}) is not "
             f"supported for training{why}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
             f"Linear layers found: {', '.join(found) or 'none'}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise UnsupportedModelError(f"{folder}: config.json lacks {', '.join(missing)}; it does not describe a "
+                                    f"complete {model_type} model (is this the right folder?)")
     _check_sizes(config, config_path)
     gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
     smollm3 = model_type == "smollm3"

@@ -168,9 +168,7 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
     from engine.train.data import CorpusBatches, corpus_val_batches
 
-    if config.seq_len > spec.max_positions:
-        raise ValueError(f"seq-len {config.seq_len} exceeds the model's {spec.max_positions} positions")
-    spec.check_sequence_length(config.seq_len)
+    check_seq_len(spec, config.seq_len)
     init_state = None
     if inputs.init_adapter and import_init:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)
@@ -233,6 +231,13 @@ def _prepare_pairs(config: TrainConfig, inputs: RunInputs, spec, tokenizer, init
                          f"{spec.vocab_size} embeddings")
     train = PreferenceBatches(corpus, config.batch_size, shuffle=config.shuffle)
     return RunData(config, init_state, corpus, train, preference_val_batches(corpus, config.batch_size))
+
+
+def check_seq_len(spec, seq_len: int) -> None:
+    """Refuse a sequence length the model cannot take: past its positions, or past a sliding window."""
+    if seq_len > spec.max_positions:
+        raise ValueError(f"seq-len {seq_len} exceeds the model's {spec.max_positions} positions")
+    spec.check_sequence_length(seq_len)
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

@@ -88,6 +88,7 @@ class TrainSummary:
     checkpoint: Path | None
     stopped: bool                  # stopped on request before the end
     backend: str                   # the backend's name, e.g. "cpu: onnxruntime"
+    losses: list[float] = field(default_factory=list)   # every applied step's training loss, in order
     lora_state: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict:
@@ -107,6 +108,7 @@ class TrainerCallback:
     def on_checkpoint(self, event: CheckpointEvent) -> None: ...
     def on_finish(self, summary: TrainSummary) -> None: ...
     def on_failure(self, step: int, message: str) -> None: ...
+    def on_paused(self, step: int) -> None: ...     # a pause took effect: steps up to `step` are done, no more run
 
 
 @dataclass
@@ -250,6 +252,8 @@ class Trainer:
         while self._pos.step < self.total_steps:
             if self._stop.is_set() or not self._running.is_set():
                 self._drain(pending)
+                if not self._running.is_set() and not self._stop.is_set():
+                    self.callback.on_paused(self._pos.step)
                 self._running.wait()
                 if self._stop.is_set():
                     stopped = True
@@ -427,7 +431,8 @@ class Trainer:
             eval_perplexity=math.exp(self._last_eval[1]) if self._last_eval and self._last_eval[1] < 700
             and self._objective is None else None,
             tokens=self._tokens, elapsed_s=self._elapsed(), adapter_dir=self.out_dir, checkpoint=checkpoint,
-            stopped=stopped, backend=self.backend.name, lora_state=self.backend.lora_state())
+            stopped=stopped, backend=self.backend.name, losses=list(self._losses),
+            lora_state=self.backend.lora_state())
 
     def _card(self, summary: TrainSummary) -> dict:
         c = self.config

@@ -1,6 +1,7 @@
 """The panels one at a time: safe Markdown, chat controls, adapter drop, corpus dialog details, plan numbers,
 settings that persist, errors that reach the window."""
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -49,12 +50,22 @@ def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
     chat.stop()
     qtbot.waitUntil(lambda: not chat.busy and not chat.engine.generating, timeout=5000)
     stopped = chat.last_answer()
-    assert 0 < len(stopped)
+    assert 0 < len(stopped) and chat.conversations[0].stopped == {1}
+    from app.widgets.chat_panel import conversation_markdown
+
+    assert conversation_markdown(chat.conversations[0], busy=False).endswith("*(stopped)*")
+    # Toggling Compare keeps the conversation of the model that stays (it used to wipe it).
+    chat.set_compare(True)
+    assert len(chat.conversations) == 2 and chat.conversations[0] is not chat.conversations[1]
+    assert chat.conversations[1].messages[1]["content"] == stopped and chat.conversations[0].messages == []
+    chat.set_compare(False)
+    assert chat.conversations[0].messages[1]["content"] == stopped
     chat.settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
     chat.regenerate()
     qtbot.waitUntil(lambda: not chat.busy, timeout=20000)
     messages = chat.conversations[0].messages
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] != stopped
+    assert chat.conversations[0].stopped == set()       # the new answer ran to its end
     from app.widgets.chat_panel import ChatPanel
 
     panel = ChatPanel(chat)
@@ -124,6 +135,36 @@ def test_corpus_dialog_lists_skipped_lines_and_cancels(qtbot, tiny_llama_dir, tm
     assert "cancelled" in dialog.totals.text()
 
 
+def test_corpus_dialog_reads_on_add_shows_refusals_and_removes_files(qtbot, tiny_llama_dir, tmp_path):
+    """Files waited at 'not read yet'; a refused file said 0 skipped (its reason only in a tooltip); an empty file
+    was accepted silently; nothing could be removed; a long path pushed the columns off-screen."""
+    deep = tmp_path / ("a-very-long-folder-name-that-goes-on-" * 6)
+    deep.mkdir()
+    good = deep / "good.txt"
+    good.write_text("Some text to train on.\n" * 5, encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json at all", encoding="utf-8")
+    controller = CorpusController()
+    dialog = CorpusDialog(controller, tiny_llama_dir)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    width = dialog.width()
+    with qtbot.waitSignal(controller.loaded, timeout=30000):
+        controller.add([good, empty, broken])
+    qtbot.waitUntil(lambda: not controller.running, timeout=10000)
+    assert dialog.table.item(0, 1).text().startswith("text")
+    assert dialog.table.item(1, 1).text() == "refused" and "empty" in dialog.table.item(1, 5).text()
+    assert dialog.table.item(2, 1).text() == "refused" and dialog.table.item(2, 5).text().startswith("whole file:")
+    assert dialog.width() == width and dialog.table.columnWidth(0) <= max(200, width // 2)
+    dialog.table.selectRow(1)
+    with qtbot.waitSignal(controller.loaded, timeout=30000):      # removing reads the rest again
+        qtbot.keyClick(dialog.table, Qt.Key_Delete)
+    assert controller.files == [good, broken] and dialog.table.rowCount() == 2
+    assert [Path(f.path) for f in controller.corpus.stats.files] == [good, broken]
+
+
 def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
     from engine.backends.hardware import detect
     from engine.backends.wgpu.microbench import step_flops
@@ -133,20 +174,46 @@ def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
     spec = load_model_spec(tiny_llama_dir)
     summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
     config, val_split = recommend(summary, spec, has_hardware_gpu=False)
-    assert config.seq_len == 64 and val_split == 0.1 and config.batch_size == 4 and config.epochs == 3
+    # 40 examples: all trained on, 10 batches an epoch, 10 epochs for the ~100 steps a small corpus needs.
+    assert config.seq_len == 64 and val_split == 0.0 and config.batch_size == 4 and config.epochs == 10
     steps = total_steps(config, summary.sequences, val_split)
-    assert steps == 3 * math.ceil(36 / 4)
+    assert steps == 10 * math.ceil(40 / 4)
     hardware = detect()
-    r = review(config, spec, summary, val_split, hardware, [])
+    r = review(config, spec, summary, val_split, hardware, [], backend="wgpu")
     limit = next((a.limits.get("max-storage-buffer-binding-size") for a in hardware.adapters
                   if not a.software and a.backend != "OpenGL"), None) or (1 << 31) - 4
-    assert r.engine_bytes == memory_plan(spec, config.lora, config.optim, 4, 64, limit).total
-    assert r.eta_s is None and "no benchmark" in r.eta_basis
+    assert r.runs_on == "gpu" and r.engine_bytes == memory_plan(spec, config.lora, config.optim, 4, 64, limit).total
+    assert r.eta_s is None and "not measured on this machine yet" in r.eta_basis
     assert any("little data" in w for w in r.warnings)
     bench = [Benchmark("cpu", "CPU", 2.0), Benchmark("wgpu:lavapipe", "llvmpipe", 50.0, software=True)]
-    r = review(config, spec, summary, val_split, hardware, bench)
+    r = review(config, spec, summary, val_split, hardware, bench, backend="cpu")
     assert r.eta_s == pytest.approx(steps * step_flops(spec, config.lora, 4 * 64, 64) / 2e9)
     assert "CPU: 2.0 GFLOP/s" in r.eta_basis      # the software adapter is not what training would use
+
+
+def test_review_shows_the_backend_that_will_run_and_an_eta_from_an_earlier_run(tiny_llama_dir):
+    """The review showed the WGSL plan (0.91 GiB) for a CPU run, and 'no benchmark yet' until the user found the
+    hardware inspector, although the run before had measured the backends."""
+    from types import SimpleNamespace
+
+    from engine.model.spec import load_model_spec
+
+    spec = load_model_spec(tiny_llama_dir)
+    summary = CorpusSummary(("a.jsonl",), sequences=30, trainable_tokens=900, longest=20, seq_len=64)
+    config, val_split = recommend(summary, spec, has_hardware_gpu=False)
+    no_gpu = SimpleNamespace(adapters=[], ram_available_bytes=8 << 30)
+    r = review(config, spec, summary, val_split, no_gpu, [])
+    assert r.runs_on == "cpu" and r.engine_bytes is None and r.plan is None
+    speeds = {"tokens_per_s": {"cpu": 128.0, "wgpu:GPU": 4096.0}, "batch": config.batch_size,
+              "seq_len": config.seq_len}
+    r = review(config, spec, summary, val_split, no_gpu, [], speeds=speeds)
+    tokens = config.batch_size * config.seq_len
+    assert r.eta_s == pytest.approx(r.steps * tokens / 128.0) and "measured by an earlier run" in r.eta_basis
+    gpu = SimpleNamespace(adapters=[SimpleNamespace(name="GPU", software=False, backend="Vulkan", memory_bytes=None,
+                                                    limits={})], ram_available_bytes=8 << 30)
+    r = review(config, spec, summary, val_split, gpu, [], speeds={**speeds, "seq_len": 2 * config.seq_len})
+    assert r.runs_on == "gpu" and r.eta_s == pytest.approx(r.steps * tokens / 4096.0)
+    assert "scaled to this shape" in r.eta_basis
 
 
 def test_generation_settings_and_recent_models_persist(qtbot, tiny_llama_dir):

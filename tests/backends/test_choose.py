@@ -167,3 +167,27 @@ def test_wgpu_kind_passes_the_memory_options(tiny_llama_dir, gpu_device, memory)
                            backend.ctx.max_workgroups, weights=memory.weights, recompute=memory.recompute)
         assert backend.recompute is memory.recompute and backend.weight_choice == memory.weights
         assert backend.memory_bytes() == plan.total
+
+
+def test_auto_reuses_speeds_measured_before_for_the_same_machine_and_shape(tiny_llama_dir, monkeypatch):
+    """The second run of the same shape measures nothing (the console's minute of '—' before the first step);
+    another batch shape measures again."""
+    fake_adapters(monkeypatch, [GHOST_GPU])
+    monkeypatch.setattr(backends, "build_wgpu", lambda args, adapter, allow_software: backends.build_cpu(args))
+    times = iter([0.5, 2.0])
+    monkeypatch.setattr(backends, "measure", lambda backend, steps: next(times))
+    first_backend, first = choose_backend(BuildArgs(tiny_llama_dir, LORA, OptimizerConfig(), 1, 8), 1)
+    first_backend.close()
+    assert not first.cached
+
+    def no_measuring(backend, steps):
+        raise AssertionError("measured again although the speeds were cached")
+
+    monkeypatch.setattr(backends, "measure", no_measuring)
+    backend, again = choose_backend(BuildArgs(tiny_llama_dir, LORA, OptimizerConfig(), 1, 8), 1)
+    backend.close()
+    assert again.cached and again.chosen == first.chosen == "wgpu:Ghost GPU 9000"
+    assert [c.tokens_per_s for c in again.candidates] == [16.0, 4.0]
+    assert "measured earlier" in again.lines()[0]
+    with pytest.raises(AssertionError, match="measured again"):
+        choose_backend(BuildArgs(tiny_llama_dir, LORA, OptimizerConfig(), 2, 8), 1)

@@ -51,3 +51,18 @@ def test_bad_settings_and_missing_adapter_are_one_line_errors(tiny_llama_dir, tm
     assert "temperature=-1.0 is invalid" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_llama_dir), "--prompt", "hi", "--device", "cpu", "--adapter", str(tmp_path)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_the_terminal_stays_clean_of_loading_bars_and_library_warnings(tiny_llama_dir, tmp_path):
+    """`lora-lab chat` printed transformers' weight-loading bar and a FutureWarning before the answer."""
+    import subprocess
+    import sys
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", seed=3)
+    run = subprocess.run([sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "chat",
+                          "--model", str(tiny_llama_dir), "--prompt", "Hi", "--device", "cpu", "--adapter",
+                          str(adapter), *GREEDY], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    # Only our header line (and, on a machine without a display runtime dir, wgpu's own complaint).
+    lines = [line for line in run.stderr.splitlines() if "XDG_RUNTIME_DIR" not in line]
+    assert len(lines) == 1 and "adapter: adapter" in lines[0], run.stderr

@@ -151,7 +151,7 @@ def test_broken_json_files(tmp_path, tok):
     assert open_.records == 1 and "file ends inside this record" in open_.skipped[0].reason
     assert "line 2: unexpected '{' after the closing ]" in tail.refused
     assert "empty" in empty.refused
-    assert empty_txt.records == 0 and "holds no text" in empty_txt.skipped[0].reason
+    assert empty_txt.records == 0 and "the file is empty" in empty_txt.refused   # refused aloud, not skipped
     assert "needs a 'text' column" in bad_csv.refused and "'name'" in bad_csv.refused
 
 

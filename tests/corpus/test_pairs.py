@@ -120,7 +120,7 @@ def test_a_template_that_rewrites_the_prompt_per_answer_is_refused(tmp_path, tin
               "rejected": [{"role": "assistant", "content": "No, never."}]}
     prefs = load_preferences([write_jsonl(tmp_path / "p.jsonl", [record])], tok)
     assert not prefs.train
-    assert "renders earlier turns differently" in prefs.stats.files[0].skipped[0].reason
+    assert "rewrites earlier turns" in prefs.stats.files[0].skipped[0].reason
 
 
 def test_strings_whose_answer_merges_with_the_prompt_are_refused_token_by_token(tmp_path, tok):

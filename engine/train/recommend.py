@@ -1,0 +1,144 @@
+"""The default plan of a run, from the corpus and the model: the one place the wizard and `lora-lab train` read.
+
+What the peers do for small data, and why the numbers below follow them:
+- Unsloth's notebooks and LoRA hyperparameter guide: lr 2e-4, rank 16, an effective batch of 8 (2 x 4 accumulation),
+  `max_steps=60` for a quick run, 1-3 epochs for a real dataset.
+- LLaMA-Factory's LoRA SFT examples (llama3_lora_sft.yaml): lr 1e-4, 3 epochs, cosine, warmup 10 %.
+- mlx-lm's LoRA: batch 4, 1000 iterations whatever the data size (a 100-example set is seen ~40 times).
+A few dozen examples that teach a fact need what all three give a small set: many passes (each example seen 10-30
+times), not the 1-3 epochs meant for thousands of examples. So small corpora get enough epochs to reach
+MIN_STEPS optimizer steps, capped at MAX_EPOCHS; large ones keep 1-3 epochs.
+
+`training_advice` reads a finished run's losses and says what to change when it under-fitted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from engine.corpus.sequences import validation_count
+from engine.lora.config import LoraConfig
+from engine.train.config import TrainConfig
+
+MIN_STEPS = 100            # optimizer steps a small corpus is trained for (Unsloth's quick run: 60 of 8 sequences)
+MAX_EPOCHS = 30            # more passes than this only memorise the wording
+SMALL_MODEL_PARAMS = 1e9   # below this a LoRA takes a larger step: bench/teach_fact.py on the 135M demo, 104 steps,
+                           # ends at training loss 0.004 with 5e-4 and 0.010 with 2e-4 (both 3/3 facts)
+LR = 2e-4                  # Unsloth's default for LoRA/QLoRA SFT
+SMALL_MODEL_LR = 5e-4
+WARMUP_FRACTION = 0.05
+EVALS = 4                  # validation passes a run makes (and one at the end)
+UNDERFIT_LOSS = 0.5        # mean training loss (nats/token) at the end above which the data is not yet reproduced:
+                           # bench/teach_fact.py answered 0/3 ending at 0.74 (24 steps), 3/3 ending at 0.01
+
+
+@dataclass(frozen=True)
+class CorpusSummary:
+    files: tuple[str, ...]
+    sequences: int               # every training example, before the validation split the plan makes
+    trainable_tokens: int
+    longest: int                 # longest training sequence, tokens
+    seq_len: int                 # the sequence length the corpus was read with
+    val_fraction: float = 0.0    # the validation fraction the user read it with (corpus dialog); 0: none chosen
+
+
+def summarize_corpus(corpus) -> CorpusSummary:
+    """The plan's view of a read corpus (engine.corpus.Corpus). Examples the reader held out for validation by a
+    fraction count as training examples: the plan makes its own split (`total_steps`), as the run will."""
+    held_by_fraction = corpus.val if corpus.config.val_fraction > 0 else []
+    sequences = list(corpus.train) + list(held_by_fraction)
+    return CorpusSummary(tuple(f.path for f in corpus.stats.files if f.split == "train" and f.refused is None),
+                         len(sequences), sum(s.trainable_tokens for s in sequences),
+                         max((len(s) for s in sequences), default=0), corpus.config.seq_len,
+                         corpus.config.val_fraction)
+
+
+def train_count(sequences: int, val_split: float) -> int:
+    """Training sequences left once `val_split` is held out, exactly as engine.corpus.load_corpus splits."""
+    return max(1, sequences - validation_count(sequences, val_split))
+
+
+def recommend(summary: CorpusSummary, spec, has_hardware_gpu: bool) -> tuple[TrainConfig, float]:
+    """(TrainConfig, validation fraction) suited to this much data, this model and this hardware."""
+    seq_len = 32
+    while seq_len < summary.longest and seq_len < 1024:
+        seq_len *= 2
+    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
+    n = max(summary.sequences, 1)
+    # The user's own split stands. Else: under 50 examples every one is needed to teach, and a held-out 10 % of
+    # them would say little anyway.
+    val_split = summary.val_fraction if summary.val_fraction > 0 else 0.1 if n >= 50 else 0.0
+    train_n = train_count(n, val_split)
+    batch = max(1, min(8 if has_hardware_gpu else 4, train_n))
+    per_epoch = math.ceil(train_n / batch)
+    # Large corpora: one pass is enough (more only overfits). Small ones: enough passes for MIN_STEPS steps.
+    epochs = 3 if train_n < 200 else 2 if train_n < 2000 else 1
+    epochs = max(epochs, min(MAX_EPOCHS, math.ceil(MIN_STEPS / per_epoch)))
+    steps = epochs * per_epoch
+    lr = SMALL_MODEL_LR if spec.parameter_count() < SMALL_MODEL_PARAMS else LR
+    # No dropout by default, as in PEFT; both backends train with it if the Method page sets it.
+    lora = LoraConfig(rank=16, alpha=32.0, dropout=0.0)
+    config = TrainConfig(lora=lora, batch_size=batch, seq_len=seq_len, epochs=epochs, lr=lr, schedule="cosine")
+    return paced(config, steps), val_split
+
+
+def paced(config: TrainConfig, steps: int) -> TrainConfig:
+    """`config` with warmup (5 % of the steps, as LLaMA-Factory's 0.05-0.1 ratio) and evaluations (4 a run)
+    for a run of `steps` steps."""
+    return replace(config, warmup_steps=max(0, round(WARMUP_FRACTION * steps)), eval_every=max(1, steps // EVALS))
+
+
+def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
+    """Optimizer steps the run will make (engine.train.trainer.run_steps on the same split)."""
+    per_epoch = math.ceil(math.ceil(train_count(sequences, val_split) / config.batch_size) / config.grad_accum)
+    return config.max_steps or config.epochs * per_epoch
+
+
+def training_advice(losses: list[float], config: TrainConfig, stopped: bool = False) -> list[str]:
+    """What to change when a finished run shows under-fitting: the training loss still high at the end, or still
+    falling. Empty when the run looks trained (or was stopped early, where the advice is simply to finish it)."""
+    if stopped or len(losses) < 8:
+        return []
+    tail = max(2, len(losses) // 10)
+    end = sum(losses[-tail:]) / tail
+    before = sum(losses[-3 * tail:-tail]) / (2 * tail)
+    falling = before - end > 0.1 * before
+    if end <= UNDERFIT_LOSS and not falling:
+        return []
+    what = f"the training loss ended at {end:.2f}" + (f", still falling (from {before:.2f})" if falling else "")
+    epochs = min(config.epochs * 2, max(config.epochs + 1, MAX_EPOCHS))
+    lr = min(config.lr * 2, 1e-3)
+    advice = [f"under-trained: {what}; the adapter may not reproduce what the data says"]
+    if config.max_steps:
+        advice.append(f"train longer: steps {config.max_steps} -> {config.max_steps * 2}")
+    else:
+        advice.append(f"train longer: epochs {config.epochs} -> {epochs}")
+    if lr > config.lr:
+        advice.append(f"or raise the learning rate: {config.lr:g} -> {lr:g}")
+    return advice
+
+
+def has_hardware_gpu(hardware) -> bool:
+    """Whether `auto` may train on a GPU (engine.backends.hardware.HardwareReport): a hardware adapter that is
+    not OpenGL (wgpu cannot run compute shaders there)."""
+    return hardware is not None and any(not a.software and a.backend != "OpenGL" for a in hardware.adapters)
+
+
+def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, float, CorpusSummary]:
+    """Read `files` with the model's tokenizer and recommend a plan for them: what `lora-lab train` uses when a
+    setting is not given, as the wizard does from the corpus dialog's reading."""
+    from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
+
+    # The longest context the plan would pick, so that `longest` sees every example whole.
+    corpus = load_corpus(list(files), load_tokenizer(model_dir),
+                         CorpusConfig(seq_len=min(1024, spec.max_sequence_length)))
+    summary = summarize_corpus(corpus)
+    config, val_split = recommend(summary, spec, for_gpu)
+    return config, val_split, summary
+
+
+def describe_plan(config: TrainConfig, summary: CorpusSummary, val_split: float) -> str:
+    """One line: what the data gave and what the run will do."""
+    return (f"plan from the data: {summary.sequences} examples (longest {summary.longest} tokens) -> "
+            f"{config.epochs} epochs of batch {config.batch_size} x {config.seq_len} tokens, "
+            f"{total_steps(config, summary.sequences, val_split)} steps, lr {config.lr:g}, validation {val_split:g}")
