@@ -14,33 +14,9 @@ import pytest
 
 from engine.backends.base import OptimizerConfig
 from engine.backends.onnx import OnnxBackend
-from engine.lora.config import LoraConfig
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
-
-B, T = 2, 7
-LORAS = {"all-targets": LoraConfig(rank=4, alpha=8),
-         "rslora-subset": LoraConfig(rank=3, alpha=5, use_rslora=True, targets=("q_proj", "o_proj", "down_proj"))}
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
-
-
-def _reference(model_dir, lora, masked_fraction=0.3):
-    spec = load_model_spec(model_dir)
-    state = random_lora_state(spec, lora, seed=1)
-    ids, labels = random_batch(spec.vocab_size, B, T, seed=2, masked_fraction=masked_fraction)
-    return state, ids, labels, loss_and_grads(peft_model(model_dir, lora, state), ids, labels)
-
-
-def _assert_matches(logits, loss, grads, ref) -> None:
-    np.testing.assert_allclose(logits, ref.logits, atol=1e-4, rtol=0)
-    assert loss == pytest.approx(ref.loss, rel=1e-5)
-    assert grads.keys() == ref.grads.keys()
-    for key, want in ref.grads.items():
-        assert rel_err(grads[key], want) < 1e-3, key
-
+from tests.arch_helpers import B, LORAS, T, config_dir, reference
+from tests.oracle import loss_and_grads
 
 def test_spec_reads_gemma3_as_transformers_builds_it(tiny_gemma3_dir):
     import torch
@@ -64,7 +40,7 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
     import engine.backends.onnx.backend as onnx_backend
 
     lora = LORAS["all-targets"]
-    state, ids, labels, ref = _reference(tiny_gemma3_dir, lora)
+    state, ids, labels, ref = reference(tiny_gemma3_dir, lora)
     spec = load_model_spec(tiny_gemma3_dir)
     plain = {"norm_offset": 0.0, "post_norms": False, "activation": "silu", "embed_scale": 1.0,
              "score_scale": None, "local_rope": None}
@@ -78,35 +54,6 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
         finally:
             onnx_backend.load_model_spec = original
         assert np.abs(logits - ref.logits).max() > 1e-2, field
-
-
-@pytest.mark.parametrize("lora", list(LORAS))
-def test_onnx_backend_matches_peft(tiny_gemma3_dir, lora):
-    state, ids, labels, ref = _reference(tiny_gemma3_dir, LORAS[lora])
-    with OnnxBackend(tiny_gemma3_dir, LORAS[lora], OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-        loss, tokens, grads = be.gradients([(ids, labels)])
-        logits = be.logits(ids)
-    assert tokens == int((labels[:, 1:] != -100).sum())
-    _assert_matches(logits, loss, grads, ref)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("lora", list(LORAS))
-def test_wgpu_backend_matches_peft(tiny_gemma3_dir, gpu_device, lora, recompute):
-    from engine.backends.wgpu.backend import WgpuBackend
-    from engine.backends.wgpu.memory import memory_plan
-
-    state, ids, labels, ref = _reference(tiny_gemma3_dir, LORAS[lora])
-    before = gpu_device.bytes_allocated
-    with WgpuBackend(tiny_gemma3_dir, LORAS[lora], OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state,
-                     recompute=recompute) as be:
-        plan = memory_plan(load_model_spec(tiny_gemma3_dir), LORAS[lora], OptimizerConfig(), B, T,
-                           gpu_device.max_binding_bytes, gpu_device.max_workgroups, recompute=recompute)
-        assert be.memory_bytes() == gpu_device.bytes_allocated - before == plan.total
-        logits = be.logits(ids)
-        loss, grads = be.gradients([(ids, labels)])
-    _assert_matches(logits, loss, grads, ref)
 
 
 @pytest.mark.gpu
@@ -132,7 +79,7 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
     from engine.lora.peft_write import export_adapter
 
     lora = LORAS["all-targets"]
-    state, ids, labels, ref = _reference(tiny_gemma3_dir, lora)
+    state, ids, labels, ref = reference(tiny_gemma3_dir, lora)
     with OnnxBackend(tiny_gemma3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
         total, counted = be.eval_loss(ids, labels)
         trained = be.lora_state()
@@ -163,16 +110,6 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
         torch.testing.assert_close(merged(input_ids=tokens).logits[0], want, rtol=0, atol=1e-4)
 
 
-def _config_dir(tmp_path, name, **config):
-    """A model folder with config.json only (the spec needs no weights)."""
-    base = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**base, **config}))
-    return folder
-
-
 @pytest.mark.parametrize("config, message", [
     (dict(model_type="gemma2"), r"'gemma2'.*soft-capping \(tanh\) are not implemented"),
     (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
@@ -190,13 +127,13 @@ def _config_dir(tmp_path, name, **config):
         "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):
-        load_model_spec(_config_dir(tmp_path, "m", **config))
+        load_model_spec(config_dir(tmp_path, "m", **config))
 
 
 def test_gemma3_defaults_are_transformers_defaults(tmp_path):
     """A config.json that leaves layer_types, head_dim and the thetas out gets Gemma3TextConfig's defaults:
     five sliding layers then a global one, 1e6 and 1e4, window 4096, query_pre_attn_scalar 256."""
-    folder = _config_dir(tmp_path, "m", model_type="gemma3_text", num_hidden_layers=7)
+    folder = config_dir(tmp_path, "m", model_type="gemma3_text", num_hidden_layers=7)
     config = json.loads((folder / "config.json").read_text())
     del config["head_dim"]
     (folder / "config.json").write_text(json.dumps(config))
@@ -208,5 +145,5 @@ def test_gemma3_defaults_are_transformers_defaults(tmp_path):
 
 def test_attention_bias_is_where_transformers_builds_it(tmp_path):
     """Gemma3Attention gives q/k/v/o a bias with attention_bias; its MLP never has one."""
-    spec = load_model_spec(_config_dir(tmp_path, "m", model_type="gemma3_text", attention_bias=True, mlp_bias=True))
+    spec = load_model_spec(config_dir(tmp_path, "m", model_type="gemma3_text", attention_bias=True, mlp_bias=True))
     assert spec.bias_targets == ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -11,7 +11,7 @@ import pytest
 from engine.backends.base import OptimizerConfig
 from engine.backends.onnx import OnnxBackend
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.model.test_gemma3 import B, LORAS, T, _assert_matches, _config_dir, _reference
+from tests.arch_helpers import B, LORAS, T, config_dir, reference
 
 
 def test_spec_reads_the_multipliers(tiny_granite_dir):
@@ -29,7 +29,7 @@ def test_each_multiplier_moves_the_logits(tiny_granite_dir):
     import engine.backends.onnx.backend as onnx_backend
 
     lora = LORAS["all-targets"]
-    state, ids, labels, ref = _reference(tiny_granite_dir, lora)
+    state, ids, labels, ref = reference(tiny_granite_dir, lora)
     spec = load_model_spec(tiny_granite_dir)
     for field, value in {"embed_scale": 1.0, "score_scale": None, "residual_scale": 1.0, "logits_scale": 1.0}.items():
         wrong = dataclasses.replace(spec, **{field: value})
@@ -41,42 +41,6 @@ def test_each_multiplier_moves_the_logits(tiny_granite_dir):
         finally:
             onnx_backend.load_model_spec = original
         assert np.abs(logits - ref.logits).max() > 1e-2, field
-
-
-@pytest.mark.parametrize("lora", list(LORAS))
-def test_onnx_backend_matches_peft(tiny_granite_dir, lora):
-    state, ids, labels, ref = _reference(tiny_granite_dir, LORAS[lora])
-    with OnnxBackend(tiny_granite_dir, LORAS[lora], OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-        loss, _, grads = be.gradients([(ids, labels)])
-        logits = be.logits(ids)
-    _assert_matches(logits, loss, grads, ref)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("lora", list(LORAS))
-def test_wgpu_backend_matches_peft(tiny_granite_dir, gpu_device, lora, recompute):
-    from engine.backends.wgpu.backend import WgpuBackend
-
-    state, ids, labels, ref = _reference(tiny_granite_dir, LORAS[lora])
-    with WgpuBackend(tiny_granite_dir, LORAS[lora], OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state,
-                     recompute=recompute) as be:
-        logits = be.logits(ids)
-        loss, grads = be.gradients([(ids, labels)])
-    _assert_matches(logits, loss, grads, ref)
-
-
-def test_merged_export_matches_peft(tiny_granite_dir, tmp_path):
-    import torch
-
-    from bench.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logits
-    from engine.export.merged import export_merged
-
-    adapter_dir = make_adapter(tiny_granite_dir, tmp_path / "adapter", seed=5)
-    merged = load_base(export_merged(adapter_dir, tiny_granite_dir, tmp_path / "merged").path)
-    with torch.no_grad():
-        got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
-    np.testing.assert_allclose(got, peft_logits(tiny_granite_dir, adapter_dir), atol=1e-4, rtol=0)
 
 
 def test_gguf_export_is_refused_with_the_reason(tiny_granite_dir, tmp_path):
@@ -91,4 +55,4 @@ def test_gguf_export_is_refused_with_the_reason(tiny_granite_dir, tmp_path):
 @pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
 def test_granite_biases_are_refused(tmp_path, flag):
     with pytest.raises(UnsupportedModelError, match="Granite model with attention_bias or mlp_bias"):
-        load_model_spec(_config_dir(tmp_path, "m", model_type="granite", **{flag: True}))
+        load_model_spec(config_dir(tmp_path, "m", model_type="granite", **{flag: True}))

@@ -1,0 +1,43 @@
+"""What the architecture tests share: the PEFT reference of a tiny model, the tolerances it is met with, and a
+config-only model folder for the spec's refusals."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.lora.config import LoraConfig
+from engine.model.spec import load_model_spec
+from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
+
+B, T = 2, 7
+LORAS = {"all-targets": LoraConfig(rank=4, alpha=8),
+         "rslora-subset": LoraConfig(rank=3, alpha=5, use_rslora=True, targets=("q_proj", "o_proj", "down_proj"))}
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def reference(model_dir, lora, masked_fraction=0.3):
+    spec = load_model_spec(model_dir)
+    state = random_lora_state(spec, lora, seed=1)
+    ids, labels = random_batch(spec.vocab_size, B, T, seed=2, masked_fraction=masked_fraction)
+    return state, ids, labels, loss_and_grads(peft_model(model_dir, lora, state), ids, labels)
+
+
+def assert_matches_peft(logits, loss, grads, ref) -> None:
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-4, rtol=0)
+    assert loss == pytest.approx(ref.loss, rel=1e-5)
+    assert grads.keys() == ref.grads.keys()
+    for key, want in ref.grads.items():
+        assert rel_err(grads[key], want) < 1e-3, key
+
+
+def config_dir(tmp_path, name, **config):
+    """A model folder with config.json only (the spec needs no weights)."""
+    base = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    return folder
