@@ -143,13 +143,7 @@ class OnnxBackend(TrainingBackend):
         for index, (input_ids, labels) in enumerate(micro_batches):
             self._check(input_ids, labels)
             self._fill(np.asarray(input_ids), np.asarray(labels))
-            if index == 0:
-                self._train_binding(self._grads, "first").run()
-            else:
-                if self._flat_extra is None:
-                    self._flat_extra, self._extra = flat_views(self._grads)
-                self._train_binding(self._extra, "extra").run()
-                self._flat_grads += self._flat_extra
+            self._backward_into_grads(index)
             loss_sum += float(self._loss_sum)
             tokens += counted_tokens(labels)
         self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
@@ -164,6 +158,17 @@ class OnnxBackend(TrainingBackend):
         """(mean token CE, counted tokens, LoRA gradients of that mean) over the micro-batches; no update."""
         loss, tokens = self._accumulate(micro_batches)
         return loss, tokens, {n: g.copy() for n, g in self._grads.items()}
+
+    def _backward_into_grads(self, index: int) -> None:
+        """The training graph on the filled micro-batch `index` of a step: the first writes the gradients, later
+        ones add theirs (a second bound output, summed on the host)."""
+        if index == 0:
+            self._train_binding(self._grads, "first").run()
+            return
+        if self._flat_extra is None:
+            self._flat_extra, self._extra = flat_views(self._grads)
+        self._train_binding(self._extra, "extra").run()
+        self._flat_grads += self._flat_extra
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
@@ -227,13 +232,7 @@ class OnnxBackend(TrainingBackend):
             padded = np.zeros(self.batch_size, np.float64)
             padded[:len(d)] = d
             self._labelled["mask"] = (-padded[rows, None] * self._labelled["mask"]).astype(np.float32)
-            if index == 0:
-                self._train_binding(self._grads, "first").run()
-            else:
-                if self._flat_extra is None:
-                    self._flat_extra, self._extra = flat_views(self._grads)
-                self._train_binding(self._extra, "extra").run()
-                self._flat_grads += self._flat_extra
+            self._backward_into_grads(index)
             finite = finite and np.isfinite(float(self._loss_sum))
         self._held_bytes = max(self._held_bytes, _rss_bytes() - self._rss_before)
         return result, tokens, bool(finite)
