@@ -41,3 +41,17 @@ def config_dir(tmp_path, name, **config):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**base, **config}))
     return folder
+
+
+def cpu_logits_with_spec(model_dir, spec, lora, state, ids) -> np.ndarray:
+    """The CPU backend's logits with `spec` in place of the model's own: a quirk switched off, to show it matters."""
+    import engine.backends.onnx.backend as onnx_backend
+    from engine.backends.base import OptimizerConfig
+
+    original = onnx_backend.load_model_spec
+    onnx_backend.load_model_spec = lambda _dir: spec
+    try:
+        with onnx_backend.OnnxBackend(model_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+            return be.logits(ids)
+    finally:
+        onnx_backend.load_model_spec = original

@@ -41,36 +41,35 @@ def tiny_llama_dir(tiny_model_dirs):
     return tiny_model_dirs["llama"]
 
 
+def _tiny(tmp_path_factory, arch: str):
+    """A tiny random model of `arch` (bench/tiny_models.py), saved once per session."""
+    path = tmp_path_factory.mktemp(f"tiny-{arch}")
+    make_model(arch, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gemma3_dir(tmp_path_factory):
     """Gemma 3 text, outside ARCHITECTURES: its own tests and those that name it use it."""
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    make_model("gemma3", path)
-    return path
+    return _tiny(tmp_path_factory, "gemma3")
 
 
 @pytest.fixture(scope="session")
 def tiny_granite_dir(tmp_path_factory):
     """Granite, outside ARCHITECTURES: its own tests use it."""
-    path = tmp_path_factory.mktemp("tiny-granite")
-    make_model("granite", path)
-    return path
+    return _tiny(tmp_path_factory, "granite")
 
 
 @pytest.fixture(scope="session")
 def tiny_olmo2_dir(tmp_path_factory):
     """OLMo 2, outside ARCHITECTURES: its own tests use it."""
-    path = tmp_path_factory.mktemp("tiny-olmo2")
-    make_model("olmo2", path)
-    return path
+    return _tiny(tmp_path_factory, "olmo2")
 
 
 @pytest.fixture(scope="session")
 def tiny_smollm3_dir(tmp_path_factory):
     """SmolLM3, outside ARCHITECTURES: its own tests use it."""
-    path = tmp_path_factory.mktemp("tiny-smollm3")
-    make_model("smollm3", path)
-    return path
+    return _tiny(tmp_path_factory, "smollm3")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 from engine.backends.base import OptimizerConfig
 from engine.backends.onnx import OnnxBackend
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.arch_helpers import B, LORAS, T, config_dir, reference
+from tests.arch_helpers import B, LORAS, T, config_dir, cpu_logits_with_spec, reference
 from tests.oracle import loss_and_grads
 
 def test_spec_reads_gemma3_as_transformers_builds_it(tiny_gemma3_dir):
@@ -37,7 +37,6 @@ def test_spec_reads_gemma3_as_transformers_builds_it(tiny_gemma3_dir):
 
 def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
     """The CPU backend with one quirk of the spec turned off is far from transformers: each quirk is tested."""
-    import engine.backends.onnx.backend as onnx_backend
 
     lora = LORAS["all-targets"]
     state, ids, labels, ref = reference(tiny_gemma3_dir, lora)
@@ -45,14 +44,7 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
     plain = {"norm_offset": 0.0, "post_norms": False, "activation": "silu", "embed_scale": 1.0,
              "score_scale": None, "local_rope": None}
     for field, value in plain.items():
-        wrong = dataclasses.replace(spec, **{field: value})
-        original = onnx_backend.load_model_spec
-        onnx_backend.load_model_spec = lambda _dir, wrong=wrong: wrong
-        try:
-            with OnnxBackend(tiny_gemma3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-                logits = be.logits(ids)
-        finally:
-            onnx_backend.load_model_spec = original
+        logits = cpu_logits_with_spec(tiny_gemma3_dir, dataclasses.replace(spec, **{field: value}), lora, state, ids)
         assert np.abs(logits - ref.logits).max() > 1e-2, field
 
 

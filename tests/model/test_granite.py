@@ -8,10 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.backends.base import OptimizerConfig
-from engine.backends.onnx import OnnxBackend
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.arch_helpers import B, LORAS, T, config_dir, reference
+from tests.arch_helpers import LORAS, config_dir, cpu_logits_with_spec, reference
 
 
 def test_spec_reads_the_multipliers(tiny_granite_dir):
@@ -26,20 +24,13 @@ def test_spec_reads_the_multipliers(tiny_granite_dir):
 
 
 def test_each_multiplier_moves_the_logits(tiny_granite_dir):
-    import engine.backends.onnx.backend as onnx_backend
 
     lora = LORAS["all-targets"]
     state, ids, labels, ref = reference(tiny_granite_dir, lora)
     spec = load_model_spec(tiny_granite_dir)
     for field, value in {"embed_scale": 1.0, "score_scale": None, "residual_scale": 1.0, "logits_scale": 1.0}.items():
-        wrong = dataclasses.replace(spec, **{field: value})
-        original = onnx_backend.load_model_spec
-        onnx_backend.load_model_spec = lambda _dir, wrong=wrong: wrong
-        try:
-            with OnnxBackend(tiny_granite_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-                logits = be.logits(ids)
-        finally:
-            onnx_backend.load_model_spec = original
+        logits = cpu_logits_with_spec(tiny_granite_dir, dataclasses.replace(spec, **{field: value}), lora, state,
+                                      ids)
         assert np.abs(logits - ref.logits).max() > 1e-2, field
 
 

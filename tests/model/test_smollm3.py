@@ -7,10 +7,8 @@ import dataclasses
 
 import numpy as np
 
-from engine.backends.base import OptimizerConfig
-from engine.backends.onnx import OnnxBackend
 from engine.model.spec import load_model_spec
-from tests.arch_helpers import B, LORAS, T, config_dir, reference
+from tests.arch_helpers import LORAS, config_dir, cpu_logits_with_spec, reference
 
 
 def test_spec_reads_the_nope_layers(tiny_smollm3_dir):
@@ -34,18 +32,11 @@ def test_defaults_are_smollm3configs(tmp_path):
 
 
 def test_rope_in_the_nope_layer_would_be_wrong(tiny_smollm3_dir):
-    import engine.backends.onnx.backend as onnx_backend
 
     lora = LORAS["all-targets"]
     state, ids, labels, ref = reference(tiny_smollm3_dir, lora)
     wrong = dataclasses.replace(load_model_spec(tiny_smollm3_dir), nope_layers=())
-    original = onnx_backend.load_model_spec
-    onnx_backend.load_model_spec = lambda _dir: wrong
-    try:
-        with OnnxBackend(tiny_smollm3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-            logits = be.logits(ids)
-    finally:
-        onnx_backend.load_model_spec = original
+    logits = cpu_logits_with_spec(tiny_smollm3_dir, wrong, lora, state, ids)
     assert np.abs(logits - ref.logits).max() > 1e-2
 
 
