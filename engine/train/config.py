@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.backends.base import MemoryOptions, OptimizerConfig
 from engine.backends.preference import OBJECTIVES, PreferenceObjective
+from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
 from engine.train.schedule import SCHEDULES
 
@@ -43,6 +44,9 @@ class TrainConfig:
     weights: str = field(default="f32", metadata={
         "help": "the format the WGSL backend holds the frozen weights in: auto (the memory plan decides), stored "
                 "(as the model file holds them), f32, bf16, f16, q8, q4; the CPU backend computes in f32"})
+    adaptive_rank: AdaLoraSettings | None = field(default=None, metadata={
+        "help": "AdaLoRA: train SVD-shaped adapters of rank init_r and prune them toward an average target_r, "
+                "moving rank to the projections that need it; None: plain LoRA of lora.rank"})
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("epochs", 1), ("max_steps", 0),
@@ -93,4 +97,6 @@ class TrainConfig:
         data = dict(data)
         lora = dict(data.pop("lora"))
         lora["targets"] = tuple(lora["targets"])
-        return cls(lora=LoraConfig(**lora), optim=OptimizerConfig(**data.pop("optim")), **data)
+        adaptive = data.pop("adaptive_rank", None)
+        return cls(lora=LoraConfig(**lora), optim=OptimizerConfig(**data.pop("optim")),
+                   adaptive_rank=AdaLoraSettings(**adaptive) if adaptive else None, **data)

@@ -53,6 +53,8 @@ class StepEvent:
     skipped: bool
     reward_margin: float | None = None     # DPO/ORPO: mean chosen − rejected reward (None for SFT)
     reward_accuracy: float | None = None   # DPO/ORPO: fraction of pairs whose chosen reward is the larger
+    # AdaLoRA: ranks kept, [layer][target] in TrainConfig.lora.targets order (None for plain LoRA)
+    rank_map: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
