@@ -4,8 +4,11 @@ This module owns reading adapter folders for every consumer: the config (`load_a
 (`read_adapter_tensors`, float32 whatever the stored dtype) and the refusals with their reasons (`refusals`).
 The exports call `read_adapter`, which returns a validated `LoraAdapter`: one `LoraModule` per adapted Linear,
 holding A [r, in] and B [out, r] and the scale PEFT applies (alpha/r, or alpha/sqrt(r) for rsLoRA, per-module
-alpha and rank from `alpha_pattern` / `rank_pattern`). The trainer (`import_adapter`, at the end) calls
-the same pieces with `uniform=True`, since its engines hold one rank and alpha for every layer.
+alpha and rank from `alpha_pattern` / `rank_pattern`). Projections left
+without an adapter by `exclude_modules` (how a per-module-rank adapter says "rank 0": PEFT's LoRA refuses r = 0) are
+simply absent. The trainer (`import_adapter`, at the end) calls the same pieces with `uniform=True`, since its
+engines hold one rank and alpha for every layer; evaluation (`inference_state`) pads any readable adapter to one
+rank instead, which is exact for a forward pass.
 Refused for everyone: DoRA, LoRA biases, modules_to_save, trained tokens, layer replication, raw-parameter
 targets, Conv1D fan_in_fan_out and PEFT's other LoRA variants.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.lora.config import LoraConfig, lora_shapes
+from engine.lora.config import LoraConfig, lora_shapes, peft_key
 from engine.model.files import FLOAT_DTYPES, read_json_object, safetensors_header
 from engine.model.hf_names import LORA_TARGETS, projection_module
 from engine.model.spec import ModelSpec
@@ -70,6 +73,17 @@ class LoraAdapter:
     modules: tuple[LoraModule, ...]  # sorted by (layer, projection order)
 
 
+def excluded(cfg: Mapping, module_name: str) -> bool:
+    """Whether PEFT leaves `module_name` without an adapter because of exclude_modules (a regex matched whole, or
+    a list of names matched as the name itself or its dotted suffix), as peft's check_target_module_exists does."""
+    exclude = cfg.get("exclude_modules")
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, module_name) is not None
+    return module_name in exclude or any(module_name.endswith(f".{key}") for key in exclude)
+
+
 def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str:
     """The rank_pattern/alpha_pattern key that applies to `module_name`, matched as PEFT's get_pattern_key does."""
     for key in pattern_keys:
@@ -83,7 +97,10 @@ _OTHER_VARIANTS = ("alora_invocation_tokens", "velora_config", "monteclora_confi
 
 # What an engine holding one rank and one alpha for every adapted layer (the trainer's) cannot honour besides.
 _NOT_UNIFORM = {
-    "rank_pattern": "per-module ranks (rank_pattern) are not supported",
+    "rank_pattern": "per-module ranks (rank_pattern, e.g. an adaptive-rank adapter) cannot be trained on; "
+                    "evaluate, chat with or export it, or start from an adapter of one rank",
+    "exclude_modules": "projections left without an adapter (exclude_modules, e.g. pruned to rank 0 by adaptive "
+                       "rank) cannot be trained on",
     "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
     "layers_to_transform": "an adapter on only some layers (layers_to_transform) is not supported",
     "use_qalora": "QA-LoRA is not supported",
@@ -222,6 +239,11 @@ def read_adapter(path: Path | str) -> LoraAdapter:
             raise AdapterError(f"cannot export the adapter in {path}: {weights_path.name} holds {key} but "
                                f"target_modules ({', '.join(sorted(targets))}) does not include "
                                f"{m['proj'].split('.')[-1]}; PEFT would ignore it — fix adapter_config.json")
+        if excluded(cfg, m["module"]):
+            # PEFT builds no layer for an excluded module and drops its tensors; applying them would differ.
+            raise AdapterError(f"cannot export the adapter in {path}: {weights_path.name} holds {key} but "
+                               f"exclude_modules ({cfg['exclude_modules']!r}) leaves {m['module']} without an "
+                               "adapter; PEFT would ignore it — fix adapter_config.json")
         entry = pairs.setdefault(m["module"], {"layer": int(m["layer"]), "proj": m["proj"]})
         entry[m["ab"]] = value
     if not pairs:
@@ -262,6 +284,12 @@ def adapter_settings(cfg: Mapping, path: Path) -> tuple[int, float, dict, dict]:
         raise bad(f"r is {r!r}, expected a positive whole number")
     if not number(alpha):
         raise bad(f"lora_alpha is {alpha!r}, expected a number")
+    zero = [k for k, v in (cfg.get("rank_pattern") or {}).items() if v == 0] \
+        if isinstance(cfg.get("rank_pattern"), dict) else []
+    if zero:
+        # PEFT's LoRA raises on r = 0 when it builds the layer; a module without an adapter is listed in
+        # exclude_modules instead (what engine.lora.peft_write writes for a projection pruned to nothing).
+        raise bad(f"rank_pattern gives {zero[0]} rank 0, which PEFT's LoRA refuses; list it in exclude_modules")
     patterns = []
     for key, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
                        ("alpha_pattern", number)):
@@ -269,6 +297,10 @@ def adapter_settings(cfg: Mapping, path: Path) -> tuple[int, float, dict, dict]:
         if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
             raise bad(f"{key} is {value!r}, expected {{module name: number}}")
         patterns.append(value)
+    exclude = cfg.get("exclude_modules")
+    if not (exclude is None or isinstance(exclude, str)
+            or (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))):
+        raise bad(f"exclude_modules is {exclude!r}, expected a list of module names or one pattern")
     targets = cfg.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
@@ -353,3 +385,39 @@ def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dic
 def adapter_base_model(config: dict) -> str | None:
     value = config.get("base_model_name_or_path")
     return value if isinstance(value, str) and value else None
+
+
+def inference_state(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """(LoraConfig, PEFT-named float32 tensors) an engine can run forward passes with, for any adapter that
+    read_adapter accepts — per-module ranks and alphas, excluded projections — not only uniform ones.
+
+    A uniform adapter is import_adapter's, unchanged. Otherwise every module is padded with zeros to the largest
+    rank R (zero rows of A and columns of B add nothing to B @ A) and its scale is carried by B, under an engine
+    scale alpha / r = R / R = 1, so the engine adds exactly PEFT's scale * B @ A; a projection without an adapter
+    in some layer gets zero A and B. Not for training: the padding and the moved scale would train differently."""
+    folder = Path(folder)
+    if not refusals(load_adapter_config(folder), uniform=True):
+        lora, state, _ = import_adapter(folder, spec)
+        return lora, state
+    adapter = read_adapter(folder)
+    targets = tuple(t for t in LORA_TARGETS if any(m.projection == projection_module(t) for m in adapter.modules))
+    rank = max(m.rank for m in adapter.modules)
+    lora = LoraConfig(rank=rank, alpha=float(rank), targets=targets)
+    modules = {m.name: m for m in adapter.modules}
+    state = {}
+    for layer in range(spec.layers):
+        for target in targets:
+            out_f, in_f = spec.projection_shape(target)
+            a, b = np.zeros((rank, in_f), np.float32), np.zeros((out_f, rank), np.float32)
+            mod = modules.pop(f"model.layers.{layer}.{projection_module(target)}", None)
+            if mod is not None:
+                if mod.a.shape[1] != in_f or mod.b.shape[0] != out_f:
+                    raise _refuse(folder, f"{mod.name} is {mod.b.shape[0]}x{mod.a.shape[1]} but this base needs "
+                                          f"{out_f}x{in_f} — it was trained for a different base model")
+                a[:mod.rank] = mod.a
+                b[:, :mod.rank] = mod.scale * mod.b
+            state[peft_key(layer, target, "A")], state[peft_key(layer, target, "B")] = a, b
+    if modules:
+        raise _refuse(folder, f"it adapts {next(iter(modules))} but the base has {spec.layers} layers — it was "
+                              "trained for a different base model")
+    return lora, state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.backends.base import OptimizerConfig
 from engine.lora.config import LoraConfig, init_lora_state
-from engine.lora.peft_read import import_adapter
+from engine.lora.peft_read import inference_state
 from engine.model.spec import load_model_spec
 from engine.model.weights import check_weights_fit, open_weights
 from engine.train.perplexity import strided_perplexity
@@ -21,7 +21,8 @@ def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, s
     if not 2 <= seq_len <= spec.max_positions:
         raise ValueError(f"seq-len must be between 2 and the model's {spec.max_positions} positions, got {seq_len}")
     if adapter:
-        lora, state, _ = import_adapter(adapter, spec)
+        # Any readable adapter, per-module ranks too (an adaptive-rank run's): evaluation only runs forward.
+        lora, state = inference_state(adapter, spec)
     else:
         # The base alone: the smallest adapter, with B = 0 so its output is exactly the base model's.
         lora = LoraConfig(rank=1, alpha=1.0, targets=("q_proj",))
