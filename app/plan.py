@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.lora.adalora import AdaLoraSettings
 from engine.model.spec import ModelSpec
 from engine.train.config import TrainConfig
 # The defaults live in the engine, where `lora-lab train` reads them too; re-exported for the wizard.
@@ -16,6 +17,15 @@ from engine.train.recommend import (CorpusSummary, has_hardware_gpu, recommend, 
                                     total_steps)
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
+
+# Adaptive rank (AdaLoRA) phases as fractions of the run: the first 10 % trains at the full initial rank so the
+# importance scores measure something learned before anything is pruned (tinit), the last 20 % trains the final
+# ranks undisturbed (tfinal), and the 70 % between moves the budget on PEFT's cubic schedule. These are the proportions
+# of the worked example in PEFT's AdaLoraConfig docstring (tinit 10, tfinal 20, total_step 100); the AdaLoRA paper
+# likewise spends a short warm-up and a longer final phase. deltaT stays PEFT's default 1: reallocating every step
+# is a top-k over the triplets' scores, small beside a step, and follows the schedule most closely.
+ADAPTIVE_WARMUP_FRACTION = 0.1
+ADAPTIVE_FINAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,24 @@ class Review:
     eta_basis: str
     warnings: list[str] = field(default_factory=list)
     runs_on: str = "gpu"                  # "cpu": the CPU backend (onnxruntime) will train; "gpu": a wgpu adapter
+
+
+def adaptive_settings(init_r: int, target_r: int, steps: int) -> AdaLoraSettings:
+    """PEFT's AdaLoRA settings for a run of `steps` optimizer steps: its defaults, with tinit and tfinal the fractions
+    above (rounded down, so a short run still has a budgeting phase)."""
+    return AdaLoraSettings(init_r=init_r, target_r=target_r, tinit=int(steps * ADAPTIVE_WARMUP_FRACTION),
+                           tfinal=int(steps * ADAPTIVE_FINAL_FRACTION), total_step=steps)
+
+
+def adaptive_description(settings: AdaLoraSettings, projections: int) -> str:
+    """What an adaptive-rank run will do, in one sentence for the review page. `projections`: layers x targets."""
+    s = settings
+    return (f"Adaptive rank (AdaLoRA): every one of the {projections} projections starts at rank {s.init_r} "
+            f"(total {s.init_r * projections}); after {s.tinit} steps the least important singular triplets are "
+            f"pruned, on PEFT's cubic schedule until step {s.total_step - s.tfinal}, down to a total-rank budget of "
+            f"{s.target_r * projections} (average {s.target_r}), moving rank to the projections that need it; the "
+            f"last {s.tfinal} steps train the final ranks. The console shows the rank map; the saved adapter is plain "
+            "LoRA with per-projection ranks.")
 
 
 def runs_on_cpu(backend: str, hardware, speeds: dict | None) -> bool:

@@ -4,6 +4,7 @@ Defaults come from app.plan.recommend (corpus size, hardware); the review page s
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                                QLineEdit, QPushButton, QSpinBox, QWizard, QWizardPage)
 
-from app.plan import CorpusSummary, recommend, review
+from app.plan import CorpusSummary, adaptive_description, adaptive_settings, recommend, review, total_steps
 from app.training_controller import RunRequest
 from engine.backends.base import OPTIMIZERS, OptimizerConfig
+from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LORA_TARGETS, LoraConfig
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
@@ -105,6 +107,36 @@ class PlanWizard(QWizard):
         form.addRow("Alpha:", self.alpha)
         form.addRow("Dropout:", self.dropout)
         form.addRow("rsLoRA:", self.rslora)
+        self._build_adaptive_rows(form, c)
+
+    def _build_adaptive_rows(self, form: QFormLayout, c: TrainConfig) -> None:
+        """Adaptive rank (AdaLoRA): an initial rank and a target average rank, whose total over the projections
+        is the budget the run prunes toward; PEFT's defaults (init_r 12, target_r 8) unless the config has one."""
+        settings = c.adaptive_rank or AdaLoraSettings()
+        self.adaptive = QCheckBox("adaptive rank (AdaLoRA): prune toward a total-rank budget, moving rank to the "
+                                  "projections that need it", objectName="plan-adaptive",
+                                  checked=c.adaptive_rank is not None)
+        self.init_rank = QSpinBox(minimum=1, maximum=1024, value=settings.init_r, objectName="plan-init-rank")
+        self.target_rank = QSpinBox(minimum=1, maximum=1024, value=settings.target_r, objectName="plan-target-rank")
+        self.budget = QLabel(objectName="plan-rank-budget", wordWrap=True)
+        form.addRow("Adaptive rank:", self.adaptive)
+        form.addRow("Initial rank:", self.init_rank)
+        form.addRow("Target average rank:", self.target_rank)
+        form.addRow("Budget:", self.budget)
+        for signal in (self.adaptive.toggled, self.init_rank.valueChanged, self.target_rank.valueChanged,
+                       *(box.toggled for box in self.targets.values())):
+            signal.connect(self._show_budget)
+        self._show_budget()
+
+    def _show_budget(self, *_) -> None:
+        adaptive = self.adaptive.isChecked()
+        self.rank.setEnabled(not adaptive)    # the adapter is trained at the initial rank
+        for w in (self.init_rank, self.target_rank, self.budget):
+            w.setEnabled(adaptive)
+        projections = self.spec.layers * sum(box.isChecked() for box in self.targets.values())
+        self.budget.setText(f"total rank {self.target_rank.value() * projections:,} over {projections} projections "
+                            f"(from {self.init_rank.value() * projections:,} at the start)" if adaptive
+                            else "off: every projection keeps rank r")
 
     def _build_schedule_page(self, c: TrainConfig) -> None:
         _, form = self._page("Schedule", "How long and how fast to train.")
@@ -165,14 +197,23 @@ class PlanWizard(QWizard):
     # -- results -----------------------------------------------------------------------------------------------
     def config(self) -> TrainConfig:
         """The TrainConfig the pages describe; ValueError (with the engine's message) if it is invalid."""
-        lora = LoraConfig(rank=self.rank.value(), alpha=self.alpha.value(), dropout=self.dropout.value(),
+        adaptive = self.adaptive.isChecked()
+        rank = self.init_rank.value() if adaptive else self.rank.value()
+        lora = LoraConfig(rank=rank, alpha=self.alpha.value(), dropout=self.dropout.value(),
                           targets=tuple(t for t, box in self.targets.items() if box.isChecked()),
                           use_rslora=self.rslora.isChecked())
-        return TrainConfig(lora=lora, optim=OptimizerConfig(name=self.optimizer.currentText()),
-                           batch_size=self.batch.value(), grad_accum=self.accum.value(), seq_len=self.seq_len.value(),
-                           epochs=self.epochs.value(), max_steps=self.max_steps.value(), lr=self.lr.value(),
-                           schedule=self.schedule.currentText(), warmup_steps=self.warmup.value(),
-                           eval_every=self._eval_every, weights="auto", recompute=None)
+        config = TrainConfig(lora=lora, optim=OptimizerConfig(name=self.optimizer.currentText()),
+                             batch_size=self.batch.value(), grad_accum=self.accum.value(),
+                             seq_len=self.seq_len.value(), epochs=self.epochs.value(),
+                             max_steps=self.max_steps.value(), lr=self.lr.value(),
+                             schedule=self.schedule.currentText(), warmup_steps=self.warmup.value(),
+                             eval_every=self._eval_every, weights="auto", recompute=None)
+        if not adaptive:
+            return config
+        # The budget phases are fractions of the run (app.plan.adaptive_settings), so they need its length.
+        steps = total_steps(config, self.summary.sequences, self.val_split.value())
+        return dataclasses.replace(config, adaptive_rank=adaptive_settings(self.init_rank.value(),
+                                                                           self.target_rank.value(), steps))
 
     def _refresh_review(self) -> None:
         if self.currentPage() is not self.page(self.pageIds()[-1]):
@@ -197,6 +238,8 @@ class PlanWizard(QWizard):
         self.review_label.setText(
             f"<b>{r.steps:,} steps</b> of {config.batch_size} × {config.grad_accum} × {config.seq_len} tokens, "
             f"LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
+            + (adaptive_description(config.adaptive_rank, self.spec.layers * len(config.lora.targets)) + "<br>"
+               if config.adaptive_rank is not None else "")
             + memory + f"ETA: <b>{eta}</b> ({r.eta_basis}).")
         self.warnings.setText("".join(f"⚠ {w}<br>" for w in r.warnings) or "No warnings.")
 

@@ -1,6 +1,6 @@
 """The training console: live loss (raw, smoothed) and validation loss, speed, progress, controls, log, checkpoints,
 and the perplexity before and after when the run ends; for DPO/ORPO runs also the reward margin and the reward
-accuracy, training and validation. It shows the TrainingController's events, nothing else."""
+accuracy, training and validation; for adaptive-rank (AdaLoRA) runs the rank map of the ranks kept. It shows the TrainingController's events, nothing else."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QL
                                QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget)
 
 from app.training_controller import TrainingController
+from app.widgets.rank_map import RankMap
 from engine.train.job import read_run_log
 
 OTHER_RUN_COLORS = ("#31a354", "#756bb1", "#636363", "#d6616b")   # runs opened beside the live one
@@ -132,6 +133,8 @@ class TrainingConsole(QWidget):
         self.plot = LossPlot()
         self.rewards = RewardPlot()
         self.rewards.hide()
+        self.rank_map = RankMap()
+        self.rank_map.hide()      # plain LoRA runs have no rank map; the first event that carries one shows it
         self.values = {}
         grid = QGridLayout()
         for i, name in enumerate(self.FIELDS):
@@ -165,6 +168,7 @@ class TrainingConsole(QWidget):
         plots = QSplitter(Qt.Horizontal)
         plots.addWidget(self.plot)
         plots.addWidget(self.rewards)
+        plots.addWidget(self.rank_map)
         split.addWidget(plots)
         split.addWidget(bottom)
         layout = QVBoxLayout(self)
@@ -224,6 +228,9 @@ class TrainingConsole(QWidget):
         self.plot.clear_data()
         self.rewards.clear_data()
         self.rewards.hide()
+        adaptive = request.config.adaptive_rank
+        self.rank_map.reset(request.config.lora.targets, adaptive.init_r if adaptive else request.config.lora.rank)
+        self.rank_map.hide()
         self.checkpoints.clear()
         self.progress.setValue(0)
         for label in self.values.values():
@@ -240,6 +247,9 @@ class TrainingConsole(QWidget):
         if e.reward_margin is not None and not e.skipped:       # every step's point, as the loss plot's
             self.rewards.show()
             self.rewards.add_step(e.step, e.reward_margin, e.reward_accuracy)
+        if e.rank_map is not None:      # AdaLoRA: the ranks kept after this step's budget allocation
+            self.rank_map.show()
+            self.rank_map.set_ranks(e.rank_map)
         # A small model runs dozens of steps a second; the fields follow at most every 100 ms, as the plot does.
         self._last_step = e
         if not self._fields_timer.isActive():
