@@ -43,7 +43,8 @@ def _rank_pattern(adapter) -> dict[str, int]:
 
 
 def test_peft_lora_refuses_rank_zero_so_a_pruned_projection_is_excluded(tiny_llama_dir):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     with pytest.raises(ValueError, match="positive integer"), quiet_peft():
         get_peft_model(load_base(tiny_llama_dir), PeftLoraConfig(r=4, target_modules=["v_proj"],
@@ -174,3 +175,21 @@ def test_evaluation_computes_peft_logits(tiny_llama_dir, peft_adapter):
 def test_training_from_it_is_refused_by_name(tiny_llama_dir, peft_adapter):
     with pytest.raises(AdapterError, match="per-module ranks .* cannot be trained on"):
         import_adapter(peft_adapter, load_model_spec(tiny_llama_dir))
+
+
+def test_chat_answers_with_peft_logits(tiny_llama_dir, peft_adapter):
+    import torch
+
+    from engine.chat.inference import ChatEngine
+
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
+    chat.load(tiny_llama_dir)
+    try:
+        chat.set_active_adapter(chat.load_adapter(peft_adapter))
+        text = "The quick brown fox"
+        ids = chat.tokenizer(text, return_tensors="pt")["input_ids"][0].tolist()
+        want = peft_logits(tiny_llama_dir, peft_adapter, ids)
+        assert np.abs(want - peft_logits(tiny_llama_dir, None, ids)).max() > 0.1   # the adapter moves them
+        np.testing.assert_allclose(chat.logits(text).numpy(), want, rtol=0, atol=1e-5)
+    finally:
+        chat.unload()
