@@ -193,3 +193,23 @@ def test_chat_answers_with_peft_logits(tiny_llama_dir, peft_adapter):
         np.testing.assert_allclose(chat.logits(text).numpy(), want, rtol=0, atol=1e-5)
     finally:
         chat.unload()
+
+
+def test_evaluate_gives_peft_perplexity(tiny_llama_dir, peft_adapter, tmp_path):
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from engine.train.evaluate import evaluate
+    from engine.train.runs import eval_stream
+    from tests.perplexity_reference import hf_guide_perplexity
+
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. LoRA adds a low rank update.\n" * 4)
+    ours = evaluate(str(tiny_llama_dir), [str(corpus)], adapter=str(peft_adapter), seq_len=24, stride=12,
+                    backend="cpu")
+    ids, labels = eval_stream([str(corpus)], Path(tiny_llama_dir))
+    with quiet_peft():
+        model = PeftModel.from_pretrained(load_base(tiny_llama_dir), peft_adapter).eval()
+    want, tokens = hf_guide_perplexity(model, ids, labels, 24, 12)
+    assert ours.tokens == tokens and ours.perplexity == pytest.approx(want, rel=1e-4)
