@@ -34,6 +34,13 @@ def check_finite(state: dict[str, np.ndarray]) -> None:
                          f"e.g. {bad[0]}")
 
 
+def rank_pattern_of(rank_map, targets: tuple[str, ...]) -> dict[str, int]:
+    """The rank_pattern of a rank map as StepEvent.rank_map carries it ([layer][target], targets in
+    TrainConfig.lora.targets order): {model.layers.{i}.self_attn.q_proj: rank, ...}, 0 included."""
+    return {module_path(layer, t): int(r) for layer, row in enumerate(rank_map) for t, r in zip(targets, row,
+                                                                                                strict=True)}
+
+
 def check_rank_pattern(state: Mapping[str, np.ndarray], lora: LoraConfig, rank_pattern: Mapping[str, int]) -> None:
     """Refuse a rank_pattern that does not describe `state`: keys are module paths of lora.targets, ranks are
     whole numbers >= 0, each adapted module's lora_A has its rank's rows and a rank-0 module has no tensors."""
@@ -91,7 +98,7 @@ def model_card(lora: LoraConfig, base_model: str, summary: dict | None,
              f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
              "model = PeftModel.from_pretrained(base, 'path/to/this/folder')", "```", "",
              "## Adapter", "",
-             f"- rank r: {lora.rank}" + (" (where rank_pattern below gives none)" if rank_pattern else "")
+             (f"- rank r: {lora.rank}" if not rank_pattern else "- rank r: per projection (Ranks below)")
              + f", lora_alpha: {lora.alpha:g}, scaling: "
              + (f"{lora.alpha:g}/{'√r' if lora.use_rslora else 'r'} per module" if rank_pattern
                 else f"{lora.scaling:g}") + f"{' (rsLoRA)' if lora.use_rslora else ''}",

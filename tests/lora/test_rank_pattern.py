@@ -12,7 +12,7 @@ from bench.peft_adapters import PROBE_TOKENS, load_base, make_adapter, peft_logi
 from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
 from engine.lora.peft_read import AdapterError, import_adapter, inference_state, read_adapter
-from engine.lora.peft_write import export_adapter
+from engine.lora.peft_write import export_adapter, rank_pattern_of
 from engine.model.spec import load_model_spec
 
 # Odd ranks in both layers, one projection with no adapter at all (every triplet pruned).
@@ -117,6 +117,8 @@ def test_model_card_lists_the_final_ranks_and_the_adaptive_settings(tiny_llama_d
     assert "| 0 | 1 | 4 | 4 | 4 | 4 | 3 | 4 |" in card and "| 1 | 4 | 2 | 0 | 4 | 4 | 4 | 6 |" in card
     assert "Total rank 48 over 14 projections (average 3.43)" in card
     assert "adaptive rank (AdaLoRA" in card and "target_r 3" in card and "tinit 2" in card
+    # The same ranks as a StepEvent.rank_map ([layer][target] in lora.targets order) give the same pattern.
+    assert rank_pattern_of(((1, 4, 4, 4, 4, 3, 4), (4, 2, 0, 4, 4, 4, 6)), lora.targets) == _rank_pattern(adapter)
     plain = tmp_path / "plain"
     export_adapter(plain, state, lora, "base", rank_pattern=_rank_pattern(adapter))
     assert "| layer |" in (plain / "README.md").read_text() and "AdaLoRA" not in (plain / "README.md").read_text()
