@@ -57,7 +57,11 @@ def test_llama_cpp_base_matches_transformers(arch, bases, gguf_bases):
     ("mistral", dict(r=4, lora_alpha=8)),
     ("llama", dict(r=8, lora_alpha=4, use_rslora=True)),
     ("qwen3", dict(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3.0})),
-], ids=["llama", "qwen2", "qwen3", "mistral", "llama-rslora", "qwen3-patterns"])
+    # An adaptive-rank run's folded adapter: a rank per module, one projection pruned to nothing (no tensors).
+    ("llama", dict(r=4, lora_alpha=8, rank_pattern={"model.layers.0.self_attn.q_proj": 1,
+                                                    "model.layers.1.mlp.down_proj": 6},
+                   exclude_modules=["model.layers.1.self_attn.v_proj"])),
+], ids=["llama", "qwen2", "qwen3", "mistral", "llama-rslora", "qwen3-patterns", "llama-per-module-ranks"])
 def test_llama_cpp_lora_moves_logits_as_peft(arch, config, bases, gguf_bases, tmp_path):
     base_dir = bases[arch]
     adapter_dir = make_adapter(base_dir, tmp_path / "adapter", seed=7, **config)
