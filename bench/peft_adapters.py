@@ -53,6 +53,33 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, r: int = 4, lo
     return out_dir
 
 
+def make_adalora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, steps: int = 4, **config) -> Path:
+    """A PEFT AdaLoRA adapter pruned by PEFT itself: `steps` SGD steps on random tokens, each followed by
+    update_and_allocate, so save_pretrained writes kept-triplet masks (some all-pruned) and resized tensors."""
+    import torch
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    settings = dict(init_r=4, target_r=1, tinit=0, tfinal=1, deltaT=1, lora_alpha=8, target_modules=ALL_PROJECTIONS)
+    adalora = AdaLoraConfig(task_type="CAUSAL_LM", total_step=steps, **{**settings, **config})
+    with quiet_peft():
+        model = get_peft_model(load_base(base_dir), adalora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():   # PEFT starts E at zero (the adapter then changes nothing); draw it and B instead
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_E" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
+    for step in range(1, steps + 1):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def peft_logits(base_dir: Path, adapter_dir: Path | None, tokens=PROBE_TOKENS):
     """Logits (T, vocab) of the base, or of base + adapter loaded through PeftModel.from_pretrained."""
     import torch

@@ -351,10 +351,12 @@ class ChatEngine:
             # The one adapter check every command makes: a corrupt, non-float or non-finite file is refused by
             # name here, before peft reads it (its SafetensorError names no file; NaN weights answer nothing).
             config = load_adapter_config(path)
-            if config.get("peft_type", "LORA") != "LORA":
-                raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are "
-                                   "supported")
-            adapter_settings(config, path)
+            if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
+                raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA and AdaLoRA "
+                                   "adapters are supported")
+            if config.get("peft_type", "LORA") == "LORA":
+                # An AdaLoRA adapter's rank_pattern holds each module's kept-triplet mask, which peft resolves.
+                adapter_settings(config, path)
             read_adapter_tensors(path)
         except (ValueError, FileNotFoundError) as exc:
             raise AdapterError(str(exc)) from None

@@ -120,7 +120,12 @@ def refusals(cfg: Mapping, *, uniform: bool = False) -> list[str]:
     """Reasons this adapter cannot be used (empty when it can). `uniform`: the consumer needs one rank and alpha
     on every layer, so per-module patterns and partial layer sets are refused too."""
     reasons = []
-    if cfg.get("peft_type", "LORA") != "LORA":
+    if cfg.get("peft_type") == "ADALORA":
+        # Its P·Λ·Q form and kept-triplet masks are what an adaptive-rank run trains; everything after training
+        # reads the plain LoRA those triplets fold into (per-module ranks), which the run writes beside it.
+        reasons.append("it is an AdaLoRA adapter (peft_type 'ADALORA'); use the plain LoRA adapter with "
+                       "per-module ranks that an adaptive-rank run writes from it (chat loads either)")
+    elif cfg.get("peft_type", "LORA") != "LORA":
         reasons.append(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("use_dora"):
         reasons.append("it uses DoRA (use_dora=true): its magnitude vector is neither trained nor folded here"
