@@ -60,7 +60,8 @@ def make_adalora_adapter(base_dir: Path, out_dir: Path, *, seed: int = 0, steps:
     from peft import AdaLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    settings = dict(init_r=4, target_r=1, tinit=0, tfinal=1, deltaT=1, lora_alpha=8, target_modules=ALL_PROJECTIONS)
+    settings = {"init_r": 4, "target_r": 1, "tinit": 0, "tfinal": 1, "deltaT": 1, "lora_alpha": 8,
+                "target_modules": ALL_PROJECTIONS}
     adalora = AdaLoraConfig(task_type="CAUSAL_LM", total_step=steps, **{**settings, **config})
     with quiet_peft():
         model = get_peft_model(load_base(base_dir), adalora)
