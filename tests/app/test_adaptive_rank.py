@@ -6,7 +6,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from PySide6.QtCore import QPoint
+from PySide6.QtCore import QEvent, QPoint
+from PySide6.QtGui import QHelpEvent
+from PySide6.QtWidgets import QApplication, QToolTip
 
 from app.chat_controller import ChatController
 from app.plan import CorpusSummary, adaptive_settings
@@ -53,6 +55,9 @@ def test_rank_map_cells_tooltips_and_scale(qtbot):
     assert widget.describe(0, 1) == "layer 0, v_proj: rank 0 of 12 (pruned: no adapter)"
     assert widget.describe(1, 2) == "layer 1, down_proj: rank 9 of 12"
     assert widget.cell_at(QPoint(2, 2)) is None                  # the layer labels are no cell
+    centre = widget.cell_rect(1, 2).center()
+    QApplication.sendEvent(widget, QHelpEvent(QEvent.ToolTip, centre, widget.mapToGlobal(centre)))
+    assert QToolTip.text() == "layer 1, down_proj: rank 9 of 12"
     assert cell_color(0, 12) == LOW and cell_color(12, 12) == HIGH
     image = widget.grab().toImage()
     assert image.pixelColor(widget.cell_rect(0, 0).topLeft() + QPoint(1, 1)) == HIGH
