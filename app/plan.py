@@ -66,8 +66,8 @@ def adaptive_description(settings: AdaLoraSettings, projections: int) -> str:
             f"(total {s.init_r * projections}); after {s.tinit} steps the least important singular triplets are "
             f"pruned, on PEFT's cubic schedule until step {s.total_step - s.tfinal}, down to a total-rank budget of "
             f"{s.target_r * projections} (average {s.target_r}), moving rank to the projections that need it; the "
-            f"last {s.tfinal} steps train the final ranks. The console shows the rank map; the saved adapter is plain "
-            "LoRA with per-projection ranks.")
+            f"last {s.tfinal} steps train the final ranks. The console shows the rank map; GGUF and merged exports "
+            "take the kept triplets folded into plain LoRA with a rank per projection.")
 
 
 def runs_on_cpu(backend: str, hardware, speeds: dict | None) -> bool:
