@@ -1,12 +1,20 @@
 """AdaLoRA (Zhang et al., 2023; PEFT's AdaLoraConfig / AdaLoraModel): an SVD-shaped adapter P·Λ·Q whose
 triplets are pruned toward a total-rank budget by smoothed sensitivity.
 
-This module owns the settings; the parametrization, the rank allocator and the training step build on them.
-The field names and defaults are PEFT 0.21.2's, so a setting means here what it means there.
+This module owns the settings, the parametrization (flat A, E, B and their map onto the ordinary LoRA a backend
+runs), the orthogonality regulariser, the rank allocator (importance EMAs, budget schedule, masking) and the fold
+into a per-module-rank LoRA; engine.train.adaptive runs the step, engine.lora.adalora_write writes the adapter.
+Field names, defaults and formulas are PEFT 0.21.2's (peft/tuners/adalora/{config,layer,model}.py), so a setting
+means here what it means there.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from engine.model.hf_names import module_path
+from engine.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -42,3 +50,268 @@ class AdaLoraSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# -- the parametrization ----------------------------------------------------------------------------------------
+# PEFT's SVDLinear adds  x·(A ⊙ E)ᵀ·Bᵀ · lora_alpha / (ranknum + 1e-5)  with A [r, in] (right singular vectors),
+# E [r, 1] (singular values), B [out, r] (left singular vectors) and ranknum = init_r for the whole run (it is not
+# lowered as triplets are pruned, nor when a pruned adapter is loaded). The engine's backends run ordinary LoRA
+# (x·Aᵀ·Bᵀ·scaling), so an AdaLoRA step feeds them A_eff = c·(E ⊙ A) with c = adalora_scaling / lora scaling.
+
+def adalora_key(layer: int, target: str, which: str) -> str:
+    """The tensor name PEFT's save_pretrained writes for an AdaLoRA adapter, which in "A", "B", "E":
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_E (no ".weight": they are ParameterDict entries)."""
+    return f"base_model.model.{module_path(layer, target)}.lora_{which}"
+
+
+def rank_pattern_key(layer: int, target: str) -> str:
+    """A module's key in adapter_config.json's rank_pattern: model.layers.{i}.self_attn.q_proj.lora_E."""
+    return f"{module_path(layer, target)}.lora_E"
+
+
+def adalora_scaling(lora_alpha: float, init_r: int) -> float:
+    """lora_alpha / (ranknum + 1e-5) as PEFT computes it: ranknum is a float32 tensor, so the sum is rounded to
+    float32 (12 + 1e-5 -> 12.0000095)."""
+    return float(lora_alpha) / float(np.float32(init_r) + np.float32(1e-5))
+
+
+@dataclass(frozen=True)
+class AdaLoraModule:
+    layer: int
+    target: str
+    out_features: int
+    in_features: int
+
+
+def adalora_modules(spec: ModelSpec, targets: tuple[str, ...]) -> list[AdaLoraModule]:
+    """Every adapted projection, layer by layer in target order (the order of lora_shapes and the rank map)."""
+    return [AdaLoraModule(layer, target, *spec.projection_shape(target))
+            for layer in range(spec.layers) for target in targets]
+
+
+class AdaLoraParams:
+    """Every triplet of a run in one flat float32 vector (per module A, E, B), so the host optimizer updates
+    them in one call and a checkpoint stores them as one array; `A[i]`, `E[i]`, `B[i]` are views into it."""
+
+    def __init__(self, modules: list[AdaLoraModule], init_r: int, flat: np.ndarray | None = None):
+        self.modules, self.init_r = modules, init_r
+        shapes = [s for m in modules for s in ((init_r, m.in_features), (init_r, 1), (m.out_features, init_r))]
+        size = sum(a * b for a, b in shapes)
+        if flat is None:
+            flat = np.zeros(size, np.float32)
+        if flat.dtype != np.float32 or flat.shape != (size,):
+            raise ValueError(f"AdaLoRA parameters: expected float32 [{size}], got {flat.dtype}{list(flat.shape)}")
+        self.flat = flat
+        views, offset = [], 0
+        for a, b in shapes:
+            views.append(flat[offset:offset + a * b].reshape(a, b))
+            offset += a * b
+        self.A: list[np.ndarray] = views[0::3]     # [r, in] each
+        self.E: list[np.ndarray] = views[1::3]     # [r, 1]
+        self.B: list[np.ndarray] = views[2::3]     # [out, r]
+
+    def like(self, flat: np.ndarray) -> AdaLoraParams:
+        """The same layout over another vector (gradients, EMAs)."""
+        return AdaLoraParams(self.modules, self.init_r, flat)
+
+    def peft_tensors(self) -> dict[str, np.ndarray]:
+        """Copies under PEFT's AdaLoRA names, untruncated."""
+        out = {}
+        for m, a, e, b in zip(self.modules, self.A, self.E, self.B):
+            out[adalora_key(m.layer, m.target, "A")] = a.copy()
+            out[adalora_key(m.layer, m.target, "B")] = b.copy()
+            out[adalora_key(m.layer, m.target, "E")] = e.copy()
+        return out
+
+    def load_peft_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        """Set every triplet from PEFT-named, untruncated tensors; raise naming a missing or misshapen one."""
+        for m, views in zip(self.modules, zip(self.A, self.E, self.B)):
+            for which, view in zip("AEB", views):
+                key = adalora_key(m.layer, m.target, which)
+                if key not in tensors:
+                    raise ValueError(f"AdaLoRA state lacks {key}")
+                value = np.asarray(tensors[key], np.float32)
+                if value.shape != view.shape:
+                    raise ValueError(f"AdaLoRA tensor {key} has shape {list(value.shape)}; expected {list(view.shape)}")
+                view[...] = value
+
+
+def init_adalora_params(spec: ModelSpec, targets: tuple[str, ...], init_r: int, seed: int = 0) -> AdaLoraParams:
+    """PEFT's reset_lora_parameters: E zero, A and B normal(0, 0.02); seeded, module by module A then B."""
+    params = AdaLoraParams(adalora_modules(spec, targets), init_r)
+    rng = np.random.default_rng(seed)
+    for a, b in zip(params.A, params.B):
+        a[...] = rng.normal(0.0, 0.02, a.shape)
+        b[...] = rng.normal(0.0, 0.02, b.shape)
+    return params
+
+
+def effective_lora(params: AdaLoraParams, c: float, lora_key) -> dict[str, np.ndarray]:
+    """The ordinary LoRA tensors {lora_key(layer, target, "A"|"B"): ...} a backend runs: A_eff = c·(E ⊙ A), B."""
+    out = {}
+    for m, a, e, b in zip(params.modules, params.A, params.E, params.B):
+        out[lora_key(m.layer, m.target, "A")] = (np.float32(c) * (e * a)).astype(np.float32)
+        out[lora_key(m.layer, m.target, "B")] = b.copy()
+    return out
+
+
+def chain_gradients(params: AdaLoraParams, grads: AdaLoraParams, c: float, lora_grads: dict[str, np.ndarray],
+                    lora_key) -> None:
+    """Into `grads`: ∂L/∂A, ∂L/∂E, ∂L/∂B from a backend's ∂L/∂A_eff, ∂L/∂B (A_eff = c·E ⊙ A, row-wise):
+    dA = c·E ⊙ dA_eff, dE_i = c·Σ_j dA_eff_ij·A_ij, dB = dB."""
+    c32 = np.float32(c)
+    for i, m in enumerate(params.modules):
+        d_eff = lora_grads[lora_key(m.layer, m.target, "A")]
+        grads.A[i][...] = c32 * (params.E[i] * d_eff)
+        grads.E[i][...] = c32 * np.sum(d_eff * params.A[i], axis=1, keepdims=True)
+        grads.B[i][...] = lora_grads[lora_key(m.layer, m.target, "B")]
+
+
+def orth_regulariser(params: AdaLoraParams, weight: float, grads: AdaLoraParams | None = None) -> float:
+    """AdaLoraModel.forward's term: weight · mean over every A and B of ‖A·Aᵀ − I‖_F and ‖Bᵀ·B − I‖_F (pruned
+    triplets included: only E is masked). Adds its gradient, weight/n · (2·(AAᵀ−I)·A / ‖·‖ and 2·B·(BᵀB−I) / ‖·‖),
+    into `grads` when given; a zero norm contributes no gradient, as torch's norm backward."""
+    count = 2 * len(params.modules)
+    if count == 0:
+        return 0.0
+    total = 0.0
+    per = np.float32(weight / count)
+    for i in range(len(params.modules)):
+        for mat, is_a in ((params.A[i], True), (params.B[i], False)):
+            cov = mat @ mat.T if is_a else mat.T @ mat
+            cov[np.diag_indices(cov.shape[0])] -= np.float32(1.0)
+            norm = float(np.sqrt(np.vdot(cov, cov)))
+            total += norm
+            if grads is not None and norm > 0:
+                g = (cov @ mat) if is_a else (mat @ cov)
+                (grads.A[i] if is_a else grads.B[i])[...] += (np.float32(2.0 / norm) * per) * g
+    return weight * total / count
+
+
+# -- the rank allocator -----------------------------------------------------------------------------------------
+
+def budget_schedule(step: int, settings: AdaLoraSettings, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
+    """RankAllocator.budget_schedule: (total rank budget, whether to mask at this step). Full budget up to tinit,
+    then a cubic fall to target_bgt reached at total_step − tfinal, masking every deltaT steps; target after."""
+    tinit, tfinal, total = settings.tinit, settings.tfinal, settings.total_step
+    if step <= tinit:
+        return init_bgt, False
+    if step > total - tfinal:
+        return target_bgt, True
+    mul_coeff = 1 - (step - tinit) / (total - tfinal - tinit)
+    return int((init_bgt - target_bgt) * (mul_coeff ** 3) + target_bgt), step % settings.deltaT == 0
+
+
+class RankAllocator:
+    """PEFT's RankAllocator and AdaLoraModel.update_and_allocate over flat arrays.
+
+    State (all in a checkpoint): the EMAs of the sensitivity |p·∂L/∂p| (exp_avg_ipt) and of its uncertainty
+    (exp_avg_unc), both laid out like the parameters; `kept` [modules, init_r], the rank pattern; whether a pattern
+    exists yet (PEFT's rank_pattern is None until the first masking) and whether the final one is fixed.
+    """
+
+    def __init__(self, settings: AdaLoraSettings, params: AdaLoraParams):
+        if settings.total_step <= 0:
+            raise ValueError("adaptive rank: total_step is 0; fill it in with the run's step count before training")
+        self.settings, self.params = settings, params
+        n = len(params.modules)
+        self.init_bgt, self.target_bgt = n * params.init_r, n * settings.target_r
+        self.exp_avg_ipt = np.zeros_like(params.flat)
+        self.exp_avg_unc = np.zeros_like(params.flat)
+        self.kept = np.ones((n, params.init_r), bool)
+        self.has_pattern = False
+        self.final = False
+
+    def update_and_allocate(self, step: int, grads: np.ndarray) -> None:
+        """After the optimizer update of `step` (1-based), with the step's clipped gradients (flat, like params):
+        update the importance EMAs, and mask E to the budget where the schedule says so.
+        PEFT masks the final pattern at exactly step total_step − tfinal; when that step was skipped (non-finite)
+        the first applied step after it fixes the pattern instead, so the final phase always has one."""
+        edge = self.settings.total_step - self.settings.tfinal
+        if step < edge:
+            self._update_ipt(grads)
+            budget, mask = budget_schedule(step, self.settings, self.init_bgt, self.target_bgt)
+            if mask:
+                self._mask_to_budget(budget)
+        elif not self.final:
+            self._mask_to_budget(self.target_bgt)
+            self.final = True
+            self.exp_avg_ipt[...] = 0.0           # reset_ipt
+            self.exp_avg_unc[...] = 0.0
+        else:
+            self._apply_pattern()
+
+    def _update_ipt(self, grads: np.ndarray) -> None:
+        b1, b2 = self.settings.beta1, self.settings.beta2
+        ipt = np.abs(self.params.flat * grads)
+        self.exp_avg_ipt[...] = np.float32(b1) * self.exp_avg_ipt + np.float32(1 - b1) * ipt
+        self.exp_avg_unc[...] = (np.float32(b2) * self.exp_avg_unc
+                                 + np.float32(1 - b2) * np.abs(ipt - self.exp_avg_ipt))
+
+    def triplet_scores(self) -> np.ndarray:
+        """[modules, init_r]: s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = exp_avg_ipt · exp_avg_unc."""
+        score = self.params.like(self.exp_avg_ipt * self.exp_avg_unc)
+        return np.stack([e[:, 0] + (a.mean(axis=1) + b.mean(axis=0))
+                         for a, e, b in zip(score.A, score.E, score.B)]) if score.modules else np.zeros((0, 0))
+
+    def _mask_to_budget(self, budget: int) -> None:
+        """Zero E of every triplet scoring at or below the (init_bgt − budget)-th smallest score (ties go too).
+        PEFT's torch.kthvalue refuses k = 0 (a budget still full); here nothing is masked then."""
+        scores = self.triplet_scores()
+        k = self.init_bgt - budget
+        if k <= 0:
+            self.kept[...] = True
+        else:
+            threshold = np.partition(scores.ravel(), k - 1)[k - 1]
+            self.kept[...] = scores > threshold
+        self.has_pattern = True
+        self._apply_pattern()
+
+    def _apply_pattern(self) -> None:
+        for e, kept in zip(self.params.E, self.kept):
+            e[~kept] = 0.0
+
+    def ranks(self) -> np.ndarray:
+        """Kept rank per module, int [modules] (init_r everywhere before the first masking)."""
+        return self.kept.sum(axis=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"exp_avg_ipt": self.exp_avg_ipt.copy(), "exp_avg_unc": self.exp_avg_unc.copy(),
+                "kept": self.kept.astype(np.uint8), "flags": np.array([self.has_pattern, self.final], np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for key in ("exp_avg_ipt", "exp_avg_unc"):
+            if np.shape(state[key]) != self.exp_avg_ipt.shape:
+                raise ValueError(f"AdaLoRA state {key} has shape {list(np.shape(state[key]))}; "
+                                 f"expected {list(self.exp_avg_ipt.shape)}")
+            getattr(self, key)[...] = state[key]
+        if np.shape(state["kept"]) != self.kept.shape:
+            raise ValueError(f"AdaLoRA rank pattern has shape {list(np.shape(state['kept']))}; "
+                             f"expected {list(self.kept.shape)}")
+        self.kept[...] = np.asarray(state["kept"]).astype(bool)
+        self.has_pattern, self.final = (bool(v) for v in np.asarray(state["flags"]))
+
+
+# -- exports ----------------------------------------------------------------------------------------------------
+
+def fold_to_lora(params: AdaLoraParams, kept: np.ndarray, lora_alpha: float, lora_key
+                 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """An ordinary LoRA adapter equal to the pruned AdaLoRA one: per module the kept triplets K fold into
+    A' = A[K] and B' = B[:, K]·diag(E_K)·c', c' = adalora_scaling / (lora_alpha / r_K), so that PEFT's LoRA with
+    rank r_K and scaling lora_alpha / r_K (one lora_alpha, no alpha_pattern) computes the same update.
+    Returns ({lora_key(layer, target, "A"|"B"): tensor}, {module path: r_K}). A module with nothing kept gets
+    rank 1 with zero A and B (PEFT's LoRA has no rank 0); its update is exactly zero, as the AdaLoRA one."""
+    scaling = adalora_scaling(lora_alpha, params.init_r)
+    state, ranks = {}, {}
+    for m, a, e, b, keep in zip(params.modules, params.A, params.E, params.B, kept):
+        r = int(keep.sum())
+        if r == 0:
+            a_out, b_out = np.zeros((1, m.in_features), np.float32), np.zeros((m.out_features, 1), np.float32)
+        else:
+            fold = np.float32(scaling / (lora_alpha / r))
+            a_out = a[keep].copy()
+            b_out = (b[:, keep] * (e[keep, 0] * fold)[None, :]).astype(np.float32)
+        state[lora_key(m.layer, m.target, "A")] = np.ascontiguousarray(a_out)
+        state[lora_key(m.layer, m.target, "B")] = np.ascontiguousarray(b_out)
+        ranks[module_path(m.layer, m.target)] = max(r, 1)
+    return state, ranks
