@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.atomic import atomic_write_bytes
-from engine.lora import adalora
+from engine.lora import adalora, peft_write
+from engine.lora.config import LoraConfig
 from engine.lora.peft_read import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from engine.lora.peft_write import CARD_NAME, PEFT_FORMAT_VERSION, check_finite
 from engine.model.hf_names import module_path
 
 
@@ -41,7 +41,7 @@ def adalora_config(settings: adalora.AdaLoraSettings, lora_alpha: float, targets
         "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
         "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
         "modules_to_save": None, "monteclora_config": None, "orth_reg_weight": settings.orth_reg_weight,
-        "peft_type": "ADALORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": 8,
+        "peft_type": "ADALORA", "peft_version": peft_write.PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": 8,
         "rank_pattern": rank_pattern, "revision": None, "target_modules": list(targets), "target_parameters": None,
         "target_r": settings.target_r, "task_type": "CAUSAL_LM", "tfinal": settings.tfinal, "tinit": settings.tinit,
         "total_step": settings.total_step, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
@@ -80,7 +80,7 @@ def export_adalora_adapter(folder: str | Path, params: adalora.AdaLoraParams, ke
 
     folder = Path(folder)
     tensors = adalora_tensors(params, kept)
-    check_finite(tensors)
+    peft_write.check_finite(tensors)
     pattern = None if kept is None else {adalora.rank_pattern_key(m.layer, m.target): [bool(k) for k in row]
                                          for m, row in zip(params.modules, kept)}
     kept_ranks = np.full(len(params.modules), params.init_r) if kept is None else kept.sum(axis=1)
@@ -89,8 +89,31 @@ def export_adalora_adapter(folder: str | Path, params: adalora.AdaLoraParams, ke
         ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}),
         ADAPTER_CONFIG: (json.dumps(adalora_config(settings, lora_alpha, targets, base_model, pattern), indent=2)
                          + "\n").encode(),
-        CARD_NAME: adalora_card(settings, lora_alpha, targets, base_model, ranks, summary).encode(),
+        peft_write.CARD_NAME: adalora_card(settings, lora_alpha, targets, base_model, ranks, summary).encode(),
     }
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
+    return folder
+
+
+def export_rank_pattern_lora(folder: str | Path, state: dict[str, np.ndarray], rank_pattern: dict[str, int],
+                             lora: LoraConfig, base_model: str, summary: dict | None = None) -> Path:
+    """An ordinary PEFT LoRA adapter whose modules have their own ranks (adapter_config.json's rank_pattern,
+    {module path: rank}; `lora.rank` is the default no module falls back to here since every module is listed),
+    e.g. adalora.fold_to_lora's output. The writer of engine.lora.peft_write with the pattern added."""
+    from safetensors.numpy import save
+
+    peft_write.check_finite(state)
+    config = {**peft_write.peft_config(lora, base_model), "rank_pattern": dict(rank_pattern)}
+    card = peft_write.model_card(lora, base_model, {**(summary or {}), "ranks per module": ", ".join(
+        f"{name} {rank}" for name, rank in rank_pattern.items())})
+    files = {
+        ADAPTER_WEIGHTS: save({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+                              metadata={"format": "pt"}),
+        ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+        peft_write.CARD_NAME: card.encode(),
+    }
+    folder = Path(folder)
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
     return folder

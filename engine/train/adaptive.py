@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from engine.backends.base import (
 )
 from engine.backends.optimizers import clip_scale, global_grad_norm, make_host_optimizer
 from engine.lora import adalora
+from engine.lora.adalora_write import export_adalora_adapter, export_rank_pattern_lora
 from engine.lora.config import LoraConfig, peft_key
 
 STATE_PREFIX = "adalora."          # optimizer_state() keys of the AdaLoRA arrays; the rest is the host optimizer's
@@ -160,3 +162,31 @@ class AdaptiveRankBackend(TrainingBackend):
     def close(self) -> None:
         self.inner.close()
 
+
+
+FOLDED_DIR = "lora-rank-pattern"   # under the run's folder: the ordinary per-module-rank LoRA of the AdaLoRA run
+
+
+def folded_lora(backend: AdaptiveRankBackend, before_update: bool = False
+                ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The run's AdaLoRA adapter as an ordinary LoRA (PEFT names) and its rank per module path, as PEFT's LoRA
+    rank_pattern takes it: the kept triplets folded into A and B (engine.lora.adalora.fold_to_lora)."""
+    params = backend.params_before_update() if before_update else backend.params
+    return adalora.fold_to_lora(params, backend.allocator.kept, backend.lora.alpha, peft_key)
+
+
+def export_adaptive(folder: str | Path, backend: AdaptiveRankBackend, base_model: str, card: dict,
+                    before_update: bool = False) -> Path:
+    """Write the AdaLoRA adapter into `folder` (PEFT's AdaLoraModel.save_pretrained layout) and the folded
+    per-module-rank LoRA into folder/FOLDED_DIR (what the GGUF export and llama.cpp take)."""
+    params = backend.params_before_update() if before_update else backend.params
+    ranks = backend.allocator.ranks()
+    card = {**card, "final ranks": f"{int(ranks.sum())} in all over {len(ranks)} projections "
+                                   f"(target {backend.settings.target_r * len(ranks)})"}
+    export_adalora_adapter(folder, params, backend.kept(), backend.settings, backend.lora.alpha,
+                           backend.lora.targets, base_model, card)
+    state, rank_pattern = folded_lora(backend, before_update)
+    folded = Path(folder) / FOLDED_DIR
+    folded.mkdir(exist_ok=True)
+    export_rank_pattern_lora(folded, state, rank_pattern, backend.lora, base_model, card)
+    return Path(folder)

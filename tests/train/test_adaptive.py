@@ -2,6 +2,8 @@
 batches, torch AdamW, a schedule that crosses tinit and several budget steps into the final phase."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,131 @@ def test_wgsl_backend_matches_peft_adalora(tiny_llama_dir, gpu_device):
         return WgpuBackend(model_dir, lora, optim, 2, 9, ctx=gpu_device)
 
     _check(*_run_both(tiny_llama_dir, make))
+
+
+# -- the trainer's AdaLoRA run: events, adapters, resume -------------------------------------------------------------
+
+def _cpu_factory(model_dir):
+    from engine.backends.onnx import OnnxBackend
+
+    def factory(lora, optim, batch_size, seq_len, seed=0, init_state=None, memory=None):
+        return OnnxBackend(model_dir, lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, threads=1)
+    return factory
+
+
+def _config(**kw):
+    from engine.train.config import TrainConfig
+
+    base = dict(lora=LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, targets=TARGETS), batch_size=2, seq_len=9,
+                lr=LR, schedule="constant", max_grad_norm=CLIP, optim=OptimizerConfig(weight_decay=DECAY),
+                max_steps=SETTINGS.total_step, adaptive_rank=replace(SETTINGS, total_step=0), seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _trainer(model_dir, out, cfg, batches, resume=None, stop_at=None):
+    from engine.train.data import ArrayBatches
+    from engine.train.trainer import Trainer
+    from tests.train_helpers import Recorder
+
+    rec = Recorder()
+    trainer = Trainer(cfg, _cpu_factory(model_dir), ArrayBatches(batches, shuffle=False), out,
+                      base_model=str(model_dir), callback=rec, resume=resume)
+    if stop_at is not None:
+        rec.on_step = lambda e: (rec.steps.append(e), e.step == stop_at and trainer.stop())
+    return trainer, rec
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+def test_trainer_run_matches_peft_and_writes_adapters_peft_loads(tiny_llama_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.lora.adalora import init_adalora_params
+
+    spec = load_model_spec(tiny_llama_dir)
+    batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in (50, 51, 52)]
+    trainer, rec = _trainer(tiny_llama_dir, tmp_path / "run", _config(), batches)
+    summary = trainer.run()
+    assert trainer.config.adaptive_rank.total_step == SETTINGS.total_step     # 0: the run's length
+    start = init_adalora_params(spec, TARGETS, SETTINGS.init_r, seed=3)
+    model = peft_adalora_model(tiny_llama_dir, SETTINGS, ALPHA, TARGETS, start.peft_tensors())
+    losses, patterns = peft_adalora_run(model, batches, LR, SETTINGS.total_step, start.modules, CLIP, DECAY)
+    np.testing.assert_allclose([e.loss for e in rec.steps], losses, rtol=1e-3)
+    assert [tuple(np.ravel(e.rank_map)) for e in rec.steps[SETTINGS.tinit:]] == \
+        [tuple(p.sum(axis=1)) for p in patterns[SETTINGS.tinit:]]
+    assert summary.losses == [e.loss for e in rec.steps]
+
+    # The AdaLoRA adapter: PEFT loads it (truncated by its rank_pattern) and computes what the run's backend does.
+    ids = batches[0][0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "run").eval()
+    assert loaded.peft_config["default"].peft_type == "ADALORA"
+    ours = _logits(loaded, ids)
+    with _cpu_factory(tiny_llama_dir)(backend_lora(_config().lora, SETTINGS), OptimizerConfig(), 2, 9,
+                                      init_state=summary.lora_state) as backend:
+        np.testing.assert_allclose(ours, backend.logits(ids), rtol=1e-4, atol=1e-4)
+    # ... and its files are what PEFT's save_pretrained writes for the same triplets and pattern.
+    model.save_pretrained(tmp_path / "peft")
+    _same_files_as_peft(tmp_path / "run", tmp_path / "peft", patterns[-1])
+    # The folded per-module-rank LoRA gives PEFT the same logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
+    folded = PeftModel.from_pretrained(base, tmp_path / "run" / "lora-rank-pattern").eval()
+    assert folded.peft_config["default"].peft_type == "LORA"
+    np.testing.assert_allclose(_logits(folded, ids), ours, rtol=1e-4, atol=1e-4)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "## Final ranks" in card and "model.layers.1.mlp.down_proj: " in card
+
+
+def _same_files_as_peft(ours, theirs, pattern):
+    import json
+
+    from safetensors.numpy import load_file
+
+    a, b = (json.loads((d / "adapter_config.json").read_text()) for d in (ours, theirs))
+    for d in (a, b):
+        d["target_modules"] = sorted(d["target_modules"])
+        d.pop("base_model_name_or_path")
+    assert a == b
+    t_ours, t_theirs = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in t_ours.items()} == {k: v.shape for k, v in t_theirs.items()}
+    assert sum(v.shape[0] for k, v in t_ours.items() if k.endswith("lora_E")) == int(pattern.sum())
+
+
+def test_resume_mid_schedule_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    from engine.train.checkpoint import load_checkpoint
+
+    spec = load_model_spec(tiny_llama_dir)
+    batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in (60, 61, 62)]
+    cfg = _config(save_every=3, keep_checkpoints=5)
+    full_trainer, full = _trainer(tiny_llama_dir, tmp_path / "full", cfg, batches)
+    full_trainer.run()
+    expected = full_trainer.backend.params.flat.copy()
+    cut_trainer, _ = _trainer(tiny_llama_dir, tmp_path / "cut", cfg, batches, stop_at=4)
+    stopped = cut_trainer.run()
+    assert stopped.stopped and stopped.steps in (4, 5)     # a step in flight when stop() came finishes too
+    # Step 4 is inside the budget phase (tinit 2, total 8, tfinal 2): EMAs and the pattern must come back.
+    resumed_trainer, resumed = _trainer(tiny_llama_dir, tmp_path / "cut", cfg, batches,
+                                        resume=load_checkpoint(stopped.checkpoint, spec))
+    resumed_trainer.run()
+    np.testing.assert_allclose(resumed_trainer.backend.params.flat, expected, rtol=0, atol=1e-6)
+    assert [e.rank_map for e in resumed.steps] == [e.rank_map for e in full.steps[stopped.steps:]]
+    np.testing.assert_allclose([e.loss for e in resumed.steps], [e.loss for e in full.steps[stopped.steps:]],
+                               rtol=1e-6)
+
+
+def test_adaptive_rank_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="adaptive rank.*objective dpo"):
+        _config(objective="dpo")
+    with pytest.raises(ValueError, match="adaptive rank.*dropout 0.1"):
+        _config(lora=LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, dropout=0.1))
+    with pytest.raises(ValueError, match="adaptive rank.*rsLoRA"):
+        _config(lora=LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, use_rslora=True))
+    with pytest.raises(ValueError, match="LoRA rank 16 differs from init_r 4"):
+        _config(lora=LoraConfig(rank=16))
