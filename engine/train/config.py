@@ -80,7 +80,7 @@ class TrainConfig:
         refused by name rather than approximated."""
         a = self.adaptive_rank
         if not isinstance(a, AdaLoraSettings):
-            raise ValueError(f"adaptive_rank must be AdaLoraSettings or None, got {type(a).__name__}")
+            raise TypeError(f"adaptive_rank must be AdaLoraSettings or None, got {type(a).__name__}")
         if self.objective != "sft":
             raise ValueError(f"adaptive rank (AdaLoRA) with objective {self.objective}: not implemented (the "
                              "preference step has no AdaLoRA path); train with objective sft or without adaptive rank")

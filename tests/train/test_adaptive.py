@@ -91,9 +91,9 @@ def _cpu_factory(model_dir):
 def _config(**kw):
     from engine.train.config import TrainConfig
 
-    base = dict(lora=LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, targets=TARGETS), batch_size=2, seq_len=9,
-                lr=LR, schedule="constant", max_grad_norm=CLIP, optim=OptimizerConfig(weight_decay=DECAY),
-                max_steps=SETTINGS.total_step, adaptive_rank=replace(SETTINGS, total_step=0), seed=3)
+    base = {"lora": LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, targets=TARGETS), "batch_size": 2, "seq_len": 9,
+            "lr": LR, "schedule": "constant", "max_grad_norm": CLIP, "optim": OptimizerConfig(weight_decay=DECAY),
+            "max_steps": SETTINGS.total_step, "adaptive_rank": replace(SETTINGS, total_step=0), "seed": 3}
     return TrainConfig(**{**base, **kw})
 
 
