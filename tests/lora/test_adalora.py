@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.lora import adalora
-from engine.lora.adalora import AdaLoraSettings, RankAllocator, budget_schedule, init_adalora_params
+from engine.lora.adalora import AdaLoraSettings, RankAllocator, budget_schedule
 from engine.lora.config import peft_key
 from engine.model.spec import load_model_spec
 from tests.adalora_oracle import peft_adalora_model, peft_kept
@@ -38,7 +38,7 @@ def test_allocator_emas_and_masks_are_peft_s(tiny_llama_dir):
 
     spec = load_model_spec(tiny_llama_dir)
     settings = AdaLoraSettings(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=9)
-    ours = init_adalora_params(spec, TARGETS, settings.init_r, seed=1)
+    ours = adalora.init_adalora_params(spec, TARGETS, settings.init_r, seed=1)
     rng = np.random.default_rng(7)
     ours.flat[...] = rng.standard_normal(ours.flat.size).astype(np.float32)
     model = peft_adalora_model(tiny_llama_dir, settings, 8.0, TARGETS, ours.peft_tensors())
@@ -74,7 +74,7 @@ def test_orth_regulariser_and_its_gradient_are_autograd_s(tiny_llama_dir):
     import torch
 
     spec = load_model_spec(tiny_llama_dir)
-    params = init_adalora_params(spec, TARGETS, 3, seed=2)
+    params = adalora.init_adalora_params(spec, TARGETS, 3, seed=2)
     params.flat[...] *= np.float32(20.0)               # far from orthogonal, so every term counts
     grads = params.like(np.zeros_like(params.flat))
     value = adalora.orth_regulariser(params, 0.7, grads)
@@ -98,7 +98,7 @@ def test_chain_rule_through_the_effective_lora(tiny_llama_dir):
     import torch
 
     spec = load_model_spec(tiny_llama_dir)
-    params = init_adalora_params(spec, TARGETS, 3, seed=4)
+    params = adalora.init_adalora_params(spec, TARGETS, 3, seed=4)
     rng = np.random.default_rng(3)
     params.flat[...] = rng.standard_normal(params.flat.size).astype(np.float32)
     c = adalora.adalora_scaling(8.0, 3) / (8.0 / 3)
@@ -116,11 +116,11 @@ def test_chain_rule_through_the_effective_lora(tiny_llama_dir):
 
 def test_init_is_peft_s_distribution_and_settings_round_trip(tiny_llama_dir):
     spec = load_model_spec(tiny_llama_dir)
-    params = init_adalora_params(spec, TARGETS, 6, seed=0)
+    params = adalora.init_adalora_params(spec, TARGETS, 6, seed=0)
     assert not any(e.any() for e in params.E)
     values = np.concatenate([x.ravel() for x in params.A + params.B])
     assert abs(values.std() - 0.02) < 0.002 and abs(values.mean()) < 0.002
-    assert np.array_equal(init_adalora_params(spec, TARGETS, 6, seed=0).flat, params.flat)
+    assert np.array_equal(adalora.init_adalora_params(spec, TARGETS, 6, seed=0).flat, params.flat)
     settings = AdaLoraSettings(init_r=6, target_r=3, total_step=10)
     assert AdaLoraSettings(**settings.to_dict()) == settings
     with pytest.raises(ValueError, match="total_step is 0"):
