@@ -19,6 +19,19 @@ from engine.train.config import TrainConfig
 from engine.train.trainer import TrainerCallback, TrainingError
 
 
+# --adaptive-rank's settings: (option, AdaLoraSettings field, type, help).
+ADAPTIVE_OPTIONS = (
+    ("--init-rank", "init_r", int, "rank every projection starts with"),
+    ("--target-rank", "target_r", int, "average rank per projection at the end"),
+    ("--tinit", "tinit", int, "steps before pruning starts"),
+    ("--tfinal", "tfinal", int, "last steps trained with the final ranks fixed"),
+    ("--delta-t", "deltaT", int, "steps between budget allocations"),
+    ("--orth-reg-weight", "orth_reg_weight", float, "weight of the orthogonality regulariser"),
+    ("--ipt-beta1", "beta1", float, "EMA factor of the importance (sensitivity)"),
+    ("--ipt-beta2", "beta2", float, "EMA factor of the importance's uncertainty"),
+)
+
+
 def register(subparsers):
     p = subparsers.add_parser("train", help="train a LoRA adapter on your data",
                               description="Train a LoRA adapter and write it, in PEFT's layout, to --out "
@@ -52,15 +65,7 @@ def add_training_options(p, out_help: str) -> None:
                           "are pruned toward an average --target-rank; writes a PEFT AdaLoRA adapter and, in "
                           "lora-rank-pattern/, the same as an ordinary LoRA with per-module ranks")
     defaults = AdaLoraSettings()
-    for option, name, kind, text in (
-            ("--init-rank", "init_r", int, "rank every projection starts with"),
-            ("--target-rank", "target_r", int, "average rank per projection at the end"),
-            ("--tinit", "tinit", int, "steps before pruning starts"),
-            ("--tfinal", "tfinal", int, "last steps trained with the final ranks fixed"),
-            ("--delta-t", "deltaT", int, "steps between budget allocations"),
-            ("--orth-reg-weight", "orth_reg_weight", float, "weight of the orthogonality regulariser"),
-            ("--ipt-beta1", "beta1", float, "EMA factor of the importance (sensitivity)"),
-            ("--ipt-beta2", "beta2", float, "EMA factor of the importance's uncertainty")):
+    for option, name, kind, text in ADAPTIVE_OPTIONS:
         ada.add_argument(option, dest=f"ada_{name}", type=kind, default=None,
                          help=f"{text} (default {getattr(defaults, name)}; needs --adaptive-rank)")
     run = p.add_argument_group("training")
@@ -127,7 +132,8 @@ def adaptive_from_args(args) -> AdaLoraSettings | None:
              if name.startswith("ada_") and value is not None}
     if not getattr(args, "adaptive_rank", False):
         if given:
-            raise UserError(f"{', '.join(sorted(given))}: these settings are AdaLoRA's; add --adaptive-rank")
+            options = [option for option, name, _, _ in ADAPTIVE_OPTIONS if name in given]
+            raise UserError(f"{', '.join(options)}: these settings are AdaLoRA's; add --adaptive-rank")
         return None
     if getattr(args, "init_adapter", None):
         raise UserError("--adaptive-rank starts its own SVD-shaped adapter; --init-adapter (a LoRA to continue) "
