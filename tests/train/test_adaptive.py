@@ -204,3 +204,40 @@ def test_adaptive_rank_refuses_what_it_does_not_compute():
         _config(lora=LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, use_rslora=True))
     with pytest.raises(ValueError, match="LoRA rank 16 differs from init_r 4"):
         _config(lora=LoraConfig(rank=16))
+
+
+def test_non_finite_steps_keep_the_last_good_adalora_adapter(tiny_model_dirs, tmp_path):
+    """Poisoned tokens from step 3 on: steps 3-5 are skipped (the allocator untouched), the run stops, and the
+    AdaLoRA adapter written is the one from before step 2's update (after step 1), as for plain LoRA."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from engine.lora.adalora import AdaLoraParams, adalora_modules
+    from engine.train.checkpoint import load_checkpoint
+    from engine.train.trainer import NonFiniteError
+
+    folder = tmp_path / "poisoned"
+    shutil.copytree(tiny_model_dirs["qwen2"], folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][3] = np.inf
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    spec = load_model_spec(folder)
+    batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in range(70, 75)]
+    for ids, _ in batches[2:]:
+        ids[0, 4] = 3
+    cfg = _config(max_steps=5, save_every=1, keep_checkpoints=10,
+                  adaptive_rank=AdaLoraSettings(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=5))
+    trainer, rec = _trainer(folder, tmp_path / "out", cfg, batches)
+    with pytest.raises(NonFiniteError, match=r"steps 3, 4, 5 in a row.*after step 1"):
+        trainer.run()
+    assert [e.skipped for e in rec.steps] == [False, False, True, True, True]
+    assert rec.steps[-1].rank_map == rec.steps[1].rank_map       # skipped steps allocate nothing
+    after_one = load_checkpoint(tmp_path / "out" / "checkpoints" / "checkpoint-00000001", spec)
+    params = AdaLoraParams(adalora_modules(spec, TARGETS), 4, after_one.optimizer_state["adalora.params"])
+    kept = trainer.backend.kept()
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for i, m in enumerate(params.modules):
+        prefix = f"base_model.model.model.layers.{m.layer}.{'self_attn' if m.target != 'down_proj' else 'mlp'}"
+        np.testing.assert_array_equal(saved[f"{prefix}.{m.target}.lora_A"], params.A[i][kept[i]])
+        np.testing.assert_array_equal(saved[f"{prefix}.{m.target}.lora_B"], params.B[i][:, kept[i]])
