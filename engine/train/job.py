@@ -111,6 +111,9 @@ def export_job(config: TrainConfig, inputs: RunInputs, out_dir: str | Path, copy
     if config.objective != "sft":   # the job's script is a supervised (cross-entropy) training loop
         raise ValueError(f"export-job writes supervised runs only; objective {config.objective} is trained by "
                          "`lora-lab train --objective ...` here")
+    if config.adaptive_rank is not None:    # the job's script trains plain PEFT LoRA
+        raise ValueError("export-job writes plain LoRA runs only; adaptive rank (AdaLoRA) is trained by "
+                         "`lora-lab train --adaptive-rank` here")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty; choose a new folder for the job (or overwrite it)")

@@ -50,3 +50,11 @@ def test_adaptive_rank_refusals_end_with_one_line(tiny_llama_dir, corpus_file, t
                  "--backend", "cpu", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("lora-lab train: error:")
+
+
+def test_export_job_refuses_adaptive_rank(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    """The job's script trains plain PEFT LoRA: an AdaLoRA run is refused by name, not exported as LoRA."""
+    assert main(["export-job", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--seq-len", "24",
+                 "--out", str(tmp_path / "job"), *ADAPTIVE]) == 2
+    assert "export-job writes plain LoRA runs only; adaptive rank (AdaLoRA)" in capsys.readouterr().err
+    assert not (tmp_path / "job").exists()
