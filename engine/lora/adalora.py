@@ -129,7 +129,8 @@ class AdaLoraParams:
             for which, view in zip("AEB", views):
                 key = adalora_key(m.layer, m.target, which)
                 if key not in tensors:
-                    raise ValueError(f"AdaLoRA state lacks {key}")
+                    raise ValueError(f"the AdaLoRA starting state lacks {key}: an AdaLoRA run starts from its own "
+                                     "A, E, B (PEFT's AdaLoRA names), not from an ordinary LoRA adapter")
                 value = np.asarray(tensors[key], np.float32)
                 if value.shape != view.shape:
                     raise ValueError(f"AdaLoRA tensor {key} has shape {list(value.shape)}; expected {list(view.shape)}")
@@ -218,6 +219,7 @@ class RankAllocator:
         self.init_bgt, self.target_bgt = n * params.init_r, n * settings.target_r
         self.exp_avg_ipt = np.zeros_like(params.flat)
         self.exp_avg_unc = np.zeros_like(params.flat)
+        self._ipt, self._scratch = np.empty_like(params.flat), np.empty_like(params.flat)
         self.kept = np.ones((n, params.init_r), bool)
         self.has_pattern = False
         self.final = False
@@ -242,11 +244,20 @@ class RankAllocator:
             self._apply_pattern()
 
     def _update_ipt(self, grads: np.ndarray) -> None:
+        """PEFT's update_ipt, in place (the same float32 operations in the same order, no temporaries the size of
+        the parameters beyond two): ipt = |p·g|; ema = b1·ema + (1−b1)·ipt; unc = b2·unc + (1−b2)·|ipt − ema|."""
         b1, b2 = self.settings.beta1, self.settings.beta2
-        ipt = np.abs(self.params.flat * grads)
-        self.exp_avg_ipt[...] = np.float32(b1) * self.exp_avg_ipt + np.float32(1 - b1) * ipt
-        self.exp_avg_unc[...] = (np.float32(b2) * self.exp_avg_unc
-                                 + np.float32(1 - b2) * np.abs(ipt - self.exp_avg_ipt))
+        ipt, scratch = self._ipt, self._scratch
+        np.multiply(self.params.flat, grads, out=ipt)
+        np.abs(ipt, out=ipt)
+        np.multiply(ipt, np.float32(1 - b1), out=scratch)
+        self.exp_avg_ipt *= np.float32(b1)
+        self.exp_avg_ipt += scratch
+        np.subtract(ipt, self.exp_avg_ipt, out=scratch)
+        np.abs(scratch, out=scratch)
+        scratch *= np.float32(1 - b2)
+        self.exp_avg_unc *= np.float32(b2)
+        self.exp_avg_unc += scratch
 
     def triplet_scores(self) -> np.ndarray:
         """[modules, init_r]: s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = exp_avg_ipt · exp_avg_unc."""

@@ -64,13 +64,15 @@ class AdaptiveRankBackend(TrainingBackend):
             self.params.load_peft_tensors(init)
         self.grads = self.params.like(np.zeros_like(self.params.flat))
         self.previous = self.params.flat.copy()         # A, E, B before the last applied update
+        self._step_grads = np.empty_like(self.params.flat)
         self.c = adalora.adalora_scaling(backend.lora.alpha, settings.init_r) / backend.lora.scaling
         self.allocator = adalora.RankAllocator(settings, self.params)
         self.optimizer = make_host_optimizer(optim, self.params.flat.size)
         self.step_number = 0                             # steps attempted (the allocator's global_step)
-        # What the host holds besides the backend: A, E, B, their gradients and previous copy, the two EMAs, the
-        # optimizer's moments (sized once, above) and the step's gradient scratch.
-        self._host_bytes = self.params.flat.nbytes * 6 + sum(v.nbytes for v in self.optimizer.state().values())
+        # What the host holds besides the backend, each the size of A, E, B: the parameters, their gradients, the
+        # previous copy, the optimizer's gradient scratch, the allocator's two EMAs and two scratch vectors; plus
+        # the optimizer's state (sized once, above).
+        self._host_bytes = self.params.flat.nbytes * 8 + sum(v.nbytes for v in self.optimizer.state().values())
         self._push()
 
     @property
@@ -111,8 +113,8 @@ class AdaptiveRankBackend(TrainingBackend):
         scale = clip_scale(norm, max_grad_norm)
         if scale != 1.0:
             self.grads.flat *= np.float32(scale)       # the allocator scores with the clipped gradients
-        step_grads = self.grads.flat.copy()             # the optimizer uses its gradient vector as scratch
-        self.optimizer.step_flat(self.params.flat, step_grads, lr)
+        np.copyto(self._step_grads, self.grads.flat)    # the optimizer scales its gradient vector in place
+        self.optimizer.step_flat(self.params.flat, self._step_grads, lr)
         self.allocator.update_and_allocate(self.step_number, self.grads.flat)
         self._push()
         return PendingStep.done(AdaptiveStepResult(self.optimizer.step_count, loss, tokens, norm, False,
