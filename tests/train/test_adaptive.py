@@ -69,13 +69,14 @@ def test_cpu_backend_matches_peft_adalora(tiny_model_dirs, arch):
 
 
 @pytest.mark.gpu
-def test_wgsl_backend_matches_peft_adalora(tiny_llama_dir, gpu_device):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_wgsl_backend_matches_peft_adalora(tiny_model_dirs, arch, gpu_device):
     from engine.backends.wgpu.backend import WgpuBackend
 
     def make(model_dir, lora, optim):
         return WgpuBackend(model_dir, lora, optim, 2, 9, ctx=gpu_device)
 
-    _check(*_run_both(tiny_llama_dir, make))
+    _check(*_run_both(tiny_model_dirs[arch], make))
 
 
 # -- the trainer's AdaLoRA run: events, adapters, resume -------------------------------------------------------------
