@@ -7,8 +7,9 @@ Kinds, each on its own backend, interleaved over `--rounds` rounds so a noisy (s
                clip, host AdamW, importance EMAs, top-k masking, and the A_eff/B upload, all on the host;
   lora_target  plain LoRA of r = target_r (the budget AdaLoRA ends with);
   lora_init    plain LoRA of r = init_r (the budget AdaLoRA starts with, the rank its backend runs);
-  grads_init   the LoRA-of-init_r backend's `gradients` alone (forward + backward + read-back, no update): the
-               AdaLoRA step minus this is the host's share.
+  grads_init   the LoRA-of-init_r backend's `gradients` alone (forward + backward + read-back, no update);
+  host         the AdaLoRA step's host part alone (AdaptiveRankBackend.apply_gradients on saved gradients: chain
+               rule, regulariser, clip, AdamW, EMAs, masking, and the A_eff/B upload to the device).
 Prints one JSON object: machine, versions, shapes, per backend the medians and the ratios adalora/lora_target and
 adalora/lora_init.
     python bench/adalora_step.py [--steps 3] [--rounds 2] [--batch-size 4] [--seq-len 256] [--init-r 12]
@@ -36,7 +37,7 @@ from engine.lora.adalora import AdaLoraSettings  # noqa: E402
 from engine.lora.config import LoraConfig  # noqa: E402
 from engine.train.adaptive import AdaptiveRankBackend  # noqa: E402
 
-KINDS = ("adalora", "lora_target", "lora_init", "grads_init")
+KINDS = ("adalora", "lora_target", "lora_init", "grads_init", "host")
 ALPHA = 32.0
 
 
@@ -67,6 +68,8 @@ def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
     }
     steps = {k: (lambda b=b: b.train_step(data, 1e-4, 1.0).result()) for k, b in backends.items()}
     steps["grads_init"] = lambda: backends["lora_init"].gradients(data)
+    answer = backends["adalora"].inner.gradients(data)
+    steps["host"] = lambda: backends["adalora"].apply_gradients(float(answer[0]), 1, answer[-1], 1e-4, 1.0).result()
     times = {k: [] for k in KINDS}
     try:
         for k in KINDS:
@@ -88,7 +91,7 @@ def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
             "s_per_step_all": {k: [round(t, 4) for t in v] for k, v in times.items()},
             "ratio_adalora_over_lora_target": median["adalora"] / median["lora_target"],
             "ratio_adalora_over_lora_init": median["adalora"] / median["lora_init"],
-            "host_share_s": median["adalora"] - median["grads_init"], "adalora_total_rank_at_end": ranks}
+            "host_share_of_adalora": median["host"] / median["adalora"], "adalora_total_rank_at_end": ranks}
 
 
 def main() -> None:

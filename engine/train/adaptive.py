@@ -97,12 +97,16 @@ class AdaptiveRankBackend(TrainingBackend):
     # -- the step ---------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
-        self.step_number += 1
         # The CPU backend answers (loss, tokens, grads), the WGSL one (loss, grads): the loss and grads are the
         # first and last; tokens are counted here for both.
         answer = self.inner.gradients(micro_batches)
-        ce, lora_grads = float(answer[0]), answer[-1]
         tokens = sum(counted_tokens(labels) for _, labels in micro_batches)
+        return self.apply_gradients(float(answer[0]), tokens, answer[-1], lr, max_grad_norm)
+
+    def apply_gradients(self, ce: float, tokens: int, lora_grads: dict[str, np.ndarray], lr: float,
+                        max_grad_norm: float) -> PendingStep:
+        """The host's part of a step, from the backend's mean cross-entropy and its gradients of A_eff and B."""
+        self.step_number += 1
         adalora.chain_gradients(self.params, self.grads, self.c, lora_grads, peft_key)
         loss = ce + adalora.orth_regulariser(self.params, self.settings.orth_reg_weight, self.grads)
         norm = global_grad_norm([self.grads.flat]) if np.isfinite(loss) else float("nan")
