@@ -89,26 +89,47 @@ def adalora_modules(spec: ModelSpec, targets: tuple[str, ...]) -> list[AdaLoraMo
             for layer in range(spec.layers) for target in targets]
 
 
+@dataclass(frozen=True)
+class AdaLoraGroup:
+    """The modules of one target, stacked over layers: batched matmuls instead of one call per module."""
+    target: str
+    index: list[int]          # positions in AdaLoraParams.modules, layer order
+    A: np.ndarray             # [n, r, in]
+    E: np.ndarray             # [n, r, 1]
+    B: np.ndarray             # [n, out, r]
+
+
 class AdaLoraParams:
-    """Every triplet of a run in one flat float32 vector (per module A, E, B), so the host optimizer updates
-    them in one call and a checkpoint stores them as one array; `A[i]`, `E[i]`, `B[i]` are views into it."""
+    """Every triplet of a run in one flat float32 vector, so the host optimizer updates them in one call and a
+    checkpoint stores them as one array. Laid out target by target (A of every layer, then E, then B), so each
+    target's stack is a view (`groups`); `A[i]`, `E[i]`, `B[i]` are module i's views, modules layer-major."""
 
     def __init__(self, modules: list[AdaLoraModule], init_r: int, flat: np.ndarray | None = None):
         self.modules, self.init_r = modules, init_r
-        shapes = [s for m in modules for s in ((init_r, m.in_features), (init_r, 1), (m.out_features, init_r))]
-        size = sum(a * b for a, b in shapes)
+        targets = list(dict.fromkeys(m.target for m in modules))
+        index = {t: [i for i, m in enumerate(modules) if m.target == t] for t in targets}
+        shapes = {t: ((len(index[t]), init_r, modules[index[t][0]].in_features), (len(index[t]), init_r, 1),
+                      (len(index[t]), modules[index[t][0]].out_features, init_r)) for t in targets}
+        size = sum(int(np.prod(shape)) for t in targets for shape in shapes[t])
         if flat is None:
             flat = np.zeros(size, np.float32)
         if flat.dtype != np.float32 or flat.shape != (size,):
             raise ValueError(f"AdaLoRA parameters: expected float32 [{size}], got {flat.dtype}{list(flat.shape)}")
         self.flat = flat
-        views, offset = [], 0
-        for a, b in shapes:
-            views.append(flat[offset:offset + a * b].reshape(a, b))
-            offset += a * b
-        self.A: list[np.ndarray] = views[0::3]     # [r, in] each
-        self.E: list[np.ndarray] = views[1::3]     # [r, 1]
-        self.B: list[np.ndarray] = views[2::3]     # [out, r]
+        self.groups: list[AdaLoraGroup] = []
+        offset = 0
+        for t in targets:
+            views = []
+            for shape in shapes[t]:
+                views.append(flat[offset:offset + int(np.prod(shape))].reshape(shape))
+                offset += int(np.prod(shape))
+            self.groups.append(AdaLoraGroup(t, index[t], *views))
+        self.A: list[np.ndarray] = [None] * len(modules)     # [r, in] each
+        self.E: list[np.ndarray] = [None] * len(modules)     # [r, 1]
+        self.B: list[np.ndarray] = [None] * len(modules)     # [out, r]
+        for g in self.groups:
+            for j, i in enumerate(g.index):
+                self.A[i], self.E[i], self.B[i] = g.A[j], g.E[j], g.B[j]
 
     def like(self, flat: np.ndarray) -> AdaLoraParams:
         """The same layout over another vector (gradients, EMAs)."""
@@ -148,11 +169,15 @@ def init_adalora_params(spec: ModelSpec, targets: tuple[str, ...], init_r: int, 
 
 
 def effective_lora(params: AdaLoraParams, c: float, lora_key) -> dict[str, np.ndarray]:
-    """The ordinary LoRA tensors {lora_key(layer, target, "A"|"B"): ...} a backend runs: A_eff = c·(E ⊙ A), B."""
+    """The ordinary LoRA tensors {lora_key(layer, target, "A"|"B"): ...} a backend runs: A_eff = c·(E ⊙ A), B
+    (fresh arrays, not views of the parameters)."""
     out = {}
-    for m, a, e, b in zip(params.modules, params.A, params.E, params.B):
-        out[lora_key(m.layer, m.target, "A")] = (np.float32(c) * (e * a)).astype(np.float32)
-        out[lora_key(m.layer, m.target, "B")] = b.copy()
+    for g in params.groups:
+        a_eff, b = np.float32(c) * (g.E * g.A), g.B.copy()
+        for j, i in enumerate(g.index):
+            m = params.modules[i]
+            out[lora_key(m.layer, m.target, "A")] = a_eff[j]
+            out[lora_key(m.layer, m.target, "B")] = b[j]
     return out
 
 
@@ -161,11 +186,13 @@ def chain_gradients(params: AdaLoraParams, grads: AdaLoraParams, c: float, lora_
     """Into `grads`: ∂L/∂A, ∂L/∂E, ∂L/∂B from a backend's ∂L/∂A_eff, ∂L/∂B (A_eff = c·E ⊙ A, row-wise):
     dA = c·E ⊙ dA_eff, dE_i = c·Σ_j dA_eff_ij·A_ij, dB = dB."""
     c32 = np.float32(c)
-    for i, m in enumerate(params.modules):
-        d_eff = lora_grads[lora_key(m.layer, m.target, "A")]
-        grads.A[i][...] = c32 * (params.E[i] * d_eff)
-        grads.E[i][...] = c32 * np.sum(d_eff * params.A[i], axis=1, keepdims=True)
-        grads.B[i][...] = lora_grads[lora_key(m.layer, m.target, "B")]
+    for g, dg in zip(params.groups, grads.groups):
+        keys = [(params.modules[i].layer, g.target) for i in g.index]
+        d_eff = np.stack([lora_grads[lora_key(layer, target, "A")] for layer, target in keys])   # [n, r, in]
+        np.multiply(c32, g.E * d_eff, out=dg.A)
+        np.multiply(c32, np.sum(d_eff * g.A, axis=2, keepdims=True), out=dg.E)
+        for j, (layer, target) in enumerate(keys):
+            dg.B[j] = lora_grads[lora_key(layer, target, "B")]
 
 
 def orth_regulariser(params: AdaLoraParams, weight: float, grads: AdaLoraParams | None = None) -> float:
@@ -176,16 +203,20 @@ def orth_regulariser(params: AdaLoraParams, weight: float, grads: AdaLoraParams 
     if count == 0:
         return 0.0
     total = 0.0
-    per = np.float32(weight / count)
-    for i in range(len(params.modules)):
-        for mat, is_a in ((params.A[i], True), (params.B[i], False)):
-            cov = mat @ mat.T if is_a else mat.T @ mat
-            cov[np.diag_indices(cov.shape[0])] -= np.float32(1.0)
-            norm = float(np.sqrt(np.vdot(cov, cov)))
-            total += norm
-            if grads is not None and norm > 0:
-                g = (cov @ mat) if is_a else (mat @ cov)
-                (grads.A[i] if is_a else grads.B[i])[...] += (np.float32(2.0 / norm) * per) * g
+    per = weight / count
+    eye = np.eye(params.init_r, dtype=np.float32)
+    for gi, g in enumerate(params.groups):
+        for is_a in (True, False):
+            mat = g.A if is_a else g.B                                   # [n, r, in] or [n, out, r]
+            cov = mat @ mat.transpose(0, 2, 1) if is_a else mat.transpose(0, 2, 1) @ mat
+            cov -= eye                                                   # [n, r, r]
+            norms = np.sqrt(np.einsum("nij,nij->n", cov, cov, dtype=np.float64))
+            total += float(norms.sum())
+            if grads is not None:
+                factor = np.where(norms > 0, 2.0 * per / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+                step = (cov @ mat) if is_a else (mat @ cov)
+                target = grads.groups[gi].A if is_a else grads.groups[gi].B
+                target += factor[:, None, None] * step
     return weight * total / count
 
 
@@ -260,10 +291,12 @@ class RankAllocator:
         self.exp_avg_unc += scratch
 
     def triplet_scores(self) -> np.ndarray:
-        """[modules, init_r]: s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = exp_avg_ipt · exp_avg_unc."""
+        """[modules, init_r]: s(E_i) + (mean_j s(A_ij) + mean_k s(B_ki)), with s = exp_avg_ipt · exp_avg_unc."""
         score = self.params.like(self.exp_avg_ipt * self.exp_avg_unc)
-        return np.stack([e[:, 0] + (a.mean(axis=1) + b.mean(axis=0))
-                         for a, e, b in zip(score.A, score.E, score.B)]) if score.modules else np.zeros((0, 0))
+        out = np.zeros((len(self.params.modules), self.params.init_r), np.float32)
+        for g in score.groups:
+            out[g.index] = g.E[:, :, 0] + (g.A.mean(axis=2) + g.B.mean(axis=1))
+        return out
 
     def _mask_to_budget(self, budget: int) -> None:
         """Zero E of every triplet scoring at or below the (init_bgt − budget)-th smallest score (ties go too).
@@ -279,8 +312,8 @@ class RankAllocator:
         self._apply_pattern()
 
     def _apply_pattern(self) -> None:
-        for e, kept in zip(self.params.E, self.kept):
-            e[~kept] = 0.0
+        for g in self.params.groups:
+            g.E[~self.kept[g.index], 0] = 0.0
 
     def ranks(self) -> np.ndarray:
         """Kept rank per module, int [modules] (init_r everywhere before the first masking)."""
