@@ -17,6 +17,7 @@ optimizer_state() carries the host optimizer and every AdaLoRA array, so a resum
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,9 +51,10 @@ def backend_lora(lora: LoraConfig, settings: adalora.AdaLoraSettings) -> LoraCon
 
 class AdaptiveRankBackend(TrainingBackend):
     def __init__(self, backend: TrainingBackend, settings: adalora.AdaLoraSettings, optim: OptimizerConfig,
-                 seed: int = 0, init: dict[str, np.ndarray] | None = None):
+                 seed: int = 0, init: dict[str, np.ndarray] | None = None, threads: int | None = None):
         """`backend` runs LoRA of rank settings.init_r; `init`: PEFT-named, untruncated AdaLoRA tensors to start
-        from (None: PEFT's initialisation from `seed`)."""
+        from (None: PEFT's initialisation from `seed`); `threads` for the host optimizer (default: up to 4 of the
+        machine's cores; the update is element-wise, so the result does not depend on it)."""
         if backend.lora.rank != settings.init_r:
             raise ValueError(f"adaptive rank: the backend runs LoRA rank {backend.lora.rank}, not init_r "
                              f"{settings.init_r}; build it with engine.train.adaptive.backend_lora")
@@ -67,7 +69,8 @@ class AdaptiveRankBackend(TrainingBackend):
         self._step_grads = np.empty_like(self.params.flat)
         self.c = adalora.adalora_scaling(backend.lora.alpha, settings.init_r) / backend.lora.scaling
         self.allocator = adalora.RankAllocator(settings, self.params)
-        self.optimizer = make_host_optimizer(optim, self.params.flat.size)
+        self.optimizer = make_host_optimizer(optim, self.params.flat.size,
+                                             threads=threads or min(4, os.cpu_count() or 1))
         self.step_number = 0                             # steps attempted (the allocator's global_step)
         # What the host holds besides the backend, each the size of A, E, B: the parameters, their gradients, the
         # previous copy, the optimizer's gradient scratch, the allocator's two EMAs and two scratch vectors; plus
