@@ -10,12 +10,26 @@ import time
 from engine import jsonout
 from engine.errors import UserError
 from engine.backends.base import OPTIMIZERS, OptimizerConfig
+from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
 from engine.model.hf_names import LORA_TARGETS
 from engine.model.weight_formats import WEIGHT_CHOICES
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
 from engine.train.trainer import TrainerCallback, TrainingError
+
+
+# --adaptive-rank's settings: (option, AdaLoraSettings field, type, help).
+ADAPTIVE_OPTIONS = (
+    ("--init-rank", "init_r", int, "rank every projection starts with"),
+    ("--target-rank", "target_r", int, "average rank per projection at the end"),
+    ("--tinit", "tinit", int, "steps before pruning starts"),
+    ("--tfinal", "tfinal", int, "last steps trained with the final ranks fixed"),
+    ("--delta-t", "deltaT", int, "steps between budget allocations"),
+    ("--orth-reg-weight", "orth_reg_weight", float, "weight of the orthogonality regulariser"),
+    ("--ipt-beta1", "beta1", float, "EMA factor of the importance (sensitivity)"),
+    ("--ipt-beta2", "beta2", float, "EMA factor of the importance's uncertainty"),
+)
 
 
 def register(subparsers):
@@ -45,6 +59,15 @@ def add_training_options(p, out_help: str) -> None:
                       help=f"projections to adapt (default all: {','.join(LORA_TARGETS)})")
     lora.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
     lora.add_argument("--init-adapter", metavar="DIR", help="continue training this PEFT adapter")
+    ada = p.add_argument_group("adaptive rank (AdaLoRA: rank moves to the projections that need it)")
+    ada.add_argument("--adaptive-rank", action="store_true",
+                     help="train AdaLoRA (PEFT's AdaLoraModel): every projection starts at --init-rank and triplets "
+                          "are pruned toward an average --target-rank; writes a PEFT AdaLoRA adapter and, in "
+                          "lora-rank-pattern/, the same as an ordinary LoRA with per-module ranks")
+    defaults = AdaLoraSettings()
+    for option, name, kind, text in ADAPTIVE_OPTIONS:
+        ada.add_argument(option, dest=f"ada_{name}", type=kind, default=None,
+                         help=f"{text} (default {getattr(defaults, name)}; needs --adaptive-rank)")
     run = p.add_argument_group("training")
     run.add_argument("--seq-len", type=int, default=None,
                      help="tokens per sequence (default: planned from the data, the longest example rounded up)")
@@ -103,8 +126,25 @@ def _targets(text: str | None) -> tuple[str, ...] | None:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def adaptive_from_args(args) -> AdaLoraSettings | None:
+    """--adaptive-rank's settings (total_step is the run's length, filled in when the run starts), or None."""
+    given = {name[len("ada_"):]: value for name, value in vars(args).items()
+             if name.startswith("ada_") and value is not None}
+    if not getattr(args, "adaptive_rank", False):
+        if given:
+            options = [option for option, name, _, _ in ADAPTIVE_OPTIONS if name in given]
+            raise UserError(f"{', '.join(options)}: these settings are AdaLoRA's; add --adaptive-rank")
+        return None
+    if getattr(args, "init_adapter", None):
+        raise UserError("--adaptive-rank starts its own SVD-shaped adapter; --init-adapter (a LoRA to continue) "
+                        "cannot seed it: drop one of them")
+    return AdaLoraSettings(**given)
+
+
 def lora_from_args(args) -> LoraConfig:
-    chosen = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "targets": _targets(args.targets),
+    adaptive = adaptive_from_args(args)
+    rank = adaptive.init_r if adaptive is not None and args.rank is None else args.rank   # AdaLoRA's: init_r
+    chosen = {"rank": rank, "alpha": args.alpha, "dropout": args.dropout, "targets": _targets(args.targets),
               "use_rslora": args.rslora}
     return LoraConfig(**{k: v for k, v in chosen.items() if v is not None})
 
@@ -130,7 +170,8 @@ def config_from_args(args, planned: TrainConfig | None = None) -> TrainConfig:
         warmup_steps=pick("warmup"), max_grad_norm=args.max_grad_norm, seed=args.seed,
         eval_every=pick("eval_every"), save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         weights=args.weights, objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
-        orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute])
+        orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute],
+        adaptive_rank=adaptive_from_args(args))
 
 
 def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig, float]:
@@ -196,6 +237,8 @@ class ProgressBar(TrainerCallback):
         loss = "skipped (non-finite)" if e.skipped else f"loss {e.loss:.4f}"
         if e.reward_margin is not None and not e.skipped:
             loss += f" margin {e.reward_margin:+.3f} acc {e.reward_accuracy:.2f}"
+        if e.rank_map is not None:
+            loss += f" rank {sum(map(sum, e.rank_map))}"
         self.stream.write(f"\r[{bar}] {e.step}/{e.total} {loss} lr {e.lr:.2e} {e.tokens_per_s:,.0f} tok/s "
                           f"{_duration(e.elapsed_s)} ETA {_duration(e.eta_s)} mem {e.memory_bytes / 2**20:,.0f} MiB ")
         self.stream.flush()
@@ -228,7 +271,8 @@ class JsonLines(TrainerCallback):
                     "loss": e.loss if math.isfinite(e.loss) else None, "lr": e.lr,
                     "grad_norm": e.grad_norm if math.isfinite(e.grad_norm) else None, "tokens": e.tokens,
                     "tokens_per_s": e.tokens_per_s, "elapsed_s": e.elapsed_s, "eta_s": e.eta_s,
-                    "memory_bytes": e.memory_bytes, "skipped": e.skipped, **_rewards(e)})
+                    "memory_bytes": e.memory_bytes, "skipped": e.skipped, **_rewards(e),
+                    **({"rank_map": e.rank_map} if e.rank_map is not None else {})})
 
     def on_eval(self, e):
         self._emit({"event": "eval", "step": e.step, "loss": e.loss,

@@ -7,7 +7,7 @@ was written).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.model.references import resolve_for_gguf
@@ -51,8 +51,10 @@ def _gguf_target(out: Path, adapter: Path) -> Path:
 
 def run_export(request: ExportRequest, log: Callable[[str], None] = lambda _msg: None) -> ExportResult:
     """Write the export; `log` gets progress lines (model download or GGUF conversion) as they happen."""
+    from engine.lora.adalora_write import plain_lora_folder
     from engine.lora.peft_read import read_adapter
 
+    request = replace(request, adapter=plain_lora_folder(request.adapter))
     read_adapter(request.adapter)  # refuse DoRA & co. before a possibly slow download or GGUF conversion
     base_dir, base_ref = resolve_for_gguf(request.model, log=log)
     if request.to == "merged":

@@ -72,6 +72,27 @@ class TrainConfig:
             if self.batch_size % 2:
                 raise ValueError(f"batch-size {self.batch_size} with objective {self.objective}: a micro-batch holds "
                                  "whole pairs (a chosen and a rejected row each), so batch-size must be even")
+        if self.adaptive_rank is not None:
+            self._check_adaptive_rank()
+
+    def _check_adaptive_rank(self) -> None:
+        """AdaLoRA is trained exactly as PEFT's AdaLoraModel for what engine.train.adaptive computes; the rest is
+        refused by name rather than approximated."""
+        a = self.adaptive_rank
+        if not isinstance(a, AdaLoraSettings):
+            raise TypeError(f"adaptive_rank must be AdaLoraSettings or None, got {type(a).__name__}")
+        if self.objective != "sft":
+            raise ValueError(f"adaptive rank (AdaLoRA) with objective {self.objective}: not implemented (the "
+                             "preference step has no AdaLoRA path); train with objective sft or without adaptive rank")
+        if self.lora.dropout > 0:
+            raise ValueError(f"adaptive rank (AdaLoRA) with lora dropout {self.lora.dropout}: not implemented (the "
+                             "host step asks the backend for plain gradients); set lora dropout to 0")
+        if self.lora.use_rslora:
+            raise ValueError("adaptive rank (AdaLoRA) with rsLoRA: AdaLoRA has its own scaling "
+                             "(lora_alpha / init_r); turn rsLoRA off")
+        if self.lora.rank != a.init_r:
+            raise ValueError(f"adaptive rank: LoRA rank {self.lora.rank} differs from init_r {a.init_r}; an AdaLoRA "
+                             f"run starts every projection at init_r, so set the LoRA rank to {a.init_r}")
 
     def preference_objective(self) -> PreferenceObjective | None:
         """The DPO/ORPO settings, or None for supervised fine-tuning."""

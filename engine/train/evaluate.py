@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.backends.base import OptimizerConfig
 from engine.lora.config import LoraConfig, init_lora_state
+from engine.lora.adalora_write import plain_lora_folder
 from engine.lora.peft_read import inference_state
 from engine.model.spec import load_model_spec
 from engine.model.weights import check_weights_fit, open_weights
@@ -22,7 +23,7 @@ def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, s
         raise ValueError(f"seq-len must be between 2 and the model's {spec.max_positions} positions, got {seq_len}")
     if adapter:
         # Any readable adapter, per-module ranks too (an adaptive-rank run's): evaluation only runs forward.
-        lora, state = inference_state(adapter, spec)
+        lora, state = inference_state(plain_lora_folder(adapter), spec)
     else:
         # The base alone: the smallest adapter, with B = 0 so its output is exactly the base model's.
         lora = LoraConfig(rank=1, alpha=1.0, targets=("q_proj",))

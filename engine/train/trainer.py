@@ -10,7 +10,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +19,7 @@ import numpy as np
 from engine.lora.peft_write import export_adapter
 from engine.backends.base import PendingStep, TrainingBackend
 from engine.backends.preference import PreferenceLoss, PreferenceObjective, join_pairs, preference_loss
+from engine.train.adaptive import AdaptiveRankBackend, export_adaptive
 from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoints, save_checkpoint
 from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
@@ -173,13 +174,16 @@ class Trainer:
         # the lock before reading the corpus and hands it over; run() releases it when the run ends.
         self._lock = lock if lock is not None else RunLock(out_dir)
         self._lock.acquire()
+        self.total_steps = run_steps(config, train.batches_per_epoch)
+        if config.adaptive_rank is not None and config.adaptive_rank.total_step == 0:
+            # AdaLoRA's budget schedule ends at total_step − tfinal: 0 means "the run's length", known only now.
+            config = replace(config, adaptive_rank=replace(config.adaptive_rank, total_step=self.total_steps))
         self.config = config
         self.train, self.val = train, list(val)
         self.out_dir, self.base_model = Path(out_dir), base_model
         self.callback = callback or TrainerCallback()
         self.card = dict(card or {})
         self.inputs = dict(inputs or {})     # what the run was made from (files, data settings), for resuming
-        self.total_steps = run_steps(config, train.batches_per_epoch)
         self.schedule = Schedule(lr=config.lr, total_steps=self.total_steps, kind=config.schedule,
                                  warmup_steps=min(config.warmup_steps, self.total_steps))
         self._running, self._stop = threading.Event(), threading.Event()
@@ -226,8 +230,15 @@ class Trainer:
     def run(self) -> TrainSummary:
         try:
             c = self.config
+            adaptive = c.adaptive_rank
             self.backend = self._factory(c.lora, c.optim, c.batch_size, c.seq_len, seed=c.seed,
-                                         init_state=self._init_state, memory=c.memory_options())
+                                         init_state=None if adaptive else self._init_state,
+                                         memory=c.memory_options())
+            if adaptive is not None:
+                # AdaLoRA on the host over the backend's LoRA (engine.train.adaptive); `init_state` of a fresh run
+                # holds A, E, B under PEFT's AdaLoRA names, a resumed run's come with the optimizer state below.
+                self.backend = AdaptiveRankBackend(self.backend, adaptive, c.optim, seed=c.seed,
+                                                   init=None if self._resume is not None else self._init_state)
             self.card.setdefault("backend", self.backend.name)
             if self._resume is not None:
                 self.backend.load_optimizer_state(self._resume.optimizer_state)
@@ -302,7 +313,10 @@ class Trainer:
             self._evaluate()
         checkpoint = self._checkpoint()
         summary = self._summary(checkpoint, stopped)
-        export_adapter(self.out_dir, summary.lora_state, c.lora, self.base_model, self._card(summary))
+        if isinstance(self.backend, AdaptiveRankBackend):
+            export_adaptive(self.out_dir, self.backend, self.base_model, self._card(summary))
+        else:
+            export_adapter(self.out_dir, summary.lora_state, c.lora, self.base_model, self._card(summary))
         return summary
 
     def _drain(self, pending) -> None:
@@ -338,7 +352,8 @@ class Trainer:
             elapsed_s=self._elapsed(), eta_s=per_step * (self.total_steps - step),
             memory_bytes=self.backend.memory_bytes(), skipped=result.skipped,
             reward_margin=getattr(result, "reward_margin", None),       # a PreferenceStepResult's metrics
-            reward_accuracy=getattr(result, "reward_accuracy", None)))
+            reward_accuracy=getattr(result, "reward_accuracy", None),
+            rank_map=getattr(result, "rank_map", None)))           # an AdaLoRA step's ranks kept
         self._last_lr = lr
 
     def _abort_non_finite(self) -> None:
@@ -355,12 +370,15 @@ class Trainer:
         if not applied:
             raise NonFiniteError(f"{stopped}; no step was applied, so no adapter was written. {advice}")
         kept_after = applied[-2] if len(applied) > 1 else 0
-        state = self.backend.lora_state_before_update()
         what = f"after step {kept_after}" if kept_after else "the adapter the run started from"
         card = {"base model": self.base_model, **self.card,
                 "stopped": f"non-finite loss or gradient at {steps}; this is the adapter {what}, the last whose "
                            f"forward and backward passes were finite (step {applied[-1]}'s update is dropped)"}
-        export_adapter(self.out_dir, state, self.config.lora, self.base_model, card)
+        if isinstance(self.backend, AdaptiveRankBackend):
+            export_adaptive(self.out_dir, self.backend, self.base_model, card, before_update=True)
+        else:
+            export_adapter(self.out_dir, self.backend.lora_state_before_update(), self.config.lora, self.base_model,
+                           card)
         raise NonFiniteError(
             f"{stopped}. The last adapter whose forward and backward passes were finite ({what}; step "
             f"{applied[-1]}'s update is dropped, since its weights are the ones that overflowed) is saved in "
@@ -453,6 +471,10 @@ class Trainer:
             o = self._objective
             card["objective"] = f"dpo, beta {o.beta:g}, label smoothing {o.label_smoothing:g}, reference: the base " \
                                 "model (adapter off)" if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
+        if c.adaptive_rank is not None:
+            a = c.adaptive_rank
+            card["adaptive rank"] = (f"AdaLoRA, init_r {a.init_r} -> target_r {a.target_r}, tinit {a.tinit}, "
+                                     f"tfinal {a.tfinal}, deltaT {a.deltaT}, total_step {a.total_step}")
         if summary.skipped_steps:
             card["skipped non-finite steps"] = summary.skipped_steps
         card["training time"] = f"{summary.elapsed_s:.1f} s"
