@@ -35,7 +35,11 @@ def test_adaptive_rank_run_reports_rank_maps_and_writes_both_adapters(tiny_llama
     assert config["total_step"] == 8 and config["orth_reg_weight"] == 0.3 and config["beta2"] == 0.9
     assert sum(map(sum, config["rank_pattern"].values())) == 8
     folded = json.loads((out / "lora-rank-pattern" / "adapter_config.json").read_text())
-    assert folded["peft_type"] == "LORA" and sum(folded["rank_pattern"].values()) >= 8
+    assert folded["peft_type"] == "LORA" and sum(folded["rank_pattern"].values()) == 8
+    # Exports and evaluation of the run folder read the folded LoRA (GGUF and merged take per-module ranks).
+    assert main(["export", "--model", str(tiny_llama_dir), "--adapter", str(out), "--to", "gguf",
+                 "--out", str(tmp_path / "gguf")]) == 0
+    assert list((tmp_path / "gguf").glob("*.gguf"))
 
 
 @pytest.mark.parametrize("extra, message", [
