@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from engine.model.spec import ModelSpec
 from engine.train.config import TrainConfig
 # The defaults live in the engine, where `lora-lab train` reads them too; re-exported for the wizard.
-from engine.train.recommend import (CorpusSummary, has_hardware_gpu, recommend, summarize_corpus,  # noqa: F401
-                                    total_steps)
+from engine.train.recommend import (CorpusSummary, has_hardware_gpu, is_preference_corpus,  # noqa: F401
+                                    recommend, summarize_corpus, total_steps)
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
 
@@ -59,7 +59,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
            benchmarks: list[Benchmark], backend: str = "auto", speeds: dict | None = None) -> Review:
     """What the run will take. `speeds`: engine.backends.measured.latest_for(spec), the backends' tokens/s
     measured by an earlier run on this machine, which gives the ETA without a benchmark."""
-    steps = total_steps(config, summary.sequences, val_split)
+    steps = total_steps(config, summary.examples(config), val_split)
     adapter = next((a for a in hardware.adapters if not a.software and a.backend != "OpenGL"), None) \
         if hardware is not None else None
     ram = hardware.ram_available_bytes if hardware is not None else 0

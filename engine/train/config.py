@@ -72,6 +72,12 @@ class TrainConfig:
             if self.batch_size % 2:
                 raise ValueError(f"batch-size {self.batch_size} with objective {self.objective}: a micro-batch holds "
                                  "whole pairs (a chosen and a rejected row each), so batch-size must be even")
+            if self.lora.dropout > 0:
+                # Refused here, before any reading or building, as well as by both backends' preference steps.
+                raise ValueError(f"lora dropout {self.lora.dropout:g} with objective {self.objective}: the policy's "
+                                 "log-probabilities, the reference's and the gradient are computed in separate "
+                                 "passes, which would see different dropout masks; set lora dropout to 0 for "
+                                 "DPO/ORPO")
 
     def preference_objective(self) -> PreferenceObjective | None:
         """The DPO/ORPO settings, or None for supervised fine-tuning."""

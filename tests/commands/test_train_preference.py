@@ -58,6 +58,12 @@ def test_preference_options_are_refused_clearly(tiny_llama_dir, tmp_path, capsys
     assert "packing" in capsys.readouterr().err
     assert main(base + ["--objective", "dpo", "--label-smoothing", "0.7", "--batch-size", "2"]) == 2
     assert "label_smoothing must be a number in [0, 0.5)" in capsys.readouterr().err
+    # LoRA dropout: the policy, reference and gradient passes would see different masks; refused before reading.
+    for objective in ("dpo", "orpo"):
+        assert main(base + ["--objective", objective, "--batch-size", "2", "--dropout", "0.1"]) == 2
+        err = capsys.readouterr().err
+        assert f"lora dropout 0.1 with objective {objective}" in err and "set lora dropout to 0" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_dpo_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, capsys):
