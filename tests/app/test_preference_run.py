@@ -9,7 +9,11 @@ from PySide6.QtWidgets import QDialogButtonBox, QWizard
 
 from app.main_window import MainWindow
 from app.widgets.corpus_dialog import PAIR_SHADES, SkippedDialog
-from engine.train.recommend import PREFERENCE_BETA, PREFERENCE_LAMBDA, SMALL_MODEL_PREFERENCE_LR
+from engine.train.recommend import (
+    PREFERENCE_BETA,
+    PREFERENCE_LAMBDA,
+    SMALL_MODEL_PREFERENCE_LR,
+)
 from tests.gui_helpers import isolated_settings  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gui
