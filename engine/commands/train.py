@@ -83,6 +83,10 @@ def add_training_options(p, out_help: str) -> None:
     prefs.add_argument("--label-smoothing", type=float, default=0.0,
                        help="DPO label smoothing in [0, 0.5) (default %(default)s)")
     prefs.add_argument("--orpo-lambda", type=float, default=0.1, help="ORPO lambda (default %(default)s)")
+    prefs.add_argument("--reference-logps", choices=("auto", "cached", "per-step"), default="auto",
+                       help="DPO: the reference's log-probabilities cached once per pair (the reference never "
+                            "changes), or a reference pass every step; auto caches when a pair is seen twice "
+                            "(default %(default)s)")
     data = p.add_argument_group("data and evaluation")
     data.add_argument("--val-split", type=float, default=None,
                       help="fraction of the data held out (default: planned, 0.1 from 50 examples)")
@@ -130,7 +134,8 @@ def config_from_args(args, planned: TrainConfig | None = None) -> TrainConfig:
         warmup_steps=pick("warmup"), max_grad_norm=args.max_grad_norm, seed=args.seed,
         eval_every=pick("eval_every"), save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         weights=args.weights, objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
-        orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute])
+        orpo_lambda=args.orpo_lambda, reference_logps=args.reference_logps,
+        recompute={"auto": None, "on": True, "off": False}[args.recompute])
 
 
 def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig, float]:
