@@ -208,9 +208,7 @@ class PlanWizard(QWizard):
         layout.addRow(self.warnings)
         self.error = QLabel(objectName="plan-error", wordWrap=True)
         layout.addRow(self.error)
-        elsewhere = QPushButton("Run elsewhere…", objectName="plan-run-elsewhere")
-        elsewhere.setToolTip("Write this run as a job folder for PyTorch + PEFT on accelerate (one GPU, several, a "
-                             "cluster): the same tokens and settings; its adapter opens here")
+        self.elsewhere = elsewhere = QPushButton("Run elsewhere…", objectName="plan-run-elsewhere")
         elsewhere.clicked.connect(self._ask_job_folder)
         layout.addRow(elsewhere)
 
@@ -238,6 +236,12 @@ class PlanWizard(QWizard):
             self.review_label.setText("")
             return
         self.error.setText("")
+        # The exported job is a supervised training loop (engine.train.job): DPO/ORPO train here only.
+        self.elsewhere.setEnabled(config.objective == "sft")
+        self.elsewhere.setToolTip(
+            "Write this run as a job folder for PyTorch + PEFT on accelerate (one GPU, several, a cluster): the same "
+            "tokens and settings; its adapter opens here" if config.objective == "sft" else
+            f"the job folder trains supervised runs only; {config.objective.upper()} trains here")
         r = review(config, self.spec, self.summary, self.val_split.value(), self.hardware, self.benchmarks,
                    self.backend.currentData(), self.speeds)
         available = (f"GPU memory {_gib(r.device_bytes)}" if r.device_bytes is not None

@@ -171,7 +171,8 @@ def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig,
     planned, val_split, summary = default_plan(args.data, model_dir, spec, for_gpu)
     val_split = val_split if given_val is None else given_val
     # Warmup and evaluations follow the run's length as given (--steps, --epochs, --batch-size), not the plan's.
-    planned = paced(planned, total_steps(config_from_args(args, planned), summary.sequences, val_split))
+    given = config_from_args(args, planned)
+    planned = paced(planned, total_steps(given, summary.examples(given), val_split))
     config = config_from_args(args, planned)
     log(describe_plan(config, summary, val_split))
     return config, val_split

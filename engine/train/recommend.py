@@ -185,10 +185,13 @@ def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, fl
     """Read `files` with the model's tokenizer and recommend a plan for them: what `lora-lab train` uses when a
     setting is not given, as the wizard does from the corpus dialog's reading."""
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
+    from engine.corpus.preferences import holds_pairs, load_preferences
 
     # The longest context the plan would pick, so that `longest` sees every example whole.
-    corpus = load_corpus(list(files), load_tokenizer(model_dir),
-                         CorpusConfig(seq_len=min(1024, spec.max_sequence_length)))
+    config = CorpusConfig(seq_len=min(1024, spec.max_sequence_length))
+    # Files of preference pairs are planned as pairs (a DPO plan), as the corpus dialog reads them.
+    read = load_preferences if holds_pairs(files, config) else load_corpus
+    corpus = read(list(files), load_tokenizer(model_dir), config)
     summary = summarize_corpus(corpus)
     config, val_split = recommend(summary, spec, for_gpu)
     return config, val_split, summary
@@ -196,6 +199,8 @@ def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, fl
 
 def describe_plan(config: TrainConfig, summary: CorpusSummary, val_split: float) -> str:
     """One line: what the data gave and what the run will do."""
-    return (f"plan from the data: {summary.sequences} examples (longest {summary.longest} tokens) -> "
+    what = f"{summary.pairs} preference pairs" if summary.pairs else f"{summary.sequences} examples"
+    return (f"plan from the data: {what} (longest {summary.longest} tokens) -> "
             f"{config.epochs} epochs of batch {config.batch_size} x {config.seq_len} tokens, "
-            f"{total_steps(config, summary.sequences, val_split)} steps, lr {config.lr:g}, validation {val_split:g}")
+            f"{total_steps(config, summary.examples(config), val_split)} steps, lr {config.lr:g}, "
+            f"validation {val_split:g}")

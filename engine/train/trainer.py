@@ -468,10 +468,10 @@ class Trainer:
                 f" (perplexity {summary.eval_perplexity:.3f})" if summary.eval_perplexity is not None else "")
         if self._objective is not None:
             o = self._objective
+            how = "its log-probabilities cached per pair" if self.reference_mode == "cached" else \
+                "a forward pass every step"
             card["objective"] = f"dpo, beta {o.beta:g}, label smoothing {o.label_smoothing:g}, reference: the base " \
-                                "model (adapter off)" + (", its log-probabilities cached per pair"
-                                                         if self.reference_mode == "cached" else ", every step") \
-                if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
+                                f"model (adapter off), {how}" if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
         if summary.skipped_steps:
             card["skipped non-finite steps"] = summary.skipped_steps
         card["training time"] = f"{summary.elapsed_s:.1f} s"

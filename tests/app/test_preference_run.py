@@ -125,5 +125,6 @@ def plan_dpo(qtbot, window, out):
     assert wizard.error.text() == ""
     review = wizard.review_label.text()
     assert "<b>6 steps</b> of 4 (2 pairs)" in review and "DPO (β 0.25" in review
+    assert not wizard.elsewhere.isEnabled() and "supervised runs only" in wizard.elsewhere.toolTip()
     wizard.out_dir.setText(str(out))
     return wizard
