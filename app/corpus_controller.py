@@ -83,8 +83,10 @@ class CorpusController(QObject):
 
         def work(progress):
             if holds_pairs(self.files, config):
-                # Pairs are few and small next to SFT corpora: read in one go (no progress, no cancel).
-                return load_preferences(self.files, Path(model_dir), config)
+                # Pairs are few and small next to SFT corpora: read in one go (no progress until the end, no cancel).
+                corpus = load_preferences(self.files, Path(model_dir), config)
+                progress(100)
+                return corpus
             return load_corpus(self.files, Path(model_dir), config,
                                progress=lambda done, total: progress(int(100 * done / max(total, 1))),
                                cancel=cancel.is_set)

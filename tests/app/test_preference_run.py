@@ -74,6 +74,7 @@ def read_pairs(qtbot, window, path) -> None:
                     and window.corpus_controller.corpus.config.seq_len == 64, timeout=30000)
     corpus = window.corpus_controller.corpus
     assert len(corpus.train) + len(corpus.val) == 11 and len(corpus.val) == 3
+    assert dialog.progress.value() == 100
     totals = dialog.totals.text()
     assert "11 pairs read" in totals and "1 refused" in totals and "Training: 8 pairs" in totals
     assert dialog.table.item(0, 5).text().startswith("1")
@@ -128,3 +129,26 @@ def plan_dpo(qtbot, window, out):
     assert not wizard.elsewhere.isEnabled() and "supervised runs only" in wizard.elsewhere.toolTip()
     wizard.out_dir.setText(str(out))
     return wizard
+
+
+def test_the_review_counts_a_preference_step_as_more_than_an_sft_step(tiny_llama_dir):
+    """The ETA divides tokens by a measured SFT speed; a DPO step also runs the policy's and the reference's
+    forward passes (5/3 of an SFT step in forward passes), an ORPO step the policy's (4/3)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from app.plan import CorpusSummary, recommend, review
+    from engine.model.spec import load_model_spec
+
+    spec = load_model_spec(tiny_llama_dir)
+    summary = CorpusSummary(("p.jsonl",), sequences=60, trainable_tokens=900, longest=20, seq_len=64, pairs=30)
+    config, val_split = recommend(summary, spec, has_hardware_gpu=False)
+    no_gpu = SimpleNamespace(adapters=[], ram_available_bytes=8 << 30)
+    speeds = {"tokens_per_s": {"cpu": 128.0}, "batch": config.batch_size, "seq_len": config.seq_len}
+    sft = review(replace(config, objective="sft"), spec, summary, val_split, no_gpu, [], speeds=speeds)
+    dpo = review(config, spec, summary, val_split, no_gpu, [], speeds=speeds)
+    orpo = review(replace(config, objective="orpo"), spec, summary, val_split, no_gpu, [], speeds=speeds)
+    assert dpo.steps == orpo.steps == sft.steps == config.epochs * 15     # 2 pairs (4 rows) a batch
+    per_step = config.batch_size * config.seq_len / 128.0
+    assert dpo.eta_s == pytest.approx(dpo.steps * per_step * 5 / 3) and "5/3 of an SFT step" in dpo.eta_basis
+    assert orpo.eta_s == pytest.approx(orpo.steps * per_step * 4 / 3) and "4/3" in orpo.eta_basis
