@@ -154,7 +154,9 @@ def total_steps(config: TrainConfig, sequences: int, val_split: float) -> int:
 def training_advice(losses: list[float], config: TrainConfig, stopped: bool = False) -> list[str]:
     """What to change when a finished run shows under-fitting: the training loss still high at the end, or still
     falling. Empty when the run looks trained (or was stopped early, where the advice is simply to finish it)."""
-    if stopped or len(losses) < 8:
+    if stopped or len(losses) < 8 or config.objective != "sft":
+        # UNDERFIT_LOSS is a cross-entropy in nats per token; a DPO/ORPO loss is not (DPO starts at ln 2 whatever
+        # the data): those runs are judged by their validation reward accuracy, which the console shows.
         return []
     tail = max(2, len(losses) // 10)
     end = sum(losses[-tail:]) / tail

@@ -104,6 +104,8 @@ def test_advice_when_the_loss_is_still_high_or_falling():
     assert training_advice([1.5] + [0.05] * 29, config) == []           # learned
     assert training_advice(falling, config, stopped=True) == []         # stopped early: nothing to judge
     assert "steps 50 -> 100" in training_advice(falling, TrainConfig(max_steps=50))[1]
+    # A DPO loss is not a cross-entropy (it starts at ln 2 whatever the data): no under-fit advice from it.
+    assert training_advice([0.69] * 30, TrainConfig(objective="dpo", batch_size=2)) == []
 
 
 def _train_args(argv):
