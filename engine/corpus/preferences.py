@@ -8,6 +8,7 @@ as truncated; one left with no completion token in either row is skipped.
     prefs = load_preferences(["pairs.jsonl"], tokenizer, CorpusConfig(seq_len=512, val_fraction=0.1))
     for input_ids, labels in prefs.batches(pairs=4, epoch=e, start_batch=b):   # [2P, T]: chosen rows, then rejected
         ...
+    holds_pairs(["pairs.jsonl"])        # whether files are read as pairs (the corpus dialog and the CLI's plan)
 """
 from __future__ import annotations
 
