@@ -11,6 +11,7 @@ from PySide6.QtCore import QObject, QSettings, Signal
 from app.workers import run_in_thread
 from engine.model.references import data_dir
 from engine.corpus import CONTAINERS, CorpusCancelled, CorpusConfig, load_corpus
+from engine.corpus.preferences import holds_pairs, load_preferences
 
 RECENT_KEY = "corpus/recent"
 
@@ -45,7 +46,7 @@ def save_pasted(text: str, folder: Path | None = None) -> Path:
 class CorpusController(QObject):
     files_changed = Signal(list)      # [Path]
     progress = Signal(int)            # percent of bytes read
-    loaded = Signal(object)           # engine.corpus.Corpus
+    loaded = Signal(object)           # engine.corpus.Corpus, or a PreferenceCorpus when the files hold pairs
     failed = Signal(str, str)
     running_changed = Signal(bool)
 
@@ -71,7 +72,8 @@ class CorpusController(QObject):
         self.files_changed.emit(list(self.files))
 
     def load(self, model_dir: Path, seq_len: int, val_fraction: float) -> None:
-        """Read the files with the model's tokenizer in a worker; `cancel()` stops it between chunks."""
+        """Read the files with the model's tokenizer in a worker; `cancel()` stops it between chunks. Files of
+        preference pairs (engine.corpus.preferences.holds_pairs) are read as pairs, for DPO/ORPO."""
         if self._running or not self.files:
             return
         config = CorpusConfig(seq_len=seq_len, val_fraction=val_fraction)
@@ -80,6 +82,11 @@ class CorpusController(QObject):
         self.running_changed.emit(True)
 
         def work(progress):
+            if holds_pairs(self.files, config):
+                # Pairs are few and small next to SFT corpora: read in one go (no progress until the end, no cancel).
+                corpus = load_preferences(self.files, Path(model_dir), config)
+                progress(100)
+                return corpus
             return load_corpus(self.files, Path(model_dir), config,
                                progress=lambda done, total: progress(int(100 * done / max(total, 1))),
                                cancel=cancel.is_set)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMainWindow, QMessageBox, QP
 
 from app.chat_controller import ChatController
 from app.corpus_controller import CorpusController
-from app.plan import summarize_corpus
+from app.plan import is_preference_corpus, summarize_corpus
 from app.training_controller import TrainingController
 from app.training_process import run_in_child
 from app.widgets.chat_panel import ChatPanel
@@ -152,7 +152,9 @@ class MainWindow(QMainWindow):
                               "Show the run in progress" if training else
                               "Plan and start a training run" if self.corpus is not None else
                               "Choose the training files, then plan and start the run")
-        b["Evaluate"].setEnabled(self.corpus is not None and not training)
+        # Perplexity is measured on supervised text; a corpus of preference pairs is judged by its reward
+        # accuracy, which a DPO/ORPO run's validation reports.
+        b["Evaluate"].setEnabled(self.corpus is not None and not training and not is_preference_corpus(self.corpus))
         b["Save Adapter"].setEnabled(self._active_adapter_dir() is not None and not training)
         self.picker.setEnabled(not training)
 
@@ -224,7 +226,8 @@ class MainWindow(QMainWindow):
     def _on_corpus(self, corpus) -> None:
         self.corpus = corpus
         t = corpus.stats.totals
-        self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training sequences, "
+        unit = "preference pairs" if is_preference_corpus(corpus) else "sequences"
+        self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training {unit}, "
                         f"{t['trainable_tokens']:,} trainable tokens")
         self._update_actions()
 

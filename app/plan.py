@@ -13,8 +13,8 @@ from engine.lora.adalora import AdaLoraSettings
 from engine.model.spec import ModelSpec
 from engine.train.config import TrainConfig
 # The defaults live in the engine, where `lora-lab train` reads them too; re-exported for the wizard.
-from engine.train.recommend import (CorpusSummary, has_hardware_gpu, recommend, summarize_corpus,  # noqa: F401
-                                    total_steps)
+from engine.train.recommend import (CorpusSummary, has_hardware_gpu, is_preference_corpus,  # noqa: F401
+                                    recommend, summarize_corpus, total_steps)
 
 MIN_TRAINED_TOKENS = 10_000      # below this a LoRA mostly memorises; worth a warning, not a refusal
 
@@ -87,7 +87,7 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
            benchmarks: list[Benchmark], backend: str = "auto", speeds: dict | None = None) -> Review:
     """What the run will take. `speeds`: engine.backends.measured.latest_for(spec), the backends' tokens/s
     measured by an earlier run on this machine, which gives the ETA without a benchmark."""
-    steps = total_steps(config, summary.sequences, val_split)
+    steps = total_steps(config, summary.examples(config), val_split)
     adapter = next((a for a in hardware.adapters if not a.software and a.backend != "OpenGL"), None) \
         if hardware is not None else None
     ram = hardware.ram_available_bytes if hardware is not None else 0
@@ -128,7 +128,22 @@ def review(config: TrainConfig, spec: ModelSpec, summary: CorpusSummary, val_spl
         warnings.append(f"sequence length {config.seq_len} is shorter than the longest example "
                         f"({summary.longest} tokens): longer ones are cut")
     eta, basis = _eta(config, spec, steps, plan, benchmarks, backend, cpu, speeds)
+    cost, why = preference_step_cost(config)
+    if eta is not None and cost != 1.0:
+        eta, basis = eta * cost, f"{basis}; {why}"
     return Review(steps, engine_bytes, plan, device, ram, eta, basis, warnings, "cpu" if cpu else "gpu")
+
+
+def preference_step_cost(config: TrainConfig) -> tuple[float, str]:
+    """A step's time relative to an SFT step over the same tokens, and why, counted in forward passes (a backward
+    costs about two): SFT 3; ORPO adds the policy's log-probability pass, 4; DPO also the reference's, 5 (4 once
+    the reference is cached, engine.train.reference: the figure is an upper bound). bench/preference_step.py
+    measures the real ratios."""
+    if config.objective == "dpo":
+        return 5 / 3, "a DPO step counted as 5/3 of an SFT step (the policy's and the reference's forward passes)"
+    if config.objective == "orpo":
+        return 4 / 3, "an ORPO step counted as 4/3 of an SFT step (the policy's log-probability pass)"
+    return 1.0, ""
 
 
 def _eta(config, spec, steps, plan, benchmarks, backend, cpu, speeds) -> tuple[float | None, str]:

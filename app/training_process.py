@@ -80,8 +80,9 @@ def _train(request, events, control):
         backend = inner(lora, optim, batch_size, seq_len, seed=seed, init_state=init_state, memory=memory)
         log(f"training backend: {backend.name}")
         val = holder.get("val")
-        if init_state is None and val:
-            # A fresh adapter starts with B = 0, so this is exactly the base model on the validation data.
+        if init_state is None and val and request.config.objective == "sft":
+            # A fresh adapter starts with B = 0, so this is exactly the base model on the validation data. (Not
+            # for DPO/ORPO: their validation batches are pairs, judged by reward margin and accuracy, not perplexity.)
             phase("evaluating the base model on the validation data")
             loss, tokens = eval_loss(backend, val)
             events.put(("before", loss, tokens))

@@ -6,7 +6,9 @@ prompt. The SFT step trains on the same rows and labels. Each kind of step runs 
 steps, the kinds interleaved over `--rounds` rounds so that a noisy (shared) machine penalises all alike; the
 median step time of each is reported with the ratios DPO/SFT and ORPO/SFT. A DPO step costs the policy forward,
 the reference forward (adapter off) and the training pass (forward + backward): about 1 + 2/3 of an SFT step where
-a backward costs twice a forward; ORPO needs no reference.
+a backward costs twice a forward; ORPO needs no reference. `dpo_cached` is a DPO step given the reference's
+log-probabilities (engine.train.reference caches them per pair: every step after a run's first epoch costs this),
+so it saves the reference forward.
 
 Prints one JSON object: machine, versions, shapes, and per backend the medians and ratios.
     python bench/preference_step.py [--steps 3] [--rounds 2] [--batch-size 4] [--seq-len 256] [--quick]
@@ -34,7 +36,7 @@ from engine.backends.preference import PreferenceObjective  # noqa: E402
 from engine.lora.config import LoraConfig  # noqa: E402
 
 LORA = LoraConfig(rank=16, alpha=32.0)
-KINDS = ("sft", "dpo", "orpo")
+KINDS = ("sft", "dpo", "dpo_cached", "orpo")
 
 
 def pair_batch(vocab: int, rows: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +61,9 @@ def make_backend(kind: str, model_dir: Path, rows: int, seq_len: int):
 def step_fn(backend, kind: str, batch):
     if kind == "sft":
         return lambda: backend.train_step([batch], 1e-5, 1.0).result()
+    if kind == "dpo_cached":        # the reference pass made once, outside the timed steps, as the cache does
+        reference = [backend.sequence_logps(*batch, adapter=False)[0]]
+        return lambda: backend.preference_step([batch], PreferenceObjective("dpo"), 1e-5, 1.0, reference).result()
     objective = PreferenceObjective(kind)
     return lambda: backend.preference_step([batch], objective, 1e-5, 1.0).result()
 
@@ -81,7 +86,9 @@ def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"backend": name, "s_per_step_median": median,
             "s_per_step_all": {k: [round(t, 4) for t in v] for k, v in times.items()},
-            "ratio_dpo_over_sft": median["dpo"] / median["sft"], "ratio_orpo_over_sft": median["orpo"] / median["sft"]}
+            "ratio_dpo_over_sft": median["dpo"] / median["sft"],
+            "ratio_dpo_cached_over_sft": median["dpo_cached"] / median["sft"],
+            "ratio_orpo_over_sft": median["orpo"] / median["sft"]}
 
 
 def main() -> None:
@@ -97,6 +104,7 @@ def main() -> None:
         parser.error(f"--batch-size {args.batch_size}: a preference batch holds whole pairs, so it must be even")
 
     import onnxruntime
+    import wgpu
 
     config = TINY if args.quick else SMOLLM2_135M
     results = {}
@@ -118,7 +126,7 @@ def main() -> None:
         "steps_per_kind": args.steps * args.rounds,
         "machine": {"cpu": cpu_model(), "simd": cpu_flags(), "os": platform.platform(),
                     "python": platform.python_version()},
-        "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "versions": {"onnxruntime": onnxruntime.__version__, "wgpu": wgpu.__version__, "numpy": np.__version__},
         "results": results, "goal_ratio_dpo_over_sft": 1.6}, indent=2))
 
 

@@ -1,5 +1,6 @@
 """The corpus dialog: drop or pick files and folders, paste text, read them with the model's tokenizer, and see
-exactly what will be trained on (per-file table, skipped lines, rendered examples with masked tokens dimmed)."""
+exactly what will be trained on (per-file table, skipped lines, rendered examples with masked tokens dimmed; for
+preference pairs, the prompt, chosen and rejected tokens each in their own shade)."""
 from __future__ import annotations
 
 import html
@@ -13,6 +14,7 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDoubleSpinBox, QFileD
                                QWidget)
 
 from app.corpus_controller import CorpusController, recent_corpora, save_pasted
+from app.plan import is_preference_corpus
 
 COLUMNS = ["File", "Format", "Records", "Tokens", "Trainable", "Skipped"]
 SKIPPED_COLUMN = 5
@@ -26,6 +28,33 @@ def preview_html(pieces: list[tuple[str, bool]]) -> str:
         style = "background:#d9f2d9;color:#0a3d0a" if trained else "color:#8a8a8a"
         out.append(f'<span style="{style}">{body}</span>')
     return "<div style='font-family:monospace'>" + "".join(out) + "</div>"
+
+
+# Preference pairs: the shared prompt, the chosen and the rejected completion each in their own shade; within a
+# shade, tokens alternate between two tones so each token's extent shows.
+PAIR_SHADES = {"prompt": ("#ececec", "#dcdcdc"), "chosen": ("#d9f2d9", "#bfe6bf"), "rejected": ("#f8dcdc", "#efc2c2")}
+PAIR_LEGEND = ("<span style='background:#dcdcdc'>prompt</span> · <span style='background:#bfe6bf'>chosen</span> · "
+               "<span style='background:#efc2c2'>rejected</span> · <span style='color:#8a8a8a'>not counted</span> "
+               "(each token its own tone)")
+SFT_LEGEND = ("<span style='background:#d9f2d9'>trained</span> · "
+              "<span style='color:#8a8a8a'>masked (context only)</span>")
+
+
+def pair_preview_html(pieces: dict[str, list[tuple[str, bool]]]) -> str:
+    """A preference pair (PreferenceCorpus.preview): the prompt once, then the chosen and the rejected
+    completion, token by token in their shades (text escaped: it is data, not markup)."""
+    blocks = []
+    for part, title in (("prompt", "Prompt"), ("chosen", "Chosen"), ("rejected", "Rejected")):
+        tokens = pieces[part]
+        counted = sum(trained for _, trained in tokens)
+        spans = []
+        for i, (text, trained) in enumerate(tokens):
+            body = html.escape(text).replace("\n", "↵<br>")
+            style = (f"background:{PAIR_SHADES[part][i % 2]}" if trained or part == "prompt" else "color:#8a8a8a")
+            spans.append(f'<span style="{style}">{body}</span>')
+        what = f"{len(tokens)} tokens" + (f", {counted} counted" if part != "prompt" else ", shared by both")
+        blocks.append(f"<p><b>{title}</b> ({what})</p><div style='font-family:monospace'>{''.join(spans)}</div>")
+    return "".join(blocks)
 
 
 def format_label(fs) -> str:
@@ -128,10 +157,11 @@ class CorpusDialog(QDialog):
         layout = QVBoxLayout(box)
         layout.setContentsMargins(0, 0, 0, 0)
         example_row = QHBoxLayout()
-        example_row.addWidget(QLabel("Example (training sequence):"))
+        self.example_label = QLabel("Example (training sequence):")
+        self.legend = QLabel(SFT_LEGEND, objectName="corpus-legend")
+        example_row.addWidget(self.example_label)
         example_row.addWidget(self.example)
-        example_row.addWidget(QLabel("<span style='background:#d9f2d9'>trained</span> · "
-                                     "<span style='color:#8a8a8a'>masked (context only)</span>"))
+        example_row.addWidget(self.legend)
         example_row.addStretch(1)
         layout.addLayout(example_row)
         layout.addWidget(self.preview)
@@ -261,12 +291,25 @@ class CorpusDialog(QDialog):
         self._show_files(self.controller.files)
         t = corpus.stats.totals
         train, val = corpus.stats.train, corpus.stats.val
-        self.totals.setText(
-            f"Totals: {t['files']} file(s), {t['records']:,} records, {t['tokens']:,} tokens, "
-            f"{t['trainable_tokens']:,} trainable, {t['skipped']:,} skipped, {t['refused_files']} refused. "
-            f"Training: {train.sequences:,} sequences ({train.trainable_tokens:,} trained tokens); "
-            f"validation: {val.sequences:,} sequences ({val.trainable_tokens:,} trained tokens)."
-            + "".join(f" Note: {html.escape(n)}" for n in corpus.stats.notes))
+        pairs = is_preference_corpus(corpus)
+        self.example_label.setText("Pair (training):" if pairs else "Example (training sequence):")
+        self.legend.setText(PAIR_LEGEND if pairs else SFT_LEGEND)
+        if pairs:
+            self.totals.setText(
+                f"Preference pairs (for DPO/ORPO): {t['files']} file(s), {t['records']:,} pairs read, "
+                f"{t['skipped']:,} refused (click a file's Skipped cell for each line and reason), "
+                f"{t['refused_files']} file(s) refused; {t['truncated_records']:,} pairs cut to "
+                f"{corpus.config.seq_len} tokens. Training: {len(corpus.train):,} pairs "
+                f"({train.trainable_tokens:,} completion tokens); "
+                f"validation: {len(corpus.val):,} pairs."
+                + "".join(f" Note: {html.escape(n)}" for n in corpus.stats.notes))
+        else:
+            self.totals.setText(
+                f"Totals: {t['files']} file(s), {t['records']:,} records, {t['tokens']:,} tokens, "
+                f"{t['trainable_tokens']:,} trainable, {t['skipped']:,} skipped, {t['refused_files']} refused. "
+                f"Training: {train.sequences:,} sequences ({train.trainable_tokens:,} trained tokens); "
+                f"validation: {val.sequences:,} sequences ({val.trainable_tokens:,} trained tokens)."
+                + "".join(f" Note: {html.escape(n)}" for n in corpus.stats.notes))
         self.example.blockSignals(True)
         self.example.setMaximum(max(0, len(corpus.train) - 1))
         self.example.setValue(0)
@@ -278,7 +321,8 @@ class CorpusDialog(QDialog):
         if corpus is None or not corpus.train:
             self.preview.setHtml("<i>no training example</i>")
             return
-        self.preview.setHtml(preview_html(corpus.preview(index)))
+        pieces = corpus.preview(index)
+        self.preview.setHtml(pair_preview_html(pieces) if is_preference_corpus(corpus) else preview_html(pieces))
 
     def _cell_clicked(self, row: int, column: int):
         corpus = self.controller.corpus

@@ -81,7 +81,11 @@ class PlanWizard(QWizard):
         corpus = self.summary
         _, form = self._page("Corpus", "What was read from your files (Corpus dialog).")
         form.addRow("Files:", QLabel("\n".join(Path(f).name for f in corpus.files), wordWrap=True))
-        form.addRow("Training sequences:", QLabel(f"{corpus.sequences:,}", objectName="plan-sequences"))
+        if corpus.pairs:
+            form.addRow("Preference pairs:", QLabel(f"{corpus.pairs:,} ({corpus.sequences:,} rows: chosen and "
+                                                    "rejected)", objectName="plan-pairs"))
+        else:
+            form.addRow("Training sequences:", QLabel(f"{corpus.sequences:,}", objectName="plan-sequences"))
         form.addRow("Trained tokens:", QLabel(f"{corpus.trainable_tokens:,}"))
         form.addRow("Longest sequence:", QLabel(f"{corpus.longest} tokens"))
         self.val_split = QDoubleSpinBox(minimum=0.0, maximum=0.5, singleStep=0.05, decimals=2, value=val_split,
@@ -89,7 +93,9 @@ class PlanWizard(QWizard):
         form.addRow("Validation split:", self.val_split)
 
     def _build_method_page(self, c: TrainConfig) -> None:
-        _, form = self._page("Method", "LoRA: which projections get an adapter and how large it is.")
+        _, form = self._page("Method", "What the run optimises, and LoRA: which projections get an adapter and "
+                                       "how large it is.")
+        self._build_objective(form, c)
         self.targets = {}
         row = QHBoxLayout()
         for t in LORA_TARGETS:
@@ -138,6 +144,48 @@ class PlanWizard(QWizard):
                             f"(from {self.init_rank.value() * projections:,} at the start)" if adaptive
                             else "off: every projection keeps rank r")
 
+    def _build_objective(self, form: QFormLayout, c: TrainConfig) -> None:
+        """SFT for a supervised corpus; DPO (the default) or ORPO for a corpus of preference pairs. The other
+        kind stays listed, disabled, with the reason in its tooltip: the corpus decides what can be trained."""
+        pairs = bool(self.summary.pairs)
+        self.objective = QComboBox(objectName="plan-objective")
+        for name, text, usable, why in (
+                ("sft", "SFT (supervised: learn to say the answers)", not pairs,
+                 "needs supervised examples; this corpus holds preference pairs"),
+                ("dpo", "DPO (prefer the chosen answer over the rejected one)", pairs,
+                 "needs a corpus of preference pairs (records with 'chosen' and 'rejected')"),
+                ("orpo", "ORPO (SFT on the chosen answer plus an odds-ratio preference term)", pairs,
+                 "needs a corpus of preference pairs (records with 'chosen' and 'rejected')")):
+            self.objective.addItem(text, name)
+            item = self.objective.model().item(self.objective.count() - 1)
+            item.setEnabled(usable)
+            if not usable:
+                item.setToolTip(why)
+        self.objective.setCurrentIndex(self.objective.findData(c.objective))
+        self.beta = QDoubleSpinBox(minimum=0.001, maximum=100.0, decimals=3, singleStep=0.05, value=c.beta,
+                                   objectName="plan-beta")
+        self.beta.setToolTip("DPO β: how far the adapter may move from the base model (TRL's default 0.1)")
+        self.label_smoothing = QDoubleSpinBox(minimum=0.0, maximum=0.49, decimals=2, singleStep=0.05,
+                                              value=c.label_smoothing, objectName="plan-label-smoothing")
+        self.label_smoothing.setToolTip("DPO label smoothing ε: the share of pairs assumed to be mislabelled; "
+                                        "0 = plain DPO")
+        self.orpo_lambda = QDoubleSpinBox(minimum=0.001, maximum=100.0, decimals=3, singleStep=0.05,
+                                          value=c.orpo_lambda, objectName="plan-orpo-lambda")
+        self.orpo_lambda.setToolTip("ORPO λ: the weight of the odds-ratio term beside the SFT loss (TRL's 0.1)")
+        form.addRow("Objective:", self.objective)
+        form.addRow("DPO β:", self.beta)
+        form.addRow("Label smoothing:", self.label_smoothing)
+        form.addRow("ORPO λ:", self.orpo_lambda)
+        self._objective_form = form
+        self.objective.currentIndexChanged.connect(lambda _: self._show_objective_settings())
+        self._show_objective_settings()
+
+    def _show_objective_settings(self) -> None:
+        name = self.objective.currentData()
+        for widget, shown in ((self.beta, name == "dpo"), (self.label_smoothing, name == "dpo"),
+                              (self.orpo_lambda, name == "orpo")):
+            self._objective_form.setRowVisible(widget, shown)
+
     def _build_schedule_page(self, c: TrainConfig) -> None:
         _, form = self._page("Schedule", "How long and how fast to train.")
         self.epochs = QSpinBox(minimum=1, maximum=1000, value=c.epochs, objectName="plan-epochs")
@@ -150,6 +198,10 @@ class PlanWizard(QWizard):
         self.schedule.setCurrentText(c.schedule)
         self.warmup = QSpinBox(minimum=0, maximum=10**6, value=c.warmup_steps, objectName="plan-warmup")
         self.batch = QSpinBox(minimum=1, maximum=1024, value=c.batch_size, objectName="plan-batch")
+        if self.summary.pairs:      # rows, two per pair: a micro-batch holds whole pairs
+            self.batch.setRange(2, 1024)
+            self.batch.setSingleStep(2)
+            self.batch.setToolTip("rows per micro-batch: each pair is two rows (chosen and rejected)")
         self.accum = QSpinBox(minimum=1, maximum=1024, value=c.grad_accum, objectName="plan-accum")
         self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_sequence_length, value=c.seq_len,
                                 objectName="plan-seq-len")
@@ -188,9 +240,7 @@ class PlanWizard(QWizard):
         layout.addRow(self.warnings)
         self.error = QLabel(objectName="plan-error", wordWrap=True)
         layout.addRow(self.error)
-        elsewhere = QPushButton("Run elsewhere…", objectName="plan-run-elsewhere")
-        elsewhere.setToolTip("Write this run as a job folder for PyTorch + PEFT on accelerate (one GPU, several, a "
-                             "cluster): the same tokens and settings; its adapter opens here")
+        self.elsewhere = elsewhere = QPushButton("Run elsewhere…", objectName="plan-run-elsewhere")
         elsewhere.clicked.connect(self._ask_job_folder)
         layout.addRow(elsewhere)
 
@@ -207,11 +257,13 @@ class PlanWizard(QWizard):
                              seq_len=self.seq_len.value(), epochs=self.epochs.value(),
                              max_steps=self.max_steps.value(), lr=self.lr.value(),
                              schedule=self.schedule.currentText(), warmup_steps=self.warmup.value(),
-                             eval_every=self._eval_every, weights="auto", recompute=None)
+                             eval_every=self._eval_every, weights="auto", recompute=None,
+                             objective=self.objective.currentData(), beta=self.beta.value(),
+                             label_smoothing=self.label_smoothing.value(), orpo_lambda=self.orpo_lambda.value())
         if not adaptive:
             return config
         # The budget phases are fractions of the run (app.plan.adaptive_settings), so they need its length.
-        steps = total_steps(config, self.summary.sequences, self.val_split.value())
+        steps = total_steps(config, self.summary.examples(config), self.val_split.value())
         return dataclasses.replace(config, adaptive_rank=adaptive_settings(self.init_rank.value(),
                                                                            self.target_rank.value(), steps))
 
@@ -225,6 +277,12 @@ class PlanWizard(QWizard):
             self.review_label.setText("")
             return
         self.error.setText("")
+        # The exported job is a supervised training loop (engine.train.job): DPO/ORPO train here only.
+        self.elsewhere.setEnabled(config.objective == "sft")
+        self.elsewhere.setToolTip(
+            "Write this run as a job folder for PyTorch + PEFT on accelerate (one GPU, several, a cluster): the same "
+            "tokens and settings; its adapter opens here" if config.objective == "sft" else
+            f"the job folder trains supervised runs only; {config.objective.upper()} trains here")
         r = review(config, self.spec, self.summary, self.val_split.value(), self.hardware, self.benchmarks,
                    self.backend.currentData(), self.speeds)
         available = (f"GPU memory {_gib(r.device_bytes)}" if r.device_bytes is not None
@@ -235,9 +293,12 @@ class PlanWizard(QWizard):
                   + ("".join(f"{line}<br>" for line in r.plan.lines()) if r.plan is not None else ""))
         eta = f"about {r.eta_s / 60:.1f} min" if r.eta_s is not None and r.eta_s >= 60 else \
             f"about {r.eta_s:.0f} s" if r.eta_s is not None else "unknown"
+        objective = {"sft": "", "dpo": f"DPO (β {config.beta:g}; the reference is the base model, adapter off), ",
+                     "orpo": f"ORPO (λ {config.orpo_lambda:g}), "}[config.objective]
+        pairs = f" ({config.batch_size // 2} pairs)" if config.objective != "sft" else ""
         self.review_label.setText(
-            f"<b>{r.steps:,} steps</b> of {config.batch_size} × {config.grad_accum} × {config.seq_len} tokens, "
-            f"LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
+            f"<b>{r.steps:,} steps</b> of {config.batch_size}{pairs} × {config.grad_accum} × {config.seq_len} "
+            f"tokens, {objective}LoRA r={config.lora.rank} on {', '.join(config.lora.targets)}.<br>"
             + (adaptive_description(config.adaptive_rank, self.spec.layers * len(config.lora.targets)) + "<br>"
                if config.adaptive_rank is not None else "")
             + memory + f"ETA: <b>{eta}</b> ({r.eta_basis}).")

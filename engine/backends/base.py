@@ -130,9 +130,12 @@ class TrainingBackend(ABC):
         """Forward + backward over each (input_ids, labels) micro-batch, then clip, guard and update."""
 
     def preference_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], objective: PreferenceObjective,
-                        lr: float, max_grad_norm: float) -> PendingStep:
+                        lr: float, max_grad_norm: float, reference: Sequence[np.ndarray] | None = None
+                        ) -> PendingStep:
         """One DPO/ORPO step over micro-batches of (input_ids, labels) [2P, T], chosen rows first; the pending
-        result is a PreferenceStepResult."""
+        result is a PreferenceStepResult. `reference`: DPO's reference S per row of each micro-batch ([2P] each,
+        as sequence_logps(..., adapter=False) gives; engine.train.reference caches them), or None: the backend
+        runs the reference pass itself."""
         raise NotImplementedError(f"{self.name}: this backend does not run preference objectives (DPO, ORPO); "
                                   "use the CPU backend (--backend cpu)")
 

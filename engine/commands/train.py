@@ -106,6 +106,10 @@ def add_training_options(p, out_help: str) -> None:
     prefs.add_argument("--label-smoothing", type=float, default=0.0,
                        help="DPO label smoothing in [0, 0.5) (default %(default)s)")
     prefs.add_argument("--orpo-lambda", type=float, default=0.1, help="ORPO lambda (default %(default)s)")
+    prefs.add_argument("--reference-logps", choices=("auto", "cached", "per-step"), default="auto",
+                       help="DPO: the reference's log-probabilities cached once per pair (the reference never "
+                            "changes), or a reference pass every step; auto caches when a pair is seen twice "
+                            "(default %(default)s)")
     data = p.add_argument_group("data and evaluation")
     data.add_argument("--val-split", type=float, default=None,
                       help="fraction of the data held out (default: planned, 0.1 from 50 examples)")
@@ -171,7 +175,7 @@ def config_from_args(args, planned: TrainConfig | None = None) -> TrainConfig:
         eval_every=pick("eval_every"), save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         weights=args.weights, objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
         orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute],
-        adaptive_rank=adaptive_from_args(args))
+        reference_logps=args.reference_logps, adaptive_rank=adaptive_from_args(args))
 
 
 def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig, float]:
@@ -207,7 +211,8 @@ def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig,
     planned, val_split, summary = default_plan(args.data, model_dir, spec, for_gpu)
     val_split = val_split if given_val is None else given_val
     # Warmup and evaluations follow the run's length as given (--steps, --epochs, --batch-size), not the plan's.
-    planned = paced(planned, total_steps(config_from_args(args, planned), summary.sequences, val_split))
+    given = config_from_args(args, planned)
+    planned = paced(planned, total_steps(given, summary.examples(given), val_split))
     config = config_from_args(args, planned)
     log(describe_plan(config, summary, val_split))
     return config, val_split

@@ -8,6 +8,7 @@ as truncated; one left with no completion token in either row is skipped.
     prefs = load_preferences(["pairs.jsonl"], tokenizer, CorpusConfig(seq_len=512, val_fraction=0.1))
     for input_ids, labels in prefs.batches(pairs=4, epoch=e, start_batch=b):   # [2P, T]: chosen rows, then rejected
         ...
+    holds_pairs(["pairs.jsonl"])        # whether files are read as pairs (the corpus dialog and the CLI's plan)
 """
 from __future__ import annotations
 
@@ -49,12 +50,33 @@ class PreferenceCorpus:
     config: CorpusConfig
 
     def preview(self, index: int = 0, split: str = "train") -> dict[str, list[tuple[str, bool]]]:
-        """Pair `index` as {"prompt": [(text, False)], "chosen": [...], "rejected": [...]} for the corpus dialog."""
+        """Pair `index` token by token, for the corpus dialog: {"prompt": [(text, False)], "chosen": [(text,
+        trained)], "rejected": [...]}, one piece per token (the chosen and rejected pieces follow the shared
+        prompt; `trained` is whether the objective counts that token). Built from the ids and labels the
+        trainer gets, truncation included."""
         p = self._split(split)[index]
+        n = p.prompt_tokens
+        return {"prompt": [(text, False) for text in self._token_texts(p.chosen_ids[:n])],
+                "chosen": self._completion(p.chosen_ids, p.chosen_labels, n),
+                "rejected": self._completion(p.rejected_ids, p.rejected_labels, n)}
+
+    def _completion(self, ids: np.ndarray, labels: np.ndarray, prompt: int) -> list[tuple[str, bool]]:
+        texts = self._token_texts(ids, start=prompt)
+        return [(text, bool(label != IGNORE_LABEL)) for text, label in zip(texts, labels[prompt:])]
+
+    def _token_texts(self, ids: np.ndarray, start: int = 0) -> list[str]:
+        """The text each of ids[start:] adds: decoded as prefixes, so a character split across tokens (UTF-8
+        bytes of one emoji) comes out whole at the token that completes it, not as replacement marks."""
         decode = self.tokenizer.decode
-        return {"prompt": [(decode(p.chosen_ids[:p.prompt_tokens]), False)],
-                "chosen": [(decode(p.chosen_ids[p.prompt_tokens:]), True)],
-                "rejected": [(decode(p.rejected_ids[p.prompt_tokens:]), True)]}
+        out, before = [], decode(ids[:start])
+        for end in range(start + 1, len(ids) + 1):
+            text = decode(ids[:end])
+            if text.startswith(before) and not text.endswith("\ufffd"):
+                out.append(text[len(before):])
+                before = text
+            else:           # an incomplete character: shown with the token that completes it
+                out.append("")
+        return out
 
     def batches(self, pairs: int, split: str = "train", shuffle: bool = True, epoch: int = 0,
                 start_batch: int = 0, seed: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -113,6 +135,32 @@ def load_preferences(files: Iterable[str | Path], tokenizer, config: CorpusConfi
                                "few to split: no validation set")
     stats.train, stats.val = _split_stats(train, config.seq_len), _split_stats(val, config.seq_len)
     return PreferenceCorpus(train, val, stats, tok, config)
+
+
+def holds_pairs(files: Iterable[str | Path], config: CorpusConfig | None = None) -> bool:
+    """Whether `files` are a preference corpus: every one a .jsonl/.json file whose first readable record is a
+    pair ('chosen' and 'rejected'). Mixed corpora are read as supervised data, where each pair is skipped with
+    its reason, so nothing is dropped silently."""
+    config = config or CorpusConfig()
+    paths = [Path(f) for f in files]
+    return bool(paths) and all(_first_record_is_pair(p, config) for p in paths)
+
+
+def _first_record_is_pair(path: Path, config: CorpusConfig) -> bool:
+    try:
+        container = container_of(path)
+        if container not in ("jsonl", "json"):
+            return False
+        stream = TextStream(path, config.read_chunk_bytes, lambda n: None)
+        records = (read_jsonl(stream, config.max_line_bytes, config.max_json_depth) if container == "jsonl" else
+                   read_json_array(stream, config.max_line_bytes, config.max_json_depth))
+        try:
+            first = next((r.value for r in records if r.error is None), None)
+        finally:
+            records.close()     # the rest of the file is not read
+    except (OSError, RefusedFile):      # the reading proper says why, per file
+        return False
+    return first is not None and is_pair(first)
 
 
 def _split_stats(pairs: list[Pair], seq_len: int) -> SplitStats:

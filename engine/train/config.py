@@ -8,6 +8,7 @@ from engine.backends.base import MemoryOptions, OptimizerConfig
 from engine.backends.preference import OBJECTIVES, PreferenceObjective
 from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
+from engine.train.reference import REFERENCE_MODES
 from engine.train.schedule import SCHEDULES
 
 
@@ -41,6 +42,10 @@ class TrainConfig:
     beta: float = field(default=0.1, metadata={"help": "DPO β (TRL's default 0.1)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "DPO label smoothing ε in [0, 0.5)"})
     orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO λ, the odds-ratio term's weight (TRL's 0.1)"})
+    reference_logps: str = field(default="auto", metadata={
+        "help": "DPO: the reference's (the base model's) log-probabilities: cached (once per pair, reused: the "
+                "reference never changes) | per-step (a reference forward pass every micro-batch) | auto (cached "
+                "when some pair is seen more than once; engine.train.reference)"})
     weights: str = field(default="f32", metadata={
         "help": "the format the WGSL backend holds the frozen weights in: auto (the memory plan decides), stored "
                 "(as the model file holds them), f32, bf16, f16, q8, q4; the CPU backend computes in f32"})
@@ -65,6 +70,9 @@ class TrainConfig:
             MemoryOptions(weights=self.weights)     # names the choices when it is not one
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        if self.reference_logps not in REFERENCE_MODES:
+            raise ValueError(f"reference-logps {self.reference_logps!r} is unknown; choose from "
+                             f"{', '.join(REFERENCE_MODES)}")
         if self.objective not in ("sft",) + OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is unknown; choose from sft, {', '.join(OBJECTIVES)}")
         if self.objective != "sft":
@@ -72,6 +80,12 @@ class TrainConfig:
             if self.batch_size % 2:
                 raise ValueError(f"batch-size {self.batch_size} with objective {self.objective}: a micro-batch holds "
                                  "whole pairs (a chosen and a rejected row each), so batch-size must be even")
+            if self.lora.dropout > 0:
+                # Refused here, before any reading or building, as well as by both backends' preference steps.
+                raise ValueError(f"lora dropout {self.lora.dropout:g} with objective {self.objective}: the policy's "
+                                 "log-probabilities, the reference's and the gradient are computed in separate "
+                                 "passes, which would see different dropout masks; set lora dropout to 0 for "
+                                 "DPO/ORPO")
         if self.adaptive_rank is not None:
             self._check_adaptive_rank()
 

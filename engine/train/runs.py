@@ -13,6 +13,7 @@ from engine.backends.base import MemoryOptions
 from engine.model.references import resolve_for_adapter
 from engine.train.config import TrainConfig
 from engine.train.lock import RunLock
+from engine.train.reference import describe_reference
 from engine.train.trainer import BackendFactory, Trainer, TrainerCallback
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def _prepare(config, inputs, out_dir, callback, resume, factory, log, corpus_pro
     trainer = Trainer(config, factory or backend_factory(inputs.backend, model_dir, on_choice), train, out_dir,
                       base_model=base_model, val=val, callback=callback, init_state=init_state,
                       resume=checkpoint, card=card, inputs=inputs.to_dict(), lock=lock)
+    if trainer.reference_mode is not None:
+        log(describe_reference(trainer.reference_mode))
     return PreparedRun(trainer, corpus.stats, model_dir, base_model)
 
 

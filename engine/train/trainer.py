@@ -24,6 +24,7 @@ from engine.train.checkpoint import Checkpoint, checkpoint_root, list_checkpoint
 from engine.train.schedule import Schedule
 from engine.train.config import TrainConfig
 from engine.train.lock import RunLock
+from engine.train.reference import ReferenceLogps, choose_reference_mode
 from engine.train.data import Batch, BatchSource
 
 # factory(lora, optim, batch_size, seq_len, seed=, init_state=, memory=MemoryOptions) -> TrainingBackend
@@ -139,17 +140,19 @@ def next_epoch_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31))
 
 
-def eval_preference(backend: TrainingBackend, batches: Sequence[Batch], objective: PreferenceObjective
-                    ) -> tuple[PreferenceLoss, int]:
+def eval_preference(backend: TrainingBackend, batches: Sequence[Batch], objective: PreferenceObjective,
+                    reference_logps: ReferenceLogps | None = None) -> tuple[PreferenceLoss, int]:
     """The objective's loss and reward metrics over every pair of `batches` at once (the policy's and, for DPO,
-    the reference's sequence log-probabilities), and the completion tokens counted."""
+    the reference's sequence log-probabilities: from `reference_logps` when given, a cache, else a pass each),
+    and the completion tokens counted."""
     logps, counts, reference = [], [], []
     for ids, labels in batches:
         s, n = backend.sequence_logps(ids, labels)
         logps.append(s)
         counts.append(n)
         if objective.needs_reference:
-            reference.append(backend.sequence_logps(ids, labels, adapter=False)[0])
+            reference.append(reference_logps(ids, labels) if reference_logps is not None else
+                             backend.sequence_logps(ids, labels, adapter=False)[0])
     counted = join_pairs(counts)
     result = preference_loss(objective, join_pairs(logps), counted, join_pairs(reference) if reference else None)
     return result, int(counted.sum())
@@ -208,6 +211,15 @@ class Trainer:
             self._pos.epoch_seed = next_epoch_seed(self._rng)
         self._init_state = init_state
         self._objective = config.preference_objective()     # None: supervised
+        # DPO's reference log-probabilities: cached per pair or a pass every micro-batch (engine.train.reference);
+        # `reference` is made once the backend is built.
+        self.reference_mode: str | None = None
+        if self._objective is not None and self._objective.needs_reference:
+            evaluations = 0 if not self.val else \
+                1 + ((self.total_steps - 1) // config.eval_every if config.eval_every else 0)
+            self.reference_mode = choose_reference_mode(config.reference_logps, self.total_steps, config.grad_accum,
+                                                        train.batches_per_epoch, evaluations)
+        self.reference: ReferenceLogps | None = None
         self._factory = backend_factory
         self.backend: TrainingBackend | None = None
 
@@ -240,6 +252,10 @@ class Trainer:
                 self.backend = AdaptiveRankBackend(self.backend, adaptive, c.optim, seed=c.seed,
                                                    init=None if self._resume is not None else self._init_state)
             self.card.setdefault("backend", self.backend.name)
+            if self.reference_mode is not None:
+                backend = self.backend
+                self.reference = ReferenceLogps(lambda ids, labels: backend.sequence_logps(ids, labels, False)[0],
+                                                 cached=self.reference_mode == "cached")
             if self._resume is not None:
                 self.backend.load_optimizer_state(self._resume.optimizer_state)
             summary = self._loop()
@@ -290,7 +306,8 @@ class Trainer:
             if self._objective is None:
                 result = self.backend.train_step(micro, lr, c.max_grad_norm)
             else:
-                result = self.backend.preference_step(micro, self._objective, lr, c.max_grad_norm)
+                reference = None if self.reference is None else [self.reference(i, l) for i, l in micro]
+                result = self.backend.preference_step(micro, self._objective, lr, c.max_grad_norm, reference)
             pending.append((self._pos.step + 1, epoch, lr, result))
             self._pos.step += 1
             while len(pending) > 1:       # read results one step late
@@ -386,7 +403,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         if self._objective is not None:
-            result, tokens = eval_preference(self.backend, self.val, self._objective)
+            result, tokens = eval_preference(self.backend, self.val, self._objective, self.reference)
             self._last_eval = (self._pos.step, result.loss)
             self.callback.on_eval(EvalEvent(self._pos.step, result.loss, math.nan, tokens, self._elapsed(),
                                             result.reward_margin, result.reward_accuracy))
@@ -469,8 +486,10 @@ class Trainer:
                 f" (perplexity {summary.eval_perplexity:.3f})" if summary.eval_perplexity is not None else "")
         if self._objective is not None:
             o = self._objective
+            how = "its log-probabilities cached per pair" if self.reference_mode == "cached" else \
+                "a forward pass every step"
             card["objective"] = f"dpo, beta {o.beta:g}, label smoothing {o.label_smoothing:g}, reference: the base " \
-                                "model (adapter off)" if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
+                                f"model (adapter off), {how}" if o.name == "dpo" else f"orpo, lambda {o.orpo_lambda:g}"
         if c.adaptive_rank is not None:
             a = c.adaptive_rank
             card["adaptive rank"] = (f"AdaLoRA, init_r {a.init_r} -> target_r {a.target_r}, tinit {a.tinit}, "

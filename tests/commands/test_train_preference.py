@@ -58,6 +58,12 @@ def test_preference_options_are_refused_clearly(tiny_llama_dir, tmp_path, capsys
     assert "packing" in capsys.readouterr().err
     assert main(base + ["--objective", "dpo", "--label-smoothing", "0.7", "--batch-size", "2"]) == 2
     assert "label_smoothing must be a number in [0, 0.5)" in capsys.readouterr().err
+    # LoRA dropout: the policy, reference and gradient passes would see different masks; refused before reading.
+    for objective in ("dpo", "orpo"):
+        assert main(base + ["--objective", objective, "--batch-size", "2", "--dropout", "0.1"]) == 2
+        err = capsys.readouterr().err
+        assert f"lora dropout 0.1 with objective {objective}" in err and "set lora dropout to 0" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_dpo_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, capsys):
@@ -77,3 +83,18 @@ def test_a_dpo_run_resumes_to_the_same_adapter(tiny_llama_dir, tmp_path, capsys)
     resumed = load_file(tmp_path / "a" / "adapter_model.safetensors")
     for key, value in straight.items():
         np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
+
+
+def test_what_is_not_given_is_planned_from_the_pairs(tiny_llama_dir, tmp_path, capsys):
+    """Batch size, lr, epochs and warmup left out: the plan reads the file as pairs (an even batch of whole pairs,
+    the peers' DPO learning rate), and the log says which reference the run uses."""
+    from engine.train.recommend import SMALL_MODEL_PREFERENCE_LR
+
+    data = preference_file(tmp_path / "pairs.jsonl", n=6)
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "a"),
+                 "--objective", "dpo", "--steps", "2", "--rank", "4", "--alpha", "8", "--backend", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "plan from the data: 6 preference pairs" in err and f"lr {SMALL_MODEL_PREFERENCE_LR:g}" in err
+    assert "DPO reference: the base model (adapter off), a forward pass for every micro-batch" in err
+    card = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    assert "reference: the base model (adapter off), a forward pass every step" in card

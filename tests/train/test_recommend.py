@@ -62,6 +62,38 @@ def test_the_reviewed_steps_are_the_steps_the_run_makes(tiny_llama_dir, tmp_path
         assert prepared.trainer.total_steps == total_steps(config, summary.sequences, split)
 
 
+def test_a_preference_corpus_is_planned_as_dpo_with_the_peers_defaults_and_the_run_makes_the_reviewed_steps(
+        tiny_llama_dir, tmp_path):
+    """Pairs count as the plan's examples (a micro-batch holds whole pairs, two rows each): β 0.1, λ 0.1 and a
+    learning rate from the peers' 5e-6..5e-5, and the steps the review shows are the run's, whatever the split."""
+    from dataclasses import replace
+
+    from engine.corpus import CorpusConfig, load_tokenizer
+    from engine.corpus.preferences import holds_pairs, load_preferences
+    from engine.train.recommend import PREFERENCE_LR, SMALL_MODEL_PREFERENCE_LR, preference_lr, summarize_corpus
+    from engine.train.runs import RunInputs, prepare_run
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Yes, {i} indeed.",
+                                        "rejected": f"No {i}."}) + "\n" for i in range(23)))
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "plain"}) + "\n")
+    assert holds_pairs([data]) and not holds_pairs([text]) and not holds_pairs([data, text])
+    corpus = load_preferences([data], load_tokenizer(tiny_llama_dir), CorpusConfig(seq_len=64, val_fraction=0.2))
+    summary = summarize_corpus(corpus)
+    assert summary.pairs == 23 and summary.sequences == 46
+    spec = load_model_spec(tiny_llama_dir)
+    config, val_split = recommend(summary, spec, has_hardware_gpu=False)
+    assert (config.objective, config.beta, config.orpo_lambda, val_split) == ("dpo", 0.1, 0.1, 0.2)
+    assert config.batch_size % 2 == 0 and config.lr == SMALL_MODEL_PREFERENCE_LR == preference_lr(spec)
+    assert 5e-6 <= PREFERENCE_LR <= SMALL_MODEL_PREFERENCE_LR <= 5e-5
+    for split, accum in ((val_split, 1), (0.3, 2), (0.0, 3)):
+        planned = replace(config, grad_accum=accum)
+        prepared = prepare_run(planned, RunInputs(model=str(tiny_llama_dir), data=(str(data),), val_split=split,
+                                                  backend="cpu"), tmp_path / f"out{split}-{accum}")
+        assert prepared.trainer.total_steps == total_steps(planned, summary.examples(planned), split)
+
+
 def test_advice_when_the_loss_is_still_high_or_falling():
     config = TrainConfig(epochs=3, lr=2e-4)
     falling = [3.0 - 0.05 * i for i in range(40)]
@@ -72,6 +104,8 @@ def test_advice_when_the_loss_is_still_high_or_falling():
     assert training_advice([1.5] + [0.05] * 29, config) == []           # learned
     assert training_advice(falling, config, stopped=True) == []         # stopped early: nothing to judge
     assert "steps 50 -> 100" in training_advice(falling, TrainConfig(max_steps=50))[1]
+    # A DPO loss is not a cross-entropy (it starts at ln 2 whatever the data): no under-fit advice from it.
+    assert training_advice([0.69] * 30, TrainConfig(objective="dpo", batch_size=2)) == []
 
 
 def _train_args(argv):

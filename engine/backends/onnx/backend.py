@@ -205,7 +205,8 @@ class OnnxBackend(TrainingBackend):
         return logps[:b], counts[:b]
 
     def _preference_accumulate(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
-                               objective: PreferenceObjective) -> tuple[PreferenceLoss, int, bool]:
+                               objective: PreferenceObjective, reference: Sequence[np.ndarray] | None = None
+                               ) -> tuple[PreferenceLoss, int, bool]:
         """Forward passes for every row's S (and the reference's, DPO), the loss and ∂L/∂S on the host
         (engine.backends.preference), then the training graph with each labelled row weighted by −∂L/∂S of
         its row: the gradient of Σ w·CE is then exactly dL/dθ, left in self._grads. Returns (loss and metrics,
@@ -217,10 +218,13 @@ class OnnxBackend(TrainingBackend):
                              "measures log-probabilities and gradients in separate passes, which would see different "
                              "dropout masks; set lora dropout to 0 for DPO/ORPO")
         measured = [self.sequence_logps(ids, labels) for ids, labels in micro_batches]
-        reference = None
-        if objective.needs_reference:
+        if not objective.needs_reference:
+            reference = None
+        elif reference is None:
             reference = join_pairs([self.sequence_logps(ids, labels, adapter=False)[0]
                                     for ids, labels in micro_batches])
+        else:
+            reference = join_pairs(list(reference))
         counts = join_pairs([c for _, c in measured])
         result = preference_loss(objective, join_pairs([s for s, _ in measured]), counts, reference)
         tokens = int(counts.sum())
@@ -244,8 +248,9 @@ class OnnxBackend(TrainingBackend):
         return result, tokens, {n: g.copy() for n, g in self._grads.items()}
 
     def preference_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
-                        objective: PreferenceObjective, lr: float, max_grad_norm: float) -> PendingStep:
-        result, tokens, finite = self._preference_accumulate(micro_batches, objective)
+                        objective: PreferenceObjective, lr: float, max_grad_norm: float,
+                        reference: Sequence[np.ndarray] | None = None) -> PendingStep:
+        result, tokens, finite = self._preference_accumulate(micro_batches, objective, reference)
         norm = global_grad_norm(self._grads.values()) if finite else float("nan")
         skipped = not (finite and np.isfinite(norm))
         if not skipped:

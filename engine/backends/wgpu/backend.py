@@ -208,7 +208,8 @@ class WgpuBackend(TrainingBackend):
         ce = ce.reshape(self.batch_size, self.seq_len)[:b, :t].astype(np.float64)
         return -np.where(counted, ce, 0.0).sum(1), counted.sum(1).astype(np.int64)
 
-    def _preference_passes(self, micro_batches, objective: PreferenceObjective) -> tuple[PreferenceLoss, int]:
+    def _preference_passes(self, micro_batches, objective: PreferenceObjective, reference=None
+                           ) -> tuple[PreferenceLoss, int]:
         """The loss and ∂L/∂S on the host (engine.backends.preference) from forward passes, then forward + LM
         head + backward per micro-batch with row_weight = −∂L/∂S of each row, so lora_grads receives dL/dθ;
         stats[0] then holds the objective's loss for the optimizer's non-finite guard."""
@@ -220,9 +221,12 @@ class WgpuBackend(TrainingBackend):
         if not batches:
             raise ValueError("a step needs at least one (input_ids, labels) micro-batch")
         measured = [self.sequence_logps(ids, labels) for ids, labels in batches]
-        reference = None
-        if objective.needs_reference:
+        if not objective.needs_reference:
+            reference = None
+        elif reference is None:
             reference = join_pairs([self.sequence_logps(ids, labels, adapter=False)[0] for ids, labels in batches])
+        else:                   # given per micro-batch (engine.train.reference)
+            reference = join_pairs(list(reference))
         counts = join_pairs([c for _, c in measured])
         result = preference_loss(objective, join_pairs([s for s, _ in measured]), counts, reference)
         tokens = int(counts.sum())
@@ -257,11 +261,11 @@ class WgpuBackend(TrainingBackend):
         return result, tokens, grads
 
     def preference_step(self, micro_batches, objective: PreferenceObjective, lr: float,
-                        max_grad_norm: float) -> PendingStep:
+                        max_grad_norm: float, reference=None) -> PendingStep:
         """Synchronous: the host needs every row's log-probability before the backward can be weighted."""
         if not lr >= 0 or not max_grad_norm >= 0:
             raise ValueError(f"lr and max_grad_norm must be >= 0, got {lr}, {max_grad_norm}")
-        result, tokens = self._preference_passes(micro_batches, objective)
+        result, tokens = self._preference_passes(micro_batches, objective, reference)
         self.optimizer.set_hyper(lr, max_grad_norm)
         enc = self.ctx.encoder("preference_update")
         self.grad_norm.encode(enc)

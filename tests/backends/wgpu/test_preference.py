@@ -79,3 +79,25 @@ def test_dropout_is_refused_for_preference_steps(tiny_llama_dir, gpu_device):
     with backend(tiny_llama_dir, gpu_device, lora=LoraConfig(rank=4, alpha=8, dropout=0.1)) as be:
         with pytest.raises(ValueError, match="set lora dropout to 0"):
             be.preference_step([(ids, labels)], PreferenceObjective(), 1e-3, 1.0)
+
+
+def test_a_cached_reference_gives_the_step_a_reference_pass_gives(tiny_llama_dir, gpu_device):
+    """engine.train.reference keeps each row's reference S from the micro-batch it was first seen in; on the WGSL
+    backend a row's S must not depend on the other rows of its micro-batch, so the cached step is identical."""
+    from engine.train.reference import ReferenceLogps
+
+    spec = load_model_spec(tiny_llama_dir)
+    ids, labels = random_pairs(spec.vocab_size, 2, SEQ, seed=8)
+    swapped = [1, 0, 3, 2]                       # the same pairs, in the other order
+    objective = PreferenceObjective("dpo", beta=0.5)
+    state = random_lora_state(spec, LORA, seed=9, b_scale=0.3)
+    with backend(tiny_llama_dir, gpu_device, state) as first, backend(tiny_llama_dir, gpu_device, state) as second:
+        cache = ReferenceLogps(lambda i, lab: first.sequence_logps(i, lab, adapter=False)[0], cached=True)
+        cache(ids[swapped], labels[swapped])
+        reference = cache(ids, labels)
+        assert cache.passes == 1
+        got = first.preference_step([(ids, labels)], objective, 2e-2, 1.0, reference=[reference]).result()
+        want = second.preference_step([(ids, labels)], objective, 2e-2, 1.0).result()
+        got_state, want_state = first.lora_state(), second.lora_state()
+    assert (got.loss, got.reward_margin, got.grad_norm) == (want.loss, want.reward_margin, want.grad_norm)
+    assert all(np.array_equal(got_state[k], want_state[k]) for k in want_state)
