@@ -9,6 +9,7 @@ from engine.model.spec import ModelSpec
 from engine.model.weight_formats import WeightFormat, to_gpu_layout
 from engine.model.weights import WeightSource
 from engine.backends.wgpu.buffers import FormatOf, FrozenTensor, HeldWeight, LayerWeights, all_f32, frozen_layout
+from engine.backends.wgpu.kernels.linear_f16 import F16_FORMATS, held_abs_max
 
 
 
@@ -40,8 +41,12 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
             if key == "final_norm" and spec.logits_scale != 1.0:
                 raw = raw / np.float32(spec.logits_scale)
             return ctx.upload(to_gpu_layout(raw, tensor.format, tensor.shape), hf_name)
-        buffer = upload(hf_name, source.as_format(hf_name, tensor.format), tensor, hf_name)
-        return HeldWeight(buffer, tensor.format) if len(tensor.shape) == 2 else buffer
+        raw = source.as_format(hf_name, tensor.format)
+        buffer = upload(hf_name, raw, tensor, hf_name)
+        if len(tensor.shape) != 2:
+            return buffer
+        abs_max = held_abs_max(raw, tensor.format) if tensor.format in F16_FORMATS else None
+        return HeldWeight(buffer, tensor.format, abs_max)
 
     def pieces(prefix: str, hf_name: str) -> list:
         """A vocabulary table in row pieces that each fit one storage binding, read and converted once."""

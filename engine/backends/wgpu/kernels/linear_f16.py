@@ -33,7 +33,6 @@ from engine.model.weight_formats import WeightFormat
 
 F16_WEIGHT_LIMIT = 15.0        # max |w| of a weight multiplied in f16 (see the module docstring)
 F16_FORMATS = (WeightFormat.F16, WeightFormat.BF16)
-MATH_CHOICES = ("f32", "f16")  # MemoryOptions.math: the frozen products' arithmetic
 
 
 def held_abs_max(raw: np.ndarray, fmt: WeightFormat) -> float:
