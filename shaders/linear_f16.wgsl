@@ -159,7 +159,8 @@ fn row_scales(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let m = wg.y * nwg.x + wg.x;
     var biggest = 0.0;
     if (m < params.M) {
-        for (var k = li; k < params.K; k += 256u) { biggest = max(biggest, abs(a_elem(params.a_off + m * params.lda + k))); }
+        let row = params.a_off + m * params.lda;
+        for (var k = li; k < params.K; k += 256u) { biggest = max(biggest, abs(a_elem(row + k))); }
     }
     row_max[li] = biggest;
     workgroupBarrier();

@@ -303,7 +303,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
               "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),
-              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "row_scale": (BT,), "stats": (STATS_FLOATS,),
+              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "row_scale": (BT,),
+              "stats": (STATS_FLOATS,),
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))

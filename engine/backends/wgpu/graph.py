@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from engine.backends.wgpu.kernels.embedding import Embedding
 from engine.backends.wgpu.kernels.linear import Linear
+from engine.backends.wgpu.kernels.linear_f16 import LinearF16, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import LmHead
 from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
 from engine.backends.wgpu.kernels.residual import ResidualAdd
@@ -99,10 +100,12 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         out_f, in_f = spec.projection_shape(target)
         # Granite multiplies the residual branches (o_proj's and down_proj's whole output, LoRA included).
         scale = spec.residual_scale if target in ("o_proj", "down_proj") else 1.0
-        proj[target] = Linear(ctx, y, x, weight[target].buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
-                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}",
-                              weight_format=weight[target].format, scale=scale, math=math, row_scale=s.row_scale,
-                              weight_abs_max=weight[target].abs_max)
+        held = weight[target]
+        f16 = math == "f16" and f16_math_ok(held.format, held.abs_max)
+        extra = {"row_scale": s.row_scale} if f16 else {}
+        proj[target] = (LinearF16 if f16 else Linear)(
+            ctx, y, x, held.buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx, accumulate_dx=accumulate,
+            partials=s.split_k, label=f"{name}.{target}", weight_format=held.format, scale=scale, **extra)
         if target in lora.targets:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(

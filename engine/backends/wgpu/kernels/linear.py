@@ -226,39 +226,28 @@ class Linear:
 
     x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
     of few rows (small batches) are split over K to keep a large GPU busy. weight_format: how W is stored
-    (upload_weight); activations, bias and outputs stay f32.
-
-    math "f16": both products multiply in half precision (kernels.linear_f16, with `row_scale` its [M] scratch)
-    where linear_f16.f16_math_ok(weight_format, weight_abs_max) allows; any other weight keeps the f32 GEMM
-    (`self.math` says which one runs).
+    (upload_weight); activations, bias and outputs stay f32. (kernels.linear_f16.LinearF16: the same layer
+    multiplying in half precision.)
     """
+    math = "f32"   # the arithmetic of both products
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
                  dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
-                 weight_format: WeightFormat | str = WeightFormat.F32, scale: float = 1.0, math: str = "f32",
-                 row_scale=None, weight_abs_max: float | None = None):
-        from engine.backends.wgpu.kernels.linear_f16 import MatmulF16, f16_math_ok
-
+                 weight_format: WeightFormat | str = WeightFormat.F32, scale: float = 1.0):
         if scale != 1.0 and bias is not None:
             raise ValueError(f"{label}: a scaled projection with a bias would leave the bias unscaled")
-        if math not in ("f32", "f16"):
-            raise ValueError(f"{label}: math {math!r} is unknown; choose f32 or f16")
-        weight_format = WeightFormat.parse(weight_format)
-        self.math = "f16" if math == "f16" and f16_math_ok(weight_format, weight_abs_max) else "f32"
-        if self.math == "f16" and row_scale is None:
-            raise ValueError(f"{label}: f16 math needs a row_scale scratch of {M} floats")
-
-        def product(c, a, shape, **kw):
-            if self.math == "f16":
-                return MatmulF16(ctx, c, a, weight, shape, row_scale, b_format=weight_format, **kw)
-            return Matmul(ctx, c, a, weight, shape, b_format=weight_format, **kw)
-
-        self.forward = product(out, x, GemmShape(M, out_features, in_features, trans_b=True), alpha=scale,
-                               bias=bias, partials=partials, label=f"{label}.fwd")
+        self.forward = self.product(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
+                                    alpha=scale, bias=bias, partials=partials, label=f"{label}.fwd",
+                                    b_format=weight_format)
         self.backward = None
         if dy is not None and dx is not None:
-            self.backward = product(dx, dy, GemmShape(M, in_features, out_features), alpha=scale,
-                                    beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd")
+            self.backward = self.product(ctx, dx, dy, weight, GemmShape(M, in_features, out_features), alpha=scale,
+                                         beta=1.0 if accumulate_dx else 0.0, partials=partials,
+                                         label=f"{label}.bwd", b_format=weight_format)
+
+    def product(self, ctx, c, a, b, shape: GemmShape, **kw):
+        """The GEMM of one of the two products (LinearF16 overrides it)."""
+        return Matmul(ctx, c, a, b, shape, **kw)
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)

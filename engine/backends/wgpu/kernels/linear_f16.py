@@ -24,6 +24,7 @@ from engine.backends.wgpu.kernels.linear import (
     TILE_N,
     TILES,
     GemmShape,
+    Linear,
     _vec_binding,
     choose_tile,
     pack_gemm_params,
@@ -120,3 +121,16 @@ class MatmulF16:
         enc.dispatch(self.pipeline, self.bind_group, *self.groups)
         if self.reduce is not None:
             enc.dispatch(self.reduce, self.reduce_bg, *self.reduce_groups)
+
+
+class LinearF16(Linear):
+    """linear.Linear (the frozen projection and its input gradient) with both products multiplied in half
+    precision; `row_scale`: MatmulF16's [M] scratch. Build it only where f16_math_ok(weight_format, max |w|)."""
+    math = "f16"
+
+    def __init__(self, ctx: GpuContext, *args, row_scale, **kw):
+        self.row_scale = row_scale
+        super().__init__(ctx, *args, **kw)
+
+    def product(self, ctx, c, a, b, shape: GemmShape, **kw):
+        return MatmulF16(ctx, c, a, b, shape, self.row_scale, **kw)
