@@ -5,7 +5,8 @@ forward and input-grad, LoRA u / dA / dB, LM head chunks) for SmolLM2-135M at B�
 Qwen3-0.6B and Llama-3.2-1B at B·T = 512 and 4096. Each product runs as the engine dispatches it ("auto": tile and
 split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16,
 and multiplied in half precision (shaders/linear_f16.wgsl, "auto_f16math": f16 weights, its row-scale pass
-included). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split). Every timing is
+included). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too, whose
+tile choice is the f32 GEMM's until these say otherwise). Every timing is
 guarded (an error is recorded in its place). Prints one JSON object (and each row on stderr as it is done).
     python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...]
 """
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
         if args.tiles:
             for rows, cols in TILES:
                 row[f"{rows}x{cols}"] = time_ours(ctx, ops, shape, (rows, cols), None)
+                if row_scale is not None and frozen and not shape.trans_a:
+                    row[f"f16math {rows}x{cols}"] = time_ours(ctx, ops, shape, (rows, cols), None, "f16", row_scale)
             if group == "issue 16":
                 row["auto_group_m1"] = time_ours(ctx, ops, shape, None, partials, group_m=1)
         if torch_run:

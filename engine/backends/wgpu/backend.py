@@ -95,7 +95,7 @@ class WgpuBackend(TrainingBackend):
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
         self.weight_choice = weights
         format_of = formats_for(weights, {n: t.format for n, t in source.stored().items()})
-        self.weights = upload_weights(ctx, spec, source, limit, format_of)
+        self.weights = upload_weights(ctx, spec, source, limit, format_of, abs_max=math == "f16")
         self.acts = allocate_activations(ctx, spec, lora, batch_size, seq_len, self.recompute)
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit, self.weights.vocab_format)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,

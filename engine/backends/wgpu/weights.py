@@ -23,9 +23,10 @@ class ModelWeights:
 
 
 def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes: int,
-                   format_of: FormatOf = all_f32) -> ModelWeights:
+                   format_of: FormatOf = all_f32, abs_max: bool = False) -> ModelWeights:
     """Upload the model's frozen tensors, read one at a time from `source` and converted to the format
-    `format_of` holds each in (engine.model.weight_formats' GPU layout), as the engine's weight buffers."""
+    `format_of` holds each in (engine.model.weight_formats' GPU layout), as the engine's weight buffers.
+    `abs_max`: also find max |w| of every matrix held f16/bf16 (HeldWeight.abs_max: what math f16 checks)."""
     layout = frozen_layout(spec, max_binding_bytes, format_of)
 
     def upload(hf_name: str, raw: np.ndarray, tensor: FrozenTensor, label: str):
@@ -45,8 +46,8 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
         buffer = upload(hf_name, raw, tensor, hf_name)
         if len(tensor.shape) != 2:
             return buffer
-        abs_max = held_abs_max(raw, tensor.format) if tensor.format in F16_FORMATS else None
-        return HeldWeight(buffer, tensor.format, abs_max)
+        largest = held_abs_max(raw, tensor.format) if abs_max and tensor.format in F16_FORMATS else None
+        return HeldWeight(buffer, tensor.format, largest)
 
     def pieces(prefix: str, hf_name: str) -> list:
         """A vocabulary table in row pieces that each fit one storage binding, read and converted once."""

@@ -39,18 +39,19 @@ F16_FORMATS = (WeightFormat.F16, WeightFormat.BF16)
 def held_abs_max(raw: np.ndarray, fmt: WeightFormat) -> float:
     """max |w| of a weight from its stored bytes (uint8 [rows, bytes per row] as WeightSource.as_format gives),
     for f16 and bf16; inf when any value is not finite (such a weight never takes f16 math)."""
-    data = np.ascontiguousarray(raw).view(np.uint16).ravel()
-    if fmt == WeightFormat.F16:
-        values = data.view(np.float16).astype(np.float32)
-    elif fmt == WeightFormat.BF16:
-        values = (data.astype(np.uint32) << 16).view(np.float32)
-    else:
+    if fmt not in F16_FORMATS:
         raise ValueError(f"held_abs_max reads f16 and bf16 weights, not {fmt.name.lower()}")
-    if values.size == 0:
+    data = np.ascontiguousarray(raw).view(np.uint16).ravel()
+    if data.size == 0:
         return 0.0
-    if not np.isfinite(values).all():
+    # Sign-magnitude: without the sign bit, the bits of finite values order as their magnitudes do, so one
+    # integer pass finds the largest (billions of weights at load); an all-ones exponent is inf or NaN.
+    top = int((data & 0x7FFF).max())
+    if top >= (0x7C00 if fmt == WeightFormat.F16 else 0x7F80):
         return float("inf")
-    return float(np.abs(values).max())
+    if fmt == WeightFormat.F16:
+        return float(np.array([top], np.uint16).view(np.float16)[0])
+    return float(np.array([top << 16], np.uint32).view(np.float32)[0])
 
 
 def f16_math_ok(fmt: WeightFormat, abs_max: float | None) -> bool:
