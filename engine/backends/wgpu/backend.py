@@ -378,9 +378,10 @@ class WgpuBackend(TrainingBackend):
         return self._bytes
 
     def f16_products(self) -> list[str]:
-        """Labels of the projections whose frozen products run in half precision (math f16)."""
+        """Labels of the projections (and "lm_head") whose frozen products run in half precision (math f16)."""
+        head = ["lm_head"] if self.model.lm_head.math == "f16" else []
         return [f"layers.{i}.{target}" for i, layer in enumerate(self.model.layers)
-                for target, linear in layer.proj.items() if linear.math == "f16"]
+                for target, linear in layer.proj.items() if linear.math == "f16"] + head
 
     def close(self) -> None:
         for slot, pending in enumerate(self._pending):

@@ -52,8 +52,8 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
                 recompute: bool = False, math: str = "f32") -> ModelKernels:
     """`acts`: one LayerActivations per layer (buffers.allocate_activations); with `recompute` they share all
     but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward.
-    `math` "f16": the seven projections' frozen products in half precision where their weights allow (Linear);
-    LoRA products, weight gradients and the LM head stay f32."""
+    `math` "f16": the seven projections' and the LM head's frozen products in half precision where their
+    weights allow (LinearF16, LmHead); LoRA products and their gradients stay f32."""
     BT, C = B * T, spec.hidden
     embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format, scale=spec.embed_scale)
     layers = []
@@ -63,7 +63,8 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, s.row_weight, weights.lm_head,
-                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
+                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format, math=math,
+                  row_scale=s.row_scale, abs_max=weights.vocab_abs_max)
     return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 

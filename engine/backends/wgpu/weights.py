@@ -20,6 +20,7 @@ class ModelWeights:
     vocab_format: WeightFormat  # what the embedding and LM head pieces hold
     final_norm: object          # [C]
     layers: list                # [LayerWeights] × L
+    vocab_abs_max: float | None = None   # max |w| of the LM head's table when held f16/bf16 and asked (math f16)
 
 
 def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes: int,
@@ -49,11 +50,16 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
         largest = held_abs_max(raw, tensor.format) if abs_max and tensor.format in F16_FORMATS else None
         return HeldWeight(buffer, tensor.format, largest)
 
+    largest = {}   # hf_name -> max |w| of a vocabulary table held f16/bf16 (with abs_max)
+
     def pieces(prefix: str, hf_name: str) -> list:
         """A vocabulary table in row pieces that each fit one storage binding, read and converted once."""
         keys = [k for k in layout if k.startswith(prefix + ".")]
         source.require(hf_name, (spec.vocab_size, spec.hidden))
-        table = source.as_format(hf_name, layout[keys[0]].format)      # [V, bytes per row]: rows stay whole
+        fmt = layout[keys[0]].format
+        table = source.as_format(hf_name, fmt)      # [V, bytes per row]: rows stay whole
+        if abs_max and fmt in F16_FORMATS:
+            largest[hf_name] = held_abs_max(table, fmt)
         out = []
         for key in keys:
             v0, rows = int(key.rsplit(".", 1)[1]), layout[key].shape[0]
@@ -69,4 +75,6 @@ def upload_weights(ctx, spec: ModelSpec, source: WeightSource, max_binding_bytes
         own = [k[len(prefix):] for k in layout if k.startswith(prefix)]
         tensors = {name: take(layer_tensor(layer, name, spec.post_norms), prefix + name) for name in own}
         layers.append(LayerWeights(**{"ln1": None, "ln2": None, **tensors}))   # OLMo 2 has neither norm
-    return ModelWeights(embed, lm_head, vocab_format, take(FINAL_NORM_WEIGHT, "final_norm"), layers)
+    head_name = EMBED_WEIGHT if spec.tied_embeddings else LM_HEAD_WEIGHT
+    return ModelWeights(embed, lm_head, vocab_format, take(FINAL_NORM_WEIGHT, "final_norm"), layers,
+                        largest.get(head_name))
