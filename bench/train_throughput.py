@@ -119,7 +119,7 @@ def _peft_steps(spec, lora, batch_size, seq_len, steps, mode, device, target_sec
         torch.cuda.reset_peak_memory_stats()
     warm = time.perf_counter() - start
     if target_seconds:
-        steps = max(2, min(steps, int(target_seconds / warm)))
+        steps = max(min(2, steps), min(steps, int(target_seconds / warm)))
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -118,7 +118,7 @@ def training_throughput(ctx: GpuContext, spec: ModelSpec, lora: LoraConfig, batc
                         target_seconds: float | None = None) -> dict:
     """Tokens/s, ms/step and engine memory of full training steps (after one warm-up step), with the frozen
     weights held as `weights` and multiplied in `math` (WgpuBackend's options). `target_seconds`: time fewer
-    than `steps` steps (at least 2) where the warm-up step says `steps` would take longer."""
+    than `steps` steps (at least 2, or `steps` if fewer) where the warm-up step says `steps` would take longer."""
     from engine.backends.wgpu.backend import WgpuBackend
 
     rng = np.random.default_rng(seed)
@@ -131,7 +131,7 @@ def training_throughput(ctx: GpuContext, spec: ModelSpec, lora: LoraConfig, batc
         backend.train_step(batch, 1e-4, 1.0).result()     # warm-up: pipelines compiled, caches filled
         warm = time.perf_counter() - start
         if target_seconds:
-            steps = max(2, min(steps, int(target_seconds / warm)))
+            steps = max(min(2, steps), min(steps, int(target_seconds / warm)))
         start = time.perf_counter()
         pending = [backend.train_step(batch, 1e-4, 1.0) for _ in range(steps)]
         last = pending[-1].result()
