@@ -3,10 +3,10 @@ enable f16;
 // (+ beta · C), with A f32 activations and B a frozen weight held f16 or bf16.
 //   forward          y  = x · Wᵀ     A = x [M, K],  B = W [N, K] read transposed (TRANS_B)
 //   input gradient   dx = dy · W     A = dy [M, N], B = W [N, K] as stored
-// The f32 GEMM (linear.wgsl) stays the reference and computes every other product (LoRA, weight gradients).
+// The f32 GEMM (linear.wgsl) stays the reference and computes every other product (LoRA and its gradients).
 // A second file because `enable f16;` must open a module and cannot depend on an override constant; the adapter
-// needs "shader-f16" (GpuContext.has_f16), and Linear only picks this family where engine.backends.wgpu.kernels.
-// linear_f16.f16_math_ok says the weight fits (module docstring there).
+// needs "shader-f16" (GpuContext.has_f16); with math f16 the projections (LinearF16) and the LM head use this
+// family only where engine.backends.wgpu.kernels.linear_f16.f16_math_ok says the weight fits (docstring there).
 //
 // Numerics. Per K step (BK = 16) each invocation multiplies f16 operands with vec4<f16> FMAs (packed two per
 // instruction where the GPU has it) into f16 partial sums, and adds those into f32 accumulators at the end of
