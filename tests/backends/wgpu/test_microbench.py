@@ -71,7 +71,7 @@ def test_tuning_benches_quick_print_json(script):
         lines = [json.loads(line) for line in out.stdout.splitlines()]
         assert lines[0]["machine"]["adapter"] and lines[-1]["done"]
         rows = lines[1:-1]
-        assert [(r["config"], r["f16_products"]) for r in rows] == [("f32/f32", 0), ("bf16/f16", 14)]
+        assert [(r["config"], r["f16_products"]) for r in rows] == [("f32/f32", 0), ("bf16/f16", 15)]   # 7·2 + head
         phases = ("forward", "forward_frozen_linears", "attention_forward", "lm_head", "backward",
                   "backward_frozen_linears", "backward_lora", "attention_backward", "optimizer")
         assert all(r[p]["ms"] > 0 and r[p]["dispatches"] > 0 for r in rows for p in phases)
