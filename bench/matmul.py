@@ -3,8 +3,11 @@
 Products: the big square-ish shapes of issue 16, and every product of a training step (frozen projections
 forward and input-grad, LoRA u / dA / dB, LM head chunks) for SmolLM2-135M at B·T = 512·{1, 8, 32} and for
 Qwen3-0.6B and Llama-3.2-1B at B·T = 512 and 4096. Each product runs as the engine dispatches it ("auto": tile and
-split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16.
-With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split). Prints one JSON object.
+split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16,
+and multiplied in half precision (shaders/linear_f16.wgsl, "auto_f16math": f16 weights, its row-scale pass
+included). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too, whose
+tile choice is the f32 GEMM's until these say otherwise). Every timing is
+guarded (an error is recorded in its place). Prints one JSON object (and each row on stderr as it is done).
     python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...]
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np  # noqa: E402
 from engine.backends.wgpu.context import GpuContext  # noqa: E402
 from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_PARTIAL_FLOATS, TILES, GemmShape,  # noqa: E402
                                                  Matmul, pack_weight, widen_weight)
+from engine.backends.wgpu.kernels.linear_f16 import MatmulF16  # noqa: E402
 from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
 
 # (hidden, q_dim, kv_dim, intermediate, vocab) of the model shapes the issue names
@@ -80,9 +84,22 @@ class Operands:
                   "bf16": ctx.upload(pack_weight(b, "bf16"), "bench.bbf16")}
 
 
-def time_ours(ctx, ops: Operands, shape: GemmShape, tile, partials, b_format: str = "f32", **kw) -> dict:
+def time_ours(ctx, ops: Operands, shape: GemmShape, tile, partials, b_format: str = "f32", row_scale=None,
+              **kw) -> dict:
+    """Our product timed; with `row_scale` (a scratch of M floats) in half-precision math (MatmulF16)."""
+    try:
+        return _time_ours(ctx, ops, shape, tile, partials, b_format, row_scale, **kw)
+    except Exception as exc:  # noqa: BLE001 — one failing variant must not lose the rest of the run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _time_ours(ctx, ops: Operands, shape: GemmShape, tile, partials, b_format, row_scale, **kw) -> dict:
     c = ctx.buffer(4 * shape.M * shape.N, "bench.c")
-    mm = Matmul(ctx, c, ops.a, ops.b[b_format], shape, tile=tile, partials=partials, b_format=b_format, **kw)
+    if row_scale is not None:
+        mm = MatmulF16(ctx, c, ops.a, ops.b[b_format], shape, row_scale, tile=tile, partials=partials,
+                       b_format=b_format, **kw)
+    else:
+        mm = Matmul(ctx, c, ops.a, ops.b[b_format], shape, tile=tile, partials=partials, b_format=b_format, **kw)
     flops = 2.0 * shape.M * shape.N * shape.K
     first = time_matmul(ctx, mm, c, 3) / 3
     repeats = int(min(500, max(3, TARGET_SECONDS / max(first, 1e-6))))
@@ -105,6 +122,12 @@ def torch_timer():
     dev = torch.device("cuda")
 
     def run(shape: GemmShape, dtype) -> dict:
+        try:
+            return _run(shape, dtype)
+        except Exception as exc:  # noqa: BLE001 — one failing product must not lose the run
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _run(shape: GemmShape, dtype) -> dict:
         a = torch.randn((shape.K, shape.M) if shape.trans_a else (shape.M, shape.K), device=dev, dtype=dtype)
         b = torch.randn((shape.N, shape.K) if shape.trans_b else (shape.K, shape.N), device=dev, dtype=dtype)
         a_op = a.t() if shape.trans_a else a
@@ -133,6 +156,12 @@ def torch_timer():
     return run, torch
 
 
+def ratio(key: str, row: dict, ours: str) -> None:
+    """row[key] = our TFLOP/s over torch fp32's, where both were measured."""
+    if "tflops" in row.get(ours, {}) and "tflops" in row.get("torch_fp32", {}):
+        row[key] = row[ours]["tflops"] / row["torch_fp32"]["tflops"]
+
+
 def check_against_numpy(ctx, M: int, N: int, K: int) -> dict:
     """Max error relative to max |C| of ours vs numpy float64 at an odd size, per layout and weight format."""
     rng = np.random.default_rng(1)
@@ -152,6 +181,24 @@ def check_against_numpy(ctx, M: int, N: int, K: int) -> dict:
         bw = widen_weight(b, fmt).astype(np.float64)
         want = (a.T if shape.trans_a else a).astype(np.float64) @ (bw.T if shape.trans_b else bw)
         errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
+    if ctx.has_f16:
+        # Half-precision math: also the RMS error relative to the RMS of C (linear_f16.wgsl's header: f16
+        # operands and 16-product f16 sums, f32 across K).
+        for name, shape, fmt in [("NT f16 math", GemmShape(M, N, K, trans_b=True), "f16"),
+                                 ("NN bf16 math", GemmShape(M, N, K), "bf16")]:
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            b = (rng.standard_normal((N, K) if shape.trans_b else (K, N)) * 0.05).astype(np.float32)
+            c = ctx.buffer(4 * M * N, "check.c")
+            mm = MatmulF16(ctx, c, ctx.upload(a, "check.a"), ctx.upload(pack_weight(b, fmt), "check.b"), shape,
+                           ctx.buffer(4 * M, "check.row_scale"), b_format=fmt)
+            enc = ctx.encoder()
+            mm.encode(enc)
+            enc.submit()
+            got = ctx.read(c, count=M * N).reshape(M, N)
+            bw = widen_weight(b, fmt).astype(np.float64)
+            want = a.astype(np.float64) @ (bw.T if shape.trans_b else bw)
+            errors[name] = float(np.abs(got - want).max() / np.abs(want).max())
+            errors[name + " rms"] = float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
     return errors
 
 
@@ -240,6 +287,7 @@ def main(argv=None) -> int:
             name += " (cut to one binding)"
         fitted.append((group, bt, name, shape, frozen))
     ops = Operands(ctx, max(operand_sizes(s)[0] for *_, s, _ in fitted), max(operand_sizes(s)[1] for *_, s, _ in fitted))
+    row_scale = ctx.buffer(4 * max(s.M for *_, s, _ in fitted), "bench.row_scale") if ctx.has_f16 else None
     report["checks_max_rel_error"] = check_against_numpy(ctx, *((37, 53, 129) if args.quick else (1031, 1029, 1027)))
     if not args.quick:
         warm_up(ctx, ops)
@@ -252,24 +300,31 @@ def main(argv=None) -> int:
         if frozen:
             for fmt in ("f16", "bf16"):
                 row[f"auto_{fmt}"] = time_ours(ctx, ops, shape, None, partials, fmt)
+            if row_scale is not None and not shape.trans_a:
+                row["auto_f16math"] = time_ours(ctx, ops, shape, None, partials, "f16", row_scale)
         if args.tiles:
             for rows, cols in TILES:
                 row[f"{rows}x{cols}"] = time_ours(ctx, ops, shape, (rows, cols), None)
+                if row_scale is not None and frozen and not shape.trans_a:
+                    row[f"f16math {rows}x{cols}"] = time_ours(ctx, ops, shape, (rows, cols), None, "f16", row_scale)
             if group == "issue 16":
                 row["auto_group_m1"] = time_ours(ctx, ops, shape, None, partials, group_m=1)
         if torch_run:
             row["torch_fp32"] = torch_run(shape, torch.float32)
             row["torch_bf16"] = torch_run(shape, torch.bfloat16)
-            row["ratio_vs_torch_fp32"] = row["auto"]["tflops"] / row["torch_fp32"]["tflops"]
+            ratio("ratio_vs_torch_fp32", row, "auto")
             if frozen:
-                row["ratio_f16_vs_torch_fp32"] = row["auto_f16"]["tflops"] / row["torch_fp32"]["tflops"]
+                ratio("ratio_f16_vs_torch_fp32", row, "auto_f16")
+                ratio("ratio_f16math_vs_torch_fp32", row, "auto_f16math")
         report["results"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     report["seconds"] = time.perf_counter() - start
     if torch_run:
-        ratios = [r["ratio_vs_torch_fp32"] for r in report["results"]]
-        report["min_ratio_vs_torch_fp32"] = min(ratios)
-        report["median_ratio_vs_torch_fp32"] = float(np.median(ratios))
+        for key in ("ratio_vs_torch_fp32", "ratio_f16math_vs_torch_fp32"):
+            ratios = [r[key] for r in report["results"] if key in r]
+            if ratios:
+                report[f"min_{key}"] = min(ratios)
+                report[f"median_{key}"] = float(np.median(ratios))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -58,13 +58,7 @@
 //   - split-K below 256 tiles to ~512 workgroups: LM head d(hidden) 341×1024×151936 10.6 → 12.4 (1024: 14.5).
 // Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
 // multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
-struct Params {
-    M: u32, N: u32, K: u32, lda: u32,
-    ldb: u32, ldc: u32, a_off: u32, b_off: u32,
-    c_off: u32, has_bias: u32, k_chunk: u32, splits: u32,
-    row_stride: u32, alpha: f32, beta: f32, b_row_blocks: u32,
-}
-
+#include "gemm_params.wgsl"
 #include "weight_formats.wgsl"
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]

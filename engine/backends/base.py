@@ -35,6 +35,7 @@ from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+MATH_CHOICES = ("f32", "f16")   # MemoryOptions.math: the arithmetic of the frozen-weight products
 IGNORE_LABEL = -100   # a label that does not count towards the loss (Hugging Face's ignore_index)
 
 
@@ -58,10 +59,12 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """How a backend trades memory on its device: the format its frozen matrices are held in and activation
-    recompute. The CPU backend computes in f32 with onnxruntime's own memory plan and ignores both."""
+    """How a backend trades memory (and precision) on its device: the format its frozen matrices are held in,
+    activation recompute, and the arithmetic of the frozen products. The CPU backend computes in f32 with
+    onnxruntime's own memory plan and ignores all three."""
     weights: str = "f32"       # engine.model.weight_formats.WEIGHT_CHOICES
     recompute: bool = False    # keep only each layer's input; run its forward again before its backward
+    math: str = "f32"          # MATH_CHOICES: "f16" multiplies frozen f16/bf16 weights in half precision (WGSL)
 
     def __post_init__(self):
         from engine.model.weight_formats import WEIGHT_CHOICES
@@ -70,6 +73,8 @@ class MemoryOptions:
             raise ValueError(f"weights {self.weights!r} is unknown; choose from {', '.join(WEIGHT_CHOICES)}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
+        if self.math not in MATH_CHOICES:
+            raise ValueError(f"math {self.math!r} is unknown; choose from {', '.join(MATH_CHOICES)}")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class BuildArgs:
     seed: int = 0
     init_state: dict | None = field(default=None, repr=False)
     threads: int | None = None      # CPU backend threads; None: every core this process may run on
-    memory: MemoryOptions = MemoryOptions()   # the WGSL backend's weight format and recompute (CPU: f32, ignored)
+    memory: MemoryOptions = MemoryOptions()   # the WGSL backend's weight format, recompute, math (CPU: ignored)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def build_wgpu(args: BuildArgs, adapter: str | None, allow_software: bool) -> Tr
         raise ValueError(f"the WGSL backend is not part of this installation ({exc}); use --backend cpu") from exc
     return WgpuBackend(args.model_dir, args.lora, args.optim, args.batch_size, args.seq_len, ctx=ctx,
                        lora_state=args.init_state, seed=args.seed, weights=args.memory.weights,
-                       recompute=args.memory.recompute)
+                       recompute=args.memory.recompute, math=args.memory.math)
 
 
 def create_backend(kind: str, model_dir, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,

@@ -9,7 +9,7 @@ import time
 
 from engine import jsonout
 from engine.errors import UserError
-from engine.backends.base import OPTIMIZERS, OptimizerConfig
+from engine.backends.base import MATH_CHOICES, OPTIMIZERS, OptimizerConfig
 from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
 from engine.model.hf_names import LORA_TARGETS
@@ -82,6 +82,10 @@ def add_training_options(p, out_help: str) -> None:
                         help="activation recompute (WGSL backend): keep only each layer's input and run its "
                              "forward again in the backward; same gradients, far less memory, ~1 more forward a "
                              "step (default auto: on only when the run would not fit otherwise)")
+    memory.add_argument("--math", choices=MATH_CHOICES, default="f32",
+                        help="arithmetic of the frozen-weight products (WGSL backend): f16 multiplies weights held "
+                             "f16 or bf16 in half precision with f32 accumulation (needs shader-f16; LoRA and "
+                             "its gradients stay f32); default %(default)s")
     memory.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 8GB (default: "
                                                              "read from the driver where it can be)")
     length = run.add_mutually_exclusive_group()
@@ -175,7 +179,7 @@ def config_from_args(args, planned: TrainConfig | None = None) -> TrainConfig:
         eval_every=pick("eval_every"), save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         weights=args.weights, objective=args.objective, beta=args.beta, label_smoothing=args.label_smoothing,
         orpo_lambda=args.orpo_lambda, recompute={"auto": None, "on": True, "off": False}[args.recompute],
-        reference_logps=args.reference_logps, adaptive_rank=adaptive_from_args(args))
+        reference_logps=args.reference_logps, adaptive_rank=adaptive_from_args(args), math=args.math)
 
 
 def plan_from_args(args, log, for_gpu: bool | None = None) -> tuple[TrainConfig, float]:

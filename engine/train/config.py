@@ -49,6 +49,9 @@ class TrainConfig:
     weights: str = field(default="f32", metadata={
         "help": "the format the WGSL backend holds the frozen weights in: auto (the memory plan decides), stored "
                 "(as the model file holds them), f32, bf16, f16, q8, q4; the CPU backend computes in f32"})
+    math: str = field(default="f32", metadata={
+        "help": "arithmetic of the frozen-weight products on the WGSL backend: f32, or f16 (weights held f16/bf16 "
+                "multiplied in half precision, f32 accumulation); the CPU backend computes in f32"})
     adaptive_rank: AdaLoraSettings | None = field(default=None, metadata={
         "help": "AdaLoRA: train SVD-shaped adapters of rank init_r and prune them toward an average target_r, "
                 "moving rank to the projections that need it; None: plain LoRA of lora.rank"})
@@ -68,6 +71,7 @@ class TrainConfig:
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
         if self.weights != "auto":
             MemoryOptions(weights=self.weights)     # names the choices when it is not one
+        MemoryOptions(math=self.math)
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         if self.reference_logps not in REFERENCE_MODES:
@@ -120,7 +124,7 @@ class TrainConfig:
         if self.weights == "auto" or self.recompute is None:
             raise ValueError("weights/recompute 'auto' reach the backend unresolved; plan the run first "
                              "(engine.train.memory_fit via engine.train.runs.prepare_run)")
-        return MemoryOptions(weights=self.weights, recompute=self.recompute)
+        return MemoryOptions(weights=self.weights, recompute=self.recompute, math=self.math)
 
     def to_dict(self) -> dict:
         out = asdict(self)

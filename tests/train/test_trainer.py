@@ -221,3 +221,21 @@ def test_recompute_is_validated_saved_and_handed_to_the_backend(tiny_llama_dir, 
     Trainer(config(max_steps=1, recompute=True, weights="bf16"), factory, pattern_source(384), tmp_path,
             base_model="m").run()
     assert asked == [MemoryOptions(weights="bf16", recompute=True)]
+
+
+def test_math_is_validated_saved_and_handed_to_the_backend(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="math 'f8' is unknown; choose from f32, f16"):
+        config(math="f8")
+    assert TrainConfig.from_dict(config(math="f16").to_dict()).math == "f16"
+    old = config().to_dict()
+    del old["math"]                          # a checkpoint written before the setting existed
+    assert TrainConfig.from_dict(old).math == "f32"
+    asked = []
+
+    def factory(*args, memory=MemoryOptions(), **kw):
+        asked.append(memory)
+        return torch_backend_factory(tiny_llama_dir)(*args, **kw)
+
+    Trainer(config(max_steps=1, recompute=False, weights="bf16", math="f16"), factory, pattern_source(384),
+            tmp_path, base_model="m").run()
+    assert asked == [MemoryOptions(weights="bf16", recompute=False, math="f16")]

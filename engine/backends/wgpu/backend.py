@@ -18,6 +18,7 @@ from engine.backends.preference import (PreferenceLoss, PreferenceObjective, joi
                                         split_pairs)
 from engine.backends.wgpu.context import GpuContext, StepEncoder
 from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
+from engine.backends.wgpu.kernels.linear_f16 import F16_WEIGHT_LIMIT, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.backends.wgpu.kernels.optimizer import GradNorm, Optimizer
 from engine.lora.config import LoraConfig, init_lora_state
@@ -29,11 +30,22 @@ from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOA
                                           vocab_pieces)
 from engine.backends.wgpu.forward import model_forward
 from engine.backends.wgpu.graph import build_model
-from engine.backends.wgpu.weights import upload_weights
+from engine.backends.wgpu.weights import ModelWeights, upload_weights
 
 
 DROPOUT_STEP_KEY = "lora_dropout_step"
 DROPOUT_STEP = uniform_struct("lora", "Step")   # (seed, p) of LoRA dropout, written per step
+
+
+def check_f16_math(ctx: GpuContext, weights: ModelWeights, choice: str) -> None:
+    """Refuse math f16 where it would compute nothing in f16: no shader-f16, or no projection it may use."""
+    if not ctx.has_f16:
+        raise ValueError(f"math f16 needs an adapter with shader-f16; {ctx.label} has none: use math f32")
+    held = [getattr(layer, name) for layer in weights.layers for name in ("q", "k", "v", "o", "gate", "up", "down")]
+    if not any(f16_math_ok(w.format, w.abs_max) for w in held):
+        raise ValueError(f"math f16 found no projection weight it may multiply in f16 (weights {choice!r}; they "
+                         f"must be held f16 or bf16 with max |w| <= {F16_WEIGHT_LIMIT:g}): use weights f16 or "
+                         "bf16, or math f32")
 
 
 class WgpuBackend(TrainingBackend):
@@ -46,7 +58,7 @@ class WgpuBackend(TrainingBackend):
     def __init__(self, model: str | Path | ModelSpec, lora: LoraConfig, optim: OptimizerConfig, batch_size: int,
                  seq_len: int, ctx: GpuContext | None = None, lora_state: dict | None = None, seed: int = 0,
                  tensors: dict[str, np.ndarray] | WeightSource | None = None, max_binding_bytes: int | None = None,
-                 weights: str = "f32", recompute: bool = False):
+                 weights: str = "f32", recompute: bool = False, math: str = "f32"):
         """`model`: a Hugging Face folder (weights read tensor by tensor: engine.model.weights.open_weights), or a
         ModelSpec with `tensors` (a WeightSource, or {HF name: array} such as
         engine.backends.wgpu.microbench.random_weights) for benchmarks without files.
@@ -55,7 +67,10 @@ class WgpuBackend(TrainingBackend):
         converted on load, tensor by tensor; "stored" keeps the model file's own (a GGUF's quantization).
         `recompute` (activation recompute, gradient checkpointing): keep only each layer's output and one
         layer's activations, and run each layer's forward again before its backward; the gradients are the
-        same bits, for about one more forward pass per step."""
+        same bits, for about one more forward pass per step.
+        `math` "f16" multiplies the projections' frozen weights held f16 or bf16 in half precision (f32
+        accumulation; kernels.linear_f16 states the error): it needs an adapter with shader-f16 and `weights`
+        that hold at least one projection in f16/bf16; weights beyond the f16 limit keep f32 math."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size}, {seq_len}")
         if isinstance(model, ModelSpec):
@@ -80,7 +95,7 @@ class WgpuBackend(TrainingBackend):
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
         self.weight_choice = weights
         format_of = formats_for(weights, {n: t.format for n, t in source.stored().items()})
-        self.weights = upload_weights(ctx, spec, source, limit, format_of)
+        self.weights = upload_weights(ctx, spec, source, limit, format_of, abs_max=math == "f16")
         self.acts = allocate_activations(ctx, spec, lora, batch_size, seq_len, self.recompute)
         piece_rows = vocab_pieces(spec.vocab_size, spec.hidden, limit, self.weights.vocab_format)[0][1]
         self.scratch: Scratch = allocate(ctx, Scratch, scratch_shapes(spec, lora, batch_size, seq_len, self.chunk,
@@ -88,8 +103,11 @@ class WgpuBackend(TrainingBackend):
         self._ones = np.ones(batch_size * seq_len, np.float32)   # row_weight of every supervised step
         ctx.write(self.scratch.row_weight, self._ones)
         self.dropout_step = upload_uniform(ctx, "lora", "Step", "lora_dropout.step", seed=0, p=0.0)
+        self.math = math
+        if math == "f16":
+            check_f16_math(ctx, self.weights, weights)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
-                                 self.layout, self.chunk, self.dropout_step, self.recompute)
+                                 self.layout, self.chunk, self.dropout_step, self.recompute, math)
         s = self.scratch
         self.grad_norm = GradNorm(ctx, s.lora_grads, self.layout.total, s.stats)
         self.optimizer = Optimizer(ctx, optim, s.lora_params, s.lora_grads, self.layout.total, s.stats)
@@ -362,6 +380,12 @@ class WgpuBackend(TrainingBackend):
 
     def memory_bytes(self) -> int:
         return self._bytes
+
+    def f16_products(self) -> list[str]:
+        """Labels of the projections (and "lm_head") whose frozen products run in half precision (math f16)."""
+        head = ["lm_head"] if self.model.lm_head.math == "f16" else []
+        return [f"layers.{i}.{target}" for i, layer in enumerate(self.model.layers)
+                for target, linear in layer.proj.items() if linear.math == "f16"] + head
 
     def close(self) -> None:
         for slot, pending in enumerate(self._pending):

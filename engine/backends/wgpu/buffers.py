@@ -74,6 +74,7 @@ class HeldWeight:
     """A frozen matrix on the GPU and the format its buffer holds (engine.model.weight_formats' GPU layout)."""
     buffer: object
     format: WeightFormat
+    abs_max: float | None = None   # max |w| of an f16/bf16 weight (whether f16 math may use it); None otherwise
 
 
 def bias_name(target: str) -> str:
@@ -161,6 +162,8 @@ class Scratch:
     d_h: object                 # [BT, I]
     du: object                  # [BT, r] LoRA branch scratch
     split_k: object             # [split_k_floats] partial products of split-K GEMMs
+    row_scale: object           # [BT] per-row scales of an f16-math GEMM's A (kernels.linear_f16); allocated
+                                #   whatever the math (4 bytes a row) so the memory plan does not depend on it
     stats: object               # [16] see STATS_FLOATS
     history: object             # [HISTORY_SLOTS, 16] stats of finished steps
     lora_params: object         # [P] every LoRA tensor (LoraLayout)
@@ -300,7 +303,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
               "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),
-              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "stats": (STATS_FLOATS,),
+              "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "row_scale": (BT,),
+              "stats": (STATS_FLOATS,),
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}
     if spec.qk_norm:
         shapes.update(dq_raw=(BT, spec.q_dim), dk_raw=(BT, spec.kv_dim))

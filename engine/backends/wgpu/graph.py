@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from engine.backends.wgpu.kernels.embedding import Embedding
 from engine.backends.wgpu.kernels.linear import Linear
+from engine.backends.wgpu.kernels.linear_f16 import LinearF16, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import LmHead
 from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
 from engine.backends.wgpu.kernels.residual import ResidualAdd
@@ -48,23 +49,27 @@ class ModelKernels:
 
 def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights: ModelWeights,
                 acts: list, s: Scratch, layout: LoraLayout, chunk: int, dropout_step,
-                recompute: bool = False) -> ModelKernels:
+                recompute: bool = False, math: str = "f32") -> ModelKernels:
     """`acts`: one LayerActivations per layer (buffers.allocate_activations); with `recompute` they share all
-    but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward."""
+    but x_out, so each layer's kernels, bound here once, serve its forward, its recompute and its backward.
+    `math` "f16": the seven projections' and the LM head's frozen products in half precision where their
+    weights allow (LinearF16, LmHead); LoRA products and their gradients stay f32."""
     BT, C = B * T, spec.hidden
     embedding = Embedding(ctx, s.embedded, s.ids, weights.embed, BT, C, weights.vocab_format, scale=spec.embed_scale)
     layers = []
     for layer, (w, a) in enumerate(zip(weights.layers, acts)):
         x_in = s.embedded if layer == 0 else acts[layer - 1].x_out
-        layers.append(_build_layer(ctx, spec, lora, B, T, layer, w, a, x_in, s, layout, dropout_step))
+        layers.append(_build_layer(ctx, spec, lora, B, T, layer, w, a, x_in, s, layout, dropout_step, math))
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, s.row_weight, weights.lm_head,
-                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
+                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format, math=math,
+                  row_scale=s.row_scale, abs_max=weights.vocab_abs_max)
     return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 
-def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: Scratch, layout, dropout_step):
+def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: Scratch, layout, dropout_step,
+                 math: str = "f32"):
     from engine.backends.wgpu.kernels.attention import Attention
     from engine.backends.wgpu.kernels.rope import Rope
 
@@ -96,9 +101,12 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         out_f, in_f = spec.projection_shape(target)
         # Granite multiplies the residual branches (o_proj's and down_proj's whole output, LoRA included).
         scale = spec.residual_scale if target in ("o_proj", "down_proj") else 1.0
-        proj[target] = Linear(ctx, y, x, weight[target].buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx,
-                              accumulate_dx=accumulate, partials=s.split_k, label=f"{name}.{target}",
-                              weight_format=weight[target].format, scale=scale)
+        held = weight[target]
+        f16 = math == "f16" and f16_math_ok(held.format, held.abs_max)
+        extra = {"row_scale": s.row_scale} if f16 else {}
+        proj[target] = (LinearF16 if f16 else Linear)(
+            ctx, y, x, held.buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx, accumulate_dx=accumulate,
+            partials=s.split_k, label=f"{name}.{target}", weight_format=held.format, scale=scale, **extra)
         if target in lora.targets:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(

@@ -33,9 +33,13 @@ def tiny_spec() -> ModelSpec:
                      qkv_bias=False, qk_norm=False, max_positions=2048, source="tiny llama (random)")
 
 
-def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
-    """{HF name: float32 array} for every weight the engine uploads: normal matrices, unit norms, zero biases."""
+def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.02, pool: int = 0) -> dict[str, np.ndarray]:
+    """{HF name: float32 array} for every weight the engine uploads: normal matrices, unit norms, zero biases.
+
+    `pool` > 0: every matrix repeats one pool of that many normal values from a random start (billions of
+    independent draws take minutes on a CPU; throughput does not depend on the values)."""
     rng = np.random.default_rng(seed)
+    values = (rng.standard_normal(pool, np.float32) * std).astype(np.float32) if pool else None
     out = {}
     for key, tensor in frozen_layout(spec, max_binding_bytes=1 << 62).items():
         shape = tensor.shape
@@ -50,6 +54,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.02) -> dict[st
             name = layer_tensor(int(layer), short)
         if len(shape) == 1:
             out[name] = (np.zeros if name.endswith(".bias") else np.ones)(shape, np.float32)
+        elif pool:
+            out[name] = np.resize(np.roll(values, int(rng.integers(pool))), shape)
         else:
             out[name] = (rng.standard_normal(shape, np.float32) * std).astype(np.float32)
     return out
@@ -107,17 +113,25 @@ def matmul_gflops(ctx: GpuContext, size: int = 512, repeats: int = 8) -> float:
 
 
 def training_throughput(ctx: GpuContext, spec: ModelSpec, lora: LoraConfig, batch_size: int, seq_len: int,
-                        steps: int = 3, optim: OptimizerConfig | None = None, seed: int = 0) -> dict:
-    """Tokens/s, ms/step and engine memory of full training steps (after one warm-up step)."""
+                        steps: int = 3, optim: OptimizerConfig | None = None, seed: int = 0,
+                        tensors: dict | None = None, weights: str = "f32", math: str = "f32",
+                        target_seconds: float | None = None) -> dict:
+    """Tokens/s, ms/step and engine memory of full training steps (after one warm-up step), with the frozen
+    weights held as `weights` and multiplied in `math` (WgpuBackend's options). `target_seconds`: time fewer
+    than `steps` steps (at least 2, or `steps` if fewer) where the warm-up step says `steps` would take longer."""
     from engine.backends.wgpu.backend import WgpuBackend
 
     rng = np.random.default_rng(seed)
-    tensors = random_weights(spec, seed)
+    tensors = tensors if tensors is not None else random_weights(spec, seed)
     with WgpuBackend(spec, lora, optim or OptimizerConfig(), batch_size, seq_len, ctx=ctx, tensors=tensors,
-                     lora_state=init_lora_state(spec, lora, seed)) as backend:
+                     lora_state=init_lora_state(spec, lora, seed), weights=weights, math=math) as backend:
         ids = rng.integers(0, spec.vocab_size, (batch_size, seq_len)).astype(np.int32)
         batch = [(ids, ids)]
+        start = time.perf_counter()
         backend.train_step(batch, 1e-4, 1.0).result()     # warm-up: pipelines compiled, caches filled
+        warm = time.perf_counter() - start
+        if target_seconds:
+            steps = max(min(2, steps), min(steps, int(target_seconds / warm)))
         start = time.perf_counter()
         pending = [backend.train_step(batch, 1e-4, 1.0) for _ in range(steps)]
         last = pending[-1].result()
@@ -125,7 +139,8 @@ def training_throughput(ctx: GpuContext, spec: ModelSpec, lora: LoraConfig, batc
         memory = backend.memory_bytes()
     tokens = batch_size * seq_len * steps
     return {"tokens_per_s": tokens / elapsed, "ms_per_step": 1000 * elapsed / steps, "engine_bytes": memory,
-            "batch_size": batch_size, "seq_len": seq_len, "last_loss": last.loss,
+            "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warm_up_s": warm,
+            "weights": weights, "math": math, "last_loss": last.loss,
             "gflops": step_flops(spec, lora, tokens, seq_len) / elapsed / 1e9}
 
 

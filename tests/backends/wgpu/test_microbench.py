@@ -40,15 +40,21 @@ def test_step_flops_is_dominated_by_dense_matmuls_for_smollm2():
 
 @pytest.mark.slow
 def test_train_throughput_bench_quick_prints_json():
-    """Also the PyTorch + PEFT side, on the CPU here (the real comparison runs on CUDA)."""
+    """JSON lines: the header, one line per measurement (ours in f32 and f16 math, the PyTorch + PEFT modes, on
+    the CPU here: the real comparison runs on CUDA), then the summary with the ratios."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick", "--torch-device",
-                          "cpu", "--batch-sizes", "1", "--steps", "1"], capture_output=True, text=True, check=True, timeout=300)
-    report = json.loads(out.stdout)
-    row = report["results"][0]
-    assert report["machine"]["adapter"] and row["ours"]["tokens_per_s"] > 0
-    for mode in ("fp32", "bf16-autocast", "bf16"):
-        assert row[f"peft_{mode}"]["tokens_per_s"] > 0
-        assert row[f"ratio_vs_peft_{mode}"] == row["ours"]["tokens_per_s"] / row[f"peft_{mode}"]["tokens_per_s"]
+                          "cpu", "--batch-sizes", "1", "--steps", "1", "--ours", "f32/f32", "bf16/f16"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    header, rows, last = lines[0], lines[1:-1], lines[-1]
+    assert header["machine"]["adapter"]
+    assert [(r["who"], r["config"]) for r in rows] == [("ours", "f32/f32"), ("ours", "bf16/f16"), ("peft", "fp32"),
+                                                        ("peft", "bf16-autocast"), ("peft", "bf16")]
+    assert all(r["result"]["tokens_per_s"] > 0 for r in rows), rows
+    cell = last["summary"][0]
+    best = max(rows[2:], key=lambda r: r["result"]["tokens_per_s"])
+    assert cell["peft_best"] == best["config"]
+    assert cell["ratio_f32_vs_best_peft"] == rows[0]["result"]["tokens_per_s"] / best["result"]["tokens_per_s"]
 
 
 @pytest.mark.slow
@@ -56,13 +62,19 @@ def test_train_throughput_bench_quick_prints_json():
 def test_tuning_benches_quick_print_json(script):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--batch-sizes", "1"],
                          capture_output=True, text=True, check=True, timeout=300)
-    report = json.loads(out.stdout)
-    assert report["machine"]["adapter"] and report["results"]
-    row = report["results"][0]
     if script == "matmul.py":
-        assert all(row[v]["gflops"] > 0 for v in ("auto", "64x64", "128x64", "128x128"))
-    else:
-        assert all(row[p]["ms"] > 0 and row[p]["dispatches"] > 0 for p in ("forward", "lm_head", "backward"))
+        report = json.loads(out.stdout)
+        assert report["machine"]["adapter"] and report["results"]
+        row = report["results"][0]
+        assert all(row[v]["gflops"] > 0 for v in ("auto", "64x64", "128x64", "128x128", "auto_f16math"))
+    else:   # JSON lines: the header, one line per (model, batch, configuration), the end
+        lines = [json.loads(line) for line in out.stdout.splitlines()]
+        assert lines[0]["machine"]["adapter"] and lines[-1]["done"]
+        rows = lines[1:-1]
+        assert [(r["config"], r["f16_products"]) for r in rows] == [("f32/f32", 0), ("bf16/f16", 15)]   # 7·2 + head
+        phases = ("forward", "forward_frozen_linears", "attention_forward", "lm_head", "backward",
+                  "backward_frozen_linears", "backward_lora", "attention_backward", "optimizer")
+        assert all(r[p]["ms"] > 0 and r[p]["dispatches"] > 0 for r in rows for p in phases)
 
 
 def test_cpu_profile_counts_the_frozen_gemm_flops_of_the_training_graph(tiny_llama_dir):

@@ -226,22 +226,28 @@ class Linear:
 
     x [M, in], W [out, in], b [out] or None, out [M, out]; dy [M, out], dx [M, in]. With `partials`, products
     of few rows (small batches) are split over K to keep a large GPU busy. weight_format: how W is stored
-    (upload_weight); activations, bias and outputs stay f32.
+    (upload_weight); activations, bias and outputs stay f32. (kernels.linear_f16.LinearF16: the same layer
+    multiplying in half precision.)
     """
+    math = "f32"   # the arithmetic of both products
 
     def __init__(self, ctx: GpuContext, out, x, weight, bias, M: int, in_features: int, out_features: int,
                  dy=None, dx=None, accumulate_dx: bool = False, partials=None, label: str = "linear",
                  weight_format: WeightFormat | str = WeightFormat.F32, scale: float = 1.0):
         if scale != 1.0 and bias is not None:
             raise ValueError(f"{label}: a scaled projection with a bias would leave the bias unscaled")
-        self.forward = Matmul(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
-                              alpha=scale, bias=bias, partials=partials, label=f"{label}.fwd",
-                              b_format=weight_format)
+        self.forward = self.product(ctx, out, x, weight, GemmShape(M, out_features, in_features, trans_b=True),
+                                    alpha=scale, bias=bias, partials=partials, label=f"{label}.fwd",
+                                    b_format=weight_format)
         self.backward = None
         if dy is not None and dx is not None:
-            self.backward = Matmul(ctx, dx, dy, weight, GemmShape(M, in_features, out_features), alpha=scale,
-                                   beta=1.0 if accumulate_dx else 0.0, partials=partials, label=f"{label}.bwd",
-                                   b_format=weight_format)
+            self.backward = self.product(ctx, dx, dy, weight, GemmShape(M, in_features, out_features), alpha=scale,
+                                         beta=1.0 if accumulate_dx else 0.0, partials=partials,
+                                         label=f"{label}.bwd", b_format=weight_format)
+
+    def product(self, ctx, c, a, b, shape: GemmShape, **kw):
+        """The GEMM of one of the two products (LinearF16 overrides it)."""
+        return Matmul(ctx, c, a, b, shape, **kw)
 
     def encode_forward(self, enc: StepEncoder) -> None:
         self.forward.encode(enc)

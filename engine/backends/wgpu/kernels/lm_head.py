@@ -12,6 +12,7 @@ from engine.backends.wgpu.context import GpuContext, StepEncoder
 from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.model.weight_formats import WeightFormat
 from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
+from engine.backends.wgpu.kernels.linear_f16 import MatmulF16, f16_math_ok
 
 LOGITS_BUDGET_BYTES = 64 << 20   # the logits chunk: large enough for few dispatches, small next to activations
 
@@ -34,12 +35,23 @@ class LmHead:
     stats: the step's f32[16]; loss_reduce writes stats[0] (loss) and stats[5] (counted tokens).
     row_weight: f32 [rows], each row's gradient weight (1 for SFT; see shaders/lm_head.wgsl).
     partials: optional split-K scratch (engine.backends.wgpu.kernels.linear.SPLIT_PARTIAL_FLOATS floats).
+    math "f16": logits and d(hidden) multiplied in half precision (kernels.linear_f16, `row_scale` its [rows]
+    scratch) where f16_math_ok(fmt, abs_max) allows (abs_max: max |w| of the vocabulary table); `self.math`
+    says which arithmetic runs.
     """
 
     def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, row_weight, pieces: list,
                  rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head",
-                 fmt: WeightFormat = WeightFormat.F32):
+                 fmt: WeightFormat = WeightFormat.F32, math: str = "f32", row_scale=None,
+                 abs_max: float | None = None):
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
+        self.math = "f16" if math == "f16" and f16_math_ok(fmt, abs_max) else "f32"
+
+        def product(ctx, c, a, b, shape, **kw):   # the GEMM of one product, in the head's arithmetic
+            if self.math == "f16":
+                return MatmulF16(ctx, c, a, b, shape, row_scale, **kw)
+            return Matmul(ctx, c, a, b, shape, **kw)
+
         self.step = upload_uniform(ctx, "lm_head", "Step", f"{label}.step", inv_count=1.0, count=0.0, write_grad=0)
         self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
         self.reduce = ctx.pipeline("lm_head", "loss_reduce")
@@ -48,11 +60,11 @@ class LmHead:
             n = min(chunk, rows - r0)
             fwd, bwd = [], []
             for p, (w, v0, vp) in enumerate(pieces):
-                fwd.append(Matmul(ctx, logits, hidden, w, GemmShape(n, vp, dim, trans_b=True, ldc=vocab, c_off=v0,
-                                                                   a_off=r0 * dim), label=f"{label}.{c}.{p}.fwd", b_format=fmt))
+                shape = GemmShape(n, vp, dim, trans_b=True, ldc=vocab, c_off=v0, a_off=r0 * dim)
+                fwd.append(product(ctx, logits, hidden, w, shape, label=f"{label}.{c}.{p}.fwd", b_format=fmt))
                 if dhidden is not None:
                     # [n, C] from K = a whole vocabulary piece: few tiles, long K, so split given partials.
-                    bwd.append(Matmul(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
+                    bwd.append(product(ctx, dhidden, logits, w, GemmShape(n, dim, vp, lda=vocab, a_off=v0,
                                                                          c_off=r0 * dim),
                                       beta=1.0 if p else 0.0, partials=partials, label=f"{label}.{c}.{p}.bwd",
                                       b_format=fmt))
