@@ -196,12 +196,16 @@ class ChatController(QObject):
         settings = self.settings
 
         def work(progress):
-            # The engine answers one prompt at a time, so compare mode asks the base, then the adapter.
-            for column, adapter, messages in jobs:
-                if cancel.is_set():
-                    break
+            if len(jobs) == 1:
+                _, adapter, messages = jobs[0]
                 for piece in self.engine.stream_chat(messages, settings, cancel, adapter=adapter):
-                    progress((column, piece))
+                    progress((0, piece))
+                return
+            # Compare mode: one batch answers every column, so the answers grow together, token by token.
+            stream = self.engine.stream_side_by_side([(messages, adapter) for _, adapter, messages in jobs],
+                                                     settings, cancel)
+            for column, piece in stream:
+                progress((column, piece))
 
         def on_piece(item):
             column, piece = item
