@@ -28,7 +28,7 @@ class HardwareDialog(QDialog):
         self.adapters.setColumnWidth(0, 320)
         self.system = QLabel(objectName="system", wordWrap=True)
         self.results = QTableWidget(0, 3, objectName="benchmark-results")
-        self.results.setHorizontalHeaderLabels(["Candidate", "GFLOP/s", "Detail"])
+        self.results.setHorizontalHeaderLabels(["Candidate", "GFLOP/s", "What was measured (model, shape)"])
         self.results.horizontalHeader().setStretchLastSection(True)
         self.explanation = QLabel(objectName="backend-explanation", wordWrap=True)
         self.status = QLabel(objectName="benchmark-status")
