@@ -116,3 +116,24 @@ def test_unreadable_or_missing_session_files_are_notes(qtbot, tiny_llama_dir, tm
     again = _window(qtbot, tiny_llama_dir)
     qtbot.waitUntil(lambda: "the last chat could not be restored" in again.log.toPlainText(), timeout=30000)
     assert again.chat.conversations[0].messages == []
+
+
+def test_one_data_folder_and_a_save_folder_that_exists(qtbot, tiny_llama_dir, tmp_path, monkeypatch):
+    """Pasted text and adapters went to ~/.local/share/LoRA-Lab/LoRA-Lab while models used ~/.local/share/lora-lab;
+    the save dialog offered ~/Documents where it did not exist."""
+    from PySide6.QtCore import QStandardPaths
+
+    from app.corpus_controller import save_pasted
+    from app.widgets.plan_wizard import default_out_dir
+    from engine.model.references import models_dir
+
+    home = data_dir()
+    assert home == tmp_path / "lora-lab-home" and models_dir().parent == home
+    assert save_pasted("some text to train on").parent == home / "pasted"
+    assert default_out_dir("tiny").parent == home / "adapters"
+    nowhere = tmp_path / "no-such-documents-folder"
+    monkeypatch.setattr(QStandardPaths, "writableLocation", lambda _kind: str(nowhere))
+    window = _window(qtbot, tiny_llama_dir)
+    window.adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "an-adapter", seed=5)
+    window.open_save()
+    assert window.dialogs["save"].folder.text() == str(Path.home())
