@@ -127,7 +127,7 @@ class ChatController(QObject):
                 except AdapterError as exc:
                     notes.append(_left_out(name or path.name, path, ref, exc))
                     continue
-                if name == active:
+                if name is not None and name == active:
                     self.engine.set_active_adapter(loaded)
             return notes
 

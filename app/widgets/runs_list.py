@@ -41,6 +41,7 @@ class RunsList(QGroupBox):
         self.tree = QTreeWidget(objectName="runs")
         self.tree.setHeaderLabels(["Adapter", "Base", "Steps", "Loss", "Finished (UTC)"])
         self.tree.setRootIsDecorated(False)
+        self.tree.setMaximumHeight(150)     # a few runs in view; the log below keeps its room
         self.tree.setToolTip("Training runs of earlier sessions and this one; double-click one to chat with it")
         self.tree.itemDoubleClicked.connect(lambda item, _col: self.chosen.emit(item.data(0, Qt.UserRole)))
         QVBoxLayout(self).addWidget(self.tree)

@@ -94,6 +94,11 @@ def test_a_restart_reopens_the_runs_and_the_last_chat(qtbot, tiny_llama_dir, tmp
     assert conv.adapter == "run-adapter" and again.chat.active_adapter == "run-adapter"
     assert conv.messages == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": answer}]
     assert again.chat_panel.adapter.currentText() == "run-adapter"
+    again.close()
+    (data_dir() / "last-chat.json").unlink()
+    third = _window(qtbot, tiny_llama_dir)      # without a last chat: the run's adapter is offered, not chosen
+    qtbot.waitUntil(lambda: third.chat.adapter_names == ["run-adapter"], timeout=30000)
+    assert third.chat.active_adapter is None and third.chat.conversations[0].messages == []
 
 
 def test_unreadable_or_missing_session_files_are_notes(qtbot, tiny_llama_dir, tmp_path):
@@ -137,3 +142,22 @@ def test_one_data_folder_and_a_save_folder_that_exists(qtbot, tiny_llama_dir, tm
     window.adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "an-adapter", seed=5)
     window.open_save()
     assert window.dialogs["save"].folder.text() == str(Path.home())
+
+
+def test_train_is_the_one_path_from_no_corpus_to_the_plan(qtbot, tiny_llama_dir, tmp_path):
+    """The header's Train only switched to the console tab while training started from Plan; a pause left the
+    status bar saying 'training'."""
+    window = _window(qtbot, tiny_llama_dir)
+    assert window.corpus is None and window.buttons["Train"].isEnabled()
+    qtbot.mouseClick(window.buttons["Train"], Qt.LeftButton)
+    dialog = window.dialogs["corpus"]
+    assert "plan" not in window.dialogs
+    data = tmp_path / "train.txt"
+    data.write_text("LoRA adds a low rank update to frozen weights.\n" * 20, encoding="utf-8")
+    with qtbot.waitSignal(window.corpus_controller.loaded, timeout=30000):
+        window.corpus_controller.add([data])
+    qtbot.waitUntil(lambda: not window.corpus_controller.running, timeout=10000)
+    qtbot.mouseClick(dialog.buttons.button(QDialogButtonBox.Ok), Qt.LeftButton)
+    assert window.corpus is not None and window.dialogs["plan"].isVisible()
+    window.training.paused_changed.emit(True)
+    assert window.state_label.text() == "training paused"
