@@ -192,6 +192,13 @@ def test_corpus_dialog_reads_on_add_shows_refusals_and_removes_files(qtbot, tiny
         qtbot.keyClick(dialog.table, Qt.Key_Delete)
     assert controller.files == [good, broken] and dialog.table.rowCount() == 2
     assert [Path(f.path) for f in controller.corpus.stats.files] == [good, broken]
+    # The row's context menu removes it too.
+    qtbot.waitUntil(lambda: not controller.running, timeout=10000)
+    menu = dialog.row_menu(1)
+    assert [a.text() for a in menu.actions()] == ["Remove from the corpus"]
+    with qtbot.waitSignal(controller.loaded, timeout=30000):
+        menu.actions()[0].trigger()
+    assert controller.files == [good] and dialog.table.rowCount() == 1
 
 
 def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):
