@@ -256,10 +256,13 @@ class ChatController(QObject):
         settings = self.settings
 
         def work(progress):
-            if len(jobs) == 1:
-                _, adapter, messages = jobs[0]
-                for piece in self.engine.stream_chat(messages, settings, cancel, adapter=adapter):
-                    progress((0, piece))
+            if len(jobs) == 1 or not self.engine.side_by_side_supported([adapter for _, adapter, _ in jobs]):
+                # One column, or an adapter peft cannot batch with the base (DoRA): one answer after the other.
+                for column, adapter, messages in jobs:
+                    if cancel.is_set():
+                        break
+                    for piece in self.engine.stream_chat(messages, settings, cancel, adapter=adapter):
+                        progress((column, piece))
                 return
             # Compare mode: one batch answers every column, so the answers grow together, token by token.
             stream = self.engine.stream_side_by_side([(messages, adapter) for _, adapter, messages in jobs],

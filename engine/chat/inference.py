@@ -470,6 +470,17 @@ class ChatEngine:
             self._stream = ChatStream(generate, self._tokenizer, cancel_event, on_finished=lambda: self._notify(False))
             return self._stream
 
+    def side_by_side_supported(self, adapters: Sequence[str | None]) -> bool:
+        """Whether stream_side_by_side can answer with these adapters: peft applies one adapter per row of a batch
+        for plain LoRA only, not DoRA (its `adapter_names` refuses a DoRA adapter)."""
+        from peft import PeftModel
+
+        model = self._model
+        if not isinstance(model, PeftModel):
+            return True
+        return not any(getattr(model.peft_config[name], "use_dora", False) for name in adapters
+                       if name is not None and name in model.peft_config)
+
     def stream_side_by_side(self, jobs: Sequence[tuple[Sequence[dict], str | None]],
                             settings: GenerationSettings | None = None,
                             cancel_event: threading.Event | None = None) -> ChatStream:
@@ -490,6 +501,8 @@ class ChatEngine:
             self._require_model()
             self._require_idle("start another answer")
             names = [self._adapter_for_call(adapter) for _, adapter in jobs]
+            if not self.side_by_side_supported(names):
+                raise ValueError(f"adapters {names} cannot answer in one batch (DoRA); answer one after the other")
             prompts = [self.prompt_inputs(messages)["input_ids"][0].tolist() for messages, _ in jobs]
             model = self._model
             pad = model.generation_config.pad_token_id

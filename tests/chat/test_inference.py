@@ -331,6 +331,21 @@ def test_side_by_side_answers_grow_together_and_match_each_model_alone(engine, a
     assert not engine.generating and engine.active_adapter == "b"
 
 
+def test_a_dora_adapter_is_not_batched_with_the_base(engine, adapters, tiny_llama_dir, tmp_path):
+    """peft's per-row adapters refuse DoRA: the engine says so before generating (compare then answers in turn)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    dora, plain = engine.load_adapter(tmp_path / "dora"), engine.load_adapter(adapters["a"])
+    assert engine.side_by_side_supported([None, plain]) and not engine.side_by_side_supported([None, dora])
+    with pytest.raises(ValueError, match="cannot answer in one batch"):
+        engine.stream_side_by_side([(HELLO, None), (HELLO, dora)])
+    assert not engine.generating
+
+
 def test_switching_during_an_answer_applies_to_the_next_one(engine, adapters):
     engine.set_active_adapter(engine.load_adapter(adapters["b"]))
     settings = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)
