@@ -15,8 +15,9 @@ CPU_SHAPE = (1, 64)     # [batch, tokens] of the CPU measurement: quick, yet a r
 def benchmark_adapters(hardware, progress=None) -> list[Benchmark]:
     """GEMM GFLOP/s of every wgpu adapter (software ones included: the user asked; they are marked)."""
     from engine.backends.wgpu.context import GpuContext
-    from engine.backends.wgpu.microbench import measure
+    from engine.backends.wgpu.microbench import measure, tiny_spec
 
+    tiny = tiny_spec()
     out = []
     for adapter in (hardware.adapters if hardware is not None else ()):
         if adapter.backend == "OpenGL":
@@ -29,11 +30,16 @@ def benchmark_adapters(hardware, progress=None) -> list[Benchmark]:
             out.append(Benchmark(f"wgpu:{adapter.name}", f"{adapter.name} ({adapter.backend})", 0.0,
                                  adapter.software, f"failed: {exc}"))
             continue
-        training = result["training"]
+        training, n = result["training"], result["matmul_size"]
+        # Two figures of different things: the GFLOP/s column is the GEMM's; the tokens/s are of a model much
+        # smaller than the loaded one, so they are not comparable with the CPU's tokens/s on the loaded model.
         out.append(Benchmark(f"wgpu:{adapter.name}", f"{adapter.name} ({adapter.backend})",
                              float(result["matmul_gflops"]), adapter.software,
-                             f"GEMM {result['matmul_gflops']:.2f} GFLOP/s; training a built-in tiny test "
-                             f"model (not the loaded one): {training['tokens_per_s']:.0f} tokens/s"))
+                             f"GFLOP/s of the engine's GEMM, {n}×{n}×{n} float32; training a built-in tiny test "
+                             f"model (not the loaded one: {tiny.model_type}, hidden {tiny.hidden}, {tiny.layers} "
+                             f"layers, {tiny.parameter_count() / 1e6:.1f} M parameters), LoRA rank 8, batch "
+                             f"{training['batch_size']} x {training['seq_len']} tokens: "
+                             f"{training['tokens_per_s']:.0f} tokens/s"))
     return out
 
 
@@ -61,8 +67,9 @@ def benchmark_cpu(model_dir: Path | None, progress=None) -> Benchmark:
         backend.close()
     gflops = step_flops(spec, lora, batch * tokens, tokens) / seconds / 1e9
     return Benchmark("cpu", name, gflops, detail=f"training the loaded model ({spec.model_type}, "
-                                                  f"{spec.parameter_count() / 1e6:.0f} M parameters), batch {batch} x "
-                                                  f"{tokens} tokens: {batch * tokens / seconds:.0f} tokens/s")
+                                                  f"{spec.parameter_count() / 1e6:.0f} M parameters), LoRA rank 8, "
+                                                  f"batch {batch} x {tokens} tokens: {batch * tokens / seconds:.0f} "
+                                                  "tokens/s; GFLOP/s of those whole training steps")
 
 
 def run_benchmarks(hardware, model_dir: Path | None, progress=None) -> list[Benchmark]:

@@ -16,17 +16,20 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMainWindow, QMessageBox, QP
 from app.chat_controller import ChatController
 from app.corpus_controller import CorpusController
 from app.plan import is_preference_corpus, summarize_corpus
+from app.session import load_chat, save_chat
 from app.training_controller import TrainingController
 from app.training_process import run_in_child
 from app.widgets.chat_panel import ChatPanel
 from app.widgets.generation_settings import settings_from_dict, settings_to_dict
 from app.widgets.model_info import ModelInfo
 from app.widgets.model_picker import ModelPicker, remember_model
+from app.widgets.runs_list import RunsList
 from app.widgets.training_console import TrainingConsole
 from app.workers import run_in_thread
 from engine.backends.hardware import detect
 from engine.model.spec import load_model_spec
 from engine.model.references import resolve_model
+from engine.train.history import RunRecord, now_utc, read_runs, record_run, summary_metrics
 from resources import resource_path
 
 
@@ -48,6 +51,7 @@ class MainWindow(QMainWindow):
         self.corpus = None
         self.adapter_dir: Path | None = None
         self.dialogs: dict[str, QWidget] = {}      # the open dialog of each kind (tests and screenshots reach them)
+        self._rereading_corpus = False             # the corpus being read again for a newly loaded model
 
         self.chat = ChatController(chat_engine, self)
         self.corpus_controller = CorpusController(self)
@@ -58,6 +62,7 @@ class MainWindow(QMainWindow):
         self._warm_console()
         self._connect()
         self._restore_settings()
+        self._restore_session()
         self._update_actions()
         run_in_thread(self, detect, on_result=self._on_hardware, on_error=self._on_error)
         if model_ref:
@@ -91,6 +96,8 @@ class MainWindow(QMainWindow):
         left = QWidget()
         left_layout = QVBoxLayout(left)
         left_layout.addWidget(self.model_info)
+        self.runs_list = RunsList()
+        left_layout.addWidget(self.runs_list)
         left_layout.addWidget(QLabel("Log"))
         left_layout.addWidget(self.log)
         self.chat_panel = ChatPanel(self.chat)
@@ -132,6 +139,10 @@ class MainWindow(QMainWindow):
         b["Hardware"].clicked.connect(self.open_hardware)
         self.chat.state_changed.connect(self.state_label.setText)
         self.chat.error.connect(self._on_error)
+        self.chat.notice.connect(self._on_notice)
+        # The chat is kept for the next session: after every answer (a crash loses at most the one in flight).
+        self.chat.busy_changed.connect(lambda busy: busy or self._save_chat())
+        self.runs_list.chosen.connect(lambda folder: self.drop_path(Path(folder)))
         self.chat.adapters_changed.connect(lambda *_: self._update_actions())
         self.chat.model_ready.connect(lambda _: self._update_actions())
         self.chat_panel.generation.changed.connect(
@@ -142,7 +153,8 @@ class MainWindow(QMainWindow):
         self.training.running_changed.connect(lambda _: self._update_actions())
         self.training.paused_changed.connect(
             lambda paused: self.state_label.setText("training paused" if paused else "training"))
-        self.corpus_controller.failed.connect(lambda m, d: self.append_log(f"corpus: {m}"))
+        self.corpus_controller.failed.connect(self._on_corpus_failed)
+        self.corpus_controller.loaded.connect(self._on_corpus_reread)
 
     def _update_actions(self) -> None:
         b, training = self.buttons, self.training.running
@@ -167,8 +179,10 @@ class MainWindow(QMainWindow):
 
     def _on_model(self, ref: str, result) -> None:
         folder, spec = result
+        same = self.model_dir is not None and Path(folder).resolve() == self.model_dir.resolve()
         self.model_ref, self.model_dir, self.spec = ref, Path(folder), spec
-        self.corpus = self.corpus_controller.corpus = None    # tokenized for the previous model: read it again
+        if not same:
+            self._read_corpus_again()       # tokenized for the previous model (or the last session's): read again
         self.model_info.show_model(self.model_dir.name, spec)
         self.append_log(f"model ready: {folder}")
         QSettings().setValue("model/last", ref)
@@ -176,7 +190,13 @@ class MainWindow(QMainWindow):
         self.picker.refresh(ref)
         self._update_actions()
         self.model_loaded.emit(str(folder))
-        self.chat.load_model(str(folder))
+        if self._saved_chat is not None:
+            saved, self._saved_chat = self._saved_chat, None
+            if saved.get("model") == str(folder):     # the last chat comes back with its model only
+                self.chat.pending_chat = saved
+        # The adapters chat held come back when they fit; so do the ones trained on this model before.
+        trained_here = [r.adapter_dir for r in self.runs if Path(r.model_dir).resolve() == self.model_dir.resolve()]
+        self.chat.load_model(str(folder), trained_here)
 
     def _on_model_error(self, message: str, detail: str) -> None:
         """One readable sentence, wrapped; the previous model stays loaded and shown (header included). Only an
@@ -229,7 +249,45 @@ class MainWindow(QMainWindow):
         unit = "preference pairs" if is_preference_corpus(corpus) else "sequences"
         self.append_log(f"corpus: {t['files']} file(s), {len(corpus.train)} training {unit}, "
                         f"{t['trainable_tokens']:,} trainable tokens")
+        QSettings().setValue("corpus/last", json.dumps({
+            "files": [str(f) for f in self.corpus_controller.files], "seq_len": corpus.config.seq_len,
+            "val_split": corpus.config.val_fraction}))
         self._update_actions()
+
+    def _read_corpus_again(self) -> None:
+        """The corpus in use (else the last session's) read with the new model's tokenizer; files that are gone
+        are left out with a note."""
+        current = self.corpus
+        self.corpus = self.corpus_controller.corpus = None
+        if current is not None:
+            files = [str(f) for f in self.corpus_controller.files]
+            seq_len, val_split = current.config.seq_len, current.config.val_fraction
+        else:
+            try:
+                last = json.loads(QSettings().value("corpus/last") or "null")
+                files, seq_len, val_split = [str(f) for f in last["files"]], int(last["seq_len"]), \
+                    float(last["val_split"])
+            except (TypeError, KeyError, ValueError):
+                return                      # no corpus was used before (or the setting is unreadable)
+        present = [Path(f) for f in files if Path(f).is_file()]
+        for gone in sorted(set(files) - {str(f) for f in present}):
+            self.append_log(f"corpus: {gone} is gone; the corpus is read without it")
+        if not present or self.corpus_controller.running:
+            return
+        self.corpus_controller.files = present
+        self.corpus_controller.files_changed.emit(list(present))
+        self._rereading_corpus = True
+        self.append_log(f"corpus: reading {len(present)} file(s) again for {self.model_dir.name}…")
+        self.corpus_controller.load(self.model_dir, seq_len, val_split)
+
+    def _on_corpus_reread(self, corpus) -> None:
+        if self._rereading_corpus:
+            self._rereading_corpus = False
+            self._on_corpus(corpus)
+
+    def _on_corpus_failed(self, message: str, _detail: str) -> None:
+        self._rereading_corpus = False
+        self.append_log(f"corpus: {message}")
 
     def train(self) -> None:
         """The primary path: the console while a run is in progress; else the corpus dialog when nothing is read
@@ -271,6 +329,18 @@ class MainWindow(QMainWindow):
 
     def _on_trained(self, summary, perplexities) -> None:
         self.adapter_dir = Path(summary.adapter_dir)
+        request = self.training.request
+        record = RunRecord(str(Path(summary.adapter_dir).resolve()), request.model,
+                           str(self.model_dir.resolve()), tuple(request.files),
+                           request.config.to_dict(), summary_metrics(summary), now_utc())
+        try:
+            notes = record_run(record)
+        except OSError as exc:
+            notes = [f"the run could not be added to the runs list: {exc}"]
+        for note in notes:
+            self._on_notice(note)
+        self.runs, _ = read_runs()
+        self.runs_list.show_runs(self.runs)
         self.chat.refresh()
         self._update_actions()
 
@@ -339,6 +409,11 @@ class MainWindow(QMainWindow):
     def append_log(self, text: str) -> None:
         self.log.appendPlainText(text)
 
+    def _on_notice(self, text: str) -> None:
+        """Something left out on the way (an adapter that does not fit, an unreadable file): said, never fatal."""
+        self.append_log(f"note: {text}")
+        self.statusBar().showMessage(text, 15000)
+
     def _on_error(self, message: str, detail: str) -> None:
         self.append_log(f"error: {message}" + (f"\n{detail}" if detail else ""))
         self.statusBar().showMessage(message, 15000)
@@ -371,8 +446,26 @@ class MainWindow(QMainWindow):
                 self.chat_panel.generation.set_settings(settings)
                 self.chat.settings = settings
 
+    def _restore_session(self) -> None:
+        """The runs trained before and the last chat (restored once its model is loaded), from the data folder."""
+        self.runs, notes = read_runs()
+        self.runs_list.show_runs(self.runs)
+        self._saved_chat, chat_notes = load_chat()
+        for note in notes + chat_notes:
+            self.append_log(f"note: {note}")
+
+    def _save_chat(self) -> None:
+        # Not before the last chat is back (or given up): an empty chat would replace it.
+        if not self.chat.engine.loaded or self._saved_chat is not None or self.chat.pending_chat is not None:
+            return
+        try:
+            save_chat(self.chat.chat_state())
+        except OSError as exc:
+            self.append_log(f"note: the chat could not be kept for the next session: {exc}")
+
     def closeEvent(self, event) -> None:
         QSettings().setValue("window/geometry", self.saveGeometry())
+        self._save_chat()
         self.chat.stop()
         self.training.stop()
         super().closeEvent(event)

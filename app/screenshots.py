@@ -3,7 +3,8 @@ save a PNG of each panel. Run it under a display (`xvfb-run -a -s "-screen 0 160
 app.screenshots docs/screenshots`). Everything shown is computed by the engines; nothing is staged.
 
 The corpus is a small chat JSONL written to a temporary folder (with one malformed line, so the skipped-line
-report shows), plus a plain-text file.
+report shows), a plain-text file and an empty one (refused, with its reason in its row). The runs list and the
+last chat go to a data folder of the temporary one (LORA_LAB_HOME): the user's own stay untouched.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def write_corpus(folder: Path) -> list[Path]:
     notes = folder / "notes.txt"
     notes.write_text("Low-rank adaptation freezes the pretrained weights and learns a low-rank update.\n" * 20,
                      encoding="utf-8")
-    return [chats, notes]
+    empty = folder / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    return [chats, notes, empty]
 
 
 def wait_until(app, condition, timeout: float, what: str) -> None:
@@ -64,19 +67,28 @@ def main(argv=None) -> int:
     app = _start_app()
 
     from app.main_window import MainWindow
+    from engine.model.references import resolve_model
 
     work = Path(tempfile.mkdtemp(prefix="lora-lab-shots-"))
+    model = str(resolve_model(args.model))        # from the user's data folder, before it is set aside
+    os.environ["LORA_LAB_HOME"] = str(work / "data")
     files = write_corpus(work)
-    window = MainWindow(args.model)
+    window = MainWindow(model)
     window.resize(1400, 880)
     window.show()
     wait_until(app, lambda: window.chat.engine.loaded and window.hardware is not None, 300, "the model")
 
-    _shoot_hardware(app, window, args.out)
-    _shoot_corpus(app, window, args.out, files)
-    _shoot_plan_and_training(app, window, args.out, work / "adapter", args.backend, args.steps)
-    _shoot_chat(app, window, args.out)
-    _shoot_save(app, window, args.out, work / "saved")
+    panels = args.panels
+    if "hardware" in panels:
+        _shoot_hardware(app, window, args.out)
+    if panels & {"corpus", "train", "chat", "save"}:        # each of these needs the ones before it
+        _shoot_corpus(app, window, args.out, files)
+    if panels & {"train", "chat", "save"}:
+        _shoot_plan_and_training(app, window, args.out, work / "adapter", args.backend, args.steps)
+    if panels & {"chat", "save"}:
+        _shoot_chat(app, window, args.out)
+    if "save" in panels:
+        _shoot_save(app, window, args.out, work / "saved")
     window.close()
     from app.workers import wait_for_workers
 
@@ -90,6 +102,10 @@ def _parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--model", default="demo", help="model reference (default: the demo model)")
     parser.add_argument("--steps", type=int, default=12, help="training steps for the console screenshot")
     parser.add_argument("--backend", default="cpu", help="training backend (default cpu)")
+    parser.add_argument("--panels", default="hardware,corpus,train,chat,save",
+                        type=lambda text: set(text.split(",")) - {""},
+                        help="which shots to take (comma-separated): hardware, corpus, train (the wizard and the "
+                             "console), chat (compare), save; each of the last four also takes the ones before it")
     return parser.parse_args(argv)
 
 
@@ -118,11 +134,11 @@ def _shoot_corpus(app, window, out: Path, files: list[Path]) -> None:
 
     window.buttons["Corpus"].click()
     corpus = window.dialogs["corpus"]
-    window.corpus_controller.add(files)
-    corpus.seq_len.setValue(128)
+    corpus.seq_len.setValue(128)        # before the files come: they are read as they are added
     corpus.val_split.setValue(0.2)
-    corpus.read.click()
-    wait_until(app, lambda: window.corpus_controller.corpus is not None, 300, "the corpus")
+    window.corpus_controller.add(files)
+    wait_until(app, lambda: window.corpus_controller.corpus is not None and not window.corpus_controller.running,
+               300, "the corpus")
     corpus.example.setValue(1)
     save(corpus, out, "corpus")
     corpus.buttons.button(QDialogButtonBox.Ok).click()

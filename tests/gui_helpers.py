@@ -15,7 +15,9 @@ def release_gui_objects():
 
 
 @pytest.fixture(autouse=True)
-def isolated_settings(tmp_path, qapp):
+def isolated_settings(tmp_path, qapp, monkeypatch):
+    """QSettings, and the data folder (runs list, last chat, pasted text), of each test's own."""
+    monkeypatch.setenv("LORA_LAB_HOME", str(tmp_path / "lora-lab-home"))
     QSettings.setDefaultFormat(QSettings.IniFormat)
     QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path / "settings"))
     qapp.setOrganizationName("LoRA-Lab-test")

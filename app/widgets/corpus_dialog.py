@@ -230,12 +230,15 @@ class CorpusDialog(QDialog):
 
     def _table_menu(self, pos):
         row = self.table.rowAt(pos.y())
-        if row < 0:
-            return
+        if row >= 0:
+            self.row_menu(row).exec(self.table.viewport().mapToGlobal(pos))
+
+    def row_menu(self, row: int) -> QMenu:
+        """The context menu of a file's row (the row is selected: its actions apply to it)."""
         self.table.selectRow(row)
         menu = QMenu(self)
         menu.addAction("Remove from the corpus", self.remove_selected)
-        menu.exec(self.table.viewport().mapToGlobal(pos))
+        return menu
 
     # -- reading ----------------------------------------------------------------------------------------------
     def _read_when_idle(self):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QHBoxLayout, QLabel, QPushButton, QTableWidget,
+from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget,
                                QTableWidgetItem, QTreeWidget, QTreeWidgetItem, QVBoxLayout)
 
 from app.benchmark import run_benchmarks
@@ -28,8 +28,11 @@ class HardwareDialog(QDialog):
         self.adapters.setColumnWidth(0, 320)
         self.system = QLabel(objectName="system", wordWrap=True)
         self.results = QTableWidget(0, 3, objectName="benchmark-results")
-        self.results.setHorizontalHeaderLabels(["Candidate", "GFLOP/s", "Detail"])
+        self.results.setHorizontalHeaderLabels(["Candidate", "GFLOP/s", "What was measured (model, shape)"])
         self.results.horizontalHeader().setStretchLastSection(True)
+        # What was measured is said in full: wrapped, each row as tall as its text at the column's width.
+        self.results.setWordWrap(True)
+        self.results.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.explanation = QLabel(objectName="backend-explanation", wordWrap=True)
         self.status = QLabel(objectName="benchmark-status")
         self.benchmark = QPushButton("Benchmark", objectName="benchmark")
@@ -84,7 +87,9 @@ class HardwareDialog(QDialog):
         for row, b in enumerate(self.benchmarks):
             name = b.name + (" (software)" if b.software else "")
             for col, text in enumerate((name, f"{b.gflops:.2f}" if b.gflops else "—", b.detail)):
-                self.results.setItem(row, col, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                item.setToolTip(text)
+                self.results.setItem(row, col, item)
         self.results.resizeColumnsToContents()
         self.explanation.setText(backend_explanation(self.hardware, self.benchmarks))
 

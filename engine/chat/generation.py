@@ -117,23 +117,73 @@ class _PieceStreamer(BaseStreamer):
             self.line_ids, self.emitted = [], 0
 
 
+class _RowQueue:
+    """What one row's _PieceStreamer writes to: its pieces go to the shared queue as (row, text)."""
+
+    def __init__(self, out: queue.Queue, row: int):
+        self.out, self.row = out, row
+
+    def put(self, text: str):
+        self.out.put((self.row, text))
+
+
+class _RowsStreamer(BaseStreamer):
+    """Receives the token ids of a batch of answers (one row each) and queues (row, text) as each row grows.
+
+    Every generation step brings one token per row, so the rows' pieces arrive interleaved. A row that produced an
+    end-of-sequence token is finished: the padding `generate` appends to it afterwards is not part of its answer.
+    """
+
+    def __init__(self, tokenizer, out: queue.Queue, rows: int, eos_ids: set[int]):
+        self.rows = [_PieceStreamer(tokenizer, _RowQueue(out, r)) for r in range(rows)]
+        for row in self.rows:
+            row.prompt_pending = False
+        self.eos_ids = eos_ids
+        self.prompt_pending = True
+        self.finished = [False] * rows
+
+    @property
+    def tokens(self) -> int:
+        return sum(row.tokens for row in self.rows)
+
+    def put(self, value: torch.Tensor):
+        if self.prompt_pending:
+            self.prompt_pending = False
+            return
+        ids = value.reshape(len(self.rows), -1)   # (rows, new tokens): one token per row per step
+        for r, row in enumerate(self.rows):
+            if self.finished[r]:
+                continue
+            row.put(ids[r])
+            if self.eos_ids & set(ids[r].tolist()):
+                self.finished[r] = True
+
+    def end(self):
+        for row in self.rows:
+            row.end()
+
+
 _END = object()
 _POLL_S = 0.01  # how often an iterating thread looks at the stop events while waiting for the next piece
 
 
 class ChatStream:
-    """Iterator over the text pieces of one answer while `generate` runs in a worker thread.
+    """Iterator over the text pieces of one answer (or, with `rows`, (row, piece) of a batch of answers) while
+    `generate` runs in a worker thread.
 
     Iterating ends when the answer is complete, stopped (the caller's `cancel_event`, `cancel()`, or `close()`)
     or failed; a failure in generation is re-raised in the iterating thread. `tokens` counts generated tokens.
     """
 
     def __init__(self, generate: Callable[[StoppingCriteria, BaseStreamer], None],
-                 tokenizer, cancel_event: threading.Event | None, on_finished: Callable[[], None]):
+                 tokenizer, cancel_event: threading.Event | None, on_finished: Callable[[], None],
+                 rows: int | None = None, eos_ids: set[int] = frozenset()):
         self._queue: queue.Queue = queue.Queue()
         self._abort = threading.Event()
         self._cancel_event = cancel_event
-        self._streamer = _PieceStreamer(tokenizer, self._queue)
+        # rows: a batch of answers generated together, whose pieces come as (row, text); None: one answer, text.
+        self._streamer = _PieceStreamer(tokenizer, self._queue) if rows is None else \
+            _RowsStreamer(tokenizer, self._queue, rows, set(eos_ids))
         self._criteria = _CancelCriteria(self._abort, cancel_event)
         self._generate = generate
         self._on_finished = on_finished

@@ -472,6 +472,66 @@ class ChatEngine:
             self._stream = ChatStream(generate, self._tokenizer, cancel_event, on_finished=lambda: self._notify(False))
             return self._stream
 
+    def side_by_side_supported(self, adapters: Sequence[str | None]) -> bool:
+        """Whether stream_side_by_side can answer with these adapters: peft applies one adapter per row of a batch
+        for plain LoRA only, not DoRA (its `adapter_names` refuses a DoRA adapter)."""
+        from peft import PeftModel
+
+        model = self._model
+        if not isinstance(model, PeftModel):
+            return True
+        return not any(getattr(model.peft_config[name], "use_dora", False) for name in adapters
+                       if name is not None and name in model.peft_config)
+
+    def stream_side_by_side(self, jobs: Sequence[tuple[Sequence[dict], str | None]],
+                            settings: GenerationSettings | None = None,
+                            cancel_event: threading.Event | None = None) -> ChatStream:
+        """Answer several chats at once: `jobs` holds (messages, adapter) per column (adapter None: the base model).
+
+        Iterating the stream gives (column, piece). The columns are one batch (left-padded prompts; peft's
+        `adapter_names` applies each column's adapter to its row only), so every generation step adds a token to
+        each answer: compare mode sees both answers grow together instead of the adapter's waiting for the base's.
+        """
+        from peft import PeftModel
+
+        settings = settings if settings is not None else GenerationSettings()
+        if not isinstance(settings, GenerationSettings):
+            raise TypeError(f"settings must be GenerationSettings, got {type(settings).__name__}")
+        if not jobs:
+            raise ValueError("stream_side_by_side needs at least one (messages, adapter) job")
+        with self._lock:
+            self._require_model()
+            self._require_idle("start another answer")
+            names = [self._adapter_for_call(adapter) for _, adapter in jobs]
+            if not self.side_by_side_supported(names):
+                raise ValueError(f"adapters {names} cannot answer in one batch (DoRA); answer one after the other")
+            prompts = [self.prompt_inputs(messages)["input_ids"][0].tolist() for messages, _ in jobs]
+            model = self._model
+            pad = model.generation_config.pad_token_id
+            width = max(len(p) for p in prompts)
+            # (columns, width): prompts padded on the left, so every row's next token comes right after its prompt.
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                          device=self.device)
+            extra = {}
+            if isinstance(model, PeftModel):
+                extra["adapter_names"] = ["__base__" if name is None else name for name in names]
+            eos = model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+            def generate(criteria, streamer):
+                with torch.no_grad():
+                    if settings.seed is not None:
+                        torch.manual_seed(settings.seed)
+                    model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra,
+                                   **settings.generate_kwargs(), streamer=streamer,
+                                   stopping_criteria=StoppingCriteriaList([criteria]))
+
+            self._notify(True)
+            self._stream = ChatStream(generate, self._tokenizer, cancel_event, on_finished=lambda: self._notify(False),
+                                      rows=len(jobs), eos_ids=eos_ids)
+            return self._stream
+
     def cancel(self):
         """Stop the answer being generated, if any, and wait until it has let go of the model."""
         stream = self._stream

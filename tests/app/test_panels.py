@@ -76,6 +76,35 @@ def test_chat_stop_regenerate_clear_copy(qtbot, tiny_llama_dir):
     assert chat.conversations[0].messages == []
 
 
+def test_compare_streams_both_answers_at_once_and_marks_a_stop(qtbot, tiny_llama_dir, tmp_path):
+    """Compare ran the base, then the adapter (whose column waited for the base's 256 tokens); a stop marked
+    nothing."""
+    from engine.chat.generation import GenerationSettings
+
+    chat = _chat(qtbot, tiny_llama_dir)
+    with qtbot.waitSignal(chat.adapters_changed, timeout=30000):
+        chat.load_adapter(make_adapter(tiny_llama_dir, tmp_path / "mine", seed=3))
+    chat.set_compare(True)
+    assert [c.adapter for c in chat.conversations] == [None, "mine"]
+    chat.settings = GenerationSettings(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    lengths = []
+    chat.conversations_changed.connect(lambda: lengths.append([len(c.answer_so_far()) for c in chat.conversations]))
+    chat.send("Hello")
+    qtbot.waitUntil(lambda: not chat.busy, timeout=30000)
+    first_of_adapter = next(i for i, (_, n) in enumerate(lengths) if n > 0)
+    assert lengths[-1][0] > lengths[first_of_adapter][0], lengths     # the base kept growing after that
+    assert all(c.stopped == set() for c in chat.conversations)
+    chat.settings = GenerationSettings(max_new_tokens=4000, temperature=1.0, seed=1)
+    chat.send("Tell me more")
+    qtbot.waitUntil(lambda: all(c.answer_so_far() for c in chat.conversations), timeout=30000)
+    chat.stop()
+    qtbot.waitUntil(lambda: not chat.busy and not chat.engine.generating, timeout=5000)
+    assert all(c.stopped == {3} for c in chat.conversations)
+    from app.widgets.chat_panel import conversation_markdown
+
+    assert all(conversation_markdown(c, busy=False).endswith("*(stopped)*") for c in chat.conversations)
+
+
 def test_dropping_an_adapter_loads_it_into_chat(qtbot, tiny_llama_dir, tmp_path):
     from app.main_window import MainWindow
 
@@ -163,6 +192,13 @@ def test_corpus_dialog_reads_on_add_shows_refusals_and_removes_files(qtbot, tiny
         qtbot.keyClick(dialog.table, Qt.Key_Delete)
     assert controller.files == [good, broken] and dialog.table.rowCount() == 2
     assert [Path(f.path) for f in controller.corpus.stats.files] == [good, broken]
+    # The row's context menu removes it too.
+    qtbot.waitUntil(lambda: not controller.running, timeout=10000)
+    menu = dialog.row_menu(1)
+    assert [a.text() for a in menu.actions()] == ["Remove from the corpus"]
+    with qtbot.waitSignal(controller.loaded, timeout=30000):
+        menu.actions()[0].trigger()
+    assert controller.files == [good] and dialog.table.rowCount() == 1
 
 
 def test_plan_numbers_follow_the_corpus_and_hardware(tiny_llama_dir):

@@ -84,8 +84,13 @@ def test_benchmark_button_measures_adapters_and_cpu(qtbot, tiny_llama_dir):
     assert f"{results[-1].gflops:.2f}" == dialog.results.item(len(results) - 1, 1).text()
     # Each figure says what it measured: the loaded model on the CPU, a built-in tiny model on an adapter.
     assert results[-1].detail.startswith("training the loaded model (llama")
-    assert all("built-in tiny test model (not the loaded one)" in b.detail for b in results[:-1]
-               if not b.detail.startswith("failed"))
+    assert "batch 1 x 64 tokens" in results[-1].detail and "GFLOP/s of those whole training steps" in results[-1].detail
+    for b in results[:-1]:
+        if not b.detail.startswith("failed"):
+            assert "built-in tiny test model (not the loaded one: llama, hidden" in b.detail, b.detail
+            assert b.detail.startswith("GFLOP/s of the engine's GEMM, 256×256×256 float32")
+            assert " x 64 tokens: " in b.detail
+    assert dialog.results.horizontalHeaderItem(2).text() == "What was measured (model, shape)"
     if not any(not a.software and a.backend != "OpenGL" for a in hardware.adapters):
         assert "training will use CPU" in dialog.explanation.text()
 

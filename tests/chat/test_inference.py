@@ -309,6 +309,43 @@ def test_compare_mode_answers_with_base_and_adapter(engine, adapters, tiny_llama
         assert answer == engine.tokenizer.decode(out[0, n:], skip_special_tokens=True)
 
 
+def test_side_by_side_answers_grow_together_and_match_each_model_alone(engine, adapters, tiny_llama_dir):
+    """Compare mode used to answer with the base, then the adapter (the adapter's column waited minutes). One batch
+    answers both: the pieces interleave, and each column is what its model answers alone (prompts of different
+    lengths: the shorter is left-padded)."""
+    engine.set_active_adapter(engine.load_adapter(adapters["b"]))
+    settings = GenerationSettings(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
+    longer = [HELLO[0], {"role": "user", "content": "And what is the capital of Italy, in one short word?"}]
+    jobs = [(longer, None), (HELLO, "b")]
+    order, texts = [], ["", ""]
+    stream = engine.stream_side_by_side(jobs, settings)
+    for column, piece in stream:
+        order.append(column)
+        texts[column] += piece
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0), order   # column 1 began before column 0 ended
+    assert stream.tokens == 2 * 12
+    for (messages, _), text, reference in zip(jobs, texts, (None, adapters["b"])):
+        inputs = engine.prompt_inputs(messages)
+        out = peft_reference(tiny_llama_dir, reference).generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert text == engine.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not engine.generating and engine.active_adapter == "b"
+
+
+def test_a_dora_adapter_is_not_batched_with_the_base(engine, adapters, tiny_llama_dir, tmp_path):
+    """peft's per-row adapters refuse DoRA: the engine says so before generating (compare then answers in turn)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    dora, plain = engine.load_adapter(tmp_path / "dora"), engine.load_adapter(adapters["a"])
+    assert engine.side_by_side_supported([None, plain]) and not engine.side_by_side_supported([None, dora])
+    with pytest.raises(ValueError, match="cannot answer in one batch"):
+        engine.stream_side_by_side([(HELLO, None), (HELLO, dora)])
+    assert not engine.generating
+
+
 def test_switching_during_an_answer_applies_to_the_next_one(engine, adapters):
     engine.set_active_adapter(engine.load_adapter(adapters["b"]))
     settings = GenerationSettings(max_new_tokens=16, temperature=0, repetition_penalty=1.0)

@@ -254,6 +254,9 @@ def test_inconsistent_template_without_generation_blocks_skips_with_reason(tmp_p
     corpus = load_corpus([path], tok, CorpusConfig())
     fs = corpus.stats.files[0]
     assert [s.line for s in fs.skipped] == [1] and "{% generation %}" in fs.skipped[0].reason
+    # Said in the user's terms first, with what to do (it used to be the template jargon alone).
+    assert fs.skipped[0].reason.startswith("this model's chat format rewrites earlier turns")
+    assert "split it into one conversation per answer" in fs.skipped[0].reason
     assert fs.formats == {"text": 1}
     unmasked = load_corpus([path], tok, CorpusConfig(mask_prompt=False))  # the advice in the reason works
     assert unmasked.stats.files[0].formats == {"sharegpt": 1, "text": 1}

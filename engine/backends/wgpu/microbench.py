@@ -149,6 +149,7 @@ def measure(ctx: GpuContext | None = None, quick: bool = True) -> dict:
     ctx = ctx or GpuContext.create()
     spec = tiny_spec()
     lora = LoraConfig(rank=8, alpha=16)
-    return {"adapter": ctx.label, "matmul_gflops": matmul_gflops(ctx, 256 if quick else 1024),
+    size = 256 if quick else 1024
+    return {"adapter": ctx.label, "matmul_gflops": matmul_gflops(ctx, size), "matmul_size": size,
             "training": training_throughput(ctx, spec, lora, 2 if quick else 8, 64 if quick else 256,
                                             steps=2 if quick else 5)}
