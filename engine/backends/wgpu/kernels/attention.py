@@ -1,4 +1,5 @@
-"""Python twin of shaders/attention.wgsl: causal GQA attention, flash-attention style forward and backward.
+"""Python twin of shaders/attention.wgsl: causal GQA attention, flash-attention style forward and backward,
+optionally over a sliding window (a query t sees the keys t − window < kv <= t).
 
 Layouts (f32): q, out, dout, dq [B, T, NH, HD]; k, v, dk, dv [B, T, NKV, HD]; lse [B, NH, T] (saved by the
 forward for the backward). The backward is flash-attention-2's: P is recomputed from lse, D = rowsum(dout*out)
@@ -67,15 +68,19 @@ class Attention:
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
                  workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
-                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None):
+                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None,
+                 window: int | None = None):
         """`dsum` [B, NH, T] and, with GQA, `dk_heads`, `dv_heads` [B, T, NH, HD]: the backward's scratch, which
-        it writes before it reads, so the layers of a model can share one set; allocated here when not given."""
+        it writes before it reads, so the layers of a model can share one set; allocated here when not given.
+        `window`: a sliding window in keys (None: plain causal)."""
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if min(B, T) < 1:
             raise ValueError(f"attention needs B >= 1 and T >= 1, got B={B}, T={T}")
+        if window is not None and window < 1:
+            raise ValueError(f"attention's sliding window must be at least 1 key, got {window}")
         q_bytes, kv_bytes, stat_bytes = 4 * B * T * n_heads * head_dim, 4 * B * T * n_kv_heads * head_dim, \
             4 * B * n_heads * T
         for name, buf, need in (("q", q, q_bytes), ("k", k, kv_bytes), ("v", v, kv_bytes), ("out", out, q_bytes),
@@ -92,6 +97,10 @@ class Attention:
         if workgroup_budget is not None:
             budget = min(budget, workgroup_budget)
         self.constants = tiling(head_dim, budget, max_tile_rows, register_rows)
+        # A window of T keys or more cuts nothing: such a layer runs the plain causal pipeline (WINDOW 0), as
+        # every layer without a window does, at no cost from the window's checks.
+        self.window = window if window is not None and window < T else None
+        self.constants["WINDOW"] = self.window or 0
         blocks = -(-T // self.constants["ROWS"])
         if max(blocks, n_heads, B) > ctx.max_workgroups:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")
