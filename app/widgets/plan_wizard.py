@@ -119,7 +119,7 @@ class PlanWizard(QWizard):
         self.warmup = QSpinBox(minimum=0, maximum=10**6, value=c.warmup_steps, objectName="plan-warmup")
         self.batch = QSpinBox(minimum=1, maximum=1024, value=c.batch_size, objectName="plan-batch")
         self.accum = QSpinBox(minimum=1, maximum=1024, value=c.grad_accum, objectName="plan-accum")
-        self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_sequence_length, value=c.seq_len,
+        self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_positions, value=c.seq_len,
                                 objectName="plan-seq-len")
         self.optimizer = QComboBox(objectName="plan-optimizer")
         self.optimizer.addItems(list(OPTIMIZERS))

@@ -5,8 +5,8 @@ allocated, any architecture the engines cannot train — naming it, the supporte
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
 per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
-without rope, and which layers use a sliding window; the engines attend without a window, so
-`ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
+without rope, and which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention
+applies.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
 from __future__ import annotations
@@ -84,8 +84,7 @@ class ModelSpec:
     o_bias: bool = False     # o_proj bias: Llama and Qwen3 with attention_bias
     mlp_bias: bool = False   # gate/up/down biases: Llama with mlp_bias
     # transformers' sliding window: a query sees the keys kv with q − window < kv <= q (itself included), in the
-    # layers `window_layers`. The engines compute full causal attention, which is the same exactly when no
-    # sequence is longer than the window: check_sequence_length refuses the rest.
+    # layers `window_layers` (masking_utils.sliding_window_overlay).
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
     # Gemma 3 (gemma3_text). Norm weights are used as norm_offset + w (Gemma's x·(1+w)): the engines add the
@@ -125,20 +124,9 @@ class ModelSpec:
         """The rope of one layer: Gemma 3's sliding layers have their own theta."""
         return self.local_rope if self.local_rope is not None and layer in self.window_layers else self.rope
 
-    @property
-    def max_sequence_length(self) -> int:
-        """The longest sequence the engines compute exactly: the positions, and the sliding window if one is used."""
-        return min(self.max_positions, self.sliding_window) if self.window_layers else self.max_positions
-
-    def check_sequence_length(self, seq_len: int) -> None:
-        """Refuse (UnsupportedModelError) sequences longer than a sliding window some layer uses: the engines'
-        attention has no window, so such a sequence would be trained on a different model than this one."""
-        if self.window_layers and seq_len > self.sliding_window:
-            raise UnsupportedModelError(
-                f"{self.source}: sequence length {seq_len} is longer than the model's sliding_window "
-                f"{self.sliding_window} (used by {_layer_list(self.window_layers, self.layers)}); the training "
-                f"engines compute attention without a window, which equals the model only for sequences of at "
-                f"most {self.sliding_window} tokens. Choose a seq-len <= {self.sliding_window}")
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window (in keys) of one layer's attention, None where it attends to every earlier key."""
+        return self.sliding_window if layer in self.window_layers else None
 
     @property
     def q_dim(self) -> int:

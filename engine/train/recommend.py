@@ -63,7 +63,7 @@ def recommend(summary: CorpusSummary, spec, has_hardware_gpu: bool) -> tuple[Tra
     seq_len = 32
     while seq_len < summary.longest and seq_len < 1024:
         seq_len *= 2
-    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
+    seq_len = min(seq_len, spec.max_positions)
     n = max(summary.sequences, 1)
     # The user's own split stands. Else: under 50 examples every one is needed to teach, and a held-out 10 % of
     # them would say little anyway.
@@ -131,7 +131,7 @@ def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, fl
 
     # The longest context the plan would pick, so that `longest` sees every example whole.
     corpus = load_corpus(list(files), load_tokenizer(model_dir),
-                         CorpusConfig(seq_len=min(1024, spec.max_sequence_length)))
+                         CorpusConfig(seq_len=min(1024, spec.max_positions)))
     summary = summarize_corpus(corpus)
     config, val_split = recommend(summary, spec, for_gpu)
     return config, val_split, summary

@@ -4,7 +4,8 @@ PEFT; and the architectures and options still refused, by name.
 The tiny Gemma 3 (bench/tiny_models.py) has random norm weights (transformers initialises them to zero, where
 (1+w) = 1 would hide a norm that ignores its weight or its offset), query_pre_attn_scalar != head_dim, a global
 layer between two sliding ones with different rope thetas, GeGLU and sqrt(hidden)-scaled embeddings: dropping
-any quirk moves the logits far beyond the tolerances (test_each_quirk_moves_the_logits).
+any quirk moves the logits far beyond the tolerances (test_each_quirk_moves_the_logits). Its sliding window on
+sequences longer than the window is tested with the other windowed models (test_quirks.py, gemma3-window).
 """
 import dataclasses
 import json
@@ -46,17 +47,6 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
     for field, value in plain.items():
         logits = cpu_logits_with_spec(tiny_gemma3_dir, dataclasses.replace(spec, **{field: value}), lora, state, ids)
         assert np.abs(logits - ref.logits).max() > 1e-2, field
-
-
-@pytest.mark.gpu
-def test_sequences_longer_than_the_window_are_refused(tiny_gemma3_dir, gpu_device):
-    from engine.backends.wgpu.backend import WgpuBackend
-
-    message = r"sequence length 17 is longer than the model's sliding_window 16 \(used by layers 0, 2\)"
-    with pytest.raises(UnsupportedModelError, match=message):
-        OnnxBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, threads=1)
-    with pytest.raises(UnsupportedModelError, match=message):
-        WgpuBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, ctx=gpu_device)
 
 
 def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_path):

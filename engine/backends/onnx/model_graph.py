@@ -1,4 +1,4 @@
-"""The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text) as ONNX graphs for one (B, T): the training step (forward,
+"""The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text, ...) as ONNX graphs for one (B, T): the training step (forward,
 cross-entropy and the backward pass into the LoRA gradients), the evaluation loss, and the logits.
 
 Graph interface (shapes fixed at build time but L; the runner pads smaller batches):
@@ -151,10 +151,13 @@ class DecoderGraph:
             inv_freq = rope.inv_freq(spec.head_dim)
             tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq),
                             fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale))
+        masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)
+                          for j in range(self.att.query_blocks)]
+                 for window in {spec.layer_window(i) for i in range(spec.layers)}}
         consts = StepConstants(     # None in SmolLM3's NoPE layers
             rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
             rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
-            causal=[g.const(fw.causal_mask(self.att, j), np.float32) for j in range(self.att.query_blocks)])
+            masks=[masks[spec.layer_window(i)] for i in range(spec.layers)])
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
@@ -210,7 +213,7 @@ class DecoderGraph:
             q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
             k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
-        att, saved.att = fw.attention_forward(g, q, k, v, consts.causal, self.att)
+        att, saved.att = fw.attention_forward(g, q, k, v, consts.masks[i], self.att)
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
         if spec.post_norms:     # Gemma: each branch is normed before its residual add
             o, saved.n_post_attn = fw.rmsnorm_forward(g, o, w("post_attn_norm"), eps)
@@ -295,7 +298,7 @@ class StepConstants:
     """Tensors every layer of one graph shares."""
     rope: list[fw.Rope | None]          # per layer: rotation tables for the keys (ModelSpec.layer_rope; None: NoPE)
     rope_q: list[fw.Rope | None]        # the same with the attention's scale folded in, for the queries
-    causal: list[str]                   # one additive causal mask per query block
+    masks: list[list[str]]              # per layer: its additive causal (or sliding-window) mask per query block
     guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
 
 

@@ -118,7 +118,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k") if rope else None,
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
                             s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
-                            scale=spec.attention_scale),
+                            scale=spec.attention_scale, window=spec.layer_window(layer)),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln2") if pre else None,
