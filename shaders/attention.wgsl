@@ -6,6 +6,8 @@
 // Sliding window (WINDOW > 0, Mistral / Qwen2 / Gemma 3 sliding layers): query t sees the keys
 // t − WINDOW < kv <= t, transformers' sliding_window_overlay on the causal mask. WINDOW is an override constant,
 // so the plain causal layers (WINDOW 0) compile without the window's checks and tile bounds.
+// Soft-capping (SOFTCAP > 0, Gemma 2's attn_logit_softcapping): the scaled score s becomes SOFTCAP·tanh(s / SOFTCAP)
+// before the mask and softmax; the backward multiplies dS by its derivative 1 − tanh², kept in `slope`.
 //
 // Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
 // the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
@@ -14,7 +16,7 @@
 // in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
 // the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/backends/wgpu/kernels/attention.py)
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 2) + 8) bytes; the twin (engine/backends/wgpu/kernels/attention.py)
 // picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
@@ -33,6 +35,7 @@ override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
 override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 override WINDOW: u32 = 0u;      // sliding window in keys; 0: none (plain causal). The twin keeps it < T.
+override SOFTCAP: f32 = 0.0;    // attention-logit soft-capping; 0: none
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -52,6 +55,7 @@ var<workgroup> tile_a: array<vec4<f32>, BT * HD4>;      // K (forward, dq) or Q 
 var<workgroup> tile_b: array<vec4<f32>, BT * HD4>;      // V (forward, dq) or dO (dkdv) rows
 var<workgroup> red: array<f32, ROWS * BT * TPR>;        // partial dot products
 var<workgroup> prob: array<f32, ROWS * BT>;             // scores, then P, then dS
+var<workgroup> slope: array<f32, ROWS * BT>;            // d(capped score)/d(score) (dkdv, with SOFTCAP)
 var<workgroup> tile_lse: array<f32, BT>;                // lse of the tile's query rows (dkdv)
 var<workgroup> tile_d: array<f32, BT>;                  // D of the tile's query rows (dkdv)
 
@@ -64,6 +68,19 @@ fn row_base(b: u32, t: u32, head: u32, heads: u32) -> u32 {
 fn first_key(t: u32) -> u32 {
     if (WINDOW == 0u || t < WINDOW) { return 0u; }
     return t + 1u - WINDOW;
+}
+
+// The soft-capped score, and its derivative from the capped value c: 1 − tanh² = 1 − (c / SOFTCAP)². tanh's
+// argument is clamped where tanh is 1 in f32 already, so no implementation overflows inside it.
+fn capped(s: f32) -> f32 {
+    if (SOFTCAP == 0.0) { return s; }
+    return SOFTCAP * tanh(clamp(s / SOFTCAP, -15.0, 15.0));
+}
+
+fn cap_slope(c: f32) -> f32 {
+    if (SOFTCAP == 0.0) { return 1.0; }
+    let t = c / SOFTCAP;
+    return 1.0 - t * t;
 }
 
 // Clamped chunk index: a thread's chunks past HD4 hold zeros in registers, so any finite tile value will do.
@@ -262,7 +279,7 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
         if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
-        for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = reduce_partials(r, j); }
+        for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = capped(reduce_partials(r, j)); }
         workgroupBarrier();
         // Online softmax over the keys first_key(t_q) <= t0 + j <= t_q. Every thread of the row does the same
         // arithmetic on the same scores, so their m and l agree without communicating.
@@ -342,9 +359,10 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) {
-            let s = reduce_partials(r, j) * params.scale;
+            let s = capped(reduce_partials(r, j) * params.scale);
             let ok = row_ok && t0 + j <= t_q && t0 + j >= lo;
-            prob[r * BT + j] = exp(select(-1e30, s - lse_r, ok));   // masked: exp(-1e30) = 0
+            // masked: exp(-1e30) = 0. Only dS is needed here, so the cap's slope joins P at once.
+            prob[r * BT + j] = exp(select(-1e30, s - lse_r, ok)) * cap_slope(s);
         }
         workgroupBarrier();
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_b(j, c, dor); }
@@ -398,10 +416,11 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
             for (var i = 0u; i < BT; i++) { red[(r * BT + i) * TPR + c] = dot_a(i, c, kr); }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {
-                let s = reduce_partials(r, i) * params.scale;
+                let s = capped(reduce_partials(r, i) * params.scale);
                 let ok = key_ok && t0 + i < T && t0 + i >= t_k && (WINDOW == 0u || t0 + i < t_k + WINDOW);
                 // Masked entries may have s >> lse: exponentiate the sentinel instead, so no inf is ever made.
                 prob[r * BT + i] = exp(select(-1e30, s - tile_lse[i], ok));
+                if (SOFTCAP != 0.0) { slope[r * BT + i] = cap_slope(s); }
             }
             workgroupBarrier();
             for (var i = 0u; i < BT; i++) {
@@ -410,7 +429,9 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
             }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {
-                prob[r * BT + i] = prob[r * BT + i] * (reduce_partials(r, i) - tile_d[i]);
+                var ds = prob[r * BT + i] * (reduce_partials(r, i) - tile_d[i]);
+                if (SOFTCAP != 0.0) { ds *= slope[r * BT + i]; }
+                prob[r * BT + i] = ds;
             }
             workgroupBarrier();
             for (var i = 0u; i < BT; i++) { dk_acc = axpy_a(dk_acc, prob[r * BT + i], i, c); }

@@ -1,5 +1,6 @@
 """Python twin of shaders/attention.wgsl: causal GQA attention, flash-attention style forward and backward,
-optionally over a sliding window (a query t sees the keys t − window < kv <= t).
+optionally over a sliding window (a query t sees the keys t − window < kv <= t) and with soft-capped scores
+(cap·tanh(s / cap), Gemma 2).
 
 Layouts (f32): q, out, dout, dq [B, T, NH, HD]; k, v, dk, dv [B, T, NKV, HD]; lse [B, NH, T] (saved by the
 forward for the backward). The backward is flash-attention-2's: P is recomputed from lse, D = rowsum(dout*out)
@@ -40,8 +41,8 @@ ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-
 
 
 def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS) -> int:
-    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d."""
-    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows + 2 * 4)
+    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + slope + tile_lse + tile_d."""
+    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 2 * 4 * rows + 2 * 4)
 
 
 def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows: int = MAX_TILE_ROWS,
@@ -69,10 +70,10 @@ class Attention:
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
                  workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
                  register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None,
-                 window: int | None = None):
+                 window: int | None = None, softcap: float | None = None):
         """`dsum` [B, NH, T] and, with GQA, `dk_heads`, `dv_heads` [B, T, NH, HD]: the backward's scratch, which
         it writes before it reads, so the layers of a model can share one set; allocated here when not given.
-        `window`: a sliding window in keys (None: plain causal)."""
+        `window`: a sliding window in keys (None: plain causal). `softcap`: the scores' soft cap (None: none)."""
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -81,6 +82,8 @@ class Attention:
             raise ValueError(f"attention needs B >= 1 and T >= 1, got B={B}, T={T}")
         if window is not None and window < 1:
             raise ValueError(f"attention's sliding window must be at least 1 key, got {window}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"attention's soft cap must be positive, got {softcap}")
         q_bytes, kv_bytes, stat_bytes = 4 * B * T * n_heads * head_dim, 4 * B * T * n_kv_heads * head_dim, \
             4 * B * n_heads * T
         for name, buf, need in (("q", q, q_bytes), ("k", k, kv_bytes), ("v", v, kv_bytes), ("out", out, q_bytes),
@@ -101,6 +104,7 @@ class Attention:
         # every layer without a window does, at no cost from the window's checks.
         self.window = window if window is not None and window < T else None
         self.constants["WINDOW"] = self.window or 0
+        self.constants["SOFTCAP"] = softcap or 0.0
         blocks = -(-T // self.constants["ROWS"])
         if max(blocks, n_heads, B) > ctx.max_workgroups:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")

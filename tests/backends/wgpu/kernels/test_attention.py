@@ -6,15 +6,20 @@ from engine.backends.wgpu.uniforms import uniform_struct
 from engine.backends.wgpu.kernels.attention import Attention, tiling, workgroup_bytes
 
 
-def attention_reference(q, k, v, dout, scale=None, window=None):
+def attention_reference(q, k, v, dout, scale=None, window=None, softcap=None):
     """float64 causal GQA attention: (out [B,T,NH,HD], lse [B,NH,T], dq, dk, dv) by the textbook formulas;
-    scores times `scale` (default 1/sqrt(HD)); with `window`, query i sees keys i − window < j <= i."""
+    scores times `scale` (default 1/sqrt(HD)); with `window`, query i sees keys i − window < j <= i; with
+    `softcap`, the scaled scores become softcap·tanh(s / softcap) before the mask (Gemma 2)."""
     B, T, NH, HD = q.shape
     scale = 1 / np.sqrt(HD) if scale is None else scale
     ratio = NH // k.shape[2]
     kh = np.repeat(k, ratio, axis=2)                     # [B, T, NH, HD]
     vh = np.repeat(v, ratio, axis=2)
     s = np.einsum("bihd,bjhd->bhij", q, kh) * scale
+    slope = 1.0
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+        slope = 1 - (s / softcap) ** 2                     # d(capped)/d(score)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     visible = (j <= i) & ((i - j < window) if window is not None else True)
     s = np.where(visible, s, -np.inf)
@@ -24,7 +29,7 @@ def attention_reference(q, k, v, dout, scale=None, window=None):
     p = e / e.sum(-1, keepdims=True)
     out = np.einsum("bhij,bjhd->bihd", p, vh)
     dp = np.einsum("bihd,bjhd->bhij", dout, vh)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * slope
     dq = np.einsum("bhij,bjhd->bihd", ds, kh) * scale
     dkh = np.einsum("bhij,bihd->bjhd", ds, q) * scale
     dvh = np.einsum("bhij,bihd->bjhd", p, dout)
@@ -138,6 +143,20 @@ def test_a_window_as_long_as_the_sequence_runs_the_plain_kernels(gpu_device):
     assert Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9).constants["WINDOW"] == 0
     with pytest.raises(ValueError, match="sliding window must be at least 1 key, got 0"):
         Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9, window=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,NH,NKV,HD,window", [(1, 19, 4, 2, 20, None), (2, 26, 3, 1, 16, 7)])
+def test_soft_capped_attention_matches_reference(gpu_device, B, T, NH, NKV, HD, window):
+    """Gemma 2's cap·tanh(s / cap) on scores large enough that the cap bends them, with and without a window."""
+    q, k, v, dout = random_inputs(B, T, NH, NKV, HD, seed=T)
+    q, k = q * 3, k * 3                                  # scaled scores around ±10: tanh far from linear
+    got = run_attention(gpu_device, q, k, v, dout, window=window, softcap=5.0)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=window, softcap=5.0)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=5e-5, err_msg=name)
+    uncapped = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=window)
+    assert np.abs(got[2] - uncapped[2]).max() > 1e-2
 
 
 @pytest.mark.gpu
