@@ -4,7 +4,7 @@
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
+per-layer-type rope, Gemma 2's attention-logit and final-logit soft-capping, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
 without rope, and which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention
 applies.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
@@ -20,13 +20,12 @@ import numpy as np
 from engine.model.files import read_json_object
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
 # refusal so the user knows it is not an oversight.
 KNOWN_UNSUPPORTED = {
-    "gemma2": "Gemma 2's attention-logit and final-logit soft-capping (tanh) are not implemented in the "
-              "attention and LM-head kernels",
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
     "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
@@ -66,7 +65,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2 | smollm3
+    model_type: str          # one of SUPPORTED_MODEL_TYPES
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -104,6 +103,10 @@ class ModelSpec:
     logits_scale: float = 1.0
     local_rope: RopeSpec | None = None           # the rope of the window_layers, where it differs (Gemma 3)
     nope_layers: tuple[int, ...] = ()            # layers without rotary embeddings (SmolLM3's no_rope_layers 0)
+    # Gemma 2 (and Gemma 3 where set): the scaled attention scores s become cap·tanh(s / cap) before the mask
+    # (attn_logit_softcapping), and the logits z cap·tanh(z / cap) (final_logit_softcapping); None: not capped.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     @property
     def bias_targets(self) -> tuple[str, ...]:
@@ -185,19 +188,20 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         raise UnsupportedModelError(f"{folder}: config.json lacks {', '.join(missing)}; it does not describe a "
                                     f"complete {model_type} model (is this the right folder?)")
     _check_sizes(config, config_path)
-    gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
-    smollm3 = model_type == "smollm3"
-    if gemma:
-        _check_gemma3(config, folder)
+    gemma, granite, olmo2 = model_type in GEMMA_TYPES, model_type == "granite", model_type == "olmo2"
+    smollm3, gemma3 = model_type == "smollm3", model_type == "gemma3_text"
+    if gemma and config.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma); "
+                                    f"the engines train causal language models only")
     if granite and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UnsupportedModelError(f"{folder}: a Granite model with attention_bias or mlp_bias is unsupported "
                                     f"(its residual_multiplier would scale the o_proj/down_proj biases too)")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
-    # Qwen3Config's head_dim defaults to 128 and Gemma3TextConfig's to 256 (not hidden / heads) when
-    # config.json leaves it out.
-    default_hd = {"qwen3": 128, "gemma3_text": 256}.get(model_type)
+    # Qwen3Config's head_dim defaults to 128 and Gemma2Config's and Gemma3TextConfig's to 256 (not
+    # hidden / heads) when config.json leaves it out.
+    default_hd = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}.get(model_type)
     head_dim = int(config.get("head_dim", default_hd) or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"{folder}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
@@ -212,7 +216,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
                                     f"{', '.join(activations)}")
     layers = int(config["num_hidden_layers"])
     window, window_layers = _sliding_window(config, model_type, layers, folder)
-    if gemma:
+    if gemma3:
         # Gemma 3 keeps one rope per layer type: full_attention (rope_theta, default 1e6, maybe scaled) and
         # sliding_attention (rope_local_base_freq, default 1e4).
         params = config.get("rope_parameters") or {}
@@ -228,7 +232,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
-    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2", "smollm3") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "smollm3") and bool(
         config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
@@ -249,7 +253,9 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             float(config.get("attention_multiplier", 1.0)) if granite else None),
         residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
         logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
-        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else ())
+        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else (),
+        attn_softcap=_softcap(config, "attn_logit_softcapping", model_type, folder),
+        final_softcap=_softcap(config, "final_logit_softcapping", model_type, folder))
 
 
 def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
@@ -262,16 +268,21 @@ def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
     return tuple(i for i, uses in enumerate(flags) if not uses)
 
 
-def _check_gemma3(config: dict, folder: Path) -> None:
-    """Refuse, by name, the Gemma 3 text options the engines do not compute."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if config.get(key) is not None:
-            raise UnsupportedModelError(
-                f"{folder}: {key} {config[key]!r} is set; the engines do not implement logit soft-capping "
-                f"(Gemma 3 leaves it null). Remove it only if the model was trained without it")
-    if config.get("use_bidirectional_attention"):
-        raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma 3); "
-                                    f"the engines train causal language models only")
+# Gemma2Config's soft caps when config.json leaves them out (Gemma3TextConfig's are None).
+_SOFTCAP_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
+
+
+def _softcap(config: dict, key: str, model_type: str, folder: Path) -> float | None:
+    """A Gemma soft cap as transformers reads it (the config class's default where the key is absent); the
+    other architectures' classes never cap, whatever their config says."""
+    if model_type not in GEMMA_TYPES:
+        return None
+    value = config[key] if key in config else _SOFTCAP_DEFAULTS.get(model_type, {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UnsupportedModelError(f"{folder}: {key} is {value!r}; expected a positive number or null")
+    return float(value)
 
 
 _REQUIRED_SIZES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
@@ -299,11 +310,11 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
     if model_type == "mistral":
         window = config.get("sliding_window", 4096)
         return (None, ()) if window is None else (int(window), tuple(range(layers)))
-    if model_type == "gemma3_text":
-        # Gemma 3: every layer_types "sliding_attention" layer uses sliding_window (default 4096); by default
-        # five sliding layers then one global (sliding_window_pattern 6).
+    if model_type in GEMMA_TYPES:
+        # Gemma 2 / 3: every layer_types "sliding_attention" layer uses sliding_window (default 4096); by default
+        # one sliding layer then one global (Gemma 2), or five then one (Gemma 3's sliding_window_pattern 6).
         window = config.get("sliding_window", 4096)
-        pattern = int(config.get("sliding_window_pattern", 6))
+        pattern = 2 if model_type == "gemma2" else int(config.get("sliding_window_pattern", 6))
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         types = config.get("layer_types") or default
     elif model_type == "smollm3":

@@ -93,19 +93,19 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(model_type="gemma2"), r"'gemma2'.*soft-capping \(tanh\) are not implemented"),
     (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers \[1, 2\] is not one 0 or 1 per layer"),
     (dict(model_type="phi3"), r"'phi3'.*fused qkv_proj and gate_up_proj"),
-    (dict(model_type="gemma3_text", final_logit_softcapping=30.0), r"final_logit_softcapping 30.0 is set"),
-    (dict(model_type="gemma3_text", attn_logit_softcapping=50.0), r"attn_logit_softcapping 50.0 is set"),
+    (dict(model_type="gemma2", final_logit_softcapping=-3.0), r"final_logit_softcapping is -3.0; expected a "
+                                                               r"positive number or null"),
+    (dict(model_type="gemma2", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", hidden_activation="gelu"), r"hidden_activation 'gelu' is unsupported"),
     (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 8.0}}),
      r"rope scaling 'yarn' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
      r"rope scaling 'longrope' is unsupported"),
-], ids=["gemma2", "gemma3-multimodal", "smollm3-bad-nope", "phi3", "final-softcap", "attn-softcap",
+], ids=["gemma3-multimodal", "smollm3-bad-nope", "phi3", "gemma2-bad-softcap", "gemma2-bidirectional",
         "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):

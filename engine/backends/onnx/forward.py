@@ -5,7 +5,7 @@ Activations are 2-D [N, C] (N = B·T) for every linear layer, 4-D only inside at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -184,6 +184,7 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
     query_blocks: int = 1       # causal blocks: see attention_forward
+    softcap: float | None = None    # Gemma 2: scaled scores s -> softcap·tanh(s / softcap) before the mask
 
     @property
     def group(self) -> int:
@@ -248,12 +249,13 @@ def causal_mask(s: AttentionShape, block: int, window: int | None = None) -> np.
 class AttentionSaved:
     """Per query block j: q [B, NKV, block·G, HD] (scaled by 1/sqrt(HD)), the keys it sees transposed
     [B, NKV, HD, keys_j] and values [B, NKV, keys_j, HD], its softmax [B, NKV, block·G, keys_j] and output
-    [B, NKV, block·G, HD]."""
+    [B, NKV, block·G, HD]; with a soft cap, tanh(s / cap) of its scores [B, NKV, block·G, keys_j]."""
     q: list[str]
     k: list[str]
     v: list[str]
     p: list[str]
     o: list[str]
+    tanh: list[str] = field(default_factory=list)
 
 
 def key_prefix(g: Graph, x: str, s: AttentionShape, block: int, axis: int = 2) -> str:
@@ -279,7 +281,11 @@ def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str],
     saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[])
     for j, (qj, mask) in enumerate(zip(saved.q, masks)):
         kj, vj = key_prefix(g, kt, s, j, axis=3), key_prefix(g, vh, s, j)
-        p = g.op("Softmax", g.op("Add", g.op("MatMul", qj, kj), mask), axis=-1)
+        scores = g.op("MatMul", qj, kj)
+        if s.softcap is not None:
+            saved.tanh.append(g.op("Tanh", g.op("Mul", scores, g.scalar(1.0 / s.softcap))))
+            scores = g.op("Mul", saved.tanh[-1], g.scalar(s.softcap))
+        p = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
         saved.k.append(kj)
         saved.v.append(vj)
         saved.p.append(p)
@@ -307,6 +313,12 @@ def swiglu_forward(g: Graph, gate: str, up: str, activation: str = "silu") -> tu
     sig = g.op("Sigmoid", gate)
     silu = g.op("Mul", gate, sig)
     return g.op("Mul", silu, up), (sig, silu)
+
+
+def soft_cap(g: Graph, x: str, cap: float) -> tuple[str, str]:
+    """(cap·tanh(x / cap), the tanh): Gemma 2's soft-capping; the backward multiplies by 1 − tanh²."""
+    t = g.op("Tanh", g.op("Mul", x, g.scalar(1.0 / cap)))
+    return g.op("Mul", t, g.scalar(cap)), t
 
 
 def cross_entropy_forward(g: Graph, logits: str, targets: str, mask: str) -> tuple[str, tuple[str, str]]:

@@ -103,7 +103,8 @@ class DecoderGraph:
         self.spec, self.weights, self.lora, self.shape = spec, weights, lora, shape
         self.seed, self.expose_dropout_masks = seed, expose_dropout_masks
         blocks = fw.query_blocks_for(shape.seq) if attention_blocks is None else attention_blocks
-        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim, blocks)
+        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim, blocks,
+                                     softcap=spec.attn_softcap)
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _group(self, g: Graph, layer: int, targets: tuple[str, ...], train: bool,
@@ -173,6 +174,8 @@ class DecoderGraph:
                                                     guards=consts.guards)
         if labelled is None:
             logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
+            if spec.final_softcap is not None:
+                logits, _ = fw.soft_cap(g, logits, spec.final_softcap)
             g.output(g.reshape(logits, [s.batch, s.seq, spec.vocab_size]), "logits",
                      shape=[s.batch, s.seq, spec.vocab_size])
             return g
@@ -235,12 +238,16 @@ class DecoderGraph:
         s = self.shape
         nf = (g.op("Gather", xn, labelled.rows, axis=0), g.op("Gather", rstd, labelled.rows, axis=0))  # [L, C], [L, 1]
         logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
+        cap_tanh = None     # Gemma 2: the loss reads the soft-capped logits
+        if self.spec.final_softcap is not None:
+            logits, cap_tanh = fw.soft_cap(g, logits, self.spec.final_softcap)
         loss_sum, (logp, logp_picked) = fw.cross_entropy_forward(g, logits, labelled.targets, labelled.mask)
         g.output(fw.guard_loss(g, loss_sum, consts.guards), "loss_sum", shape=[])
         if not train:   # per labelled row log p(target): the preference objectives' sequence sums
             g.output(logp_picked, "token_logp", shape=["labelled", 1])
             return None
-        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask)
+        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask,
+                                               cap_tanh=cap_tanh, targets=labelled.targets)
         dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]
         return g.op("ScatterND", g.op("ConstantOfShape", g.const([s.rows, self.spec.hidden])),
                     g.reshape(labelled.rows, [-1, 1]), dx)                              # [B·T, C]

@@ -60,7 +60,8 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
     final_norm = RmsNorm(ctx, s.ln_f, s.ln_f_rstd, acts[-1].x_out, weights.final_norm, BT, C, spec.rms_eps,
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, s.row_weight, weights.lm_head,
-                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format)
+                  BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format,
+                  softcap=spec.final_softcap)
     return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 
@@ -118,7 +119,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k") if rope else None,
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
                             s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
-                            scale=spec.attention_scale, window=spec.layer_window(layer)),
+                            scale=spec.attention_scale, window=spec.layer_window(layer), softcap=spec.attn_softcap),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln2") if pre else None,
