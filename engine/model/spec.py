@@ -36,18 +36,33 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     theta: float
-    scaling_type: str = "default"        # default | linear | llama3
+    scaling_type: str = "default"        # one of ROPE_TYPES
     factor: float = 1.0
     low_freq_factor: float = 1.0         # llama3 only
     high_freq_factor: float = 4.0        # llama3 only
-    original_max_position: int = 8192    # llama3 only
+    original_max_position: int = 8192    # llama3 and yarn
+    beta_fast: float = 32.0              # yarn only: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True                # yarn only: the ramp's bounds rounded to whole dimensions
+    yarn_attention_factor: float = 1.0   # yarn only: cos and sin are multiplied by it (transformers' attention_scaling)
+
+    @property
+    def attention_factor(self) -> float:
+        """What transformers multiplies the rotation's cos and sin by (1 but for yarn): q and k both carry it."""
+        return self.yarn_attention_factor if self.scaling_type == "yarn" else 1.0
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Per-pair inverse frequencies [head_dim/2] exactly as transformers' rope init functions compute them."""
-        inv = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+        pos_freqs = self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+        inv = 1.0 / pos_freqs
+        if self.scaling_type == "yarn":
+            return self._yarn_inv_freq(pos_freqs, head_dim)
         if self.scaling_type == "linear":
             inv = inv / self.factor
         elif self.scaling_type == "llama3":
@@ -61,6 +76,25 @@ class RopeSpec:
             medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
             inv = np.where(medium, smoothed, scaled)
         return inv.astype(np.float32)
+
+    def _yarn_inv_freq(self, pos_freqs: np.ndarray, dim: int) -> np.ndarray:
+        """modeling_rope_utils._compute_yarn_parameters: interpolated (/ factor) frequencies below the correction
+        range, extrapolated (original) ones above it, a linear ramp between, in f32 as torch computes them."""
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position / (rotations * 2 * math.pi))) / (
+                2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001           # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (np.float32(1) - ramp).astype(np.float32)
+        inv_extrapolation = (1.0 / pos_freqs).astype(np.float32)
+        inv_interpolation = (1.0 / (np.float32(self.factor) * pos_freqs)).astype(np.float32)
+        return (inv_interpolation * (1 - extrapolation) + inv_extrapolation * extrapolation).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -225,8 +259,9 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         full.setdefault("rope_theta", config.get("rope_theta", 1_000_000.0))
         local = dict(params.get("sliding_attention") or {})
         local.setdefault("rope_theta", config.get("rope_local_base_freq", 10_000.0))
-        rope = _rope_spec({"rope_parameters": full}, folder)
-        local_rope = _rope_spec({"rope_parameters": local}, folder)
+        positions = int(config.get("max_position_embeddings", 2048))
+        rope = _rope_spec({"rope_parameters": full, "max_position_embeddings": positions}, folder)
+        local_rope = _rope_spec({"rope_parameters": local, "max_position_embeddings": positions}, folder)
     else:
         rope, local_rope = _rope_spec(config, folder), None
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
@@ -348,21 +383,52 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
 
 
 def _rope_spec(config: dict, folder: Path) -> RopeSpec:
+    """The rope as transformers' standardize_rope_params and rope init functions read it."""
     # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is unsupported (default, linear, llama3)")
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is unsupported ({', '.join(ROPE_TYPES)})")
     if kind == "default":
         return RopeSpec(theta=theta)
+    if "factor" not in params:
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} needs a factor; config.json gives none")
     if kind == "linear":
         return RopeSpec(theta=theta, scaling_type="linear", factor=float(params["factor"]))
-    return RopeSpec(theta=theta, scaling_type="llama3", factor=float(params["factor"]),
-                    low_freq_factor=float(params["low_freq_factor"]),
-                    high_freq_factor=float(params["high_freq_factor"]),
-                    original_max_position=int(params["original_max_position_embeddings"]))
+    # The pretraining length: a top-level original_max_position_embeddings first (Phi-3's habit, which
+    # transformers honours over the rope dict), else the rope dict's, else max_position_embeddings.
+    positions = int(config.get("max_position_embeddings", 2048))
+    original = int(config.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings") or positions)
+    if kind == "llama3":
+        return RopeSpec(theta=theta, scaling_type="llama3", factor=float(params["factor"]),
+                        low_freq_factor=float(params["low_freq_factor"]),
+                        high_freq_factor=float(params["high_freq_factor"]), original_max_position=original)
+    # standardize_rope_params moves a top-level partial_rotary_factor into the rope dict; yarn's init reads it.
+    params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    return _yarn_spec(params, theta, positions, original, folder)
+
+
+def _yarn_spec(params: dict, theta: float, positions: int, original: int, folder: Path) -> RopeSpec:
+    """modeling_rope_utils._compute_yarn_parameters' factor, ramp bounds and attention factor."""
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(f"{folder}: partial_rotary_factor {params['partial_rotary_factor']!r} is "
+                                    f"unsupported: the engines rotate the whole head")
+    factor = params.get("factor")
+    factor = float(positions / original if factor is None else factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeSpec(theta=theta, scaling_type="yarn", factor=factor, original_max_position=original,
+                    beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                    truncate=bool(params.get("truncate", True)), yarn_attention_factor=float(attention))
 
 
 def _weight_names(folder: Path) -> list[str]:

@@ -101,12 +101,12 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
     (dict(model_type="gemma2", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", hidden_activation="gelu"), r"hidden_activation 'gelu' is unsupported"),
-    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 8.0}}),
-     r"rope scaling 'yarn' is unsupported"),
+    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 8.0}}),
+     r"rope scaling 'dynamic' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
      r"rope scaling 'longrope' is unsupported"),
 ], ids=["gemma3-multimodal", "smollm3-bad-nope", "phi3", "gemma2-bad-softcap", "gemma2-bidirectional",
-        "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
+        "bidirectional", "gelu-exact", "gemma3-dynamic", "llama-longrope"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):
         load_model_spec(config_dir(tmp_path, "m", **config))

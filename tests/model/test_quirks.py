@@ -2,8 +2,9 @@
 
 Biases (Llama attention_bias on q/k/v/o, Llama mlp_bias on gate/up/down, Qwen3 attention_bias) are trained
 exactly, and so are sliding windows (Mistral's on every layer, Qwen2's from max_window_layers on, Qwen3's and
-Gemma 3's by layer_types) on sequences longer than the window. Every bias is random and non-zero, so dropping
-one fails; every window cuts keys at the test's length, so ignoring it fails.
+Gemma 3's by layer_types) on sequences longer than the window, and yarn rope scaling. Every bias is random and
+non-zero, so dropping one fails; every window cuts keys at the test's length, and yarn moves the logits, so
+ignoring either fails.
 """
 import numpy as np
 import pytest
@@ -35,6 +36,18 @@ WINDOWED = {
                                    layer_types=["sliding_attention", "full_attention"])),
     "gemma3-window": ("gemma3", dict(sliding_window=WINDOW)),
 }
+# yarn rope: most frequencies interpolated at these tiny shapes (original length 32), and cos/sin times the
+# attention factor (0.1·ln(factor) + 1, or the mscale ratio); Gemma 3's global layers only.
+ROPED = {
+    "llama-yarn": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                      original_max_position_embeddings=32))),
+    "qwen3-yarn-mscale": ("qwen3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=8.0,
+                                                             original_max_position_embeddings=32, beta_fast=16,
+                                                             mscale=1.2, mscale_all_dim=0.8))),
+    "gemma3-yarn": ("gemma3", dict(rope_parameters=dict(
+        full_attention=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32),
+        sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+}
 WINDOW_LAYERS = {"mistral-window": (0, 1), "qwen2-window": (1,), "qwen3-window": (0,), "gemma3-window": (0, 2)}
 
 
@@ -53,7 +66,7 @@ def _randomize_biases(model, out_dir, seed: int) -> None:
 @pytest.fixture(scope="module")
 def quirk_dirs(tmp_path_factory):
     dirs = {}
-    for name, (arch, overrides) in {**BIASED, **WINDOWED}.items():
+    for name, (arch, overrides) in {**BIASED, **WINDOWED, **ROPED}.items():
         path = tmp_path_factory.mktemp(name)
         model = make_model(arch, path, seed=3, **overrides)
         _randomize_biases(model, path, seed=5)      # Qwen2's q/k/v biases too
@@ -61,7 +74,7 @@ def quirk_dirs(tmp_path_factory):
     return dirs
 
 
-@pytest.fixture(params=list(BIASED) + list(WINDOWED))
+@pytest.fixture(params=list(BIASED) + list(WINDOWED) + list(ROPED))
 def quirk_dir(request, quirk_dirs):
     return quirk_dirs[request.param]
 
@@ -166,3 +179,21 @@ def test_merged_export_keeps_the_biases(quirk_dirs, tmp_path, name):
     with torch.no_grad():
         got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()
     np.testing.assert_allclose(got, peft_logits(quirk_dirs[name], adapter_dir), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ROPED))
+def test_yarn_changes_the_model(quirk_dirs, name):
+    """The yarn models' own logits differ from the same weights with plain rope: the comparisons above test it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = load_model_spec(quirk_dirs[name])
+    assert spec.rope.scaling_type == "yarn" and spec.rope.attention_factor > 1
+    plain_rope = ({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}} if name == "gemma3-yarn"
+                  else {"rope_type": "default", "rope_theta": spec.rope.theta})
+    yarn = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32, rope_parameters=plain_rope)
+    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, T, seed=4)[0].astype(np.int64))
+    with torch.no_grad():
+        assert (yarn(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() > 1e-3

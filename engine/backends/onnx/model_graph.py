@@ -149,9 +149,9 @@ class DecoderGraph:
             mask=g.input("mask", np.float32, ["labelled", 1]))
         tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
         for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
-            inv_freq = rope.inv_freq(spec.head_dim)
-            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq),
-                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale))
+            inv_freq, factor = rope.inv_freq(spec.head_dim), rope.attention_factor    # factor: yarn's
+            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor),
+                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale * factor))
         masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)
                           for j in range(self.att.query_blocks)]
                  for window in {spec.layer_window(i) for i in range(spec.layers)}}
