@@ -10,7 +10,7 @@ PEFT's is torch.cuda.max_memory_allocated over the timed steps.
 Prints one JSON object: the machine and versions, then per model and batch size our tokens/s, ms/step and
 bytes per weight format, PEFT bf16's, and the ratios.
     python bench/architectures.py [--quick] [--models gemma3-270m gemma3-1b] [--batch-sizes 1 8]
-                                  [--seq-len 512] [--steps N] [--weights f32 bf16] [--no-torch]
+        [--seq-len 512] [--steps N] [--weights f32 bf16] [--no-torch]
 `--quick` builds tiny Gemma 3 and Gemma 2 models (sequences longer than their windows, Gemma 2's soft caps)
 and runs in a minute on a software adapter, PEFT on the CPU: a smoke test of this script, not a measurement.
 """
@@ -120,10 +120,17 @@ def peft_bf16(model_dir: Path, lora: LoraConfig, batch_size: int, seq_len: int, 
     out = {"tokens_per_s": batch_size * seq_len * steps / elapsed, "ms_per_step": 1000 * elapsed / steps,
            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "last_loss": float(loss),
            "attention": attention}
-    del model, opt
-    if cuda:
-        torch.cuda.empty_cache()
     return out
+
+
+def free_torch_memory(device: str) -> None:
+    """Return the finished PEFT run's CUDA memory, so the next run's peak is its own."""
+    import gc
+
+    import torch
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def machine(ctx, torch_device: str | None) -> dict:
@@ -179,6 +186,7 @@ def main(argv=None) -> int:
                     row[f"ours_{weights}"] = ours(ctx, model_dir, lora, batch_size, seq_len, steps, weights)
                 if torch_device:
                     theirs = peft_bf16(model_dir, lora, batch_size, seq_len, steps, torch_device)
+                    free_torch_memory(torch_device)
                     row["peft_bf16"] = theirs
                     for weights in args.weights:
                         mine = row[f"ours_{weights}"]

@@ -3,10 +3,10 @@
 `load_model_spec(folder)` reads config.json into a frozen `ModelSpec` and refuses, before anything is
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
-(`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, Gemma 2's attention-logit and final-logit soft-capping, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
-without rope, and which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention
-applies.
+(`ModelSpec.bias_targets`), Gemma's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
+per-layer-type rope, Gemma 2's attention-logit and final-logit soft-capping, Granite's multipliers, OLMo 2's
+post-norms and full-width q/k norms, SmolLM3's layers without rope, rope scaling (linear, llama3, yarn), and
+which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention applies.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
 from __future__ import annotations

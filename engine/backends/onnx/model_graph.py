@@ -1,4 +1,4 @@
-"""The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text, ...) as ONNX graphs for one (B, T): the training step (forward,
+"""The decoder (engine.model.spec.SUPPORTED_MODEL_TYPES) as ONNX graphs for one (B, T): the training step (forward,
 cross-entropy and the backward pass into the LoRA gradients), the evaluation loss, and the logits.
 
 Graph interface (shapes fixed at build time but L; the runner pads smaller batches):
