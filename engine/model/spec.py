@@ -36,7 +36,7 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -46,23 +46,29 @@ class RopeSpec:
     factor: float = 1.0
     low_freq_factor: float = 1.0         # llama3 only
     high_freq_factor: float = 4.0        # llama3 only
-    original_max_position: int = 8192    # llama3 and yarn
+    original_max_position: int = 8192    # llama3, yarn and longrope
     beta_fast: float = 32.0              # yarn only: the ramp between extrapolated and interpolated frequencies
     beta_slow: float = 1.0
     truncate: bool = True                # yarn only: the ramp's bounds rounded to whole dimensions
-    yarn_attention_factor: float = 1.0   # yarn only: cos and sin are multiplied by it (transformers' attention_scaling)
+    short_factor: tuple[float, ...] = ()     # longrope: per-pair divisors [HD/2] for sequences up to
+    long_factor: tuple[float, ...] = ()      # original_max_position, and for longer ones
+    # What transformers multiplies the rotation's cos and sin by (its attention_scaling; yarn and longrope set
+    # it): q and k both carry it, so the scores carry its square.
+    attention_factor: float = 1.0
 
-    @property
-    def attention_factor(self) -> float:
-        """What transformers multiplies the rotation's cos and sin by (1 but for yarn): q and k both carry it."""
-        return self.yarn_attention_factor if self.scaling_type == "yarn" else 1.0
-
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Per-pair inverse frequencies [head_dim/2] exactly as transformers' rope init functions compute them."""
+    def inv_freq(self, head_dim: int, seq_len: int | None = None) -> np.ndarray:
+        """Per-pair inverse frequencies [head_dim/2] exactly as transformers' rope init functions compute them.
+        longrope's depend on the length of the sequences (`seq_len`, the engine's T): its long factors apply
+        past original_max_position, as transformers' longrope_frequency_update picks them per batch."""
         pos_freqs = self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
         inv = 1.0 / pos_freqs
         if self.scaling_type == "yarn":
             return self._yarn_inv_freq(pos_freqs, head_dim)
+        if self.scaling_type == "longrope":
+            if seq_len is None:
+                raise ValueError("longrope's inverse frequencies depend on the sequence length: pass seq_len")
+            ext = self.long_factor if seq_len > self.original_max_position else self.short_factor
+            return (1.0 / (np.asarray(ext, np.float32) * pos_freqs)).astype(np.float32)
         if self.scaling_type == "linear":
             inv = inv / self.factor
         elif self.scaling_type == "llama3":
@@ -260,10 +266,10 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         local = dict(params.get("sliding_attention") or {})
         local.setdefault("rope_theta", config.get("rope_local_base_freq", 10_000.0))
         positions = int(config.get("max_position_embeddings", 2048))
-        rope = _rope_spec({"rope_parameters": full, "max_position_embeddings": positions}, folder)
-        local_rope = _rope_spec({"rope_parameters": local, "max_position_embeddings": positions}, folder)
+        rope = _rope_spec({"rope_parameters": full, "max_position_embeddings": positions}, head_dim, folder)
+        local_rope = _rope_spec({"rope_parameters": local, "max_position_embeddings": positions}, head_dim, folder)
     else:
-        rope, local_rope = _rope_spec(config, folder), None
+        rope, local_rope = _rope_spec(config, head_dim, folder), None
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
@@ -382,7 +388,7 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
     return (None, ()) if window is None or not sliding else (int(window), sliding)
 
 
-def _rope_spec(config: dict, folder: Path) -> RopeSpec:
+def _rope_spec(config: dict, head_dim: int, folder: Path) -> RopeSpec:
     """The rope as transformers' standardize_rope_params and rope init functions read it."""
     # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
     params = dict(config.get("rope_scaling") or {})
@@ -393,7 +399,7 @@ def _rope_spec(config: dict, folder: Path) -> RopeSpec:
         raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is unsupported ({', '.join(ROPE_TYPES)})")
     if kind == "default":
         return RopeSpec(theta=theta)
-    if "factor" not in params:
+    if "factor" not in params and kind != "longrope":   # longrope's defaults to the positions' ratio
         raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} needs a factor; config.json gives none")
     if kind == "linear":
         return RopeSpec(theta=theta, scaling_type="linear", factor=float(params["factor"]))
@@ -406,16 +412,19 @@ def _rope_spec(config: dict, folder: Path) -> RopeSpec:
         return RopeSpec(theta=theta, scaling_type="llama3", factor=float(params["factor"]),
                         low_freq_factor=float(params["low_freq_factor"]),
                         high_freq_factor=float(params["high_freq_factor"]), original_max_position=original)
-    # standardize_rope_params moves a top-level partial_rotary_factor into the rope dict; yarn's init reads it.
+    # standardize_rope_params moves a top-level partial_rotary_factor into the rope dict; yarn's and longrope's
+    # inits read it.
     params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if params["partial_rotary_factor"] != 1.0:
+        raise UnsupportedModelError(f"{folder}: partial_rotary_factor {params['partial_rotary_factor']!r} is "
+                                    f"unsupported: the engines rotate the whole head")
+    if kind == "longrope":
+        return _longrope_spec(params, theta, positions, original, head_dim, folder)
     return _yarn_spec(params, theta, positions, original, folder)
 
 
 def _yarn_spec(params: dict, theta: float, positions: int, original: int, folder: Path) -> RopeSpec:
     """modeling_rope_utils._compute_yarn_parameters' factor, ramp bounds and attention factor."""
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError(f"{folder}: partial_rotary_factor {params['partial_rotary_factor']!r} is "
-                                    f"unsupported: the engines rotate the whole head")
     factor = params.get("factor")
     factor = float(positions / original if factor is None else factor)
 
@@ -428,7 +437,27 @@ def _yarn_spec(params: dict, theta: float, positions: int, original: int, folder
         attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
     return RopeSpec(theta=theta, scaling_type="yarn", factor=factor, original_max_position=original,
                     beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-                    truncate=bool(params.get("truncate", True)), yarn_attention_factor=float(attention))
+                    truncate=bool(params.get("truncate", True)), attention_factor=float(attention))
+
+
+def _longrope_spec(params: dict, theta: float, positions: int, original: int, head_dim: int,
+                   folder: Path) -> RopeSpec:
+    """modeling_rope_utils._compute_longrope_parameters' factors and attention factor."""
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = params.get(key)
+        if not isinstance(values, list) or len(values) != head_dim // 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise UnsupportedModelError(f"{folder}: longrope {key} must be {head_dim // 2} positive numbers (one per "
+                                        f"rotary pair of head_dim {head_dim}), got {values!r}")
+        factors[key] = tuple(float(v) for v in values)
+    factor = params.get("factor")
+    factor = float(positions / original if factor is None else factor)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeSpec(theta=theta, scaling_type="longrope", factor=factor, original_max_position=original,
+                    attention_factor=float(attention), **factors)
 
 
 def _weight_names(folder: Path) -> list[str]:

@@ -2,9 +2,9 @@
 
 Biases (Llama attention_bias on q/k/v/o, Llama mlp_bias on gate/up/down, Qwen3 attention_bias) are trained
 exactly, and so are sliding windows (Mistral's on every layer, Qwen2's from max_window_layers on, Qwen3's and
-Gemma 3's by layer_types) on sequences longer than the window, and yarn rope scaling. Every bias is random and
-non-zero, so dropping one fails; every window cuts keys at the test's length, and yarn moves the logits, so
-ignoring either fails.
+Gemma 3's by layer_types) on sequences longer than the window, and yarn and longrope rope scaling. Every bias is random and
+non-zero, so dropping one fails; every window cuts keys at the test's length, and each rope scaling moves the
+logits, so ignoring any fails.
 """
 import numpy as np
 import pytest
@@ -37,7 +37,8 @@ WINDOWED = {
     "gemma3-window": ("gemma3", dict(sliding_window=WINDOW)),
 }
 # yarn rope: most frequencies interpolated at these tiny shapes (original length 32), and cos/sin times the
-# attention factor (0.1·ln(factor) + 1, or the mscale ratio); Gemma 3's global layers only.
+# attention factor (0.1·ln(factor) + 1, or the mscale ratio); Gemma 3's global layers only. longrope: an original
+# length (5) below T, so its long factors apply, and its attention factor from max_position_embeddings / 5.
 ROPED = {
     "llama-yarn": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                       original_max_position_embeddings=32))),
@@ -47,6 +48,10 @@ ROPED = {
     "gemma3-yarn": ("gemma3", dict(rope_parameters=dict(
         full_attention=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32),
         sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+    "llama-longrope": ("llama", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                          original_max_position_embeddings=5,
+                                                          short_factor=[1.0] * 12,
+                                                          long_factor=[1.0 + 0.7 * i for i in range(12)]))),
 }
 WINDOW_LAYERS = {"mistral-window": (0, 1), "qwen2-window": (1,), "qwen3-window": (0,), "gemma3-window": (0, 2)}
 
@@ -182,13 +187,13 @@ def test_merged_export_keeps_the_biases(quirk_dirs, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", list(ROPED))
-def test_yarn_changes_the_model(quirk_dirs, name):
-    """The yarn models' own logits differ from the same weights with plain rope: the comparisons above test it."""
+def test_rope_scaling_changes_the_model(quirk_dirs, name):
+    """The scaled models' own logits differ from the same weights with plain rope: the comparisons above test it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = load_model_spec(quirk_dirs[name])
-    assert spec.rope.scaling_type == "yarn" and spec.rope.attention_factor > 1
+    assert spec.rope.scaling_type in ("yarn", "longrope") and spec.rope.attention_factor > 1
     plain_rope = ({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}} if name == "gemma3-yarn"
                   else {"rope_type": "default", "rope_theta": spec.rope.theta})

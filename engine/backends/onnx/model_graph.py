@@ -149,7 +149,8 @@ class DecoderGraph:
             mask=g.input("mask", np.float32, ["labelled", 1]))
         tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
         for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
-            inv_freq, factor = rope.inv_freq(spec.head_dim), rope.attention_factor    # factor: yarn's
+            # factor: yarn's and longrope's cos/sin scale; longrope's frequencies depend on the length
+            inv_freq, factor = rope.inv_freq(spec.head_dim, s.seq), rope.attention_factor
             tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor),
                             fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale * factor))
         masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)

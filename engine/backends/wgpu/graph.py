@@ -110,7 +110,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
                 label=f"{name}.{target}.lora")
     layer_rope = spec.layer_rope(layer)
-    inv_freq, rope_scale = layer_rope.inv_freq(spec.head_dim), layer_rope.attention_factor
+    inv_freq, rope_scale = layer_rope.inv_freq(spec.head_dim, T), layer_rope.attention_factor
     rope = spec.uses_rope(layer)        # SmolLM3's NoPE layers attend without rotating q and k
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,

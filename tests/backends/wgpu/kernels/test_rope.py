@@ -56,7 +56,7 @@ def test_scaled_rope_is_yarns_attention_factor_forward_and_backward(gpu_device):
     """yarn: transformers multiplies cos and sin by its attention factor; the backward is that map's transpose."""
     B, T, NH, HD, scale = 2, 11, 3, 20, 1.1386
     spec = RopeSpec(theta=10000.0, scaling_type="yarn", factor=4.0, original_max_position=32,
-                    yarn_attention_factor=scale)
+                    attention_factor=scale)
     inv_freq = spec.inv_freq(HD)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
