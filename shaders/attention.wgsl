@@ -16,7 +16,7 @@
 // in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
 // the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 2) + 8) bytes; the twin (engine/backends/wgpu/kernels/attention.py)
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes, plus 4 ROWS BT for `slope` with SOFTCAP; the twin (engine/backends/wgpu/kernels/attention.py)
 // picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
@@ -36,6 +36,7 @@ override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
 override WINDOW: u32 = 0u;      // sliding window in keys; 0: none (plain causal). The twin keeps it < T.
 override SOFTCAP: f32 = 0.0;    // attention-logit soft-capping; 0: none
+override SLOPES: u32 = 1u;      // ROWS * BT with SOFTCAP (slope's size), else 1: no workgroup memory spent on it
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -55,7 +56,7 @@ var<workgroup> tile_a: array<vec4<f32>, BT * HD4>;      // K (forward, dq) or Q 
 var<workgroup> tile_b: array<vec4<f32>, BT * HD4>;      // V (forward, dq) or dO (dkdv) rows
 var<workgroup> red: array<f32, ROWS * BT * TPR>;        // partial dot products
 var<workgroup> prob: array<f32, ROWS * BT>;             // scores, then P, then dS
-var<workgroup> slope: array<f32, ROWS * BT>;            // d(capped score)/d(score) (dkdv, with SOFTCAP)
+var<workgroup> slope: array<f32, SLOPES>;               // d(capped score)/d(score) (dkdv, with SOFTCAP)
 var<workgroup> tile_lse: array<f32, BT>;                // lse of the tile's query rows (dkdv)
 var<workgroup> tile_d: array<f32, BT>;                  // D of the tile's query rows (dkdv)
 

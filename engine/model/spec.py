@@ -28,7 +28,8 @@ GEMMA_TYPES = ("gemma2", "gemma3_text")
 KNOWN_UNSUPPORTED = {
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
+    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (LoRA on them shares one A across q/k/v and gate/up) and "
+            "Phi-4-mini's partial rotary embedding are not implemented",
 }
 
 

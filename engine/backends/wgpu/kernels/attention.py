@@ -40,13 +40,14 @@ BINDINGS = {
 ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-wide, need only HD4
 
 
-def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS) -> int:
-    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + slope + tile_lse + tile_d."""
-    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 2 * 4 * rows + 2 * 4)
+def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS, capped: bool = False) -> int:
+    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d, and with
+    soft-capping (`capped`) slope."""
+    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows * (1 + capped) + 2 * 4)
 
 
 def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows: int = MAX_TILE_ROWS,
-           register_rows: int = ROWS) -> dict[str, int]:
+           register_rows: int = ROWS, capped: bool = False) -> dict[str, int]:
     """Override constants for a head size: chunks per row, threads per row, rows, tile rows, workgroup size.
 
     Tile rows: max_tile_rows, or fewer if they would not fit `budget` bytes of workgroup memory.
@@ -55,7 +56,8 @@ def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows:
     tpr = -(-hd4 // 4)
     rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
     # Each thread prefetches at most two vec4 of a tile row set (shaders/attention.wgsl Fetch).
-    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows), 2 * rows * tpr // hd4))
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows, capped),
+                           2 * rows * tpr // hd4))
     return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
@@ -99,12 +101,13 @@ class Attention:
         budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
         if workgroup_budget is not None:
             budget = min(budget, workgroup_budget)
-        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows)
+        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows, capped=softcap is not None)
         # A window of T keys or more cuts nothing: such a layer runs the plain causal pipeline (WINDOW 0), as
         # every layer without a window does, at no cost from the window's checks.
         self.window = window if window is not None and window < T else None
         self.constants["WINDOW"] = self.window or 0
         self.constants["SOFTCAP"] = softcap or 0.0
+        self.constants["SLOPES"] = self.constants["ROWS"] * self.constants["BT"] if softcap else 1
         blocks = -(-T // self.constants["ROWS"])
         if max(blocks, n_heads, B) > ctx.max_workgroups:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")

@@ -190,6 +190,8 @@ def test_tiling_fits_workgroup_memory():
             assert c["TPR"] * 4 >= c["HD4"] and 1 <= c["BT"] <= 64 and c["WG"] <= 256
             assert workgroup_bytes(c["HD4"], c["TPR"], c["BT"]) <= budget
             assert c["BT"] * c["HD4"] <= 2 * c["WG"]          # two prefetched vec4 per thread and tensor
+            capped = tiling(hd, budget, max_tile_rows=64, capped=True)
+            assert workgroup_bytes(capped["HD4"], capped["TPR"], capped["BT"], capped=True) <= budget
     assert tiling(64)["BT"] == 6 and tiling(256)["BT"] == 5 and tiling(256, 32768)["BT"] == 6
 
 
