@@ -104,9 +104,9 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
     (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 8.0}}),
      r"rope scaling 'dynamic' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
-     r"rope scaling 'longrope' is unsupported"),
+     r"longrope short_factor must be 4 positive numbers \(one per rotary pair of head_dim 8\), got None"),
 ], ids=["gemma3-multimodal", "smollm3-bad-nope", "phi3", "gemma2-bad-softcap", "gemma2-bidirectional",
-        "bidirectional", "gelu-exact", "gemma3-dynamic", "llama-longrope"])
+        "bidirectional", "gelu-exact", "gemma3-dynamic", "llama-longrope-without-factors"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):
         load_model_spec(config_dir(tmp_path, "m", **config))
