@@ -105,7 +105,7 @@ def peft_bf16(model_dir: Path, lora: LoraConfig, batch_size: int, seq_len: int, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     step()
     if cuda:
@@ -118,7 +118,7 @@ def peft_bf16(model_dir: Path, lora: LoraConfig, batch_size: int, seq_len: int, 
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     out = {"tokens_per_s": batch_size * seq_len * steps / elapsed, "ms_per_step": 1000 * elapsed / steps,
-           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "last_loss": float(loss),
+           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "last_loss": loss.item(),
            "attention": attention}
     return out
 
