@@ -153,13 +153,14 @@ class DecoderGraph:
             inv_freq, factor = rope.inv_freq(spec.head_dim, s.seq), rope.attention_factor
             tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor),
                             fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale * factor))
+        # A window of T keys or more cuts nothing: those layers share the plain causal masks.
+        windows = [w if w is not None and w < s.seq else None for w in map(spec.layer_window, range(spec.layers))]
         masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)
-                          for j in range(self.att.query_blocks)]
-                 for window in {spec.layer_window(i) for i in range(spec.layers)}}
+                          for j in range(self.att.query_blocks)] for window in set(windows)}
         consts = StepConstants(     # None in SmolLM3's NoPE layers
             rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
             rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
-            masks=[masks[spec.layer_window(i)] for i in range(spec.layers)])
+            masks=[masks[window] for window in windows])
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
