@@ -136,6 +136,18 @@ def test_onnx_backend_matches_peft(quirk_dir):
     _assert_matches(logits, loss, grads, ref)
 
 
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_onnx_backend_skips_the_keys_before_each_query_blocks_window(quirk_dirs, name):
+    """One query block per position (7): a windowed layer's blocks multiply only the keys inside their window
+    (from position j − 3 for block j), so the key slices and their gradients' padding are exercised."""
+    spec, state, ids, labels, ref = _reference(quirk_dirs[name])
+    with OnnxBackend(quirk_dirs[name], LORA, OptimizerConfig(), B, T, init_state=state, threads=1,
+                     attention_blocks=T) as be:
+        loss, _, grads = be.gradients([(ids, labels)])
+        logits = be.logits(ids)
+    _assert_matches(logits, loss, grads, ref)
+
+
 @pytest.mark.gpu
 def test_wgpu_backend_matches_peft(quirk_dir, gpu_device):
     from engine.backends.wgpu.backend import WgpuBackend

@@ -83,14 +83,16 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
         dqs.append(g.op("FusedMatMul", ds, k, transB=1, domain="com.microsoft"))         # k is [.., HD, keys_j]
         dks.append(g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), q))                   # q is pre-scaled
     dq = g.reshape(groups_to_rows(g, g.concat(dqs, axis=2), s), [s.batch, s.seq, s.heads, s.head_dim])
-    dk, dv = (sum_key_blocks(g, parts, s) for parts in (dks, dvs))
+    dk, dv = (sum_key_blocks(g, parts, s, saved.first) for parts in (dks, dvs))
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
 
 
-def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape) -> str:
-    """Σ_j of the blocks' [B, NKV, keys_j, HD] key gradients, each zero-padded to all T keys."""
-    padded = [part if s.keys_of(j) == s.seq else
-              g.op("Pad", part, g.const([0, 0, 0, 0, 0, 0, s.seq - s.keys_of(j), 0])) for j, part in enumerate(parts)]
+def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape, first: list[int]) -> str:
+    """Σ_j of the blocks' [B, NKV, keys_j, HD] key gradients (keys first[j] .. keys_of(j) − 1), each zero-padded
+    to all T keys."""
+    padded = [part if first[j] == 0 and s.keys_of(j) == s.seq else
+              g.op("Pad", part, g.const([0, 0, first[j], 0, 0, 0, s.seq - s.keys_of(j), 0]))
+              for j, part in enumerate(parts)]
     return padded[0] if len(padded) == 1 else g.op("Sum", *padded)
 
 

@@ -199,6 +199,10 @@ class AttentionShape:
         """Keys a query block sees: every position up to its last one."""
         return (block + 1) * self.block
 
+    def first_key(self, block: int, window: int | None) -> int:
+        """The first key a query block sees: 0, or with a sliding window its first query's first key."""
+        return 0 if window is None else max(0, block * self.block - window + 1)
+
 
 def query_blocks_for(seq: int) -> int:
     """Causal query blocks: with n blocks, (n − 1)/2n of the attention products and softmax work are skipped, but
@@ -233,11 +237,11 @@ FULL_MASK_BYTES = 32 << 20
 def causal_mask(s: AttentionShape, block: int, window: int | None = None) -> np.ndarray:
     """Additive mask of query block `block` against the keys it sees: [B, NKV, block·G, keys] (row r is query
     position block·s.block + r // G, see heads_to_groups); with a sliding `window`, query q sees only the keys
-    q − window < k <= q (transformers' sliding_window_overlay). [block·G, keys] when the full one would pass
+    q − window < k <= q (transformers' sliding_window_overlay), and the columns start at s.first_key. [block·G, keys] when the full one would pass
     FULL_MASK_BYTES. Stored at the scores' full shape, the Add is a plain one: the broadcasting Add took twice
     as long (0.38 ms against 0.18 per layer at the 135M shape)."""
     q = block * s.block + np.repeat(np.arange(s.block), s.group)[:, None]
-    k = np.arange(s.keys_of(block))[None, :]
+    k = np.arange(s.first_key(block, window), s.keys_of(block))[None, :]
     visible = (k <= q) & ((q - k < window) if window is not None else True)
     mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
     if mask.nbytes * s.batch * s.kv_heads > FULL_MASK_BYTES:
@@ -249,38 +253,42 @@ def causal_mask(s: AttentionShape, block: int, window: int | None = None) -> np.
 class AttentionSaved:
     """Per query block j: q [B, NKV, block·G, HD] (scaled by 1/sqrt(HD)), the keys it sees transposed
     [B, NKV, HD, keys_j] and values [B, NKV, keys_j, HD], its softmax [B, NKV, block·G, keys_j] and output
-    [B, NKV, block·G, HD]; with a soft cap, tanh(s / cap) of its scores [B, NKV, block·G, keys_j]."""
+    [B, NKV, block·G, HD]; with a soft cap, tanh(s / cap) of its scores [B, NKV, block·G, keys_j]. keys_j
+    runs from first[j] (0 without a window) to keys_of(j)."""
     q: list[str]
     k: list[str]
     v: list[str]
     p: list[str]
     o: list[str]
+    first: list[int]
     tanh: list[str] = field(default_factory=list)
 
 
-def key_prefix(g: Graph, x: str, s: AttentionShape, block: int, axis: int = 2) -> str:
-    """The first keys_of(block) positions of x along `axis` ([B, NKV, T, HD], or [B, NKV, HD, T] with axis 3)."""
-    if s.keys_of(block) == s.seq:
+def key_range(g: Graph, x: str, s: AttentionShape, block: int, first: int, axis: int = 2) -> str:
+    """Positions first .. keys_of(block) − 1 of x along `axis` ([B, NKV, T, HD], or [B, NKV, HD, T] with axis 3)."""
+    if first == 0 and s.keys_of(block) == s.seq:
         return x
-    return g.op("Slice", x, g.const([0]), g.const([s.keys_of(block)]), g.const([axis]))
+    return g.op("Slice", x, g.const([first]), g.const([s.keys_of(block)]), g.const([axis]))
 
 
-def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str],
-                      s: AttentionShape) -> tuple[str, AttentionSaved]:
+def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str], s: AttentionShape,
+                      window: int | None = None) -> tuple[str, AttentionSaved]:
     """Causal softmax attention; q [B, T, NH, HD] already scaled by 1/sqrt(HD) (see rope_constants), k/v
-    [B, T, NKV, HD] -> [B·T, NH·HD].
+    [B, T, NKV, HD] -> [B·T, NH·HD]. `masks`: causal_mask(s, j, window) per query block.
 
     The queries are cut into s.query_blocks blocks of positions; block j is multiplied only with the keys up to
-    its last position, so with 2 blocks a quarter of the products (and of the softmax work) is skipped.
+    its last position, so with 2 blocks a quarter of the products (and of the softmax work) is skipped; with a
+    sliding window, only with the keys from its first query's first one.
     """
     qg = heads_to_groups(g, q, s)
     # The keys transposed once, straight to [B, NKV, HD, T]: the scores read them as they are, and the
     # backward pass's dq = dS·K reads them transposed (FusedMatMul transB), so no second copy of K is made.
     kt = g.transpose(k, (0, 2, 3, 1))
     vh = g.transpose(v, (0, 2, 1, 3))
-    saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[])
+    saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[],
+                           first=[s.first_key(j, window) for j in range(s.query_blocks)])
     for j, (qj, mask) in enumerate(zip(saved.q, masks)):
-        kj, vj = key_prefix(g, kt, s, j, axis=3), key_prefix(g, vh, s, j)
+        kj, vj = key_range(g, kt, s, j, saved.first[j], axis=3), key_range(g, vh, s, j, saved.first[j])
         scores = g.op("MatMul", qj, kj)
         if s.softcap is not None:
             saved.tanh.append(g.op("Tanh", g.op("Mul", scores, g.scalar(1.0 / s.softcap))))

@@ -160,7 +160,7 @@ class DecoderGraph:
         consts = StepConstants(     # None in SmolLM3's NoPE layers
             rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
             rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
-            masks=[masks[window] for window in windows])
+            masks=[masks[window] for window in windows], windows=windows)
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
@@ -218,7 +218,7 @@ class DecoderGraph:
             q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
             k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
-        att, saved.att = fw.attention_forward(g, q, k, v, consts.masks[i], self.att)
+        att, saved.att = fw.attention_forward(g, q, k, v, consts.masks[i], self.att, consts.windows[i])
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
         if spec.post_norms:     # Gemma: each branch is normed before its residual add
             o, saved.n_post_attn = fw.rmsnorm_forward(g, o, w("post_attn_norm"), eps)
@@ -308,6 +308,7 @@ class StepConstants:
     rope: list[fw.Rope | None]          # per layer: rotation tables for the keys (ModelSpec.layer_rope; None: NoPE)
     rope_q: list[fw.Rope | None]        # the same with the attention's scale folded in, for the queries
     masks: list[list[str]]              # per layer: its additive causal (or sliding-window) mask per query block
+    windows: list[int | None]           # per layer: its sliding window (None: none, or as long as the sequence)
     guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
 
 
