@@ -1,7 +1,10 @@
 """Attention kernel speed: forward and backward of shaders/attention.wgsl on the chosen wgpu adapter, and, where
 PyTorch sees a CUDA device, torch's scaled_dot_product_attention on the same shapes for scale. Prints JSON.
 
-    python bench/attention.py [--shapes 1x2048x32x8x64,1x2048x32x8x128] [--iters 10]
+    python bench/attention.py [--shapes 1x2048x32x8x64,1x2048x32x8x128] [--iters 10] [--window 512]
+        [--softcap 50]
+`--window` / `--softcap` time the sliding-window and soft-capped kernels (Mistral/Gemma layers, Gemma 2) against
+the plain causal ones of the same shapes (run once without them); their gflops still count the full causal work.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def time_encoded(ctx, record, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows, register_rows):
+def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows, register_rows, window=None, softcap=None):
     rng = np.random.default_rng(0)
     q = ctx.upload(rng.standard_normal(B * T * NH * HD).astype(np.float32), "q")
     k = ctx.upload(rng.standard_normal(B * T * NKV * HD).astype(np.float32), "k")
@@ -46,7 +49,7 @@ def bench_wgsl(ctx, B, T, NH, NKV, HD, iters, budget, rows, register_rows):
     dk, dv = ctx.buffer(4 * B * T * NKV * HD, "dk"), ctx.buffer(4 * B * T * NKV * HD, "dv")
     lse = ctx.buffer(4 * B * NH * T, "lse")
     attn = Attention(ctx, B, T, NH, NKV, HD, q, k, v, out, lse, dout, dq, dk, dv, workgroup_budget=budget,
-                     max_tile_rows=rows, register_rows=register_rows)
+                     max_tile_rows=rows, register_rows=register_rows, window=window, softcap=softcap)
     fwd = time_encoded(ctx, attn.encode_forward, iters)
     bwd = time_encoded(ctx, attn.encode_backward, iters)
     parts = {entry: 1e3 * time_encoded(ctx, lambda enc, e=entry: attn.encode_entry(enc, e), iters)
@@ -123,6 +126,8 @@ def main():
                         help="workgroup memory budget in bytes (default: the adapter's limit)")
     parser.add_argument("--tile-rows", default=str(MAX_TILE_ROWS), help="comma-separated maximum tile rows")
     parser.add_argument("--register-rows", default=str(ROWS), help="comma-separated rows per workgroup")
+    parser.add_argument("--window", type=int, default=None, help="sliding window in keys (default: none)")
+    parser.add_argument("--softcap", type=float, default=None, help="attention-logit soft cap (default: none)")
     args = parser.parse_args()
     ctx = GpuContext.create()
     import wgpu
@@ -134,7 +139,7 @@ def main():
         for rows, register_rows in ((int(r), int(rr)) for r in args.tile_rows.split(",")
                                     for rr in args.register_rows.split(",")):
             fwd, bwd, parts, constants = bench_wgsl(ctx, B, T, NH, NKV, HD, args.iters, budget, rows,
-                                                    register_rows)
+                                                    register_rows, args.window, args.softcap)
             flops = 2.0 * B * NH * T * T * HD                 # causal: half of 2 matmuls of 2*T*T*HD
             row = {"B": B, "T": T, "NH": NH, "NKV": NKV, "HD": HD, "workgroup_budget": budget,
                    "tiling": constants, "forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,

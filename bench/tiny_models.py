@@ -48,6 +48,13 @@ TINY_CONFIGS = {
                    rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=16,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    max_position_embeddings=256, tie_word_embeddings=True),
+    # Gemma 2: Gemma 3's layout without q/k norms and with one rope, plus attention-logit and final-logit
+    # soft-capping, caps low enough that tanh bends the tiny model's scores and logits; sliding layers 0 and 2
+    # (Gemma2Config's default alternation) with a window (4) shorter than the test sequences.
+    "gemma2": dict(model_type="gemma2", hidden_size=68, intermediate_size=116, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=20, query_pre_attn_scalar=24,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4, attn_logit_softcapping=1.5,
+                   final_logit_softcapping=2.5, max_position_embeddings=256, tie_word_embeddings=True),
     # Granite: Llama with embedding, attention, residual and logits multipliers, none of them 1.
     "granite": dict(model_type="granite", hidden_size=80, intermediate_size=140, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -68,7 +75,7 @@ TINY_CONFIGS = {
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Models whose norms transformers initialises to zero weights (Gemma's (1+w)): randomised, so a norm that
 # ignores its weight or its offset fails.
-RANDOM_NORMS = ("gemma3", "olmo2")
+RANDOM_NORMS = ("gemma2", "gemma3", "olmo2")
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384):

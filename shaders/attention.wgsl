@@ -3,6 +3,11 @@
 //   q, out, dout, dq: [B, T, NH, HD]    k, v, dk, dv: [B, T, NKV, HD]    lse, dsum: [B, NH, T]
 // Query head h reads KV head h / (NH / NKV). Scores are scaled by params.scale (1/sqrt(HD), or Gemma's
 // query_pre_attn_scalar^-1/2).
+// Sliding window (WINDOW > 0, Mistral / Qwen2 / Gemma 3 sliding layers): query t sees the keys
+// t − WINDOW < kv <= t, transformers' sliding_window_overlay on the causal mask. WINDOW is an override constant,
+// so the plain causal layers (WINDOW 0) compile without the window's checks and tile bounds.
+// Soft-capping (SOFTCAP > 0, Gemma 2's attn_logit_softcapping): the scaled score s becomes SOFTCAP·tanh(s / SOFTCAP)
+// before the mask and softmax; the backward multiplies dS by its derivative 1 − tanh², kept in `slope`.
 //
 // Work split (forward, dq and dk/dv kernels share it): a workgroup owns ROWS rows (query rows, or key rows in
 // the dk/dv kernels) of one head; TPR threads share a row, each holding up to 4 vec4 chunks of it in registers
@@ -11,7 +16,7 @@
 // in two steps: each thread's partial over its chunks goes to `red`, then one thread per (row, tile row) adds
 // the TPR partials in a fixed order (deterministic, no atomics).
 // Accumulators are vec4 variables, never runtime-indexed private arrays (slow on NVIDIA).
-// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes; the twin (engine/backends/wgpu/kernels/attention.py)
+// Workgroup memory is BT * (32 HD4 + 4 ROWS (TPR + 1) + 8) bytes, plus 4 ROWS BT for `slope` with SOFTCAP; the twin (engine/backends/wgpu/kernels/attention.py)
 // picks ROWS, BT from measurements and the adapter's limit.
 struct Params {
     batch: u32,
@@ -29,6 +34,9 @@ override HD4: u32 = 16u;        // head_dim / 4
 override TPR: u32 = 4u;         // threads per row: ceil(HD4 / 4)
 override BT: u32 = 6u;          // rows per tile loaded into workgroup memory
 override WG: u32 = 64u;         // ROWS * TPR
+override WINDOW: u32 = 0u;      // sliding window in keys; 0: none (plain causal). The twin keeps it < T.
+override SOFTCAP: f32 = 0.0;    // attention-logit soft-capping; 0: none
+override SLOPES: u32 = 1u;      // ROWS * BT with SOFTCAP (slope's size), else 1: no workgroup memory spent on it
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -48,12 +56,32 @@ var<workgroup> tile_a: array<vec4<f32>, BT * HD4>;      // K (forward, dq) or Q 
 var<workgroup> tile_b: array<vec4<f32>, BT * HD4>;      // V (forward, dq) or dO (dkdv) rows
 var<workgroup> red: array<f32, ROWS * BT * TPR>;        // partial dot products
 var<workgroup> prob: array<f32, ROWS * BT>;             // scores, then P, then dS
+var<workgroup> slope: array<f32, SLOPES>;               // d(capped score)/d(score) (dkdv, with SOFTCAP)
 var<workgroup> tile_lse: array<f32, BT>;                // lse of the tile's query rows (dkdv)
 var<workgroup> tile_d: array<f32, BT>;                  // D of the tile's query rows (dkdv)
 
 // Row `t` of head `head` in a [B, T, heads, HD] tensor, as a vec4 index of chunk 0.
 fn row_base(b: u32, t: u32, head: u32, heads: u32) -> u32 {
     return ((b * params.seq_len + t) * heads + head) * HD4;
+}
+
+// The first key query t sees: 0 without a window, t + 1 − WINDOW with one.
+fn first_key(t: u32) -> u32 {
+    if (WINDOW == 0u || t < WINDOW) { return 0u; }
+    return t + 1u - WINDOW;
+}
+
+// The soft-capped score, and its derivative from the capped value c: 1 − tanh² = 1 − (c / SOFTCAP)². tanh's
+// argument is clamped where tanh is 1 in f32 already, so no implementation overflows inside it.
+fn capped(s: f32) -> f32 {
+    if (SOFTCAP == 0.0) { return s; }
+    return SOFTCAP * tanh(clamp(s / SOFTCAP, -15.0, 15.0));
+}
+
+fn cap_slope(c: f32) -> f32 {
+    if (SOFTCAP == 0.0) { return 1.0; }
+    let t = c / SOFTCAP;
+    return 1.0 - t * t;
 }
 
 // Clamped chunk index: a thread's chunks past HD4 hold zeros in registers, so any finite tile value will do.
@@ -242,8 +270,9 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     var acc = zero_row();
     let keys = min(blk * ROWS + ROWS, T);          // causal: this block needs keys 0 .. keys-1
     let n_tiles = (keys + BT - 1u) / BT;
-    var next = fetch_kv(b, 0u, g, lid);
-    for (var tile = 0u; tile < n_tiles; tile++) {
+    let first_tile = first_key(blk * ROWS) / BT;   // a window: the tiles wholly before it are skipped
+    var next = fetch_kv(b, first_tile * BT, g, lid);
+    for (var tile = first_tile; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();                          // the previous tile is no longer read
         store_tiles(next, lid);
@@ -251,18 +280,21 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
         if (tile + 1u < n_tiles) { next = fetch_kv(b, t0 + BT, g, lid); }
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
-        for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = reduce_partials(r, j); }
+        for (var j = c; j < BT; j += TPR) { prob[r * BT + j] = capped(reduce_partials(r, j)); }
         workgroupBarrier();
-        // Online softmax over the keys t0 + j <= t_q. Every thread of the row does the same arithmetic on the
-        // same scores, so their m and l agree without communicating.
+        // Online softmax over the keys first_key(t_q) <= t0 + j <= t_q. Every thread of the row does the same
+        // arithmetic on the same scores, so their m and l agree without communicating.
         var n_valid = 0u;
         if (row_ok && t_q >= t0) { n_valid = min(t_q - t0 + 1u, BT); }
+        var j_first = 0u;
+        let lo = first_key(t_q);
+        if (lo > t0) { j_first = min(lo - t0, BT); }
         var m_new = m;
-        for (var j = 0u; j < n_valid; j++) { m_new = max(m_new, prob[r * BT + j]); }
+        for (var j = j_first; j < n_valid; j++) { m_new = max(m_new, prob[r * BT + j]); }
         let alpha = exp(m - m_new);
         l *= alpha;
         acc = scaled(acc, alpha);
-        for (var j = 0u; j < n_valid; j++) {
+        for (var j = j_first; j < n_valid; j++) {
             let p = exp(prob[r * BT + j] - m_new);
             l += p;
             acc = axpy_b(acc, p, j, c);
@@ -316,8 +348,10 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
     var acc = zero_row();
     let keys = min(blk * ROWS + ROWS, T);
     let n_tiles = (keys + BT - 1u) / BT;
-    var next = fetch_kv(b, 0u, g, lid);
-    for (var tile = 0u; tile < n_tiles; tile++) {
+    let first_tile = first_key(blk * ROWS) / BT;
+    let lo = first_key(t_row);
+    var next = fetch_kv(b, first_tile * BT, g, lid);
+    for (var tile = first_tile; tile < n_tiles; tile++) {
         let t0 = tile * BT;
         workgroupBarrier();
         store_tiles(next, lid);
@@ -326,9 +360,10 @@ fn attention_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(wor
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_a(j, c, qr); }
         workgroupBarrier();
         for (var j = c; j < BT; j += TPR) {
-            let s = reduce_partials(r, j) * params.scale;
-            let ok = row_ok && t0 + j <= t_q;
-            prob[r * BT + j] = exp(select(-1e30, s - lse_r, ok));   // masked: exp(-1e30) = 0
+            let s = capped(reduce_partials(r, j) * params.scale);
+            let ok = row_ok && t0 + j <= t_q && t0 + j >= lo;
+            // masked: exp(-1e30) = 0. Only dS is needed here, so the cap's slope joins P at once.
+            prob[r * BT + j] = exp(select(-1e30, s - lse_r, ok)) * cap_slope(s);
         }
         workgroupBarrier();
         for (var j = 0u; j < BT; j++) { red[(r * BT + j) * TPR + c] = dot_b(j, c, dor); }
@@ -359,7 +394,9 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
     var dk_acc = zero_row();
     var dv_acc = zero_row();
     let q_start = blk * ROWS;                         // earlier queries cannot see these keys
-    let n_tiles = (T - q_start + BT - 1u) / BT;
+    var q_end = T;                                    // nor, with a window, queries at or past key + WINDOW
+    if (WINDOW > 0u) { q_end = min(T, q_start + ROWS - 1u + WINDOW); }
+    let n_tiles = (q_end - q_start + BT - 1u) / BT;
     var next = fetch_qdo(b, q_start, h_first, lid);
     for (var h = h_first; h < h_end; h++) {
         for (var tile = 0u; tile < n_tiles; tile++) {
@@ -380,10 +417,11 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
             for (var i = 0u; i < BT; i++) { red[(r * BT + i) * TPR + c] = dot_a(i, c, kr); }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {
-                let s = reduce_partials(r, i) * params.scale;
-                let ok = key_ok && t0 + i < T && t0 + i >= t_k;
+                let s = capped(reduce_partials(r, i) * params.scale);
+                let ok = key_ok && t0 + i < T && t0 + i >= t_k && (WINDOW == 0u || t0 + i < t_k + WINDOW);
                 // Masked entries may have s >> lse: exponentiate the sentinel instead, so no inf is ever made.
                 prob[r * BT + i] = exp(select(-1e30, s - tile_lse[i], ok));
+                if (SOFTCAP != 0.0) { slope[r * BT + i] = cap_slope(s); }
             }
             workgroupBarrier();
             for (var i = 0u; i < BT; i++) {
@@ -392,7 +430,9 @@ fn dkdv_walk(lid: u32, b: u32, blk: u32, g: u32, h_first: u32, h_end: u32) -> Ke
             }
             workgroupBarrier();
             for (var i = c; i < BT; i += TPR) {
-                prob[r * BT + i] = prob[r * BT + i] * (reduce_partials(r, i) - tile_d[i]);
+                var ds = prob[r * BT + i] * (reduce_partials(r, i) - tile_d[i]);
+                if (SOFTCAP != 0.0) { ds *= slope[r * BT + i]; }
+                prob[r * BT + i] = ds;
             }
             workgroupBarrier();
             for (var i = 0u; i < BT; i++) { dk_acc = axpy_a(dk_acc, prob[r * BT + i], i, c); }

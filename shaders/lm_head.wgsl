@@ -8,10 +8,13 @@
 // is the sum over counted rows divided by the step's counted tokens (inv_count, known on the host up front).
 // row_weight scales each row's gradient (not its loss): 1 for supervised steps; for the preference objectives
 // −∂L/∂S of the row's sequence (engine/backends/preference.py), so the backward computes dL/dθ exactly.
+// Final-logit soft-capping (SOFTCAP > 0, Gemma 2's final_logit_softcapping): the loss reads SOFTCAP·tanh(z / SOFTCAP)
+// of each logit z, and d(loss)/dz carries its derivative 1 − tanh².
 struct Chunk { rows: u32, vocab: u32, row0: u32, n_total: u32 }
 struct Step { inv_count: f32, count: f32, write_grad: u32, _pad0: u32 }
 
 const WG: u32 = 256u;
+override SOFTCAP: f32 = 0.0;
 var<workgroup> red_max: array<f32, 256>;
 var<workgroup> red_sum: array<f32, 256>;
 
@@ -23,6 +26,12 @@ var<workgroup> red_sum: array<f32, 256>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;     // loss_reduce only: [16]
 @group(0) @binding(6) var<storage, read> row_weight: array<f32>;      // [B·T] gradient weight per row
 
+// tanh's argument clamped where tanh is 1 in f32 already, so no implementation overflows inside it.
+fn capped(z: f32) -> f32 {
+    if (SOFTCAP == 0.0) { return z; }
+    return SOFTCAP * tanh(clamp(z / SOFTCAP, -15.0, 15.0));
+}
+
 @compute @workgroup_size(256)
 fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = wg.x;
@@ -32,7 +41,7 @@ fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     var m = -3.0e38;
     var s = 0.0;
     for (var v = lid; v < chunk.vocab; v += WG) {
-        let z = logits[base + v];
+        let z = capped(logits[base + v]);
         if (z > m) { s = s * exp(m - z) + 1.0; m = z; } else { s += exp(z - m); }
     }
     red_max[lid] = m;
@@ -49,7 +58,7 @@ fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let lse = red_max[0] + log(red_sum[0]);
     let counted = tgt >= 0;
     if (lid == 0u && counted) {
-        row_loss[chunk.row0 + r] += (lse - logits[base + u32(tgt)]) * step.inv_count;
+        row_loss[chunk.row0 + r] += (lse - capped(logits[base + u32(tgt)])) * step.inv_count;
     }
     if (step.write_grad == 0u) { return; }
     let scale = step.inv_count * row_weight[chunk.row0 + r];
@@ -57,8 +66,10 @@ fn cross_entropy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     for (var v = lid; v < chunk.vocab; v += WG) {
         var g = 0.0;
         if (counted) {
-            g = exp(logits[base + v] - lse);
+            let z = capped(logits[base + v]);
+            g = exp(z - lse);
             if (v == u32(tgt)) { g -= 1.0; }
+            if (SOFTCAP != 0.0) { g *= 1.0 - (z / SOFTCAP) * (z / SOFTCAP); }
             g *= scale;
         }
         logits[base + v] = g;
@@ -81,4 +92,12 @@ fn loss_reduce(@builtin(local_invocation_index) lid: u32) {
         stats[0] = red_sum[0];
         stats[5] = step.count;
     }
+}
+
+// Grid: one workgroup per row of the chunk. The model's logits as it outputs them, soft-capped in place, for a
+// read-back (the loss above caps as it reads).
+@compute @workgroup_size(256)
+fn soft_cap_logits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let base = wg.x * chunk.vocab;
+    for (var v = lid; v < chunk.vocab; v += WG) { logits[base + v] = capped(logits[base + v]); }
 }

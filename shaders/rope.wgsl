@@ -2,7 +2,8 @@
 // the pair (x1, x2) = (x[i], x[i + HD/2]) at position t turns by angle t * inv_freq[i].
 // The cos/sin table [T, HD/2] comes from the host so llama3/linear frequency scaling stays in one place
 // (engine.model.spec.RopeSpec.inv_freq).
-// Backward applies the transposed (inverse) rotation to a gradient of the same layout.
+// Backward applies the transposed rotation to a gradient of the same layout. A table scaled by yarn's attention
+// factor scales the rotation, forward and backward alike.
 struct Params {
     n_pairs: u32,     // B * T * NH * HD/2
     half: u32,        // HD / 2

@@ -49,6 +49,12 @@ def _tiny(tmp_path_factory, arch: str):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory):
+    """Gemma 2: soft-capped attention and logits, sliding layers shorter than the test sequences."""
+    return _tiny(tmp_path_factory, "gemma2")
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma3_dir(tmp_path_factory):
     """Gemma 3 text, outside ARCHITECTURES: its own tests and those that name it use it."""
     return _tiny(tmp_path_factory, "gemma3")

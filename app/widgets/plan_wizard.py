@@ -203,7 +203,7 @@ class PlanWizard(QWizard):
             self.batch.setSingleStep(2)
             self.batch.setToolTip("rows per micro-batch: each pair is two rows (chosen and rejected)")
         self.accum = QSpinBox(minimum=1, maximum=1024, value=c.grad_accum, objectName="plan-accum")
-        self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_sequence_length, value=c.seq_len,
+        self.seq_len = QSpinBox(minimum=16, maximum=self.spec.max_positions, value=c.seq_len,
                                 objectName="plan-seq-len")
         self.optimizer = QComboBox(objectName="plan-optimizer")
         self.optimizer.addItems(list(OPTIMIZERS))

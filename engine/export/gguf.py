@@ -2,7 +2,7 @@
 
 What llama.cpp (src/llama-adapter.cpp, llama-graph.cpp) expects, and what this writes:
 - metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`,
-  `gemma3` for Gemma 3 text;
+  `gemma3` for Gemma 3 text, `gemma2` for Gemma 2;
   the loader refuses a mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha`
   (float32).
 - per adapted weight `blk.{i}.attn_q.weight` two tensors, `….lora_a` with torch shape (r, in) (ggml ne [in, r])
@@ -39,6 +39,8 @@ GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     # projections to the same blk names and permutes nothing (llama.cpp ropes Gemma 3 NEOX-style). Its +1 on
     # norm weights concerns the base only: an adapter holds no norm.
     "gemma3_text": ("gemma3", False),
+    # Gemma 2: convert_hf_to_gguf.py's Gemma2Model, the same names and no permutation as Gemma 3.
+    "gemma2": ("gemma2", False),
 }
 
 # Projection (engine.lora.peft_read.PROJECTIONS) -> llama.cpp tensor base name inside blk.{i}.

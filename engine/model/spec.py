@@ -3,10 +3,10 @@
 `load_model_spec(folder)` reads config.json into a frozen `ModelSpec` and refuses, before anything is
 allocated, any architecture the engines cannot train — naming it, the supported ones and the linear layers found.
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
-(`ModelSpec.bias_targets`), Gemma 3's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
-per-layer-type rope, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, SmolLM3's layers
-without rope, and which layers use a sliding window; the engines attend without a window, so
-`ModelSpec.check_sequence_length` refuses any sequence length that the window would cut.
+(`ModelSpec.bias_targets`), Gemma's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
+per-layer-type rope, Gemma 2's attention-logit and final-logit soft-capping, Granite's multipliers, OLMo 2's
+post-norms and full-width q/k norms, SmolLM3's layers without rope, rope scaling (linear, llama3, yarn), and
+which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention applies.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
 from __future__ import annotations
@@ -20,16 +20,16 @@ import numpy as np
 from engine.model.files import read_json_object
 from engine.model.hf_names import LORA_TARGETS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "olmo2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
 # refusal so the user knows it is not an oversight.
 KNOWN_UNSUPPORTED = {
-    "gemma2": "Gemma 2's attention-logit and final-logit soft-capping (tanh) are not implemented in the "
-              "attention and LM-head kernels",
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (and partial rotary, longrope) are not implemented",
+    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (LoRA on them shares one A across q/k/v and gate/up) and "
+            "Phi-4-mini's partial rotary embedding are not implemented",
 }
 
 
@@ -37,18 +37,39 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     theta: float
-    scaling_type: str = "default"        # default | linear | llama3
+    scaling_type: str = "default"        # one of ROPE_TYPES
     factor: float = 1.0
     low_freq_factor: float = 1.0         # llama3 only
     high_freq_factor: float = 4.0        # llama3 only
-    original_max_position: int = 8192    # llama3 only
+    original_max_position: int = 8192    # llama3, yarn and longrope
+    beta_fast: float = 32.0              # yarn only: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True                # yarn only: the ramp's bounds rounded to whole dimensions
+    short_factor: tuple[float, ...] = ()     # longrope: per-pair divisors [HD/2] for sequences up to
+    long_factor: tuple[float, ...] = ()      # original_max_position, and for longer ones
+    # What transformers multiplies the rotation's cos and sin by (its attention_scaling; yarn and longrope set
+    # it): q and k both carry it, so the scores carry its square.
+    attention_factor: float = 1.0
 
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Per-pair inverse frequencies [head_dim/2] exactly as transformers' rope init functions compute them."""
-        inv = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    def inv_freq(self, head_dim: int, seq_len: int | None = None) -> np.ndarray:
+        """Per-pair inverse frequencies [head_dim/2] exactly as transformers' rope init functions compute them.
+        longrope's depend on the length of the sequences (`seq_len`, the engine's T): its long factors apply
+        past original_max_position, as transformers' longrope_frequency_update picks them per batch."""
+        pos_freqs = self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+        inv = 1.0 / pos_freqs
+        if self.scaling_type == "yarn":
+            return self._yarn_inv_freq(pos_freqs, head_dim)
+        if self.scaling_type == "longrope":
+            if seq_len is None:
+                raise ValueError("longrope's inverse frequencies depend on the sequence length: pass seq_len")
+            ext = self.long_factor if seq_len > self.original_max_position else self.short_factor
+            return (1.0 / (np.asarray(ext, np.float32) * pos_freqs)).astype(np.float32)
         if self.scaling_type == "linear":
             inv = inv / self.factor
         elif self.scaling_type == "llama3":
@@ -63,10 +84,29 @@ class RopeSpec:
             inv = np.where(medium, smoothed, scaled)
         return inv.astype(np.float32)
 
+    def _yarn_inv_freq(self, pos_freqs: np.ndarray, dim: int) -> np.ndarray:
+        """modeling_rope_utils._compute_yarn_parameters: interpolated (/ factor) frequencies below the correction
+        range, extrapolated (original) ones above it, a linear ramp between, in f32 as torch computes them."""
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position / (rotations * 2 * math.pi))) / (
+                2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001           # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (np.float32(1) - ramp).astype(np.float32)
+        inv_extrapolation = (1.0 / pos_freqs).astype(np.float32)
+        inv_interpolation = (1.0 / (np.float32(self.factor) * pos_freqs)).astype(np.float32)
+        return (inv_interpolation * (1 - extrapolation) + inv_extrapolation * extrapolation).astype(np.float32)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str          # llama | mistral | qwen2 | qwen3 | gemma3_text | granite | olmo2 | smollm3
+    model_type: str          # one of SUPPORTED_MODEL_TYPES
     vocab_size: int
     hidden: int              # C
     layers: int              # L
@@ -84,8 +124,7 @@ class ModelSpec:
     o_bias: bool = False     # o_proj bias: Llama and Qwen3 with attention_bias
     mlp_bias: bool = False   # gate/up/down biases: Llama with mlp_bias
     # transformers' sliding window: a query sees the keys kv with q − window < kv <= q (itself included), in the
-    # layers `window_layers`. The engines compute full causal attention, which is the same exactly when no
-    # sequence is longer than the window: check_sequence_length refuses the rest.
+    # layers `window_layers` (masking_utils.sliding_window_overlay).
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
     # Gemma 3 (gemma3_text). Norm weights are used as norm_offset + w (Gemma's x·(1+w)): the engines add the
@@ -105,6 +144,10 @@ class ModelSpec:
     logits_scale: float = 1.0
     local_rope: RopeSpec | None = None           # the rope of the window_layers, where it differs (Gemma 3)
     nope_layers: tuple[int, ...] = ()            # layers without rotary embeddings (SmolLM3's no_rope_layers 0)
+    # Gemma 2 (and Gemma 3 where set): the scaled attention scores s become cap·tanh(s / cap) before the mask
+    # (attn_logit_softcapping), and the logits z cap·tanh(z / cap) (final_logit_softcapping); None: not capped.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     @property
     def bias_targets(self) -> tuple[str, ...]:
@@ -125,20 +168,9 @@ class ModelSpec:
         """The rope of one layer: Gemma 3's sliding layers have their own theta."""
         return self.local_rope if self.local_rope is not None and layer in self.window_layers else self.rope
 
-    @property
-    def max_sequence_length(self) -> int:
-        """The longest sequence the engines compute exactly: the positions, and the sliding window if one is used."""
-        return min(self.max_positions, self.sliding_window) if self.window_layers else self.max_positions
-
-    def check_sequence_length(self, seq_len: int) -> None:
-        """Refuse (UnsupportedModelError) sequences longer than a sliding window some layer uses: the engines'
-        attention has no window, so such a sequence would be trained on a different model than this one."""
-        if self.window_layers and seq_len > self.sliding_window:
-            raise UnsupportedModelError(
-                f"{self.source}: sequence length {seq_len} is longer than the model's sliding_window "
-                f"{self.sliding_window} (used by {_layer_list(self.window_layers, self.layers)}); the training "
-                f"engines compute attention without a window, which equals the model only for sequences of at "
-                f"most {self.sliding_window} tokens. Choose a seq-len <= {self.sliding_window}")
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window (in keys) of one layer's attention, None where it attends to every earlier key."""
+        return self.sliding_window if layer in self.window_layers else None
 
     @property
     def q_dim(self) -> int:
@@ -197,19 +229,20 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         raise UnsupportedModelError(f"{folder}: config.json lacks {', '.join(missing)}; it does not describe a "
                                     f"complete {model_type} model (is this the right folder?)")
     _check_sizes(config, config_path)
-    gemma, granite, olmo2 = model_type == "gemma3_text", model_type == "granite", model_type == "olmo2"
-    smollm3 = model_type == "smollm3"
-    if gemma:
-        _check_gemma3(config, folder)
+    gemma, granite, olmo2 = model_type in GEMMA_TYPES, model_type == "granite", model_type == "olmo2"
+    smollm3, gemma3 = model_type == "smollm3", model_type == "gemma3_text"
+    if gemma and config.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma); "
+                                    f"the engines train causal language models only")
     if granite and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UnsupportedModelError(f"{folder}: a Granite model with attention_bias or mlp_bias is unsupported "
                                     f"(its residual_multiplier would scale the o_proj/down_proj biases too)")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
-    # Qwen3Config's head_dim defaults to 128 and Gemma3TextConfig's to 256 (not hidden / heads) when
-    # config.json leaves it out.
-    default_hd = {"qwen3": 128, "gemma3_text": 256}.get(model_type)
+    # Qwen3Config's head_dim defaults to 128 and Gemma2Config's and Gemma3TextConfig's to 256 (not
+    # hidden / heads) when config.json leaves it out.
+    default_hd = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}.get(model_type)
     head_dim = int(config.get("head_dim", default_hd) or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"{folder}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
@@ -224,7 +257,7 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
                                     f"{', '.join(activations)}")
     layers = int(config["num_hidden_layers"])
     window, window_layers = _sliding_window(config, model_type, layers, folder)
-    if gemma:
+    if gemma3:
         # Gemma 3 keeps one rope per layer type: full_attention (rope_theta, default 1e6, maybe scaled) and
         # sliding_attention (rope_local_base_freq, default 1e4).
         params = config.get("rope_parameters") or {}
@@ -233,14 +266,15 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         full.setdefault("rope_theta", config.get("rope_theta", 1_000_000.0))
         local = dict(params.get("sliding_attention") or {})
         local.setdefault("rope_theta", config.get("rope_local_base_freq", 10_000.0))
-        rope = _rope_spec({"rope_parameters": full}, folder)
-        local_rope = _rope_spec({"rope_parameters": local}, folder)
+        positions = int(config.get("max_position_embeddings", 2048))
+        rope = _rope_spec({"rope_parameters": full, "max_position_embeddings": positions}, head_dim, folder)
+        local_rope = _rope_spec({"rope_parameters": local, "max_position_embeddings": positions}, head_dim, folder)
     else:
-        rope, local_rope = _rope_spec(config, folder), None
+        rope, local_rope = _rope_spec(config, head_dim, folder), None
     # Which projections carry a bias, as each transformers model class builds its nn.Linear layers: Qwen2's
     # q/k/v always (o never); Llama's and Qwen3's four attention ones with attention_bias; Llama's MLP with
     # mlp_bias. Mistral has none, whatever its config says.
-    attention_bias = model_type in ("llama", "qwen3", "gemma3_text", "olmo2", "smollm3") and bool(
+    attention_bias = model_type in ("llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "smollm3") and bool(
         config.get("attention_bias", False))
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
@@ -261,7 +295,9 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
             float(config.get("attention_multiplier", 1.0)) if granite else None),
         residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
         logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
-        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else ())
+        local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else (),
+        attn_softcap=_softcap(config, "attn_logit_softcapping", model_type, folder),
+        final_softcap=_softcap(config, "final_logit_softcapping", model_type, folder))
 
 
 def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
@@ -274,16 +310,21 @@ def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
     return tuple(i for i, uses in enumerate(flags) if not uses)
 
 
-def _check_gemma3(config: dict, folder: Path) -> None:
-    """Refuse, by name, the Gemma 3 text options the engines do not compute."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if config.get(key) is not None:
-            raise UnsupportedModelError(
-                f"{folder}: {key} {config[key]!r} is set; the engines do not implement logit soft-capping "
-                f"(Gemma 3 leaves it null). Remove it only if the model was trained without it")
-    if config.get("use_bidirectional_attention"):
-        raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma 3); "
-                                    f"the engines train causal language models only")
+# Gemma2Config's soft caps when config.json leaves them out (Gemma3TextConfig's are None).
+_SOFTCAP_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
+
+
+def _softcap(config: dict, key: str, model_type: str, folder: Path) -> float | None:
+    """A Gemma soft cap as transformers reads it (the config class's default where the key is absent); the
+    other architectures' classes never cap, whatever their config says."""
+    if model_type not in GEMMA_TYPES:
+        return None
+    value = config[key] if key in config else _SOFTCAP_DEFAULTS.get(model_type, {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UnsupportedModelError(f"{folder}: {key} is {value!r}; expected a positive number or null")
+    return float(value)
 
 
 _REQUIRED_SIZES = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
@@ -311,11 +352,11 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
     if model_type == "mistral":
         window = config.get("sliding_window", 4096)
         return (None, ()) if window is None else (int(window), tuple(range(layers)))
-    if model_type == "gemma3_text":
-        # Gemma 3: every layer_types "sliding_attention" layer uses sliding_window (default 4096); by default
-        # five sliding layers then one global (sliding_window_pattern 6).
+    if model_type in GEMMA_TYPES:
+        # Gemma 2 / 3: every layer_types "sliding_attention" layer uses sliding_window (default 4096); by default
+        # one sliding layer then one global (Gemma 2), or five then one (Gemma 3's sliding_window_pattern 6).
         window = config.get("sliding_window", 4096)
-        pattern = int(config.get("sliding_window_pattern", 6))
+        pattern = 2 if model_type == "gemma2" else int(config.get("sliding_window_pattern", 6))
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         types = config.get("layer_types") or default
     elif model_type == "smollm3":
@@ -348,22 +389,76 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
     return (None, ()) if window is None or not sliding else (int(window), sliding)
 
 
-def _rope_spec(config: dict, folder: Path) -> RopeSpec:
+def _rope_spec(config: dict, head_dim: int, folder: Path) -> RopeSpec:
+    """The rope as transformers' standardize_rope_params and rope init functions read it."""
     # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is unsupported (default, linear, llama3)")
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is unsupported ({', '.join(ROPE_TYPES)})")
     if kind == "default":
         return RopeSpec(theta=theta)
+    if "factor" not in params and kind != "longrope":   # longrope's defaults to the positions' ratio
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} needs a factor; config.json gives none")
     if kind == "linear":
         return RopeSpec(theta=theta, scaling_type="linear", factor=float(params["factor"]))
-    return RopeSpec(theta=theta, scaling_type="llama3", factor=float(params["factor"]),
-                    low_freq_factor=float(params["low_freq_factor"]),
-                    high_freq_factor=float(params["high_freq_factor"]),
-                    original_max_position=int(params["original_max_position_embeddings"]))
+    # The pretraining length: a top-level original_max_position_embeddings first (Phi-3's habit, which
+    # transformers honours over the rope dict), else the rope dict's, else max_position_embeddings.
+    positions = int(config.get("max_position_embeddings", 2048))
+    original = int(config.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings") or positions)
+    if kind == "llama3":
+        return RopeSpec(theta=theta, scaling_type="llama3", factor=float(params["factor"]),
+                        low_freq_factor=float(params["low_freq_factor"]),
+                        high_freq_factor=float(params["high_freq_factor"]), original_max_position=original)
+    # standardize_rope_params moves a top-level partial_rotary_factor into the rope dict; yarn's and longrope's
+    # inits read it.
+    params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if params["partial_rotary_factor"] != 1.0:
+        raise UnsupportedModelError(f"{folder}: partial_rotary_factor {params['partial_rotary_factor']!r} is "
+                                    f"unsupported: the engines rotate the whole head")
+    if kind == "longrope":
+        return _longrope_spec(params, theta, positions, original, head_dim, folder)
+    return _yarn_spec(params, theta, positions, original, folder)
+
+
+def _yarn_spec(params: dict, theta: float, positions: int, original: int, folder: Path) -> RopeSpec:
+    """modeling_rope_utils._compute_yarn_parameters' factor, ramp bounds and attention factor."""
+    factor = params.get("factor")
+    factor = float(positions / original if factor is None else factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeSpec(theta=theta, scaling_type="yarn", factor=factor, original_max_position=original,
+                    beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                    truncate=bool(params.get("truncate", True)), attention_factor=float(attention))
+
+
+def _longrope_spec(params: dict, theta: float, positions: int, original: int, head_dim: int,
+                   folder: Path) -> RopeSpec:
+    """modeling_rope_utils._compute_longrope_parameters' factors and attention factor."""
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = params.get(key)
+        if not isinstance(values, list) or len(values) != head_dim // 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise UnsupportedModelError(f"{folder}: longrope {key} must be {head_dim // 2} positive numbers (one per "
+                                        f"rotary pair of head_dim {head_dim}), got {values!r}")
+        factors[key] = tuple(float(v) for v in values)
+    factor = params.get("factor")
+    factor = float(positions / original if factor is None else factor)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeSpec(theta=theta, scaling_type="longrope", factor=factor, original_max_position=original,
+                    attention_factor=float(attention), **factors)
 
 
 def _weight_names(folder: Path) -> list[str]:

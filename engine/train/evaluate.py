@@ -30,7 +30,6 @@ def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, s
         state = init_lora_state(spec, lora)
     ids, labels = eval_stream(data, model_dir, mask_prompt)
     window = min(seq_len, ids.size)
-    spec.check_sequence_length(window)
     make = factory or backend_factory(backend, model_dir)
     with make(lora, OptimizerConfig(), 1, window, seed=0, init_state=state) as engine:
         return strided_perplexity(engine, ids, labels, window=window, stride=min(stride or window // 2 or 1, window),

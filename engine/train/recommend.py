@@ -94,7 +94,7 @@ def recommend(summary: CorpusSummary, spec, has_hardware_gpu: bool) -> tuple[Tra
     seq_len = 32
     while seq_len < summary.longest and seq_len < 1024:
         seq_len *= 2
-    seq_len = min(seq_len, spec.max_sequence_length)     # a sliding window caps what is computed exactly
+    seq_len = min(seq_len, spec.max_positions)
     if summary.pairs:
         return _recommend_pairs(summary, spec, has_hardware_gpu, seq_len)
     n = max(summary.sequences, 1)
@@ -190,7 +190,7 @@ def default_plan(files, model_dir, spec, for_gpu: bool) -> tuple[TrainConfig, fl
     from engine.corpus.preferences import holds_pairs, load_preferences
 
     # The longest context the plan would pick, so that `longest` sees every example whole.
-    config = CorpusConfig(seq_len=min(1024, spec.max_sequence_length))
+    config = CorpusConfig(seq_len=min(1024, spec.max_positions))
     # Files of preference pairs are planned as pairs (a DPO plan), as the corpus dialog reads them.
     read = load_preferences if holds_pairs(files, config) else load_corpus
     corpus = read(list(files), load_tokenizer(model_dir), config)

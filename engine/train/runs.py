@@ -237,10 +237,9 @@ def _prepare_pairs(config: TrainConfig, inputs: RunInputs, spec, tokenizer, init
 
 
 def check_seq_len(spec, seq_len: int) -> None:
-    """Refuse a sequence length the model cannot take: past its positions, or past a sliding window."""
+    """Refuse a sequence length the model cannot take: past its positions."""
     if seq_len > spec.max_positions:
         raise ValueError(f"seq-len {seq_len} exceeds the model's {spec.max_positions} positions")
-    spec.check_sequence_length(seq_len)
 
 
 def eval_stream(files, model_dir: Path, mask_prompt: bool | None = None):

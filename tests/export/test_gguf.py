@@ -13,13 +13,13 @@ from engine.lora.peft_read import read_base_config
 from bench.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from bench.tiny_models import ARCHITECTURES
 
-MODEL_TYPES = (*ARCHITECTURES, "mistral", "gemma3")
+MODEL_TYPES = (*ARCHITECTURES, "mistral", "gemma3", "gemma2")
 
 
 @pytest.fixture(scope="module")
-def bases(tiny_model_dirs, tiny_gemma3_dir, tmp_path_factory):
+def bases(tiny_model_dirs, tiny_gemma3_dir, tiny_gemma2_dir, tmp_path_factory):
     return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral")),
-            "gemma3": tiny_gemma3_dir}
+            "gemma3": tiny_gemma3_dir, "gemma2": tiny_gemma2_dir}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_permutation_matches_index_formula():
 def test_tensor_names_are_llama_cpps():
     import gguf
 
-    for arch in (*ARCHITECTURES, "gemma3"):
+    for arch in (*ARCHITECTURES, "gemma3", "gemma2"):
         name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 4)
         for projection, ours in GGUF_TENSOR_NAMES.items():
             assert name_map.get_name(f"model.layers.3.{projection}") == f"blk.3.{ours}"

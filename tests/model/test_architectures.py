@@ -9,7 +9,7 @@ from engine.backends.onnx import OnnxBackend
 from engine.model.spec import load_model_spec
 from tests.arch_helpers import B, LORAS, T, assert_matches_peft, reference
 
-MODELS = ["tiny_gemma3_dir", "tiny_granite_dir", "tiny_olmo2_dir", "tiny_smollm3_dir"]
+MODELS = ["tiny_gemma3_dir", "tiny_granite_dir", "tiny_olmo2_dir", "tiny_smollm3_dir", "tiny_gemma2_dir"]
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -4,7 +4,8 @@ PEFT; and the architectures and options still refused, by name.
 The tiny Gemma 3 (bench/tiny_models.py) has random norm weights (transformers initialises them to zero, where
 (1+w) = 1 would hide a norm that ignores its weight or its offset), query_pre_attn_scalar != head_dim, a global
 layer between two sliding ones with different rope thetas, GeGLU and sqrt(hidden)-scaled embeddings: dropping
-any quirk moves the logits far beyond the tolerances (test_each_quirk_moves_the_logits).
+any quirk moves the logits far beyond the tolerances (test_each_quirk_moves_the_logits). Its sliding window on
+sequences longer than the window is tested with the other windowed models (test_quirks.py, gemma3-window).
 """
 import dataclasses
 import json
@@ -46,17 +47,6 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
     for field, value in plain.items():
         logits = cpu_logits_with_spec(tiny_gemma3_dir, dataclasses.replace(spec, **{field: value}), lora, state, ids)
         assert np.abs(logits - ref.logits).max() > 1e-2, field
-
-
-@pytest.mark.gpu
-def test_sequences_longer_than_the_window_are_refused(tiny_gemma3_dir, gpu_device):
-    from engine.backends.wgpu.backend import WgpuBackend
-
-    message = r"sequence length 17 is longer than the model's sliding_window 16 \(used by layers 0, 2\)"
-    with pytest.raises(UnsupportedModelError, match=message):
-        OnnxBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, threads=1)
-    with pytest.raises(UnsupportedModelError, match=message):
-        WgpuBackend(tiny_gemma3_dir, LORAS["all-targets"], OptimizerConfig(), 1, 17, ctx=gpu_device)
 
 
 def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_path):
@@ -103,20 +93,20 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(model_type="gemma2"), r"'gemma2'.*soft-capping \(tanh\) are not implemented"),
     (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers \[1, 2\] is not one 0 or 1 per layer"),
     (dict(model_type="phi3"), r"'phi3'.*fused qkv_proj and gate_up_proj"),
-    (dict(model_type="gemma3_text", final_logit_softcapping=30.0), r"final_logit_softcapping 30.0 is set"),
-    (dict(model_type="gemma3_text", attn_logit_softcapping=50.0), r"attn_logit_softcapping 50.0 is set"),
+    (dict(model_type="gemma2", final_logit_softcapping=-3.0), r"final_logit_softcapping is -3.0; expected a "
+                                                               r"positive number or null"),
+    (dict(model_type="gemma2", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True), r"use_bidirectional_attention"),
     (dict(model_type="gemma3_text", hidden_activation="gelu"), r"hidden_activation 'gelu' is unsupported"),
-    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 8.0}}),
-     r"rope scaling 'yarn' is unsupported"),
+    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 8.0}}),
+     r"rope scaling 'dynamic' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
-     r"rope scaling 'longrope' is unsupported"),
-], ids=["gemma2", "gemma3-multimodal", "smollm3-bad-nope", "phi3", "final-softcap", "attn-softcap",
-        "bidirectional", "gelu-exact", "gemma3-yarn", "llama-longrope"])
+     r"longrope short_factor must be 4 positive numbers \(one per rotary pair of head_dim 8\), got None"),
+], ids=["gemma3-multimodal", "smollm3-bad-nope", "phi3", "gemma2-bad-softcap", "gemma2-bidirectional",
+        "bidirectional", "gelu-exact", "gemma3-dynamic", "llama-longrope-without-factors"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):
         load_model_spec(config_dir(tmp_path, "m", **config))

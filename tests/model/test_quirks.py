@@ -1,8 +1,10 @@
 """Config quirks that change what a model computes, on both training backends against transformers + PEFT.
 
 Biases (Llama attention_bias on q/k/v/o, Llama mlp_bias on gate/up/down, Qwen3 attention_bias) are trained
-exactly; sliding windows are accepted only where no sequence is longer than the window (there a window changes
-nothing) and refused, with the numbers, beyond it. Every bias is random and non-zero, so dropping one fails.
+exactly, and so are sliding windows (Mistral's on every layer, Qwen2's from max_window_layers on, Qwen3's and
+Gemma 3's by layer_types) on sequences longer than the window, and yarn and longrope rope scaling. Every bias is random and
+non-zero, so dropping one fails; every window cuts keys at the test's length, and each rope scaling moves the
+logits, so ignoring any fails.
 """
 import numpy as np
 import pytest
@@ -10,12 +12,12 @@ import pytest
 from engine.backends.base import OptimizerConfig
 from engine.lora.config import LoraConfig
 from engine.model.hf_names import module_path
-from engine.model.spec import UnsupportedModelError, load_model_spec
+from engine.model.spec import load_model_spec
 from engine.backends.onnx import OnnxBackend
 from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
 from bench.tiny_models import make_model
 
-B, T, WINDOW = 2, 7, 7
+B, T, WINDOW = 2, 7, 4
 LORA = LoraConfig(rank=3, alpha=6)
 
 BIASED = {
@@ -26,10 +28,32 @@ BIASED = {
     "qwen3-attention-bias": ("qwen3", dict(attention_bias=True)),
 }
 WINDOWED = {
-    # Mistral: every layer windowed. Qwen2: only layers from max_window_layers on (here layer 1 of 2).
+    # Mistral: every layer windowed. Qwen2: only layers from max_window_layers on (here layer 1 of 2). Qwen3:
+    # layer 0 by layer_types. Gemma 3: its sliding layers 0 and 2 around the global layer 1 (own rope thetas).
     "mistral-window": ("llama", dict(model_type="mistral", sliding_window=WINDOW)),
     "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3-window": ("qwen3", dict(use_sliding_window=True, sliding_window=WINDOW,
+                                   layer_types=["sliding_attention", "full_attention"])),
+    "gemma3-window": ("gemma3", dict(sliding_window=WINDOW)),
 }
+# yarn rope: most frequencies interpolated at these tiny shapes (original length 32), and cos/sin times the
+# attention factor (0.1·ln(factor) + 1, or the mscale ratio); Gemma 3's global layers only. longrope: an original
+# length (5) below T, so its long factors apply, and its attention factor from max_position_embeddings / 5.
+ROPED = {
+    "llama-yarn": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                      original_max_position_embeddings=32))),
+    "qwen3-yarn-mscale": ("qwen3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=8.0,
+                                                             original_max_position_embeddings=32, beta_fast=16,
+                                                             mscale=1.2, mscale_all_dim=0.8))),
+    "gemma3-yarn": ("gemma3", dict(rope_parameters=dict(
+        full_attention=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32),
+        sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+    "llama-longrope": ("llama", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                          original_max_position_embeddings=5,
+                                                          short_factor=[1.0] * 12,
+                                                          long_factor=[1.0 + 0.7 * i for i in range(12)]))),
+}
+WINDOW_LAYERS = {"mistral-window": (0, 1), "qwen2-window": (1,), "qwen3-window": (0,), "gemma3-window": (0, 2)}
 
 
 def _randomize_biases(model, out_dir, seed: int) -> None:
@@ -47,16 +71,15 @@ def _randomize_biases(model, out_dir, seed: int) -> None:
 @pytest.fixture(scope="module")
 def quirk_dirs(tmp_path_factory):
     dirs = {}
-    for name, (arch, overrides) in {**BIASED, **WINDOWED}.items():
+    for name, (arch, overrides) in {**BIASED, **WINDOWED, **ROPED}.items():
         path = tmp_path_factory.mktemp(name)
         model = make_model(arch, path, seed=3, **overrides)
-        if name in BIASED:
-            _randomize_biases(model, path, seed=5)
+        _randomize_biases(model, path, seed=5)      # Qwen2's q/k/v biases too
         dirs[name] = path
     return dirs
 
 
-@pytest.fixture(params=list(BIASED) + list(WINDOWED))
+@pytest.fixture(params=list(BIASED) + list(WINDOWED) + list(ROPED))
 def quirk_dir(request, quirk_dirs):
     return quirk_dirs[request.param]
 
@@ -113,6 +136,18 @@ def test_onnx_backend_matches_peft(quirk_dir):
     _assert_matches(logits, loss, grads, ref)
 
 
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_onnx_backend_skips_the_keys_before_each_query_blocks_window(quirk_dirs, name):
+    """One query block per position (7): a windowed layer's blocks multiply only the keys inside their window
+    (from position j − 3 for block j), so the key slices and their gradients' padding are exercised."""
+    spec, state, ids, labels, ref = _reference(quirk_dirs[name])
+    with OnnxBackend(quirk_dirs[name], LORA, OptimizerConfig(), B, T, init_state=state, threads=1,
+                     attention_blocks=T) as be:
+        loss, _, grads = be.gradients([(ids, labels)])
+        logits = be.logits(ids)
+    _assert_matches(logits, loss, grads, ref)
+
+
 @pytest.mark.gpu
 def test_wgpu_backend_matches_peft(quirk_dir, gpu_device):
     from engine.backends.wgpu.backend import WgpuBackend
@@ -127,56 +162,25 @@ def test_wgpu_backend_matches_peft(quirk_dir, gpu_device):
 
 
 @pytest.mark.parametrize("name", list(WINDOWED))
-def test_window_changes_nothing_up_to_its_length_and_something_beyond(quirk_dirs, name):
-    """Why T <= window is accepted and T > window refused: transformers' own logits with and without the
-    window agree for T = window (a query sees q − window < kv <= q) and differ for T = window + 1."""
+def test_the_window_cuts_keys_at_the_tests_length(quirk_dirs, name):
+    """Why the PEFT comparisons above prove the window: transformers' own logits with and without it differ at
+    T, and agree up to T = window (a query sees q − window < kv <= q, transformers' sliding_window_overlay)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = load_model_spec(quirk_dirs[name])
-    assert spec.sliding_window == WINDOW and spec.window_layers == ((0, 1) if name == "mistral-window" else (1,))
+    assert spec.sliding_window == WINDOW < T and spec.window_layers == WINDOW_LAYERS[name]
     windowed = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32,
                                                     attn_implementation="eager")
-    # Mistral has no layer_types: its window is all or nothing.
-    no_window = dict(sliding_window=None) if name == "mistral-window" else dict(
-        use_sliding_window=False, layer_types=["full_attention"] * spec.layers)
+    # The same layers with a window longer than any sequence here (Gemma 3's sliding layers keep their rope).
     plain = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32,
-                                                 attn_implementation="eager", **no_window)
-    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, WINDOW + 1, seed=4)[0].astype(np.int64))
+                                                 attn_implementation="eager", sliding_window=1024)
+    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, T, seed=4)[0].astype(np.int64))
     with torch.no_grad():
         inside = (windowed(input_ids=ids[:, :WINDOW]).logits - plain(input_ids=ids[:, :WINDOW]).logits).abs().max()
         beyond = (windowed(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max()
     assert inside == 0
-    assert beyond > 1e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(WINDOWED))
-def test_sequences_longer_than_the_window_are_refused_by_both_backends(quirk_dirs, name, gpu_device):
-    from engine.backends.wgpu.backend import WgpuBackend
-
-    layers = "all 2 layers" if name == "mistral-window" else "layer 1"
-    message = rf"sequence length {WINDOW + 1} is longer than the model's sliding_window {WINDOW} \(used by {layers}\)"
-    with pytest.raises(UnsupportedModelError, match=message):
-        OnnxBackend(quirk_dirs[name], LORA, OptimizerConfig(), 1, WINDOW + 1, threads=1)
-    with pytest.raises(UnsupportedModelError, match=message):
-        WgpuBackend(quirk_dirs[name], LORA, OptimizerConfig(), 1, WINDOW + 1, ctx=gpu_device)
-
-
-@pytest.mark.parametrize("command", ["train", "eval"])
-def test_cli_refuses_a_seq_len_over_the_window_before_any_work(quirk_dirs, tmp_path, capsys, command):
-    """Training and perplexity (its windows are seq-len long) stop at the edge with one line and the numbers."""
-    from engine.cli import main
-
-    data = tmp_path / "train.txt"
-    data.write_text("The quick brown fox jumps over the lazy dog. The capital of France is Paris.\n" * 20)
-    extra = ["--out", str(tmp_path / "out")] if command == "train" else []
-    code = main([command, "--model", str(quirk_dirs["qwen2-window"]), "--data", str(data), "--seq-len", "32",
-                 "--backend", "cpu", *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert f"sequence length 32 is longer than the model's sliding_window {WINDOW} (used by layer 1)" in err[0]
-    assert not (tmp_path / "out").exists()
+    assert beyond > 1e-3
 
 
 @pytest.mark.parametrize("name", list(BIASED))
@@ -194,11 +198,19 @@ def test_merged_export_keeps_the_biases(quirk_dirs, tmp_path, name):
     np.testing.assert_allclose(got, peft_logits(quirk_dirs[name], adapter_dir), atol=1e-4, rtol=0)
 
 
-def test_plan_recommends_no_seq_len_over_the_window(quirk_dirs):
-    from app.plan import CorpusSummary, recommend
+@pytest.mark.parametrize("name", list(ROPED))
+def test_rope_scaling_changes_the_model(quirk_dirs, name):
+    """The scaled models' own logits differ from the same weights with plain rope: the comparisons above test it."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    spec = load_model_spec(quirk_dirs["qwen2-window"])
-    summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=3000, longest=50, seq_len=512)
-    config, _ = recommend(summary, spec, has_hardware_gpu=False)
-    assert config.seq_len == WINDOW == spec.max_sequence_length
-    spec.check_sequence_length(config.seq_len)
+    spec = load_model_spec(quirk_dirs[name])
+    assert spec.rope.scaling_type in ("yarn", "longrope") and spec.rope.attention_factor > 1
+    plain_rope = ({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}} if name == "gemma3-yarn"
+                  else {"rope_type": "default", "rope_theta": spec.rope.theta})
+    yarn = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(quirk_dirs[name], dtype=torch.float32, rope_parameters=plain_rope)
+    ids = torch.from_numpy(random_batch(spec.vocab_size, 1, T, seed=4)[0].astype(np.int64))
+    with torch.no_grad():
+        assert (yarn(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() > 1e-3

@@ -125,21 +125,14 @@ def test_sliding_window_layers_are_transformers_own(tmp_path, config):
         want = tuple(i for i, kind in enumerate(hf.layer_types) if kind == "sliding_attention" and window)
     assert spec.window_layers == want
     assert spec.sliding_window == (window if want else None)
-    assert spec.max_sequence_length == (min(128, window) if want else 128)
 
 
-def test_sequence_longer_than_the_window_is_refused_with_the_numbers(tmp_path):
+def test_each_layer_has_its_own_window(tmp_path):
     spec = load_model_spec(_config_dir(tmp_path, "q", model_type="qwen2", use_sliding_window=True,
                                        sliding_window=12, max_window_layers=2))
-    spec.check_sequence_length(12)      # a query sees q − 12 < kv <= q: 12 tokens are all visible
-    with pytest.raises(UnsupportedModelError, match=r"sequence length 13 .*sliding_window 12 \(used by layers 2, "
-                                                    r"3\).*seq-len <= 12"):
-        spec.check_sequence_length(13)
+    assert [spec.layer_window(i) for i in range(4)] == [None, None, 12, 12]
     mistral = load_model_spec(_config_dir(tmp_path, "m", model_type="mistral"))
-    mistral.check_sequence_length(4096)
-    with pytest.raises(UnsupportedModelError, match=r"sequence length 4097 .*sliding_window 4096 \(used by all 4 "
-                                                    r"layers\)"):
-        mistral.check_sequence_length(4097)
+    assert [mistral.layer_window(i) for i in range(4)] == [4096] * 4
 
 
 def test_sliding_layers_without_a_window_are_refused(tmp_path):

@@ -53,7 +53,6 @@ class OnnxBackend(TrainingBackend):
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                              f"{self.spec.max_positions}")
-        self.spec.check_sequence_length(seq_len)
         self.lora, self.optim = lora, optim
         self.batch_size, self.seq_len = batch_size, seq_len
         self.threads = threads or cpu_threads()

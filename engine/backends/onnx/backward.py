@@ -78,17 +78,21 @@ def attention_backward(g: Graph, dout: str, saved: AttentionSaved, s: AttentionS
         dp = g.op("FusedMatMul", doj, v, transB=1, domain="com.microsoft")               # [B, NKV, block·G, keys_j]
         # Softmax backward: dS = P·(dP − Σ_j dP·P) and Σ_j dP_j·P_j = Σ_d dO_d·O_d (cheaper: HD instead of T).
         ds = g.op("Mul", p, g.op("Sub", dp, g.reduce_sum(g.op("Mul", doj, o), [3])))
+        if saved.tanh:      # soft-capped scores: d(cap·tanh(s / cap))/ds = 1 − tanh²
+            ds = g.op("Mul", ds, cap_slope(g, saved.tanh[j]))
         dqs.append(g.op("FusedMatMul", ds, k, transB=1, domain="com.microsoft"))         # k is [.., HD, keys_j]
         dks.append(g.op("MatMul", g.transpose(ds, (0, 1, 3, 2)), q))                   # q is pre-scaled
     dq = g.reshape(groups_to_rows(g, g.concat(dqs, axis=2), s), [s.batch, s.seq, s.heads, s.head_dim])
-    dk, dv = (sum_key_blocks(g, parts, s) for parts in (dks, dvs))
+    dk, dv = (sum_key_blocks(g, parts, s, saved.first) for parts in (dks, dvs))
     return dq, g.transpose(dk, (0, 2, 1, 3)), g.transpose(dv, (0, 2, 1, 3))
 
 
-def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape) -> str:
-    """Σ_j of the blocks' [B, NKV, keys_j, HD] key gradients, each zero-padded to all T keys."""
-    padded = [part if s.keys_of(j) == s.seq else
-              g.op("Pad", part, g.const([0, 0, 0, 0, 0, 0, s.seq - s.keys_of(j), 0])) for j, part in enumerate(parts)]
+def sum_key_blocks(g: Graph, parts: list[str], s: AttentionShape, first: list[int]) -> str:
+    """Σ_j of the blocks' [B, NKV, keys_j, HD] key gradients (keys first[j] .. keys_of(j) − 1), each zero-padded
+    to all T keys."""
+    padded = [part if first[j] == 0 and s.keys_of(j) == s.seq else
+              g.op("Pad", part, g.const([0, 0, first[j], 0, 0, 0, s.seq - s.keys_of(j), 0]))
+              for j, part in enumerate(parts)]
     return padded[0] if len(padded) == 1 else g.op("Sum", *padded)
 
 
@@ -107,11 +111,23 @@ def swiglu_backward(g: Graph, da: str, up: str, saved: tuple[str, ...]) -> tuple
     return g.op("Mul", g.op("Mul", da, up), dact), g.op("Mul", da, act)
 
 
-def lm_head_cross_entropy_backward(g: Graph, logp: str, lm_weight: str, targets_flat: str, mask: str) -> str:
-    """d(final hidden) of the summed CE: (softmax − onehot(target))·W, masked per row.
+def cap_slope(g: Graph, tanh: str) -> str:
+    """1 − tanh²: the derivative of a soft cap (forward.soft_cap) from its saved tanh."""
+    return g.op("Sub", g.scalar(1.0), g.op("Mul", tanh, tanh))
+
+
+def lm_head_cross_entropy_backward(g: Graph, logp: str, lm_weight: str, targets_flat: str, mask: str,
+                                   cap_tanh: str | None = None, targets: str | None = None) -> str:
+    """d(final hidden) of the summed CE: (softmax − onehot(target))·W, masked per row; with soft-capped logits
+    (`cap_tanh` [N, V] saved by forward.soft_cap, `targets` [N, 1]) each logit's gradient times 1 − tanh².
 
     The one-hot part is a gather of W's target rows, so the [N, V] gradient is never materialised twice.
     """
     probs = g.op("Exp", logp)
-    dh = g.op("Sub", g.op("MatMul", probs, lm_weight, hint="dlm"), g.op("Gather", lm_weight, targets_flat, axis=0))
+    picked = g.op("Gather", lm_weight, targets_flat, axis=0)                    # [N, C]
+    if cap_tanh is not None:
+        slope = cap_slope(g, cap_tanh)
+        probs = g.op("Mul", probs, slope)
+        picked = g.op("Mul", picked, g.op("GatherElements", slope, targets, axis=1))
+    dh = g.op("Sub", g.op("MatMul", probs, lm_weight, hint="dlm"), picked)
     return g.op("Mul", dh, mask)

@@ -5,7 +5,7 @@ Activations are 2-D [N, C] (N = B·T) for every linear layer, 4-D only inside at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -184,6 +184,7 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
     query_blocks: int = 1       # causal blocks: see attention_forward
+    softcap: float | None = None    # Gemma 2: scaled scores s -> softcap·tanh(s / softcap) before the mask
 
     @property
     def group(self) -> int:
@@ -197,6 +198,10 @@ class AttentionShape:
     def keys_of(self, block: int) -> int:
         """Keys a query block sees: every position up to its last one."""
         return (block + 1) * self.block
+
+    def first_key(self, block: int, window: int | None) -> int:
+        """The first key a query block sees: 0, or with a sliding window its first query's first key."""
+        return 0 if window is None else max(0, block * self.block - window + 1)
 
 
 def query_blocks_for(seq: int) -> int:
@@ -229,14 +234,16 @@ def groups_to_rows(g: Graph, x: str, s: AttentionShape) -> str:
 FULL_MASK_BYTES = 32 << 20
 
 
-def causal_mask(s: AttentionShape, block: int) -> np.ndarray:
+def causal_mask(s: AttentionShape, block: int, window: int | None = None) -> np.ndarray:
     """Additive mask of query block `block` against the keys it sees: [B, NKV, block·G, keys] (row r is query
-    position block·s.block + r // G, see heads_to_groups), or [block·G, keys] when the full one would pass
+    position block·s.block + r // G, see heads_to_groups); with a sliding `window`, query q sees only the keys
+    q − window < k <= q (transformers' sliding_window_overlay), and the columns start at s.first_key. [block·G, keys] when the full one would pass
     FULL_MASK_BYTES. Stored at the scores' full shape, the Add is a plain one: the broadcasting Add took twice
     as long (0.38 ms against 0.18 per layer at the 135M shape)."""
     q = block * s.block + np.repeat(np.arange(s.block), s.group)[:, None]
-    k = np.arange(s.keys_of(block))[None, :]
-    mask = np.where(k <= q, 0.0, -np.inf).astype(np.float32)
+    k = np.arange(s.first_key(block, window), s.keys_of(block))[None, :]
+    visible = (k <= q) & ((q - k < window) if window is not None else True)
+    mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
     if mask.nbytes * s.batch * s.kv_heads > FULL_MASK_BYTES:
         return mask
     return np.ascontiguousarray(np.broadcast_to(mask, (s.batch, s.kv_heads) + mask.shape))
@@ -246,38 +253,47 @@ def causal_mask(s: AttentionShape, block: int) -> np.ndarray:
 class AttentionSaved:
     """Per query block j: q [B, NKV, block·G, HD] (scaled by 1/sqrt(HD)), the keys it sees transposed
     [B, NKV, HD, keys_j] and values [B, NKV, keys_j, HD], its softmax [B, NKV, block·G, keys_j] and output
-    [B, NKV, block·G, HD]."""
+    [B, NKV, block·G, HD]; with a soft cap, tanh(s / cap) of its scores [B, NKV, block·G, keys_j]. keys_j
+    runs from first[j] (0 without a window) to keys_of(j)."""
     q: list[str]
     k: list[str]
     v: list[str]
     p: list[str]
     o: list[str]
+    first: list[int]
+    tanh: list[str] = field(default_factory=list)
 
 
-def key_prefix(g: Graph, x: str, s: AttentionShape, block: int, axis: int = 2) -> str:
-    """The first keys_of(block) positions of x along `axis` ([B, NKV, T, HD], or [B, NKV, HD, T] with axis 3)."""
-    if s.keys_of(block) == s.seq:
+def key_range(g: Graph, x: str, s: AttentionShape, block: int, first: int, axis: int = 2) -> str:
+    """Positions first .. keys_of(block) − 1 of x along `axis` ([B, NKV, T, HD], or [B, NKV, HD, T] with axis 3)."""
+    if first == 0 and s.keys_of(block) == s.seq:
         return x
-    return g.op("Slice", x, g.const([0]), g.const([s.keys_of(block)]), g.const([axis]))
+    return g.op("Slice", x, g.const([first]), g.const([s.keys_of(block)]), g.const([axis]))
 
 
-def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str],
-                      s: AttentionShape) -> tuple[str, AttentionSaved]:
+def attention_forward(g: Graph, q: str, k: str, v: str, masks: list[str], s: AttentionShape,
+                      window: int | None = None) -> tuple[str, AttentionSaved]:
     """Causal softmax attention; q [B, T, NH, HD] already scaled by 1/sqrt(HD) (see rope_constants), k/v
-    [B, T, NKV, HD] -> [B·T, NH·HD].
+    [B, T, NKV, HD] -> [B·T, NH·HD]. `masks`: causal_mask(s, j, window) per query block.
 
     The queries are cut into s.query_blocks blocks of positions; block j is multiplied only with the keys up to
-    its last position, so with 2 blocks a quarter of the products (and of the softmax work) is skipped.
+    its last position, so with 2 blocks a quarter of the products (and of the softmax work) is skipped; with a
+    sliding window, only with the keys from its first query's first one.
     """
     qg = heads_to_groups(g, q, s)
     # The keys transposed once, straight to [B, NKV, HD, T]: the scores read them as they are, and the
     # backward pass's dq = dS·K reads them transposed (FusedMatMul transB), so no second copy of K is made.
     kt = g.transpose(k, (0, 2, 3, 1))
     vh = g.transpose(v, (0, 2, 1, 3))
-    saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[])
+    saved = AttentionSaved(q=g.split(qg, [s.block * s.group] * s.query_blocks, axis=2), k=[], v=[], p=[], o=[],
+                           first=[s.first_key(j, window) for j in range(s.query_blocks)])
     for j, (qj, mask) in enumerate(zip(saved.q, masks)):
-        kj, vj = key_prefix(g, kt, s, j, axis=3), key_prefix(g, vh, s, j)
-        p = g.op("Softmax", g.op("Add", g.op("MatMul", qj, kj), mask), axis=-1)
+        kj, vj = key_range(g, kt, s, j, saved.first[j], axis=3), key_range(g, vh, s, j, saved.first[j])
+        scores = g.op("MatMul", qj, kj)
+        if s.softcap is not None:
+            saved.tanh.append(g.op("Tanh", g.op("Mul", scores, g.scalar(1.0 / s.softcap))))
+            scores = g.op("Mul", saved.tanh[-1], g.scalar(s.softcap))
+        p = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
         saved.k.append(kj)
         saved.v.append(vj)
         saved.p.append(p)
@@ -305,6 +321,12 @@ def swiglu_forward(g: Graph, gate: str, up: str, activation: str = "silu") -> tu
     sig = g.op("Sigmoid", gate)
     silu = g.op("Mul", gate, sig)
     return g.op("Mul", silu, up), (sig, silu)
+
+
+def soft_cap(g: Graph, x: str, cap: float) -> tuple[str, str]:
+    """(cap·tanh(x / cap), the tanh): Gemma 2's soft-capping; the backward multiplies by 1 − tanh²."""
+    t = g.op("Tanh", g.op("Mul", x, g.scalar(1.0 / cap)))
+    return g.op("Mul", t, g.scalar(cap)), t
 
 
 def cross_entropy_forward(g: Graph, logits: str, targets: str, mask: str) -> tuple[str, tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text) as ONNX graphs for one (B, T): the training step (forward,
+"""The decoder (engine.model.spec.SUPPORTED_MODEL_TYPES) as ONNX graphs for one (B, T): the training step (forward,
 cross-entropy and the backward pass into the LoRA gradients), the evaluation loss, and the logits.
 
 Graph interface (shapes fixed at build time but L; the runner pads smaller batches):
@@ -103,7 +103,8 @@ class DecoderGraph:
         self.spec, self.weights, self.lora, self.shape = spec, weights, lora, shape
         self.seed, self.expose_dropout_masks = seed, expose_dropout_masks
         blocks = fw.query_blocks_for(shape.seq) if attention_blocks is None else attention_blocks
-        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim, blocks)
+        self.att = fw.AttentionShape(shape.batch, shape.seq, spec.heads, spec.kv_heads, spec.head_dim, blocks,
+                                     softcap=spec.attn_softcap)
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _group(self, g: Graph, layer: int, targets: tuple[str, ...], train: bool,
@@ -148,13 +149,18 @@ class DecoderGraph:
             mask=g.input("mask", np.float32, ["labelled", 1]))
         tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
         for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
-            inv_freq = rope.inv_freq(spec.head_dim)
-            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq),
-                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale))
+            # factor: yarn's and longrope's cos/sin scale; longrope's frequencies depend on the length
+            inv_freq, factor = rope.inv_freq(spec.head_dim, s.seq), rope.attention_factor
+            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor),
+                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale * factor))
+        # A window of T keys or more cuts nothing: those layers share the plain causal masks.
+        windows = [w if w is not None and w < s.seq else None for w in map(spec.layer_window, range(spec.layers))]
+        masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)
+                          for j in range(self.att.query_blocks)] for window in set(windows)}
         consts = StepConstants(     # None in SmolLM3's NoPE layers
             rope=[tables[spec.layer_rope(i)][0] if spec.uses_rope(i) else None for i in range(spec.layers)],
             rope_q=[tables[spec.layer_rope(i)][1] if spec.uses_rope(i) else None for i in range(spec.layers)],
-            causal=[g.const(fw.causal_mask(self.att, j), np.float32) for j in range(self.att.query_blocks)])
+            masks=[masks[window] for window in windows], windows=windows)
 
         embed = g.weight("embed", self.weights["embed"])
         x = g.reshape(g.op("Gather", embed, ids, axis=0), [s.rows, spec.hidden])
@@ -170,6 +176,8 @@ class DecoderGraph:
                                                     guards=consts.guards)
         if labelled is None:
             logits = g.op("Gemm", g.op("Mul", xn, norm_w), lm, transB=1, hint="logits")
+            if spec.final_softcap is not None:
+                logits, _ = fw.soft_cap(g, logits, spec.final_softcap)
             g.output(g.reshape(logits, [s.batch, s.seq, spec.vocab_size]), "logits",
                      shape=[s.batch, s.seq, spec.vocab_size])
             return g
@@ -210,7 +218,7 @@ class DecoderGraph:
             q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
             k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
-        att, saved.att = fw.attention_forward(g, q, k, v, consts.causal, self.att)
+        att, saved.att = fw.attention_forward(g, q, k, v, consts.masks[i], self.att, consts.windows[i])
         (o,), saved.l_o = fw.linear_forward(g, att, saved.o)
         if spec.post_norms:     # Gemma: each branch is normed before its residual add
             o, saved.n_post_attn = fw.rmsnorm_forward(g, o, w("post_attn_norm"), eps)
@@ -232,12 +240,16 @@ class DecoderGraph:
         s = self.shape
         nf = (g.op("Gather", xn, labelled.rows, axis=0), g.op("Gather", rstd, labelled.rows, axis=0))  # [L, C], [L, 1]
         logits = g.op("Gemm", g.op("Mul", nf[0], norm_w), lm, transB=1, hint="logits")
+        cap_tanh = None     # Gemma 2: the loss reads the soft-capped logits
+        if self.spec.final_softcap is not None:
+            logits, cap_tanh = fw.soft_cap(g, logits, self.spec.final_softcap)
         loss_sum, (logp, logp_picked) = fw.cross_entropy_forward(g, logits, labelled.targets, labelled.mask)
         g.output(fw.guard_loss(g, loss_sum, consts.guards), "loss_sum", shape=[])
         if not train:   # per labelled row log p(target): the preference objectives' sequence sums
             g.output(logp_picked, "token_logp", shape=["labelled", 1])
             return None
-        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask)
+        dx = bw.lm_head_cross_entropy_backward(g, logp, lm, g.reshape(labelled.targets, [-1]), labelled.mask,
+                                               cap_tanh=cap_tanh, targets=labelled.targets)
         dx = bw.rmsnorm_backward(g, dx, nf, norm_w)                                     # [L, C]
         return g.op("ScatterND", g.op("ConstantOfShape", g.const([s.rows, self.spec.hidden])),
                     g.reshape(labelled.rows, [-1, 1]), dx)                              # [B·T, C]
@@ -295,7 +307,8 @@ class StepConstants:
     """Tensors every layer of one graph shares."""
     rope: list[fw.Rope | None]          # per layer: rotation tables for the keys (ModelSpec.layer_rope; None: NoPE)
     rope_q: list[fw.Rope | None]        # the same with the attention's scale folded in, for the queries
-    causal: list[str]                   # one additive causal mask per query block
+    masks: list[list[str]]              # per layer: its additive causal (or sliding-window) mask per query block
+    windows: list[int | None]           # per layer: its sliding window (None: none, or as long as the sequence)
     guards: list[str] = field(default_factory=list)   # non-finite checks the loss is guarded by
 
 

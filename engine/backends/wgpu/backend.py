@@ -83,7 +83,6 @@ class WgpuBackend(TrainingBackend):
         source = tensors if isinstance(tensors, WeightSource) else ArrayWeights(tensors, self.spec.source)
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
-        self.spec.check_sequence_length(seq_len)
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
         self.recompute = bool(recompute)
         self.ctx = ctx or GpuContext.create()

@@ -64,7 +64,8 @@ def build_model(ctx, spec: ModelSpec, lora: LoraConfig, B: int, T: int, weights:
                          dx=s.d_res, dy=s.d_ln, label="final_norm")
     head = LmHead(ctx, s.d_ln, s.row_loss, s.logits, s.stats, s.ln_f, s.targets, s.row_weight, weights.lm_head,
                   BT, C, spec.vocab_size, chunk, partials=s.split_k, fmt=weights.vocab_format, math=math,
-                  row_scale=s.row_scale, abs_max=weights.vocab_abs_max)
+                  row_scale=s.row_scale, abs_max=weights.vocab_abs_max,
+                  softcap=spec.final_softcap)
     return ModelKernels(embedding, layers, final_norm, head, recompute)
 
 
@@ -116,17 +117,20 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),
                 step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
                 label=f"{name}.{target}.lora")
-    inv_freq = spec.layer_rope(layer).inv_freq(spec.head_dim)
+    layer_rope = spec.layer_rope(layer)
+    inv_freq, rope_scale = layer_rope.inv_freq(spec.head_dim, T), layer_rope.attention_factor
     rope = spec.uses_rope(layer)        # SmolLM3's NoPE layers attend without rotating q and k
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln1") if pre else None,
         proj=proj, lora=branches,
-        rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q") if rope else None,
-        rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k") if rope else None,
+        rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q",
+                    scale=rope_scale) if rope else None,
+        rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k",
+                    scale=rope_scale) if rope else None,
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
                             s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
-                            scale=spec.attention_scale),
+                            scale=spec.attention_scale, window=spec.layer_window(layer), softcap=spec.attn_softcap),
         attn_residual=ResidualAdd(ctx, a.x_mid, x_in, s.proj, BT * C, label=f"{name}.attn_residual"),
         ln2=RmsNorm(ctx, a.ln2, a.ln2_rstd, a.x_mid, w.ln2, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln2") if pre else None,

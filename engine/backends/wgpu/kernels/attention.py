@@ -1,4 +1,6 @@
-"""Python twin of shaders/attention.wgsl: causal GQA attention, flash-attention style forward and backward.
+"""Python twin of shaders/attention.wgsl: causal GQA attention, flash-attention style forward and backward,
+optionally over a sliding window (a query t sees the keys t − window < kv <= t) and with soft-capped scores
+(cap·tanh(s / cap), Gemma 2).
 
 Layouts (f32): q, out, dout, dq [B, T, NH, HD]; k, v, dk, dv [B, T, NKV, HD]; lse [B, NH, T] (saved by the
 forward for the backward). The backward is flash-attention-2's: P is recomputed from lse, D = rowsum(dout*out)
@@ -38,13 +40,14 @@ BINDINGS = {
 ELEMENTWISE = ("attention_backward_dsum", "attention_backward_dkdv_sum")   # 64-wide, need only HD4
 
 
-def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS) -> int:
-    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d."""
-    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows + 2 * 4)
+def workgroup_bytes(hd4: int, tpr: int, tile_rows: int, rows: int = ROWS, capped: bool = False) -> int:
+    """Workgroup memory of shaders/attention.wgsl: tile_a + tile_b + red + prob + tile_lse + tile_d, and with
+    soft-capping (`capped`) slope."""
+    return tile_rows * (2 * 16 * hd4 + 4 * rows * tpr + 4 * rows * (1 + capped) + 2 * 4)
 
 
 def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows: int = MAX_TILE_ROWS,
-           register_rows: int = ROWS) -> dict[str, int]:
+           register_rows: int = ROWS, capped: bool = False) -> dict[str, int]:
     """Override constants for a head size: chunks per row, threads per row, rows, tile rows, workgroup size.
 
     Tile rows: max_tile_rows, or fewer if they would not fit `budget` bytes of workgroup memory.
@@ -53,7 +56,8 @@ def tiling(head_dim: int, budget: int = PORTABLE_WORKGROUP_BYTES, max_tile_rows:
     tpr = -(-hd4 // 4)
     rows = max(1, min(register_rows, MAX_INVOCATIONS // tpr))
     # Each thread prefetches at most two vec4 of a tile row set (shaders/attention.wgsl Fetch).
-    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows), 2 * rows * tpr // hd4))
+    tile_rows = max(1, min(max_tile_rows, budget // workgroup_bytes(hd4, tpr, 1, rows, capped),
+                           2 * rows * tpr // hd4))
     return {"HD4": hd4, "TPR": tpr, "ROWS": rows, "BT": tile_rows, "WG": rows * tpr}
 
 
@@ -67,15 +71,21 @@ class Attention:
     def __init__(self, ctx: GpuContext, B: int, T: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  q, k, v, out, lse, dout, dq, dk, dv, label: str = "attention",
                  workgroup_budget: int | None = None, max_tile_rows: int = MAX_TILE_ROWS,
-                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None):
+                 register_rows: int = ROWS, dsum=None, dk_heads=None, dv_heads=None, scale: float | None = None,
+                 window: int | None = None, softcap: float | None = None):
         """`dsum` [B, NH, T] and, with GQA, `dk_heads`, `dv_heads` [B, T, NH, HD]: the backward's scratch, which
-        it writes before it reads, so the layers of a model can share one set; allocated here when not given."""
+        it writes before it reads, so the layers of a model can share one set; allocated here when not given.
+        `window`: a sliding window in keys (None: plain causal). `softcap`: the scores' soft cap (None: none)."""
         if head_dim % 4 or not 4 <= head_dim <= 256:
             raise ValueError(f"attention needs head_dim a multiple of 4 in [4, 256], got {head_dim}")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if min(B, T) < 1:
             raise ValueError(f"attention needs B >= 1 and T >= 1, got B={B}, T={T}")
+        if window is not None and window < 1:
+            raise ValueError(f"attention's sliding window must be at least 1 key, got {window}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"attention's soft cap must be positive, got {softcap}")
         q_bytes, kv_bytes, stat_bytes = 4 * B * T * n_heads * head_dim, 4 * B * T * n_kv_heads * head_dim, \
             4 * B * n_heads * T
         for name, buf, need in (("q", q, q_bytes), ("k", k, kv_bytes), ("v", v, kv_bytes), ("out", out, q_bytes),
@@ -91,7 +101,13 @@ class Attention:
         budget = int(ctx.device.limits["max-compute-workgroup-storage-size"])
         if workgroup_budget is not None:
             budget = min(budget, workgroup_budget)
-        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows)
+        self.constants = tiling(head_dim, budget, max_tile_rows, register_rows, capped=softcap is not None)
+        # A window of T keys or more cuts nothing: such a layer runs the plain causal pipeline (WINDOW 0), as
+        # every layer without a window does, at no cost from the window's checks.
+        self.window = window if window is not None and window < T else None
+        self.constants["WINDOW"] = self.window or 0
+        self.constants["SOFTCAP"] = softcap or 0.0
+        self.constants["SLOPES"] = self.constants["ROWS"] * self.constants["BT"] if softcap else 1
         blocks = -(-T // self.constants["ROWS"])
         if max(blocks, n_heads, B) > ctx.max_workgroups:
             raise ValueError(f"attention grid ({blocks}, {n_heads}, {B}) exceeds {ctx.max_workgroups} per dimension")

@@ -3,6 +3,7 @@
 For each chunk of rows, logits[chunk, vocab] = hidden·Wᵀ is computed piece by piece of the (possibly split)
 vocabulary, the cross-entropy kernel adds the rows' losses and, in training, turns the chunk into dlogits in
 place, and d(hidden) += dlogits·W goes back piece by piece. Only one chunk of logits ever exists.
+With `softcap` (Gemma 2's final_logit_softcapping) the loss and its gradient read cap·tanh(z / cap) of each logit.
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ class LmHead:
     def __init__(self, ctx: GpuContext, dhidden, row_loss, logits, stats, hidden, targets, row_weight, pieces: list,
                  rows: int, dim: int, vocab: int, chunk: int, partials=None, label: str = "lm_head",
                  fmt: WeightFormat = WeightFormat.F32, math: str = "f32", row_scale=None,
-                 abs_max: float | None = None):
+                 abs_max: float | None = None, softcap: float | None = None):
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"the LM head's logit soft cap must be positive, got {softcap}")
         self.ctx, self.rows, self.vocab, self.chunk = ctx, rows, vocab, chunk
         self.math = "f16" if math == "f16" and f16_math_ok(fmt, abs_max) else "f32"
 
@@ -53,8 +56,11 @@ class LmHead:
             return Matmul(ctx, c, a, b, shape, **kw)
 
         self.step = upload_uniform(ctx, "lm_head", "Step", f"{label}.step", inv_count=1.0, count=0.0, write_grad=0)
-        self.ce = ctx.pipeline("lm_head", "cross_entropy_forward")
+        constants = {"SOFTCAP": softcap} if softcap else None      # none: the plain pipelines
+        self.ce = ctx.pipeline("lm_head", "cross_entropy_forward", constants)
         self.reduce = ctx.pipeline("lm_head", "loss_reduce")
+        self.cap = ctx.pipeline("lm_head", "soft_cap_logits", constants) if softcap else None
+        self.cap_groups = []   # per chunk, with softcap: the read-back's capping bind group
         self.chunks = []   # per chunk: (rows in it, forward matmuls, CE bind group, backward matmuls)
         for c, r0 in enumerate(range(0, rows, chunk)):
             n = min(chunk, rows - r0)
@@ -73,6 +79,8 @@ class LmHead:
             ce_bg = ctx.bind_group(self.ce, {0: logits, 1: row_loss, 2: targets, 3: geometry, 4: self.step,
                                              6: row_weight}, f"{label}.{c}")
             self.chunks.append((n, fwd, ce_bg, bwd))
+            if softcap:
+                self.cap_groups.append(ctx.bind_group(self.cap, {0: logits, 3: geometry}, f"{label}.{c}.cap"))
         reduce_geometry = upload_uniform(ctx, "lm_head", "Chunk", f"{label}.reduce", rows=0, vocab=vocab, row0=0,
                                          n_total=rows)
         self.reduce_bg = ctx.bind_group(self.reduce, {1: row_loss, 3: reduce_geometry, 4: self.step, 5: stats},
@@ -87,9 +95,11 @@ class LmHead:
         self.ctx.write(self.step, np.frombuffer(raw, np.uint8))
 
     def encode_logits(self, enc: StepEncoder, c: int) -> None:
-        """Only the logits of chunk c (rows c·chunk ...), for reading them back."""
+        """Only the logits of chunk c (rows c·chunk ...), soft-capped where the model caps them, for reading back."""
         for mm in self.chunks[c][1]:
             mm.encode(enc)
+        if self.cap is not None:
+            enc.dispatch(self.cap, self.cap_groups[c], self.chunks[c][0])
 
     def encode(self, enc: StepEncoder, backward: bool) -> None:
         """Loss of every row (added into row_loss) and, with backward, dhidden."""

@@ -8,23 +8,25 @@ from engine.backends.wgpu.kernels.grids import grid_1d
 from engine.backends.wgpu.uniforms import upload_uniform
 
 
-def rope_table(inv_freq: np.ndarray, seq_len: int) -> np.ndarray:
-    """(cos, sin) [T, HD/2, 2] float32, the angle rounded to f32 first as transformers does (t * inv_freq in f32)."""
+def rope_table(inv_freq: np.ndarray, seq_len: int, scale: float = 1.0) -> np.ndarray:
+    """(cos, sin) [T, HD/2, 2] float32, the angle rounded to f32 first as transformers does (t * inv_freq in f32),
+    times `scale` (yarn's attention factor, which transformers multiplies cos and sin by)."""
     positions = np.arange(seq_len, dtype=np.float32)
     angle = np.outer(positions, inv_freq.astype(np.float32)).astype(np.float32)
     table = np.stack([np.cos(angle.astype(np.float64)), np.sin(angle.astype(np.float64))], axis=-1)
-    return table.astype(np.float32)
+    return (table.astype(np.float32) * np.float32(scale)).astype(np.float32)
 
 
 class Rope:
     """Rotates x [B, T, n_heads, head_dim] in place for positions 0..T-1 of every sequence.
 
-    One instance per buffer (q and k each get their own); `encode_backward(enc, dx)` applies the inverse
-    rotation to a gradient buffer of the same layout (bind groups for it are made once per buffer and kept).
+    One instance per buffer (q and k each get their own); `encode_backward(enc, dx)` applies the transposed
+    map to a gradient buffer of the same layout (bind groups for it are made once per buffer and kept). With
+    `scale` (yarn's attention factor) the rotation is scaled by it, forward and backward.
     """
 
     def __init__(self, ctx: GpuContext, x_buf, B: int, T: int, n_heads: int, head_dim: int,
-                 inv_freq: np.ndarray, label: str = "rope"):
+                 inv_freq: np.ndarray, label: str = "rope", scale: float = 1.0):
         if head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         inv_freq = np.asarray(inv_freq, np.float32)
@@ -38,7 +40,7 @@ class Rope:
         self.forward_pipeline = ctx.pipeline("rope", "rope_forward")
         self.backward_pipeline = ctx.pipeline("rope", "rope_backward")
         self.x, self.y, stride = grid_1d(ctx, n_pairs)
-        self.table = ctx.upload(rope_table(inv_freq, T), f"{label}.cos_sin")
+        self.table = ctx.upload(rope_table(inv_freq, T, scale), f"{label}.cos_sin")
         self.params = upload_uniform(ctx, "rope", "Params", f"{label}.params", n_pairs=n_pairs, half=head_dim // 2,
                                      n_heads=n_heads, seq_len=T, row_stride=stride)
         self.forward_group = ctx.bind_group(self.forward_pipeline, {0: x_buf, 1: self.table, 2: self.params},

@@ -6,23 +6,30 @@ from engine.backends.wgpu.uniforms import uniform_struct
 from engine.backends.wgpu.kernels.attention import Attention, tiling, workgroup_bytes
 
 
-def attention_reference(q, k, v, dout, scale=None):
+def attention_reference(q, k, v, dout, scale=None, window=None, softcap=None):
     """float64 causal GQA attention: (out [B,T,NH,HD], lse [B,NH,T], dq, dk, dv) by the textbook formulas;
-    scores times `scale` (default 1/sqrt(HD))."""
+    scores times `scale` (default 1/sqrt(HD)); with `window`, query i sees keys i − window < j <= i; with
+    `softcap`, the scaled scores become softcap·tanh(s / softcap) before the mask (Gemma 2)."""
     B, T, NH, HD = q.shape
     scale = 1 / np.sqrt(HD) if scale is None else scale
     ratio = NH // k.shape[2]
     kh = np.repeat(k, ratio, axis=2)                     # [B, T, NH, HD]
     vh = np.repeat(v, ratio, axis=2)
     s = np.einsum("bihd,bjhd->bhij", q, kh) * scale
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    slope = 1.0
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+        slope = 1 - (s / softcap) ** 2                     # d(capped)/d(score)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible = (j <= i) & ((i - j < window) if window is not None else True)
+    s = np.where(visible, s, -np.inf)
     m = s.max(-1, keepdims=True)
     e = np.exp(s - m)
     lse = (m + np.log(e.sum(-1, keepdims=True)))[..., 0]  # [B, NH, T]
     p = e / e.sum(-1, keepdims=True)
     out = np.einsum("bhij,bjhd->bihd", p, vh)
     dp = np.einsum("bihd,bjhd->bhij", dout, vh)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * slope
     dq = np.einsum("bhij,bjhd->bihd", ds, kh) * scale
     dkh = np.einsum("bhij,bihd->bjhd", ds, q) * scale
     dvh = np.einsum("bhij,bihd->bjhd", p, dout)
@@ -94,6 +101,64 @@ def test_attention_with_the_models_own_scale(gpu_device):
     assert np.abs(got[0] - attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))[0]).max() > 1e-3
 
 
+WINDOWS = [  # (B, T, NH, NKV, HD, window): windows shorter than a tile (6 rows) and than a block (16 rows),
+    # window 1 (each query sees itself only), a window one short of T, GQA 3, several key blocks
+    (1, 23, 2, 2, 20, 5),
+    (2, 41, 3, 1, 16, 17),
+    (1, 37, 4, 2, 24, 1),
+    (1, 12, 2, 1, 8, 11),
+    (1, 50, 2, 1, 64, 9),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,NH,NKV,HD,window", WINDOWS)
+def test_sliding_window_attention_matches_reference(gpu_device, B, T, NH, NKV, HD, window):
+    q, k, v, dout = random_inputs(B, T, NH, NKV, HD, seed=T + window)
+    got = run_attention(gpu_device, q, k, v, dout, window=window)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=window)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
+    full = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)))
+    assert np.abs(got[0] - full[0]).max() > 1e-3          # the window cuts something at these shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(register_rows=8, max_tile_rows=3), dict(max_tile_rows=64)])
+def test_sliding_window_with_other_tilings(gpu_device, options):
+    """Windows that start mid-tile with short tiles, and one tile longer than T."""
+    q, k, v, dout = random_inputs(1, 29, 3, 1, 16, seed=4)
+    got = run_attention(gpu_device, q, k, v, dout, window=7, **options)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=7)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_a_window_as_long_as_the_sequence_runs_the_plain_kernels(gpu_device):
+    ctx = gpu_device
+    b = ctx.buffer(4 * 1 * 9 * 2 * 8, "b")
+    assert Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9, window=9).constants["WINDOW"] == 0
+    assert Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9, window=8).constants["WINDOW"] == 8
+    assert Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9).constants["WINDOW"] == 0
+    with pytest.raises(ValueError, match="sliding window must be at least 1 key, got 0"):
+        Attention(ctx, 1, 9, 2, 2, 8, *[b] * 9, window=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,NH,NKV,HD,window", [(1, 19, 4, 2, 20, None), (2, 26, 3, 1, 16, 7)])
+def test_soft_capped_attention_matches_reference(gpu_device, B, T, NH, NKV, HD, window):
+    """Gemma 2's cap·tanh(s / cap) on scores large enough that the cap bends them, with and without a window."""
+    q, k, v, dout = random_inputs(B, T, NH, NKV, HD, seed=T)
+    q, k = q * 3, k * 3                                  # scaled scores around ±10: tanh far from linear
+    got = run_attention(gpu_device, q, k, v, dout, window=window, softcap=5.0)
+    want = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=window, softcap=5.0)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=5e-5, err_msg=name)
+    uncapped = attention_reference(*(x.astype(np.float64) for x in (q, k, v, dout)), window=window)
+    assert np.abs(got[2] - uncapped[2]).max() > 1e-2
+
+
 @pytest.mark.gpu
 def test_attention_matches_torch_sdpa(gpu_device):
     torch = pytest.importorskip("torch")
@@ -125,6 +190,8 @@ def test_tiling_fits_workgroup_memory():
             assert c["TPR"] * 4 >= c["HD4"] and 1 <= c["BT"] <= 64 and c["WG"] <= 256
             assert workgroup_bytes(c["HD4"], c["TPR"], c["BT"]) <= budget
             assert c["BT"] * c["HD4"] <= 2 * c["WG"]          # two prefetched vec4 per thread and tensor
+            capped = tiling(hd, budget, max_tile_rows=64, capped=True)
+            assert workgroup_bytes(capped["HD4"], capped["TPR"], capped["BT"], capped=True) <= budget
     assert tiling(64)["BT"] == 6 and tiling(256)["BT"] == 5 and tiling(256, 32768)["BT"] == 6
 
 

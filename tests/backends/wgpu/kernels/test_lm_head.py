@@ -8,7 +8,7 @@ from engine.backends.wgpu.kernels.lm_head import LmHead, chunk_rows
 pytestmark = pytest.mark.gpu
 
 
-def build(ctx, hidden, w, targets, chunk, splits, row_weight=None):
+def build(ctx, hidden, w, targets, chunk, splits, row_weight=None, softcap=None):
     rows, dim = hidden.shape
     vocab = w.shape[0]
     pieces, v0 = [], 0
@@ -20,7 +20,7 @@ def build(ctx, hidden, w, targets, chunk, splits, row_weight=None):
     weight = np.ones(rows, np.float32) if row_weight is None else row_weight
     head = LmHead(ctx, bufs["dh"], bufs["row_loss"], bufs["logits"], bufs["stats"], ctx.upload(hidden, "h"),
                   ctx.upload(targets.reshape(-1), "targets"), ctx.upload(weight, "row_weight"), pieces, rows, dim,
-                  vocab, chunk)
+                  vocab, chunk, softcap=softcap)
     return head, bufs
 
 
@@ -102,6 +102,46 @@ def test_eval_mode_sums_loss_and_keeps_logits(gpu_device):
                                              ignore_index=-100, reduction="sum").item()
     np.testing.assert_allclose(ctx.read(bufs["stats"])[0], want, rtol=1e-5)
     np.testing.assert_allclose(ctx.read(bufs["logits"], count=300).reshape(6, 50), logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits,chunk", [([61], 7), ([40, 33], 3)])
+def test_soft_capped_logits_loss_and_hidden_grad(gpu_device, splits, chunk):
+    """Gemma 2's final-logit soft-capping: loss and d(hidden) of CE(cap·tanh(z / cap)), and the capped logits read
+    back, on logits large enough that the cap bends them."""
+    import torch
+    ctx = gpu_device
+    rng = np.random.default_rng(len(splits))
+    vocab, cap = sum(splits), 4.0
+    hidden = rng.standard_normal((7, 19)).astype(np.float32)
+    w = rng.standard_normal((vocab, 19)).astype(np.float32)          # logits around ±4: tanh far from linear
+    labels = rng.integers(0, vocab, (1, 7)).astype(np.int32)
+    labels[0, 3] = -100
+    targets = shift_targets(labels)
+    counted = int((targets != -100).sum())
+    head, bufs = build(ctx, hidden, w, targets, chunk, splits, softcap=cap)
+    head.set_step(counted, with_grad=True)
+    enc = ctx.encoder()
+    head.encode(enc, backward=True)
+    head.encode_reduce(enc)
+    enc.submit()
+    ht = torch.from_numpy(hidden).double().requires_grad_()
+    capped = cap * torch.tanh(ht @ torch.from_numpy(w).double().T / cap)
+    loss = torch.nn.functional.cross_entropy(capped, torch.from_numpy(targets.reshape(-1)).long(),
+                                             ignore_index=-100, reduction="sum") / counted
+    loss.backward()
+    np.testing.assert_allclose(ctx.read(bufs["stats"])[0], loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(ctx.read(bufs["dh"], count=hidden.size).reshape(hidden.shape), ht.grad.numpy(),
+                               rtol=1e-4, atol=1e-6)
+    enc = ctx.encoder()
+    head.encode_logits(enc, 0)
+    enc.submit()
+    n = min(chunk, 7)
+    np.testing.assert_allclose(ctx.read(bufs["logits"], count=n * vocab).reshape(n, vocab),
+                               capped[:n].detach().numpy(), rtol=1e-5, atol=1e-5)
+    plain = torch.nn.functional.cross_entropy(ht.detach() @ torch.from_numpy(w).double().T,
+                                              torch.from_numpy(targets.reshape(-1)).long(), ignore_index=-100,
+                                              reduction="sum") / counted
+    assert abs(plain.item() - loss.item()) > 0.1
 
 
 def test_chunk_rows_respects_budget_and_binding():

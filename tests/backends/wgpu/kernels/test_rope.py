@@ -52,6 +52,30 @@ def test_rope_forward_and_backward_match_reference(gpu_device, B, T, NH, HD, spe
 
 
 @pytest.mark.gpu
+def test_scaled_rope_is_yarns_attention_factor_forward_and_backward(gpu_device):
+    """yarn: transformers multiplies cos and sin by its attention factor; the backward is that map's transpose."""
+    B, T, NH, HD, scale = 2, 11, 3, 20, 1.1386
+    spec = RopeSpec(theta=10000.0, scaling_type="yarn", factor=4.0, original_max_position=32,
+                    attention_factor=scale)
+    inv_freq = spec.inv_freq(HD)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    dy = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    ctx = gpu_device
+    x_buf, dx_buf = ctx.upload(x, "x"), ctx.upload(dy, "dx")
+    rope = Rope(ctx, x_buf, B, T, NH, HD, inv_freq, scale=spec.attention_factor)
+    enc = ctx.encoder()
+    rope.encode_forward(enc)
+    rope.encode_backward(enc, dx_buf)
+    enc.submit()
+    y = ctx.read(x_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(y, scale * rope_reference(x.astype(np.float64), inv_freq), rtol=1e-5, atol=1e-5)
+    dx = ctx.read(dx_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(np.vdot(y.astype(np.float64), dy), np.vdot(x.astype(np.float64), dx),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
 def test_rope_matches_transformers(gpu_device):
     torch = pytest.importorskip("torch")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
