@@ -23,8 +23,9 @@ case "${1:-}" in
     timeout 120 python bench/adalora_step.py --backends wgpu --steps 5 --rounds 3 --batch-size 8 --seq-len 512 \
       > "$out/adalora_step.json" 2> "$out/adalora_step.log" ;;
   arch)
-    timeout 300 python bench/architectures.py > "$out/architectures.json" 2> "$out/architectures.log"
-    timeout 200 python bench/step_profile.py --models Qwen3-0.6B Llama-3.2-1B --batch-sizes 1 8 --time-budget 150 \
+    timeout 150 python bench/architectures.py --models gemma3-270m > "$out/architectures-270m.json" 2> "$out/arch-270m.log"
+    timeout 180 python bench/architectures.py --models gemma3-1b > "$out/architectures-1b.json" 2> "$out/arch-1b.log"
+    timeout 170 python bench/step_profile.py --models Qwen3-0.6B Llama-3.2-1B --batch-sizes 1 8 --time-budget 130 \
       --out "$out/step_profile.jsonl" > /dev/null 2> "$out/step_profile.log" ;;
   *) echo "usage: bash bench/h200_session.sh speed|features|arch" >&2; exit 2 ;;
 esac
