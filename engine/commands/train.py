@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import time
+from pathlib import Path
 
 from engine import jsonout
 from engine.errors import UserError
@@ -297,6 +298,20 @@ def _rewards(e) -> dict:
     return {"reward_margin": finite(e.reward_margin), "reward_accuracy": finite(e.reward_accuracy)}
 
 
+def _record(prepared, model: str, data: tuple[str, ...], summary) -> list[str]:
+    """Add the run to the runs list the window reopens (engine.train.history), as a run from the window is; a list
+    that cannot be written is a note, never a failed run."""
+    from engine.train.history import RunRecord, now_utc, record_run, summary_metrics
+
+    record = RunRecord(str(Path(summary.adapter_dir).resolve()), model, str(Path(prepared.model_dir).resolve()),
+                       tuple(str(Path(f).resolve()) for f in data), prepared.trainer.config.to_dict(),
+                       summary_metrics(summary), now_utc())
+    try:
+        return record_run(record)
+    except OSError as exc:
+        return [f"the run could not be added to the runs list: {exc}"]
+
+
 def run_train(args) -> int:
     from engine.train.memory_fit import parse_bytes
     from engine.train.runs import RunInputs, prepare_run
@@ -340,6 +355,8 @@ def run_train(args) -> int:
     from engine.train.recommend import training_advice
 
     advice = training_advice(summary.losses, trainer.config, summary.stopped)
+    for note in _record(prepared, args.model, data, summary):
+        log(f"note: {note}")
     if args.json:
         JsonLines()._emit({**summary.to_json(), "advice": advice})
     else:

@@ -279,3 +279,17 @@ def test_math_f16_on_the_wgsl_backend_trains_close_to_f32(tiny_llama_dir, corpus
     from engine.train.config import TrainConfig
     saved = load_checkpoint(tmp_path / "f16", load_model_spec(tiny_llama_dir)).trainer_state["config"]
     assert TrainConfig.from_dict(saved).math == "f16"
+
+
+def test_a_cli_run_joins_the_runs_list_the_window_reopens(tiny_llama_dir, corpus_file, tmp_path, capsys):
+    from engine.train.history import read_runs
+
+    out = tmp_path / "listed"
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(corpus_file), "--out", str(out),
+                 "--steps", "2", *TRAIN[:-1]]) == 0
+    runs, notes = read_runs()
+    assert notes == [] and len(runs) == 1
+    run = runs[0]
+    assert Path(run.adapter_dir) == out.resolve() and Path(run.model_dir) == Path(tiny_llama_dir).resolve()
+    assert run.corpus == (str(Path(corpus_file).resolve()),) and run.plan["lora"]["rank"] > 0
+    assert run.metrics["steps"] == 2
