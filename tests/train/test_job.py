@@ -210,10 +210,11 @@ def test_job_on_two_processes_with_accelerate_launch(desktop_and_job, tiny_llama
 
 def test_an_adaptive_rank_run_is_refused_not_written_as_plain_lora(tmp_path):
     from engine.lora.adalora import AdaLoraSettings
+    from engine.lora.config import LoraConfig
     from engine.train.job import export_job
     from engine.train.runs import RunInputs
 
     with pytest.raises(ValueError, match="plain LoRA runs only; adaptive rank"):
-        export_job(TrainConfig(adaptive_rank=AdaLoraSettings()), RunInputs(model="m", data=("a.jsonl",)),
+        export_job(TrainConfig(lora=LoraConfig(rank=12), adaptive_rank=AdaLoraSettings()), RunInputs(model="m", data=("a.jsonl",)),
                    tmp_path / "job")
     assert not (tmp_path / "job").exists()
