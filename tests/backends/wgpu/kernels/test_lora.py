@@ -116,9 +116,9 @@ def test_lora_group_matches_numpy(gpu_device, M, fin, outs, r):
     B, y0, dy, gB0 = ([rand(o, r, scale=0.3) for o in outs], [rand(M, o) for o in outs], [rand(M, o) for o in outs],
                       [rand(o, r) for o in outs])
     up = [ctx.upload(a, f"y{i}") for i, a in enumerate(y0)]
-    bufs = dict(u=ctx.buffer(4 * M * n * r, "u"), x=ctx.upload(x, "x"), A=ctx.upload(A, "A"),
-                dx=ctx.upload(dx0, "dx"), gA=ctx.upload(gA0, "gA"), du=ctx.buffer(4 * M * n * r, "du"),
-                partials=ctx.buffer(4 << 20, "partials"))
+    bufs = {"u": ctx.buffer(4 * M * n * r, "u"), "x": ctx.upload(x, "x"), "A": ctx.upload(A, "A"),
+            "dx": ctx.upload(dx0, "dx"), "gA": ctx.upload(gA0, "gA"), "du": ctx.buffer(4 * M * n * r, "du"),
+            "partials": ctx.buffer(4 << 20, "partials")}
     gB = [ctx.upload(g, f"gB{i}") for i, g in enumerate(gB0)]
     group = LoraGroup(ctx, LoraDims(M, fin, 0, r, s), list(outs), up, bufs["u"], bufs["x"], bufs["A"],
                       [ctx.upload(b, f"B{i}") for i, b in enumerate(B)], dy=[ctx.upload(d, f"dy{i}") for i, d in
