@@ -67,18 +67,20 @@ class LoraLayout:
         return buffer, 4 * self.offsets[keys[0]], 4 * (at - self.offsets[keys[0]])
 
 
-def lora_layout(spec: ModelSpec, lora: LoraConfig) -> LoraLayout:
+def lora_layout(spec: ModelSpec, lora: LoraConfig, grouped: bool = True) -> LoraLayout:
+    """The engine's layout; `grouped` False: every tensor aligned in PEFT's order, the layout optimizer states are
+    saved in (move_flat), as they were before groups, and as the CPU backend's are where no padding is needed."""
     shapes = lora_shapes(spec, lora)
     runs = []          # lists of keys laid back to back, each list starting aligned
-    grouped = {}       # member target -> its group's targets
-    for targets in lora_groups(lora).values():
-        grouped.update({t: targets for t in targets})
+    members = {}       # member target -> its group's targets
+    for targets in lora_groups(lora).values() if grouped else ():
+        members.update({t: targets for t in targets})
     for layer in range(spec.layers):
         for target in lora.targets:
-            if target not in grouped:
+            if target not in members:
                 runs.append([peft_key(layer, target, "A")])
-            elif target == grouped[target][0]:
-                runs.append([peft_key(layer, t, "A") for t in grouped[target]])
+            elif target == members[target][0]:
+                runs.append([peft_key(layer, t, "A") for t in members[target]])
             runs.append([peft_key(layer, target, "B")])
     placed, at = {}, 0
     for run in runs:
@@ -88,6 +90,24 @@ def lora_layout(spec: ModelSpec, lora: LoraConfig) -> LoraLayout:
         at = -(-at // LORA_ALIGN) * LORA_ALIGN
     assert set(placed) == set(shapes), set(placed) ^ set(shapes)
     return LoraLayout({key: placed[key] for key in shapes}, shapes, at)
+
+
+def move_flat(flat: np.ndarray, src: LoraLayout, dst: LoraLayout, unit: int = 1) -> np.ndarray:
+    """A per-parameter array over the flat LoRA buffer (optimizer moments: one value per float; with `unit` > 1
+    one per block of `unit` floats, as 8-bit AdamW's scales) moved tensor by tensor from `src`'s offsets to
+    `dst`'s, padding zero. Exact only where every tensor starts on a whole unit in both layouts: raises otherwise."""
+    if src.offsets == dst.offsets and src.total == dst.total:
+        return flat
+    uneven = [k for k in src.offsets if src.offsets[k] % unit or dst.offsets[k] % unit]
+    if uneven:
+        raise ValueError(f"LoRA tensor {uneven[0]} does not start on a whole block of {unit} in both LoRA layouts, "
+                         f"so block-quantised optimizer state cannot be moved between them exactly; resume with "
+                         f"the same engine version, use a block_size that divides every tensor's size, or adamw")
+    out = np.zeros(-(-dst.total // unit), flat.dtype)
+    for key, at in src.offsets.items():
+        n = -(-int(np.prod(src.shapes[key])) // unit)
+        out[dst.offsets[key] // unit:dst.offsets[key] // unit + n] = flat[at // unit:at // unit + n]
+    return out
 
 
 def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int,

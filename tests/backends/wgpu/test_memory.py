@@ -83,6 +83,26 @@ def test_lora_layout_stacks_group_a_tensors(dropout, targets, grouped):
             layout.stacked_binding("buf", [peft_key(0, t, "A") for t in lora.targets[:2]])
 
 
+def test_move_flat_between_grouped_and_saved_layouts():
+    """Optimizer moments move tensor by tensor between the grouped and the saved (ungrouped) layout and back;
+    block-quantised state moves only where every tensor starts on a whole block in both, else it refuses."""
+    import numpy as np
+
+    from engine.backends.wgpu.buffers import lora_layout, move_flat
+    spec, lora = tiny_spec(), LoraConfig(rank=3, alpha=6)
+    grouped, saved = lora_layout(spec, lora), lora_layout(spec, lora, grouped=False)
+    assert grouped.offsets != saved.offsets
+    flat = np.zeros(saved.total, np.float32)
+    for i, (key, at) in enumerate(saved.offsets.items()):
+        flat[at:at + int(np.prod(saved.shapes[key]))] = i + 1
+    there = move_flat(flat, saved, grouped)
+    for i, (key, at) in enumerate(grouped.offsets.items()):
+        assert (there[at:at + int(np.prod(grouped.shapes[key]))] == i + 1).all()
+    np.testing.assert_array_equal(move_flat(there, grouped, saved), flat)
+    with pytest.raises(ValueError, match="whole block of 256"):
+        move_flat(np.zeros(-(-saved.total // 256), np.float32), saved, grouped, 256)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("arch, layers, B, T", [("llama", 1, 1, 1), ("qwen3", 3, 3, 13), ("qwen2", 4, 1, 37)])
 def test_plan_equals_allocated_bytes_at_other_shapes(gpu_device, arch, layers, B, T, recompute):
