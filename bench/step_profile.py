@@ -68,7 +68,8 @@ def phases(be) -> dict:
         return each_layer(m, lambda enc, k: [getattr(p, f"encode_{kind}")(enc) for p in k.proj.values()])
 
     def lora(kind):
-        return each_layer(m, lambda enc, k: [getattr(b, f"encode_{kind}")(enc) for b in k.lora.values()])
+        return each_layer(m, lambda enc, k: [getattr(b, f"encode_{kind}")(enc)
+                                             for b in [*k.lora.values(), *k.lora_groups.values()]])
 
     return {
         "forward": lambda enc: (be._load_slot(enc, 0), model_forward(enc, m)),

@@ -26,8 +26,8 @@ from engine.model.spec import ModelSpec, load_model_spec
 from engine.model.weights import ArrayWeights, WeightSource, open_weights
 from engine.backends.wgpu.backward import model_backward
 from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, Scratch, allocate,
-                                          allocate_activations, destroy, formats_for, lora_layout, scratch_shapes,
-                                          vocab_pieces)
+                                          allocate_activations, destroy, formats_for, lora_layout, move_flat,
+                                          scratch_shapes, vocab_pieces)
 from engine.backends.wgpu.forward import model_forward
 from engine.backends.wgpu.graph import build_model
 from engine.backends.wgpu.weights import ModelWeights, upload_weights
@@ -91,6 +91,7 @@ class WgpuBackend(TrainingBackend):
         ctx, spec, BT = self.ctx, self.spec, batch_size * seq_len
         limit = min(ctx.max_binding_bytes, ctx.max_buffer_bytes, max_binding_bytes or ctx.max_binding_bytes)
         self.layout = lora_layout(spec, lora)
+        self.saved_layout = lora_layout(spec, lora, grouped=False)   # optimizer states, in and out (move_flat)
         self.chunk = chunk_rows(BT, spec.vocab_size, limit, max_workgroups=ctx.max_workgroups)
         self.weight_choice = weights
         format_of = formats_for(weights, {n: t.format for n, t in source.stored().items()})
@@ -368,12 +369,30 @@ class WgpuBackend(TrainingBackend):
         self.optimizer.remember(flat)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return {**self.optimizer.state(), DROPOUT_STEP_KEY: np.array(self._dropout_steps, np.int64)}
+        """In the ungrouped layout (lora_layout grouped=False), whatever this backend's grouping: a checkpoint
+        means the same whichever LoRA groups wrote it."""
+        state = self._moved(self.optimizer.state(), self.layout, self.saved_layout)
+        return {**state, DROPOUT_STEP_KEY: np.array(self._dropout_steps, np.int64)}
+
+    def _moved(self, state: dict, src, dst) -> dict:
+        """Optimizer state arrays over the flat LoRA buffer moved between layouts: moments by value, 8-bit codes
+        and scales by block (move_flat refuses where blocks straddle tensors). Arrays not sized for `src` stay
+        as they are, for Optimizer.load_state to refuse."""
+        per_value = [k for k in ("m", "v", "m_codes", "v_codes") if k in state]
+        per_block = [k for k in ("m_scale", "v_scale") if k in state]
+        block = self.optimizer.config.block_size if per_block else 1
+        if any(len(state[k]) != src.total for k in per_value) or \
+                any(len(state[k]) != -(-src.total // block) for k in per_block):
+            return state
+        moved = dict(state)
+        for key in per_block + per_value:     # scales first: they refuse an inexact move before anything moved
+            moved[key] = move_flat(state[key], src, dst, block if key in per_block else 1)
+        return moved
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         state = dict(state)
         dropout_steps = state.pop(DROPOUT_STEP_KEY, None)   # absent in states from the CPU backend
-        self.optimizer.load_state(state)
+        self.optimizer.load_state(self._moved(state, self.saved_layout, self.layout))
         if dropout_steps is not None:
             self._dropout_steps = int(dropout_steps)
 

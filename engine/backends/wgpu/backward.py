@@ -24,6 +24,8 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
     k.swiglu.encode_backward(enc)                # d_h → d_gate, d_up
     projection_backward(enc, k, "up_proj")       # d_up → d_ln (no pre-norms: d_res +=)
     projection_backward(enc, k, "gate_proj")     # d_gate → d_ln +=
+    if "gate_up" in k.lora_groups:
+        k.lora_groups["gate_up"].encode_backward(enc)   # d_gate, d_up → d_ln +=
     if k.ln2 is not None:
         k.ln2.encode_backward(enc)               # d_ln → d_res +=
     if k.post_attn_norm is not None:
@@ -39,6 +41,8 @@ def layer_backward(enc: StepEncoder, k: LayerKernels) -> None:
     projection_backward(enc, k, "v_proj")        # → d_ln
     projection_backward(enc, k, "k_proj")        # → d_ln +=
     projection_backward(enc, k, "q_proj")        # → d_ln +=
+    if "qkv" in k.lora_groups:
+        k.lora_groups["qkv"].encode_backward(enc)    # dq, dk, dv → d_ln +=
     if k.ln1 is not None:
         k.ln1.encode_backward(enc)               # d_ln → d_res +=
 

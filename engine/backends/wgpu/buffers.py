@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
-from engine.lora.config import LoraConfig, lora_shapes
+from engine.lora.config import LoraConfig, lora_shapes, peft_key
 from engine.model.hf_names import EMBED_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
 from engine.model.weight_formats import FORMATS, WeightFormat, held_format
 from engine.model.spec import ModelSpec
@@ -28,9 +28,26 @@ def nbytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
     return max(16, (int(np.prod(shape)) * itemsize + 15) // 16 * 16)
 
 
+# Projections whose LoRA branches read one input (q/k/v the attention norm's output, gate/up the MLP norm's):
+# kernels.lora.LoraGroup runs their A products as one GEMM each way, over their A tensors stacked [n·r, in].
+LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def lora_groups(lora: LoraConfig) -> dict[str, tuple[str, ...]]:
+    """The groups that run as one (LORA_GROUPS): every member adapted, and no dropout (each branch would need its
+    own mask on the shared input); the other adapted targets run as single branches (kernels.lora.LoraBranch)."""
+    if lora.dropout > 0:
+        return {}
+    return {name: targets for name, targets in LORA_GROUPS.items() if set(targets) <= set(lora.targets)}
+
+
 @dataclass(frozen=True)
 class LoraLayout:
-    """Where each LoRA tensor lives in the flat lora_params / lora_grads buffers [P] (offsets in floats)."""
+    """Where each LoRA tensor lives in the flat lora_params / lora_grads buffers [P] (offsets in floats).
+
+    Keys iterate in PEFT's order (lora_shapes), but the offsets follow their own order: the A tensors of a group
+    (lora_groups) lie back to back, one [n·r, in] matrix that LoraGroup binds whole; every other tensor, and each
+    group's first A, starts on a LORA_ALIGN boundary so it can be bound alone."""
     offsets: dict[str, int]               # PEFT key -> first float
     shapes: dict[str, tuple[int, int]]    # PEFT key -> A [r, in] or B [out, r]
     total: int                            # P, a multiple of LORA_ALIGN
@@ -39,13 +56,58 @@ class LoraLayout:
         """(buffer, byte offset, byte size) of one tensor, for a bind group."""
         return buffer, 4 * self.offsets[key], 4 * int(np.prod(self.shapes[key]))
 
+    def stacked_binding(self, buffer, keys: list[str]) -> tuple:
+        """(buffer, byte offset, byte size) of tensors that lie back to back (a group's A tensors), as one."""
+        at = self.offsets[keys[0]]
+        for key in keys:
+            if self.offsets[key] != at:
+                raise ValueError(f"LoRA tensor {key} is at float {self.offsets[key]}, not right after the one "
+                                 f"before it ({at}): these tensors are not stacked in this layout")
+            at += int(np.prod(self.shapes[key]))
+        return buffer, 4 * self.offsets[keys[0]], 4 * (at - self.offsets[keys[0]])
 
-def lora_layout(spec: ModelSpec, lora: LoraConfig) -> LoraLayout:
-    offsets, shapes, at = {}, lora_shapes(spec, lora), 0
-    for key, shape in shapes.items():
-        offsets[key] = at
-        at += -(-shape[0] * shape[1] // LORA_ALIGN) * LORA_ALIGN
-    return LoraLayout(offsets, shapes, at)
+
+def lora_layout(spec: ModelSpec, lora: LoraConfig, grouped: bool = True) -> LoraLayout:
+    """The engine's layout; `grouped` False: every tensor aligned in PEFT's order, the layout optimizer states are
+    saved in (move_flat), as they were before groups, and as the CPU backend's are where no padding is needed."""
+    shapes = lora_shapes(spec, lora)
+    runs = []          # lists of keys laid back to back, each list starting aligned
+    members = {}       # member target -> its group's targets
+    for targets in lora_groups(lora).values() if grouped else ():
+        members.update({t: targets for t in targets})
+    for layer in range(spec.layers):
+        for target in lora.targets:
+            if target not in members:
+                runs.append([peft_key(layer, target, "A")])
+            elif target == members[target][0]:
+                runs.append([peft_key(layer, t, "A") for t in members[target]])
+            runs.append([peft_key(layer, target, "B")])
+    placed, at = {}, 0
+    for run in runs:
+        for key in run:
+            placed[key] = at
+            at += shapes[key][0] * shapes[key][1]
+        at = -(-at // LORA_ALIGN) * LORA_ALIGN
+    assert set(placed) == set(shapes), set(placed) ^ set(shapes)
+    return LoraLayout({key: placed[key] for key in shapes}, shapes, at)
+
+
+def move_flat(flat: np.ndarray, src: LoraLayout, dst: LoraLayout, unit: int = 1) -> np.ndarray:
+    """A per-parameter array over the flat LoRA buffer (optimizer moments: one value per float; with `unit` > 1
+    one per block of `unit` floats, as 8-bit AdamW's scales) moved tensor by tensor from `src`'s offsets to
+    `dst`'s, padding zero. Exact only where every tensor starts on a whole unit in both layouts: raises otherwise."""
+    if src.offsets == dst.offsets and src.total == dst.total:
+        return flat
+    uneven = [k for k in src.offsets if src.offsets[k] % unit or dst.offsets[k] % unit]
+    if uneven:
+        raise ValueError(f"LoRA tensor {uneven[0]} does not start on a whole block of {unit} in both LoRA layouts, "
+                         f"so block-quantised optimizer state cannot be moved between them exactly; resume with "
+                         f"the same engine version, use a block_size that divides every tensor's size, or adamw")
+    out = np.zeros(-(-dst.total // unit), flat.dtype)
+    for key, at in src.offsets.items():
+        n = -(-int(np.prod(src.shapes[key])) // unit)
+        out[dst.offsets[key] // unit:dst.offsets[key] // unit + n] = flat[at // unit:at // unit + n]
+    return out
 
 
 def vocab_pieces(vocab: int, hidden: int, max_binding_bytes: int,
@@ -126,7 +188,8 @@ class LayerActivations:
     up: object                  # [BT, I]
     h: object                   # [BT, I] silu(gate)·up (down_proj input)
     x_out: object               # [BT, C] residual after the MLP = next layer's input
-    lora_u: dict                # target -> [BT, r] the LoRA branch's x·Aᵀ (for dB)
+    lora_u: dict                # target -> [BT, r] the LoRA branch's x·Aᵀ (for dB); group -> [BT, n·r]
+                                #   (lora_u_shapes)
     q_raw: object = None        # [BT, QD] Qwen3: q_proj output before q_norm
     k_raw: object = None        # [BT, KVD]
     q_rstd: object = None       # [BT·NH] ([BT] for OLMo 2's full-width q/k norms)
@@ -160,7 +223,7 @@ class Scratch:
     d_gate: object              # [BT, I]
     d_up: object                # [BT, I]
     d_h: object                 # [BT, I]
-    du: object                  # [BT, r] LoRA branch scratch
+    du: object                  # [BT, r] LoRA branch scratch ([BT, n·r] with a group of n: lora_groups)
     split_k: object             # [split_k_floats] partial products of split-K GEMMs
     row_scale: object           # [BT] per-row scales of an f16-math GEMM's A (kernels.linear_f16); allocated
                                 #   whatever the math (4 bytes a row) so the memory plan does not depend on it
@@ -246,7 +309,7 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
     shapes = {"ln1": (BT, C), "ln1_rstd": (BT,), "q": (BT, spec.q_dim), "k": (BT, spec.kv_dim),
               "v": (BT, spec.kv_dim), "att": (BT, spec.q_dim), "lse": (B, spec.heads, T), "x_mid": (BT, C),
               "ln2": (BT, C), "ln2_rstd": (BT,), "gate": (BT, I), "up": (BT, I), "h": (BT, I), "x_out": (BT, C),
-              "lora_u": {t: (BT, lora.rank) for t in lora.targets}}
+              "lora_u": lora_u_shapes(lora, BT)}
     if spec.qk_norm:
         full = spec.qk_norm_full
         shapes.update(q_raw=(BT, spec.q_dim), k_raw=(BT, spec.kv_dim), q_rstd=(BT if full else BT * spec.heads,),
@@ -255,6 +318,16 @@ def layer_activation_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int) -
         shapes.update(ln1=None, ln1_rstd=None, ln2=None, ln2_rstd=None)
     if spec.post_norms:
         shapes.update(attn_proj=(BT, C), attn_post_rstd=(BT,), mlp_proj=(BT, C), mlp_post_rstd=(BT,))
+    return shapes
+
+
+def lora_u_shapes(lora: LoraConfig, BT: int) -> dict:
+    """u = x·Aᵀ per single branch (by target) and per group (by group name, [BT, n·r]: its members' u side by
+    side, in the group's order)."""
+    groups = lora_groups(lora)
+    grouped = {t for targets in groups.values() for t in targets}
+    shapes = {name: (BT, len(targets) * lora.rank) for name, targets in groups.items()}
+    shapes.update({t: (BT, lora.rank) for t in lora.targets if t not in grouped})
     return shapes
 
 
@@ -289,6 +362,8 @@ def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
         products += [GemmShape(BT, out_f, in_f), GemmShape(BT, in_f, out_f)]          # forward, input grad
         if target in lora.targets:
             products += [GemmShape(lora.rank, in_f, BT), GemmShape(out_f, lora.rank, BT)]   # dA, dB
+    for targets in lora_groups(lora).values():                                      # a group's stacked dA
+        products.append(GemmShape(len(targets) * lora.rank, spec.projection_shape(targets[0])[1], BT))
     products.append(GemmShape(min(chunk, BT), spec.hidden, vocab_piece_rows))      # LM head d(hidden)
     need = [split_k(p, SPLIT_PARTIAL_FLOATS) * p.M * p.N for p in products if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
     return max(need, default=4)
@@ -302,7 +377,8 @@ def scratch_shapes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
               "row_weight": (BT,),
               "ids_stage": (STAGE_SLOTS, BT), "targets_stage": (STAGE_SLOTS, BT), "d_res": (BT, C), "d_ln": (BT, C),
               "d_att": (BT, spec.q_dim), "dq": (BT, spec.q_dim), "dk": (BT, spec.kv_dim), "dv": (BT, spec.kv_dim),
-              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I), "du": (BT, lora.rank),
+              "d_gate": (BT, I), "d_up": (BT, I), "d_h": (BT, I),
+              "du": (BT, lora.rank * max((len(t) for t in lora_groups(lora).values()), default=1)),
               "split_k": (split_k_floats(spec, lora, B, T, chunk, vocab_piece_rows),), "row_scale": (BT,),
               "stats": (STATS_FLOATS,),
               "history": (HISTORY_SLOTS, STATS_FLOATS), "lora_params": (P,), "lora_grads": (P,)}

@@ -6,7 +6,8 @@ from engine.backends.wgpu.graph import LayerKernels, ModelKernels
 
 
 def projection_forward(enc: StepEncoder, k: LayerKernels, target: str) -> None:
-    """y = x·Wᵀ + b, plus the LoRA branch when the target is adapted."""
+    """y = x·Wᵀ + b, plus the LoRA branch when the target is adapted alone (a LoraGroup's members get theirs
+    from the group, after the last member)."""
     k.proj[target].encode_forward(enc)
     if target in k.lora:
         k.lora[target].encode_forward(enc)
@@ -22,6 +23,8 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
         k.ln1.encode_forward(enc)
     for target in ("q_proj", "k_proj", "v_proj"):
         projection_forward(enc, k, target)
+    if "qkv" in k.lora_groups:
+        k.lora_groups["qkv"].encode_forward(enc)
     if k.q_norm is not None:
         k.q_norm.encode_forward(enc)
         k.k_norm.encode_forward(enc)
@@ -37,6 +40,8 @@ def layer_forward(enc: StepEncoder, k: LayerKernels, recompute: bool = False) ->
         k.ln2.encode_forward(enc)
     projection_forward(enc, k, "gate_proj")
     projection_forward(enc, k, "up_proj")
+    if "gate_up" in k.lora_groups:
+        k.lora_groups["gate_up"].encode_forward(enc)
     k.swiglu.encode_forward(enc)
     if recompute and k.post_mlp_norm is None:
         if "down_proj" in k.lora:

@@ -1,20 +1,20 @@
 """Bind every kernel of the model to its buffers, once: the per-layer graph that forward and backward encode."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.backends.wgpu.kernels.embedding import Embedding
 from engine.backends.wgpu.kernels.linear import Linear
 from engine.backends.wgpu.kernels.linear_f16 import LinearF16, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import LmHead
-from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
+from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims, LoraGroup
 from engine.backends.wgpu.kernels.residual import ResidualAdd
 from engine.backends.wgpu.kernels.rmsnorm import RmsNorm
 from engine.backends.wgpu.kernels.swiglu import SwiGlu
 from engine.lora.config import LoraConfig, peft_key
 from engine.model.hf_names import LORA_TARGETS
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch, bias_name
+from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch, bias_name, lora_groups
 from engine.backends.wgpu.weights import ModelWeights
 
 
@@ -22,7 +22,7 @@ from engine.backends.wgpu.weights import ModelWeights
 class LayerKernels:
     ln1: RmsNorm | None         # None without pre-norms (OLMo 2), as ln2
     proj: dict                  # target -> Linear (q, k, v, o, gate, up, down)
-    lora: dict                  # target -> LoraBranch for the adapted targets
+    lora: dict                  # target -> LoraBranch for the adapted targets not in a group
     rope_q: object              # Rope, or None in a layer without rotary embeddings (SmolLM3)
     rope_k: object
     attention: object
@@ -36,6 +36,7 @@ class LayerKernels:
     k_norm: RmsNorm | None = None
     post_attn_norm: RmsNorm | None = None   # Gemma 3: o_proj output -> the attention residual's branch
     post_mlp_norm: RmsNorm | None = None    # Gemma 3: down_proj output -> the MLP residual's branch
+    lora_groups: dict = field(default_factory=dict)   # "qkv" / "gate_up" -> LoraGroup (buffers.lora_groups)
 
 
 @dataclass
@@ -96,7 +97,8 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
     bias = {target: getattr(w, bias_name(target)) for target in spec.bias_targets}
     weight = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v, "o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up,
               "down_proj": w.down}
-    proj, branches = {}, {}
+    proj, branches, groups = {}, {}, {}
+    grouped = {t for targets in lora_groups(lora).values() for t in targets}
     for target in LORA_TARGETS:
         x, y, dy, dx, accumulate = io[target]
         out_f, in_f = spec.projection_shape(target)
@@ -108,7 +110,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         proj[target] = (LinearF16 if f16 else Linear)(
             ctx, y, x, held.buffer, bias.get(target), BT, in_f, out_f, dy=dy, dx=dx, accumulate_dx=accumulate,
             partials=s.split_k, label=f"{name}.{target}", weight_format=held.format, scale=scale, **extra)
-        if target in lora.targets:
+        if target in lora.targets and target not in grouped:
             key_a, key_b = peft_key(layer, target, "A"), peft_key(layer, target, "B")
             branches[target] = LoraBranch(
                 ctx, LoraDims(BT, in_f, out_f, lora.rank, lora.scaling * scale), y, a.lora_u[target], x,
@@ -117,6 +119,18 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
                 dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(target),
                 step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
                 label=f"{name}.{target}.lora")
+    for group, targets in lora_groups(lora).items():
+        x, dx = io[targets[0]][0], io[targets[0]][3]
+        assert all(io[t][0] is x and io[t][3] is dx for t in targets), f"{group}: members must share x and dx"
+        keys_a = [peft_key(layer, t, "A") for t in targets]
+        keys_b = [peft_key(layer, t, "B") for t in targets]
+        groups[group] = LoraGroup(
+            ctx, LoraDims(BT, spec.projection_shape(targets[0])[1], 0, lora.rank, lora.scaling),
+            [spec.projection_shape(t)[0] for t in targets], [io[t][1] for t in targets], a.lora_u[group], x,
+            layout.stacked_binding(s.lora_params, keys_a), [layout.binding(s.lora_params, k) for k in keys_b],
+            dy=[io[t][2] for t in targets], dx=dx, grad_a=layout.stacked_binding(s.lora_grads, keys_a),
+            grad_b=[layout.binding(s.lora_grads, k) for k in keys_b], du=s.du, partials=s.split_k,
+            label=f"{name}.{group}.lora")
     layer_rope = spec.layer_rope(layer)
     inv_freq, rope_scale = layer_rope.inv_freq(spec.head_dim, T), layer_rope.attention_factor
     rope = spec.uses_rope(layer)        # SmolLM3's NoPE layers attend without rotating q and k
@@ -137,7 +151,7 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
         swiglu=SwiGlu(ctx, a.h, a.gate, a.up, BT * spec.intermediate, dgate=s.d_gate, dup=s.d_up, dh=s.d_h,
                       activation=spec.activation, label=f"{name}.swiglu"),
         mlp_residual=ResidualAdd(ctx, a.x_out, a.x_mid, s.proj, BT * C, label=f"{name}.mlp_residual"),
-        dq=s.dq, dk=s.dk)
+        dq=s.dq, dk=s.dk, lora_groups=groups)
     if qk:
         # Per head (rows BT·heads of HD), or over the whole projection (OLMo 2: rows BT of QD / KVD).
         q_rows, q_dim = (BT, spec.q_dim) if spec.qk_norm_full else (BT * spec.heads, spec.head_dim)

@@ -13,8 +13,8 @@ from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.lora.config import LoraConfig
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import (activation_bytes, formats_for, frozen_layout, lora_layout, nbytes,
-                                          scratch_shapes, shapes_bytes, vocab_pieces)
+from engine.backends.wgpu.buffers import (activation_bytes, formats_for, frozen_layout, lora_groups, lora_layout,
+                                          nbytes, scratch_shapes, shapes_bytes, vocab_pieces)
 from engine.model.weight_formats import WeightFormat
 
 GEMM_PARAMS = 64        # linear.wgsl Params
@@ -45,7 +45,10 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
                  embed_pieces: int) -> int:
     """Parameter blocks and kernel-owned buffers of every bound kernel (engine.backends.wgpu.graph.build_model)."""
     per_layer = 7 * 2 * GEMM_PARAMS                                  # 7 projections: forward + input grad
-    per_layer += len(lora.targets) * 6 * GEMM_PARAMS                 # LoRA: u, y, dB, du, dA, dx
+    groups = lora_groups(lora).values()
+    singles = len(lora.targets) - sum(len(g) for g in groups)
+    per_layer += singles * 6 * GEMM_PARAMS                           # LoRA: u, y, dB, du, dA, dx
+    per_layer += sum(3 * len(g) + 3 for g in groups) * GEMM_PARAMS   # a group of n: u, dA, dx; n·(y, dB, du)
     if lora.dropout > 0:
         per_layer += len(lora.targets) * 2 * SMALL_PARAMS            # dropout mask forward / backward
     norms = 2 * spec.pre_norms + 2 * spec.qk_norm + 2 * spec.post_norms

@@ -33,6 +33,77 @@ VARIANTS = {"llama": {}, "qwen3": dict(model_type="qwen3", qk_norm=True, head_di
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+def test_plan_equals_allocated_bytes_with_grouped_lora(gpu_device, recompute):
+    """Every target and no dropout: q/k/v and gate/up run as LoraGroups (wider u and du, stacked dA split K)."""
+    import dataclasses
+
+    from engine.backends.wgpu.backend import WgpuBackend
+    from engine.backends.wgpu.buffers import lora_groups
+    spec = dataclasses.replace(tiny_spec(), layers=3, **VARIANTS["qwen3"])
+    lora = LoraConfig(rank=5, alpha=10)
+    assert set(lora_groups(lora)) == {"qkv", "gate_up"}
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(spec, lora, OptimizerConfig(), 3, 13, ctx=gpu_device, tensors=random_weights(spec),
+                     recompute=recompute) as backend:
+        assert all(set(k.lora_groups) == {"qkv", "gate_up"} for k in backend.model.layers)
+        plan = memory_plan(spec, lora, OptimizerConfig(), 3, 13, gpu_device.max_binding_bytes,
+                           gpu_device.max_workgroups, recompute=recompute)
+        assert backend.memory_bytes() == gpu_device.bytes_allocated - before == plan.total, plan.as_dict()
+
+
+@pytest.mark.parametrize("dropout, targets, grouped", [
+    (0.0, None, {"qkv": 3, "gate_up": 2}), (0.1, None, {}), (0.0, ("q_proj", "k_proj", "up_proj"), {}),
+    (0.0, ("gate_proj", "up_proj", "o_proj"), {"gate_up": 2})])
+def test_lora_layout_stacks_group_a_tensors(dropout, targets, grouped):
+    """A group's A tensors lie back to back (one [n·r, in] binding); everything else starts aligned; no two
+    tensors overlap; the keys keep PEFT's order."""
+    from itertools import pairwise
+
+    import numpy as np
+
+    from engine.backends.wgpu.buffers import LORA_ALIGN, LORA_GROUPS, lora_groups, lora_layout
+    from engine.lora.config import lora_shapes, peft_key
+    spec = tiny_spec()
+    lora = LoraConfig(rank=3, alpha=6, dropout=dropout, **({"targets": targets} if targets else {}))
+    assert {name: len(t) for name, t in lora_groups(lora).items()} == grouped
+    layout = lora_layout(spec, lora)
+    assert list(layout.offsets) == list(lora_shapes(spec, lora))
+    stacked = set()
+    for layer in range(spec.layers):
+        for name in grouped:
+            keys = [peft_key(layer, t, "A") for t in LORA_GROUPS[name]]
+            _, offset, size = layout.stacked_binding("buf", keys)
+            assert size == 4 * len(keys) * 3 * spec.hidden and offset % (4 * LORA_ALIGN) == 0
+            stacked.update(keys[1:])
+    assert all(o % LORA_ALIGN == 0 for k, o in layout.offsets.items() if k not in stacked)
+    spans = sorted((o, o + int(np.prod(layout.shapes[k]))) for k, o in layout.offsets.items())
+    assert all(end <= start for (_, end), (start, _) in pairwise(spans)) and spans[-1][1] <= layout.total
+    if not grouped:
+        with pytest.raises(ValueError, match="not stacked"):
+            layout.stacked_binding("buf", [peft_key(0, t, "A") for t in lora.targets[:2]])
+
+
+def test_move_flat_between_grouped_and_saved_layouts():
+    """Optimizer moments move tensor by tensor between the grouped and the saved (ungrouped) layout and back;
+    block-quantised state moves only where every tensor starts on a whole block in both, else it refuses."""
+    import numpy as np
+
+    from engine.backends.wgpu.buffers import lora_layout, move_flat
+    spec, lora = tiny_spec(), LoraConfig(rank=3, alpha=6)
+    grouped, saved = lora_layout(spec, lora), lora_layout(spec, lora, grouped=False)
+    assert grouped.offsets != saved.offsets
+    flat = np.zeros(saved.total, np.float32)
+    for i, (key, at) in enumerate(saved.offsets.items()):
+        flat[at:at + int(np.prod(saved.shapes[key]))] = i + 1
+    there = move_flat(flat, saved, grouped)
+    for i, (key, at) in enumerate(grouped.offsets.items()):
+        assert (there[at:at + int(np.prod(grouped.shapes[key]))] == i + 1).all()
+    np.testing.assert_array_equal(move_flat(there, grouped, saved), flat)
+    with pytest.raises(ValueError, match="whole block of 256"):
+        move_flat(np.zeros(-(-saved.total // 256), np.float32), saved, grouped, 256)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("arch, layers, B, T", [("llama", 1, 1, 1), ("qwen3", 3, 3, 13), ("qwen2", 4, 1, 37)])
 def test_plan_equals_allocated_bytes_at_other_shapes(gpu_device, arch, layers, B, T, recompute):
     """Other layer counts and odd [B, T] (random weights, every target, dropout): the plan equals the allocation."""

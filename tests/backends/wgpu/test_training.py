@@ -94,6 +94,26 @@ def test_optimizer_state_round_trips_into_a_new_backend(tiny_llama_dir, gpu_devi
             np.testing.assert_allclose(v, want_state[k], rtol=1e-6, atol=1e-7)
 
 
+def test_optimizer_state_is_saved_in_peft_order(tiny_llama_dir, gpu_device):
+    """With grouped LoRA products (every target, no dropout) the moments still come out tensor by tensor in the
+    ungrouped layout (PEFT's order, each tensor aligned), so checkpoints mean the same with or without groups:
+    after one step m = (1 − β1)·g for each tensor at its place in that layout."""
+    from engine.backends.wgpu.buffers import lora_groups, lora_layout
+    spec = load_model_spec(tiny_llama_dir)
+    lora = LoraConfig(rank=3, alpha=6)
+    assert lora_groups(lora)
+    batch = random_batch(spec.vocab_size, B, T, seed=1)
+    with backend(tiny_llama_dir, gpu_device, lora, random_lora_state(spec, lora, seed=2)) as be:
+        _, grads = be.gradients([batch])
+        be.train_step([batch], lr=1e-2, max_grad_norm=0.0).result()
+        m = be.optimizer_state()["m"]
+    saved = lora_layout(spec, lora, grouped=False)
+    assert saved.offsets != lora_layout(spec, lora).offsets and len(m) == saved.total
+    for key, at in saved.offsets.items():
+        got = m[at:at + grads[key].size].reshape(grads[key].shape)
+        np.testing.assert_allclose(got, 0.1 * grads[key], rtol=1e-5, atol=1e-9)
+
+
 def test_lora_dropout_trains_and_evaluation_ignores_it(tiny_llama_dir, gpu_device):
     spec = load_model_spec(tiny_llama_dir)
     lora = LoraConfig(rank=4, alpha=8, dropout=0.3)

@@ -1,10 +1,10 @@
 """The LoRA branch (forward, dA, dB, dx) against torch autograd; the hash dropout's mask is reproducible and its
-backward uses the forward's mask."""
+backward uses the forward's mask; a group of branches sharing one input (LoraGroup) against numpy."""
 import numpy as np
 import pytest
 
 from engine.backends.wgpu.uniforms import upload_uniform
-from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims
+from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims, LoraGroup
 
 pytestmark = pytest.mark.gpu
 
@@ -99,3 +99,43 @@ def test_lora_dropout_masks_consistently(gpu_device):
     branch.drop_fwd(enc)
     enc.submit()
     np.testing.assert_array_equal(read(ctx, bufs["xd"], (M, fin)), arrays["x"])
+
+
+@pytest.mark.parametrize("M,fin,outs,r", [(7, 33, (20, 12, 12), 4), (70, 24, (65, 9), 1), (5, 19, (3, 7, 5), 3),
+                                          (600, 40, (30, 30, 30), 4)])
+def test_lora_group_matches_numpy(gpu_device, M, fin, outs, r):
+    """The members' y, dA, dB and the shared dx equal n separate branches' (float64 numpy), each starting from
+    nonzero y, dx and gradients (all accumulate); r = 1 and r = 3 leave u's column ranges unaligned to vec4."""
+    ctx, n, s = gpu_device, len(outs), 0.75
+    rng = np.random.default_rng(M + fin + r)
+
+    def rand(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    x, dx0, gA0 = rand(M, fin), rand(M, fin), rand(n * r, fin)
+    A = rand(n * r, fin, scale=0.3)
+    B, y0, dy, gB0 = ([rand(o, r, scale=0.3) for o in outs], [rand(M, o) for o in outs], [rand(M, o) for o in outs],
+                      [rand(o, r) for o in outs])
+    up = [ctx.upload(a, f"y{i}") for i, a in enumerate(y0)]
+    bufs = {"u": ctx.buffer(4 * M * n * r, "u"), "x": ctx.upload(x, "x"), "A": ctx.upload(A, "A"),
+            "dx": ctx.upload(dx0, "dx"), "gA": ctx.upload(gA0, "gA"), "du": ctx.buffer(4 * M * n * r, "du"),
+            "partials": ctx.buffer(4 << 20, "partials")}
+    gB = [ctx.upload(g, f"gB{i}") for i, g in enumerate(gB0)]
+    group = LoraGroup(ctx, LoraDims(M, fin, 0, r, s), list(outs), up, bufs["u"], bufs["x"], bufs["A"],
+                      [ctx.upload(b, f"B{i}") for i, b in enumerate(B)], dy=[ctx.upload(d, f"dy{i}") for i, d in
+                                                                              enumerate(dy)],
+                      dx=bufs["dx"], grad_a=bufs["gA"], grad_b=gB, du=bufs["du"], partials=bufs["partials"])
+    enc = ctx.encoder()
+    group.encode_forward(enc)
+    group.encode_backward(enc)
+    enc.submit()
+    x64, want_dx, want_gA = x.astype(np.float64), dx0.astype(np.float64), gA0.astype(np.float64)
+    for i, o in enumerate(outs):
+        Ai = A[i * r:(i + 1) * r].astype(np.float64)
+        u = x64 @ Ai.T
+        np.testing.assert_allclose(read(ctx, up[i], (M, o)), y0[i] + s * u @ B[i].T, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(read(ctx, gB[i], (o, r)), gB0[i] + s * dy[i].T @ u, rtol=1e-4, atol=1e-4)
+        du = s * dy[i] @ B[i].astype(np.float64)
+        want_gA[i * r:(i + 1) * r] += du.T @ x64
+        want_dx += du @ Ai
+    np.testing.assert_allclose(read(ctx, bufs["gA"], (n * r, fin)), want_gA, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), want_dx, rtol=1e-4, atol=1e-5)
