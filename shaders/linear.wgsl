@@ -58,7 +58,7 @@
 //   - split-K below 256 tiles to ~512 workgroups: LM head d(hidden) 341×1024×151936 10.6 → 12.4 (1024: 14.5).
 // Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
 // multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
-#include "gemm_params.wgsl"
+#include "gemm_common.wgsl"
 #include "weight_formats.wgsl"
 
 override TRANS_A: bool = false;   // A stored [K, M] instead of [M, K]
@@ -84,30 +84,6 @@ override FRAG: bool = false;      // read the next k's fragments from workgroup 
 
 var<workgroup> a_tile: array<vec4<f32>, 512>;  // [stages][BK][BM/4]
 var<workgroup> b_tile: array<vec4<f32>, 512>;  // [stages][BK][BN/4]
-
-// Lanes j of a run starting at column `col` that lie before `col_end`, for masking a run at the edge.
-fn run_mask(col: u32, col_end: u32) -> vec4<bool> {
-    return vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(col_end);
-}
-
-fn a_elem(e: u32) -> f32 {
-    return a[e >> 2u][e & 3u];
-}
-
-// 4 elements of stored A row `row` from column `col` (stored [M, K], or [K, M] with TRANS_A); 0 outside.
-fn a_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
-    if (row >= row_end || col >= col_end) { return vec4<f32>(0.0); }
-    let e = params.a_off + row * params.lda + col;
-    var v: vec4<f32>;
-    if (VEC_A) {
-        v = a[e >> 2u];
-    } else {
-        v = vec4<f32>(a_elem(e), a_elem(min(e + 1u, e + col_end - col - 1u)),
-                      a_elem(min(e + 2u, e + col_end - col - 1u)), a_elem(min(e + 3u, e + col_end - col - 1u)));
-    }
-    if (col + 3u < col_end) { return v; }
-    return select(vec4<f32>(0.0), v, run_mask(col, col_end));
-}
 
 // One 16-bit weight of word `w` (half 0 = low bits) widened to f32.
 fn widen(w: u32, high: bool) -> f32 {
@@ -187,13 +163,6 @@ fn store_b(r: u32, v: vec4<f32>, N4: u32, stage: u32) {
     b_tile[(k + 3u) * N4 + n / 4u][n % 4u] = v.w;
 }
 
-fn finish(idx: u32, n: u32, sum: f32) {
-    var r = params.alpha * sum;
-    if (params.has_bias != 0u) { r += bias[n]; }
-    if (params.beta != 0.0) { r += params.beta * c[idx]; }
-    c[idx] = r;
-}
-
 fn store_row(m: u32, n0: u32, v: vec4<f32>, split: u32) {
     if (m >= params.M) { return; }
     for (var j = 0u; j < 4u; j++) {
@@ -213,15 +182,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let BN = select(64u, 128u, WIDE_N);   // columns of the tile
     let M4 = BM / 4u;                     // vec4s per k-row of a_tile
     let N4 = BN / 4u;                     // vec4s per k-row of b_tile
-    // Grouped order: consecutive workgroups walk GROUP_M tile rows down one tile column, then the next column.
-    let tiles_n = nwg.x;
-    let tiles_m = nwg.y;
-    let pid = wg.y * tiles_n + wg.x;
-    let group_size = GROUP_M * tiles_n;
-    let first_m = (pid / group_size) * GROUP_M;
-    let rows_in_group = min(tiles_m - first_m, GROUP_M);
-    let row0 = (first_m + (pid % group_size) % rows_in_group) * BM;
-    let col0 = ((pid % group_size) / rows_in_group) * BN;
+    let origin = tile_origin(wg, nwg, BM, BN);
+    let row0 = origin.x;
+    let col0 = origin.y;
     // acc: columns lid.x·4.., bcc: columns 64 + lid.x·4.. (WIDE_N); 0-3 rows lid.y·4.., 4-7 rows 64 + .. (WIDE).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);

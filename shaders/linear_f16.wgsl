@@ -25,9 +25,11 @@ enable f16;
 // Measured on lavapipe (tests/backends/wgpu/kernels/test_linear_f16.py, bench/matmul.py --quick): RMS error
 // 6.6-7.1e-4 of the RMS of C against the float64 product of the held weights, for A at unit scale and at 1e-6
 // (f16 and bf16 weights, K 576-2048); the f32 GEMM's is ~3e-7, and rounding the weights to bf16 alone moves C by
-// 1.8e-3. Speed: not yet measured on a GPU (bench/matmul.py's auto_f16math and --tiles' "f16math" columns);
-// until then the tile is the f32 GEMM's choose_tile.
-#include "gemm_params.wgsl"
+// 1.8e-3. Speed on one NVIDIA H200 (Vulkan, bench/matmul.py, bench/results/matmul-h200-f16math.json, its
+// row-scale pass included): 23.5 TFLOP/s at 4096³ NT against 21.1 for the f32 GEMM (torch fp32 50), 17.6 against
+// 14.9 at 512×3072×1024; median 0.44× torch fp32 over the training-shape products (f32 GEMM 0.37×). The tile is
+// the f32 GEMM's choose_tile (no f16 tile sweep yet).
+#include "gemm_common.wgsl"
 
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
 override WIDE: bool = false;      // 128-row tiles (8 rows per invocation)
@@ -49,29 +51,6 @@ const A_EXP: i32 = 8;             // rows of A scaled to a largest |value| in [2
 var<workgroup> a_tile: array<vec4<f16>, 512>;  // [BK][BM/4]
 var<workgroup> b_tile: array<vec4<f16>, 512>;  // [BK][BN/4]
 var<workgroup> row_max: array<f32, 256>;
-
-fn run_mask(col: u32, col_end: u32) -> vec4<bool> {
-    return vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(col_end);
-}
-
-fn a_elem(e: u32) -> f32 {
-    return a[e >> 2u][e & 3u];
-}
-
-// 4 elements of A row `row` from column `col`, in f32; 0 outside.
-fn a_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
-    if (row >= row_end || col >= col_end) { return vec4<f32>(0.0); }
-    let e = params.a_off + row * params.lda + col;
-    var v: vec4<f32>;
-    if (VEC_A) {
-        v = a[e >> 2u];
-    } else {
-        let last = e + col_end - col - 1u;
-        v = vec4<f32>(a_elem(e), a_elem(min(e + 1u, last)), a_elem(min(e + 2u, last)), a_elem(min(e + 3u, last)));
-    }
-    if (col + 3u < col_end) { return v; }
-    return select(vec4<f32>(0.0), v, run_mask(col, col_end));
-}
 
 // Element `e` of stored B as f16: an f16 through unpack2x16float (naga 0.32 rejects indexing
 // bitcast<vec2<f16>>(u32): "Invalid access"), a bf16 through f32 (its range checked on the host).
@@ -136,13 +115,6 @@ fn stage_b(r: u32, col0: u32, k0: u32, k_end: u32, N4: u32) {
     b_tile[(k + 3u) * N4 + n / 4u][n % 4u] = v.w;
 }
 
-fn finish(idx: u32, n: u32, sum: f32) {
-    var r = params.alpha * sum;
-    if (params.has_bias != 0u) { r += bias[n]; }
-    if (params.beta != 0.0) { r += params.beta * c[idx]; }
-    c[idx] = r;
-}
-
 // Row m of the block, its A scale undone (exact: a power of two); a split writes its raw partial.
 fn store_row(m: u32, n0: u32, acc: vec4<f32>, split: u32) {
     if (m >= params.M) { return; }
@@ -187,14 +159,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let BN = select(64u, 128u, WIDE_N);
     let M4 = BM / 4u;
     let N4 = BN / 4u;
-    let tiles_n = nwg.x;
-    let tiles_m = nwg.y;
-    let pid = wg.y * tiles_n + wg.x;
-    let group_size = GROUP_M * tiles_n;
-    let first_m = (pid / group_size) * GROUP_M;
-    let rows_in_group = min(tiles_m - first_m, GROUP_M);
-    let row0 = (first_m + (pid % group_size) % rows_in_group) * BM;
-    let col0 = ((pid % group_size) / rows_in_group) * BN;
+    let origin = tile_origin(wg, nwg, BM, BN);
+    let row0 = origin.x;
+    let col0 = origin.y;
     // f32 accumulators across K, as linear.wgsl: acc columns lid.x·4.., bcc columns 64 + lid.x·4..; 0-3 rows
     // lid.y·4.., 4-7 rows 64 + lid.y·4.. .
     var acc0 = vec4<f32>(0.0);
