@@ -204,20 +204,29 @@ class Matmul:
         bias = bias if bias is not None else b
         a, b = _vec_binding(a), _vec_binding(b)
         self.groups = (-(-shape.N // self.tile[1]), -(-shape.M // self.tile[0]), self.splits)
-        self.reduce = None
         # Binding 6 is B again (the block formats' word view): in the layout whatever B_FORMAT is.
         operands = {1: a, 2: b, 3: bias, 4: self.params, 6: b}
         self.bind_group = ctx.bind_group(self.pipeline, {0: c if self.splits == 1 else partials, **operands}, label)
-        if self.splits > 1:
-            self.reduce = ctx.pipeline("linear", "matmul_reduce")
-            self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 3: bias, 4: self.params, 5: partials},
-                                            f"{label}.reduce")
-            self.reduce_groups = reduce_groups[:2]
+        self.reduce = SplitKReduce(ctx, c, bias, self.params, partials, reduce_groups, label) \
+            if self.splits > 1 else None
 
     def encode(self, enc: StepEncoder) -> None:
         enc.dispatch(self.pipeline, self.bind_group, *self.groups)
         if self.reduce is not None:
-            enc.dispatch(self.reduce, self.reduce_bg, *self.reduce_groups)
+            self.reduce.encode(enc)
+
+
+class SplitKReduce:
+    """linear.wgsl's matmul_reduce bound for one split-K product of either GEMM family (Matmul, MatmulF16): sums
+    the partials into C with alpha, bias and beta from the product's own params."""
+
+    def __init__(self, ctx: GpuContext, c, bias, params, partials, reduce_groups, label: str):
+        self.pipeline = ctx.pipeline("linear", "matmul_reduce")
+        self.bind_group = ctx.bind_group(self.pipeline, {0: c, 3: bias, 4: params, 5: partials}, f"{label}.reduce")
+        self.groups = reduce_groups[:2]
+
+    def encode(self, enc: StepEncoder) -> None:
+        enc.dispatch(self.pipeline, self.bind_group, *self.groups)
 
 
 class Linear:

@@ -25,6 +25,7 @@ from engine.backends.wgpu.kernels.linear import (
     TILES,
     GemmShape,
     Linear,
+    SplitKReduce,
     _vec_binding,
     choose_tile,
     pack_gemm_params,
@@ -110,18 +111,14 @@ class MatmulF16:
         self.bind_group = ctx.bind_group(self.pipeline, {0: out, 1: a, 2: b, 3: bias, 4: self.params,
                                                          5: row_scale}, label)
         self.scale_bg = ctx.bind_group(self.scales, {1: a, 4: self.params, 5: row_scale}, f"{label}.row_scales")
-        self.reduce = None
-        if self.splits > 1:
-            self.reduce = ctx.pipeline("linear", "matmul_reduce")
-            self.reduce_bg = ctx.bind_group(self.reduce, {0: c, 3: bias, 4: self.params, 5: partials},
-                                            f"{label}.reduce")
-            self.reduce_groups = reduce_groups[:2]
+        self.reduce = SplitKReduce(ctx, c, bias, self.params, partials, reduce_groups, label) \
+            if self.splits > 1 else None
 
     def encode(self, enc: StepEncoder) -> None:
         enc.dispatch(self.scales, self.scale_bg, *self.scale_groups)
         enc.dispatch(self.pipeline, self.bind_group, *self.groups)
         if self.reduce is not None:
-            enc.dispatch(self.reduce, self.reduce_bg, *self.reduce_groups)
+            self.reduce.encode(enc)
 
 
 class LinearF16(Linear):
