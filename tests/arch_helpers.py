@@ -55,3 +55,47 @@ def cpu_logits_with_spec(model_dir, spec, lora, state, ids) -> np.ndarray:
             return be.logits(ids)
     finally:
         onnx_backend.load_model_spec = original
+
+
+def assert_adapter_round_trip(model_dir, tmp_path) -> None:
+    """The CPU backend's adapter written as PEFT files: PEFT's loss is the backend's; chat (transformers + PEFT)
+    gives PEFT's logits; the merged folder gives them without PEFT (this base is f32, so the merged folder is)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.backends.base import OptimizerConfig
+    from engine.backends.onnx import OnnxBackend
+    from engine.chat.inference import ChatEngine
+    from engine.export.merged import export_merged
+    from engine.lora.peft_write import export_adapter
+
+    lora = LORAS["all-targets"]
+    state, ids, labels, _ = reference(model_dir, lora)
+    with OnnxBackend(model_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+        total, counted = be.eval_loss(ids, labels)
+        trained = be.lora_state()
+    adapter = export_adapter(tmp_path / "adapter", trained, lora, str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
+    assert loss_and_grads(peft, ids, labels).loss == pytest.approx(total / counted, rel=1e-5)
+    tokens = torch.from_numpy(ids[:1].astype(np.int64))
+    with torch.no_grad():
+        want = peft(input_ids=tokens).logits[0]
+
+    chat = ChatEngine(device="cpu", dtype=torch.float32)
+    chat.load(model_dir)
+    try:
+        chat.set_active_adapter(chat.load_adapter(adapter))
+        text = chat.tokenizer.decode(ids[0])
+        got = chat.logits(text)
+        chat_ids = chat.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(got, peft(input_ids=chat_ids).logits[0], rtol=1e-4, atol=1e-5)
+    finally:
+        chat.unload()
+
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(adapter, model_dir, tmp_path / "merged").path,
+                                                  dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=tokens).logits[0], want, rtol=0, atol=1e-4)

@@ -10,13 +10,9 @@ import dataclasses
 import json
 
 import numpy as np
-import pytest
 
-from engine.backends.base import OptimizerConfig
-from engine.backends.onnx import OnnxBackend
 from engine.model.spec import load_model_spec
-from tests.arch_helpers import B, LORAS, T, config_dir, cpu_logits_with_spec, reference
-from tests.oracle import loss_and_grads
+from tests.arch_helpers import LORAS, T, assert_adapter_round_trip, config_dir, cpu_logits_with_spec, reference
 
 
 def test_spec_reads_gemma2_as_transformers_builds_it(tiny_gemma2_dir):
@@ -79,40 +75,4 @@ def test_gemma2_defaults_are_transformers_defaults(tmp_path):
 def test_adapter_loads_back_in_peft_and_chat_with_the_same_numbers(tiny_gemma2_dir, tmp_path):
     """The CPU backend's adapter as PEFT files: PEFT's loss is the backend's; chat (transformers + PEFT, which
     soft-caps as the model does) gives PEFT's logits; the merged folder gives them without PEFT."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from engine.chat.inference import ChatEngine
-    from engine.export.merged import export_merged
-    from engine.lora.peft_write import export_adapter
-
-    lora = LORAS["all-targets"]
-    state, ids, labels, _ = reference(tiny_gemma2_dir, lora)
-    with OnnxBackend(tiny_gemma2_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-        total, counted = be.eval_loss(ids, labels)
-        trained = be.lora_state()
-    adapter = export_adapter(tmp_path / "adapter", trained, lora, str(tiny_gemma2_dir))
-    base = AutoModelForCausalLM.from_pretrained(tiny_gemma2_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
-    assert loss_and_grads(peft, ids, labels).loss == pytest.approx(total / counted, rel=1e-5)
-    tokens = torch.from_numpy(ids[:1].astype(np.int64))
-    with torch.no_grad():
-        want = peft(input_ids=tokens).logits[0]
-
-    chat = ChatEngine(device="cpu", dtype=torch.float32)
-    chat.load(tiny_gemma2_dir)
-    try:
-        chat.set_active_adapter(chat.load_adapter(adapter))
-        text = chat.tokenizer.decode(ids[0])
-        got = chat.logits(text)
-        chat_ids = chat.tokenizer(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            torch.testing.assert_close(got, peft(input_ids=chat_ids).logits[0], rtol=1e-4, atol=1e-5)
-    finally:
-        chat.unload()
-
-    merged = AutoModelForCausalLM.from_pretrained(export_merged(adapter, tiny_gemma2_dir, tmp_path / "merged").path,
-                                                  dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=tokens).logits[0], want, rtol=0, atol=1e-4)
+    assert_adapter_round_trip(tiny_gemma2_dir, tmp_path)

@@ -13,11 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from engine.backends.base import OptimizerConfig
-from engine.backends.onnx import OnnxBackend
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.arch_helpers import B, LORAS, T, config_dir, cpu_logits_with_spec, reference
-from tests.oracle import loss_and_grads
+from tests.arch_helpers import LORAS, assert_adapter_round_trip, config_dir, cpu_logits_with_spec, reference
+
 
 def test_spec_reads_gemma3_as_transformers_builds_it(tiny_gemma3_dir):
     import torch
@@ -52,44 +50,7 @@ def test_each_quirk_moves_the_logits(tiny_gemma3_dir):
 def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_path):
     """The backend's adapter written as PEFT files: PEFT's loss is the backend's; chat (transformers + PEFT)
     gives PEFT's logits; the merged folder gives them without PEFT."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from engine.chat.inference import ChatEngine
-    from engine.export.merged import export_merged
-    from engine.lora.peft_write import export_adapter
-
-    lora = LORAS["all-targets"]
-    state, ids, labels, ref = reference(tiny_gemma3_dir, lora)
-    with OnnxBackend(tiny_gemma3_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
-        total, counted = be.eval_loss(ids, labels)
-        trained = be.lora_state()
-    adapter = export_adapter(tmp_path / "adapter", trained, lora, str(tiny_gemma3_dir))
-    base = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
-    assert loss_and_grads(peft, ids, labels).loss == pytest.approx(total / counted, rel=1e-5)
-    tokens = torch.from_numpy(ids[:1].astype(np.int64))
-    with torch.no_grad():
-        want = peft(input_ids=tokens).logits[0]
-
-    chat = ChatEngine(device="cpu", dtype=torch.float32)
-    chat.load(tiny_gemma3_dir)
-    try:
-        chat.set_active_adapter(chat.load_adapter(adapter))
-        text = chat.tokenizer.decode(ids[0])
-        got = chat.logits(text)
-        chat_ids = chat.tokenizer(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            torch.testing.assert_close(got, peft(input_ids=chat_ids).logits[0], rtol=1e-4, atol=1e-5)
-    finally:
-        chat.unload()
-
-    merged = AutoModelForCausalLM.from_pretrained(export_merged(adapter, tiny_gemma3_dir, tmp_path / "merged").path,
-                                                  dtype=torch.float32)
-    with torch.no_grad():
-        # The merged folder is bf16 only where the base was; this base is f32.
-        torch.testing.assert_close(merged(input_ids=tokens).logits[0], want, rtol=0, atol=1e-4)
+    assert_adapter_round_trip(tiny_gemma3_dir, tmp_path)
 
 
 @pytest.mark.parametrize("config, message", [
