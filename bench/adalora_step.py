@@ -68,8 +68,8 @@ def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
     }
     steps = {k: (lambda b=b: b.train_step(data, 1e-4, 1.0).result()) for k, b in backends.items()}
     steps["grads_init"] = lambda: backends["lora_init"].gradients(data)
-    answer = backends["adalora"].inner.gradients(data)
-    steps["host"] = lambda: backends["adalora"].apply_gradients(float(answer[0]), 1, answer[-1], 1e-4, 1.0).result()
+    loss, tokens, grads = backends["adalora"].inner.gradients(data)
+    steps["host"] = lambda: backends["adalora"].apply_gradients(loss, tokens, grads, 1e-4, 1.0).result()
     times = {k: [] for k in KINDS}
     try:
         for k in KINDS:

@@ -134,6 +134,13 @@ class TrainingBackend(ABC):
                    max_grad_norm: float) -> PendingStep:
         """Forward + backward over each (input_ids, labels) micro-batch, then clip, guard and update."""
 
+    def gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]
+                  ) -> tuple[float, int, dict[str, np.ndarray]]:
+        """(mean token cross-entropy, counted tokens, LoRA gradients of that mean under PEFT's names) over the
+        micro-batches, with no clipping and no update: what a step computes before its optimizer (the AdaLoRA step
+        of engine.train.adaptive applies its own update on the host, and tests compare them with PEFT)."""
+        raise NotImplementedError(f"{self.name}: this backend does not hand out its gradients")
+
     def preference_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], objective: PreferenceObjective,
                         lr: float, max_grad_norm: float, reference: Sequence[np.ndarray] | None = None
                         ) -> PendingStep:

@@ -29,7 +29,6 @@ from engine.backends.base import (
     PendingStep,
     StepResult,
     TrainingBackend,
-    counted_tokens,
 )
 from engine.backends.optimizers import clip_scale, global_grad_norm, make_host_optimizer
 from engine.lora import adalora
@@ -101,11 +100,8 @@ class AdaptiveRankBackend(TrainingBackend):
     # -- the step ---------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float,
                    max_grad_norm: float) -> PendingStep:
-        # The CPU backend answers (loss, tokens, grads), the WGSL one (loss, grads): the loss and grads are the
-        # first and last; tokens are counted here for both.
-        answer = self.inner.gradients(micro_batches)
-        tokens = sum(counted_tokens(labels) for _, labels in micro_batches)
-        return self.apply_gradients(float(answer[0]), tokens, answer[-1], lr, max_grad_norm)
+        loss, tokens, grads = self.inner.gradients(micro_batches)
+        return self.apply_gradients(loss, tokens, grads, lr, max_grad_norm)
 
     def apply_gradients(self, ce: float, tokens: int, lora_grads: dict[str, np.ndarray], lr: float,
                         max_grad_norm: float) -> PendingStep:

@@ -342,16 +342,16 @@ class WgpuBackend(TrainingBackend):
     def lora_state_before_update(self) -> dict[str, np.ndarray]:
         return self._read_flat(self.optimizer.previous)
 
-    def gradients(self, micro_batches) -> tuple[float, dict[str, np.ndarray]]:
-        """(mean loss, LoRA gradients under PEFT's names) of micro-batches, without updating anything: for
-        tests and diagnostics. Reads back, so never part of the training loop; leaves the gradients zeroed."""
+    def gradients(self, micro_batches) -> tuple[float, int, dict[str, np.ndarray]]:
+        """(mean loss, counted tokens, LoRA gradients under PEFT's names) of micro-batches, without updating
+        anything (TrainingBackend.gradients). Reads the gradients back and leaves them zeroed."""
         self.encode_gradients(micro_batches).submit()
         loss = float(self.ctx.read(self.scratch.stats, count=1)[0])
         grads = self._read_flat(self.scratch.lora_grads)
         enc = self.ctx.encoder("zero_grads")
         enc.encoder.clear_buffer(self.scratch.lora_grads)
         enc.submit()
-        return loss, grads
+        return loss, sum(counted_tokens(labels) for _, labels in micro_batches), grads
 
     def load_lora_state(self, state: dict[str, np.ndarray]) -> None:
         missing = sorted(set(self.layout.offsets) - set(state))

@@ -36,8 +36,9 @@ def test_logits_loss_and_every_lora_gradient_match_peft(tiny_model_dir, gpu_devi
         # The LM head's d(hidden) (K = vocabulary) takes the split-K path here, so the model tests cover it.
         assert any(mm.splits > 1 for *_, bwd in be.model.lm_head.chunks for mm in bwd)
         np.testing.assert_allclose(be.logits(ids), ref.logits, atol=1e-4, rtol=0)
-        loss, grads = be.gradients([(ids, labels)])
+        loss, tokens, grads = be.gradients([(ids, labels)])
         assert loss == pytest.approx(ref.loss, rel=1e-5)
+        assert tokens == int((labels[:, 1:] != -100).sum())
         assert_grads_match(grads, ref.grads)
 
 
@@ -50,7 +51,7 @@ def test_accumulated_padded_micro_batches_equal_one_batch(tiny_llama_dir, gpu_de
     ids, labels = random_batch(spec.vocab_size, 7, 5, seed=5)
     ref = loss_and_grads(peft_model(tiny_llama_dir, lora, state), ids, labels)
     with backend(tiny_llama_dir, gpu_device, lora, state) as be:
-        loss, grads = be.gradients([(ids[:2], labels[:2])] + [(ids[i:i + 1], labels[i:i + 1]) for i in range(2, 7)])
+        loss, _, grads = be.gradients([(ids[:2], labels[:2])] + [(ids[i:i + 1], labels[i:i + 1]) for i in range(2, 7)])
         assert loss == pytest.approx(ref.loss, rel=1e-5)
         assert_grads_match(grads, ref.grads)
         np.testing.assert_allclose(be.logits(ids[:1, :4]), ref.logits[:1, :4], atol=1e-4, rtol=0)

@@ -79,7 +79,7 @@ def test_f16_math_matches_peft_within_the_stated_tolerance(model_dir, gpu_device
                      math="f16") as be:
         assert len(be.f16_products()) == 7 * spec.layers + 1 and be.f16_products()[-1] == "lm_head"
         logits = be.logits(ids)
-        loss, grads = be.gradients([(ids, labels)])
+        loss, _, grads = be.gradients([(ids, labels)])
     assert np.abs(logits - ref.logits).max() < LOGITS_ATOL
     assert loss == pytest.approx(ref.loss, rel=LOSS_RTOL)
     for key, want in ref.grads.items():
@@ -130,7 +130,7 @@ def test_a_weight_beyond_f16_range_keeps_f32_math(model_dir, gpu_device, tmp_pat
                      math="f16") as be:
         assert be.weights.layers[1].down.abs_max == 99840.0       # 1e5 in bf16
         assert "layers.1.down_proj" not in be.f16_products() and len(be.f16_products()) == 7 * spec.layers
-        loss, grads = be.gradients([(ids, labels)])
+        loss, _, grads = be.gradients([(ids, labels)])
     assert loss == pytest.approx(ref.loss, rel=LOSS_RTOL)
     assert all(np.isfinite(g).all() for g in grads.values())
 

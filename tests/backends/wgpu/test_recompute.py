@@ -46,7 +46,7 @@ def run(model_dir, ctx, lora, state, micro, recompute):
     with backend(model_dir, ctx, lora, state, recompute) as be:
         if recompute:   # really one shared set: the test below would pass trivially otherwise
             assert be.acts[0].ln1 is be.acts[LAYERS - 1].ln1 and be.acts[0].x_out is not be.acts[1].x_out
-        loss, grads = be.gradients(micro)
+        loss, _, grads = be.gradients(micro)
         steps = [be.train_step(micro, lr=1e-2, max_grad_norm=1.0) for _ in range(STEPS)]
         steps = [(r.loss, r.grad_norm, r.tokens) for r in (p.result() for p in steps)]
         return loss, grads, steps, be.lora_state(), be.optimizer_state()
@@ -106,11 +106,11 @@ def test_skipping_the_recompute_would_be_wrong(three_layer_dirs, gpu_device):
     state = random_lora_state(spec, lora, seed=3)
     micro, _ = micro_batches(spec.vocab_size)
     with backend(model_dir, gpu_device, lora, state, recompute=False) as be:
-        _, want = be.gradients(micro)
+        _, _, want = be.gradients(micro)
     with backend(model_dir, gpu_device, lora, state, recompute=True) as be:
-        _, got = be.gradients(micro)
+        _, _, got = be.gradients(micro)
         be.model.recompute = False
-        _, skipped = be.gradients(micro)
+        _, _, skipped = be.gradients(micro)
     for key in want:
         assert np.array_equal(got[key], want[key]), key
     last = {peft_key(LAYERS - 1, t, m) for t in lora.targets for m in "AB"}

@@ -104,7 +104,7 @@ def test_optimizer_state_is_saved_in_peft_order(tiny_llama_dir, gpu_device):
     assert lora_groups(lora)
     batch = random_batch(spec.vocab_size, B, T, seed=1)
     with backend(tiny_llama_dir, gpu_device, lora, random_lora_state(spec, lora, seed=2)) as be:
-        _, grads = be.gradients([batch])
+        _, _, grads = be.gradients([batch])
         be.train_step([batch], lr=1e-2, max_grad_norm=0.0).result()
         m = be.optimizer_state()["m"]
     saved = lora_layout(spec, lora, grouped=False)
