@@ -167,6 +167,21 @@ def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
     return row // info.block_size
 
 
+def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = None
+              ) -> tuple[tuple[int, int], int, int, bool, bool]:
+    """(tile, splits, k_chunk, vec_a, vec_b) of one product, for both GEMM families (Matmul, MatmulF16): split-K
+    where a partials scratch is given and the product wants it (then the default tile), K chunks whole BK steps,
+    and vec4 loads where stride and offset are 4-aligned (one vec4, or 8-byte 16-bit, load per run of 4)."""
+    splits = split_k(shape, partials.size // 4) if partials is not None else 1
+    chosen = tile or choose_tile(shape) if splits == 1 else (TILE_M, TILE_N)
+    if chosen not in TILES:
+        raise ValueError(f"matmul tile {tile} is not one of {TILES}")
+    k_chunk = -(-(-(-shape.K // splits)) // TILE_K) * TILE_K
+    lda, ldb, _ = shape.strides()
+    return (chosen, -(-shape.K // k_chunk), k_chunk, lda % 4 == 0 and shape.a_off % 4 == 0,
+            ldb % 4 == 0 and shape.b_off % 4 == 0)
+
+
 class Matmul:
     """One bound GEMM: c = alpha·op(a)·op(b) + bias + beta·c.
 
@@ -182,17 +197,8 @@ class Matmul:
         row_blocks = 0 if b_format in PLAIN_B_FORMATS else block_row_blocks(shape, b_format)
         self.ctx = ctx
         self.shape = shape
-        self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
-        self.tile = tile or choose_tile(shape) if self.splits == 1 else (TILE_M, TILE_N)
-        if self.tile not in TILES:
-            raise ValueError(f"matmul tile {tile} is not one of {TILES}")
-        k_chunk = -(-(-(-shape.K // self.splits)) // TILE_K) * TILE_K
-        self.splits = -(-shape.K // k_chunk)
+        self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
-        lda, ldb, _ = shape.strides()
-        # One vec4 (or 8-byte 16-bit) load per run of 4 needs 4-aligned element addresses: stride and offset.
-        self.vec_a = lda % 4 == 0 and shape.a_off % 4 == 0
-        self.vec_b = ldb % 4 == 0 and shape.b_off % 4 == 0
         self.pipeline = ctx.pipeline("linear", "matmul", {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
             "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),

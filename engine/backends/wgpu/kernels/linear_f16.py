@@ -19,17 +19,12 @@ from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
 from engine.backends.wgpu.kernels.grids import grid_1d, grid_rows
 from engine.backends.wgpu.kernels.linear import (
     GROUP_M,
-    TILE_K,
-    TILE_M,
-    TILE_N,
-    TILES,
     GemmShape,
     Linear,
     SplitKReduce,
     _vec_binding,
-    choose_tile,
+    gemm_plan,
     pack_gemm_params,
-    split_k,
 )
 from engine.model.weight_formats import WeightFormat
 
@@ -85,17 +80,8 @@ class MatmulF16:
             raise ValueError(f"{label}: row_scale holds {row_scale_floats} floats, the product has {shape.M} rows")
         self.ctx = ctx
         self.shape = shape
-        self.splits = split_k(shape, partials.size // 4) if partials is not None else 1
-        self.tile = tile or choose_tile(shape) if self.splits == 1 else (TILE_M, TILE_N)
-        if self.tile not in TILES:
-            raise ValueError(f"matmul tile {tile} is not one of {TILES}")
-        per_split = -(-shape.K // self.splits)
-        k_chunk = -(-per_split // TILE_K) * TILE_K
-        self.splits = -(-shape.K // k_chunk)
+        self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
-        lda, ldb, _ = shape.strides()
-        self.vec_a = lda % 4 == 0 and shape.a_off % 4 == 0
-        self.vec_b = ldb % 4 == 0 and shape.b_off % 4 == 0
         self.pipeline = ctx.pipeline("linear_f16", "matmul", {
             "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128), "WIDE_N": int(self.tile[1] == 128),
             "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b), "B_BF16": int(b_format == WeightFormat.BF16),
