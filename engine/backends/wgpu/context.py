@@ -20,6 +20,9 @@ STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsag
 UNIFORM = wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
 
 
+SHADER_CHECKS_ENV = "LORA_LAB_SHADER_CHECKS"   # "1": compile with naga's runtime checks (see create_module)
+
+
 class NoAdapterError(RuntimeError):
     """No wgpu adapter could be had (no Vulkan/Metal/DX12 driver, not even a software one)."""
 
@@ -44,6 +47,37 @@ def shader_source(family: str) -> str:
         return INCLUDE.sub(lambda m: expand(m.group(1)), text)
 
     return expand(family)
+
+
+def create_module(device: wgpu.GPUDevice, label: str, code: str) -> wgpu.GPUShaderModule:
+    """A WGSL module compiled without naga's runtime checks (wgpuDeviceCreateShaderModuleTrusted, checks None).
+
+    Why: by default naga clamps every dynamic index into a private or workgroup array and adds a counter and an
+    exit test to every loop (ForceLoopBounding), in every inner loop of the GEMM and attention kernels; our
+    shaders guard their own bounds (every kernel has a numpy reference test at odd shapes, where an index past
+    an edge would show), and storage-buffer accesses stay under the driver's robust buffer access either way.
+    LORA_LAB_SHADER_CHECKS=1 keeps the checks (the measured comparison in bench/matmul.py). Falls back to the
+    checked module where the wgpu build has no trusted entry point.
+    """
+    if os.environ.get(SHADER_CHECKS_ENV) == "1":
+        return device.create_shader_module(label=label, code=code)
+    try:
+        from wgpu.backends.wgpu_native import _api
+    except ImportError:
+        return device.create_shader_module(label=label, code=code)
+    trusted = getattr(_api.libf, "wgpuDeviceCreateShaderModuleTrusted", None)
+    if trusted is None or not isinstance(device, _api.GPUDevice):
+        return device.create_shader_module(label=label, code=code)
+    source = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
+    source[0].chain.next = _api.ffi.NULL
+    source[0].chain.sType = _api.lib.WGPUSType_ShaderSourceWGSL
+    chained = _api.ffi.cast("WGPUChainedStruct *", source)
+    descriptor = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=chained,
+                                   label=_api.to_c_string_view(label))
+    module = trusted(device._internal, descriptor, _api.lib.WGPUShaderRuntimeChecks_None)
+    if module == _api.ffi.NULL:
+        raise RuntimeError(f"shader module {label!r} could not be created")
+    return _api.GPUShaderModule(label, module, device)
 
 
 @dataclass
@@ -113,7 +147,7 @@ class GpuContext:
         key = (family, entry_point, tuple(sorted((constants or {}).items())))
         if key not in self._pipelines:
             if family not in self._modules:
-                self._modules[family] = self.device.create_shader_module(label=family, code=shader_source(family))
+                self._modules[family] = create_module(self.device, family, shader_source(family))
             compute = {"module": self._modules[family], "entry_point": entry_point}
             if constants:
                 compute["constants"] = {k: float(v) for k, v in constants.items()}

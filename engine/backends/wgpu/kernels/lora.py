@@ -55,7 +55,9 @@ class LoraBranch:
             drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
             self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
             x_branch = x_drop
-        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), label=f"{label}.u")
+        # u and du have r columns: a handful of tiles walking all of K, so they split K like dA and dB.
+        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), partials=partials,
+                           label=f"{label}.u")
         self.up = Matmul(ctx, y, u, lora_b, GemmShape(M, fout, r, trans_b=True), alpha=s, beta=1.0,
                          label=f"{label}.y")
         self.backward = []
@@ -64,7 +66,8 @@ class LoraBranch:
         # dA and dB contract over all M = B·T rows into small matrices: split over K given a partials scratch.
         grad_b_mm = Matmul(ctx, grad_b, dy, u, GemmShape(fout, r, M, trans_a=True), alpha=s, beta=1.0,
                            partials=partials, label=f"{label}.dB")
-        du_mm = Matmul(ctx, du, dy, lora_b, GemmShape(M, r, fout), alpha=s, label=f"{label}.du")
+        du_mm = Matmul(ctx, du, dy, lora_b, GemmShape(M, r, fout), alpha=s, partials=partials,
+                       label=f"{label}.du")
         grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
                            partials=partials, label=f"{label}.dA")
         self.backward = [grad_b_mm.encode, du_mm.encode]
@@ -113,7 +116,8 @@ class LoraGroup:
                  dy: list | None = None, dx=None, grad_a=None, grad_b: list | None = None, du=None, partials=None,
                  label: str = "lora_group"):
         M, fin, r, s, n = dims.M, dims.in_features, dims.rank, dims.scaling, len(outs)
-        self.down = Matmul(ctx, u, x, lora_a, GemmShape(M, n * r, fin, trans_b=True), label=f"{label}.u")
+        self.down = Matmul(ctx, u, x, lora_a, GemmShape(M, n * r, fin, trans_b=True), partials=partials,
+                           label=f"{label}.u")
         self.up = [Matmul(ctx, y[i], u, lora_b[i], GemmShape(M, outs[i], r, trans_b=True, lda=n * r, a_off=i * r),
                           alpha=s, beta=1.0, label=f"{label}.{i}.y") for i in range(n)]
         self.backward = []
@@ -125,7 +129,7 @@ class LoraGroup:
                 Matmul(ctx, grad_b[i], dy[i], u, GemmShape(outs[i], r, M, trans_a=True, ldb=n * r, b_off=i * r),
                        alpha=s, beta=1.0, partials=partials, label=f"{label}.{i}.dB").encode,
                 Matmul(ctx, du, dy[i], lora_b[i], GemmShape(M, r, outs[i], ldc=n * r, c_off=i * r), alpha=s,
-                       label=f"{label}.{i}.du").encode]
+                       partials=partials, label=f"{label}.{i}.du").encode]
         self.backward += [
             Matmul(ctx, grad_a, du, x, GemmShape(n * r, fin, M, trans_a=True), beta=1.0, partials=partials,
                    label=f"{label}.dA").encode,
