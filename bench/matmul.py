@@ -5,7 +5,7 @@ forward and input-grad, LoRA u / dA / dB, LM head chunks) for SmolLM2-135M at B�
 Qwen3-0.6B and Llama-3.2-1B at B·T = 512 and 4096. Each product runs as the engine dispatches it ("auto": tile and
 split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16,
 and multiplied in half precision (shaders/linear_f16.wgsl, "auto_f16math": f16 weights, its row-scale pass
-included). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too, whose
+included), and with the tile the autotune measures ("tuned", "tuned_f16math"; a real GPU only). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too, whose
 tile choice is the f32 GEMM's until these say otherwise). Every timing is
 guarded (an error is recorded in its place). Prints one JSON object (and each row on stderr as it is done).
     python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...]
@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_PARTIAL_FLOATS, 
                                                  Matmul, pack_weight, widen_weight)
 from engine.backends.wgpu.kernels.linear_f16 import MatmulF16  # noqa: E402
 from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
+from engine.backends.wgpu.tuning import GemmTuner  # noqa: E402
 
 # (hidden, q_dim, kv_dim, intermediate, vocab) of the model shapes the issue names
 MODELS = {
@@ -292,11 +294,20 @@ def main(argv=None) -> int:
     if not args.quick:
         warm_up(ctx, ops)
         fitted += [(f"{g} (again, last)", bt, n, s, f) for g, bt, n, s, f in fitted[:len(ISSUE_SHAPES)]]
+    # The autotune (engine.backends.wgpu.tuning) with a cache of its own, so every run measures afresh.
+    tuner = GemmTuner.for_context(ctx, Path(tempfile.mkdtemp()) / "gemm-tuning.json")
+    report["machine"]["tuned"] = tuner is not None
     start = time.perf_counter()
     for group, bt, name, shape, frozen in fitted:
         row = {"group": group, "tokens": bt, "product": name, "M": shape.M, "N": shape.N, "K": shape.K,
                "layout": ("T" if shape.trans_a else "N") + ("T" if shape.trans_b else "N")}
         row["auto"] = time_ours(ctx, ops, shape, None, partials)
+        if tuner is not None:
+            ctx.gemm_tuner = tuner          # "tuned": the tile the autotune measures for this product
+            row["tuned"] = time_ours(ctx, ops, shape, None, partials)
+            if row_scale is not None and frozen and not shape.trans_a:
+                row["tuned_f16math"] = time_ours(ctx, ops, shape, None, partials, "f16", row_scale)
+            ctx.gemm_tuner = None
         if frozen:
             for fmt in ("f16", "bf16"):
                 row[f"auto_{fmt}"] = time_ours(ctx, ops, shape, None, partials, fmt)
@@ -313,6 +324,8 @@ def main(argv=None) -> int:
             row["torch_fp32"] = torch_run(shape, torch.float32)
             row["torch_bf16"] = torch_run(shape, torch.bfloat16)
             ratio("ratio_vs_torch_fp32", row, "auto")
+            ratio("ratio_tuned_vs_torch_fp32", row, "tuned")
+            ratio("ratio_tuned_f16math_vs_torch_fp32", row, "tuned_f16math")
             if frozen:
                 ratio("ratio_f16_vs_torch_fp32", row, "auto_f16")
                 ratio("ratio_f16math_vs_torch_fp32", row, "auto_f16math")
@@ -320,7 +333,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), file=sys.stderr, flush=True)
     report["seconds"] = time.perf_counter() - start
     if torch_run:
-        for key in ("ratio_vs_torch_fp32", "ratio_f16math_vs_torch_fp32"):
+        for key in ("ratio_vs_torch_fp32", "ratio_f16math_vs_torch_fp32", "ratio_tuned_vs_torch_fp32",
+                    "ratio_tuned_f16math_vs_torch_fp32"):
             ratios = [r[key] for r in report["results"] if key in r]
             if ratios:
                 report[f"min_{key}"] = min(ratios)

@@ -17,6 +17,7 @@ from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, Pr
 from engine.backends.preference import (PreferenceLoss, PreferenceObjective, join_pairs, preference_loss,
                                         split_pairs)
 from engine.backends.wgpu.context import GpuContext, StepEncoder
+from engine.backends.wgpu.tuning import GemmTuner
 from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.linear_f16 import F16_WEIGHT_LIMIT, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
@@ -86,6 +87,8 @@ class WgpuBackend(TrainingBackend):
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
         self.recompute = bool(recompute)
         self.ctx = ctx or GpuContext.create()
+        if self.ctx.gemm_tuner is None:
+            self.ctx.gemm_tuner = GemmTuner.for_context(self.ctx)
         self.name = f"wgpu: {self.ctx.label} ({self.ctx.adapter.info.get('backend_type', '?')})"
         self._bytes_before = self.ctx.bytes_allocated
         ctx, spec, BT = self.ctx, self.spec, batch_size * seq_len
@@ -108,6 +111,8 @@ class WgpuBackend(TrainingBackend):
             check_f16_math(ctx, self.weights, weights)
         self.model = build_model(ctx, spec, lora, batch_size, seq_len, self.weights, self.acts, self.scratch,
                                  self.layout, self.chunk, self.dropout_step, self.recompute, math)
+        if ctx.gemm_tuner is not None:
+            ctx.gemm_tuner.release()
         s = self.scratch
         self.grad_norm = GradNorm(ctx, s.lora_grads, self.layout.total, s.stats)
         self.optimizer = Optimizer(ctx, optim, s.lora_params, s.lora_grads, self.layout.total, s.stats)

@@ -88,6 +88,7 @@ class GpuContext:
     _pipelines: dict = field(default_factory=dict, repr=False)
     _modules: dict = field(default_factory=dict, repr=False)
     bytes_allocated: int = 0
+    gemm_tuner: object = None   # engine.backends.wgpu.tuning.GemmTuner where tiles are measured (a real GPU)
 
     @classmethod
     def create(cls, adapter_name: str | None = None, allow_software: bool = True) -> "GpuContext":

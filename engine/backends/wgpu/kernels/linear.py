@@ -27,7 +27,8 @@ SPLIT_MAX_TILES = 256           # products with this many 64×64 tiles already f
 SPLIT_MIN_K = 128               # never give a split less K than this
 SPLIT_PARTIAL_FLOATS = 1 << 22  # 16 MiB of partial products, shared by every product of a backend
 TILES = ((128, 128), (128, 64), (TILE_M, TILE_N))   # (rows, columns) of C per workgroup, largest first
-WIDE_MIN_WORKGROUPS = 256       # 128×64 tiles only where they still leave this many workgroups (a large GPU busy)
+WIDE_MIN_WORKGROUPS = 256       # tiles above 64×64 only where they still leave this many workgroups (a large GPU busy)
+WIDE_MAX_PADDING = 1.15         # ... and where their padding past C's edge adds at most 15% of the work
 GROUP_M = 8                     # tile rows per group of the workgroup order (L2 reuse between resident tiles)
 PLAIN_B_FORMATS = (WeightFormat.F32, WeightFormat.F16, WeightFormat.BF16)   # addressed by element (ldb, b_off)
 
@@ -89,15 +90,40 @@ def split_k(shape: GemmShape, partial_floats: int) -> int:
 
 
 def choose_tile(shape: GemmShape) -> tuple[int, int]:
-    """128×64 where the product fills it and still has WIDE_MIN_WORKGROUPS of them, else 64×64.
+    """The largest tile that still leaves WIDE_MIN_WORKGROUPS workgroups (a large GPU busy), else 64×64: the rule
+    where no measurement is at hand (engine.backends.wgpu.tuning measures on a real GPU).
 
-    128×128 is never chosen by itself: on the H200 it measured slower than 128×64 at every shape (its 64
-    accumulators leave one workgroup per multiprocessor); it stays available as a forced tile.
+    On the H200 with trusted shaders (bench/results/matmul-h200-trusted.json) this picks within 5% of the best
+    tile at every measured shape: 128×128 25.4 TFLOP/s at 4096×1024×1024 (128×64: 20.9), 64×64 20.8 at
+    512×3072×1024 (128×128: 15.0, its 96 workgroups leave most of the GPU idle).
     """
-    rows, cols = TILES[1]
-    if shape.M >= rows and shape.N >= cols and -(-shape.M // rows) * -(-shape.N // cols) >= WIDE_MIN_WORKGROUPS:
-        return rows, cols
+    for rows, cols in TILES[:-1]:
+        tiles_m, tiles_n = -(-shape.M // rows), -(-shape.N // cols)
+        padded = tiles_m * rows * tiles_n * cols
+        if tiles_m * tiles_n >= WIDE_MIN_WORKGROUPS and padded <= WIDE_MAX_PADDING * shape.M * shape.N:
+            return rows, cols
     return TILES[-1]
+
+
+def vec_loads(shape: GemmShape) -> tuple[bool, bool]:
+    """Whether A and B are read as one vec4 (or 8-byte 16-bit) load per run of 4: stride and offset 4-aligned."""
+    lda, ldb, _ = shape.strides()
+    return lda % 4 == 0 and shape.a_off % 4 == 0, ldb % 4 == 0 and shape.b_off % 4 == 0
+
+
+def tuned_tile(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
+               build) -> tuple[int, int] | None:
+    """The measured tile of a product that is not split over K (ctx.gemm_tuner, engine.backends.wgpu.tuning),
+    or None (no tuner, a split product, an output too big to time): then gemm_plan's rule decides.
+    build(scratch_c, tile): the same product with the given tile, writing scratch_c instead of its C."""
+    tuner = ctx.gemm_tuner
+    if tuner is None or (partials is not None and split_k(shape, partials.size // 4) > 1):
+        return None
+    vec_a, vec_b = vec_loads(shape)
+    ldc = shape.strides()[2]
+    key = (f"{family} {shape.M}x{shape.N}x{shape.K} {'T' if shape.trans_a else 'N'}{'T' if shape.trans_b else 'N'}"
+           f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}")
+    return tuner.tile(key, shape.c_off + (shape.M - 1) * ldc + shape.N, build, TILES)
 
 
 def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
@@ -177,9 +203,7 @@ def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = No
     if chosen not in TILES:
         raise ValueError(f"matmul tile {tile} is not one of {TILES}")
     k_chunk = -(-(-(-shape.K // splits)) // TILE_K) * TILE_K
-    lda, ldb, _ = shape.strides()
-    return (chosen, -(-shape.K // k_chunk), k_chunk, lda % 4 == 0 and shape.a_off % 4 == 0,
-            ldb % 4 == 0 and shape.b_off % 4 == 0)
+    return (chosen, -(-shape.K // k_chunk), k_chunk, *vec_loads(shape))
 
 
 class Matmul:
@@ -197,6 +221,11 @@ class Matmul:
         row_blocks = 0 if b_format in PLAIN_B_FORMATS else block_row_blocks(shape, b_format)
         self.ctx = ctx
         self.shape = shape
+        if tile is None:
+            family = "linear" if kernel is None else f"linear {kernel}"
+            tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: Matmul(
+                ctx, scratch, a, b, shape, alpha, beta, bias, tile=t, label=f"{label}.tune", b_format=b_format,
+                group_m=group_m, kernel=kernel))
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear", "matmul", {

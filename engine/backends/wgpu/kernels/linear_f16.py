@@ -25,6 +25,7 @@ from engine.backends.wgpu.kernels.linear import (
     _vec_binding,
     gemm_plan,
     pack_gemm_params,
+    tuned_tile,
 )
 from engine.model.weight_formats import WeightFormat
 
@@ -80,6 +81,10 @@ class MatmulF16:
             raise ValueError(f"{label}: row_scale holds {row_scale_floats} floats, the product has {shape.M} rows")
         self.ctx = ctx
         self.shape = shape
+        if tile is None:
+            tile = tuned_tile(ctx, "linear_f16", shape, partials, b_format, lambda scratch, t: MatmulF16(
+                ctx, scratch, a, b, shape, row_scale, alpha, beta, bias, tile=t, label=f"{label}.tune",
+                b_format=b_format, group_m=group_m))
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear_f16", "matmul", {

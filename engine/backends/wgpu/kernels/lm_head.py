@@ -15,7 +15,11 @@ from engine.model.weight_formats import WeightFormat
 from engine.backends.wgpu.kernels.linear import GemmShape, Matmul
 from engine.backends.wgpu.kernels.linear_f16 import MatmulF16, f16_math_ok
 
-LOGITS_BUDGET_BYTES = 64 << 20   # the logits chunk: large enough for few dispatches, small next to activations
+# The logits chunk: its rows are the M of both LM-head products, so it must hold a few hundred rows even for a
+# 150k-262k vocabulary (at 64 MiB, Qwen3's 151936 left 110 rows: products of 110 rows ran at half the GEMM's speed
+# and the LM head took 26% of a B=8 step, bench/results/step_profile-h200-trusted.jsonl); small next to the
+# activations of the models it serves (441 rows for Qwen3, 1365 for SmolLM2's 49152, 256 for Gemma 3's 262144).
+LOGITS_BUDGET_BYTES = 256 << 20
 
 
 def chunk_rows(rows: int, vocab: int, max_binding_bytes: int, budget_bytes: int = LOGITS_BUDGET_BYTES,

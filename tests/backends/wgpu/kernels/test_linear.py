@@ -206,9 +206,10 @@ def test_large_tiles_only_for_products_large_enough_to_fill_a_gpu(gpu_device):
     def tile(*shape, **kw):
         return Matmul(ctx, buf, buf, buf, GemmShape(*shape, **kw)).tile
 
-    assert tile(16384, 1536, 576, trans_b=True) == (128, 64)       # 128×128 never chosen: slower on the H200
-    assert tile(4096, 576, 576, trans_b=True) == (128, 64)         # 288 tiles of 128×64
-    assert tile(16384, 192, 576, trans_b=True) == (128, 64)        # k/v at B=32: 384 tiles of 128×64
+    assert tile(16384, 1536, 576, trans_b=True) == (128, 128)      # 1536 tiles of 128×128
+    assert tile(4096, 1024, 1024, trans_b=True) == (128, 128)      # 256 tiles: just enough
+    assert tile(4096, 576, 576, trans_b=True) == (128, 64)         # 160 of 128×128 too few; 288 of 128×64
+    assert tile(16384, 192, 576, trans_b=True) == (128, 64)        # k/v at B=32: 128-column tiles pad 192 to 256
     assert tile(512, 3072, 1024, trans_b=True) == (64, 64)         # 192 tiles of 128×64: too few
     assert tile(16, 49152, 576, trans_b=True) == (64, 64)          # many tiles, but 16 rows: mostly padding
     assert tile(512, 576, 576, trans_b=True) == (64, 64)

@@ -1,0 +1,138 @@
+"""The GEMM autotune: which tile each product of a model runs fastest with on this GPU, measured once and kept on
+disk per adapter, driver, wgpu version and shader text.
+
+Why measured rather than chosen by rule: which of the three tiles (kernels.linear.TILES) wins depends on the
+product's shape, the GEMM family and the GPU, and no rule fitted the H200's figures everywhere
+(bench/results/matmul-h200-trusted.json: 128×128 wins at 4096×1024×1024, 25.4 against 20.9 TFLOP/s for 128×64,
+and loses at 512×1024×1024, 5.0 against 13.3 for 64×64; the f16-math family often prefers 64×64 where the f32
+one prefers 128×128). kernels.linear.choose_tile stays the rule where nothing is measured: software adapters
+(lavapipe: timing a CPU rasteriser says nothing about a GPU), LORA_LAB_GEMM_TUNE=0, and products whose output
+exceeds the timing scratch.
+
+How: a product is timed with its real operands A and B (only read) and a scratch C (so no buffer of the model is
+written), each candidate tile a few milliseconds' worth of dispatches after one warm-up, best of two. Split-K
+products are not tuned (their tile is the split rule's). The scratch is one buffer, freed by `release()` once the
+model is built, and it and the trial products' uniforms are left out of GpuContext.bytes_allocated: the memory
+plan counts what stays allocated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import wgpu
+
+from engine.backends.hardware import adapter_is_software
+from engine.model.references import data_dir
+
+TUNE_ENV = "LORA_LAB_GEMM_TUNE"   # "0": never measure; "1": measure even on a software adapter (tests)
+CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns]}}
+SCRATCH_BYTES = 64 << 20          # the largest C a product may have to be timed (else the rule's tile)
+TARGET_SECONDS = 0.004            # GPU time per timed submit
+SHADERS = ("linear", "linear_f16", "gemm_common", "weight_formats")   # their text is part of the identity
+
+
+def adapter_identity(ctx) -> str:
+    """Adapter, driver, wgpu version, shader text and runtime checks: a change of any may change the winner."""
+    from engine.backends.wgpu.context import SHADER_CHECKS_ENV, shader_source
+    info = ctx.adapter.info
+    shaders = hashlib.sha1("".join(shader_source(s) for s in SHADERS).encode()).hexdigest()[:12]
+    checks = "checked" if os.environ.get(SHADER_CHECKS_ENV) == "1" else "trusted"
+    return (f"{info.get('device', '?')} | {info.get('backend_type', '?')} | {info.get('description', '?')} | "
+            f"wgpu {wgpu.__version__} | shaders {shaders} | {checks}")
+
+
+@dataclass
+class GemmTuner:
+    """Tiles by product key for one adapter; `tile()` measures what the file does not hold yet."""
+    ctx: object                      # GpuContext
+    path: Path
+    identity: str
+    table: dict = field(default_factory=dict)   # product key -> [rows, columns]
+    measured: int = 0                # products this tuner timed (the rest came from the file)
+    _scratch: object = None
+
+    @classmethod
+    def for_context(cls, ctx, path: Path | None = None) -> "GemmTuner | None":
+        """The tuner of a real GPU (None on a software adapter, or where LORA_LAB_GEMM_TUNE=0)."""
+        wanted = os.environ.get(TUNE_ENV)
+        if wanted == "0" or (adapter_is_software(ctx.adapter.info) and wanted != "1"):
+            return None
+        path = path or data_dir() / CACHE_FILE
+        identity = adapter_identity(ctx)
+        try:
+            table = json.loads(path.read_text(encoding="utf-8")).get(identity, {})
+        except (OSError, ValueError, AttributeError):
+            table = {}   # no file yet, or an unreadable one: measure again and rewrite it
+        return cls(ctx, path, identity, dict(table))
+
+    def tile(self, key: str, output_floats: int, build: Callable[[object, tuple[int, int]], object],
+             candidates: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+        """The fastest of `candidates` for product `key`: from the file, else timed on `build(scratch_c, tile)`
+        (a product writing the scratch instead of its C). None where C is too big to time."""
+        if key in self.table:
+            return tuple(self.table[key])
+        if 4 * output_floats > SCRATCH_BYTES:
+            return None
+        before = self.ctx.bytes_allocated
+        try:
+            times = {tile: self._time(build(self._scratch_buffer(), tile)) for tile in candidates}
+        finally:
+            self.ctx.bytes_allocated = before   # the trial products' uniforms are garbage once timed
+        best = min(times, key=times.get)
+        self.table[key] = list(best)
+        self.measured += 1
+        self._save()
+        return best
+
+    def release(self) -> None:
+        """Free the timing scratch (the model is built: no more products to time)."""
+        if self._scratch is not None:
+            self._scratch.destroy()
+            self._scratch = None
+
+    def _scratch_buffer(self):
+        if self._scratch is None:
+            self._scratch = self.ctx.device.create_buffer(label="gemm_tuning.c", size=SCRATCH_BYTES,
+                                                          usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+        return self._scratch
+
+    def _wait(self) -> None:
+        self.ctx.read(self._scratch, count=1)
+
+    def _submit(self, product, repeats: int) -> float:
+        start = time.perf_counter()
+        enc = self.ctx.encoder("gemm_tuning")
+        for _ in range(repeats):
+            product.encode(enc)
+        enc.submit()
+        self._wait()
+        return (time.perf_counter() - start) / repeats
+
+    def _time(self, product) -> float:
+        """Seconds per product: a warm-up, a first estimate, then the best of two submits of ~TARGET_SECONDS."""
+        self._submit(product, 1)
+        repeats = max(1, min(64, int(TARGET_SECONDS / max(self._submit(product, 1), 1e-6))))
+        return min(self._submit(product, repeats) for _ in range(2))
+
+    def _save(self) -> None:
+        """Merge this adapter's table into the file (other adapters' entries kept), written whole then renamed."""
+        try:
+            everything = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(everything, dict):
+                everything = {}
+        except (OSError, ValueError):
+            everything = {}
+        everything[self.identity] = self.table
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".tmp")
+            partial.write_text(json.dumps(everything, indent=1, sort_keys=True), encoding="utf-8")
+            partial.replace(self.path)
+        except OSError:
+            pass   # a read-only data dir: the tiles still hold for this process, and are measured again next time
