@@ -39,7 +39,7 @@ class LoraConfig:
 
     def trainable_parameters(self, spec: ModelSpec) -> int:
         """r·(in + out) per targeted projection per layer — the count PEFT reports."""
-        return spec.layers * sum(self.rank * sum(spec.projection_shape(t)) for t in self.targets)
+        return spec.layers * sum(self.rank * sum(spec.projection_shape(t)) for t in fit_targets(spec, self).targets)
 
 
 def fit_targets(spec: ModelSpec, lora: LoraConfig) -> LoraConfig:
@@ -72,11 +72,7 @@ def lora_shapes(spec: ModelSpec, config: LoraConfig) -> dict[str, tuple[int, int
     """Every LoRA tensor's PEFT key and shape, layer by layer in target order, A before B: A [r, in], B [out, r].
 
     The one owner of these shapes: initialisation, the GPU buffer layout and adapter import all iterate it."""
-    wrong = [t for t in config.targets if t not in spec.lora_targets]
-    if wrong:
-        raise ValueError(f"LoRA targets {', '.join(wrong)} are not projections of this {spec.model_type} model; "
-                         f"its targets are {', '.join(spec.lora_targets)} (engine.lora.config.fit_targets names "
-                         f"them so)")
+    config = fit_targets(spec, config)      # the default targets name Phi-3's fused projections
     shapes = {}
     for layer in range(spec.layers):
         for target in config.targets:

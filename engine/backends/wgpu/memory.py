@@ -11,7 +11,7 @@ from typing import Mapping
 
 from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
-from engine.lora.config import LoraConfig
+from engine.lora.config import LoraConfig, fit_targets
 from engine.model.spec import ModelSpec
 from engine.backends.wgpu.buffers import (activation_bytes, formats_for, frozen_layout, lora_groups, lora_layout,
                                           nbytes, scratch_shapes, shapes_bytes, vocab_pieces)
@@ -90,6 +90,7 @@ def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: in
     with these limits (the defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension).
     `stored`: the formats the model file holds its tensors in (engine.model.weights' StoredTensor.format by
     name), needed for weights "stored"."""
+    lora = fit_targets(spec, lora)          # as the backend names Phi-3's fused targets
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
     frozen = frozen_layout(spec, max_binding_bytes, formats_for(weights, stored))
     vocab_format = next(t.format for k, t in frozen.items() if k.startswith("embed."))
