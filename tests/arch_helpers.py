@@ -78,7 +78,7 @@ def assert_adapter_round_trip(model_dir, tmp_path) -> None:
     from engine.export.merged import export_merged
     from engine.lora.peft_write import export_adapter
 
-    lora = LORAS["all-targets"]
+    lora = lora_for(model_dir, "all-targets")
     state, ids, labels, _ = reference(model_dir, lora)
     with OnnxBackend(model_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
         total, counted = be.eval_loss(ids, labels)

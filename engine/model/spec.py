@@ -349,8 +349,8 @@ def _check_phi3(config: dict, folder: Path) -> None:
 
 def _phi3_rope(config: dict, head_dim: int, folder: Path) -> tuple[RopeSpec, int | None]:
     """(rope, rotary dims or None for the whole head) as Phi3Config reads them: rope_scaling replaces
-    rope_parameters; "su" and "yarn" mean longrope; only default and longrope are valid; the top-level
-    original_max_position_embeddings (default 4096) wins over the rope dict's; RoPE covers the first
+    rope_parameters; "su" and "yarn" mean longrope; only default and longrope are valid; a top-level
+    original_max_position_embeddings wins over the rope dict's (Phi3Config's default: 4096); RoPE covers the first
     int(head_dim · partial_rotary_factor) dims of each head, and the longrope factors are per pair of those."""
     params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
@@ -366,9 +366,9 @@ def _phi3_rope(config: dict, head_dim: int, folder: Path) -> tuple[RopeSpec, int
         raise UnsupportedModelError(f"{folder}: partial_rotary_factor {partial!r} gives {rotary} rotary dims of a "
                                     f"{head_dim}-dim head; expected an even number from 2 to {head_dim}")
     positions = int(config.get("max_position_embeddings", 4096))
+    original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     rope = _rope_spec({"rope_parameters": {**params, "rope_type": kind}, "max_position_embeddings": positions,
-                       "original_max_position_embeddings": int(config.get("original_max_position_embeddings")
-                                                               or 4096)}, rotary, folder)
+                       "original_max_position_embeddings": int(original or 4096)}, rotary, folder)
     return rope, None if rotary == head_dim else rotary
 
 
