@@ -14,7 +14,7 @@ import pytest
 
 from engine.lora.config import LoraConfig, fit_targets, lora_shapes
 from engine.model.spec import UnsupportedModelError, load_model_spec
-from tests.arch_helpers import (B, FUSED_LORAS, T, assert_adapter_round_trip, config_dir, cpu_logits_with_spec,
+from tests.arch_helpers import (FUSED_LORAS, T, assert_adapter_round_trip, config_dir, cpu_logits_with_spec,
                                 reference, rel_err)
 from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
 
@@ -47,8 +47,7 @@ def test_spec_reads_phi3_as_transformers_builds_it(tiny_phi3_dir, tiny_phi4mini_
 
 def test_fused_weights_are_split_into_their_members(tiny_phi3_dir):
     """q, k, v are qkv_proj's row blocks in that order, gate and up gate_up_proj's halves (Phi3MLP's chunk(2))."""
-    from engine.model.weights import open_weights
-    from engine.model.weights import load_weights
+    from engine.model.weights import load_weights, open_weights
 
     spec, source = load_model_spec(tiny_phi3_dir), open_weights(tiny_phi3_dir)
     fused = load_weights(tiny_phi3_dir)
@@ -107,7 +106,13 @@ def test_lora_dropout_on_a_fused_projection_is_one_mask_as_peft(tiny_phi3_dir):
     qkv_proj's input serves q, k and v), and PEFT with those masks gives the same loss and gradients."""
     import torch
 
-    from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, dropout_mask_name, grad_name, prepare_weights
+    from engine.backends.onnx.model_graph import (
+        DecoderGraph,
+        GraphShape,
+        dropout_mask_name,
+        grad_name,
+        prepare_weights,
+    )
     from engine.backends.onnx.session import GraphSession, ort_values
     from engine.model.hf_names import module_path
     from engine.model.weights import open_weights
@@ -208,3 +213,29 @@ def test_what_phi3_does_not_compute_is_refused_by_name(tmp_path, config, message
     folder = config_dir(tmp_path, "m", **{**base, **config})
     with pytest.raises(UnsupportedModelError, match=message):
         load_model_spec(folder)
+
+
+@pytest.mark.gpu
+def test_wgsl_lora_dropout_on_fused_projections_trains_and_evaluation_ignores_it(tiny_phi3_dir, gpu_device):
+    """The WGSL backend with dropout on qkv_proj and gate_up_proj (FusedLoraBranch's one mask; the mask's own
+    exactness is tests/backends/wgpu/kernels/test_lora.py's): evaluation equals the dropout-free adapter's, steps
+    train, and the memory plan is what it allocates."""
+    from engine.backends.base import OptimizerConfig
+    from engine.backends.wgpu.backend import WgpuBackend
+    from engine.backends.wgpu.memory import memory_plan
+
+    spec = load_model_spec(tiny_phi3_dir)
+    plain = FUSED_LORAS["all-targets"]
+    lora = dataclasses.replace(plain, dropout=0.3)
+    state = random_lora_state(spec, lora, seed=5)
+    batch = random_batch(spec.vocab_size, 2, T, seed=6)
+    with WgpuBackend(tiny_phi3_dir, plain, OptimizerConfig(), 2, T, ctx=gpu_device, lora_state=state) as ref:
+        want = ref.eval_loss(*batch)
+    before = gpu_device.bytes_allocated
+    with WgpuBackend(tiny_phi3_dir, lora, OptimizerConfig(), 2, T, ctx=gpu_device, lora_state=state) as be:
+        assert gpu_device.bytes_allocated - before == memory_plan(
+            spec, lora, OptimizerConfig(), 2, T, gpu_device.max_binding_bytes, gpu_device.max_workgroups).total
+        assert be.eval_loss(*batch) == pytest.approx(want, rel=1e-6)
+        losses = [be.train_step([batch], lr=1e-2, max_grad_norm=1.0).result().loss for _ in range(6)]
+        assert be.eval_loss(*batch)[0] < want[0]
+    assert np.isfinite(losses).all()

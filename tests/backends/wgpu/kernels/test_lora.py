@@ -149,7 +149,7 @@ def test_fused_lora_branch_matches_numpy(gpu_device, M, fin, outs, r, p):
     binding): each member's y, the shared dA, each block of dB and dx equal PEFT's one LoRA over the
     concatenated output (float64 numpy), all accumulating onto nonzero values; with dropout, one mask on x
     (recovered from the forward's dropped input) explains every gradient."""
-    ctx, n, s = gpu_device, len(outs), 0.75
+    ctx, s = gpu_device, 0.75
     rng = np.random.default_rng(M + fin + r)
 
     def rand(*shape, scale=1.0):
