@@ -239,3 +239,47 @@ def test_wgsl_lora_dropout_on_fused_projections_trains_and_evaluation_ignores_it
         losses = [be.train_step([batch], lr=1e-2, max_grad_norm=1.0).result().loss for _ in range(6)]
         assert be.eval_loss(*batch)[0] < want[0]
     assert np.isfinite(losses).all()
+
+
+def test_a_quantized_gguf_phi3_base_splits_its_fused_blocks_by_rows(tmp_path):
+    """A Q8_0 GGUF Phi-3 (llama.cpp's attn_qkv and ffn_up, which transformers' loader names qkv_proj and
+    gate_up_proj): the members are whole rows of blocks, so the CPU backend's logits equal transformers' own GGUF
+    load of the file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.gguf_base import write_gguf_base
+    from bench.tiny_models import make_model
+    from engine.backends.base import OptimizerConfig
+    from engine.backends.onnx import OnnxBackend
+    from engine.model.references import convert_gguf
+    from engine.model.weight_formats import WeightFormat
+    from engine.model.weights import open_weights
+
+    make_model("phi3", tmp_path / "hf", hidden_size=96, intermediate_size=160)   # rows of whole 32-blocks
+    path = write_gguf_base(tmp_path / "hf", tmp_path / "phi3.gguf", ("q8_0",))
+    folder = convert_gguf(path, tmp_path / "folder")
+    stored = open_weights(folder).stored()
+    assert stored["model.layers.1.self_attn.k_proj.weight"].format == WeightFormat.Q8_0
+    assert stored["model.layers.1.self_attn.k_proj.weight"].shape == (32, 96)
+    spec = load_model_spec(folder)
+    ids, _ = random_batch(spec.vocab_size, 2, T, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    with OnnxBackend(folder, LoraConfig(rank=2, alpha=4), OptimizerConfig(), 2, T, threads=1) as be:
+        np.testing.assert_allclose(be.logits(ids), want, atol=1e-4, rtol=0)
+    # Merged into the dequantized GGUF: the fused tensors are written (updated), never their split views.
+    from safetensors import safe_open
+
+    from bench.peft_adapters import make_adapter
+    from engine.export.merged import export_merged
+
+    adapter = make_adapter(tmp_path / "hf", tmp_path / "adapter", seed=4, target_modules=["qkv_proj", "gate_up_proj"])
+    result = export_merged(adapter, folder, tmp_path / "merged")
+    names = set()
+    for shard in result.shards:
+        with safe_open(result.path / shard, framework="np") as handle:
+            names.update(handle.keys())
+    assert result.n_merged == 2 * spec.layers
+    assert names == {n for n in stored if n not in open_weights(folder).views}
