@@ -283,3 +283,32 @@ def test_a_quantized_gguf_phi3_base_splits_its_fused_blocks_by_rows(tmp_path):
             names.update(handle.keys())
     assert result.n_merged == 2 * spec.layers
     assert names == {n for n in stored if n not in open_weights(folder).views}
+
+
+def test_phi4_mini_and_phi3_5_mini_configs_read_as_transformers_reads_them(tmp_path):
+    """Config-only folders with the published shapes (Phi-4-mini: 24 heads of 128, 96 of them rotary, longrope
+    factors per rotary pair, tied; Phi-3.5-mini: 32 heads of 96, all rotary): the spec's rotary dims, its short
+    and long inverse frequencies either side of the original length, and the attention factor are transformers'."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    shapes = {"phi4mini": dict(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+                               partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=262144),
+              "phi3_5mini": dict(hidden_size=3072, num_attention_heads=32, num_key_value_heads=32,
+                                 tie_word_embeddings=False, sliding_window=262144)}
+    for name, shape in shapes.items():
+        pairs = int(shape["hidden_size"] // shape["num_attention_heads"] * shape.get("partial_rotary_factor", 1)) // 2
+        rope = {"type": "longrope", "short_factor": [1.0 + 0.01 * i for i in range(pairs)],
+                "long_factor": [1.0 + 0.9 * i for i in range(pairs)]}
+        folder = config_dir(tmp_path, name, model_type="phi3", vocab_size=200064, intermediate_size=8192,
+                            num_hidden_layers=32, max_position_embeddings=131072,
+                            original_max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=rope, **shape)
+        config = json.loads((folder / "config.json").read_text())
+        del config["head_dim"]
+        (folder / "config.json").write_text(json.dumps(config))
+        spec, hf = load_model_spec(folder), AutoConfig.from_pretrained(folder)
+        assert spec.rope_dim == 2 * pairs and spec.window_layers == tuple(range(32))
+        for seq in (4096, 4097):
+            want, factor = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu", seq_len=seq)
+            np.testing.assert_allclose(spec.rope.inv_freq(spec.rope_dim, seq), want.numpy(), rtol=2e-7)
+            assert spec.rope.attention_factor == pytest.approx(factor, rel=1e-12)
