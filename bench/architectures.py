@@ -1,17 +1,20 @@
-"""Training throughput and memory of Gemma-3-shaped models: the WGSL engine against PyTorch + PEFT in bf16.
+"""Training throughput and memory of Gemma-3- and Phi-4-mini-shaped models: the WGSL engine against PyTorch + PEFT
+in bf16.
 
 The models are built here from transformers configs with random weights (Gemma-3-270M's and Gemma-3-1B's shapes:
 a 262k vocabulary, head_dim 256, one KV head, five sliding-window layers per global one, window 512), saved in
 bf16 as the published checkpoints are, and trained for a few steps with LoRA r=16 on all seven projections at
-each batch size. Ours holds the frozen matrices in f32 and in bf16 (--weights); PEFT runs the bf16 model with
+each batch size (Phi-4-mini: its four, the fused qkv_proj and gate_up_proj among them; 200k vocabulary, 96 of each
+head's 128 dims rotary with longrope). Ours holds the frozen matrices in f32 and in bf16 (--weights); PEFT runs the bf16 model with
 transformers' default attention (sdpa for Gemma 3). Memory: ours is the engine's own allocation (WgpuBackend.memory_bytes, which equals its plan),
 PEFT's is torch.cuda.max_memory_allocated over the timed steps.
 
 Prints one JSON object: the machine and versions, then per model and batch size our tokens/s, ms/step and
 bytes per weight format, PEFT bf16's, and the ratios.
-    python bench/architectures.py [--quick] [--models gemma3-270m gemma3-1b] [--batch-sizes 1 8]
+    python bench/architectures.py [--quick] [--models gemma3-270m gemma3-1b phi4-mini] [--batch-sizes 1 8]
         [--seq-len 512] [--steps N] [--weights f32 bf16] [--no-torch]
-`--quick` builds tiny Gemma 3 and Gemma 2 models (sequences longer than their windows, Gemma 2's soft caps)
+`--quick` builds tiny Gemma 3, Gemma 2 and Phi-4-mini models (sequences longer than their windows, Gemma 2's soft
+caps, Phi-4-mini's partial rotary past its longrope original length)
 and runs in a minute on a software adapter, PEFT on the CPU: a smoke test of this script, not a measurement.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.backends.base import OptimizerConfig  # noqa: E402
-from engine.lora.config import LoraConfig, init_lora_state  # noqa: E402
+from engine.lora.config import LoraConfig, fit_targets, init_lora_state  # noqa: E402
 
 # Gemma3TextConfig arguments of the published models (their config.json), for random weights of the same shape.
 GEMMA3_SHAPES = {
@@ -42,7 +45,19 @@ GEMMA3_SHAPES = {
                       query_pre_attn_scalar=256, sliding_window=512, rope_theta=1_000_000.0,
                       rope_local_base_freq=10_000.0, max_position_embeddings=32768, tie_word_embeddings=True),
 }
-QUICK_MODELS = ("gemma3", "gemma2")     # bench/tiny_models.py TINY_CONFIGS
+# Phi3Config arguments of microsoft/Phi-4-mini-instruct's config.json; its longrope factors are 48 numbers per
+# rotary pair, here a smooth stand-in of the same length (the speed does not depend on their values).
+PHI_SHAPES = {
+    "phi4-mini": dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+                      num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                       "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                                       "long_factor": [1.0 + 0.5 * i for i in range(48)]},
+                      original_max_position_embeddings=4096, max_position_embeddings=131072, sliding_window=262144,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+SHAPES = {**GEMMA3_SHAPES, **PHI_SHAPES}
+QUICK_MODELS = ("gemma3", "gemma2", "phi4mini")     # bench/tiny_models.py TINY_CONFIGS
 
 
 def build_model(name: str, folder: Path, quick: bool) -> Path:
@@ -54,7 +69,7 @@ def build_model(name: str, folder: Path, quick: bool) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = dict(GEMMA3_SHAPES[name])
+    config = dict(SHAPES[name])
     model_type = config.pop("model_type")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, initializer_range=0.02, **config),
@@ -88,7 +103,10 @@ def peft_bf16(model_dir: Path, lora: LoraConfig, batch_size: int, seq_len: int, 
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from engine.model.spec import load_model_spec
+
     cuda = device == "cuda"
+    lora = fit_targets(load_model_spec(model_dir), lora)     # Phi-3's fused projections, as ours trains them
     # transformers' default attention: sdpa for Gemma 3, eager for Gemma 2 (sdpa cannot soft-cap).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
     attention = model.config._attn_implementation
@@ -151,8 +169,8 @@ def machine(ctx, torch_device: str | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny Gemma 3 / Gemma 2 models (smoke test)")
-    parser.add_argument("--models", nargs="+", default=None, choices=list(GEMMA3_SHAPES) + list(QUICK_MODELS))
+    parser.add_argument("--quick", action="store_true", help="tiny Gemma 3 / Gemma 2 / Phi-4-mini models (smoke test)")
+    parser.add_argument("--models", nargs="+", default=None, choices=list(SHAPES) + list(QUICK_MODELS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     models = args.models or (list(QUICK_MODELS) if args.quick else list(GEMMA3_SHAPES))
     if args.quick != all(m in QUICK_MODELS for m in models):
-        parser.error(f"--quick runs {', '.join(QUICK_MODELS)}; without it: {', '.join(GEMMA3_SHAPES)}")
+        parser.error(f"--quick runs {', '.join(QUICK_MODELS)}; without it: {', '.join(SHAPES)}")
     batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
     seq_len = args.seq_len or (24 if args.quick else 512)
     steps = args.steps or (2 if args.quick else 10)

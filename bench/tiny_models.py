@@ -69,13 +69,28 @@ TINY_CONFIGS = {
     "smollm3": dict(model_type="smollm3", hidden_size=64, intermediate_size=132, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=5000000.0,
                     no_rope_layers=[1, 0, 1], max_position_embeddings=256, tie_word_embeddings=True),
+    # Phi-3 (Phi-3-mini's layout): fused qkv_proj [q | k | v] and gate_up_proj [gate | up], GQA ratio 3, untied
+    # head, randomised norms, and a sliding window (4) shorter than the test sequences (Phi-3-mini-4k's 2047).
+    "phi3": dict(model_type="phi3", hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                 num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 sliding_window=4, max_position_embeddings=256, original_max_position_embeddings=256,
+                 tie_word_embeddings=False),
+    # Phi-4-mini's layout: RoPE on 18 of each head's 24 dims (partial_rotary_factor 0.75) with longrope, whose
+    # factors (one per rotary pair) switch to the long ones past original_max_position_embeddings (5, below the
+    # test sequences' 7), and a tied head.
+    "phi4mini": dict(model_type="phi3", hidden_size=72, intermediate_size=116, num_hidden_layers=2,
+                     num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, partial_rotary_factor=0.75,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                      "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8, 4.6],
+                                      "long_factor": [1.2, 1.9, 2.7, 3.9, 5.5, 7.4, 9.9, 13.0, 17.0]},
+                     original_max_position_embeddings=5, max_position_embeddings=64, tie_word_embeddings=True),
 }
 # The architectures every architecture-generic test runs on; Gemma 3 runs in the tests of its own quirks
 # (tests/model/test_gemma3.py) and where a test names it.
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Models whose norms transformers initialises to zero weights (Gemma's (1+w)): randomised, so a norm that
 # ignores its weight or its offset fails.
-RANDOM_NORMS = ("gemma2", "gemma3", "olmo2")
+RANDOM_NORMS = ("gemma2", "gemma3", "olmo2", "phi3", "phi4mini")
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384):

@@ -12,6 +12,14 @@ from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_s
 B, T = 2, 7
 LORAS = {"all-targets": LoraConfig(rank=4, alpha=8),
          "rslora-subset": LoraConfig(rank=3, alpha=5, use_rslora=True, targets=("q_proj", "o_proj", "down_proj"))}
+# Phi-3's: the fused projections' LoRA (one A for q/k/v, one for gate/up), every target and a subset.
+FUSED_LORAS = {"all-targets": LoraConfig(rank=4, alpha=8, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+               "rslora-subset": LoraConfig(rank=3, alpha=5, use_rslora=True, targets=("qkv_proj", "down_proj"))}
+
+
+def lora_for(model_dir, name: str) -> LoraConfig:
+    """LORAS[name], or FUSED_LORAS[name] for a model with fused projections (Phi-3)."""
+    return (FUSED_LORAS if load_model_spec(model_dir).fused else LORAS)[name]
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -70,7 +78,7 @@ def assert_adapter_round_trip(model_dir, tmp_path) -> None:
     from engine.export.merged import export_merged
     from engine.lora.peft_write import export_adapter
 
-    lora = LORAS["all-targets"]
+    lora = lora_for(model_dir, "all-targets")
     state, ids, labels, _ = reference(model_dir, lora)
     with OnnxBackend(model_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
         total, counted = be.eval_loss(ids, labels)

@@ -79,6 +79,18 @@ def tiny_smollm3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory):
+    """Phi-3: fused qkv_proj and gate_up_proj, a sliding window shorter than the test sequences."""
+    return _tiny(tmp_path_factory, "phi3")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4mini_dir(tmp_path_factory):
+    """Phi-4-mini's layout: partial rotary (0.75) with longrope past its original length, tied head."""
+    return _tiny(tmp_path_factory, "phi4mini")
+
+
+@pytest.fixture(scope="session")
 def gpu_device():
     """A wgpu device on the best adapter. Lavapipe in CI; a GPU-only test is skipped only where none exists."""
     from engine.backends.wgpu.context import GpuContext, NoAdapterError

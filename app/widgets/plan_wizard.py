@@ -16,7 +16,7 @@ from app.plan import CorpusSummary, adaptive_description, adaptive_settings, rec
 from app.training_controller import RunRequest
 from engine.backends.base import OPTIMIZERS, OptimizerConfig
 from engine.lora.adalora import AdaLoraSettings
-from engine.lora.config import LORA_TARGETS, LoraConfig
+from engine.lora.config import LoraConfig, fit_targets
 from engine.train.schedule import SCHEDULES
 from engine.train.config import TrainConfig
 from engine.backends.measured import latest_for
@@ -98,8 +98,9 @@ class PlanWizard(QWizard):
         self._build_objective(form, c)
         self.targets = {}
         row = QHBoxLayout()
-        for t in LORA_TARGETS:
-            box = QCheckBox(t, objectName=f"plan-target-{t}", checked=t in c.lora.targets)
+        chosen = fit_targets(self.spec, c.lora).targets     # Phi-3: its fused qkv_proj and gate_up_proj
+        for t in self.spec.lora_targets:
+            box = QCheckBox(t, objectName=f"plan-target-{t}", checked=t in chosen)
             self.targets[t] = box
             row.addWidget(box)
         form.addRow("Targets:", row)

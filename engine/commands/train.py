@@ -57,7 +57,8 @@ def add_training_options(p, out_help: str) -> None:
     lora.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 32)")
     lora.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default 0.0)")
     lora.add_argument("--targets", default=None, metavar="all|q_proj,v_proj,...",
-                      help=f"projections to adapt (default all: {','.join(LORA_TARGETS)})")
+                      help=f"projections to adapt (default all: {','.join(LORA_TARGETS)}; on Phi-3 these mean its "
+                           "fused qkv_proj,o_proj,gate_up_proj,down_proj, which may be named too)")
     lora.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
     lora.add_argument("--init-adapter", metavar="DIR", help="continue training this PEFT adapter")
     ada = p.add_argument_group("adaptive rank (AdaLoRA: rank moves to the projections that need it)")

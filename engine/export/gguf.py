@@ -2,7 +2,7 @@
 
 What llama.cpp (src/llama-adapter.cpp, llama-graph.cpp) expects, and what this writes:
 - metadata `general.architecture` = the base's llama.cpp arch (`llama` for Llama and Mistral, `qwen2`, `qwen3`,
-  `gemma3` for Gemma 3 text, `gemma2` for Gemma 2;
+  `gemma3` for Gemma 3 text, `gemma2` for Gemma 2, `phi3` for Phi-3 and Phi-4-mini (fused `attn_qkv`, `ffn_up`);
   the loader refuses a mismatch), `general.type` = `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha`
   (float32).
 - per adapted weight `blk.{i}.attn_q.weight` two tensors, `….lora_a` with torch shape (r, in) (ggml ne [in, r])
@@ -41,13 +41,17 @@ GGUF_ARCHS: dict[str, tuple[str, bool]] = {
     "gemma3_text": ("gemma3", False),
     # Gemma 2: convert_hf_to_gguf.py's Gemma2Model, the same names and no permutation as Gemma 3.
     "gemma2": ("gemma2", False),
+    # Phi-3 / Phi-4-mini: convert_hf_to_gguf.py's Phi3MiniModel keeps the fused weights (attn_qkv, and ffn_up
+    # holding gate then up, 2·intermediate rows) and permutes nothing (llama.cpp ropes Phi-3 NEOX-style, partial
+    # rotary included); PEFT's qkv_proj / gate_up_proj LoRA maps onto them as it is.
+    "phi3": ("phi3", False),
 }
 
 # Projection (engine.lora.peft_read.PROJECTIONS) -> llama.cpp tensor base name inside blk.{i}.
 GGUF_TENSOR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
 }
 
 GGUF_DTYPES = {"f16": np.float16, "f32": np.float32}

@@ -123,7 +123,8 @@ def _export_merged_from_gguf(adapter, base_dir: Path, out_dir: Path, overwrite: 
     from safetensors.torch import save_file
 
     source = open_weights(base_dir)
-    stored = source.stored()
+    views = getattr(source, "views", {})        # Phi-3's split members: the fused tensor is what is written
+    stored = {name: tensor for name, tensor in source.stored().items() if name not in views}
     deltas = {f"{mod.name}.weight": mod for mod in adapter.modules}
     missing = sorted(set(deltas) - set(stored))
     if missing:

@@ -17,22 +17,23 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from engine.lora.config import LoraConfig, lora_shapes, peft_key
+from engine.lora.config import LoraConfig, fit_targets, lora_shapes, peft_key
 from engine.model.files import FLOAT_DTYPES, read_json_object, safetensors_header
-from engine.model.hf_names import LORA_TARGETS, projection_module
+from engine.model.hf_names import TARGET_ORDER, projection_module
 from engine.model.spec import ModelSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"  # what PEFT wrote before safetensors became its default
 
-# The Linear layers of a decoder block that an adapter may target (module path suffixes).
-PROJECTIONS = tuple(projection_module(t) for t in LORA_TARGETS)
+# The Linear layers of a decoder block that an adapter may target (module path suffixes), Phi-3's fused
+# qkv_proj and gate_up_proj included.
+PROJECTIONS = tuple(projection_module(t) for t in TARGET_ORDER)
 
 # base_model.model.model.layers.{i}.{projection}.lora_{A|B}.weight, as PEFT's save_pretrained writes them.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>model\.layers\.(?P<layer>\d+)\.(?P<proj>"
@@ -155,7 +156,8 @@ def refusals(cfg: Mapping, *, uniform: bool = False) -> list[str]:
 
 
 def target_names(cfg: Mapping) -> tuple[str, ...]:
-    """target_modules as projection names (q_proj, ...), refusing patterns and anything outside a decoder block."""
+    """target_modules as projection names (q_proj, ...), refusing patterns and anything outside a decoder block.
+    "all-linear" gives every name (a model has only some of them: import_adapter narrows them to the base's)."""
     targets = cfg.get("target_modules")
     if targets == "all-linear":
         return tuple(p.split(".")[-1] for p in PROJECTIONS)
@@ -333,6 +335,8 @@ def check_fits_base(adapter: LoraAdapter, base_config: Mapping) -> None:
         "self_attn.q_proj": (n_head * head_dim, hidden), "self_attn.k_proj": (n_kv * head_dim, hidden),
         "self_attn.v_proj": (n_kv * head_dim, hidden), "self_attn.o_proj": (hidden, n_head * head_dim),
         "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+        # Phi-3's fused projections: q, k, v rows back to back; gate then up.
+        "self_attn.qkv_proj": ((n_head + 2 * n_kv) * head_dim, hidden), "mlp.gate_up_proj": (2 * inter, hidden),
     }
     for mod in adapter.modules:
         if mod.layer >= n_layers:
@@ -371,6 +375,12 @@ def import_adapter(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, dic
     """(LoraConfig, PEFT-named float32 tensors, raw config) of an adapter, checked against the base's shapes."""
     folder = Path(folder)
     lora, config = read_adapter_config(folder)
+    try:
+        # "all-linear" means the base's own projections; named targets must be the base's (fused on Phi-3).
+        lora = replace(lora, targets=spec.lora_targets) if config.get("target_modules") == "all-linear" \
+            else fit_targets(spec, lora)
+    except ValueError as exc:
+        raise _refuse(folder, str(exc)) from None
     state = read_adapter_tensors(folder)
     expected = lora_shapes(spec, lora)
     missing = sorted(set(expected) - set(state))
@@ -405,7 +415,7 @@ def inference_state(folder: str | Path, spec: ModelSpec) -> tuple[LoraConfig, di
         lora, state, _ = import_adapter(folder, spec)
         return lora, state
     adapter = read_adapter(folder)
-    targets = tuple(t for t in LORA_TARGETS if any(m.projection == projection_module(t) for m in adapter.modules))
+    targets = tuple(t for t in TARGET_ORDER if any(m.projection == projection_module(t) for m in adapter.modules))
     rank = max(m.rank for m in adapter.modules)
     lora = LoraConfig(rank=rank, alpha=float(rank), targets=targets)
     modules = {m.name: m for m in adapter.modules}

@@ -21,7 +21,7 @@ from engine.lora.adalora import AdaLoraSettings
 from engine.lora.config import LoraConfig
 from engine.lora.peft_read import ADAPTER_CONFIG as CONFIG_NAME
 from engine.lora.peft_read import ADAPTER_WEIGHTS as WEIGHTS_NAME
-from engine.model.hf_names import LORA_TARGETS, module_path
+from engine.model.hf_names import TARGET_ORDER, module_path
 
 CARD_NAME = "README.md"
 PEFT_FORMAT_VERSION = "0.21.2"   # the PEFT release whose adapter_config.json field set we write
@@ -119,7 +119,7 @@ def rank_table(lora: LoraConfig, rank_pattern: Mapping[str, int], adaptive: AdaL
         _, _, layer, _, proj = name.split(".")
         ranks[int(layer), proj] = int(rank)
     layers = max(layer for layer, _ in ranks) + 1
-    targets = [t for t in LORA_TARGETS if t in lora.targets]
+    targets = [t for t in TARGET_ORDER if t in lora.targets]
     table = [[ranks.get((layer, t), lora.rank) for t in targets] for layer in range(layers)]
     total = sum(map(sum, table))
     lines = ["## Ranks", ""]

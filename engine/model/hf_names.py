@@ -4,7 +4,14 @@ from __future__ import annotations
 
 # The Linear layers of a decoder block that LoRA may target, in the order every buffer and file lists them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+# Phi-3's fused projections: one Linear whose output rows are its members' back to back (qkv_proj: q, k, v;
+# gate_up_proj: gate, up). The engines hold the members' frozen weights split (engine.model.weights); a LoRA on
+# a fused projection is PEFT's: one A [r, in] for all members, one B [Σ out, r] whose row blocks are theirs.
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Every name a LoRA may target, in the order every buffer and file lists the targets of a config.
+TARGET_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj")
 
 EMBED_WEIGHT = "model.embed_tokens.weight"
 FINAL_NORM_WEIGHT = "model.norm.weight"
@@ -13,8 +20,8 @@ LM_HEAD_WEIGHT = "lm_head.weight"
 
 def projection_module(target: str) -> str:
     """A projection's module path inside its block: q_proj -> self_attn.q_proj, gate_proj -> mlp.gate_proj."""
-    if target not in LORA_TARGETS:
-        raise ValueError(f"{target!r} is not a projection; choose from {', '.join(LORA_TARGETS)}")
+    if target not in TARGET_ORDER:
+        raise ValueError(f"{target!r} is not a projection; choose from {', '.join(TARGET_ORDER)}")
     return f"{'self_attn' if target in ATTENTION_TARGETS else 'mlp'}.{target}"
 
 

@@ -5,8 +5,9 @@ allocated, any architecture the engines cannot train — naming it, the supporte
 Config quirks that change the arithmetic are read as transformers reads them: which projections carry a bias
 (`ModelSpec.bias_targets`), Gemma's (1+w) norms, post-norms, GeGLU, embedding and attention scales and
 per-layer-type rope, Gemma 2's attention-logit and final-logit soft-capping, Granite's multipliers, OLMo 2's
-post-norms and full-width q/k norms, SmolLM3's layers without rope, rope scaling (linear, llama3, yarn), and
-which layers use a sliding window (`ModelSpec.layer_window`), which both engines' attention applies.
+post-norms and full-width q/k norms, SmolLM3's layers without rope, rope scaling (linear, llama3, yarn,
+longrope), Phi-3's fused projections and partial rotary embedding, and which layers use a sliding window
+(`ModelSpec.layer_window`), which both engines' attention applies.
 The weights themselves are engine.model.weights' (one tensor at a time, as stored).
 """
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.model.files import read_json_object
-from engine.model.hf_names import LORA_TARGETS
+from engine.model.hf_names import FUSED_TARGETS, LORA_TARGETS, TARGET_ORDER
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "olmo2", "smollm3",
+                         "phi3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 
 # Architectures people bring that the engines do not compute, and the feature that stops each: named in the
@@ -28,8 +30,6 @@ GEMMA_TYPES = ("gemma2", "gemma3_text")
 KNOWN_UNSUPPORTED = {
     "gemma3": "Gemma3ForConditionalGeneration is the vision-language model (its text layers live under "
               "model.language_model); the text-only Gemma3ForCausalLM (model_type gemma3_text) is supported",
-    "phi3": "Phi-3's fused qkv_proj and gate_up_proj (LoRA on them shares one A across q/k/v and gate/up) and "
-            "Phi-4-mini's partial rotary embedding are not implemented",
 }
 
 
@@ -148,6 +148,24 @@ class ModelSpec:
     # (attn_logit_softcapping), and the logits z cap·tanh(z / cap) (final_logit_softcapping); None: not capped.
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Phi-3: q/k/v and gate/up stored fused (qkv_proj, gate_up_proj; the engines split the frozen weights as they
+    # load them), so LoRA targets the fused projections (lora_targets); and RoPE on the first rotary_dim dims of
+    # each head only (partial_rotary_factor; None: the whole head), the rest passed through unrotated.
+    fused: bool = False
+    rotary_dim: int | None = None
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of each head that RoPE rotates (its inverse frequencies are [rope_dim/2])."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The projections a LoRA on this model may target, as PEFT names them (TARGET_ORDER)."""
+        if not self.fused:
+            return LORA_TARGETS
+        members = {m for group in FUSED_TARGETS.values() for m in group}
+        return tuple(t for t in TARGET_ORDER if t not in members)
 
     @property
     def bias_targets(self) -> tuple[str, ...]:
@@ -187,6 +205,8 @@ class ModelSpec:
             "v_proj": (self.kv_dim, self.hidden), "o_proj": (self.hidden, self.q_dim),
             "gate_proj": (self.intermediate, self.hidden), "up_proj": (self.intermediate, self.hidden),
             "down_proj": (self.hidden, self.intermediate),
+            "qkv_proj": (self.q_dim + 2 * self.kv_dim, self.hidden),
+            "gate_up_proj": (2 * self.intermediate, self.hidden),
         }[target]
 
     def parameter_count(self) -> int:
@@ -231,6 +251,9 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     _check_sizes(config, config_path)
     gemma, granite, olmo2 = model_type in GEMMA_TYPES, model_type == "granite", model_type == "olmo2"
     smollm3, gemma3 = model_type == "smollm3", model_type == "gemma3_text"
+    phi3 = model_type == "phi3"
+    if phi3:
+        _check_phi3(config, folder)
     if gemma and config.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{folder}: use_bidirectional_attention is set (an encoder-style Gemma); "
                                     f"the engines train causal language models only")
@@ -257,7 +280,11 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
                                     f"{', '.join(activations)}")
     layers = int(config["num_hidden_layers"])
     window, window_layers = _sliding_window(config, model_type, layers, folder)
-    if gemma3:
+    rotary_dim = None
+    if phi3:
+        rope, rotary_dim = _phi3_rope(config, head_dim, folder)
+        local_rope = None
+    elif gemma3:
         # Gemma 3 keeps one rope per layer type: full_attention (rope_theta, default 1e6, maybe scaled) and
         # sliding_attention (rope_local_base_freq, default 1e4).
         params = config.get("rope_parameters") or {}
@@ -279,11 +306,12 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     return ModelSpec(
         model_type=model_type, vocab_size=int(config["vocab_size"]), hidden=hidden,
         layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        intermediate=int(config["intermediate_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        intermediate=int(config["intermediate_size"]),
+        rms_eps=float(config.get("rms_norm_eps", 1e-5 if phi3 else 1e-6)),     # Phi3Config's default: 1e-5
         rope=rope, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"), qk_norm_full=olmo2, pre_norms=not olmo2,
-        max_positions=int(config.get("max_position_embeddings", 2048)),
+        max_positions=int(config.get("max_position_embeddings", 4096 if phi3 else 2048)),
         source=str(folder), o_bias=attention_bias,
         mlp_bias=model_type in ("llama", "smollm3") and bool(config.get("mlp_bias", False)),
         sliding_window=window, window_layers=window_layers,
@@ -297,7 +325,51 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         logits_scale=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
         local_rope=local_rope, nope_layers=_nope_layers(config, layers, folder) if smollm3 else (),
         attn_softcap=_softcap(config, "attn_logit_softcapping", model_type, folder),
-        final_softcap=_softcap(config, "final_logit_softcapping", model_type, folder))
+        final_softcap=_softcap(config, "final_logit_softcapping", model_type, folder),
+        fused=phi3, rotary_dim=rotary_dim)
+
+
+def _check_phi3(config: dict, folder: Path) -> None:
+    """What Phi3ForCausalLM computes differently from what the engines train, refused by name."""
+    # Phi3DecoderLayer drops out each residual branch (resid_pdrop) and the attention weights (attention_dropout)
+    # in training mode; the engines train without. embd_pdrop is read by nothing in Phi3Model (transformers 5).
+    for key in ("resid_pdrop", "attention_dropout"):
+        value = config.get(key, 0.0)
+        if value not in (0, 0.0, None):
+            raise UnsupportedModelError(f"{folder}: {key} is {value!r}: Phi-3's dropout in training mode is not "
+                                        f"implemented; set it to 0.0 in config.json to train without it")
+    # Phi3Config has no head_dim: the attention would read one given in config.json, but its rope validation
+    # sizes the longrope factors by hidden_size / heads; the two must agree.
+    heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+    if config.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        raise UnsupportedModelError(f"{folder}: a Phi-3 head_dim of {config.get('head_dim', hidden / heads)!r} "
+                                    f"(hidden_size {hidden} / {heads} heads) is unsupported: Phi-3's heads are "
+                                    "hidden_size / num_attention_heads wide")
+
+
+def _phi3_rope(config: dict, head_dim: int, folder: Path) -> tuple[RopeSpec, int | None]:
+    """(rope, rotary dims or None for the whole head) as Phi3Config reads them: rope_scaling replaces
+    rope_parameters; "su" and "yarn" mean longrope; only default and longrope are valid; a top-level
+    original_max_position_embeddings wins over the rope dict's (Phi3Config's default: 4096); RoPE covers the first
+    int(head_dim · partial_rotary_factor) dims of each head, and the longrope factors are per pair of those."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    kind = "longrope" if kind in ("su", "yarn") else kind
+    if kind not in ("default", "longrope"):
+        raise UnsupportedModelError(f"{folder}: Phi-3 rope type {kind!r} is unsupported: Phi3Config accepts "
+                                    "default and longrope only")
+    partial = params.pop("partial_rotary_factor")
+    rotary = int(head_dim * partial)
+    if isinstance(partial, bool) or not 0 < rotary <= head_dim or rotary % 2:
+        raise UnsupportedModelError(f"{folder}: partial_rotary_factor {partial!r} gives {rotary} rotary dims of a "
+                                    f"{head_dim}-dim head; expected an even number from 2 to {head_dim}")
+    positions = int(config.get("max_position_embeddings", 4096))
+    original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    rope = _rope_spec({"rope_parameters": {**params, "rope_type": kind}, "max_position_embeddings": positions,
+                       "original_max_position_embeddings": int(original or 4096)}, rotary, folder)
+    return rope, None if rotary == head_dim else rotary
 
 
 def _nope_layers(config: dict, layers: int, folder: Path) -> tuple[int, ...]:
@@ -365,6 +437,10 @@ def _sliding_window(config: dict, model_type: str, layers: int, folder: Path) ->
         types = config.get("layer_types") or [
             "sliding_attention" if window is not None and i in _nope_layers(config, layers, folder)
             else "full_attention" for i in range(layers)]
+    elif model_type == "phi3":
+        # Phi-3: every layer, when sliding_window is set (Phi3Model picks the sliding-window mask for all).
+        window = config.get("sliding_window")
+        return (None, ()) if window is None else (int(window), tuple(range(layers)))
     elif model_type not in ("qwen2", "qwen3"):
         return None, ()
     else:

@@ -136,6 +136,61 @@ class ArrayWeights(WeightSource):
         return self._arrays[name]
 
 
+class FusedSplit(WeightSource):
+    """Another source with Phi-3's fused projections also under their members' names: qkv_proj's rows
+    [q | k | v] as q_proj, k_proj and v_proj, gate_up_proj's [gate | up] (Phi3MLP's chunk(2) order) as gate_proj
+    and up_proj. A member is a block of whole rows, so its bytes are the fused tensor's rows in any stored format
+    (GGUF blocks run along a row). The fused names stay (`views` are the added ones), so checks against
+    transformers' own names still find them."""
+
+    def __init__(self, inner: WeightSource):
+        from engine.model.hf_names import FUSED_TARGETS
+
+        self.origin, self.inner = inner.origin, inner
+        self._stored = dict(inner.stored())
+        self.views: dict[str, tuple[str, int, int]] = {}     # member name -> (fused name, first row, rows)
+        for name, tensor in inner.stored().items():
+            for fused, members in FUSED_TARGETS.items():
+                if not name.endswith(f".{fused}.weight") or len(tensor.shape) != 2:
+                    continue
+                rows = tensor.shape[0]
+                if fused == "qkv_proj":
+                    # q's width is o_proj's input; k and v share the rest equally.
+                    o_proj = self._stored.get(name.replace(".qkv_proj.", ".o_proj."))
+                    q = o_proj.shape[1] if o_proj is not None and len(o_proj.shape) == 2 else None
+                    if q is None or q >= rows or (rows - q) % 2:
+                        raise ValueError(f"{self.origin}: {name} has {rows} rows, which its o_proj "
+                                         f"({o_proj.shape if o_proj else 'missing'}) does not split into q, k, v")
+                    sizes = (q, (rows - q) // 2, (rows - q) // 2)
+                else:
+                    if rows % 2:
+                        raise ValueError(f"{self.origin}: {name} has {rows} rows; gate_up_proj holds gate and up")
+                    sizes = (rows // 2, rows // 2)
+                first = 0
+                for member, n in zip(members, sizes):
+                    view = name.replace(f".{fused}.", f".{member}.")
+                    self.views[view] = (name, first, n)
+                    self._stored[view] = StoredTensor(view, tensor.format, (n, tensor.shape[1]))
+                    first += n
+
+    def stored(self) -> dict[str, StoredTensor]:
+        return self._stored
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in self.views:
+            return self.inner.raw(name)
+        fused, first, rows = self.views[name]
+        return self.inner.raw(fused)[first:first + rows]
+
+
+def split_fused(source: WeightSource) -> WeightSource:
+    """`source` itself, or a FusedSplit of it where it stores fused projections (Phi-3)."""
+    from engine.model.hf_names import FUSED_TARGETS
+
+    fused = tuple(f".{name}.weight" for name in FUSED_TARGETS)
+    return FusedSplit(source) if any(name.endswith(fused) for name in source.stored()) else source
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     files = [f for f in sorted(Path(folder).glob("*.safetensors")) if not f.name.startswith("adapter_")]
     if not files:
@@ -189,16 +244,19 @@ def open_weights(model: str | Path) -> WeightSource:
     """The weights of a model folder (its safetensors, or the GGUF file it was made from) or of a .gguf file."""
     model = Path(model)
     if model.is_file() and model.suffix.lower() == ".gguf":
-        return GgufWeights(model)
+        return split_fused(GgufWeights(model))
     gguf = gguf_of(model)
-    return GgufWeights(gguf) if gguf is not None else SafetensorsWeights(model)
+    return split_fused(GgufWeights(gguf) if gguf is not None else SafetensorsWeights(model))
 
 
 def load_weights(model: str | Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """{name: float32 array} of every tensor (or of `names`): for tests and small models only, since it holds the
-    whole f32 model; the backends read tensor by tensor through open_weights."""
+    whole f32 model; the backends read tensor by tensor through open_weights. Phi-3's fused projections are
+    given as stored (not also split)."""
     source = open_weights(model)
-    return {name: source.f32(name) for name in (names if names is not None else source.stored())}
+    views = getattr(source, "views", {})
+    return {name: source.f32(name) for name in (names if names is not None else source.stored()) if
+            names is not None or name not in views}
 
 
 def check_model_files(folder: str | Path) -> None:

@@ -26,7 +26,7 @@ def evaluate(model: str, data, adapter: str | None = None, seq_len: int = 512, s
         lora, state = inference_state(plain_lora_folder(adapter), spec)
     else:
         # The base alone: the smallest adapter, with B = 0 so its output is exactly the base model's.
-        lora = LoraConfig(rank=1, alpha=1.0, targets=("q_proj",))
+        lora = LoraConfig(rank=1, alpha=1.0, targets=spec.lora_targets[:1])   # q_proj (Phi-3: qkv_proj)
         state = init_lora_state(spec, lora)
     ids, labels = eval_stream(data, model_dir, mask_prompt)
     window = min(seq_len, ids.size)

@@ -167,11 +167,14 @@ def prepare_data(config: TrainConfig, inputs: RunInputs, model_dir: Path, spec, 
                  corpus_cancel: Callable[[], bool] | None = None) -> RunData:
     """The corpus read with the model's tokenizer, batched for training and validation, and the initial adapter
     (when `import_init` and inputs name one); refuses what the model cannot take."""
+    from engine.lora.config import fit_targets
     from engine.lora.peft_read import adapter_base_model, import_adapter
     from engine.corpus import CorpusConfig, load_corpus, load_tokenizer
     from engine.train.data import CorpusBatches, corpus_val_batches
 
     check_seq_len(spec, config.seq_len)
+    # The targets as the model names them (Phi-3: qkv_proj, gate_up_proj), so checkpoints and adapters do too.
+    config = replace(config, lora=fit_targets(spec, config.lora))
     init_state = None
     if inputs.init_adapter and import_init:
         lora, init_state, adapter_config = import_adapter(inputs.init_adapter, spec)

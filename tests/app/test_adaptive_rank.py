@@ -126,3 +126,18 @@ def test_wizard_maps_the_adaptive_choice_into_the_config(wizard):
     wizard.target_rank.setValue(13)                 # more than the initial rank: the engine's refusal is shown
     wizard._refresh_review()
     assert "cannot exceed the initial rank" in wizard.error.text()
+
+
+def test_wizard_offers_phi3s_fused_projections(qtbot, tiny_phi3_dir):
+    """On Phi-3 the Method page's targets are the projections PEFT can adapt there, all checked by default."""
+    from app.widgets.plan_wizard import PlanWizard
+    from engine.model.spec import load_model_spec
+
+    summary = CorpusSummary(("a.jsonl",), sequences=40, trainable_tokens=30000, longest=50, seq_len=64)
+    no_gpu = SimpleNamespace(adapters=[], ram_available_bytes=8 << 30)
+    w = PlanWizard("tiny", tiny_phi3_dir, load_model_spec(tiny_phi3_dir), summary, no_gpu, [])
+    qtbot.addWidget(w)
+    assert list(w.targets) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert all(box.isChecked() for box in w.targets.values())
+    w.targets["o_proj"].setChecked(False)
+    assert w.config().lora.targets == ("qkv_proj", "gate_up_proj", "down_proj")

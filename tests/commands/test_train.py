@@ -82,6 +82,34 @@ def test_cli_resume_continues_to_the_same_adapter(tiny_llama_dir, corpus_file, t
         np.testing.assert_allclose(resumed[key], value, atol=1e-6, rtol=0)
 
 
+def test_phi3_trains_its_fused_projections_resumes_and_exports(tiny_phi3_dir, corpus_file, tmp_path, capsys):
+    """The default targets on Phi-3 are its qkv_proj, o_proj, gate_up_proj and down_proj: the adapter (PEFT
+    names, one A per fused module), a resumed run ending on the same adapter, evaluation with it, the GGUF LoRA
+    (attn_qkv, ffn_up) and the merged folder (fused weights updated) all follow."""
+    import gguf
+
+    args = ["--model", str(tiny_phi3_dir), "--data", str(corpus_file), "--steps", "4", "--save-every", "2",
+            "--keep-checkpoints", "2", *TRAIN]
+    run_json(capsys, ["train", "--out", str(tmp_path / "a"), *args])
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    straight = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert straight["base_model.model.model.layers.1.self_attn.qkv_proj.lora_B.weight"].shape == (120, 4)
+    run_json(capsys, ["train", "--model", str(tiny_phi3_dir), "--out", str(tmp_path / "a"), "--json",
+                      "--backend", "cpu", "--resume", str(tmp_path / "a" / "checkpoints" / "checkpoint-00000002")])
+    for key, value in load_file(tmp_path / "a" / "adapter_model.safetensors").items():
+        np.testing.assert_allclose(value, straight[key], atol=1e-6, rtol=0)
+    (tuned,) = run_json(capsys, ["eval", "--model", str(tiny_phi3_dir), "--data", str(corpus_file), "--seq-len",
+                                 "32", "--backend", "cpu", "--json", "--adapter", str(tmp_path / "a")])
+    assert np.isfinite(tuned["perplexity"])
+    base = ["export", "--model", str(tiny_phi3_dir), "--adapter", str(tmp_path / "a")]
+    assert main([*base, "--to", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    names = {t.name for t in gguf.GGUFReader(next((tmp_path / "gguf").glob("*.gguf"))).tensors}
+    assert {"blk.0.attn_qkv.weight.lora_a", "blk.1.ffn_up.weight.lora_b"} <= names
+    assert main([*base, "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--targets", "q_proj,lm_head"], "unknown LoRA targets"),
     (["--lr", "-1"], "learning rate must be a positive"),

@@ -13,18 +13,26 @@ from engine.lora.peft_read import read_base_config
 from bench.peft_adapters import load_base, make_adapter, make_mistral, quiet_peft
 from bench.tiny_models import ARCHITECTURES
 
-MODEL_TYPES = (*ARCHITECTURES, "mistral", "gemma3", "gemma2")
+MODEL_TYPES = (*ARCHITECTURES, "mistral", "gemma3", "gemma2", "phi3")
+# Phi-3's projections as llama.cpp's phi3 arch holds them: fused attn_qkv and ffn_up (gate then up).
+PHI3_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def projections(arch: str) -> list[str]:
+    fused = ("self_attn.qkv_proj", "mlp.gate_up_proj")
+    return list(PHI3_PROJECTIONS) if arch == "phi3" else [p for p in GGUF_TENSOR_NAMES if p not in fused]
 
 
 @pytest.fixture(scope="module")
-def bases(tiny_model_dirs, tiny_gemma3_dir, tiny_gemma2_dir, tmp_path_factory):
+def bases(tiny_model_dirs, tiny_gemma3_dir, tiny_gemma2_dir, tiny_phi3_dir, tmp_path_factory):
     return {**tiny_model_dirs, "mistral": make_mistral(tmp_path_factory.mktemp("tiny-mistral")),
-            "gemma3": tiny_gemma3_dir, "gemma2": tiny_gemma2_dir}
+            "gemma3": tiny_gemma3_dir, "gemma2": tiny_gemma2_dir, "phi3": tiny_phi3_dir}
 
 
 @pytest.fixture(scope="module")
 def adapters(bases, tmp_path_factory):
-    return {arch: make_adapter(bases[arch], tmp_path_factory.mktemp(f"adapter-{arch}"), seed=3)
+    return {arch: make_adapter(bases[arch], tmp_path_factory.mktemp(f"adapter-{arch}"), seed=3,
+                               target_modules=[p.split(".")[-1] for p in projections(arch)])
             for arch in MODEL_TYPES}
 
 
@@ -73,10 +81,10 @@ def test_permutation_matches_index_formula():
 def test_tensor_names_are_llama_cpps():
     import gguf
 
-    for arch in (*ARCHITECTURES, "gemma3", "gemma2"):
+    for arch in (*ARCHITECTURES, "gemma3", "gemma2", "phi3"):
         name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 4)
-        for projection, ours in GGUF_TENSOR_NAMES.items():
-            assert name_map.get_name(f"model.layers.3.{projection}") == f"blk.3.{ours}"
+        for projection in projections(arch):
+            assert name_map.get_name(f"model.layers.3.{projection}") == f"blk.3.{GGUF_TENSOR_NAMES[projection]}"
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -100,7 +108,8 @@ def test_gguf_reads_back_as_peft(arch, dtype, bases, adapters, tmp_path):
     tensors = _tensors(reader)
     peft = _peft_lora(base_dir, adapters[arch])
     expected_names = {f"{n}.lora_{ab}" for n in peft for ab in "ab"}
-    assert set(tensors) == expected_names and len(expected_names) == 2 * 7 * cfg["num_hidden_layers"]
+    assert set(tensors) == expected_names
+    assert len(expected_names) == 2 * len(projections(arch)) * cfg["num_hidden_layers"]
     np_dtype = np.float32 if dtype == "f32" else np.float16
     for name, (a, b, _) in peft.items():
         (shape_a, got_a), (shape_b, got_b) = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]

@@ -7,17 +7,19 @@ import pytest
 from engine.backends.base import OptimizerConfig, counted_tokens
 from engine.backends.onnx import OnnxBackend
 from engine.model.spec import load_model_spec
-from tests.arch_helpers import B, LORAS, T, assert_matches_peft, reference
+from tests.arch_helpers import B, LORAS, T, assert_matches_peft, lora_for, reference
 
-MODELS = ["tiny_gemma3_dir", "tiny_granite_dir", "tiny_olmo2_dir", "tiny_smollm3_dir", "tiny_gemma2_dir"]
+MODELS = ["tiny_gemma3_dir", "tiny_granite_dir", "tiny_olmo2_dir", "tiny_smollm3_dir", "tiny_gemma2_dir",
+          "tiny_phi3_dir", "tiny_phi4mini_dir"]
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("lora", list(LORAS))
 def test_onnx_backend_matches_peft(request, model, lora):
     model_dir = request.getfixturevalue(model)
-    state, ids, labels, ref = reference(model_dir, LORAS[lora])
-    with OnnxBackend(model_dir, LORAS[lora], OptimizerConfig(), B, T, init_state=state, threads=1) as be:
+    lora = lora_for(model_dir, lora)
+    state, ids, labels, ref = reference(model_dir, lora)
+    with OnnxBackend(model_dir, lora, OptimizerConfig(), B, T, init_state=state, threads=1) as be:
         loss, tokens, grads = be.gradients([(ids, labels)])
         logits = be.logits(ids)
     assert tokens == counted_tokens(labels)
@@ -33,11 +35,12 @@ def test_wgpu_backend_matches_peft(request, gpu_device, model, lora, recompute):
     from engine.backends.wgpu.memory import memory_plan
 
     model_dir = request.getfixturevalue(model)
-    state, ids, labels, ref = reference(model_dir, LORAS[lora])
+    lora = lora_for(model_dir, lora)
+    state, ids, labels, ref = reference(model_dir, lora)
     before = gpu_device.bytes_allocated
-    with WgpuBackend(model_dir, LORAS[lora], OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state,
+    with WgpuBackend(model_dir, lora, OptimizerConfig(), B, T, ctx=gpu_device, lora_state=state,
                      recompute=recompute) as be:
-        plan = memory_plan(load_model_spec(model_dir), LORAS[lora], OptimizerConfig(), B, T,
+        plan = memory_plan(load_model_spec(model_dir), lora, OptimizerConfig(), B, T,
                            gpu_device.max_binding_bytes, gpu_device.max_workgroups, recompute=recompute)
         assert be.memory_bytes() == gpu_device.bytes_allocated - before == plan.total
         logits = be.logits(ids)
@@ -53,7 +56,8 @@ def test_merged_export_matches_peft(request, tmp_path, model):
     from engine.export.merged import export_merged
 
     model_dir = request.getfixturevalue(model)
-    adapter_dir = make_adapter(model_dir, tmp_path / "adapter", seed=5)
+    adapter_dir = make_adapter(model_dir, tmp_path / "adapter", seed=5,
+                               target_modules=list(load_model_spec(model_dir).lora_targets))
     merged = load_base(export_merged(adapter_dir, model_dir, tmp_path / "merged").path)
     with torch.no_grad():
         got = merged(torch.tensor([PROBE_TOKENS])).logits[0].numpy()

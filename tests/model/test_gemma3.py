@@ -56,7 +56,6 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
 @pytest.mark.parametrize("config, message", [
     (dict(model_type="gemma3"), r"vision-language model.*gemma3_text\) is supported"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"no_rope_layers \[1, 2\] is not one 0 or 1 per layer"),
-    (dict(model_type="phi3"), r"'phi3'.*fused qkv_proj and gate_up_proj"),
     (dict(model_type="gemma2", final_logit_softcapping=-3.0), r"final_logit_softcapping is -3.0; expected a "
                                                                r"positive number or null"),
     (dict(model_type="gemma2", use_bidirectional_attention=True), r"use_bidirectional_attention"),
@@ -66,7 +65,7 @@ def test_adapter_exports_load_back_with_the_same_numbers(tiny_gemma3_dir, tmp_pa
      r"rope scaling 'dynamic' is unsupported"),
     (dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 8.0}),
      r"longrope short_factor must be 4 positive numbers \(one per rotary pair of head_dim 8\), got None"),
-], ids=["gemma3-multimodal", "smollm3-bad-nope", "phi3", "gemma2-bad-softcap", "gemma2-bidirectional",
+], ids=["gemma3-multimodal", "smollm3-bad-nope", "gemma2-bad-softcap", "gemma2-bidirectional",
         "bidirectional", "gelu-exact", "gemma3-dynamic", "llama-longrope-without-factors"])
 def test_what_is_not_computed_is_refused_by_name(tmp_path, config, message):
     with pytest.raises(UnsupportedModelError, match=message):

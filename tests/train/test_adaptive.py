@@ -21,9 +21,9 @@ ALPHA = 8.0
 LR, CLIP, DECAY = 2e-2, 1.0, 0.01
 
 
-def _run_both(model_dir, make_backend):
+def _run_both(model_dir, make_backend, targets=TARGETS):
     spec = load_model_spec(model_dir)
-    lora = backend_lora(LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, targets=TARGETS), SETTINGS)
+    lora = backend_lora(LoraConfig(rank=SETTINGS.init_r, alpha=ALPHA, targets=targets), SETTINGS)
     optim = OptimizerConfig(weight_decay=DECAY)
     batches = [random_batch(spec.vocab_size, 2, 9, seed=s) for s in (40, 41, 42)]
     ours = AdaptiveRankBackend(make_backend(model_dir, lora, optim), SETTINGS, optim, seed=5)
@@ -31,7 +31,7 @@ def _run_both(model_dir, make_backend):
     with ours:
         results = [ours.train_step([batches[i % 3]], LR, CLIP).result() for i in range(SETTINGS.total_step)]
         final = ours.params.peft_tensors()
-    model = peft_adalora_model(model_dir, SETTINGS, ALPHA, TARGETS, start)
+    model = peft_adalora_model(model_dir, SETTINGS, ALPHA, targets, start)
     losses, patterns = peft_adalora_run(model, batches, LR, SETTINGS.total_step, ours.modules, CLIP, DECAY)
     return results, final, losses, patterns, peft_tensors(model)
 
@@ -66,6 +66,16 @@ def test_cpu_backend_matches_peft_adalora(tiny_model_dirs, arch):
         return OnnxBackend(model_dir, lora, optim, 2, 9, threads=1)
 
     _check(*_run_both(tiny_model_dirs[arch], make))
+
+
+def test_cpu_backend_matches_peft_adalora_on_phi3s_fused_projections(tiny_phi3_dir):
+    """PEFT's AdaLoRA on qkv_proj and gate_up_proj: one P·Λ·Q per fused module, its triplets ranked as one."""
+    from engine.backends.onnx import OnnxBackend
+
+    def make(model_dir, lora, optim):
+        return OnnxBackend(model_dir, lora, optim, 2, 9, threads=1)
+
+    _check(*_run_both(tiny_phi3_dir, make, targets=("qkv_proj", "o_proj", "gate_up_proj")))
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from engine.backends.base import (IGNORE_LABEL, OptimizerConfig, PendingStep, Pr
                                   TrainingBackend, check_batch, counted_tokens, shift_labels)
 from engine.backends.preference import (PreferenceLoss, PreferenceObjective, join_pairs, preference_loss,
                                         split_pairs)
-from engine.lora.config import LoraConfig, init_lora_state
+from engine.lora.config import LoraConfig, fit_targets, init_lora_state
 from engine.model.spec import load_model_spec
 from engine.model.weights import open_weights
 from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, grad_name, prepare_weights
@@ -53,6 +53,7 @@ class OnnxBackend(TrainingBackend):
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                              f"{self.spec.max_positions}")
+        lora = fit_targets(self.spec, lora)     # the default targets name Phi-3's fused projections
         self.lora, self.optim = lora, optim
         self.batch_size, self.seq_len = batch_size, seq_len
         self.threads = threads or cpu_threads()

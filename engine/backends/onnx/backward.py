@@ -3,7 +3,7 @@ gradient, but the gradient flows through every frozen layer to the LoRA tensors 
 from __future__ import annotations
 
 from engine.backends.onnx.forward import (GELU_KAPPA, GELU_SQRT_2_OVER_PI, AttentionSaved, AttentionShape,
-                                         LinearGroup, LinearSaved, Rope,
+                                         LinearGroup, LinearSaved, Rope, rope_attributes,
                                          groups_to_rows, heads_to_groups)
 from engine.backends.onnx.graph import Graph
 
@@ -14,6 +14,8 @@ def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearG
     from the members' output gradients dy_j [N, out_j]."""
     members = [i for i, spec in enumerate(group.lora) if spec is not None]
     dx = None
+    if group.fused is not None:
+        dx = _fused_lora_backward(g, dys, saved, group, need_dx)
     if members:
         dus = [g.op("MatMul", dys[i], group.lora[i][1], hint="dU") for i in members]   # [N, R] each
         for i, u in zip(members, saved.u):
@@ -48,6 +50,24 @@ def linear_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearG
     return g.op("Add", *terms) if len(terms) == 2 else g.op("Sum", *terms)
 
 
+def _fused_lora_backward(g: Graph, dys: list[str], saved: LinearSaved, group: LinearGroup,
+                         need_dx: bool) -> str | None:
+    """One LoRA over a fused projection (LinearGroup.fused): dy = [dy_1 | … | dy_m] [N, Σ out_j];
+    dB = dyᵀ·u, du = dy·B, dA = s·duᵀ·drop(x) (∘ the folded norm weight), and its dx = s·du·A' (through the mask)."""
+    _, b, da_name, db_name = group.fused
+    dy = g.concat(dys, axis=1)
+    u = saved.u[0]
+    g.output(g.transpose(g.op("Gemm", u, dy, transA=1, hint="dB"), (1, 0)), db_name, shape=None)
+    du = g.op("MatMul", dy, b, hint="dU")
+    x = saved.x if saved.x_drop is None else saved.x_drop[0]
+    da = g.op("Gemm", du, x, transA=1, alpha=group.scaling, hint="dA")
+    g.output(g.op("Mul", da, group.input_scale, hint="dA") if group.input_scale else da, da_name, shape=None)
+    if not need_dx:
+        return None
+    dx = g.op("Gemm", du, saved.a[0], alpha=group.scaling, hint="dx_lora")
+    return dx if saved.keep is None else g.op("Mul", dx, saved.keep[0])
+
+
 def normalized_rmsnorm_backward(g: Graph, dxn: str, saved: tuple[str, str], axis: int = -1) -> str:
     """dx from d(xn) for xn = x·rstd (no weight): rstd·(dxn − xn·mean(dxn·xn))."""
     xn, rstd = saved
@@ -62,7 +82,7 @@ def rmsnorm_backward(g: Graph, dy: str, saved: tuple[str, str], weight: str, axi
 
 def rope_backward(g: Graph, dy: str, rope: Rope, heads: int) -> str:
     """The transpose of a rotation is the rotation by −angle: dy·cos − rotate_half(dy)·sin, on [B, T, heads·HD]."""
-    return g.op("RotaryEmbedding", dy, rope.positions, rope.cos, rope.neg_sin, num_heads=heads, interleaved=0,
+    return g.op("RotaryEmbedding", dy, rope.positions, rope.cos, rope.neg_sin, **rope_attributes(rope, heads),
                 domain="com.microsoft", hint="rope_bw")
 
 

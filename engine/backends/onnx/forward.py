@@ -31,6 +31,11 @@ class LinearGroup:
     dropout: float = 0.0            # LoRA dropout on the branch input (train graph only)
     dropout_masks: tuple[str, ...] = ()   # per LoRA member: graph output name for its scaled mask, or ()
     seed: int = 0                   # first Dropout seed of this group (one distinct seed per member)
+    # Phi-3: one LoRA over the fused projection that the members are (qkv_proj, gate_up_proj): (A input
+    # [R, in], B input [Σ out_j, R], dA out, dB out), B's row blocks the members' in order (`outs`: their
+    # widths); `lora` is then None for every member. Its dropout is one mask on x, as PEFT's one module has.
+    fused: tuple[str, str, str, str] | None = None
+    outs: tuple[int, ...] = ()
 
 
 def fold_norm_weight(weight: np.ndarray, norm_weight: np.ndarray) -> np.ndarray:
@@ -54,12 +59,17 @@ def _lora_members(group: LinearGroup) -> list[int]:
     return [i for i, spec in enumerate(group.lora) if spec is not None]
 
 
+def _lora_branches(group: LinearGroup) -> int:
+    """LoRA modules of a group, each with its own dropout: one per adapted member, or the one fused."""
+    return 1 if group.fused is not None else len(_lora_members(group))
+
+
 def lora_dropout_forward(g: Graph, x: str, group: LinearGroup, saved: LinearSaved) -> None:
     """One Dropout per LoRA member, as PEFT has one per module. Each node gets its own seed; onnxruntime
     advances a node's generator on every run, so masks differ from step to step yet repeat for a seed."""
     ratio, training = g.scalar(group.dropout), g.const(np.array(True), np.bool_)
     saved.x_drop, saved.keep = [], []
-    for j, _ in enumerate(_lora_members(group)):
+    for j in range(_lora_branches(group)):
         xd, mask = g.op("Dropout", x, ratio, training, outputs=2, seed=group.seed + j, hint="lora_drop")
         keep = g.op("Mul", g.op("Cast", mask, to=1), g.scalar(1.0 / (1.0 - group.dropout)))
         if group.dropout_masks:
@@ -78,7 +88,9 @@ def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[list[str], Lin
     saved = LinearSaved(x=x)
     members = _lora_members(group)
     lora_y: dict[int, str] = {}
-    if members:
+    if group.fused is not None:
+        lora_y = dict(enumerate(_fused_lora_forward(g, x, group, saved)))
+    elif members:
         saved.a = [group.lora[i][0] for i in members]
         if group.dropout > 0:
             if group.input_scale is not None:
@@ -102,6 +114,21 @@ def linear_forward(g: Graph, x: str, group: LinearGroup) -> tuple[list[str], Lin
         else:
             ys.append(g.op("Gemm", x, weight, *([group.biases[i]] if group.biases[i] else []), transB=1, hint="lin"))
     return ys, saved
+
+
+def _fused_lora_forward(g: Graph, x: str, group: LinearGroup, saved: LinearSaved) -> list[str]:
+    """Each member's part of one LoRA over the fused projection: u = s·drop(x)·A'ᵀ [N, R] once, then
+    u·Bᵀ [N, Σ out_j] split into the members' column blocks."""
+    if any(group.biases):
+        raise ValueError("a fused projection's LoRA with frozen biases is not built (Phi-3 has none)")
+    a, b = group.fused[0], group.fused[1]
+    saved.a = [g.op("Mul", a, group.input_scale, hint="lora_a") if group.input_scale is not None else a]
+    xd = x
+    if group.dropout > 0:
+        lora_dropout_forward(g, x, group, saved)
+        xd = saved.x_drop[0]
+    saved.u = [g.op("Gemm", xd, saved.a[0], transB=1, alpha=group.scaling, hint="lora_u")]
+    return g.split(g.op("Gemm", saved.u[0], b, transB=1, hint="lora_y"), list(group.outs), axis=1)
 
 
 def fused_rmsnorm_forward(g: Graph, x: str, width: int, eps: float, residual: str | None = None,
@@ -154,6 +181,8 @@ class Rope:
     cos: str            # [T, HD/2]
     sin: str            # [T, HD/2]
     neg_sin: str        # [T, HD/2]: the backward pass rotates by the opposite angle
+    partial_dim: int = 0    # Phi-3's partial rotary: the first partial_dim dims of each head rotate (tables
+                            # [T, partial_dim/2]), the rest pass; 0: the whole head
 
 
 def rope_tables(inv_freq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,17 +191,27 @@ def rope_tables(inv_freq: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rope_constants(g: Graph, inv_freq: np.ndarray, batch: int, seq_len: int, scale: float = 1.0) -> Rope:
+def rope_constants(g: Graph, inv_freq: np.ndarray, batch: int, seq_len: int, scale: float = 1.0,
+                   partial_dim: int = 0) -> Rope:
     """The tables times `scale`: a rotation is linear, so the queries' 1/sqrt(HD) rides on their rotation
-    (forward and backward) instead of costing a multiply over q and over dq in every layer."""
+    (forward and backward) instead of costing a multiply over q and over dq in every layer (not with a partial
+    rotary, which leaves the unrotated dims unscaled: there the caller scales q itself)."""
     cos, sin = (np.float32(scale) * table for table in rope_tables(inv_freq, seq_len))
     positions = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))
-    return Rope(g.const(positions), g.const(cos, np.float32), g.const(sin, np.float32), g.const(-sin, np.float32))
+    return Rope(g.const(positions), g.const(cos, np.float32), g.const(sin, np.float32), g.const(-sin, np.float32),
+                partial_dim)
+
+
+def rope_attributes(rope: Rope, heads: int) -> dict:
+    """The RotaryEmbedding kernel's attributes: a partial rotary names its rotated dims."""
+    return dict(num_heads=heads, interleaved=0, **({"rotary_embedding_dim": rope.partial_dim}
+                                                   if rope.partial_dim else {}))
 
 
 def rope_forward(g: Graph, x: str, rope: Rope, heads: int) -> str:
-    """x·cos + rotate_half(x)·sin on x [B, T, heads·HD], one fused kernel (four ops and a pass each before)."""
-    return g.op("RotaryEmbedding", x, rope.positions, rope.cos, rope.sin, num_heads=heads, interleaved=0,
+    """x·cos + rotate_half(x)·sin on x [B, T, heads·HD], one fused kernel (four ops and a pass each before);
+    with a partial rotary on each head's first rope.partial_dim dims (rotate_half within them), the rest kept."""
+    return g.op("RotaryEmbedding", x, rope.positions, rope.cos, rope.sin, **rope_attributes(rope, heads),
                 domain="com.microsoft", hint="rope")
 
 

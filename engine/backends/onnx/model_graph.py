@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.lora.config import LoraConfig, peft_key
-from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
-                                   module_path)
+from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, FUSED_TARGETS, LM_HEAD_WEIGHT, LORA_TARGETS,
+                                   layer_tensor, module_path)
 from engine.model.spec import ModelSpec
 from engine.model.weights import WeightSource
 from engine.backends.onnx import backward as bw
@@ -114,6 +114,14 @@ class DecoderGraph:
         biases = tuple(g.weight(f"{layer}.{t}.bias", self.weights[f"{layer}.{t}.bias"])
                        if f"{layer}.{t}.bias" in self.weights else None for t in targets)
         lora = []
+        fused_name = next((f for f, members in FUSED_TARGETS.items() if members == targets), None)
+        fused = None
+        if fused_name in self.lora.targets:     # Phi-3: one LoRA over the members' fused projection
+            out_f, in_f = self.spec.projection_shape(fused_name)
+            a, b = peft_key(layer, fused_name, "A"), peft_key(layer, fused_name, "B")
+            g.input(a, np.float32, [self.lora.rank, in_f])
+            g.input(b, np.float32, [out_f, self.lora.rank])
+            fused = (a, b, grad_name(a), grad_name(b))
         for t in targets:
             if t not in self.lora.targets:
                 lora.append(None)
@@ -124,7 +132,7 @@ class DecoderGraph:
             g.input(b, np.float32, [out_f, self.lora.rank])
             lora.append((a, b, grad_name(a), grad_name(b)))
         dropout = self.lora.dropout if train else 0.0     # evaluation and logits never drop out
-        lora_targets = [t for t, spec in zip(targets, lora) if spec is not None]
+        lora_targets = [fused_name] if fused else [t for t, spec in zip(targets, lora) if spec is not None]
         masks = tuple(dropout_mask_name(layer, t) for t in lora_targets) if self.expose_dropout_masks else ()
         # Registered only where LoRA A reads it: an initializer no node uses is dropped by onnxruntime.
         scale = g.weight(input_scale, self.weights[input_scale]) if input_scale and lora_targets else None
@@ -133,7 +141,8 @@ class DecoderGraph:
         return fw.LinearGroup(weights=weights, biases=biases, targets=targets, lora=tuple(lora),
                               scaling=scaling, rank=self.lora.rank, input_scale=scale,
                               dropout=dropout, dropout_masks=masks,
-                              seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]))
+                              seed=(self.seed * 1009 + layer) * 8 + LORA_TARGETS.index(targets[0]), fused=fused,
+                              outs=tuple(self.spec.projection_shape(t)[0] for t in targets))
 
     def build(self, mode: str) -> Graph:
         """The llm.c-style step: embed, `layer_forward` per layer, the final norm and `loss`, then
@@ -148,11 +157,13 @@ class DecoderGraph:
             rows=g.input("label_rows", np.int64, ["labelled"]), targets=g.input("targets", np.int64, ["labelled", 1]),
             mask=g.input("mask", np.float32, ["labelled", 1]))
         tables = {}     # RopeSpec -> (keys' tables, queries' tables), shared by the layers with that rope
+        partial = spec.rotary_dim or 0      # Phi-3's partial rotary: q is scaled by itself (layer_forward)
         for rope in {spec.layer_rope(i) for i in range(spec.layers) if spec.uses_rope(i)}:
             # factor: yarn's and longrope's cos/sin scale; longrope's frequencies depend on the length
-            inv_freq, factor = rope.inv_freq(spec.head_dim, s.seq), rope.attention_factor
-            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor),
-                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=spec.attention_scale * factor))
+            inv_freq, factor = rope.inv_freq(spec.rope_dim, s.seq), rope.attention_factor
+            q_scale = factor if partial else spec.attention_scale * factor
+            tables[rope] = (fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=factor, partial_dim=partial),
+                            fw.rope_constants(g, inv_freq, s.batch, s.seq, scale=q_scale, partial_dim=partial))
         # A window of T keys or more cuts nothing: those layers share the plain causal masks.
         windows = [w if w is not None and w < s.seq else None for w in map(spec.layer_window, range(spec.layers))]
         masks = {window: [g.const(fw.causal_mask(self.att, j, window), np.float32)
@@ -215,7 +226,10 @@ class DecoderGraph:
             q = g.op("Mul", self._rows3(g, q, spec.q_dim), g.scalar(spec.attention_scale))
             k = self._rows3(g, k, spec.kv_dim)
         else:
-            q = fw.rope_forward(g, self._rows3(g, q, spec.q_dim), consts.rope_q[i], spec.heads)
+            q = self._rows3(g, q, spec.q_dim)
+            if consts.rope_q[i].partial_dim:    # the unrotated dims need the attention scale too
+                q = g.op("Mul", q, g.scalar(spec.attention_scale))
+            q = fw.rope_forward(g, q, consts.rope_q[i], spec.heads)
             k = fw.rope_forward(g, self._rows3(g, k, spec.kv_dim), consts.rope[i], spec.kv_heads)
         k, v = g.reshape(k, self._heads4(spec.kv_heads)), g.reshape(v, self._heads4(spec.kv_heads))
         att, saved.att = fw.attention_forward(g, q, k, v, consts.masks[i], self.att, consts.windows[i])
@@ -271,6 +285,8 @@ class DecoderGraph:
             dk = self._rows3(g, dk, spec.kv_dim)
         else:
             dq = bw.rope_backward(g, self._rows3(g, dq, spec.q_dim), consts.rope_q[i], spec.heads)
+            if consts.rope_q[i].partial_dim:
+                dq = g.op("Mul", dq, g.scalar(spec.attention_scale))
             dk = bw.rope_backward(g, self._rows3(g, dk, spec.kv_dim), consts.rope[i], spec.kv_heads)
         if spec.qk_norm:   # the norm weights were registered by the forward pass
             rows = self.shape.rows

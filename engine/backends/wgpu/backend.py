@@ -22,9 +22,9 @@ from engine.backends.wgpu.uniforms import uniform_struct, upload_uniform
 from engine.backends.wgpu.kernels.linear_f16 import F16_WEIGHT_LIMIT, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
 from engine.backends.wgpu.kernels.optimizer import GradNorm, Optimizer
-from engine.lora.config import LoraConfig, init_lora_state
+from engine.lora.config import LoraConfig, fit_targets, init_lora_state
 from engine.model.spec import ModelSpec, load_model_spec
-from engine.model.weights import ArrayWeights, WeightSource, open_weights
+from engine.model.weights import ArrayWeights, WeightSource, open_weights, split_fused
 from engine.backends.wgpu.backward import model_backward
 from engine.backends.wgpu.buffers import (HISTORY_SLOTS, STAGE_SLOTS, STATS_FLOATS, Scratch, allocate,
                                           allocate_activations, destroy, formats_for, lora_layout, move_flat,
@@ -82,8 +82,10 @@ class WgpuBackend(TrainingBackend):
             self.spec = load_model_spec(model)
             tensors = tensors if tensors is not None else open_weights(model)
         source = tensors if isinstance(tensors, WeightSource) else ArrayWeights(tensors, self.spec.source)
+        source = split_fused(source)        # Phi-3's fused projections also under their members' names
         if seq_len > self.spec.max_positions:
             raise ValueError(f"seq_len {seq_len} exceeds the model's {self.spec.max_positions} positions")
+        lora = fit_targets(self.spec, lora)     # the default targets name Phi-3's fused projections
         self.lora, self.optim, self.batch_size, self.seq_len = lora, optim, batch_size, seq_len
         self.recompute = bool(recompute)
         self.ctx = ctx or GpuContext.create()

@@ -13,7 +13,7 @@ import numpy as np
 
 from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
 from engine.lora.config import LoraConfig, lora_shapes, peft_key
-from engine.model.hf_names import EMBED_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
+from engine.model.hf_names import EMBED_WEIGHT, FUSED_TARGETS, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
 from engine.model.weight_formats import FORMATS, WeightFormat, held_format
 from engine.model.spec import ModelSpec
 
@@ -31,6 +31,8 @@ def nbytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
 # Projections whose LoRA branches read one input (q/k/v the attention norm's output, gate/up the MLP norm's):
 # kernels.lora.LoraGroup runs their A products as one GEMM each way, over their A tensors stacked [n·r, in].
 LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+# Phi-3's LoRA on a fused projection (kernels.lora.FusedLoraBranch) runs where its members' group would.
+FUSED_GROUPS = {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}
 
 
 def lora_groups(lora: LoraConfig) -> dict[str, tuple[str, ...]]:
@@ -364,6 +366,9 @@ def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
             products += [GemmShape(lora.rank, in_f, BT), GemmShape(out_f, lora.rank, BT)]   # dA, dB
     for targets in lora_groups(lora).values():                                      # a group's stacked dA
         products.append(GemmShape(len(targets) * lora.rank, spec.projection_shape(targets[0])[1], BT))
+    for fused in (t for t in lora.targets if t in FUSED_TARGETS):                   # a fused LoRA's dA, dB_i
+        products.append(GemmShape(lora.rank, spec.projection_shape(fused)[1], BT))
+        products += [GemmShape(spec.projection_shape(m)[0], lora.rank, BT) for m in FUSED_TARGETS[fused]]
     products.append(GemmShape(min(chunk, BT), spec.hidden, vocab_piece_rows))      # LM head d(hidden)
     need = [split_k(p, SPLIT_PARTIAL_FLOATS) * p.M * p.N for p in products if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
     return max(need, default=4)

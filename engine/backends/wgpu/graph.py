@@ -7,14 +7,14 @@ from engine.backends.wgpu.kernels.embedding import Embedding
 from engine.backends.wgpu.kernels.linear import Linear
 from engine.backends.wgpu.kernels.linear_f16 import LinearF16, f16_math_ok
 from engine.backends.wgpu.kernels.lm_head import LmHead
-from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims, LoraGroup
+from engine.backends.wgpu.kernels.lora import FusedLoraBranch, LoraBranch, LoraDims, LoraGroup
 from engine.backends.wgpu.kernels.residual import ResidualAdd
 from engine.backends.wgpu.kernels.rmsnorm import RmsNorm
 from engine.backends.wgpu.kernels.swiglu import SwiGlu
 from engine.lora.config import LoraConfig, peft_key
-from engine.model.hf_names import LORA_TARGETS
+from engine.model.hf_names import FUSED_TARGETS, LORA_TARGETS
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import LayerActivations, LoraLayout, Scratch, bias_name, lora_groups
+from engine.backends.wgpu.buffers import FUSED_GROUPS, LayerActivations, LoraLayout, Scratch, bias_name, lora_groups
 from engine.backends.wgpu.weights import ModelWeights
 
 
@@ -36,7 +36,8 @@ class LayerKernels:
     k_norm: RmsNorm | None = None
     post_attn_norm: RmsNorm | None = None   # Gemma 3: o_proj output -> the attention residual's branch
     post_mlp_norm: RmsNorm | None = None    # Gemma 3: down_proj output -> the MLP residual's branch
-    lora_groups: dict = field(default_factory=dict)   # "qkv" / "gate_up" -> LoraGroup (buffers.lora_groups)
+    lora_groups: dict = field(default_factory=dict)   # "qkv" / "gate_up" -> LoraGroup (buffers.lora_groups),
+                                                      #   or Phi-3's FusedLoraBranch (buffers.FUSED_GROUPS)
 
 
 @dataclass
@@ -131,17 +132,32 @@ def _build_layer(ctx, spec, lora, B, T, layer, w, a: LayerActivations, x_in, s: 
             dy=[io[t][2] for t in targets], dx=dx, grad_a=layout.stacked_binding(s.lora_grads, keys_a),
             grad_b=[layout.binding(s.lora_grads, k) for k in keys_b], du=s.du, partials=s.split_k,
             label=f"{name}.{group}.lora")
+    for fused in (t for t in lora.targets if t in FUSED_TARGETS):
+        # Phi-3: one LoRA over the fused projection that its members (computed apart) are.
+        members = FUSED_TARGETS[fused]
+        x, dx = io[members[0]][0], io[members[0]][3]
+        assert all(io[t][0] is x and io[t][3] is dx for t in members), f"{fused}: members must share x and dx"
+        out_f, in_f = spec.projection_shape(fused)
+        key_a, key_b = peft_key(layer, fused, "A"), peft_key(layer, fused, "B")
+        groups[FUSED_GROUPS[fused]] = FusedLoraBranch(
+            ctx, LoraDims(BT, in_f, out_f, lora.rank, lora.scaling), [spec.projection_shape(t)[0] for t in members],
+            [io[t][1] for t in members], a.lora_u[fused], x, layout.binding(s.lora_params, key_a),
+            layout.binding(s.lora_params, key_b), dy=[io[t][2] for t in members], dx=dx,
+            grad_a=layout.binding(s.lora_grads, key_a), grad_b=layout.binding(s.lora_grads, key_b), du=s.du,
+            dropout=lora.dropout, salt=layer * len(LORA_TARGETS) + LORA_TARGETS.index(members[0]),
+            step_uniform=dropout_step, x_drop=s.x_drop, dx_drop=s.dx_drop, partials=s.split_k,
+            label=f"{name}.{fused}.lora")
     layer_rope = spec.layer_rope(layer)
-    inv_freq, rope_scale = layer_rope.inv_freq(spec.head_dim, T), layer_rope.attention_factor
+    inv_freq, rope_scale = layer_rope.inv_freq(spec.rope_dim, T), layer_rope.attention_factor
     rope = spec.uses_rope(layer)        # SmolLM3's NoPE layers attend without rotating q and k
     kernels = LayerKernels(
         ln1=RmsNorm(ctx, a.ln1, a.ln1_rstd, x_in, w.ln1, BT, C, eps, dx=s.d_res, dy=s.d_ln, accumulate_dx=True,
                     label=f"{name}.ln1") if pre else None,
         proj=proj, lora=branches,
         rope_q=Rope(ctx, a.q, B, T, spec.heads, spec.head_dim, inv_freq, label=f"{name}.rope_q",
-                    scale=rope_scale) if rope else None,
+                    scale=rope_scale, rotary_dim=spec.rotary_dim) if rope else None,
         rope_k=Rope(ctx, a.k, B, T, spec.kv_heads, spec.head_dim, inv_freq, label=f"{name}.rope_k",
-                    scale=rope_scale) if rope else None,
+                    scale=rope_scale, rotary_dim=spec.rotary_dim) if rope else None,
         attention=Attention(ctx, B, T, spec.heads, spec.kv_heads, spec.head_dim, a.q, a.k, a.v, a.att, a.lse,
                             s.d_att, s.dq, s.dk, s.dv, dsum=s.att_dsum, dk_heads=s.dk_heads, dv_heads=s.dv_heads,
                             scale=spec.attention_scale, window=spec.layer_window(layer), softcap=spec.attn_softcap),

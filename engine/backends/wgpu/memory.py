@@ -11,10 +11,11 @@ from typing import Mapping
 
 from engine.backends.base import OptimizerConfig
 from engine.backends.wgpu.kernels.lm_head import chunk_rows
-from engine.lora.config import LoraConfig
+from engine.lora.config import LoraConfig, fit_targets
 from engine.model.spec import ModelSpec
 from engine.backends.wgpu.buffers import (activation_bytes, formats_for, frozen_layout, lora_groups, lora_layout,
                                           nbytes, scratch_shapes, shapes_bytes, vocab_pieces)
+from engine.model.hf_names import FUSED_TARGETS
 from engine.model.weight_formats import WeightFormat
 
 GEMM_PARAMS = 64        # linear.wgsl Params
@@ -49,18 +50,20 @@ def kernel_bytes(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int, 
     singles = len(lora.targets) - sum(len(g) for g in groups)
     per_layer += singles * 6 * GEMM_PARAMS                           # LoRA: u, y, dB, du, dA, dx
     per_layer += sum(3 * len(g) + 3 for g in groups) * GEMM_PARAMS   # a group of n: u, dA, dx; n·(y, dB, du)
+    # A fused projection's LoRA over n members (Phi-3): a group's products, counted above as one single's six.
+    per_layer += sum(3 * len(FUSED_TARGETS[t]) - 3 for t in lora.targets if t in FUSED_TARGETS) * GEMM_PARAMS
     if lora.dropout > 0:
         per_layer += len(lora.targets) * 2 * SMALL_PARAMS            # dropout mask forward / backward
     norms = 2 * spec.pre_norms + 2 * spec.qk_norm + 2 * spec.post_norms
     per_layer += norms * 2 * NORM_PARAMS                             # forward + backward
-    per_layer += 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
+    per_layer += 2 * (nbytes((T, spec.rope_dim // 2, 2)) + NORM_PARAMS)   # RoPE q, k: cos/sin table + params
     per_layer += NORM_PARAMS                                         # attention (its scratch is in Scratch)
     per_layer += 2 * SMALL_PARAMS + SMALL_PARAMS                     # two residual adds, swiglu
     chunks = -(-(B * T) // chunk)
     model = embed_pieces * NORM_PARAMS + 2 * NORM_PARAMS             # embedding pieces, final norm
     model += SMALL_PARAMS + chunks * (lm_pieces * 2 * GEMM_PARAMS + SMALL_PARAMS) + SMALL_PARAMS   # LM head
     model += SMALL_PARAMS                                            # the LoRA dropout step constants
-    rope = 2 * (nbytes((T, spec.head_dim // 2, 2)) + NORM_PARAMS)
+    rope = 2 * (nbytes((T, spec.rope_dim // 2, 2)) + NORM_PARAMS)
     return spec.layers * per_layer + model - len(spec.nope_layers) * rope     # NoPE layers bind no RoPE
 
 
@@ -87,6 +90,7 @@ def memory_plan(spec: ModelSpec, lora: LoraConfig, optim: OptimizerConfig, B: in
     with these limits (the defaults are WebGPU's: 128 MiB per storage binding, 65535 workgroups per dimension).
     `stored`: the formats the model file holds its tensors in (engine.model.weights' StoredTensor.format by
     name), needed for weights "stored"."""
+    lora = fit_targets(spec, lora)          # as the backend names Phi-3's fused targets
     chunk = chunk_rows(B * T, spec.vocab_size, max_binding_bytes, max_workgroups=max_workgroups)
     frozen = frozen_layout(spec, max_binding_bytes, formats_for(weights, stored))
     vocab_format = next(t.format for k, t in frozen.items() if k.startswith("embed."))

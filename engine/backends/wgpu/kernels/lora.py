@@ -145,3 +145,67 @@ class LoraGroup:
         """After every member's base projection wrote or added its dx (this adds the group's to it)."""
         for step in self.backward:
             step(enc)
+
+
+class FusedLoraBranch:
+    """PEFT's LoRA on a fused projection (Phi-3's qkv_proj, gate_up_proj) whose members the engine computes as
+    separate projections: one A [r, in] for all members and one B [Σ out_i, r] whose row block i (rows
+    off_i = Σ_{j<i} out_j on) is member i's. u = drop(x)·Aᵀ [M, r] once; each y_i += s·u·B_iᵀ; backward
+    du = s·Σ_i dy_i·B_i (the first member writes du, the others add), dB_i += s·dy_iᵀ·u into dB's row block i,
+    dA += duᵀ·drop(x), dx += drop'(du·A). With dropout, one mask on x serves every member, as PEFT's one module
+    has one Dropout; `x_drop`, `dx_drop` are then [M, in] scratch.
+
+    B_i, dB_i are addressed inside the whole B by element offset (GemmShape b_off / c_off), so no member needs a
+    binding of its own (their offsets are not 256-byte aligned). `y`, `dy`: one per member; `outs`: their widths.
+    Called where a LoraGroup would be, after every member's base projection (forward) or input gradient (backward).
+    """
+
+    def __init__(self, ctx: GpuContext, dims: LoraDims, outs: list[int], y: list, u, x, lora_a, lora_b,
+                 dy: list | None = None, dx=None, grad_a=None, grad_b=None, du=None, dropout: float = 0.0,
+                 salt: int = 0, step_uniform=None, x_drop=None, dx_drop=None, partials=None,
+                 label: str = "lora_fused"):
+        M, fin, r, s, n = dims.M, dims.in_features, dims.rank, dims.scaling, len(outs)
+        if sum(outs) != dims.out_features:
+            raise ValueError(f"{label}: the members' widths {outs} do not add up to B's {dims.out_features} rows")
+        offs = [sum(outs[:i]) for i in range(n)]
+        self.drop_fwd = None
+        x_branch = x
+        if dropout > 0:
+            drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
+            self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
+            x_branch = x_drop
+        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), label=f"{label}.u")
+        self.up = [Matmul(ctx, y[i], u, lora_b, GemmShape(M, outs[i], r, trans_b=True, b_off=offs[i] * r),
+                          alpha=s, beta=1.0, label=f"{label}.{i}.y") for i in range(n)]
+        self.backward = []
+        if dy is None:
+            return
+        for i in range(n):
+            self.backward += [
+                Matmul(ctx, grad_b, dy[i], u, GemmShape(outs[i], r, M, trans_a=True, c_off=offs[i] * r),
+                       alpha=s, beta=1.0, partials=partials, label=f"{label}.{i}.dB").encode,
+                Matmul(ctx, du, dy[i], lora_b, GemmShape(M, r, outs[i], b_off=offs[i] * r), alpha=s,
+                       beta=0.0 if i == 0 else 1.0, label=f"{label}.{i}.du").encode]
+        grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
+                           partials=partials, label=f"{label}.dA")
+        if dropout > 0:
+            # Regenerate drop(x) for dA, then route du·A back through the same mask.
+            dx_mm = Matmul(ctx, dx_drop, du, lora_a, GemmShape(M, fin, r), label=f"{label}.dx")
+            self.backward += [self.drop_fwd, grad_a_mm.encode, dx_mm.encode,
+                              drop.bound(dx, dx_drop, accumulate=True)]
+        else:
+            dx_mm = Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, r), beta=1.0, label=f"{label}.dx")
+            self.backward += [grad_a_mm.encode, dx_mm.encode]
+
+    def encode_forward(self, enc: StepEncoder) -> None:
+        """After every member's base projection wrote its y (the branch adds to each)."""
+        if self.drop_fwd is not None:
+            self.drop_fwd(enc)
+        self.down.encode(enc)
+        for up in self.up:
+            up.encode(enc)
+
+    def encode_backward(self, enc: StepEncoder) -> None:
+        """After every member's base projection wrote or added its dx (this adds the branch's to it)."""
+        for step in self.backward:
+            step(enc)

@@ -1,4 +1,5 @@
-"""Python twin of shaders/rope.wgsl: rotary position embedding in place on [B, T, NH, HD] (rotate_half)."""
+"""Python twin of shaders/rope.wgsl: rotary position embedding in place on [B, T, NH, HD] (rotate_half), on
+the whole head or (Phi-3's partial rotary) on its first rotary_dim dims."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,31 +23,33 @@ class Rope:
 
     One instance per buffer (q and k each get their own); `encode_backward(enc, dx)` applies the transposed
     map to a gradient buffer of the same layout (bind groups for it are made once per buffer and kept). With
-    `scale` (yarn's attention factor) the rotation is scaled by it, forward and backward.
+    `scale` (yarn's attention factor) the rotation is scaled by it, forward and backward. `rotary_dim`: the
+    dims of each head that rotate (the first ones; inv_freq then has rotary_dim/2 entries), None for all.
     """
 
     def __init__(self, ctx: GpuContext, x_buf, B: int, T: int, n_heads: int, head_dim: int,
-                 inv_freq: np.ndarray, label: str = "rope", scale: float = 1.0):
-        if head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+                 inv_freq: np.ndarray, label: str = "rope", scale: float = 1.0, rotary_dim: int | None = None):
+        rotary = head_dim if rotary_dim is None else rotary_dim
+        if rotary % 2 or not 0 < rotary <= head_dim:
+            raise ValueError(f"rope needs an even number of rotary dims from 2 to head_dim {head_dim}, got {rotary}")
         inv_freq = np.asarray(inv_freq, np.float32)
-        if inv_freq.shape != (head_dim // 2,):
-            raise ValueError(f"inv_freq has shape {inv_freq.shape}; expected ({head_dim // 2},) for head_dim {head_dim}")
-        n_pairs = B * T * n_heads * head_dim // 2
-        if 4 * 2 * n_pairs > x_buf.size:
+        if inv_freq.shape != (rotary // 2,):
+            raise ValueError(f"inv_freq has shape {inv_freq.shape}; expected ({rotary // 2},) for {rotary} rotary dims")
+        n_pairs = B * T * n_heads * rotary // 2
+        if 4 * B * T * n_heads * head_dim > x_buf.size:
             raise ValueError(f"buffer {x_buf.label!r} holds {x_buf.size} bytes; [B={B}, T={T}, NH={n_heads}, "
-                             f"HD={head_dim}] f32 needs {8 * n_pairs}")
+                             f"HD={head_dim}] f32 needs {4 * B * T * n_heads * head_dim}")
         self.ctx, self.label = ctx, label
         self.forward_pipeline = ctx.pipeline("rope", "rope_forward")
         self.backward_pipeline = ctx.pipeline("rope", "rope_backward")
         self.x, self.y, stride = grid_1d(ctx, n_pairs)
         self.table = ctx.upload(rope_table(inv_freq, T, scale), f"{label}.cos_sin")
-        self.params = upload_uniform(ctx, "rope", "Params", f"{label}.params", n_pairs=n_pairs, half=head_dim // 2,
-                                     n_heads=n_heads, seq_len=T, row_stride=stride)
+        self.params = upload_uniform(ctx, "rope", "Params", f"{label}.params", n_pairs=n_pairs, half=rotary // 2,
+                                     n_heads=n_heads, seq_len=T, row_stride=stride, head_dim=head_dim)
         self.forward_group = ctx.bind_group(self.forward_pipeline, {0: x_buf, 1: self.table, 2: self.params},
                                             f"{label}.forward")
         self._backward_groups: dict[int, tuple] = {}
-        self._nbytes = 8 * n_pairs
+        self._nbytes = 4 * B * T * n_heads * head_dim
 
     def encode_forward(self, enc: StepEncoder) -> None:
         enc.dispatch(self.forward_pipeline, self.forward_group, self.x, self.y)

@@ -1,10 +1,11 @@
 """The LoRA branch (forward, dA, dB, dx) against torch autograd; the hash dropout's mask is reproducible and its
-backward uses the forward's mask; a group of branches sharing one input (LoraGroup) against numpy."""
+backward uses the forward's mask; a group of branches sharing one input (LoraGroup) and a LoRA on a fused
+projection (FusedLoraBranch: one A, B's row blocks per member) against numpy."""
 import numpy as np
 import pytest
 
 from engine.backends.wgpu.uniforms import upload_uniform
-from engine.backends.wgpu.kernels.lora import LoraBranch, LoraDims, LoraGroup
+from engine.backends.wgpu.kernels.lora import FusedLoraBranch, LoraBranch, LoraDims, LoraGroup
 
 pytestmark = pytest.mark.gpu
 
@@ -139,3 +140,53 @@ def test_lora_group_matches_numpy(gpu_device, M, fin, outs, r):
         want_dx += du @ Ai
     np.testing.assert_allclose(read(ctx, bufs["gA"], (n * r, fin)), want_gA, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), want_dx, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,fin,outs,r,p", [(7, 33, (20, 12, 12), 4, 0.0), (5, 19, (3, 7, 5), 3, 0.0),
+                                            (70, 24, (65, 9), 1, 0.0), (9, 23, (13, 5, 5), 3, 0.3)])
+def test_fused_lora_branch_matches_numpy(gpu_device, M, fin, outs, r, p):
+    """One A for all members, B's row blocks theirs (offsets 20, 32 or 3, 10: unaligned to vec4 and to any
+    binding): each member's y, the shared dA, each block of dB and dx equal PEFT's one LoRA over the
+    concatenated output (float64 numpy), all accumulating onto nonzero values; with dropout, one mask on x
+    (recovered from the forward's dropped input) explains every gradient."""
+    ctx, s = gpu_device, 0.75
+    rng = np.random.default_rng(M + fin + r)
+
+    def rand(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    total = sum(outs)
+    x, dx0, A, gA0 = rand(M, fin), rand(M, fin), rand(r, fin, scale=0.3), rand(r, fin)
+    B, gB0 = rand(total, r, scale=0.3), rand(total, r)
+    y0, dy = [rand(M, o) for o in outs], [rand(M, o) for o in outs]
+    ys, gB = [ctx.upload(a, f"y{i}") for i, a in enumerate(y0)], ctx.upload(gB0, "gB")
+    bufs = {"x": ctx.upload(x, "x"), "dx": ctx.upload(dx0, "dx"), "gA": ctx.upload(gA0, "gA"),
+            "xd": ctx.buffer(4 * M * fin, "xd"), "dxd": ctx.buffer(4 * M * fin, "dxd")}
+    step = upload_uniform(ctx, "lora", "Step", "step", seed=77, p=p) if p else None
+    branch = FusedLoraBranch(ctx, LoraDims(M, fin, total, r, s), list(outs), ys, ctx.buffer(4 * M * r, "u"),
+                             bufs["x"], ctx.upload(A, "A"), ctx.upload(B, "B"),
+                             dy=[ctx.upload(d, f"dy{i}") for i, d in enumerate(dy)], dx=bufs["dx"],
+                             grad_a=bufs["gA"], grad_b=gB, du=ctx.buffer(4 * M * r, "du"), dropout=p, salt=5,
+                             step_uniform=step, x_drop=bufs["xd"], dx_drop=bufs["dxd"],
+                             partials=ctx.buffer(4 << 20, "partials"))
+    enc = ctx.encoder()
+    branch.encode_forward(enc)
+    branch.encode_backward(enc)
+    enc.submit()
+    keep = np.ones_like(x, dtype=np.float64)
+    if p:
+        dropped = read(ctx, bufs["xd"], (M, fin))
+        keep = (dropped != 0) / (1 - p)
+        assert 0 < (dropped == 0).mean() < 2 * p
+    xb = x.astype(np.float64) * keep
+    u = xb @ A.astype(np.float64).T
+    dy_all = np.concatenate(dy, axis=1).astype(np.float64)
+    y_all = s * u @ B.astype(np.float64).T
+    at = 0
+    for i, o in enumerate(outs):
+        np.testing.assert_allclose(read(ctx, ys[i], (M, o)), y0[i] + y_all[:, at:at + o], rtol=1e-4, atol=1e-5)
+        at += o
+    du = s * dy_all @ B.astype(np.float64)
+    np.testing.assert_allclose(read(ctx, gB, (total, r)), gB0 + s * dy_all.T @ u, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(read(ctx, bufs["gA"], (r, fin)), gA0 + du.T @ xb, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(read(ctx, bufs["dx"], (M, fin)), dx0 + (du @ A.astype(np.float64)) * keep,
+                               rtol=1e-4, atol=1e-5)

@@ -75,6 +75,37 @@ def test_scaled_rope_is_yarns_attention_factor_forward_and_backward(gpu_device):
                                rtol=1e-5, atol=1e-4)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,NH,HD,R,scale", [(1, 5, 3, 24, 18, 1.0), (2, 9, 1, 10, 6, 1.6075), (1, 3, 5, 14, 2, 1.0),
+                                               (3, 7, 2, 12, 12, 1.0)])
+def test_partial_rotary_rotates_the_first_dims_and_passes_the_rest(gpu_device, B, T, NH, HD, R, scale):
+    """Phi-3's partial_rotary_factor: each head's first R dims rotate (rotate_half within them, inv_freq [R/2],
+    the table scaled as longrope's attention factor scales cos and sin), dims R.. pass unchanged, forward and
+    backward (the transposed map)."""
+    spec = RopeSpec(theta=10000.0, scaling_type="longrope", original_max_position=4,
+                    short_factor=tuple(1.0 + 0.3 * i for i in range(R // 2)),
+                    long_factor=tuple(1.5 + 0.7 * i for i in range(R // 2)), attention_factor=scale)
+    inv_freq = spec.inv_freq(R, T)
+    rng = np.random.default_rng(HD + T + R)
+    x = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    dy = rng.standard_normal((B, T, NH, HD)).astype(np.float32)
+    ctx = gpu_device
+    x_buf, dx_buf = ctx.upload(x, "x"), ctx.upload(dy, "dx")
+    rope = Rope(ctx, x_buf, B, T, NH, HD, inv_freq, scale=scale, rotary_dim=R)
+    enc = ctx.encoder()
+    rope.encode_forward(enc)
+    rope.encode_backward(enc, dx_buf)
+    enc.submit()
+    x64 = x.astype(np.float64)
+    want = np.concatenate([scale * rope_reference(x64[..., :R], inv_freq), x64[..., R:]], axis=-1)
+    y = ctx.read(x_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    dx = ctx.read(dx_buf, count=x.size).reshape(x.shape)
+    np.testing.assert_array_equal(dx[..., R:], dy[..., R:])
+    np.testing.assert_allclose(np.vdot(y.astype(np.float64), dy), np.vdot(x64, dx), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_rope_matches_transformers(gpu_device):
     torch = pytest.importorskip("torch")
@@ -98,8 +129,10 @@ def test_rope_matches_transformers(gpu_device):
 @pytest.mark.gpu
 def test_rope_refuses_bad_shapes(gpu_device):
     ctx = gpu_device
-    with pytest.raises(ValueError, match="even head_dim"):
+    with pytest.raises(ValueError, match="even number of rotary dims"):
         Rope(ctx, ctx.buffer(4 * 30, "x"), 1, 2, 1, 15, np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="from 2 to head_dim 16, got 18"):
+        Rope(ctx, ctx.buffer(4 * 32, "x"), 1, 2, 1, 16, np.zeros(9, np.float32), rotary_dim=18)
     with pytest.raises(ValueError, match="inv_freq has shape"):
         Rope(ctx, ctx.buffer(4 * 32, "x"), 1, 2, 1, 16, np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="holds 64 bytes"):
