@@ -174,7 +174,8 @@ class FusedLoraBranch:
             drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
             self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
             x_branch = x_drop
-        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), label=f"{label}.u")
+        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), partials=partials,
+                           label=f"{label}.u")
         self.up = [Matmul(ctx, y[i], u, lora_b, GemmShape(M, outs[i], r, trans_b=True, b_off=offs[i] * r),
                           alpha=s, beta=1.0, label=f"{label}.{i}.y") for i in range(n)]
         self.backward = []
@@ -185,7 +186,7 @@ class FusedLoraBranch:
                 Matmul(ctx, grad_b, dy[i], u, GemmShape(outs[i], r, M, trans_a=True, c_off=offs[i] * r),
                        alpha=s, beta=1.0, partials=partials, label=f"{label}.{i}.dB").encode,
                 Matmul(ctx, du, dy[i], lora_b, GemmShape(M, r, outs[i], b_off=offs[i] * r), alpha=s,
-                       beta=0.0 if i == 0 else 1.0, label=f"{label}.{i}.du").encode]
+                       beta=0.0 if i == 0 else 1.0, partials=partials, label=f"{label}.{i}.du").encode]
         grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
                            partials=partials, label=f"{label}.dA")
         if dropout > 0:
