@@ -46,8 +46,9 @@
 //   - vec4 runs + one tile layout + grouped order, 128×64 tile, BK 16, no prefetch (the default): 21.2 at
 //     4096³ NT, 21.4 at 4096×8192×2048 NN, 19.6 at 16384×576×1536 NT; 0.24-0.75× torch fp32 over all
 //     training shapes (median 0.39). The old kernel measured 8.7-25.5 (issue 16's table).
-//   - 128×128 (8×8 per invocation): 14.8-17.1 at every sweep shape, below 128×64 (4×8) with every K walk:
-//     so choose_tile never picks it.  64×64: 13-18.5.
+//   - 128×128 (8×8 per invocation): 14.8-17.1 at every sweep shape, below 128×64 (4×8) with every K walk, while
+//     naga's runtime checks were compiled in; without them (trusted modules, below) it is the best tile at
+//     4096 rows: 25.4 vs 20.9 at 4096×1024×1024. 64×64: 13-18.5 (checked).
 //   - register prefetch of the next K step (PREFETCH): 17.7-19.2 vs 21.4-22.0 without, at 128×64.
 //   - two workgroup-memory stages, BK 8 (DOUBLE): 16.7-18.3; BK 8 single stage: 20.4-21.6.
 //   - next k's fragments read while k computes (FRAG): 21.6 / 21.4 vs 21.4 / 22.0 (no gain).
@@ -56,6 +57,11 @@
 //   - "4096³ is 3× slower" was the first product timed with the clocks down: 4.2 then 15.7 for the same
 //     pipeline in one run; after a warm-up 4096³ measures like its neighbours.
 //   - split-K below 256 tiles to ~512 workgroups: LM head d(hidden) 341×1024×151936 10.6 → 12.4 (1024: 14.5).
+//   - naga's runtime checks off (engine/backends/wgpu/context.py create_module: no index clamps into a_tile/b_tile
+//     and the accumulators, no loop-bounding counter in the K loops): +25-30% at every shape, 4096³ 21.3 → 27.2,
+//     512×3072×1024 14.9 → 20.6 (matmul-h200-checked.json against matmul-h200-trusted.json, one session).
+//   - the tile per product measured by engine/backends/wgpu/tuning.py: median 0.54× torch fp32 over the training
+//     shapes (0.51× with choose_tile's rule), 27.1 at 4096³ (matmul-h200-tuned.json).
 // Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
 // multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
 #include "gemm_common.wgsl"
