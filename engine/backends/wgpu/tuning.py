@@ -55,6 +55,7 @@ class GemmTuner:
     identity: str
     table: dict = field(default_factory=dict)   # product key -> [rows, columns]
     measured: int = 0                # products this tuner timed (the rest came from the file)
+    failed: bool = False             # a measurement failed (say, no memory for the scratch): the rule decides
     _scratch: object = None
 
     @classmethod
@@ -75,13 +76,18 @@ class GemmTuner:
              candidates: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
         """The fastest of `candidates` for product `key`: from the file, else timed on `build(scratch_c, tile)`
         (a product writing the scratch instead of its C). None where C is too big to time."""
-        if key in self.table:
-            return tuple(self.table[key])
-        if 4 * output_floats > SCRATCH_BYTES:
+        kept = tuple(self.table.get(key, ()))
+        if kept in candidates:      # (an entry naming a tile this version lacks is measured again)
+            return kept
+        if 4 * output_floats > SCRATCH_BYTES or self.failed:
             return None
         before = self.ctx.bytes_allocated
         try:
             times = {tile: self._time(build(self._scratch_buffer(), tile)) for tile in candidates}
+        except Exception:  # noqa: BLE001 — e.g. no memory left for the scratch: tuning only speeds things up
+            self.failed = True    # so the rule decides, for this and every later product of this process
+            self.release()
+            return None
         finally:
             self.ctx.bytes_allocated = before   # the trial products' uniforms are garbage once timed
         best = min(times, key=times.get)

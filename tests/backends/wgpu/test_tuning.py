@@ -92,3 +92,30 @@ def test_software_adapters_and_the_switch_use_the_rule(gpu_device, monkeypatch):
                                       (70, 5000, (64, 64))])
 def test_the_rule_takes_the_largest_tile_that_leaves_the_gpu_busy(M, N, want):
     assert choose_tile(GemmShape(M, N, 64)) == want
+
+
+def test_a_failed_measurement_falls_back_to_the_rule(tuned):
+    ctx = tuned
+    ctx.gemm_tuner.table["stale"] = [96, 96]          # not a tile of this version: ignored, measured again
+
+    def broken(scratch, tile):
+        raise MemoryError("no room for the scratch")
+
+    assert ctx.gemm_tuner.tile("stale", 10, broken, ((64, 64),)) is None
+    assert ctx.gemm_tuner.failed and ctx.gemm_tuner.measured == 0
+    mm, c, want = product(ctx, np.random.default_rng(7))
+    assert mm.tile == choose_tile(mm.shape) and ctx.gemm_tuner.measured == 0
+    np.testing.assert_allclose(run(ctx, mm, c, 67, 45), want, rtol=1e-4, atol=1e-4)
+
+
+def test_shaders_compute_the_same_with_and_without_runtime_checks(gpu_device, monkeypatch):
+    """create_module's two paths (trusted by default, LORA_LAB_SHADER_CHECKS=1 checked) on a fresh context each."""
+    from engine.backends.wgpu.context import SHADER_CHECKS_ENV, GpuContext
+    results = []
+    for checks in ("0", "1"):
+        monkeypatch.setenv(SHADER_CHECKS_ENV, checks)
+        ctx = GpuContext(adapter=gpu_device.adapter, device=gpu_device.device, label=gpu_device.label)
+        mm, c, want = product(ctx, np.random.default_rng(8), M=70, N=129, K=33)
+        results.append(run(ctx, mm, c, 70, 129))
+        np.testing.assert_allclose(results[-1], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(results[0], results[1])
