@@ -16,7 +16,7 @@ from engine.lora.config import LoraConfig, fit_targets, lora_shapes
 from engine.model.spec import UnsupportedModelError, load_model_spec
 from tests.arch_helpers import (FUSED_LORAS, T, assert_adapter_round_trip, config_dir, cpu_logits_with_spec,
                                 reference, rel_err)
-from tests.oracle import loss_and_grads, peft_model, random_batch, random_lora_state
+from tests.oracle import random_batch, random_lora_state
 
 
 def test_spec_reads_phi3_as_transformers_builds_it(tiny_phi3_dir, tiny_phi4mini_dir):
@@ -104,50 +104,12 @@ def test_targets_name_the_fused_projections(tiny_phi3_dir, tiny_model_dirs):
 def test_lora_dropout_on_a_fused_projection_is_one_mask_as_peft(tiny_phi3_dir):
     """The CPU train graph with its dropout masks as outputs: one mask per fused module (PEFT's one Dropout on
     qkv_proj's input serves q, k and v), and PEFT with those masks gives the same loss and gradients."""
-    import torch
-
-    from engine.backends.onnx.model_graph import (
-        DecoderGraph,
-        GraphShape,
-        dropout_mask_name,
-        grad_name,
-        prepare_weights,
-    )
-    from engine.backends.onnx.session import GraphSession, ort_values
-    from engine.model.hf_names import module_path
-    from engine.model.weights import open_weights
-    from tests.backends.onnx.test_backend import make_backend
+    from engine.backends.onnx.model_graph import grad_name
+    from tests.backends.onnx.test_backend import dropout_against_peft
 
     lora = LoraConfig(rank=4, alpha=8, dropout=0.25, targets=FUSED_LORAS["all-targets"].targets)
-    spec = load_model_spec(tiny_phi3_dir)
-    state = random_lora_state(spec, lora, seed=3)
-    ids, labels = random_batch(spec.vocab_size, 2, 9, seed=4)
-    weights = prepare_weights(spec, open_weights(tiny_phi3_dir))
-    graph = DecoderGraph(spec, weights, lora, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
-    with make_backend(tiny_phi3_dir, lora=lora, state=state) as backend:
-        backend._fill(ids, labels)
-        feeds = {k: v.copy() for k, v in backend._feeds(labelled=True).items()}
-    out = GraphSession(graph.build("train"), ort_values(weights), 1, ["CPUExecutionProvider"]).run(feeds)
-
-    class FixedMask(torch.nn.Module):
-        def __init__(self, keep):
-            super().__init__()
-            self.keep = torch.from_numpy(keep.reshape(2, 9, -1))
-
-        def forward(self, x):
-            return x * self.keep
-
-    model = peft_model(tiny_phi3_dir, lora, state)
-    masks = []
-    for layer in range(spec.layers):
-        for target in lora.targets:
-            keep = out[dropout_mask_name(layer, target)]
-            masks.append(keep)
-            model.get_submodule(f"base_model.model.{module_path(layer, target)}").lora_dropout["default"] = \
-                FixedMask(keep)
-    want = loss_and_grads(model, ids, labels)
+    out, want, masks, tokens = dropout_against_peft(tiny_phi3_dir, lora)
     assert len({m.tobytes() for m in masks}) == len(masks) == 2 * 4
-    tokens = int((labels[:, 1:] != -100).sum())
     assert abs(float(out["loss_sum"]) / tokens - want.loss) <= 1e-5 * want.loss
     for key, grad in want.grads.items():
         assert rel_err(out[grad_name(key)] / tokens, grad) < 1e-3, key

@@ -271,22 +271,22 @@ def test_flush_to_zero_stays_inside_onnxruntime(tiny_llama_dir):
 DROPOUT = LoraConfig(rank=4, alpha=8, dropout=0.25)
 
 
-def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
+def dropout_against_peft(model_dir, lora: LoraConfig):
     """Run the train graph with its dropout masks as outputs, then PEFT with those masks in place of its
-    nn.Dropout modules: loss and every gradient must agree."""
+    nn.Dropout modules. Returns (graph outputs, PEFT's loss and gradients, the masks in layer × target order,
+    counted tokens)."""
     import torch
 
-    from engine.model.weights import open_weights
-    from engine.backends.onnx.model_graph import (DecoderGraph, GraphShape, dropout_mask_name, grad_name,
-                                                 prepare_weights)
+    from engine.backends.onnx.model_graph import DecoderGraph, GraphShape, dropout_mask_name, prepare_weights
     from engine.backends.onnx.session import GraphSession, ort_values
+    from engine.model.weights import open_weights
 
-    spec = load_model_spec(tiny_model_dir)
-    state = random_lora_state(spec, DROPOUT, seed=3)
+    spec = load_model_spec(model_dir)
+    state = random_lora_state(spec, lora, seed=3)
     ids, labels = random_batch(spec.vocab_size, 2, 9, seed=4)
-    weights = prepare_weights(spec, open_weights(tiny_model_dir))
-    graph = DecoderGraph(spec, weights, DROPOUT, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
-    with make_backend(tiny_model_dir, lora=DROPOUT, state=state) as backend:
+    weights = prepare_weights(spec, open_weights(model_dir))
+    graph = DecoderGraph(spec, weights, lora, GraphShape(2, 9), seed=7, expose_dropout_masks=True)
+    with make_backend(model_dir, lora=lora, state=state) as backend:
         backend._fill(ids, labels)
         feeds = {k: v.copy() for k, v in backend._feeds(labelled=True).items()}
     out = GraphSession(graph.build("train"), ort_values(weights), 1, ["CPUExecutionProvider"]).run(feeds)
@@ -299,19 +299,24 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
         def forward(self, x):
             return x * self.keep
 
-    model = peft_model(tiny_model_dir, DROPOUT, state)
+    model = peft_model(model_dir, lora, state)
     masks = []
     for layer in range(spec.layers):
-        for target in DROPOUT.targets:
+        for target in lora.targets:
             keep = out[dropout_mask_name(layer, target)]
             masks.append(keep)
             module = model.get_submodule(f"base_model.model.{module_path(layer, target)}")
             module.lora_dropout["default"] = FixedMask(keep)
-    want = loss_and_grads(model, ids, labels)
+    return out, loss_and_grads(model, ids, labels), masks, int((labels[:, 1:] != -100).sum())
+
+
+def test_lora_dropout_gradients_match_peft_with_the_same_masks(tiny_model_dir):
+    from engine.backends.onnx.model_graph import grad_name
+
+    out, want, masks, tokens = dropout_against_peft(tiny_model_dir, DROPOUT)
     kept = np.mean([(m > 0).mean() for m in masks])
     assert 0.65 < kept < 0.85, f"about 75% of inputs should be kept, got {kept:.2f}"
     assert len({m.tobytes() for m in masks}) == len(masks), "every module must draw its own mask"
-    tokens = int((labels[:, 1:] != -100).sum())
     assert abs(float(out["loss_sum"]) / tokens - want.loss) <= 1e-3 * want.loss
     for key, grad in want.grads.items():
         assert rel_err(out[grad_name(key)] / tokens, grad) < 1e-3, key

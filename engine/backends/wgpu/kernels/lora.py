@@ -41,6 +41,35 @@ class LoraDropout:
         return lambda enc: enc.dispatch(self.pipeline, bg, *self.groups)
 
 
+def input_side(ctx: GpuContext, dims: LoraDims, u, x, lora_a, dropout: float, salt: int, step_uniform, x_drop,
+               partials, label: str):
+    """The forward's head of a branch: drop(x) and u = drop(x)·Aᵀ. Returns (the LoraDropout or None, its bound
+    forward mask step or None, the buffer holding drop(x), the u product)."""
+    drop, drop_fwd, x_branch = None, None, x
+    if dropout > 0:
+        drop = LoraDropout(ctx, dims.M * dims.in_features, salt, step_uniform, f"{label}.dropout")
+        drop_fwd = drop.bound(x_drop, x, accumulate=False)
+        x_branch = x_drop
+    # u (and du) have r columns: a handful of tiles walking all of K, so they split K like dA and dB.
+    down = Matmul(ctx, u, x_branch, lora_a, GemmShape(dims.M, dims.rank, dims.in_features, trans_b=True),
+                  partials=partials, label=f"{label}.u")
+    return drop, drop_fwd, x_branch, down
+
+
+def input_gradient_steps(ctx: GpuContext, dims: LoraDims, du, lora_a, dx, grad_a_mm: Matmul, dropout, label: str
+                         ) -> list:
+    """The backward's tail once du is known: dA += duᵀ·drop(x) (grad_a_mm), then dx += drop'(du·A). With dropout
+    ((forward mask kernel, LoraDropout, dx_drop [M, in] scratch)), drop(x) is regenerated first for dA and du·A is
+    routed back through the same mask."""
+    M, fin, r = dims.M, dims.in_features, dims.rank
+    if dropout is None:
+        dx_mm = Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, r), beta=1.0, label=f"{label}.dx")
+        return [grad_a_mm.encode, dx_mm.encode]
+    drop_fwd, drop, dx_drop = dropout
+    dx_mm = Matmul(ctx, dx_drop, du, lora_a, GemmShape(M, fin, r), label=f"{label}.dx")
+    return [drop_fwd, grad_a_mm.encode, dx_mm.encode, drop.bound(dx, dx_drop, accumulate=True)]
+
+
 class LoraBranch:
     """Bound once to its buffers. With dropout > 0 the branch gets the dropout kernels (p itself comes from
     step_uniform each step) and needs `x_drop`, `dx_drop` ([M, in] scratch)."""
@@ -49,15 +78,8 @@ class LoraBranch:
                  grad_b=None, du=None, dropout: float = 0.0, salt: int = 0, step_uniform=None, x_drop=None,
                  dx_drop=None, partials=None, label: str = "lora"):
         M, fin, fout, r, s = dims.M, dims.in_features, dims.out_features, dims.rank, dims.scaling
-        self.drop_fwd = None
-        x_branch = x
-        if dropout > 0:
-            drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
-            self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
-            x_branch = x_drop
-        # u and du have r columns: a handful of tiles walking all of K, so they split K like dA and dB.
-        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), partials=partials,
-                           label=f"{label}.u")
+        drop, self.drop_fwd, x_branch, self.down = input_side(ctx, dims, u, x, lora_a, dropout, salt, step_uniform,
+                                                              x_drop, partials, label)
         self.up = Matmul(ctx, y, u, lora_b, GemmShape(M, fout, r, trans_b=True), alpha=s, beta=1.0,
                          label=f"{label}.y")
         self.backward = []
@@ -70,15 +92,8 @@ class LoraBranch:
                        label=f"{label}.du")
         grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
                            partials=partials, label=f"{label}.dA")
-        self.backward = [grad_b_mm.encode, du_mm.encode]
-        if dropout > 0:
-            # Regenerate drop(x) for dA, then route du·A back through the same mask.
-            dx_mm = Matmul(ctx, dx_drop, du, lora_a, GemmShape(M, fin, r), label=f"{label}.dx")
-            self.backward += [self.drop_fwd, grad_a_mm.encode, dx_mm.encode,
-                              drop.bound(dx, dx_drop, accumulate=True)]
-        else:
-            dx_mm = Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, r), beta=1.0, label=f"{label}.dx")
-            self.backward += [grad_a_mm.encode, dx_mm.encode]
+        self.backward = [grad_b_mm.encode, du_mm.encode] + input_gradient_steps(
+            ctx, dims, du, lora_a, dx, grad_a_mm, (self.drop_fwd, drop, dx_drop) if dropout > 0 else None, label)
 
     def encode_forward(self, enc: StepEncoder) -> None:
         if self.drop_fwd is not None:
@@ -135,8 +150,12 @@ class LoraGroup:
                    label=f"{label}.dA").encode,
             Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, n * r), beta=1.0, label=f"{label}.dx").encode]
 
+    drop_fwd = None   # FusedLoraBranch's dropout mask step, where it has one
+
     def encode_forward(self, enc: StepEncoder) -> None:
         """After every member's base projection wrote its y (the branches add to it)."""
+        if self.drop_fwd is not None:
+            self.drop_fwd(enc)
         self.down.encode(enc)
         for up in self.up:
             up.encode(enc)
@@ -147,7 +166,7 @@ class LoraGroup:
             step(enc)
 
 
-class FusedLoraBranch:
+class FusedLoraBranch(LoraGroup):
     """PEFT's LoRA on a fused projection (Phi-3's qkv_proj, gate_up_proj) whose members the engine computes as
     separate projections: one A [r, in] for all members and one B [Σ out_i, r] whose row block i (rows
     off_i = Σ_{j<i} out_j on) is member i's. u = drop(x)·Aᵀ [M, r] once; each y_i += s·u·B_iᵀ; backward
@@ -168,14 +187,8 @@ class FusedLoraBranch:
         if sum(outs) != dims.out_features:
             raise ValueError(f"{label}: the members' widths {outs} do not add up to B's {dims.out_features} rows")
         offs = [sum(outs[:i]) for i in range(n)]
-        self.drop_fwd = None
-        x_branch = x
-        if dropout > 0:
-            drop = LoraDropout(ctx, M * fin, salt, step_uniform, f"{label}.dropout")
-            self.drop_fwd = drop.bound(x_drop, x, accumulate=False)
-            x_branch = x_drop
-        self.down = Matmul(ctx, u, x_branch, lora_a, GemmShape(M, r, fin, trans_b=True), partials=partials,
-                           label=f"{label}.u")
+        drop, self.drop_fwd, x_branch, self.down = input_side(ctx, dims, u, x, lora_a, dropout, salt, step_uniform,
+                                                              x_drop, partials, label)
         self.up = [Matmul(ctx, y[i], u, lora_b, GemmShape(M, outs[i], r, trans_b=True, b_off=offs[i] * r),
                           alpha=s, beta=1.0, label=f"{label}.{i}.y") for i in range(n)]
         self.backward = []
@@ -189,24 +202,5 @@ class FusedLoraBranch:
                        beta=0.0 if i == 0 else 1.0, partials=partials, label=f"{label}.{i}.du").encode]
         grad_a_mm = Matmul(ctx, grad_a, du, x_branch, GemmShape(r, fin, M, trans_a=True), beta=1.0,
                            partials=partials, label=f"{label}.dA")
-        if dropout > 0:
-            # Regenerate drop(x) for dA, then route du·A back through the same mask.
-            dx_mm = Matmul(ctx, dx_drop, du, lora_a, GemmShape(M, fin, r), label=f"{label}.dx")
-            self.backward += [self.drop_fwd, grad_a_mm.encode, dx_mm.encode,
-                              drop.bound(dx, dx_drop, accumulate=True)]
-        else:
-            dx_mm = Matmul(ctx, dx, du, lora_a, GemmShape(M, fin, r), beta=1.0, label=f"{label}.dx")
-            self.backward += [grad_a_mm.encode, dx_mm.encode]
-
-    def encode_forward(self, enc: StepEncoder) -> None:
-        """After every member's base projection wrote its y (the branch adds to each)."""
-        if self.drop_fwd is not None:
-            self.drop_fwd(enc)
-        self.down.encode(enc)
-        for up in self.up:
-            up.encode(enc)
-
-    def encode_backward(self, enc: StepEncoder) -> None:
-        """After every member's base projection wrote or added its dx (this adds the branch's to it)."""
-        for step in self.backward:
-            step(enc)
+        self.backward += input_gradient_steps(
+            ctx, dims, du, lora_a, dx, grad_a_mm, (self.drop_fwd, drop, dx_drop) if dropout > 0 else None, label)
