@@ -30,11 +30,16 @@ def module_path(layer: int, target: str) -> str:
     return f"model.layers.{layer}.{projection_module(target)}"
 
 
+def bias_name(target: str) -> str:
+    """Short name of a projection's bias (LAYER_TENSORS): q_proj -> q_bias."""
+    return target.removesuffix("_proj") + "_bias"
+
+
 # A decoder block's frozen tensors: the engine's short name -> the name inside model.layers.{i}.
 LAYER_TENSORS = {
     "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
     **{t.removesuffix("_proj"): f"{projection_module(t)}.weight" for t in LORA_TARGETS},
-    **{f"{t.removesuffix('_proj')}_bias": f"{projection_module(t)}.bias" for t in LORA_TARGETS},
+    **{bias_name(t): f"{projection_module(t)}.bias" for t in LORA_TARGETS},
     "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 

@@ -307,22 +307,37 @@ def _mismatch(missing: list[str], wrong: list[str]) -> str:
     return "; ".join(parts)
 
 
+def block_tensor_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """Torch shapes of one decoder block's frozen tensors by short name (hf_names.LAYER_TENSORS, with Gemma's and
+    OLMo 2's POST_NORM_TENSORS), as `spec` (a ModelSpec) needs them: the one list both the weight check
+    (expected_shapes) and the WGSL engine's buffers (backends.wgpu.buffers.layer_weight_shapes) read."""
+    from engine.model.hf_names import bias_name
+
+    C, I, HD = spec.hidden, spec.intermediate, spec.head_dim
+    block = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C), "o": (C, spec.q_dim),
+             "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
+    if not spec.pre_norms:
+        del block["ln1"], block["ln2"]
+    for target in spec.bias_targets:
+        block[bias_name(target)] = (spec.projection_shape(target)[0],)
+    if spec.qk_norm:
+        full = spec.qk_norm_full      # OLMo 2 normalises the whole projection, the others each head
+        block.update(q_norm=(spec.q_dim if full else HD,), k_norm=(spec.kv_dim if full else HD,))
+    if spec.post_norms:
+        block.update(post_attn_norm=(C,), post_mlp_norm=(C,))
+    return block
+
+
 def expected_shapes(spec) -> dict[str, tuple[int, ...]]:
     """{Hugging Face name: torch shape} of every frozen tensor the engines read for `spec` (a ModelSpec)."""
-    from engine.model.hf_names import (EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor,
-                                       module_path)
+    from engine.model.hf_names import EMBED_WEIGHT, FINAL_NORM_WEIGHT, LM_HEAD_WEIGHT, layer_tensor
 
     out = {EMBED_WEIGHT: (spec.vocab_size, spec.hidden), FINAL_NORM_WEIGHT: (spec.hidden,)}
     if not spec.tied_embeddings:
         out[LM_HEAD_WEIGHT] = (spec.vocab_size, spec.hidden)
+    block = block_tensor_shapes(spec)
     for i in range(spec.layers):
-        out[layer_tensor(i, "ln1")] = out[layer_tensor(i, "ln2")] = (spec.hidden,)
-        for t in LORA_TARGETS:
-            out[f"{module_path(i, t)}.weight"] = spec.projection_shape(t)
-        for t in spec.bias_targets:
-            out[f"{module_path(i, t)}.bias"] = (spec.projection_shape(t)[0],)
-        if spec.qk_norm:
-            out[layer_tensor(i, "q_norm")] = out[layer_tensor(i, "k_norm")] = (spec.head_dim,)
+        out.update({layer_tensor(i, name, spec.post_norms): shape for name, shape in block.items()})
     return out
 
 

@@ -16,6 +16,7 @@ from engine.lora.config import LoraConfig, lora_shapes, peft_key
 from engine.model.hf_names import EMBED_WEIGHT, FUSED_TARGETS, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
 from engine.model.weight_formats import FORMATS, WeightFormat, held_format
 from engine.model.spec import ModelSpec
+from engine.model.weights import block_tensor_shapes
 
 LORA_ALIGN = 64        # floats: each LoRA tensor starts on a 256-byte boundary so it can be bound as a sub-range
 STATS_FLOATS = 16      # stats[0] loss, [1] grad norm, [2] clip scale, [3] skipped, [4] updates, [5] tokens
@@ -139,11 +140,6 @@ class HeldWeight:
     buffer: object
     format: WeightFormat
     abs_max: float | None = None   # max |w| of an f16/bf16 weight (whether f16 math may use it); None otherwise
-
-
-def bias_name(target: str) -> str:
-    """LayerWeights field of a projection's bias: q_proj -> q_bias."""
-    return target.removesuffix("_proj") + "_bias"
 
 
 @dataclass
@@ -287,22 +283,11 @@ def frozen_layout(spec: ModelSpec, max_binding_bytes: int, format_of: FormatOf =
 
 def layer_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Torch shapes of the final norm and of every layer's frozen tensors, keyed "final_norm" and
-    "layers.{i}.{short name}" (engine.model.hf_names.LAYER_TENSORS)."""
-    C, I, HD = spec.hidden, spec.intermediate, spec.head_dim
-    shapes = {"final_norm": (C,)}
+    "layers.{i}.{short name}" (engine.model.weights.block_tensor_shapes)."""
+    block = block_tensor_shapes(spec)
+    shapes = {"final_norm": (spec.hidden,)}
     for layer in range(spec.layers):
-        per = {"ln1": (C,), "q": (spec.q_dim, C), "k": (spec.kv_dim, C), "v": (spec.kv_dim, C),
-               "o": (C, spec.q_dim), "ln2": (C,), "gate": (I, C), "up": (I, C), "down": (C, I)}
-        if not spec.pre_norms:
-            del per["ln1"], per["ln2"]
-        for target in spec.bias_targets:
-            per[bias_name(target)] = (spec.projection_shape(target)[0],)
-        if spec.qk_norm:
-            per.update(q_norm=(spec.q_dim,), k_norm=(spec.kv_dim,)) if spec.qk_norm_full else per.update(
-                q_norm=(HD,), k_norm=(HD,))
-        if spec.post_norms:
-            per.update(post_attn_norm=(C,), post_mlp_norm=(C,))
-        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per.items()})
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in block.items()})
     return shapes
 
 

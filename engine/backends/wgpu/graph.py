@@ -12,9 +12,9 @@ from engine.backends.wgpu.kernels.residual import ResidualAdd
 from engine.backends.wgpu.kernels.rmsnorm import RmsNorm
 from engine.backends.wgpu.kernels.swiglu import SwiGlu
 from engine.lora.config import LoraConfig, peft_key
-from engine.model.hf_names import FUSED_TARGETS, LORA_TARGETS
+from engine.model.hf_names import FUSED_TARGETS, LORA_TARGETS, bias_name
 from engine.model.spec import ModelSpec
-from engine.backends.wgpu.buffers import FUSED_GROUPS, LayerActivations, LoraLayout, Scratch, bias_name, lora_groups
+from engine.backends.wgpu.buffers import FUSED_GROUPS, LayerActivations, LoraLayout, Scratch, lora_groups
 from engine.backends.wgpu.weights import ModelWeights
 
 
