@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.report import each_backend  # noqa: E402
 from bench.cpu_backend import SMOLLM2_135M, TINY, cpu_flags, cpu_model, write_random_model  # noqa: E402
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.backends.preference import PreferenceObjective  # noqa: E402
@@ -107,18 +108,9 @@ def main() -> None:
     import wgpu
 
     config = TINY if args.quick else SMOLLM2_135M
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_random_model(config, Path(tmp) / "model")
-        for kind in args.backends:
-            if kind == "wgpu":
-                from engine.backends.wgpu.context import GpuContext, NoAdapterError
-                try:
-                    GpuContext.create()
-                except NoAdapterError as exc:
-                    results[kind] = {"skipped": f"no wgpu adapter: {exc}"}
-                    continue
-            results[kind] = bench_backend(kind, model_dir, config["vocab_size"], args)
+        results = each_backend(args.backends, lambda kind: bench_backend(kind, model_dir, config["vocab_size"], args))
     print(json.dumps({
         "benchmark": "preference_step", "model": "tiny random llama" if args.quick else
         "SmolLM2-135M shape, random weights", "batch_rows": args.batch_size, "seq_len": args.seq_len,

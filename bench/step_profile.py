@@ -16,7 +16,6 @@ printed as one JSON line when done; `--time-budget` stops starting new ones afte
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.report import JsonLines  # noqa: E402
 from bench.train_throughput import MODELS, POOL, model_spec  # noqa: E402
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.backends.wgpu.backend import WgpuBackend  # noqa: E402
@@ -130,14 +130,8 @@ def main(argv=None) -> int:
     seq_len = args.seq_len or (16 if args.quick else 512)
     lora = LoraConfig(rank=16, alpha=32)
     t0 = time.perf_counter()
-    sink = open(args.out, "a") if args.out else None
-
-    def emit(obj: dict) -> None:
-        line = json.dumps(obj)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+    lines = JsonLines(args.out)
+    emit = lines.emit
 
     ctx = GpuContext.create()
     import wgpu
@@ -166,8 +160,7 @@ def main(argv=None) -> int:
                 emit(row)
         del tensors
     emit({"done": True, "seconds": round(time.perf_counter() - t0, 1)})
-    if sink:
-        sink.close()
+    lines.close()
     return 0
 
 

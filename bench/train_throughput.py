@@ -15,7 +15,6 @@ measurements after that many seconds (the rest are recorded as skipped).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.report import JsonLines  # noqa: E402
 from bench.memory_plan import spec_of  # noqa: E402
 from engine.backends.wgpu.context import GpuContext  # noqa: E402
 from engine.backends.wgpu.microbench import (random_weights, smollm2_135m_spec, tiny_spec,  # noqa: E402
@@ -206,14 +206,8 @@ def main(argv=None) -> int:
     ours_configs = args.ours or (["f32/f32", "bf16/f32", "bf16/f16"] if args.quick else list(OURS))
     lora = LoraConfig(rank=16, alpha=32)
     t0 = time.perf_counter()
-    sink = open(args.out, "a") if args.out else None
-
-    def emit(obj: dict) -> None:
-        line = json.dumps(obj)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+    lines = JsonLines(args.out)
+    emit = lines.emit
 
     ctx = GpuContext.create()
     torch_device = None
@@ -255,8 +249,7 @@ def main(argv=None) -> int:
                 emit(row)
         del tensors
     emit({"summary": summary(rows), "seconds": round(time.perf_counter() - t0, 1)})
-    if sink:
-        sink.close()
+    lines.close()
     return 0
 
 
