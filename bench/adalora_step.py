@@ -24,14 +24,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.report import each_backend  # noqa: E402
+from bench.report import each_backend, interleaved_times  # noqa: E402
 from bench.cpu_backend import SMOLLM2_135M, TINY, cpu_flags, cpu_model, write_random_model  # noqa: E402
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.lora.adalora import AdaLoraSettings  # noqa: E402
@@ -71,17 +70,8 @@ def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
     steps["grads_init"] = lambda: backends["lora_init"].gradients(data)
     loss, tokens, grads = backends["adalora"].inner.gradients(data)
     steps["host"] = lambda: backends["adalora"].apply_gradients(loss, tokens, grads, 1e-4, 1.0).result()
-    times = {k: [] for k in KINDS}
     try:
-        for k in KINDS:
-            for _ in range(2):
-                steps[k]()
-        for _ in range(args.rounds):
-            for k in KINDS:
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    steps[k]()
-                    times[k].append(time.perf_counter() - t0)
+        times = interleaved_times({k: steps[k] for k in KINDS}, args.rounds, args.steps)
         name = backends["lora_init"].name
         ranks = int(backends["adalora"].allocator.ranks().sum())
     finally:

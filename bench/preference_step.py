@@ -23,14 +23,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.report import each_backend  # noqa: E402
+from bench.report import each_backend, interleaved_times  # noqa: E402
 from bench.cpu_backend import SMOLLM2_135M, TINY, cpu_flags, cpu_model, write_random_model  # noqa: E402
 from engine.backends.base import OptimizerConfig  # noqa: E402
 from engine.backends.preference import PreferenceObjective  # noqa: E402
@@ -71,18 +70,8 @@ def step_fn(backend, kind: str, batch):
 
 def bench_backend(kind: str, model_dir: Path, vocab: int, args) -> dict:
     batch = pair_batch(vocab, args.batch_size, args.seq_len)
-    times = {k: [] for k in KINDS}
     with make_backend(kind, model_dir, args.batch_size, args.seq_len) as backend:
-        steps = {k: step_fn(backend, k, batch) for k in KINDS}
-        for k in KINDS:
-            for _ in range(2):
-                steps[k]()
-        for _ in range(args.rounds):
-            for k in KINDS:
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    steps[k]()
-                    times[k].append(time.perf_counter() - t0)
+        times = interleaved_times({k: step_fn(backend, k, batch) for k in KINDS}, args.rounds, args.steps)
         name = backend.name
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"backend": name, "s_per_step_median": median,

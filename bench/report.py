@@ -1,9 +1,10 @@
 """What the benchmark scripts share around their measurements: JSON lines printed (and appended to a file, so a
-device call that is cut short still leaves every finished row), and the loop over backends that records a
-missing wgpu adapter as skipped instead of failing the whole run."""
+device call that is cut short still leaves every finished row), the loop over backends that records a missing
+wgpu adapter as skipped instead of failing the whole run, and the interleaved timing of several kinds of step."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 
@@ -44,3 +45,19 @@ def each_backend(kinds: list[str], run: Callable[[str], dict]) -> dict:
                 continue
         results[kind] = run(kind)
     return results
+
+
+def interleaved_times(steps: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds of each call of each kind: two warm-up calls per kind, then `rounds` rounds in which every kind runs
+    `per_round` times in turn (interleaved, so a clock or thermal drift reaches every kind alike)."""
+    times = {k: [] for k in steps}
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    for _ in range(rounds):
+        for kind, step in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[kind].append(time.perf_counter() - start)
+    return times
