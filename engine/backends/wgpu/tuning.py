@@ -57,6 +57,7 @@ class GemmTuner:
     measured: int = 0                # products this tuner timed (the rest came from the file)
     failed: bool = False             # a measurement failed (say, no memory for the scratch): the rule decides
     _scratch: object = None
+    _unsaved: bool = False           # measured tiles not yet in the file (release() writes them)
 
     @classmethod
     def for_context(cls, ctx, path: Path | None = None) -> "GemmTuner | None":
@@ -93,11 +94,14 @@ class GemmTuner:
         best = min(times, key=times.get)
         self.table[key] = list(best)
         self.measured += 1
-        self._save()
+        self._unsaved = True
         return best
 
     def release(self) -> None:
-        """Free the timing scratch (the model is built: no more products to time)."""
+        """The model is built: write what was measured (once, not per product) and free the timing scratch."""
+        if self._unsaved:
+            self._save()
+            self._unsaved = False
         if self._scratch is not None:
             self._scratch.destroy()
             self._scratch = None

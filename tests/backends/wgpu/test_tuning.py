@@ -48,6 +48,8 @@ def test_a_tuned_tile_is_measured_once_kept_on_disk_and_computes_the_same(tuned,
     assert ctx.gemm_tuner.measured == 1 and mm.tile in TILES
     # beta = 1: the timing never touched c (it wrote the scratch), so the result is exactly one product.
     np.testing.assert_allclose(run(ctx, mm, c, 67, 45), want, rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / CACHE_FILE).exists()          # written once, when the model is built (release)
+    ctx.gemm_tuner.release()
     saved = json.loads((tmp_path / CACHE_FILE).read_text())
     assert list(saved[adapter_identity(ctx)].values()) == [list(mm.tile)]
 
