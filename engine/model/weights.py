@@ -184,9 +184,12 @@ class FusedSplit(WeightSource):
 
 
 def split_fused(source: WeightSource) -> WeightSource:
-    """`source` itself, or a FusedSplit of it where it stores fused projections (Phi-3)."""
+    """`source` itself, or a FusedSplit of it where it stores fused projections (Phi-3); a source already split
+    (open_weights splits what it opens) is returned as it is, not wrapped again."""
     from engine.model.hf_names import FUSED_TARGETS
 
+    if isinstance(source, FusedSplit):
+        return source
     fused = tuple(f".{name}.weight" for name in FUSED_TARGETS)
     return FusedSplit(source) if any(name.endswith(fused) for name in source.stored()) else source
 

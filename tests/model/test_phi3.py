@@ -47,7 +47,7 @@ def test_spec_reads_phi3_as_transformers_builds_it(tiny_phi3_dir, tiny_phi4mini_
 
 def test_fused_weights_are_split_into_their_members(tiny_phi3_dir):
     """q, k, v are qkv_proj's row blocks in that order, gate and up gate_up_proj's halves (Phi3MLP's chunk(2))."""
-    from engine.model.weights import load_weights, open_weights
+    from engine.model.weights import load_weights, open_weights, split_fused
 
     spec, source = load_model_spec(tiny_phi3_dir), open_weights(tiny_phi3_dir)
     fused = load_weights(tiny_phi3_dir)
@@ -59,6 +59,7 @@ def test_fused_weights_are_split_into_their_members(tiny_phi3_dir):
     np.testing.assert_array_equal(source.f32("model.layers.1.self_attn.v_proj.weight"), qkv[q + kv:])
     np.testing.assert_array_equal(source.f32("model.layers.1.mlp.gate_proj.weight"), gate_up[:spec.intermediate])
     np.testing.assert_array_equal(source.f32("model.layers.1.mlp.up_proj.weight"), gate_up[spec.intermediate:])
+    assert split_fused(source) is source        # what open_weights split is not wrapped again (as the backends ask)
 
 
 def test_each_quirk_moves_the_logits(tiny_phi3_dir, tiny_phi4mini_dir):
