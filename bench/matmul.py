@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.backends.wgpu.context import GpuContext  # noqa: E402
-from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_PARTIAL_FLOATS, TILES, GemmShape,  # noqa: E402
-                                                 Matmul, pack_weight, widen_weight)
+from engine.backends.wgpu.kernels.linear import (DIAG_KERNELS, F16_KERNELS, KERNELS,  # noqa: E402
+                                                 SPLIT_PARTIAL_FLOATS, TILES, GemmShape, Matmul, pack_weight,
+                                                 widen_weight)
 from engine.backends.wgpu.kernels.linear_f16 import MatmulF16  # noqa: E402
 from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
 from engine.backends.wgpu.tuning import GemmTuner  # noqa: E402
@@ -220,18 +221,22 @@ SWEEP_SHAPES = [GemmShape(4096, 4096, 4096, trans_b=True), GemmShape(4096, 8192,
 
 
 def sweep(ctx, partials, count: int) -> list:
-    """Each kernel variant (BK, DOUBLE, PREFETCH) × tile on representative shapes, and split-K targets."""
+    """Each kernel variant (BK, DOUBLE, PREFETCH, FRAG, warp 8×4) × tile on representative shapes, and the
+    diagnostic kernels (no global loads; no staging: what the inner loop alone reaches)."""
     ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
+    row_scale = ctx.buffer(4 * max(s.M for s in SWEEP_SHAPES), "bench.row_scale")
     rows = []
     for shape in SWEEP_SHAPES[:count]:
         row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
                ("T" if shape.trans_b else "N")}
-        for kernel in KERNELS:
-            name = (f"bk{kernel.bk}{'-double' if kernel.double else ''}{'-prefetch' if kernel.prefetch else ''}"
-                    f"{'-frag' if kernel.frag else ''}")
-            row[f"{name} auto"] = time_ours(ctx, ops, shape, None, partials, kernel=kernel)
+        for kernel in KERNELS + DIAG_KERNELS:
             for tile in TILES:
-                row[f"{name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)
+                row[f"{kernel.name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)
+        if ctx.has_f16 and not shape.trans_a:
+            for kernel in F16_KERNELS:
+                for tile in TILES:
+                    row[f"f16math {kernel.name} {tile[0]}x{tile[1]}"] = time_ours(
+                        ctx, ops, shape, tile, None, "bf16", row_scale, kernel=kernel)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows

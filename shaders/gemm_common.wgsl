@@ -23,6 +23,14 @@ fn tile_origin(wg: vec3<u32>, nwg: vec3<u32>, BM: u32, BN: u32) -> vec2<u32> {
     return vec2<u32>((first_m + (pid % group_size) % rows_in_group) * BM, ((pid % group_size) / rows_in_group) * BN);
 }
 
+// The invocation's (column, row) block of the 16 × 16 in the tile. Plain: lid, so a warp (32 consecutive
+// invocations) is 16 columns × 2 rows and reads 16 distinct B fragments per k (two shared-memory wavefronts).
+// warp_8x4: a warp is 8 columns × 4 rows (one wavefront for A's 4 fragments and one for B's 8).
+fn thread_coords(lid: vec3<u32>, li: u32, warp_8x4: bool) -> vec2<u32> {
+    if (!warp_8x4) { return lid.xy; }
+    return vec2<u32>((li & 7u) | (((li >> 5u) & 1u) << 3u), ((li >> 3u) & 3u) | ((li >> 6u) << 2u));
+}
+
 // Lanes j of a run starting at column `col` that lie before `col_end`, for masking a run at the edge.
 fn run_mask(col: u32, col_end: u32) -> vec4<bool> {
     return vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(col_end);

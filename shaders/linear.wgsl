@@ -75,10 +75,14 @@ override VEC_A: bool = false;     // lda and a_off are multiples of 4: one vec4 
 override VEC_B: bool = false;     // ldb and b_off are multiples of 4: one 16-byte (f32) or 8-byte (16-bit) load
 override B_FORMAT: u32 = 0u;      // FMT_*: 0 f32, 1 f16, 30 bf16 (two per u32), else a GGUF block format
 override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order (L2 reuse)
-override BK: u32 = 16u;           // K step through workgroup memory: 16, or 8 (then DOUBLE fits in 16 KiB)
+override BK: u32 = 16u;           // K step through workgroup memory: 8, 16 or 32 (32: 32 KiB of tiles)
 override DOUBLE: bool = false;    // two tile stages in workgroup memory: one barrier per K step (BK 8 only)
 override PREFETCH: bool = true;   // load the next K step's runs into registers while this one computes
 override FRAG: bool = false;      // read the next k's fragments from workgroup memory while this k computes
+override TILE_VECS: u32 = 512u;   // vec4s per tile array: stages · BK · 32 (the twin sets it with BK)
+override WARP_8X4: bool = false;  // a warp covers 8 × 4 invocations of the 16 × 16 (else 16 × 2)
+override DIAG: u32 = 0u;          // measurement only (bench/matmul.py --sweep), C is wrong: 1 no global loads,
+                                  // 2 no staging at all (the inner loop and barriers alone)
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -88,8 +92,8 @@ override FRAG: bool = false;      // read the next k's fragments from workgroup 
 @group(0) @binding(5) var<storage, read> partials: array<f32>;   // matmul_reduce only
 @group(0) @binding(6) var<storage, read> weights: array<u32>;    // B again, word by word, for the block formats
 
-var<workgroup> a_tile: array<vec4<f32>, 512>;  // [stages][BK][BM/4]
-var<workgroup> b_tile: array<vec4<f32>, 512>;  // [stages][BK][BN/4]
+var<workgroup> a_tile: array<vec4<f32>, TILE_VECS>;  // [stages][BK][BM/4]
+var<workgroup> b_tile: array<vec4<f32>, TILE_VECS>;  // [stages][BK][BN/4]
 
 // One 16-bit weight of word `w` (half 0 = low bits) widened to f32.
 fn widen(w: u32, high: bool) -> f32 {
@@ -134,12 +138,14 @@ fn b_run(row: u32, col: u32, row_end: u32, col_end: u32) -> vec4<f32> {
 
 // Run r (0 .. BM·BK/4) of the A tile at (row0, k0): its global load, and its store into a_tile.
 fn load_a(r: u32, row0: u32, k0: u32, k_end: u32, M4: u32) -> vec4<f32> {
+    if (DIAG != 0u) { return vec4<f32>(f32(r)); }
     if (TRANS_A) { return a_run(k0 + r / M4, row0 + (r % M4) * 4u, k_end, params.M); }
     let BM = M4 * 4u;
     return a_run(row0 + r % BM, k0 + (r / BM) * 4u, params.M, k_end);
 }
 
 fn store_a(r: u32, v: vec4<f32>, M4: u32, stage: u32) {
+    if (DIAG == 2u) { return; }
     let at = stage * BK * M4;
     if (TRANS_A) { a_tile[at + r] = v; return; }
     let BM = M4 * 4u;
@@ -152,12 +158,14 @@ fn store_a(r: u32, v: vec4<f32>, M4: u32, stage: u32) {
 }
 
 fn load_b(r: u32, col0: u32, k0: u32, k_end: u32, N4: u32) -> vec4<f32> {
+    if (DIAG != 0u) { return vec4<f32>(f32(r)); }
     if (!TRANS_B) { return b_run(k0 + r / N4, col0 + (r % N4) * 4u, k_end, params.N); }
     let BN = N4 * 4u;
     return b_run(col0 + r % BN, k0 + (r / BN) * 4u, params.N, k_end);
 }
 
 fn store_b(r: u32, v: vec4<f32>, N4: u32, stage: u32) {
+    if (DIAG == 2u) { return; }
     let at = stage * BK * N4;
     if (!TRANS_B) { b_tile[at + r] = v; return; }
     let BN = N4 * 4u;
@@ -191,7 +199,8 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let origin = tile_origin(wg, nwg, BM, BN);
     let row0 = origin.x;
     let col0 = origin.y;
-    // acc: columns lid.x·4.., bcc: columns 64 + lid.x·4.. (WIDE_N); 0-3 rows lid.y·4.., 4-7 rows 64 + .. (WIDE).
+    let t = thread_coords(lid, li, WARP_8X4);
+    // acc: columns t.x·4.., bcc: columns 64 + t.x·4.. (WIDE_N); 0-3 rows t.y·4.., 4-7 rows 64 + .. (WIDE).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
@@ -233,13 +242,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var stage = 0u;
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         let k1 = k0 + BK;
-        if (!DOUBLE) {
-            if (!PREFETCH) {
-                if (li < RA) { pa0 = load_a(li, row0, k0, k_end, M4); }
-                if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k0, k_end, M4); }
-                if (li < RB) { pb0 = load_b(li, col0, k0, k_end, N4); }
-                if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k0, k_end, N4); }
-            }
+        if (!DOUBLE && !PREFETCH) {
+            // Every run straight from global to workgroup memory (BK 32: four of A and B per invocation).
+            for (var r = li; r < RA; r += 256u) { store_a(r, load_a(r, row0, k0, k_end, M4), M4, 0u); }
+            for (var r = li; r < RB; r += 256u) { store_b(r, load_b(r, col0, k0, k_end, N4), N4, 0u); }
+            workgroupBarrier();
+        } else if (!DOUBLE) {
             if (li < RA) { store_a(li, pa0, M4, 0u); }
             if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
             if (li < RB) { store_b(li, pb0, N4, 0u); }
@@ -254,26 +262,26 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         let ab = stage * BK * M4;
         let bb = stage * BK * N4;
-        // Fragments of step k: av/aw rows lid.y·4.. and 64 + lid.y·4.., bv/bw columns lid.x·4.. and 64 + ...
+        // Fragments of step k: av/aw rows t.y·4.. and 64 + t.y·4.., bv/bw columns t.x·4.. and 64 + ...
         // FRAG reads step k + 1's while step k computes (hides workgroup-memory latency, 16 more registers).
         var av = vec4<f32>(0.0);
         var aw = vec4<f32>(0.0);
         var bv = vec4<f32>(0.0);
         var bw = vec4<f32>(0.0);
         if (FRAG) {
-            av = a_tile[ab + lid.y];
-            bv = b_tile[bb + lid.x];
-            if (WIDE) { aw = a_tile[ab + 16u + lid.y]; }
-            if (WIDE_N) { bw = b_tile[bb + 16u + lid.x]; }
+            av = a_tile[ab + t.y];
+            bv = b_tile[bb + t.x];
+            if (WIDE) { aw = a_tile[ab + 16u + t.y]; }
+            if (WIDE_N) { bw = b_tile[bb + 16u + t.x]; }
         }
         for (var k = 0u; k < BK; k++) {
             let kf = select(k, min(k + 1u, BK - 1u), FRAG);
-            let an = a_tile[ab + kf * M4 + lid.y];
-            let bn = b_tile[bb + kf * N4 + lid.x];
+            let an = a_tile[ab + kf * M4 + t.y];
+            let bn = b_tile[bb + kf * N4 + t.x];
             var awn = aw;
             var bwn = bw;
-            if (WIDE) { awn = a_tile[ab + kf * M4 + 16u + lid.y]; }
-            if (WIDE_N) { bwn = b_tile[bb + kf * N4 + 16u + lid.x]; }
+            if (WIDE) { awn = a_tile[ab + kf * M4 + 16u + t.y]; }
+            if (WIDE_N) { bwn = b_tile[bb + kf * N4 + 16u + t.x]; }
             if (!FRAG) { av = an; aw = awn; bv = bn; bw = bwn; }
             acc0 = fma(vec4<f32>(av.x), bv, acc0);
             acc1 = fma(vec4<f32>(av.y), bv, acc1);
@@ -311,8 +319,8 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         workgroupBarrier();
     }
-    let m = row0 + lid.y * 4u;
-    let n = col0 + lid.x * 4u;
+    let m = row0 + t.y * 4u;
+    let n = col0 + t.x * 4u;
     store_row(m, n, acc0, wg.z);
     store_row(m + 1u, n, acc1, wg.z);
     store_row(m + 2u, n, acc2, wg.z);

@@ -38,7 +38,9 @@ override VEC_A: bool = false;     // lda and a_off are multiples of 4: one vec4 
 override VEC_B: bool = false;     // ldb and b_off are multiples of 4: one 8-byte load per run of B
 override B_BF16: bool = false;    // B held bf16 (else f16), two per u32, element 2i in the low half
 override GROUP_M: u32 = 8u;       // tile rows per group of the workgroup order (L2 reuse)
-const BK: u32 = 16u;              // K step, and the run of products accumulated in f16
+override BK: u32 = 16u;           // K step through workgroup memory: 16 or 32
+override WARP_8X4: bool = false;  // a warp covers 8 × 4 invocations of the 16 × 16 (gemm_common thread_coords)
+const F16_RUN: u32 = 16u;         // products summed in f16 before they are added into the f32 accumulators
 const A_EXP: i32 = 8;             // rows of A scaled to a largest |value| in [2^(A_EXP-1), 2^A_EXP)
 
 @group(0) @binding(0) var<storage, read_write> c: array<f32>;
@@ -48,8 +50,8 @@ const A_EXP: i32 = 8;             // rows of A scaled to a largest |value| in [2
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<storage, read_write> row_scale: array<f32>;   // [M] power-of-two scale of A's rows
 
-var<workgroup> a_tile: array<vec4<f16>, 512>;  // [BK][BM/4]
-var<workgroup> b_tile: array<vec4<f16>, 512>;  // [BK][BN/4]
+var<workgroup> a_tile: array<vec4<f16>, BK * 32u>;  // [BK][BM/4]
+var<workgroup> b_tile: array<vec4<f16>, BK * 32u>;  // [BK][BN/4]
 var<workgroup> row_max: array<f32, 256>;
 
 // Element `e` of stored B as f16: an f16 through unpack2x16float (naga 0.32 rejects indexing
@@ -162,6 +164,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let origin = tile_origin(wg, nwg, BM, BN);
     let row0 = origin.x;
     let col0 = origin.y;
+    let t = thread_coords(lid, li, WARP_8X4);
     // f32 accumulators across K, as linear.wgsl: acc columns lid.x·4.., bcc columns 64 + lid.x·4..; 0-3 rows
     // lid.y·4.., 4-7 rows 64 + lid.y·4.. .
     var acc0 = vec4<f32>(0.0);
@@ -185,83 +188,83 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let RA = BM * BK / 4u;
     let RB = BN * BK / 4u;
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        if (li < RA) { stage_a(li, row0, k0, k_end, M4); }
-        if (li + 256u < RA) { stage_a(li + 256u, row0, k0, k_end, M4); }
-        if (li < RB) { stage_b(li, col0, k0, k_end, N4); }
-        if (li + 256u < RB) { stage_b(li + 256u, col0, k0, k_end, N4); }
+        for (var r = li; r < RA; r += 256u) { stage_a(r, row0, k0, k_end, M4); }
+        for (var r = li; r < RB; r += 256u) { stage_b(r, col0, k0, k_end, N4); }
         workgroupBarrier();
-        // This step's f16 partial sums (h*: acc*, g*: bcc*).
-        var h0 = vec4<f16>(0.0h);
-        var h1 = vec4<f16>(0.0h);
-        var h2 = vec4<f16>(0.0h);
-        var h3 = vec4<f16>(0.0h);
-        var h4 = vec4<f16>(0.0h);
-        var h5 = vec4<f16>(0.0h);
-        var h6 = vec4<f16>(0.0h);
-        var h7 = vec4<f16>(0.0h);
-        var g0 = vec4<f16>(0.0h);
-        var g1 = vec4<f16>(0.0h);
-        var g2 = vec4<f16>(0.0h);
-        var g3 = vec4<f16>(0.0h);
-        var g4 = vec4<f16>(0.0h);
-        var g5 = vec4<f16>(0.0h);
-        var g6 = vec4<f16>(0.0h);
-        var g7 = vec4<f16>(0.0h);
-        for (var k = 0u; k < BK; k++) {
-            let av = a_tile[k * M4 + lid.y];
-            let bv = b_tile[k * N4 + lid.x];
-            h0 = fma(vec4<f16>(av.x), bv, h0);
-            h1 = fma(vec4<f16>(av.y), bv, h1);
-            h2 = fma(vec4<f16>(av.z), bv, h2);
-            h3 = fma(vec4<f16>(av.w), bv, h3);
-            if (WIDE) {
-                let aw = a_tile[k * M4 + 16u + lid.y];
-                h4 = fma(vec4<f16>(aw.x), bv, h4);
-                h5 = fma(vec4<f16>(aw.y), bv, h5);
-                h6 = fma(vec4<f16>(aw.z), bv, h6);
-                h7 = fma(vec4<f16>(aw.w), bv, h7);
+        for (var ks = 0u; ks < BK; ks += F16_RUN) {
+            // This run's f16 partial sums (h*: acc*, g*: bcc*).
+            var h0 = vec4<f16>(0.0h);
+            var h1 = vec4<f16>(0.0h);
+            var h2 = vec4<f16>(0.0h);
+            var h3 = vec4<f16>(0.0h);
+            var h4 = vec4<f16>(0.0h);
+            var h5 = vec4<f16>(0.0h);
+            var h6 = vec4<f16>(0.0h);
+            var h7 = vec4<f16>(0.0h);
+            var g0 = vec4<f16>(0.0h);
+            var g1 = vec4<f16>(0.0h);
+            var g2 = vec4<f16>(0.0h);
+            var g3 = vec4<f16>(0.0h);
+            var g4 = vec4<f16>(0.0h);
+            var g5 = vec4<f16>(0.0h);
+            var g6 = vec4<f16>(0.0h);
+            var g7 = vec4<f16>(0.0h);
+            for (var k = ks; k < ks + F16_RUN; k++) {
+                let av = a_tile[k * M4 + t.y];
+                let bv = b_tile[k * N4 + t.x];
+                h0 = fma(vec4<f16>(av.x), bv, h0);
+                h1 = fma(vec4<f16>(av.y), bv, h1);
+                h2 = fma(vec4<f16>(av.z), bv, h2);
+                h3 = fma(vec4<f16>(av.w), bv, h3);
+                if (WIDE) {
+                    let aw = a_tile[k * M4 + 16u + t.y];
+                    h4 = fma(vec4<f16>(aw.x), bv, h4);
+                    h5 = fma(vec4<f16>(aw.y), bv, h5);
+                    h6 = fma(vec4<f16>(aw.z), bv, h6);
+                    h7 = fma(vec4<f16>(aw.w), bv, h7);
+                    if (WIDE_N) {
+                        let bw = b_tile[k * N4 + 16u + t.x];
+                        g4 = fma(vec4<f16>(aw.x), bw, g4);
+                        g5 = fma(vec4<f16>(aw.y), bw, g5);
+                        g6 = fma(vec4<f16>(aw.z), bw, g6);
+                        g7 = fma(vec4<f16>(aw.w), bw, g7);
+                    }
+                }
                 if (WIDE_N) {
-                    let bw = b_tile[k * N4 + 16u + lid.x];
-                    g4 = fma(vec4<f16>(aw.x), bw, g4);
-                    g5 = fma(vec4<f16>(aw.y), bw, g5);
-                    g6 = fma(vec4<f16>(aw.z), bw, g6);
-                    g7 = fma(vec4<f16>(aw.w), bw, g7);
+                    let bw = b_tile[k * N4 + 16u + t.x];
+                    g0 = fma(vec4<f16>(av.x), bw, g0);
+                    g1 = fma(vec4<f16>(av.y), bw, g1);
+                    g2 = fma(vec4<f16>(av.z), bw, g2);
+                    g3 = fma(vec4<f16>(av.w), bw, g3);
                 }
             }
-            if (WIDE_N) {
-                let bw = b_tile[k * N4 + 16u + lid.x];
-                g0 = fma(vec4<f16>(av.x), bw, g0);
-                g1 = fma(vec4<f16>(av.y), bw, g1);
-                g2 = fma(vec4<f16>(av.z), bw, g2);
-                g3 = fma(vec4<f16>(av.w), bw, g3);
-            }
-        }
-        acc0 += vec4<f32>(h0);
-        acc1 += vec4<f32>(h1);
-        acc2 += vec4<f32>(h2);
-        acc3 += vec4<f32>(h3);
-        if (WIDE) {
-            acc4 += vec4<f32>(h4);
-            acc5 += vec4<f32>(h5);
-            acc6 += vec4<f32>(h6);
-            acc7 += vec4<f32>(h7);
-        }
-        if (WIDE_N) {
-            bcc0 += vec4<f32>(g0);
-            bcc1 += vec4<f32>(g1);
-            bcc2 += vec4<f32>(g2);
-            bcc3 += vec4<f32>(g3);
+            acc0 += vec4<f32>(h0);
+            acc1 += vec4<f32>(h1);
+            acc2 += vec4<f32>(h2);
+            acc3 += vec4<f32>(h3);
             if (WIDE) {
-                bcc4 += vec4<f32>(g4);
-                bcc5 += vec4<f32>(g5);
-                bcc6 += vec4<f32>(g6);
-                bcc7 += vec4<f32>(g7);
+                acc4 += vec4<f32>(h4);
+                acc5 += vec4<f32>(h5);
+                acc6 += vec4<f32>(h6);
+                acc7 += vec4<f32>(h7);
+            }
+            if (WIDE_N) {
+                bcc0 += vec4<f32>(g0);
+                bcc1 += vec4<f32>(g1);
+                bcc2 += vec4<f32>(g2);
+                bcc3 += vec4<f32>(g3);
+                if (WIDE) {
+                    bcc4 += vec4<f32>(g4);
+                    bcc5 += vec4<f32>(g5);
+                    bcc6 += vec4<f32>(g6);
+                    bcc7 += vec4<f32>(g7);
+                }
             }
         }
         workgroupBarrier();
     }
-    let m = row0 + lid.y * 4u;
-    let n = col0 + lid.x * 4u;
+    let m = row0 + t.y * 4u;
+    let n = col0 + t.x * 4u;
     store_row(m, n, acc0, wg.z);
     store_row(m + 1u, n, acc1, wg.z);
     store_row(m + 2u, n, acc2, wg.z);

@@ -35,22 +35,41 @@ PLAIN_B_FORMATS = (WeightFormat.F32, WeightFormat.F16, WeightFormat.BF16)   # ad
 
 @dataclass(frozen=True)
 class GemmKernel:
-    """How the shader walks K (its BK, DOUBLE and PREFETCH constants); the tile is chosen separately."""
-    bk: int = 16              # K step through workgroup memory (16, or 8)
+    """How the shader walks K (its BK, DOUBLE and PREFETCH constants) and maps invocations; the tile is chosen
+    separately. `diag` is for bench/matmul.py's sweep only: its products are wrong by design (linear.wgsl DIAG)."""
+    bk: int = 16              # K step through workgroup memory (8, 16, or 32: then 32 KiB of tiles)
     double: bool = False      # two tile stages in workgroup memory, one barrier per step (bk 8 only: 16 KiB)
     prefetch: bool = False    # next step's operand runs loaded into registers while this one computes
     frag: bool = False        # next k's fragments read from workgroup memory while this k computes
+    warp_8x4: bool = False    # a warp covers 8 × 4 invocations (fewer shared-memory wavefronts per k)
+    diag: int = 0             # 1: no global loads, 2: no staging at all (measurement of the inner loop alone)
 
     def __post_init__(self):
-        if self.bk not in (8, 16) or (self.double and self.bk != 8):
-            raise ValueError(f"GEMM kernel bk={self.bk} double={self.double}: bk must be 8 or 16, double needs bk 8")
+        if self.bk not in (8, 16, 32) or (self.double and self.bk != 8) or (self.bk == 32 and self.prefetch):
+            raise ValueError(f"GEMM kernel bk={self.bk} double={self.double} prefetch={self.prefetch}: bk must be "
+                             "8, 16 or 32, double needs bk 8, prefetch holds at most two runs (bk <= 16)")
+
+    @property
+    def tile_vecs(self) -> int:
+        """vec4s of each workgroup tile array: stages · BK k-rows of up to 128 floats."""
+        return (2 if self.double else 1) * self.bk * 32
+
+    @property
+    def name(self) -> str:
+        return (f"bk{self.bk}{'-double' if self.double else ''}{'-prefetch' if self.prefetch else ''}"
+                f"{'-frag' if self.frag else ''}{'-warp8x4' if self.warp_8x4 else ''}"
+                f"{f'-diag{self.diag}' if self.diag else ''}")
 
     def constants(self) -> dict:
-        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch), "FRAG": int(self.frag)}
+        return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch), "FRAG": int(self.frag),
+                "TILE_VECS": self.tile_vecs, "WARP_8X4": int(self.warp_8x4), "DIAG": self.diag}
 
 
 KERNELS = (GemmKernel(16, False, False), GemmKernel(16, False, True), GemmKernel(16, False, False, True),
-           GemmKernel(16, False, True, True), GemmKernel(8, True, True), GemmKernel(8, True, True, True))
+           GemmKernel(16, False, True, True), GemmKernel(8, True, True), GemmKernel(8, True, True, True),
+           GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
+DIAG_KERNELS = (GemmKernel(16, diag=1), GemmKernel(16, diag=2), GemmKernel(32, diag=2))
+F16_KERNELS = (GemmKernel(16), GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
 DEFAULT_KERNEL = GemmKernel()
 
 
@@ -222,7 +241,7 @@ class Matmul:
         self.ctx = ctx
         self.shape = shape
         if tile is None:
-            family = "linear" if kernel is None else f"linear {kernel}"
+            family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
             tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: Matmul(
                 ctx, scratch, a, b, shape, alpha, beta, bias, tile=t, label=f"{label}.tune", b_format=b_format,
                 group_m=group_m, kernel=kernel))

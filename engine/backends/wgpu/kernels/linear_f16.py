@@ -18,7 +18,9 @@ import numpy as np
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
 from engine.backends.wgpu.kernels.grids import grid_1d, grid_rows
 from engine.backends.wgpu.kernels.linear import (
+    DEFAULT_KERNEL,
     GROUP_M,
+    GemmKernel,
     GemmShape,
     Linear,
     SplitKReduce,
@@ -67,7 +69,7 @@ class MatmulF16:
     def __init__(self, ctx: GpuContext, c, a, b, shape: GemmShape, row_scale, alpha: float = 1.0,
                  beta: float = 0.0, bias=None, partials=None, tile: tuple[int, int] | None = None,
                  label: str = "matmul_f16", b_format: WeightFormat | str = WeightFormat.F16,
-                 group_m: int = GROUP_M):
+                 group_m: int = GROUP_M, kernel: GemmKernel | None = None):
         b_format = WeightFormat.parse(b_format)
         if not ctx.has_f16:
             raise ValueError(f"{label}: f16 math needs an adapter with shader-f16; {ctx.label} has none "
@@ -81,16 +83,20 @@ class MatmulF16:
             raise ValueError(f"{label}: row_scale holds {row_scale_floats} floats, the product has {shape.M} rows")
         self.ctx = ctx
         self.shape = shape
+        kernel = kernel or DEFAULT_KERNEL
+        if kernel.bk not in (16, 32) or kernel.double or kernel.prefetch or kernel.frag or kernel.diag:
+            raise ValueError(f"{label}: the f16-math GEMM walks K in steps of 16 or 32 with one stage, not {kernel}")
         if tile is None:
-            tile = tuned_tile(ctx, "linear_f16", shape, partials, b_format, lambda scratch, t: MatmulF16(
+            family = "linear_f16" if kernel == DEFAULT_KERNEL else f"linear_f16 {kernel.name}"
+            tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: MatmulF16(
                 ctx, scratch, a, b, shape, row_scale, alpha, beta, bias, tile=t, label=f"{label}.tune",
-                b_format=b_format, group_m=group_m))
+                b_format=b_format, group_m=group_m, kernel=kernel))
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear_f16", "matmul", {
             "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128), "WIDE_N": int(self.tile[1] == 128),
             "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b), "B_BF16": int(b_format == WeightFormat.BF16),
-            "GROUP_M": group_m})
+            "GROUP_M": group_m, "BK": kernel.bk, "WARP_8X4": int(kernel.warp_8x4)})
         self.scales = ctx.pipeline("linear_f16", "row_scales")
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2])
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)

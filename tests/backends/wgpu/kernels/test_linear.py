@@ -34,12 +34,12 @@ def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K, 
     np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"bk{k.bk}{'-double' if k.double else ''}"
-                         f"{'-prefetch' if k.prefetch else ''}{'-frag' if k.frag else ''}")
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 @pytest.mark.parametrize("tile", [TILES[0], TILES[-1]])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_matmul_kernel_variants(gpu_device, kernel, tile, trans_a, trans_b):
-    """Every way of walking K (BK, two stages, register prefetch, fragment prefetch) gives the same product;
+    """Every way of walking K (BK, two stages, register prefetch, fragment prefetch) and of mapping invocations
+    (warp 8×4) gives the same product;
     K = 45 leaves a partial last step, 131×133 partial edge tiles."""
     test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, 131, 133, 45, kernel)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.backends.wgpu.kernels.linear import (
+    F16_KERNELS,
     TILES,
     GemmShape,
     upload_weight,
@@ -67,6 +68,27 @@ def test_matmul_f16_layouts_and_scales(gpu_device, tile, fmt, trans_b, M, N, K, 
     enc.submit()
     got = (ctx.read(c, count=M * N).reshape(M, N).astype(np.float64) - c0 - bias) / 0.5
     check(got, a, widen_weight(w, fmt), trans_b)
+
+
+@pytest.mark.parametrize("kernel", F16_KERNELS, ids=lambda k: k.name)
+@pytest.mark.parametrize("tile", [TILES[0], TILES[-1]])
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_matmul_f16_kernel_variants(gpu_device, kernel, tile, trans_b):
+    """Every K step (16, 32: two f16 runs per step) and invocation map gives the product within the bound;
+    K = 77 leaves a partial last step of either length, 131×133 partial edge tiles."""
+    ctx = f16_ctx(gpu_device)
+    rng = np.random.default_rng(11)
+    M, N, K = 131, 133, 77
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K) if trans_b else (K, N)) * 0.05).astype(np.float32)
+    c = ctx.buffer(4 * M * N, "c")
+    mm = MatmulF16(ctx, c, ctx.upload(a, "a"), upload_weight(ctx, w, "bf16", "w"),
+                   GemmShape(M, N, K, trans_b=trans_b), ctx.buffer(4 * M, "row_scale"), tile=tile, b_format="bf16",
+                   kernel=kernel)
+    enc = ctx.encoder()
+    mm.encode(enc)
+    enc.submit()
+    check(ctx.read(c, count=M * N).reshape(M, N), a, widen_weight(w, "bf16"), trans_b)
 
 
 @pytest.mark.parametrize("trans_b", [True, False])
