@@ -4,7 +4,7 @@
 # `source .gpu/setup.sh`; results go to $OUT (or ./bench-out):
 #   bash bench/h200_session.sh speed      # GEMM (f32, f16 weights, f16 math, tuned) and training tokens/s at model shapes
 #   bash bench/h200_session.sh large      # what `speed` has no time for: Llama-3.2-3B at B=1 and 8 against PEFT
-#   bash bench/h200_session.sh extra      # GEMM kernel variants (BK, DOUBLE, PREFETCH, FRAG) without runtime checks;
+#   bash bench/h200_session.sh extra      # GEMM kernel variants (BK, DOUBLE, PREFETCH, FRAG, warp map, diagnostics);
 #                                         # the Phi-4-mini shape against PEFT bf16
 #   bash bench/h200_session.sh features   # teach_fact on the demo model, DPO/ORPO step, AdaLoRA step
 #   bash bench/h200_session.sh arch       # Gemma 3 shapes and a per-phase step profile
@@ -24,8 +24,8 @@ case "${1:-}" in
       --out "$out/train_throughput-3b.jsonl" > /dev/null 2> "$out/train_throughput-3b.log"
     tail -n 1 "$out/train_throughput-3b.jsonl" ;;
   extra)
-    timeout 80 python bench/matmul.py --sweep 4 --no-torch > "$out/matmul-sweep.json" 2> "$out/matmul-sweep.log"
-    timeout 300 python bench/architectures.py --models phi4-mini > "$out/architectures-phi4.json" 2> "$out/arch-phi4.log" ;;
+    timeout 240 python bench/matmul.py --sweep 4 --no-torch > "$out/matmul-sweep.json" 2> "$out/matmul-sweep.log"
+    timeout 280 python bench/architectures.py --models phi4-mini > "$out/architectures-phi4.json" 2> "$out/arch-phi4.log" ;;
   features)
     timeout 240 python -m bench.teach_fact > "$out/teach_fact.json" 2> "$out/teach_fact.log"; cat "$out/teach_fact.json"
     timeout 150 python bench/preference_step.py --backends wgpu --steps 5 --rounds 3 --batch-size 8 --seq-len 512 \
