@@ -5,10 +5,11 @@ forward and input-grad, LoRA u / dA / dB, LM head chunks) for SmolLM2-135M at B�
 Qwen3-0.6B and Llama-3.2-1B at B·T = 512 and 4096. Each product runs as the engine dispatches it ("auto": tile and
 split-K as in training) and, for products whose B is a frozen weight, with that weight stored as f16 and bf16,
 and multiplied in half precision (shaders/linear_f16.wgsl, "auto_f16math": f16 weights, its row-scale pass
-included), and with the tile the autotune measures ("tuned", "tuned_f16math"; a real GPU only). With --tiles each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too, whose
-tile choice is the f32 GEMM's until these say otherwise). Every timing is
-guarded (an error is recorded in its place). Prints one JSON object (and each row on stderr as it is done).
-    python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...]
+included), and with the tile the autotune measures ("tuned", "tuned_f16math"; a real GPU only). With --tiles
+each tile is also timed forced (64×64, 128×64, 128×128, no split; the f16-math GEMM's too). --sweep times every
+kernel variant × tile instead (see `sweep`). Every timing is guarded (an error is recorded in its place). Prints
+one JSON object (and each row on stderr as it is done).
+    python bench/matmul.py [--quick] [--batch-sizes 1 8 32] [--tiles] [--models ...] [--sweep SHAPES]
 """
 from __future__ import annotations
 
@@ -220,23 +221,50 @@ SWEEP_SHAPES = [GemmShape(4096, 4096, 4096, trans_b=True), GemmShape(4096, 8192,
                 GemmShape(341, 1024, 151936), GemmShape(4096, 16, 1536, trans_b=True)]
 
 
-def sweep(ctx, partials, count: int) -> list:
-    """Each kernel variant (BK, DOUBLE, PREFETCH, FRAG, warp 8×4) × tile on representative shapes, and the
-    diagnostic kernels (no global loads; no staging: what the inner loop alone reaches)."""
+def sweep(ctx, count: int, rounds: int = 3) -> list:
+    """Each kernel variant (BK, DOUBLE, PREFETCH, FRAG, warp 8×4) × tile on representative shapes, the f16-math
+    kernels, and the diagnostic kernels (no global loads; no staging: what the inner loop alone reaches).
+
+    Every variant of a shape is compiled first, then all are timed round-robin, best of `rounds`, right after a
+    warm-up: timing each right after its compile measured 2-5× slow at random (the GPU's clocks drop during the
+    pause), which made the previous sweeps' small differences noise."""
     ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
     row_scale = ctx.buffer(4 * max(s.M for s in SWEEP_SHAPES), "bench.row_scale")
     rows = []
     for shape in SWEEP_SHAPES[:count]:
         row = {"M": shape.M, "N": shape.N, "K": shape.K, "layout": ("T" if shape.trans_a else "N") +
                ("T" if shape.trans_b else "N")}
+        c = ctx.buffer(4 * shape.M * shape.N, "bench.c")
+        variants = {}
         for kernel in KERNELS + DIAG_KERNELS:
             for tile in TILES:
-                row[f"{kernel.name} {tile[0]}x{tile[1]}"] = time_ours(ctx, ops, shape, tile, None, kernel=kernel)
+                variants[f"{kernel.name} {tile[0]}x{tile[1]}"] = lambda k=kernel, t=tile: Matmul(
+                    ctx, c, ops.a, ops.b["f32"], shape, tile=t, kernel=k)
         if ctx.has_f16 and not shape.trans_a:
             for kernel in F16_KERNELS:
                 for tile in TILES:
-                    row[f"f16math {kernel.name} {tile[0]}x{tile[1]}"] = time_ours(
-                        ctx, ops, shape, tile, None, "bf16", row_scale, kernel=kernel)
+                    variants[f"f16math {kernel.name} {tile[0]}x{tile[1]}"] = lambda k=kernel, t=tile: MatmulF16(
+                        ctx, c, ops.a, ops.b["bf16"], shape, row_scale, tile=t, b_format="bf16", kernel=k)
+        built = {}
+        for name, build in variants.items():
+            try:
+                built[name] = build()
+            except Exception as exc:  # noqa: BLE001 — one failing variant must not lose the rest of the run
+                row[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        flops = 2.0 * shape.M * shape.N * shape.K
+        first = next(iter(built.values()))
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            time_matmul(ctx, first, c, 8)
+        repeats = {name: int(min(200, max(3, TARGET_SECONDS / max(time_matmul(ctx, mm, c, 3) / 3, 1e-6))))
+                   for name, mm in built.items()}
+        best = {name: float("inf") for name in built}
+        for _ in range(rounds):
+            for name, mm in built.items():
+                best[name] = min(best[name], time_matmul(ctx, mm, c, repeats[name]) / repeats[name])
+        for name, seconds in best.items():
+            row[name] = {"tflops": flops / seconds / 1e12, "us": 1e6 * seconds}
+        c.destroy()
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -265,7 +293,7 @@ def main(argv=None) -> int:
               "results": []}
     if args.sweep:
         warm_up(ctx, Operands(ctx, 4096 * 4096, 4096 * 4096))
-        report["sweep"] = sweep(ctx, partials, args.sweep)
+        report["sweep"] = sweep(ctx, args.sweep)
         print(json.dumps(report, indent=2))
         return 0
     jobs = []   # (group, batch·seq, name, shape, B frozen)
@@ -293,7 +321,8 @@ def main(argv=None) -> int:
                 shape = GemmShape(shape.M, shape.N, max_b // shape.N, trans_a=shape.trans_a)
             name += " (cut to one binding)"
         fitted.append((group, bt, name, shape, frozen))
-    ops = Operands(ctx, max(operand_sizes(s)[0] for *_, s, _ in fitted), max(operand_sizes(s)[1] for *_, s, _ in fitted))
+    ops = Operands(ctx, max(operand_sizes(s)[0] for *_, s, _ in fitted),
+                   max(operand_sizes(s)[1] for *_, s, _ in fitted))
     row_scale = ctx.buffer(4 * max(s.M for *_, s, _ in fitted), "bench.row_scale") if ctx.has_f16 else None
     report["checks_max_rel_error"] = check_against_numpy(ctx, *((37, 53, 129) if args.quick else (1031, 1029, 1027)))
     if not args.quick:

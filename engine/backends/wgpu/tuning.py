@@ -10,7 +10,8 @@ one prefers 128×128). kernels.linear.choose_tile stays the rule where nothing i
 exceeds the timing scratch.
 
 How: a product is timed with its real operands A and B (only read) and a scratch C (so no buffer of the model is
-written), each candidate tile a few milliseconds' worth of dispatches after one warm-up, best of two. Split-K
+written): every candidate tile compiled first, then each timed for a few milliseconds' worth of dispatches,
+round-robin, best of three. Split-K
 products are not tuned (their tile is the split rule's). The scratch is one buffer, freed by `release()` once the
 model is built, and it and the trial products' uniforms are left out of GpuContext.bytes_allocated: the memory
 plan counts what stays allocated.
@@ -34,6 +35,7 @@ TUNE_ENV = "LORA_LAB_GEMM_TUNE"   # "0": never measure; "1": measure even on a s
 CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns]}}
 SCRATCH_BYTES = 64 << 20          # the largest C a product may have to be timed (else the rule's tile)
 TARGET_SECONDS = 0.004            # GPU time per timed submit
+ROUNDS = 3                        # timed submits per candidate (round-robin over the candidates; the best counts)
 SHADERS = ("linear", "linear_f16", "gemm_common", "weight_formats")   # their text is part of the identity
 
 
@@ -84,7 +86,7 @@ class GemmTuner:
             return None
         before = self.ctx.bytes_allocated
         try:
-            times = {tile: self._time(build(self._scratch_buffer(), tile)) for tile in candidates}
+            times = self._time({tile: build(self._scratch_buffer(), tile) for tile in candidates})
         except Exception:  # noqa: BLE001 — e.g. no memory left for the scratch: tuning only speeds things up
             self.failed = True    # so the rule decides, for this and every later product of this process
             self.release()
@@ -124,11 +126,19 @@ class GemmTuner:
         self._wait()
         return (time.perf_counter() - start) / repeats
 
-    def _time(self, product) -> float:
-        """Seconds per product: a warm-up, a first estimate, then the best of two submits of ~TARGET_SECONDS."""
-        self._submit(product, 1)
-        repeats = max(1, min(64, int(TARGET_SECONDS / max(self._submit(product, 1), 1e-6))))
-        return min(self._submit(product, repeats) for _ in range(2))
+    def _time(self, products: dict) -> dict:
+        """Seconds per product of each candidate: all built (compiled) first, then timed round-robin, best of
+        ROUNDS submits of ~TARGET_SECONDS each. Timing each candidate right after its own compile measured it
+        2-5× slow at random on the H200 (the clocks drop while the CPU compiles), so the first-built lost."""
+        repeats = {}
+        for key, product in products.items():
+            self._submit(product, 1)
+            repeats[key] = max(1, min(64, int(TARGET_SECONDS / max(self._submit(product, 1), 1e-6))))
+        times = {key: float("inf") for key in products}
+        for _ in range(ROUNDS):
+            for key, product in products.items():
+                times[key] = min(times[key], self._submit(product, repeats[key]))
+        return times
 
     def _save(self) -> None:
         """Merge this adapter's table into the file (other adapters' entries kept), written whole then renamed."""

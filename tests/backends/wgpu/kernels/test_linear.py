@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from engine.model.weight_formats import FORMATS, WeightFormat, dequantize, quantize, to_gpu_layout
-from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_MAX_TILES, SPLIT_MIN_K, SPLIT_TARGET_WORKGROUPS, TILES, GemmShape,
-                                                   Linear, Matmul, pack_weight, split_k, upload_weight, widen_weight)
+from engine.backends.wgpu.kernels.linear import (KERNELS, SPLIT_MAX_TILES, SPLIT_MIN_K, SPLIT_TARGET_WORKGROUPS,
+                                                   TILES, GemmShape, Linear, Matmul, pack_weight, split_k,
+                                                   upload_weight, widen_weight)
 
 pytestmark = pytest.mark.gpu
 
