@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, GemmShape, split_k
+from engine.backends.wgpu.kernels.linear import SPLIT_PARTIAL_FLOATS, TILES, GemmShape, split_k
 from engine.lora.config import LoraConfig, lora_shapes, peft_key
 from engine.model.hf_names import EMBED_WEIGHT, FUSED_TARGETS, LM_HEAD_WEIGHT, LORA_TARGETS, layer_tensor
 from engine.model.weight_formats import FORMATS, WeightFormat, held_format
@@ -355,7 +355,9 @@ def split_k_floats(spec: ModelSpec, lora: LoraConfig, B: int, T: int, chunk: int
         products.append(GemmShape(lora.rank, spec.projection_shape(fused)[1], BT))
         products += [GemmShape(spec.projection_shape(m)[0], lora.rank, BT) for m in FUSED_TARGETS[fused]]
     products.append(GemmShape(min(chunk, BT), spec.hidden, vocab_piece_rows))      # LM head d(hidden)
-    need = [split_k(p, SPLIT_PARTIAL_FLOATS) * p.M * p.N for p in products if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
+    # The slices of the tile that splits most (the largest: fewest tiles), so a measured tile gets all of them.
+    need = [split_k(p, SPLIT_PARTIAL_FLOATS, TILES[0]) * p.M * p.N for p in products
+            if split_k(p, SPLIT_PARTIAL_FLOATS) > 1]
     return max(need, default=4)
 
 

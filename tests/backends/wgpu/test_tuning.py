@@ -60,12 +60,15 @@ def test_a_tuned_tile_is_measured_once_kept_on_disk_and_computes_the_same(tuned,
     np.testing.assert_allclose(run(ctx, mm2, c2, 67, 45), want2, rtol=1e-4, atol=1e-4)
 
 
-def test_a_forced_tile_or_a_split_product_is_not_timed(tuned):
+def test_a_forced_tile_is_not_timed_and_a_split_product_is_timed_with_its_slices(tuned):
     ctx, rng = tuned, np.random.default_rng(5)
     product(ctx, rng, tile=(64, 64))
+    assert ctx.gemm_tuner.measured == 0
     partials = ctx.buffer(4 << 16, "partials")
     split, c, want = product(ctx, rng, M=5, N=7, K=700, partials=partials)
-    assert split.splits > 1 and ctx.gemm_tuner.measured == 0
+    # Timed with each tile's own slices and reduction into the scratch: c (beta = 1) holds one product.
+    assert split.splits > 1 and ctx.gemm_tuner.measured == 1 and split.tile in TILES
+    assert any(" split" in key for key in ctx.gemm_tuner.table)
     np.testing.assert_allclose(run(ctx, split, c, 5, 7), want, rtol=1e-4, atol=1e-4)
 
 

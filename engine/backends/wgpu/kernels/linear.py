@@ -99,11 +99,13 @@ class GemmShape:
         return lda, ldb, self.ldc or self.N
 
 
-def split_k(shape: GemmShape, partial_floats: int) -> int:
-    """How many K slices a product gets: 1 unless its tiles are too few to fill a GPU and K is long."""
-    tiles = -(-shape.N // TILE_N) * -(-shape.M // TILE_M)
-    if tiles >= SPLIT_MAX_TILES:
+def split_k(shape: GemmShape, partial_floats: int, tile: tuple[int, int] = (TILE_M, TILE_N)) -> int:
+    """How many K slices a product gets: 1 unless its 64×64 tiles are too few to fill a GPU and K is long; then
+    enough slices of `tile`-sized tiles for about SPLIT_TARGET_WORKGROUPS workgroups (a larger tile has fewer
+    tiles, so more slices), never more than K / SPLIT_MIN_K or than `partial_floats` holds."""
+    if -(-shape.N // TILE_N) * -(-shape.M // TILE_M) >= SPLIT_MAX_TILES:
         return 1
+    tiles = -(-shape.N // tile[1]) * -(-shape.M // tile[0])
     splits = min(-(-SPLIT_TARGET_WORKGROUPS // tiles), shape.K // SPLIT_MIN_K,
                  partial_floats // (shape.M * shape.N))
     return max(1, splits)
@@ -133,16 +135,19 @@ def vec_loads(shape: GemmShape) -> tuple[bool, bool]:
 
 def tuned_tile(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
                build) -> tuple[int, int] | None:
-    """The measured tile of a product that is not split over K (ctx.gemm_tuner, engine.backends.wgpu.tuning),
-    or None (no tuner, a split product, an output too big to time): then gemm_plan's rule decides.
-    build(scratch_c, tile): the same product with the given tile, writing scratch_c instead of its C."""
+    """The measured tile of a product (ctx.gemm_tuner, engine.backends.wgpu.tuning), or None (no tuner, an output
+    too big to time): then gemm_plan's rule decides. A product split over K is timed with each tile's own split
+    count (split_k), its reduction included. build(scratch_c, tile): the same product with the given tile,
+    writing scratch_c instead of its C."""
     tuner = ctx.gemm_tuner
-    if tuner is None or (partials is not None and split_k(shape, partials.size // 4) > 1):
+    if tuner is None:
         return None
     vec_a, vec_b = vec_loads(shape)
     ldc = shape.strides()[2]
+    split = partials is not None and split_k(shape, partials.size // 4) > 1
     key = (f"{family} {shape.M}x{shape.N}x{shape.K} {'T' if shape.trans_a else 'N'}{'T' if shape.trans_b else 'N'}"
-           f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}")
+           f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}"
+           f"{f' split{partials.size // 4}' if split else ''}")
     return tuner.tile(key, shape.c_off + (shape.M - 1) * ldc + shape.N, build, TILES)
 
 
@@ -216,12 +221,15 @@ def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
 def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = None
               ) -> tuple[tuple[int, int], int, int, bool, bool]:
     """(tile, splits, k_chunk, vec_a, vec_b) of one product, for both GEMM families (Matmul, MatmulF16): split-K
-    where a partials scratch is given and the product wants it (then the default tile), K chunks whole BK steps,
-    and vec4 loads where stride and offset are 4-aligned (one vec4, or 8-byte 16-bit, load per run of 4)."""
-    splits = split_k(shape, partials.size // 4) if partials is not None else 1
-    chosen = tile or choose_tile(shape) if splits == 1 else (TILE_M, TILE_N)
+    where a partials scratch is given and the product wants it (slices for the tile's count), K chunks whole BK
+    steps, and vec4 loads where stride and offset are 4-aligned (one vec4, or 8-byte 16-bit, load per run of 4)."""
+    split = partials is not None and split_k(shape, partials.size // 4) > 1
+    # A split product takes the given (measured) tile, else 64×64: its slices already fill the GPU, and no
+    # measurement yet says a larger tile wins there without a tuner.
+    chosen = tile or ((TILE_M, TILE_N) if split else choose_tile(shape))
     if chosen not in TILES:
         raise ValueError(f"matmul tile {tile} is not one of {TILES}")
+    splits = split_k(shape, partials.size // 4, chosen) if split else 1
     k_chunk = -(-(-(-shape.K // splits)) // TILE_K) * TILE_K
     return (chosen, -(-shape.K // k_chunk), k_chunk, *vec_loads(shape))
 
@@ -244,8 +252,8 @@ class Matmul:
         if tile is None:
             family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
             tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: Matmul(
-                ctx, scratch, a, b, shape, alpha, beta, bias, tile=t, label=f"{label}.tune", b_format=b_format,
-                group_m=group_m, kernel=kernel))
+                ctx, scratch, a, b, shape, alpha, beta, bias, partials, tile=t, label=f"{label}.tune",
+                b_format=b_format, group_m=group_m, kernel=kernel))
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear", "matmul", {

@@ -89,7 +89,7 @@ class MatmulF16:
         if tile is None:
             family = "linear_f16" if kernel == DEFAULT_KERNEL else f"linear_f16 {kernel.name}"
             tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: MatmulF16(
-                ctx, scratch, a, b, shape, row_scale, alpha, beta, bias, tile=t, label=f"{label}.tune",
+                ctx, scratch, a, b, shape, row_scale, alpha, beta, bias, partials, tile=t, label=f"{label}.tune",
                 b_format=b_format, group_m=group_m, kernel=kernel))
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)

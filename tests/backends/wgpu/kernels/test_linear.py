@@ -192,12 +192,35 @@ def test_split_k_matches_unsplit(gpu_device, trans_a, M, N, K, beta):
     np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tile", TILES)
+def test_split_product_with_any_tile(gpu_device, tile):
+    """A split product given a tile (the autotune's) splits for that tile's count (more slices for fewer, larger
+    tiles) and computes the same product; 64×64 stays the split rule's tile without one."""
+    ctx = gpu_device
+    rng = np.random.default_rng(5)
+    M, N, K = 130, 201, 16651   # 64×64: 12 tiles, 43 slices; 128×64: 8, 64; 128×128: 4, 128 (K / 128 = 130)
+    a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32)
+    shape = GemmShape(M, N, K, trans_b=True)
+    c, partials = ctx.buffer(4 * M * N, "c"), ctx.buffer(4 << 22, "partials")
+    mm = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, partials=partials, tile=tile)
+    ruled = Matmul(ctx, c, ctx.upload(a, "a"), ctx.upload(b, "b"), shape, partials=partials)
+    assert ruled.tile == TILES[-1] and mm.tile == tile and mm.splits > 1
+    # (at most split_k's count: K chunks rounded up to whole 16-steps may cover K in fewer)
+    assert mm.splits <= split_k(shape, 1 << 22, tile)
+    assert tile == TILES[-1] or mm.splits > ruled.splits
+    run(ctx, mm.encode)
+    want = a.astype(np.float64) @ b.T.astype(np.float64)
+    np.testing.assert_allclose(ctx.read(c, count=M * N).reshape(M, N), want, rtol=1e-4, atol=1e-3)
+
+
 def test_split_k_respects_partial_capacity():
     shape = GemmShape(16, 576, 16384, trans_a=True)
     assert split_k(shape, 16 * 576 * 3) == 3
     assert split_k(shape, 1 << 30) == min(-(-SPLIT_TARGET_WORKGROUPS // 9), 16384 // SPLIT_MIN_K)
     assert split_k(GemmShape(4096, 4096, 4096), 1 << 30) == 1
     assert split_k(GemmShape(16 * 64, SPLIT_MAX_TILES // 16 * 64, 1 << 20), 1 << 30) == 1   # tiles enough
+    # A larger tile: fewer tiles, so more slices for the same workgroup target (9 tiles of 64×64, 5 of 128×128).
+    assert split_k(shape, 1 << 30, (128, 128)) == min(-(-SPLIT_TARGET_WORKGROUPS // 5), 16384 // SPLIT_MIN_K)
 
 
 def test_large_tiles_only_for_products_large_enough_to_fill_a_gpu(gpu_device):
