@@ -1,5 +1,6 @@
-"""The GEMM autotune: which tile each product of a model runs fastest with on this GPU, measured once and kept on
-disk per adapter, driver, wgpu version and shader text.
+"""The GEMM autotune: which tile each product of a model runs fastest with on this GPU, and whether a product of
+few tiles is faster split over K or not, measured once and kept on disk per adapter, driver, wgpu version and
+shader text.
 
 Why measured rather than chosen by rule: which of the three tiles (kernels.linear.TILES) wins depends on the
 product's shape, the GEMM family and the GPU, and no rule fitted the H200's figures everywhere
@@ -10,11 +11,12 @@ one prefers 128×128). kernels.linear.choose_tile stays the rule where nothing i
 exceeds the timing scratch.
 
 How: a product is timed with its real operands A and B (only read) and a scratch C (so no buffer of the model is
-written): every candidate tile compiled first, then each timed for a few milliseconds' worth of dispatches,
-round-robin, best of three. Split-K
-products are not tuned (their tile is the split rule's). The scratch is one buffer, freed by `release()` once the
-model is built, and it and the trial products' uniforms are left out of GpuContext.bytes_allocated: the memory
-plan counts what stays allocated.
+written): every candidate compiled first, then each timed for a few milliseconds' worth of dispatches,
+round-robin, best of three. A product the rule would split over K (kernels.linear.split_k) is timed with each
+tile both split (its reduction included; the backend's partials scratch is free while the model is built) and
+whole: at small batches a split LoRA product's reduction is a second dispatch for little work. The scratch is
+one buffer, freed by `release()` once the model is built, and it and the trial products' uniforms are left out of
+GpuContext.bytes_allocated: the memory plan counts what stays allocated.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from engine.backends.hardware import adapter_is_software
 from engine.model.references import data_dir
 
 TUNE_ENV = "LORA_LAB_GEMM_TUNE"   # "0": never measure; "1": measure even on a software adapter (tests)
-CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns]}}
+CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns, split]}}
 SCRATCH_BYTES = 64 << 20          # the largest C a product may have to be timed (else the rule's tile)
 TARGET_SECONDS = 0.004            # GPU time per timed submit
 ROUNDS = 3                        # timed submits per candidate (round-robin over the candidates; the best counts)
@@ -51,11 +53,12 @@ def adapter_identity(ctx) -> str:
 
 @dataclass
 class GemmTuner:
-    """Tiles by product key for one adapter; `tile()` measures what the file does not hold yet."""
+    """Chosen variants (tile, split) by product key for one adapter; `choose()` measures what the file does not
+    hold yet."""
     ctx: object                      # GpuContext
     path: Path
     identity: str
-    table: dict = field(default_factory=dict)   # product key -> [rows, columns]
+    table: dict = field(default_factory=dict)   # product key -> the chosen candidate as a list
     measured: int = 0                # products this tuner timed (the rest came from the file)
     failed: bool = False             # a measurement failed (say, no memory for the scratch): the rule decides
     _scratch: object = None
@@ -75,18 +78,19 @@ class GemmTuner:
             table = {}   # no file yet, or an unreadable one: measure again and rewrite it
         return cls(ctx, path, identity, dict(table))
 
-    def tile(self, key: str, output_floats: int, build: Callable[[object, tuple[int, int]], object],
-             candidates: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
-        """The fastest of `candidates` for product `key`: from the file, else timed on `build(scratch_c, tile)`
-        (a product writing the scratch instead of its C). None where C is too big to time."""
+    def choose(self, key: str, output_floats: int, build: Callable[[object, tuple[int, ...]], object],
+               candidates: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
+        """The fastest of `candidates` (flat tuples of ints: kernels.linear's (rows, columns, split)) for product
+        `key`: from the file, else timed on `build(scratch_c, candidate)` (the product writing the scratch instead
+        of its C). None where C is too big to time."""
         kept = tuple(self.table.get(key, ()))
-        if kept in candidates:      # (an entry naming a tile this version lacks is measured again)
+        if kept in candidates:      # (an entry naming a variant this version lacks is measured again)
             return kept
         if 4 * output_floats > SCRATCH_BYTES or self.failed:
             return None
         before = self.ctx.bytes_allocated
         try:
-            times = self._time({tile: build(self._scratch_buffer(), tile) for tile in candidates})
+            times = self._time({choice: build(self._scratch_buffer(), choice) for choice in candidates})
         except Exception:  # noqa: BLE001 — e.g. no memory left for the scratch: tuning only speeds things up
             self.failed = True    # so the rule decides, for this and every later product of this process
             self.release()

@@ -133,22 +133,25 @@ def vec_loads(shape: GemmShape) -> tuple[bool, bool]:
     return lda % 4 == 0 and shape.a_off % 4 == 0, ldb % 4 == 0 and shape.b_off % 4 == 0
 
 
-def tuned_tile(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
-               build) -> tuple[int, int] | None:
-    """The measured tile of a product (ctx.gemm_tuner, engine.backends.wgpu.tuning), or None (no tuner, an output
-    too big to time): then gemm_plan's rule decides. A product split over K is timed with each tile's own split
-    count (split_k), its reduction included. build(scratch_c, tile): the same product with the given tile,
-    writing scratch_c instead of its C."""
+def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
+               build) -> tuple[tuple[int, int], bool] | None:
+    """(tile, split over K) of a product as measured (ctx.gemm_tuner, engine.backends.wgpu.tuning), or None (no
+    tuner, an output too big to time): then gemm_plan's rule decides. A product the rule would split is timed
+    with each tile both split (each tile's own slice count, split_k, reduction included) and whole.
+    build(scratch_c, tile, split): the same product so planned, writing scratch_c instead of its C."""
     tuner = ctx.gemm_tuner
     if tuner is None:
         return None
     vec_a, vec_b = vec_loads(shape)
     ldc = shape.strides()[2]
-    split = partials is not None and split_k(shape, partials.size // 4) > 1
+    splittable = partials is not None and split_k(shape, partials.size // 4) > 1
     key = (f"{family} {shape.M}x{shape.N}x{shape.K} {'T' if shape.trans_a else 'N'}{'T' if shape.trans_b else 'N'}"
            f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}"
-           f"{f' split{partials.size // 4}' if split else ''}")
-    return tuner.tile(key, shape.c_off + (shape.M - 1) * ldc + shape.N, build, TILES)
+           f"{f' partials{partials.size // 4}' if splittable else ''}")
+    candidates = tuple((*tile, split) for tile in TILES for split in ((1, 0) if splittable else (0,)))
+    choice = tuner.choose(key, shape.c_off + (shape.M - 1) * ldc + shape.N,
+                          lambda scratch, c: build(scratch, (c[0], c[1]), bool(c[2])), candidates)
+    return None if choice is None else ((choice[0], choice[1]), bool(choice[2]))
 
 
 def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
@@ -218,6 +221,15 @@ def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
     return row // info.block_size
 
 
+def measured_plan(plan: tuple[tuple[int, int], bool] | None, partials):
+    """(tile or None, partials or None) for gemm_plan from tuned_plan's answer: a product measured faster whole
+    gets no partials (so it is not split); None (nothing measured) leaves both to the rule."""
+    if plan is None:
+        return None, partials
+    tile, split = plan
+    return tile, partials if split else None
+
+
 def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = None
               ) -> tuple[tuple[int, int], int, int, bool, bool]:
     """(tile, splits, k_chunk, vec_a, vec_b) of one product, for both GEMM families (Matmul, MatmulF16): split-K
@@ -251,9 +263,11 @@ class Matmul:
         self.shape = shape
         if tile is None:
             family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
-            tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: Matmul(
-                ctx, scratch, a, b, shape, alpha, beta, bias, partials, tile=t, label=f"{label}.tune",
-                b_format=b_format, group_m=group_m, kernel=kernel))
+            def trial(scratch, trial_tile, split, whole_partials=partials):
+                return Matmul(ctx, scratch, a, b, shape, alpha, beta, bias, whole_partials if split else None,
+                              tile=trial_tile, label=f"{label}.tune", b_format=b_format, group_m=group_m,
+                              kernel=kernel)
+            tile, partials = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear", "matmul", {

@@ -18,7 +18,6 @@ import numpy as np
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
 from engine.backends.wgpu.kernels.grids import grid_1d, grid_rows
 from engine.backends.wgpu.kernels.linear import (
-    DEFAULT_KERNEL,
     GROUP_M,
     GemmKernel,
     GemmShape,
@@ -26,12 +25,16 @@ from engine.backends.wgpu.kernels.linear import (
     SplitKReduce,
     _vec_binding,
     gemm_plan,
+    measured_plan,
     pack_gemm_params,
-    tuned_tile,
+    tuned_plan,
 )
 from engine.model.weight_formats import WeightFormat
 
 F16_WEIGHT_LIMIT = 15.0        # max |w| of a weight multiplied in f16 (see the module docstring)
+# K steps of 32 (two f16 runs of 16 per workgroup-memory step): +2-6% over 16 at 4 of 6 sweep shapes, -1 to -3% at
+# two (bench/results/matmul-h200-sweep.json).
+F16_DEFAULT_KERNEL = GemmKernel(32)
 F16_FORMATS = (WeightFormat.F16, WeightFormat.BF16)
 
 
@@ -83,14 +86,16 @@ class MatmulF16:
             raise ValueError(f"{label}: row_scale holds {row_scale_floats} floats, the product has {shape.M} rows")
         self.ctx = ctx
         self.shape = shape
-        kernel = kernel or DEFAULT_KERNEL
+        kernel = kernel or F16_DEFAULT_KERNEL
         if kernel.bk not in (16, 32) or kernel.double or kernel.prefetch or kernel.frag or kernel.diag:
             raise ValueError(f"{label}: the f16-math GEMM walks K in steps of 16 or 32 with one stage, not {kernel}")
         if tile is None:
-            family = "linear_f16" if kernel == DEFAULT_KERNEL else f"linear_f16 {kernel.name}"
-            tile = tuned_tile(ctx, family, shape, partials, b_format, lambda scratch, t: MatmulF16(
-                ctx, scratch, a, b, shape, row_scale, alpha, beta, bias, partials, tile=t, label=f"{label}.tune",
-                b_format=b_format, group_m=group_m, kernel=kernel))
+            family = "linear_f16" if kernel == F16_DEFAULT_KERNEL else f"linear_f16 {kernel.name}"
+            def trial(scratch, trial_tile, split, whole_partials=partials):
+                return MatmulF16(ctx, scratch, a, b, shape, row_scale, alpha, beta, bias,
+                                 whole_partials if split else None, tile=trial_tile, label=f"{label}.tune",
+                                 b_format=b_format, group_m=group_m, kernel=kernel)
+            tile, partials = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear_f16", "matmul", {
