@@ -219,17 +219,13 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
-    // Runs li, li + 256, .. of each tile (those below RA / RB: BM·BK/4 and BN·BK/4 runs).
+    // Runs li and li + 256 of each tile (those below RA / RB: BM·BK/4 and BN·BK/4 runs).
     let RA = BM * BK / 4u;
     let RB = BN * BK / 4u;
     var pa0 = vec4<f32>(0.0);
     var pa1 = vec4<f32>(0.0);
-    var pa2 = vec4<f32>(0.0);   // (runs li + 512 and li + 768: BK 32 only)
-    var pa3 = vec4<f32>(0.0);
     var pb0 = vec4<f32>(0.0);
     var pb1 = vec4<f32>(0.0);
-    var pb2 = vec4<f32>(0.0);
-    var pb3 = vec4<f32>(0.0);
     if (PREFETCH || DOUBLE) {
         if (li < RA) { pa0 = load_a(li, row0, k_begin, k_end, M4); }
         if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k_begin, k_end, M4); }
@@ -247,24 +243,16 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         let k1 = k0 + BK;
         if (!DOUBLE && !PREFETCH) {
-            // Every run of this step from global memory (up to four of A and four of B per invocation at BK 32),
-            // all loads issued before the first store so they are in flight together, then the stores.
-            if (li < RA) { pa0 = load_a(li, row0, k0, k_end, M4); }
-            if (li + 256u < RA) { pa1 = load_a(li + 256u, row0, k0, k_end, M4); }
-            if (li + 512u < RA) { pa2 = load_a(li + 512u, row0, k0, k_end, M4); }
-            if (li + 768u < RA) { pa3 = load_a(li + 768u, row0, k0, k_end, M4); }
-            if (li < RB) { pb0 = load_b(li, col0, k0, k_end, N4); }
-            if (li + 256u < RB) { pb1 = load_b(li + 256u, col0, k0, k_end, N4); }
-            if (li + 512u < RB) { pb2 = load_b(li + 512u, col0, k0, k_end, N4); }
-            if (li + 768u < RB) { pb3 = load_b(li + 768u, col0, k0, k_end, N4); }
-            if (li < RA) { store_a(li, pa0, M4, 0u); }
-            if (li + 256u < RA) { store_a(li + 256u, pa1, M4, 0u); }
-            if (li + 512u < RA) { store_a(li + 512u, pa2, M4, 0u); }
-            if (li + 768u < RA) { store_a(li + 768u, pa3, M4, 0u); }
-            if (li < RB) { store_b(li, pb0, N4, 0u); }
-            if (li + 256u < RB) { store_b(li + 256u, pb1, N4, 0u); }
-            if (li + 512u < RB) { store_b(li + 512u, pb2, N4, 0u); }
-            if (li + 768u < RB) { store_b(li + 768u, pb3, N4, 0u); }
+            // Every run straight from global to workgroup memory (BK 32: four of A and B per invocation).
+            // (constant trip counts, so the compiler can unroll them and keep every load in flight at once)
+            for (var i = 0u; i < (RA + 255u) / 256u; i++) {
+                let r = li + i * 256u;
+                if (r < RA) { store_a(r, load_a(r, row0, k0, k_end, M4), M4, 0u); }
+            }
+            for (var i = 0u; i < (RB + 255u) / 256u; i++) {
+                let r = li + i * 256u;
+                if (r < RB) { store_b(r, load_b(r, col0, k0, k_end, N4), N4, 0u); }
+            }
             workgroupBarrier();
         } else if (!DOUBLE) {
             if (li < RA) { store_a(li, pa0, M4, 0u); }
