@@ -65,10 +65,9 @@ class GemmKernel:
                 "TILE_VECS": self.tile_vecs, "WARP_8X4": int(self.warp_8x4), "DIAG": self.diag}
 
 
-KERNELS = tuple(GemmKernel(bk, double, prefetch, frag, warp) for warp in (False, True)
-                for bk, double, prefetch, frag in ((16, False, False, False), (16, False, True, False),
-                                                   (16, False, False, True), (16, False, True, True),
-                                                   (8, True, True, False), (8, True, True, True))) + (GemmKernel(32),)
+KERNELS = (GemmKernel(16), GemmKernel(16, prefetch=True), GemmKernel(16, frag=True),
+           GemmKernel(16, prefetch=True, frag=True), GemmKernel(8, True, True), GemmKernel(8, True, True, True),
+           GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(8, True, True, warp_8x4=True))
 DIAG_KERNELS = (GemmKernel(16, diag=1), GemmKernel(16, diag=2), GemmKernel(32, diag=2))
 F16_KERNELS = (GemmKernel(16), GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
 DEFAULT_KERNEL = GemmKernel()

@@ -37,7 +37,7 @@ def test_matmul_layouts_alpha_beta(gpu_device, tile, trans_a, trans_b, M, N, K, 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 @pytest.mark.parametrize("tile", [TILES[0], TILES[-1]])
-@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False)])   # each operand stored both ways
 def test_matmul_kernel_variants(gpu_device, kernel, tile, trans_a, trans_b):
     """Every way of walking K (BK, two stages, register prefetch, fragment prefetch) and of mapping invocations
     (warp 8×4) gives the same product;
