@@ -62,8 +62,24 @@
 //     512×3072×1024 14.9 → 20.6 (matmul-h200-checked.json against matmul-h200-trusted.json, one session).
 //   - the tile per product measured by engine/backends/wgpu/tuning.py: median 0.54× torch fp32 over the training
 //     shapes (0.51× with choose_tile's rule), 27.1 at 4096³ (matmul-h200-tuned.json).
-// Not reached: the issue's 0.7× torch fp32. What limits 128×128 (likely registers: one workgroup per
-// multiprocessor) and what holds 128×64 near 1/3 of the FP32 peak is not yet known (no counters on Vulkan).
+//   - Sweep of every variant without runtime checks, each timed after all were compiled, round-robin, best of
+//     three (bench/matmul.py --sweep 6, bench/results/matmul-h200-sweep.json; the earlier sweeps timed each
+//     variant right after its compile, with the clocks down: matmul-h200-sweep-noisy.json, 2-5× off at random).
+//     The default (BK 16, no prefetch) is the best or within 2% at every shape: 4096³ NT 27.5 (128×64 and
+//     128×128), 4096×8192×2048 NN 30.6 (128×64), 4096×1024×1024 25.6 (128×128), 512×3072×1024 20.8 (64×64).
+//     PREFETCH: -1 to -35% at 128×64 and 64×64, +-3% at 128×128. FRAG: +-2%. DOUBLE (BK 8): -2 to -40%.
+//     WARP_8X4 (a warp 8 × 4 invocations, fewer shared-memory wavefronts): +-2%. BK 32: -25 to -50%.
+//   - Where the time goes (the DIAG rows): the inner loop alone (DIAG 2: no loads, no stores) reaches 47.5 at
+//     128×64 (70% of the 67 TFLOP/s FP32 peak) but only 37 at 128×128 and 64×64; without the global loads but
+//     with the workgroup stores (DIAG 1) 128×64 reaches 43. So the global loads take 128×64 from ~43 to ~30:
+//     their latency, not bandwidth (12 KiB per 262 kFLOP step). Hiding it costs registers (PREFETCH holds 12-16
+//     more), and with them a workgroup per multiprocessor: PREFETCH loses at 128×64 and 64×64, where occupancy
+//     hid the latency, and breaks even at 128×128, which already ran two. BK 32's inner loop alone is as fast as
+//     BK 16's at 128×64 (44.7 once its K loop runs in steps of 16: a loop of 32 measured 35.7), so its loss is
+//     in the staging of four runs per operand per invocation.
+// Not reached: the issue's 0.7× torch fp32 (≈ 35 TFLOP/s at the large shapes). The inner loop leaves room (47.5);
+// what would reach it is overlapping the loads with the FMAs without spending registers (no asynchronous copy
+// to workgroup memory in WGSL) — not found here.
 #include "gemm_common.wgsl"
 #include "weight_formats.wgsl"
 

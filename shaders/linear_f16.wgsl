@@ -8,9 +8,10 @@ enable f16;
 // needs "shader-f16" (GpuContext.has_f16); with math f16 the projections (LinearF16) and the LM head use this
 // family only where engine.backends.wgpu.kernels.linear_f16.f16_math_ok says the weight fits (docstring there).
 //
-// Numerics. Per K step (BK = 16) each invocation multiplies f16 operands with vec4<f16> FMAs (packed two per
-// instruction where the GPU has it) into f16 partial sums, and adds those into f32 accumulators at the end of
-// the step: f16 rounding only within 16 products, f32 across K. Every row of A is scaled by a power of two
+// Numerics. Per run of F16_RUN = 16 k (a workgroup-memory step of BK = 16 or 32 holds one or two) each
+// invocation multiplies f16 operands with vec4<f16> FMAs (packed two per instruction where the GPU has it) into
+// f16 partial sums, and adds those into f32 accumulators at the end of the run: f16 rounding only within 16
+// products, f32 across K. Every row of A is scaled by a power of two
 // (row_scale, computed by the `row_scale` entry point over the whole row) so that its largest |value| lies in
 // [128, 256): small gradients do not underflow f16 and large activations do not overflow it; the f32 result
 // is multiplied back by the exact inverse. With |w| <= F16_WEIGHT_LIMIT (15) a step's partial sum stays below
@@ -27,8 +28,13 @@ enable f16;
 // (f16 and bf16 weights, K 576-2048); the f32 GEMM's is ~3e-7, and rounding the weights to bf16 alone moves C by
 // 1.8e-3. Speed on one NVIDIA H200 (Vulkan, bench/matmul.py, bench/results/matmul-h200-f16math.json, its
 // row-scale pass included): 23.5 TFLOP/s at 4096³ NT against 21.1 for the f32 GEMM (torch fp32 50), 17.6 against
-// 14.9 at 512×3072×1024; median 0.44× torch fp32 over the training-shape products (f32 GEMM 0.37×). The tile is
-// the f32 GEMM's choose_tile (no f16 tile sweep yet).
+// 14.9 at 512×3072×1024; median 0.44× torch fp32 over the training-shape products (f32 GEMM 0.37×), both with
+// naga's runtime checks. Without them, every variant × tile timed after all were compiled (bench/matmul.py
+// --sweep 6, bench/results/matmul-h200-sweep.json, bf16 weights): BK 32 (kernels.linear_f16.F16_DEFAULT_KERNEL)
+// 29.8 at 4096³ (128×128), 31.6 at 4096×8192×2048 (128×64), 26.8 at 4096×1024×1024, 23.4 at 512×3072×1024
+// (64×64); BK 16 2-6% slower at four of six shapes, 1-3% faster at two; WARP_8X4 +-2%. The f32 GEMM reaches
+// 27.5 / 30.6 / 25.6 / 20.8 at the same shapes: half-precision FMAs gain only 3-12%, because what limits both
+// is the latency of the global loads of each K step (linear.wgsl's header), not the arithmetic.
 #include "gemm_common.wgsl"
 
 override TRANS_B: bool = false;   // B stored [N, K] instead of [K, N]
