@@ -97,6 +97,7 @@ override PREFETCH: bool = true;   // load the next K step's runs into registers 
 override FRAG: bool = false;      // read the next k's fragments from workgroup memory while this k computes
 override TILE_VECS: u32 = 512u;   // vec4s per tile array: stages · BK · 32 (the twin sets it with BK)
 override WARP_8X4: bool = false;  // a warp covers 8 × 4 invocations of the 16 × 16 (else 16 × 2)
+override LOADERS: u32 = 64u;      // matmul_specialized: invocations that only stage operands (the rest compute)
 override DIAG: u32 = 0u;          // measurement only (bench/matmul.py --sweep), C is wrong: 1 no global loads,
                                   // 2 no staging at all (the inner loop and barriers alone)
 
@@ -347,6 +348,130 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         workgroupBarrier();
     }
+    let m = row0 + t.y * 4u;
+    let n = col0 + t.x * 4u;
+    store_row(m, n, acc0, wg.z);
+    store_row(m + 1u, n, acc1, wg.z);
+    store_row(m + 2u, n, acc2, wg.z);
+    store_row(m + 3u, n, acc3, wg.z);
+    if (WIDE) {
+        store_row(m + 64u, n, acc4, wg.z);
+        store_row(m + 65u, n, acc5, wg.z);
+        store_row(m + 66u, n, acc6, wg.z);
+        store_row(m + 67u, n, acc7, wg.z);
+    }
+    if (WIDE_N) {
+        store_row(m, n + 64u, bcc0, wg.z);
+        store_row(m + 1u, n + 64u, bcc1, wg.z);
+        store_row(m + 2u, n + 64u, bcc2, wg.z);
+        store_row(m + 3u, n + 64u, bcc3, wg.z);
+        if (WIDE) {
+            store_row(m + 64u, n + 64u, bcc4, wg.z);
+            store_row(m + 65u, n + 64u, bcc5, wg.z);
+            store_row(m + 66u, n + 64u, bcc6, wg.z);
+            store_row(m + 67u, n + 64u, bcc7, wg.z);
+        }
+    }
+}
+
+// Warp-specialized variant (kernels.linear.GemmKernel loaders > 0): 256 invocations compute exactly as `matmul`
+// (same tile, same accumulators) while LOADERS more only move operands, a step ahead: while the computing ones
+// multiply stage s of workgroup memory, the loaders fill stage 1 − s with the next K step, and one barrier per
+// step swaps them. Why: in `matmul` every invocation waits for its own global loads before each step (the
+// latency that holds 128×64 at ~30 of the 43 TFLOP/s its loop reaches without them, header); PREFETCH hides it
+// in the computing invocations' registers and loses the occupancy that hid it before. Here the loads live in
+// the loaders' registers only. BK 16, two stages: TILE_VECS = 2 · 16 · 32.
+fn stage_step(loader: u32, row0: u32, col0: u32, k0: u32, k_end: u32, M4: u32, N4: u32, stage: u32) {
+    let RA = M4 * 4u * BK / 4u;
+    let RB = N4 * 4u * BK / 4u;
+    // Constant trip counts (RA, RB and LOADERS are constants once the pipeline is built), so the loads of all
+    // of a loader's runs can be issued together.
+    for (var i = 0u; i < (RA + LOADERS - 1u) / LOADERS; i++) {
+        let r = loader + i * LOADERS;
+        if (r < RA) { store_a(r, load_a(r, row0, k0, k_end, M4), M4, stage); }
+    }
+    for (var i = 0u; i < (RB + LOADERS - 1u) / LOADERS; i++) {
+        let r = loader + i * LOADERS;
+        if (r < RB) { store_b(r, load_b(r, col0, k0, k_end, N4), N4, stage); }
+    }
+}
+
+@compute @workgroup_size(256 + LOADERS)
+fn matmul_specialized(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let BM = select(64u, 128u, WIDE);
+    let BN = select(64u, 128u, WIDE_N);
+    let M4 = BM / 4u;
+    let N4 = BN / 4u;
+    let origin = tile_origin(wg, nwg, BM, BN);
+    let row0 = origin.x;
+    let col0 = origin.y;
+    let computes = li < 256u;
+    let loader = li - 256u;   // (loaders only)
+    let t = thread_coords(vec3<u32>(li % 16u, li / 16u, 0u), li, WARP_8X4);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    var bcc0 = vec4<f32>(0.0);
+    var bcc1 = vec4<f32>(0.0);
+    var bcc2 = vec4<f32>(0.0);
+    var bcc3 = vec4<f32>(0.0);
+    var bcc4 = vec4<f32>(0.0);
+    var bcc5 = vec4<f32>(0.0);
+    var bcc6 = vec4<f32>(0.0);
+    var bcc7 = vec4<f32>(0.0);
+    let k_begin = wg.z * params.k_chunk;
+    let k_end = min(params.K, k_begin + params.k_chunk);
+    if (!computes) { stage_step(loader, row0, col0, k_begin, k_end, M4, N4, 0u); }
+    workgroupBarrier();
+    var stage = 0u;
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        if (!computes) {
+            if (k0 + BK < k_end) { stage_step(loader, row0, col0, k0 + BK, k_end, M4, N4, 1u - stage); }
+        } else {
+            let ab = stage * BK * M4;
+            let bb = stage * BK * N4;
+            for (var k = 0u; k < BK; k++) {
+                let av = a_tile[ab + k * M4 + t.y];
+                let bv = b_tile[bb + k * N4 + t.x];
+                var aw = vec4<f32>(0.0);
+                var bw = vec4<f32>(0.0);
+                if (WIDE) { aw = a_tile[ab + k * M4 + 16u + t.y]; }
+                if (WIDE_N) { bw = b_tile[bb + k * N4 + 16u + t.x]; }
+                acc0 = fma(vec4<f32>(av.x), bv, acc0);
+                acc1 = fma(vec4<f32>(av.y), bv, acc1);
+                acc2 = fma(vec4<f32>(av.z), bv, acc2);
+                acc3 = fma(vec4<f32>(av.w), bv, acc3);
+                if (WIDE_N) {
+                    bcc0 = fma(vec4<f32>(av.x), bw, bcc0);
+                    bcc1 = fma(vec4<f32>(av.y), bw, bcc1);
+                    bcc2 = fma(vec4<f32>(av.z), bw, bcc2);
+                    bcc3 = fma(vec4<f32>(av.w), bw, bcc3);
+                    if (WIDE) {
+                        bcc4 = fma(vec4<f32>(aw.x), bw, bcc4);
+                        bcc5 = fma(vec4<f32>(aw.y), bw, bcc5);
+                        bcc6 = fma(vec4<f32>(aw.z), bw, bcc6);
+                        bcc7 = fma(vec4<f32>(aw.w), bw, bcc7);
+                    }
+                }
+                if (WIDE) {
+                    acc4 = fma(vec4<f32>(aw.x), bv, acc4);
+                    acc5 = fma(vec4<f32>(aw.y), bv, acc5);
+                    acc6 = fma(vec4<f32>(aw.z), bv, acc6);
+                    acc7 = fma(vec4<f32>(aw.w), bv, acc7);
+                }
+            }
+        }
+        // The loaders' next stage is complete and nobody reads the current one any more: swap.
+        workgroupBarrier();
+        stage = 1u - stage;
+    }
+    if (!computes) { return; }
     let m = row0 + t.y * 4u;
     let n = col0 + t.x * 4u;
     store_row(m, n, acc0, wg.z);

@@ -43,34 +43,47 @@ class GemmKernel:
     frag: bool = False        # next k's fragments read from workgroup memory while this k computes
     warp_8x4: bool = False    # a warp covers 8 × 4 invocations (fewer shared-memory wavefronts per k)
     diag: int = 0             # 1: no global loads, 2: no staging at all (measurement of the inner loop alone)
+    loaders: int = 0          # > 0: matmul_specialized, this many invocations stage operands a step ahead
 
     def __post_init__(self):
         if self.bk not in (8, 16, 32) or (self.double and self.bk != 8) or (self.bk == 32 and self.prefetch):
             raise ValueError(f"GEMM kernel bk={self.bk} double={self.double} prefetch={self.prefetch}: bk must be "
                              "8, 16 or 32, double needs bk 8, prefetch holds at most two runs (bk <= 16)")
+        if self.loaders and (self.loaders % 32 or self.bk != 16 or self.double or self.prefetch or self.frag
+                             or self.diag):
+            raise ValueError(f"GEMM kernel loaders={self.loaders}: the specialized kernel walks K by 16 in two "
+                             "stages of its own, with a multiple of 32 loaders and no other option")
 
     @property
     def tile_vecs(self) -> int:
         """vec4s of each workgroup tile array: stages · BK k-rows of up to 128 floats."""
-        return (2 if self.double else 1) * self.bk * 32
+        return (2 if self.double or self.loaders else 1) * self.bk * 32
+
+    @property
+    def entry_point(self) -> str:
+        return "matmul_specialized" if self.loaders else "matmul"
 
     @property
     def name(self) -> str:
         return (f"bk{self.bk}{'-double' if self.double else ''}{'-prefetch' if self.prefetch else ''}"
                 f"{'-frag' if self.frag else ''}{'-warp8x4' if self.warp_8x4 else ''}"
-                f"{f'-diag{self.diag}' if self.diag else ''}")
+                f"{f'-diag{self.diag}' if self.diag else ''}{f'-loaders{self.loaders}' if self.loaders else ''}")
 
     def constants(self) -> dict:
         return {"BK": self.bk, "DOUBLE": int(self.double), "PREFETCH": int(self.prefetch), "FRAG": int(self.frag),
-                "TILE_VECS": self.tile_vecs, "WARP_8X4": int(self.warp_8x4), "DIAG": self.diag}
+                "TILE_VECS": self.tile_vecs, "WARP_8X4": int(self.warp_8x4), "DIAG": self.diag,
+                **({"LOADERS": self.loaders} if self.loaders else {})}
 
 
 KERNELS = (GemmKernel(16), GemmKernel(16, prefetch=True), GemmKernel(16, frag=True),
            GemmKernel(16, prefetch=True, frag=True), GemmKernel(8, True, True), GemmKernel(8, True, True, True),
-           GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(8, True, True, warp_8x4=True))
+           GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(8, True, True, warp_8x4=True),
+           GemmKernel(16, loaders=64), GemmKernel(16, loaders=128), GemmKernel(16, loaders=256))
 DIAG_KERNELS = (GemmKernel(16, diag=1), GemmKernel(16, diag=2), GemmKernel(32, diag=2))
 F16_KERNELS = (GemmKernel(16), GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
 DEFAULT_KERNEL = GemmKernel()
+# What the autotune chooses among for a product whose kernel is not forced (index 0: the rule's).
+TUNED_KERNELS = (DEFAULT_KERNEL, GemmKernel(16, loaders=128))
 
 
 @dataclass(frozen=True)
@@ -132,12 +145,13 @@ def vec_loads(shape: GemmShape) -> tuple[bool, bool]:
     return lda % 4 == 0 and shape.a_off % 4 == 0, ldb % 4 == 0 and shape.b_off % 4 == 0
 
 
-def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
-               build) -> tuple[tuple[int, int], bool] | None:
-    """(tile, split over K) of a product as measured (ctx.gemm_tuner, engine.backends.wgpu.tuning), or None (no
-    tuner, an output too big to time): then gemm_plan's rule decides. A product the rule would split is timed
-    with each tile both split (each tile's own slice count, split_k, reduction included) and whole.
-    build(scratch_c, tile, split): the same product so planned, writing scratch_c instead of its C."""
+def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat, build,
+               kernels: int = 1) -> tuple[tuple[int, int], bool, int] | None:
+    """(tile, split over K, kernel index) of a product as measured (ctx.gemm_tuner, engine.backends.wgpu.tuning),
+    or None (no tuner, an output too big to time): then gemm_plan's rule decides. Every tile is timed with each
+    of the family's `kernels` variants (index 0 its default), and a product the rule would split both split
+    (each tile's own slice count, split_k, reduction included) and whole.
+    build(scratch_c, tile, split, kernel index): the same product so planned, writing scratch_c instead of its C."""
     tuner = ctx.gemm_tuner
     if tuner is None:
         return None
@@ -147,10 +161,11 @@ def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_forma
     key = (f"{family} {shape.M}x{shape.N}x{shape.K} {'T' if shape.trans_a else 'N'}{'T' if shape.trans_b else 'N'}"
            f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}"
            f"{f' partials{partials.size // 4}' if splittable else ''}")
-    candidates = tuple((*tile, split) for tile in TILES for split in ((1, 0) if splittable else (0,)))
+    candidates = tuple((*tile, split, kernel) for tile in TILES for split in ((1, 0) if splittable else (0,))
+                       for kernel in range(kernels))
     choice = tuner.choose(key, shape.c_off + (shape.M - 1) * ldc + shape.N,
-                          lambda scratch, c: build(scratch, (c[0], c[1]), bool(c[2])), candidates)
-    return None if choice is None else ((choice[0], choice[1]), bool(choice[2]))
+                          lambda scratch, c: build(scratch, (c[0], c[1]), bool(c[2]), c[3]), candidates)
+    return None if choice is None else ((choice[0], choice[1]), bool(choice[2]), choice[3])
 
 
 def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
@@ -220,13 +235,14 @@ def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
     return row // info.block_size
 
 
-def measured_plan(plan: tuple[tuple[int, int], bool] | None, partials):
-    """(tile or None, partials or None) for gemm_plan from tuned_plan's answer: a product measured faster whole
-    gets no partials (so it is not split); None (nothing measured) leaves both to the rule."""
+def measured_plan(plan: tuple[tuple[int, int], bool, int] | None, partials):
+    """(tile or None, partials or None, kernel index) for gemm_plan from tuned_plan's answer: a product measured
+    faster whole gets no partials (so it is not split); None (nothing measured) leaves tile and split to the rule
+    and the family's default kernel (index 0)."""
     if plan is None:
-        return None, partials
-    tile, split = plan
-    return tile, partials if split else None
+        return None, partials, 0
+    tile, split, kernel = plan
+    return tile, partials if split else None, kernel
 
 
 def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = None
@@ -261,18 +277,24 @@ class Matmul:
         self.ctx = ctx
         self.shape = shape
         if tile is None:
+            # The family's kernels where none is forced: the default and the warp-specialized one, measured.
+            kernels = TUNED_KERNELS if kernel is None else (kernel,)
             family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
-            def trial(scratch, trial_tile, split, whole_partials=partials):
+
+            def trial(scratch, trial_tile, split, index, whole_partials=partials):
                 return Matmul(ctx, scratch, a, b, shape, alpha, beta, bias, whole_partials if split else None,
                               tile=trial_tile, label=f"{label}.tune", b_format=b_format, group_m=group_m,
-                              kernel=kernel)
-            tile, partials = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
+                              kernel=kernels[index])
+            tile, partials, index = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial,
+                                                             len(kernels)), partials)
+            kernel = kernels[index]
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
-        self.pipeline = ctx.pipeline("linear", "matmul", {
+        self.kernel = kernel = kernel or DEFAULT_KERNEL
+        self.pipeline = ctx.pipeline("linear", kernel.entry_point, {
             "TRANS_A": int(shape.trans_a), "TRANS_B": int(shape.trans_b), "WIDE": int(self.tile[0] == 128),
             "WIDE_N": int(self.tile[1] == 128), "VEC_A": int(self.vec_a), "VEC_B": int(self.vec_b),
-            "B_FORMAT": b_format.value, "GROUP_M": group_m, **(kernel or DEFAULT_KERNEL).constants()})
+            "B_FORMAT": b_format.value, "GROUP_M": group_m, **kernel.constants()})
         params = pack_gemm_params(shape, alpha, beta, bias is not None, k_chunk, self.splits, reduce_groups[2],
                                   row_blocks)
         self.params = ctx.upload(np.frombuffer(params, np.uint8), f"{label}.params", UNIFORM)
