@@ -8,6 +8,8 @@
 #                                         # the Phi-4-mini shape against PEFT bf16
 #   bash bench/h200_session.sh features   # teach_fact on the demo model, DPO/ORPO step, AdaLoRA step
 #   bash bench/h200_session.sh arch       # Gemma 3 shapes and a per-phase step profile
+#   bash bench/h200_session.sh short      # what a call of ~7 minutes holds: GEMM table, B=1 of the 1B+ shapes and
+#                                         # the small shapes in the fastest configuration, then a 2-shape sweep
 # The demo model (~94 MB, a PyPI wheel) is larger than one call may carry: `features` expects it at
 # $LORA_LAB_HOME/models (see engine.model.references.pull_demo), put there by the caller.
 set -uo pipefail
@@ -37,5 +39,12 @@ case "${1:-}" in
     timeout 180 python bench/architectures.py --models gemma3-1b > "$out/architectures-1b.json" 2> "$out/arch-1b.log"
     timeout 170 python bench/step_profile.py --models Qwen3-0.6B Llama-3.2-1B --batch-sizes 1 8 --time-budget 130 \
       --out "$out/step_profile.jsonl" > /dev/null 2> "$out/step_profile.log" ;;
-  *) echo "usage: bash bench/h200_session.sh speed|large|extra|features|arch" >&2; exit 2 ;;
+  short)
+    timeout 100 python bench/matmul.py > "$out/matmul.json" 2> "$out/matmul.log"
+    timeout 130 python bench/train_throughput.py --models Llama-3.2-1B Qwen2.5-1.5B --batch-sizes 1 --ours bf16/f16 \
+      --time-budget 110 --out "$out/train_throughput-1b-b1.jsonl" > /dev/null 2> "$out/train_throughput-1b-b1.log"
+    timeout 110 python bench/train_throughput.py --models SmolLM2-135M Qwen3-0.6B --ours bf16/f16 --time-budget 95 \
+      --out "$out/train_throughput-small.jsonl" > /dev/null 2> "$out/train_throughput-small.log"
+    timeout 50 python bench/matmul.py --sweep 2 --no-torch > "$out/matmul-sweep.json" 2> "$out/matmul-sweep.log" ;;
+  *) echo "usage: bash bench/h200_session.sh speed|large|extra|features|arch|short" >&2; exit 2 ;;
 esac

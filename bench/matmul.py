@@ -110,7 +110,7 @@ def _time_ours(ctx, ops: Operands, shape: GemmShape, tile, partials, b_format, r
     elapsed = time_matmul(ctx, mm, c, repeats)
     c.destroy()
     return {"tflops": flops * repeats / elapsed / 1e12, "us": 1e6 * elapsed / repeats, "tile": mm.tile,
-            "splits": mm.splits, "gflops": flops * repeats / elapsed / 1e9}
+            "splits": mm.splits, "kernel": mm.kernel.name, "gflops": flops * repeats / elapsed / 1e9}
 
 
 def torch_timer():

@@ -96,6 +96,7 @@ class MatmulF16:
                                  whole_partials if split else None, tile=trial_tile, label=f"{label}.tune",
                                  b_format=b_format, group_m=group_m, kernel=kernel)
             tile, partials, _ = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
+        self.kernel = kernel
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.pipeline = ctx.pipeline("linear_f16", "matmul", {
