@@ -40,11 +40,11 @@ case "${1:-}" in
     timeout 170 python bench/step_profile.py --models Qwen3-0.6B Llama-3.2-1B --batch-sizes 1 8 --time-budget 130 \
       --out "$out/step_profile.jsonl" > /dev/null 2> "$out/step_profile.log" ;;
   short)
-    timeout 90 python bench/matmul.py > "$out/matmul.json" 2> "$out/matmul.log"
+    timeout 80 python bench/matmul.py > "$out/matmul.json" 2> "$out/matmul.log"
+    timeout 45 python bench/matmul.py --sweep 2 --no-torch > "$out/matmul-sweep.json" 2> "$out/matmul-sweep.log"
     timeout 120 python bench/train_throughput.py --models Llama-3.2-1B Qwen2.5-1.5B --batch-sizes 1 --ours bf16/f16 \
       --time-budget 100 --out "$out/train_throughput-1b-b1.jsonl" > /dev/null 2> "$out/train_throughput-1b-b1.log"
     timeout 100 python bench/train_throughput.py --models SmolLM2-135M Qwen3-0.6B --ours bf16/f16 --time-budget 85 \
-      --out "$out/train_throughput-small.jsonl" > /dev/null 2> "$out/train_throughput-small.log"
-    timeout 50 python bench/matmul.py --sweep 2 --no-torch > "$out/matmul-sweep.json" 2> "$out/matmul-sweep.log" ;;
+      --out "$out/train_throughput-small.jsonl" > /dev/null 2> "$out/train_throughput-small.log" ;;
   *) echo "usage: bash bench/h200_session.sh speed|large|extra|features|arch|short" >&2; exit 2 ;;
 esac
