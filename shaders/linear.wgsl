@@ -77,6 +77,13 @@
 //     hid the latency, and breaks even at 128×128, which already ran two. BK 32's inner loop alone is as fast as
 //     BK 16's at 128×64 (44.7 once its K loop runs in steps of 16: a loop of 32 measured 35.7), so its loss is
 //     in the staging of four runs per operand per invocation.
+//   - matmul_specialized (LOADERS invocations stage the next step while 256 compute; entry point below), 4096³ NT
+//     (matmul-h200-sweep-loaders.jsonl): 64 loaders 12.8 / 9.2 / 7.6 at 128×128 / 128×64 / 64×64, 128 loaders
+//     23.6 / 14.4 / 9.7, 256 loaders 28.3 / 18.1 / 13.2, against 28.7 / 27.3 / 20.7 for `matmul` in the same run:
+//     the loaders' own loads are then the bottleneck (each loader walks its runs one after another), so it is a
+//     sweep variant only (not one of the autotune's candidates).
+//   - The block of C as one struct (Block, multiply, store_block) instead of sixteen locals: 28.7 against 27.5 at
+//     4096³ 128×128, 27.3 against 27.4 at 128×64 (same session's figures above); the compiler keeps it in registers.
 // Not reached: the issue's 0.7× torch fp32 (≈ 35 TFLOP/s at the large shapes). The inner loop leaves room (47.5);
 // what would reach it is overlapping the loads with the FMAs without spending registers (no asynchronous copy
 // to workgroup memory in WGSL) — not found here.

@@ -14,10 +14,10 @@ How: a product is timed with its real operands A and B (only read) and a scratch
 written): every candidate compiled first, then each timed for a few milliseconds' worth of dispatches, round-robin,
 best of three. A product the rule would split over K (kernels.linear.split_k) is timed with each tile both split
 (its reduction included; the backend's partials scratch is free while the model is built) and whole: at small
-batches a split LoRA product's reduction is a second dispatch for little work. The f32 family's products are also
-timed with each of kernels.linear.TUNED_KERNELS (its default and the warp-specialized one). The scratch is one
-buffer, freed by `release()` once the model is built, and it and the trial products' uniforms are left out of
-GpuContext.bytes_allocated: the memory plan counts what stays allocated.
+batches a split LoRA product's reduction is a second dispatch for little work. The f32 family's products are timed
+with each of kernels.linear.TUNED_KERNELS (now its default alone). The scratch is one buffer, freed by `release()`
+once the model is built, and it and the trial products' uniforms are left out of GpuContext.bytes_allocated: the
+memory plan counts what stays allocated.
 """
 from __future__ import annotations
 

@@ -82,8 +82,12 @@ KERNELS = (GemmKernel(16), GemmKernel(16, prefetch=True), GemmKernel(16, frag=Tr
 DIAG_KERNELS = (GemmKernel(16, diag=1), GemmKernel(16, diag=2), GemmKernel(32, diag=2))
 F16_KERNELS = (GemmKernel(16), GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
 DEFAULT_KERNEL = GemmKernel()
-# What the autotune chooses among for a product whose kernel is not forced (index 0: the rule's).
-TUNED_KERNELS = (DEFAULT_KERNEL, GemmKernel(16, loaders=128))
+# What the autotune chooses among for a product whose kernel is not forced (index 0: the rule's). Only the
+# default: the warp-specialized kernel was measured here as a candidate (bench/results/matmul-h200-session7.json,
+# chosen for 4 of 105 products, none by more than the timing's noise) and in the sweep, where it is slower with
+# 64 or 128 loaders and at best even (256 loaders, 128×128) at 4096³ (matmul-h200-sweep-loaders.jsonl): each
+# candidate costs the first build of a model a compile and a timing per product.
+TUNED_KERNELS = (DEFAULT_KERNEL,)
 
 
 @dataclass(frozen=True)
