@@ -222,6 +222,28 @@ def dequantize(raw, fmt, shape) -> np.ndarray:
     return out.reshape(shape)
 
 
+BF16_CHUNK = 1 << 22   # floats rounded per pass of bf16_bits (16 MiB: temporaries stay small, passes stay cached)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """uint16 [x.size]: float32 `x` rounded to bfloat16 (to nearest, ties to even, on the top 16 bits, as torch's
+    .to(bfloat16)); a NaN stays a NaN (its top half with the quiet bit set). The one owner of this rounding.
+
+    In uint32 and in chunks: the sum cannot wrap for any finite or infinite value (the largest, 0xFF800000 for
+    -inf, plus 0x8000 stays below 2^32), and NaNs, which might, are replaced afterwards. (An earlier uint64 version
+    of the whole array took 1.6 s per 16.8 M floats on the 2-core dev box, this one ~0.1 s.)"""
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint32)
+    out = np.empty(flat.size, np.uint16)
+    for start in range(0, flat.size, BF16_CHUNK):
+        n = flat[start:start + BF16_CHUNK]
+        rounded = (n + ((n >> 16) & 1) + np.uint32(0x7FFF)) >> 16
+        nan = (n & 0x7FFFFFFF) > 0x7F800000
+        if nan.any():
+            rounded = np.where(nan, (n >> 16) | 0x40, rounded)
+        out[start:start + BF16_CHUNK] = rounded
+    return out
+
+
 def quantize(x: np.ndarray, fmt) -> bytes:
     """GGUF bytes of float32 `x` (1-D or 2-D, rows of whole blocks) in `fmt`.
 
@@ -238,11 +260,7 @@ def quantize(x: np.ndarray, fmt) -> bytes:
     if f == WeightFormat.F16:
         return x.astype(np.float16).tobytes()
     if f == WeightFormat.BF16:
-        n = np.ascontiguousarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
-        nan = (n & 0x7FFFFFFF) > 0x7F800000
-        rounded = (n + 0x7FFF + ((n >> 16) & 1)) >> 16               # round to nearest even
-        quiet = ((n & 0xFFFF0000) | (64 << 16)) >> 16                # NaN stays NaN (quiet bit set)
-        return np.where(nan, quiet, rounded).astype(np.uint16).tobytes()
+        return bf16_bits(x).tobytes()
     blocks = x.reshape(-1, info.block_size)
     if f == WeightFormat.Q8_0:
         d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)

@@ -114,3 +114,25 @@ def test_wrong_byte_count_and_unknown_format():
     with pytest.raises(ValueError, match="unknown weight format 'q3_k'.*q4_k"):
         WeightFormat.parse("q3_k")
     assert WeightFormat.parse("Q4_1") is WeightFormat.parse(3) is WeightFormat.Q4_1
+
+
+def test_bf16_rounding_equals_torch_in_every_chunk(monkeypatch):
+    """bf16_bits, the one bf16 rounding (quantize and the GEMM's pack_weight use it): torch's .to(bfloat16) bit for
+    bit on every finite and infinite value (ties to even, subnormals, the largest floats), NaN kept NaN (sign and
+    quiet bit), across chunk boundaries (a chunk of 1000 floats here)."""
+    import torch
+    import engine.model.weight_formats as wf
+    monkeypatch.setattr(wf, "BF16_CHUNK", 1000)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(5003) * 10.0 ** rng.integers(-40, 38, 5003)).astype(np.float32)
+    ties = (np.arange(1, 200, dtype=np.uint32) << 16 | 0x8000).view(np.float32)        # exactly halfway
+    edges = np.array([np.inf, -np.inf, 0.0, -0.0, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45], np.float32)
+    nans = np.array([0xFFFFFFFF, 0x7FFFFFFF, 0x7F800001, 0xFF800001, 0x7FC00000], np.uint32).view(np.float32)
+    x = np.concatenate([x[:2500], ties, edges, nans, x[2500:]])
+    got = wf.bf16_bits(x)
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    kept = got[~finite]
+    assert np.all((kept & 0x7F80) == 0x7F80) and np.all(kept & 0x40)
+    np.testing.assert_array_equal(kept >> 15, x[~finite].view(np.uint32) >> 31)     # the sign stays

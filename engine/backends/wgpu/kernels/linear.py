@@ -17,7 +17,7 @@ import numpy as np
 from engine.backends.wgpu.context import UNIFORM, GpuContext, StepEncoder
 from engine.backends.wgpu.kernels.grids import grid_1d
 from engine.backends.wgpu.uniforms import uniform_struct
-from engine.model.weight_formats import FORMATS, WeightFormat
+from engine.model.weight_formats import FORMATS, WeightFormat, bf16_bits
 
 TILE_M = 64   # rows of C per workgroup (BM in the shader)
 TILE_N = 64   # columns of C per workgroup (BN)
@@ -189,9 +189,7 @@ def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
     if fmt == WeightFormat.F16:
         half = flat.astype(np.float16).view(np.uint16)
     else:
-        bits = flat.view(np.uint32)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        half = np.where(np.isnan(flat), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+        half = bf16_bits(flat)
     return np.concatenate([half, np.zeros(len(half) % 2, np.uint16)]).view(np.uint32)
 
 
