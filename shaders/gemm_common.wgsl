@@ -10,6 +10,16 @@ struct Params {
     row_stride: u32, alpha: f32, beta: f32, b_row_blocks: u32,
 }
 
+// This workgroup's tile of C: its origin and the vec4s per k-row of its A rows (m4 = BM / 4) and B columns.
+struct Tile { row0: u32, col0: u32, m4: u32, n4: u32 }
+
+fn workgroup_tile(wg: vec3<u32>, nwg: vec3<u32>, wide: bool, wide_n: bool) -> Tile {
+    let BM = select(64u, 128u, wide);
+    let BN = select(64u, 128u, wide_n);
+    let origin = tile_origin(wg, nwg, BM, BN);
+    return Tile(origin.x, origin.y, BM / 4u, BN / 4u);
+}
+
 // Origin (row0, col0) of this workgroup's BM × BN tile of C in the grouped order: consecutive workgroups walk
 // GROUP_M tile rows down one tile column, then the next column, so the workgroups resident together share A rows
 // and B columns in L2.

@@ -278,20 +278,18 @@ fn store_block(blk: Block, m: u32, n: u32, split: u32) {
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let BM = select(64u, 128u, WIDE);     // rows of the tile
-    let BN = select(64u, 128u, WIDE_N);   // columns of the tile
-    let M4 = BM / 4u;                     // vec4s per k-row of a_tile
-    let N4 = BN / 4u;                     // vec4s per k-row of b_tile
-    let origin = tile_origin(wg, nwg, BM, BN);
-    let row0 = origin.x;
-    let col0 = origin.y;
+    let tile = workgroup_tile(wg, nwg, WIDE, WIDE_N);
+    let row0 = tile.row0;
+    let col0 = tile.col0;
+    let M4 = tile.m4;
+    let N4 = tile.n4;
     let t = thread_coords(lid, li, WARP_8X4);
     var blk: Block;   // zero
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
     // Runs li and li + 256 of each tile (those below RA / RB: BM·BK/4 and BN·BK/4 runs).
-    let RA = BM * BK / 4u;
-    let RB = BN * BK / 4u;
+    let RA = M4 * BK;   // runs of 4 in the A tile (BM · BK / 4)
+    let RB = N4 * BK;
     var pa0 = vec4<f32>(0.0);
     var pa1 = vec4<f32>(0.0);
     var pb0 = vec4<f32>(0.0);
@@ -393,8 +391,8 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 // in the computing invocations' registers and loses the occupancy that hid it before. Here the loads live in
 // the loaders' registers only. BK 16, two stages: TILE_VECS = 2 · 16 · 32.
 fn stage_step(loader: u32, row0: u32, col0: u32, k0: u32, k_end: u32, M4: u32, N4: u32, stage: u32) {
-    let RA = M4 * 4u * BK / 4u;
-    let RB = N4 * 4u * BK / 4u;
+    let RA = M4 * BK;
+    let RB = N4 * BK;
     // Constant trip counts (RA, RB and LOADERS are constants once the pipeline is built), so the loads of all
     // of a loader's runs can be issued together.
     for (var i = 0u; i < (RA + LOADERS - 1u) / LOADERS; i++) {
@@ -410,13 +408,11 @@ fn stage_step(loader: u32, row0: u32, col0: u32, k0: u32, k_end: u32, M4: u32, N
 @compute @workgroup_size(256 + LOADERS)
 fn matmul_specialized(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let BM = select(64u, 128u, WIDE);
-    let BN = select(64u, 128u, WIDE_N);
-    let M4 = BM / 4u;
-    let N4 = BN / 4u;
-    let origin = tile_origin(wg, nwg, BM, BN);
-    let row0 = origin.x;
-    let col0 = origin.y;
+    let tile = workgroup_tile(wg, nwg, WIDE, WIDE_N);
+    let row0 = tile.row0;
+    let col0 = tile.col0;
+    let M4 = tile.m4;
+    let N4 = tile.n4;
     let computes = li < 256u;
     let loader = li - 256u;   // (loaders only)
     let t = thread_coords(vec3<u32>(li % 16u, li / 16u, 0u), li, WARP_8X4);

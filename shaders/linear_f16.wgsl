@@ -163,13 +163,11 @@ fn row_scales(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let BM = select(64u, 128u, WIDE);
-    let BN = select(64u, 128u, WIDE_N);
-    let M4 = BM / 4u;
-    let N4 = BN / 4u;
-    let origin = tile_origin(wg, nwg, BM, BN);
-    let row0 = origin.x;
-    let col0 = origin.y;
+    let tile = workgroup_tile(wg, nwg, WIDE, WIDE_N);
+    let row0 = tile.row0;
+    let col0 = tile.col0;
+    let M4 = tile.m4;
+    let N4 = tile.n4;
     let t = thread_coords(lid, li, WARP_8X4);
     // f32 accumulators across K, as linear.wgsl: acc columns lid.x·4.., bcc columns 64 + lid.x·4..; 0-3 rows
     // lid.y·4.., 4-7 rows 64 + lid.y·4.. .
@@ -191,8 +189,8 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var bcc7 = vec4<f32>(0.0);
     let k_begin = wg.z * params.k_chunk;
     let k_end = min(params.K, k_begin + params.k_chunk);
-    let RA = BM * BK / 4u;
-    let RB = BN * BK / 4u;
+    let RA = M4 * BK;   // runs of 4 in the A tile (BM · BK / 4)
+    let RB = N4 * BK;
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         for (var r = li; r < RA; r += 256u) { stage_a(r, row0, k0, k_end, M4); }
         for (var r = li; r < RB; r += 256u) { stage_b(r, col0, k0, k_end, N4); }
