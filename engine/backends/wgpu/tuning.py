@@ -35,7 +35,7 @@ from engine.backends.hardware import adapter_is_software
 from engine.model.references import data_dir
 
 TUNE_ENV = "LORA_LAB_GEMM_TUNE"   # "0": never measure; "1": measure even on a software adapter (tests)
-CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns, split]}}
+CACHE_FILE = "gemm-tuning.json"   # data dir: {adapter identity: {product key: [rows, columns, split, kernel]}}
 SCRATCH_BYTES = 64 << 20          # the largest C a product may have to be timed (else the rule's tile)
 TARGET_SECONDS = 0.004            # GPU time per timed submit
 ROUNDS = 3                        # timed submits per candidate (round-robin over the candidates; the best counts)
@@ -54,8 +54,8 @@ def adapter_identity(ctx) -> str:
 
 @dataclass
 class GemmTuner:
-    """Chosen variants (tile, split) by product key for one adapter; `choose()` measures what the file does not
-    hold yet."""
+    """Chosen variants (tile, split, kernel) by product key for one adapter; `choose()` measures what the file
+    does not hold yet."""
     ctx: object                      # GpuContext
     path: Path
     identity: str
@@ -81,9 +81,9 @@ class GemmTuner:
 
     def choose(self, key: str, output_floats: int, build: Callable[[object, tuple[int, ...]], object],
                candidates: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
-        """The fastest of `candidates` (flat tuples of ints: kernels.linear's (rows, columns, split)) for product
-        `key`: from the file, else timed on `build(scratch_c, candidate)` (the product writing the scratch instead
-        of its C). None where C is too big to time."""
+        """The fastest of `candidates` (flat tuples of ints: kernels.linear's (rows, columns, split, kernel)) for
+        product `key`: from the file, else timed on `build(scratch_c, candidate)` (the product writing the scratch
+        instead of its C). None where C is too big to time."""
         kept = tuple(self.table.get(key, ()))
         if kept in candidates:      # (an entry naming a variant this version lacks is measured again)
             return kept

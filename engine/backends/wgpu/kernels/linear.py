@@ -279,7 +279,7 @@ class Matmul:
         self.ctx = ctx
         self.shape = shape
         if tile is None:
-            # The family's kernels where none is forced: the default and the warp-specialized one, measured.
+            # TUNED_KERNELS where no kernel is forced (the default alone, for now), else the forced one.
             kernels = TUNED_KERNELS if kernel is None else (kernel,)
             family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
 
