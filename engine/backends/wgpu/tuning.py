@@ -14,10 +14,9 @@ How: a product is timed with its real operands A and B (only read) and a scratch
 written): every candidate compiled first, then each timed for a few milliseconds' worth of dispatches, round-robin,
 best of three. A product the rule would split over K (kernels.linear.split_k) is timed with each tile both split
 (its reduction included; the backend's partials scratch is free while the model is built) and whole: at small
-batches a split LoRA product's reduction is a second dispatch for little work. The f32 family's products are timed
-with each of kernels.linear.TUNED_KERNELS (now its default alone). The scratch is one buffer, freed by `release()`
-once the model is built, and it and the trial products' uniforms are left out of GpuContext.bytes_allocated: the
-memory plan counts what stays allocated.
+batches a split LoRA product's reduction is a second dispatch for little work. The scratch is one buffer, freed by
+`release()` once the model is built, and it and the trial products' uniforms are left out of
+GpuContext.bytes_allocated: the memory plan counts what stays allocated.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from engine.backends.hardware import adapter_is_software
 from engine.model.references import data_dir
 
 TUNE_ENV = "LORA_LAB_GEMM_TUNE"   # "0": never measure; "1": measure even on a software adapter (tests)
-CACHE_FILE = "gemm-tuning.json"   # data dir: {adapter identity: {product key: [rows, columns, split, kernel]}}
+CACHE_FILE = "gemm-tuning.json"   # in the data dir: {adapter identity: {product key: [rows, columns, split]}}
 SCRATCH_BYTES = 64 << 20          # the largest C a product may have to be timed (else the rule's tile)
 TARGET_SECONDS = 0.004            # GPU time per timed submit
 ROUNDS = 3                        # timed submits per candidate (round-robin over the candidates; the best counts)
@@ -54,7 +53,7 @@ def adapter_identity(ctx) -> str:
 
 @dataclass
 class GemmTuner:
-    """Chosen variants (tile, split, kernel) by product key for one adapter; `choose()` measures what the file
+    """Chosen variants (tile, split) by product key for one adapter; `choose()` measures what the file
     does not hold yet."""
     ctx: object                      # GpuContext
     path: Path
@@ -81,9 +80,9 @@ class GemmTuner:
 
     def choose(self, key: str, output_floats: int, build: Callable[[object, tuple[int, ...]], object],
                candidates: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
-        """The fastest of `candidates` (flat tuples of ints: kernels.linear's (rows, columns, split, kernel)) for
-        product `key`: from the file, else timed on `build(scratch_c, candidate)` (the product writing the scratch
-        instead of its C). None where C is too big to time."""
+        """The fastest of `candidates` (flat tuples of ints: kernels.linear's (rows, columns, split)) for product
+        `key`: from the file, else timed on `build(scratch_c, candidate)` (the product writing the scratch instead
+        of its C). None where C is too big to time."""
         kept = tuple(self.table.get(key, ()))
         if kept in candidates:      # (an entry naming a variant this version lacks is measured again)
             return kept

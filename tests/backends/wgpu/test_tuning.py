@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.backends.wgpu.kernels.linear import TILES, TUNED_KERNELS, GemmShape, Matmul, choose_tile
+from engine.backends.wgpu.kernels.linear import TILES, GemmShape, Matmul, choose_tile
 from engine.backends.wgpu.tuning import CACHE_FILE, TUNE_ENV, GemmTuner, adapter_identity
 
 pytestmark = pytest.mark.gpu
@@ -51,8 +51,7 @@ def test_a_tuned_tile_is_measured_once_kept_on_disk_and_computes_the_same(tuned,
     assert not (tmp_path / CACHE_FILE).exists()          # written once, when the model is built (release)
     ctx.gemm_tuner.release()
     saved = json.loads((tmp_path / CACHE_FILE).read_text())
-    # (rows, columns, not split, which of TUNED_KERNELS)
-    assert list(saved[adapter_identity(ctx)].values()) == [[*mm.tile, 0, TUNED_KERNELS.index(mm.kernel)]]
+    assert list(saved[adapter_identity(ctx)].values()) == [[*mm.tile, 0]]   # (rows, columns, not split)
 
     again = GemmTuner.for_context(ctx, tmp_path / CACHE_FILE)
     ctx.gemm_tuner = again
@@ -70,14 +69,13 @@ def test_a_forced_tile_is_not_timed_and_a_split_product_is_timed_split_and_whole
     # Each tile timed split (its own slices, reduction into the scratch) and whole; c (beta = 1) holds one product.
     assert ctx.gemm_tuner.measured == 1 and mm.tile in TILES
     (key, choice), = ctx.gemm_tuner.table.items()
-    assert " partials" in key and choice == [*mm.tile, int(mm.splits > 1), TUNED_KERNELS.index(mm.kernel)]
+    assert " partials" in key and choice == [*mm.tile, int(mm.splits > 1)]
     np.testing.assert_allclose(run(ctx, mm, c, 5, 7), want, rtol=1e-4, atol=1e-4)
-    for split in (True, False):   # whichever the clock chose, the other plans compute the same product
-        for index, kernel in enumerate(TUNED_KERNELS):
-            ctx.gemm_tuner.table[key] = [*mm.tile, int(split), index]
-            again, c2, want2 = product(ctx, np.random.default_rng(6), M=5, N=7, K=700, partials=partials)
-            assert (again.splits > 1) == split and again.kernel == kernel
-            np.testing.assert_allclose(run(ctx, again, c2, 5, 7), want2, rtol=1e-4, atol=1e-4)
+    for split in (True, False):   # whichever the clock chose, the other plan computes the same product
+        ctx.gemm_tuner.table[key] = [*mm.tile, int(split)]
+        again, c2, want2 = product(ctx, np.random.default_rng(6), M=5, N=7, K=700, partials=partials)
+        assert (again.splits > 1) == split
+        np.testing.assert_allclose(run(ctx, again, c2, 5, 7), want2, rtol=1e-4, atol=1e-4)
 
 
 def test_an_unreadable_cache_is_measured_again(gpu_device, tmp_path, monkeypatch):
@@ -109,12 +107,12 @@ def test_the_rule_takes_the_largest_tile_that_leaves_the_gpu_busy(M, N, want):
 
 def test_a_failed_measurement_falls_back_to_the_rule(tuned):
     ctx = tuned
-    ctx.gemm_tuner.table["stale"] = [96, 96, 0, 0]    # not a variant of this version: ignored, measured again
+    ctx.gemm_tuner.table["stale"] = [96, 96, 0]       # not a variant of this version: ignored, measured again
 
     def broken(scratch, choice):
         raise MemoryError("no room for the scratch")
 
-    assert ctx.gemm_tuner.choose("stale", 10, broken, ((64, 64, 0, 0),)) is None
+    assert ctx.gemm_tuner.choose("stale", 10, broken, ((64, 64, 0),)) is None
     assert ctx.gemm_tuner.failed and ctx.gemm_tuner.measured == 0
     mm, c, want = product(ctx, np.random.default_rng(7))
     assert mm.tile == choose_tile(mm.shape) and ctx.gemm_tuner.measured == 0

@@ -82,12 +82,6 @@ KERNELS = (GemmKernel(16), GemmKernel(16, prefetch=True), GemmKernel(16, frag=Tr
 DIAG_KERNELS = (GemmKernel(16, diag=1), GemmKernel(16, diag=2), GemmKernel(32, diag=2))
 F16_KERNELS = (GemmKernel(16), GemmKernel(32), GemmKernel(16, warp_8x4=True), GemmKernel(32, warp_8x4=True))
 DEFAULT_KERNEL = GemmKernel()
-# What the autotune chooses among for a product whose kernel is not forced (index 0: the rule's). Only the
-# default: the warp-specialized kernel was measured here as a candidate (bench/results/matmul-h200-session7.json,
-# chosen for 4 of 105 products, none by more than the timing's noise) and in the sweep, where it is slower with
-# 64 or 128 loaders and at best even (256 loaders, 128×128) at 4096³ (matmul-h200-sweep-loaders.jsonl): each
-# candidate costs the first build of a model a compile and a timing per product.
-TUNED_KERNELS = (DEFAULT_KERNEL,)
 
 
 @dataclass(frozen=True)
@@ -149,13 +143,12 @@ def vec_loads(shape: GemmShape) -> tuple[bool, bool]:
     return lda % 4 == 0 and shape.a_off % 4 == 0, ldb % 4 == 0 and shape.b_off % 4 == 0
 
 
-def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat, build,
-               kernels: int = 1) -> tuple[tuple[int, int], bool, int] | None:
-    """(tile, split over K, kernel index) of a product as measured (ctx.gemm_tuner, engine.backends.wgpu.tuning),
-    or None (no tuner, an output too big to time): then gemm_plan's rule decides. Every tile is timed with each
-    of the family's `kernels` variants (index 0 its default), and a product the rule would split both split
-    (each tile's own slice count, split_k, reduction included) and whole.
-    build(scratch_c, tile, split, kernel index): the same product so planned, writing scratch_c instead of its C."""
+def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_format: WeightFormat,
+               build) -> tuple[tuple[int, int], bool] | None:
+    """(tile, split over K) of a product as measured (ctx.gemm_tuner, engine.backends.wgpu.tuning), or None (no
+    tuner, an output too big to time): then gemm_plan's rule decides. A product the rule would split is timed
+    with each tile both split (each tile's own slice count, split_k, reduction included) and whole.
+    build(scratch_c, tile, split): the same product so planned, writing scratch_c instead of its C."""
     tuner = ctx.gemm_tuner
     if tuner is None:
         return None
@@ -165,11 +158,10 @@ def tuned_plan(ctx: GpuContext, family: str, shape: GemmShape, partials, b_forma
     key = (f"{family} {shape.M}x{shape.N}x{shape.K} {'T' if shape.trans_a else 'N'}{'T' if shape.trans_b else 'N'}"
            f" vec{int(vec_a)}{int(vec_b)} {b_format.name.lower()}"
            f"{f' partials{partials.size // 4}' if splittable else ''}")
-    candidates = tuple((*tile, split, kernel) for tile in TILES for split in ((1, 0) if splittable else (0,))
-                       for kernel in range(kernels))
+    candidates = tuple((*tile, split) for tile in TILES for split in ((1, 0) if splittable else (0,)))
     choice = tuner.choose(key, shape.c_off + (shape.M - 1) * ldc + shape.N,
-                          lambda scratch, c: build(scratch, (c[0], c[1]), bool(c[2]), c[3]), candidates)
-    return None if choice is None else ((choice[0], choice[1]), bool(choice[2]), choice[3])
+                          lambda scratch, c: build(scratch, (c[0], c[1]), bool(c[2])), candidates)
+    return None if choice is None else ((choice[0], choice[1]), bool(choice[2]))
 
 
 def pack_weight(array: np.ndarray, fmt: WeightFormat | str) -> np.ndarray:
@@ -237,14 +229,13 @@ def block_row_blocks(shape: GemmShape, fmt: WeightFormat) -> int:
     return row // info.block_size
 
 
-def measured_plan(plan: tuple[tuple[int, int], bool, int] | None, partials):
-    """(tile or None, partials or None, kernel index) for gemm_plan from tuned_plan's answer: a product measured
-    faster whole gets no partials (so it is not split); None (nothing measured) leaves tile and split to the rule
-    and the family's default kernel (index 0)."""
+def measured_plan(plan: tuple[tuple[int, int], bool] | None, partials):
+    """(tile or None, partials or None) for gemm_plan from tuned_plan's answer: a product measured faster whole
+    gets no partials (so it is not split); None (nothing measured) leaves both to the rule."""
     if plan is None:
-        return None, partials, 0
-    tile, split, kernel = plan
-    return tile, partials if split else None, kernel
+        return None, partials
+    tile, split = plan
+    return tile, partials if split else None
 
 
 def gemm_plan(shape: GemmShape, partials=None, tile: tuple[int, int] | None = None
@@ -279,17 +270,13 @@ class Matmul:
         self.ctx = ctx
         self.shape = shape
         if tile is None:
-            # TUNED_KERNELS where no kernel is forced (the default alone, for now), else the forced one.
-            kernels = TUNED_KERNELS if kernel is None else (kernel,)
             family = "linear" if kernel in (None, DEFAULT_KERNEL) else f"linear {kernel.name}"
 
-            def trial(scratch, trial_tile, split, index, whole_partials=partials):
+            def trial(scratch, trial_tile, split, whole_partials=partials):
                 return Matmul(ctx, scratch, a, b, shape, alpha, beta, bias, whole_partials if split else None,
                               tile=trial_tile, label=f"{label}.tune", b_format=b_format, group_m=group_m,
-                              kernel=kernels[index])
-            tile, partials, index = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial,
-                                                             len(kernels)), partials)
-            kernel = kernels[index]
+                              kernel=kernel)
+            tile, partials = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
         self.kernel = kernel = kernel or DEFAULT_KERNEL

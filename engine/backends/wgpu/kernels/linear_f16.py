@@ -91,11 +91,11 @@ class MatmulF16:
             raise ValueError(f"{label}: the f16-math GEMM walks K in steps of 16 or 32 with one stage, not {kernel}")
         if tile is None:
             family = "linear_f16" if kernel == F16_DEFAULT_KERNEL else f"linear_f16 {kernel.name}"
-            def trial(scratch, trial_tile, split, index, whole_partials=partials):
+            def trial(scratch, trial_tile, split, whole_partials=partials):
                 return MatmulF16(ctx, scratch, a, b, shape, row_scale, alpha, beta, bias,
                                  whole_partials if split else None, tile=trial_tile, label=f"{label}.tune",
                                  b_format=b_format, group_m=group_m, kernel=kernel)
-            tile, partials, _ = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
+            tile, partials = measured_plan(tuned_plan(ctx, family, shape, partials, b_format, trial), partials)
         self.kernel = kernel
         self.tile, self.splits, k_chunk, self.vec_a, self.vec_b = gemm_plan(shape, partials, tile)
         reduce_groups = grid_1d(ctx, shape.M * shape.N)
