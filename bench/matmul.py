@@ -31,7 +31,7 @@ from engine.backends.wgpu.kernels.linear import (DIAG_KERNELS, F16_KERNELS, KERN
                                                  widen_weight)
 from engine.backends.wgpu.kernels.linear_f16 import MatmulF16  # noqa: E402
 from engine.backends.wgpu.microbench import time_matmul  # noqa: E402
-from engine.backends.wgpu.tuning import GemmTuner  # noqa: E402
+from engine.backends.wgpu.tuning import GemmTuner, round_robin_seconds  # noqa: E402
 
 # (hidden, q_dim, kv_dim, intermediate, vocab) of the model shapes the issue names
 MODELS = {
@@ -225,9 +225,9 @@ def sweep(ctx, count: int, rounds: int = 3) -> list:
     """Each kernel variant (BK, DOUBLE, PREFETCH, FRAG, warp 8×4) × tile on representative shapes, the f16-math
     kernels, and the diagnostic kernels (no global loads; no staging: what the inner loop alone reaches).
 
-    Every variant of a shape is compiled first, then all are timed round-robin, best of `rounds`, right after a
-    warm-up: timing each right after its compile measured 2-5× slow at random (the GPU's clocks drop during the
-    pause), which made the previous sweeps' small differences noise."""
+    Every variant of a shape is compiled first, then, after a warm-up, all are timed round-robin, best of `rounds`
+    (engine.backends.wgpu.tuning.round_robin_seconds: timing each right after its compile measured 2-5× slow at
+    random, which made the previous sweeps' small differences noise)."""
     ops = Operands(ctx, max(s.M * s.K for s in SWEEP_SHAPES), max(s.N * s.K for s in SWEEP_SHAPES))
     row_scale = ctx.buffer(4 * max(s.M for s in SWEEP_SHAPES), "bench.row_scale")
     rows = []
@@ -256,12 +256,8 @@ def sweep(ctx, count: int, rounds: int = 3) -> list:
         end = time.perf_counter() + 0.5
         while time.perf_counter() < end:
             time_matmul(ctx, first, c, 8)
-        repeats = {name: int(min(200, max(3, TARGET_SECONDS / max(time_matmul(ctx, mm, c, 3) / 3, 1e-6))))
-                   for name, mm in built.items()}
-        best = {name: float("inf") for name in built}
-        for _ in range(rounds):
-            for name, mm in built.items():
-                best[name] = min(best[name], time_matmul(ctx, mm, c, repeats[name]) / repeats[name])
+        best = round_robin_seconds(built, lambda mm, n: time_matmul(ctx, mm, c, n) / n, TARGET_SECONDS, rounds,
+                                   (3, 200))
         for name, seconds in best.items():
             row[name] = {"tflops": flops / seconds / 1e12, "us": 1e6 * seconds}
         c.destroy()
@@ -291,8 +287,7 @@ def main(argv=None) -> int:
                           "wgpu": wgpu.__version__, "torch": torch.__version__ if torch else None,
                           "torch_gpu": torch.cuda.get_device_name(0) if torch else None},
               "results": []}
-    if args.sweep:
-        warm_up(ctx, Operands(ctx, 4096 * 4096, 4096 * 4096))
+    if args.sweep:   # (sweep warms the GPU up per shape, after compiling its variants)
         report["sweep"] = sweep(ctx, args.sweep)
         print(json.dumps(report, indent=2))
         return 0

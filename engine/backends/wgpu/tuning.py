@@ -51,6 +51,25 @@ def adapter_identity(ctx) -> str:
             f"wgpu {wgpu.__version__} | shaders {shaders} | {checks}")
 
 
+def round_robin_seconds(products: dict, submit: Callable[[object, int], float], target_seconds: float,
+                        rounds: int = ROUNDS, repeat_range: tuple[int, int] = (1, 64)) -> dict:
+    """Seconds per run of each of `products` (already built, so compiled): each submitted once, then its repeats
+    for ~target_seconds estimated, then all timed round-robin, the best of `rounds` submits kept.
+    submit(product, repeats) -> seconds per run. Why so: timing each candidate right after its own compile
+    measured it 2-5× slow at random on the H200 (the clocks drop while the CPU compiles), so whichever was built
+    first lost. The autotune and bench/matmul.py's sweep both time this way."""
+    low, high = repeat_range
+    repeats = {}
+    for key, product in products.items():
+        submit(product, 1)
+        repeats[key] = max(low, min(high, int(target_seconds / max(submit(product, 1), 1e-6))))
+    times = {key: float("inf") for key in products}
+    for _ in range(rounds):
+        for key, product in products.items():
+            times[key] = min(times[key], submit(product, repeats[key]))
+    return times
+
+
 @dataclass
 class GemmTuner:
     """Chosen variants (tile, split) by product key for one adapter; `choose()` measures what the file
@@ -90,7 +109,8 @@ class GemmTuner:
             return None
         before = self.ctx.bytes_allocated
         try:
-            times = self._time({choice: build(self._scratch_buffer(), choice) for choice in candidates})
+            times = round_robin_seconds({choice: build(self._scratch_buffer(), choice) for choice in candidates},
+                                        self._submit, TARGET_SECONDS)
         except Exception:  # noqa: BLE001 — e.g. no memory left for the scratch: tuning only speeds things up
             self.failed = True    # so the rule decides, for this and every later product of this process
             self.release()
@@ -130,19 +150,6 @@ class GemmTuner:
         self._wait()
         return (time.perf_counter() - start) / repeats
 
-    def _time(self, products: dict) -> dict:
-        """Seconds per product of each candidate: all built (compiled) first, then timed round-robin, best of
-        ROUNDS submits of ~TARGET_SECONDS each. Timing each candidate right after its own compile measured it
-        2-5× slow at random on the H200 (the clocks drop while the CPU compiles), so the first-built lost."""
-        repeats = {}
-        for key, product in products.items():
-            self._submit(product, 1)
-            repeats[key] = max(1, min(64, int(TARGET_SECONDS / max(self._submit(product, 1), 1e-6))))
-        times = {key: float("inf") for key in products}
-        for _ in range(ROUNDS):
-            for key, product in products.items():
-                times[key] = min(times[key], self._submit(product, repeats[key]))
-        return times
 
     def _save(self) -> None:
         """Merge this adapter's table into the file (other adapters' entries kept), written whole then renamed."""
